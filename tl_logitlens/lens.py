@@ -1,0 +1,402 @@
+"""The logit lens: what each layer of the residual stream predicts.
+
+Every entry of the accumulated stack (``0_pre .. final_post``, optionally ``L_mid``) is
+read through the final norm and the unembedding by the readout kernel, with the model's
+final stream as the reference for KL. The ``final_post`` entry with ``norm="recompute"``
+is the model's own prediction; the package checks that against the model's logits
+whenever it runs the model itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional, Sequence, Union
+
+import torch
+
+from .errors import LensInputError, UnsupportedModelError
+from .model_access import ActivationCache, ModelView, cache_tensor, model_from_cache, run_with_cache, view as view_model
+from .readout import check_modes, read_rows
+from .stacks import check_cache, piece_groups, required_hooks
+from .tokens import PositionSpec, Tokens, gather_positions, next_token_ids, position_index, token_list, tokenize
+
+# Max |p_ours - p_model| on the final entry's top tokens before the lens refuses to
+# claim it reproduces the model (float32 arithmetic gives ~1e-6).
+_REPRODUCE_ATOL = 1e-3
+
+
+@dataclass
+class LensResult:
+    """What each stack entry predicts. ``pos`` is absent when an int position was asked for.
+
+    Attributes:
+        labels: stack entry labels, ``0_pre .. final_post`` (``L_mid`` with ``incl_mid``).
+        input_ids: ``[batch, seq]`` the (right-padded) input tokens, or ``None`` when only a
+            cache was given.
+        lengths: ``[batch]`` each prompt's real length.
+        positions: ``[batch, pos]`` the positions read (absolute indices into the input).
+        top_ids, top_probs, top_logits: ``[layer, batch, pos, k]``.
+        entropy: ``[layer, batch, pos]`` full-vocabulary entropy, nats.
+        kl_to_final: ``[layer, batch, pos]`` KL(final || layer), nats.
+        next_token_loss: ``[layer, batch, pos]`` cross-entropy of the true next input token;
+            NaN where there is none (last token, padding, or no input tokens known).
+        next_ids: ``[batch, pos]`` the true next token ids, ``-1`` where there is none.
+        target_ids, target_logits, target_probs: ``[layer, batch, pos, t]`` with targets.
+        target_ranks: ``[layer, batch, pos, t]``, 0-based over the full vocabulary; ties do
+            not count against the target.
+        norm, unembed: the modes the result was read with.
+        tokenizer: used to decode token ids (``None`` -> ``#id`` strings).
+
+    Example::
+
+        >>> import tl_logitlens as tll
+        >>> model = tll.demo_model()
+        >>> result = tll.logit_lens(model, tll.demo.induction_prompt(model), targets="next")
+        >>> result.labels[0], result.labels[-1], tuple(result.entropy.shape[:2])
+        ('0_pre', 'final_post', (3, 1))
+    """
+
+    labels: List[str]
+    input_ids: Optional[torch.Tensor]
+    lengths: torch.Tensor
+    positions: torch.Tensor
+    top_ids: torch.Tensor
+    top_probs: torch.Tensor
+    top_logits: torch.Tensor
+    entropy: torch.Tensor
+    kl_to_final: torch.Tensor
+    next_token_loss: torch.Tensor
+    next_ids: torch.Tensor
+    target_ids: Optional[torch.Tensor] = None
+    target_logits: Optional[torch.Tensor] = None
+    target_probs: Optional[torch.Tensor] = None
+    target_ranks: Optional[torch.Tensor] = None
+    norm: str = "recompute"
+    unembed: str = "W_U"
+    tokenizer: Any = field(default=None, repr=False)
+
+    @property
+    def has_pos_axis(self) -> bool:
+        """Whether the results keep a position axis (False after an int ``positions``)."""
+        return self.entropy.ndim == 3
+
+    def decode(self, token_id: int) -> str:
+        """One token id as text (``#id`` without a tokenizer)."""
+        if self.tokenizer is None:
+            return f"#{int(token_id)}"
+        return self.tokenizer.decode([int(token_id)])
+
+    def top_tokens(self) -> list:
+        """Decoded top-k tokens, nested like ``top_ids``: ``[layer][batch][pos][k]``."""
+        def walk(ids: torch.Tensor) -> Any:
+            if ids.ndim == 1:
+                return [self.decode(i) for i in ids.tolist()]
+            return [walk(row) for row in ids]
+
+        return walk(self.top_ids)
+
+    def input_tokens(self) -> Optional[List[List[str]]]:
+        """The input tokens at the read positions, ``[batch][pos]`` strings (None without input)."""
+        if self.input_ids is None:
+            return None
+        picked = gather_positions(self.input_ids, self.positions)
+        return [[self.decode(i) for i in row.tolist()] for row in picked]
+
+    def to_dataframe(self) -> Any:
+        """One row per (layer, batch, position, top-k rank) as a pandas DataFrame.
+
+        Columns: ``layer``, ``batch``, ``pos`` (absolute position), ``input_token``,
+        ``rank``, ``token_id``, ``token``, ``prob``, ``logit``, and the per-cell metrics
+        ``entropy``, ``kl_to_final``, ``next_token_loss`` (and ``target_*`` of the first
+        target when targets were given). Padding positions are left out.
+        """
+        import pandas as pd
+
+        expand = (lambda t: t) if self.has_pos_axis else (lambda t: t.unsqueeze(2))  # noqa: E731
+        top_ids, top_probs, top_logits = expand(self.top_ids), expand(self.top_probs), expand(self.top_logits)
+        metrics = {
+            "entropy": expand(self.entropy),
+            "kl_to_final": expand(self.kl_to_final),
+            "next_token_loss": expand(self.next_token_loss),
+        }
+        if self.target_ids is not None:
+            metrics["target_id"] = expand(self.target_ids)[..., 0]
+            metrics["target_prob"] = expand(self.target_probs)[..., 0]
+            metrics["target_rank"] = expand(self.target_ranks)[..., 0]
+        tokens = self.input_tokens()
+        n_layer, batch, n_pos, k = top_ids.shape
+        records = []
+        for li, label in enumerate(self.labels):
+            for b in range(batch):
+                for j in range(n_pos):
+                    pos = int(self.positions[b, j])
+                    if pos >= int(self.lengths[b]):
+                        continue
+                    cell = {name: value[li, b, j].item() for name, value in metrics.items()}
+                    for r in range(k):
+                        token_id = int(top_ids[li, b, j, r])
+                        records.append({
+                            "layer": label,
+                            "batch": b,
+                            "pos": pos,
+                            "input_token": None if tokens is None else tokens[b][j],
+                            "rank": r,
+                            "token_id": token_id,
+                            "token": self.decode(token_id),
+                            "prob": float(top_probs[li, b, j, r]),
+                            "logit": float(top_logits[li, b, j, r]),
+                            **cell,
+                        })
+        return pd.DataFrame.from_records(records)
+
+    def plot(self, **kwargs: Any) -> Any:
+        """:func:`tl_logitlens.plot_lens` on this result."""
+        from .plots import plot_lens
+
+        return plot_lens(self, **kwargs)
+
+
+def stack_labels(n_layers: int, incl_mid: bool) -> List[str]:
+    """``0_pre, [0_mid,] 1_pre, ..., final_post``."""
+    labels = []
+    for layer in range(n_layers):
+        labels.append(f"{layer}_pre")
+        if incl_mid:
+            labels.append(f"{layer}_mid")
+    return labels + ["final_post"]
+
+
+def resolve_layers(layers: Any, labels: List[str]) -> List[int]:
+    """Stack entries by index (negative allowed) or label; ``None`` keeps all."""
+    if layers is None:
+        return list(range(len(labels)))
+    if isinstance(layers, (int, str)):
+        layers = [layers]
+    picked = []
+    for item in layers:
+        if isinstance(item, str):
+            if item not in labels:
+                raise LensInputError(f"layer {item!r} is not a stack entry; entries are {labels}")
+            picked.append(labels.index(item))
+        elif isinstance(item, int) and not isinstance(item, bool):
+            index = item + len(labels) if item < 0 else item
+            if not 0 <= index < len(labels):
+                raise LensInputError(
+                    f"layer {item} is out of range: the stack has {len(labels)} entries "
+                    f"(0..{len(labels) - 1} or -{len(labels)}..-1): {labels}"
+                )
+            picked.append(index)
+        else:
+            raise LensInputError(f"layers must be ints or labels, got {item!r}")
+    if not picked:
+        raise LensInputError("layers is empty; pass None for every stack entry")
+    return picked
+
+
+def resolve_inputs(model: Any, input: Any, cache: Any) -> tuple[ModelView, Optional[Tokens], Any]:
+    """Work out the model, the tokens and the cache from what the caller passed."""
+    if isinstance(model, ActivationCache):
+        if cache is not None:
+            raise LensInputError("pass the cache once: as cache=, or as the first argument")
+        model, cache = None, model
+    if model is None:
+        if cache is None:
+            raise LensInputError("pass a model and an input, or cache= (an ActivationCache)")
+        model = model_from_cache(cache)
+    view = view_model(model)
+    if cache is None and input is None:
+        raise LensInputError("pass an input to run (text or token ids), or cache= to read")
+    tokens = None if input is None else tokenize(view, input)
+    if cache is not None and tokens is not None:
+        final = cache_tensor(cache, view.final_resid_hook) if view.final_resid_hook in cache.cache_dict else None
+        if final is not None and tuple(final.shape[:2]) != tuple(tokens.ids.shape):
+            raise LensInputError(
+                f"input has shape {tuple(tokens.ids.shape)} but the cache holds activations for "
+                f"{tuple(final.shape[:2])} [batch, pos]; pass the tokens the cache was made from."
+            )
+    return view, tokens, cache
+
+
+def cache_shape(view: ModelView, cache: Any, tokens: Optional[Tokens]) -> tuple[int, int]:
+    """``(batch, seq)`` of the activations about to be read."""
+    if tokens is not None:
+        return tuple(tokens.ids.shape)  # type: ignore[return-value]
+    final = cache_tensor(cache, view.final_resid_hook)
+    return final.shape[0], final.shape[1]
+
+
+def _row_targets(view: ModelView, targets: Any, tokens: Optional[Tokens], index: torch.Tensor) -> Optional[torch.Tensor]:
+    """Targets as ``[batch, n_pos, t]`` ids, validated before any forward pass."""
+    if targets is None:
+        return None
+    batch, n_pos = index.shape
+    if isinstance(targets, str) and targets == "next":
+        if tokens is None:
+            raise LensInputError("targets='next' needs the input tokens: pass input= along with cache=")
+        return None  # filled from next_ids
+    if isinstance(targets, torch.Tensor) and targets.ndim >= 1:
+        if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+            raise LensInputError(f"targets must hold integer token ids, got dtype {targets.dtype}")
+        ids = targets.long().cpu()
+        if ids.ndim == 1 and ids.shape[0] == batch:
+            ids = ids.unsqueeze(1).expand(batch, n_pos)
+        elif ids.ndim == 2 and ids.shape == (batch, n_pos):
+            pass
+        elif ids.ndim == 2 and tokens is not None and ids.shape == tuple(tokens.ids.shape):
+            ids = gather_positions(ids, index)
+        else:
+            raise LensInputError(
+                f"targets tensor has shape {tuple(targets.shape)}; expected [batch]={batch}, "
+                f"[batch, positions read]=({batch}, {n_pos}) or [batch, seq]"
+            )
+        if int(ids.min()) < 0 or int(ids.max()) >= view.d_vocab:
+            raise LensInputError(
+                f"targets ids must lie in [0, {view.d_vocab}); got {int(ids.min())} .. {int(ids.max())}"
+            )
+        return ids.unsqueeze(-1)
+    ids = torch.tensor(token_list(view, targets, "target"))
+    return ids.expand(batch, n_pos, ids.shape[0])
+
+
+def logit_lens(
+    model: Any = None,
+    input: Union[str, List[str], torch.Tensor, None] = None,
+    *,
+    cache: Any = None,
+    layers: Optional[Sequence[Union[int, str]]] = None,
+    incl_mid: bool = False,
+    positions: PositionSpec = None,
+    norm: str = "recompute",
+    unembed: str = "W_U",
+    lens: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None,
+    top_k: int = 5,
+    targets: Any = None,
+    chunk_size: Optional[int] = None,
+) -> LensResult:
+    """Read every layer's residual stream through the final norm and unembedding.
+
+    Args:
+        model: a ``HookedTransformer`` or ``TransformerBridge`` in eval mode; may be
+            omitted when ``cache`` records its model.
+        input: a string, a list of strings (right-padded; each prompt keeps its own
+            length), or token ids ``[batch, pos]``. Omit it to read ``cache`` only.
+        cache: an ``ActivationCache`` you already have (from ``model.run_with_cache``).
+        layers: stack entries to read, by index (negative allowed) or label.
+        incl_mid: add ``L_mid`` entries (stream between attention and MLP).
+        positions: ``None`` (all), an int (axis dropped; negative counts from each
+            prompt's own last real token), a list of ints, or a slice.
+        norm: ``"recompute"`` (the logit lens), ``"cached"`` (the final stream's scale at
+            that position: linear) or ``"none"`` (raw ``h @ W_U``).
+        unembed: ``"W_U"`` (with ``b_U``) or ``"W_E"`` (embedding transposed: the tied reading).
+        lens: optional ``f(vectors [batch, pos, d_model], stack_index) -> vectors`` applied to
+            each entry before the norm (a tuned-lens translator, for instance).
+        top_k: top tokens kept per cell.
+        targets: a token string or id, or a list of them, shared by all rows; a tensor of
+            ids ``[batch]`` or ``[batch, pos]``; or ``"next"`` (the true next input token).
+        chunk_size: rows per unembedding chunk (``None``: from a memory budget, see
+            :data:`tl_logitlens.readout.DEFAULT_CHUNK_BUDGET_BYTES`).
+
+    Returns:
+        :class:`LensResult`, arrays ``[layer, batch, pos, ...]``.
+
+    Example::
+
+        >>> import tl_logitlens as tll
+        >>> model = tll.demo_model()
+        >>> result = tll.logit_lens(model, tll.demo.induction_prompt(model), positions=-1)
+        >>> result.top_tokens()[-1][0][0] == model.tokenizer.decode([int(result.top_ids[-1, 0, 0])])
+        True
+    """
+    view, tokens, cache = resolve_inputs(model, input, cache)
+    check_modes(norm, unembed, top_k, view.d_vocab)
+    if lens is not None and not callable(lens):
+        raise LensInputError("lens must be a callable (vectors, stack_index) -> vectors")
+    labels = stack_labels(view.n_layers, incl_mid)
+    keep = resolve_layers(layers, labels)
+    names = required_hooks(view, "accumulated", incl_mid)
+    batch, seq = cache_shape(view, cache, tokens)
+    lengths = tokens.lengths if tokens is not None else torch.full((batch,), seq)
+    index, drop = position_index(positions, lengths, seq)
+    target_ids = _row_targets(view, targets, tokens, index)
+    next_ids = next_token_ids(tokens, index) if tokens is not None else torch.full_like(index, -1)
+    if isinstance(targets, str) and targets == "next":
+        target_ids = next_ids.clamp_min(0).unsqueeze(-1)
+
+    logits = None
+    if cache is None:
+        logits, cache = run_with_cache(view.model, tokens.ids.to(view.W_U.device), names)
+    else:
+        check_cache(cache, names, "logit_lens")
+
+    (group,) = piece_groups(view, cache, "accumulated", index, incl_mid)
+    vectors = group.vectors()  # [entry, batch, pos, d_model]
+    reference = vectors[-1]
+    vectors = vectors[keep]
+    if lens is not None:
+        vectors = torch.stack([_apply_lens(lens, vectors[i], k) for i, k in enumerate(keep)])
+    n_rows = batch * index.shape[1]
+    flat = read_rows(
+        view,
+        vectors.reshape(len(keep), n_rows, view.d_model),
+        norm=norm,
+        unembed=unembed,
+        top_k=top_k,
+        target_ids=None if target_ids is None else target_ids.reshape(n_rows, -1),
+        reference=reference.reshape(n_rows, view.d_model),
+        next_tokens=next_ids.reshape(n_rows),
+        chunk_size=chunk_size,
+    )
+
+    def shape(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if t is None:
+            return None
+        t = t.reshape(len(keep), batch, index.shape[1], *t.shape[2:])
+        return t[:, :, 0] if drop else t
+
+    result = LensResult(
+        labels=[labels[k] for k in keep],
+        input_ids=None if tokens is None else tokens.ids,
+        lengths=lengths,
+        positions=index,
+        top_ids=shape(flat.top_ids),
+        top_probs=shape(flat.top_probs),
+        top_logits=shape(flat.top_logits),
+        entropy=shape(flat.entropy),
+        kl_to_final=shape(flat.kl_to_reference),
+        next_token_loss=shape(flat.next_token_loss),
+        next_ids=next_ids[:, 0] if drop else next_ids,
+        target_ids=shape(flat.target_ids),
+        target_logits=shape(flat.target_logits),
+        target_probs=shape(flat.target_probs),
+        target_ranks=shape(flat.target_ranks),
+        norm=norm,
+        unembed=unembed,
+        tokenizer=view.tokenizer,
+    )
+    if logits is not None and norm == "recompute" and unembed == "W_U" and lens is None and keep[-1] == len(labels) - 1:
+        _check_reproduces_model(logits, index, flat.top_ids[-1], flat.top_probs[-1])
+    return result
+
+
+def _apply_lens(lens: Callable, vectors: torch.Tensor, stack_index: int) -> torch.Tensor:
+    out = lens(vectors, stack_index)
+    if not isinstance(out, torch.Tensor) or out.shape != vectors.shape:
+        raise LensInputError(
+            f"lens must return a tensor shaped like its input {tuple(vectors.shape)}, "
+            f"got {getattr(out, 'shape', type(out).__name__)} for stack entry {stack_index}"
+        )
+    return out
+
+
+def _check_reproduces_model(logits: torch.Tensor, index: torch.Tensor, top_ids: torch.Tensor, top_probs: torch.Tensor) -> None:
+    """The final entry must be the model's own prediction; refuse loudly if it is not."""
+    picked = gather_positions(logits.detach(), index)  # [batch, n, d_vocab]
+    probs = torch.softmax(picked.float(), dim=-1).reshape(-1, picked.shape[-1]).cpu()
+    theirs = probs.gather(1, top_ids)
+    gap = (theirs - top_probs).abs().max().item()
+    if gap > _REPRODUCE_ATOL:
+        raise UnsupportedModelError(
+            f"the lens's final entry differs from the model's own prediction by up to {gap:.3g} in "
+            "probability: the model transforms its stream or logits in a way this package does not "
+            "reproduce (an extra head module or a logit transform), so no layer's reading can be trusted."
+        )

@@ -1,0 +1,361 @@
+"""The one module that knows TransformerLens versions and model classes.
+
+Everything else in the package talks to a :class:`ModelView`: the unembedding, the
+embedding, the final norm as parameters, the per-layer output weights, hook names,
+the tokenizer (or its absence) and the checks that the architecture can be read
+exactly. Supported: ``HookedTransformer`` (transformer-lens 2.x and 3.x) and
+``TransformerBridge`` (3.x and 4.x), raw or in compatibility mode.
+
+Version facts absorbed here: 4.x has no ``HookedTransformer`` (importing it raises
+ImportError); a folded ``HookedTransformer`` has a parameter-free ``LNPre``/``RMSPre``
+final norm, while a folded bridge keeps ``LN``/``RMS`` with unit weight and zero bias;
+the bridge keeps HF's norm module (``weight``/``bias``/``eps`` or ``variance_epsilon``)
+and omits absent biases instead of holding zeros. Cache helpers whose meaning changed
+across versions are not used: everything is computed from hooks and weights.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Tuple
+
+import torch
+
+from .errors import LensInputError, ModelStateError, UnsupportedModelError
+from .norm import FinalNorm
+
+try:  # 2.x and 3.x
+    from transformer_lens import HookedTransformer
+except ImportError:  # 4.x removed it
+    HookedTransformer = None  # type: ignore[assignment,misc]
+
+try:  # 3.x and 4.x
+    from transformer_lens.model_bridge import TransformerBridge
+except ImportError:  # 2.x
+    TransformerBridge = None  # type: ignore[assignment,misc]
+
+from transformer_lens import ActivationCache
+
+TL_VERSION = importlib.metadata.version("transformer-lens")
+TL_MAJOR = int(TL_VERSION.split(".")[0])
+
+# Relative error allowed between our parametric final norm and the model's own module.
+_NORM_CHECK_RTOL = 1e-4
+
+_ENCODER_CLASS_NAMES = ("HookedEncoder", "HookedEncoderDecoder", "HookedAudioEncoder")
+_NON_ATTENTION_BLOCK_WORDS = ("ssm", "mamba", "mixer", "conv", "delta")
+
+
+def is_bridge(model: Any) -> bool:
+    """Whether ``model`` is a ``TransformerBridge`` (3.x/4.x)."""
+    return TransformerBridge is not None and isinstance(model, TransformerBridge)
+
+
+def is_supported_model(model: Any) -> bool:
+    """Whether ``model`` is one of the classes this package reads."""
+    return is_bridge(model) or (
+        HookedTransformer is not None and isinstance(model, HookedTransformer)
+    )
+
+
+@dataclass
+class ModelView:
+    """What the analyses need to know about one model, read once per call.
+
+    Attributes:
+        model: the wrapped ``HookedTransformer`` or ``TransformerBridge``.
+        n_layers, n_heads, d_model, d_head, d_vocab: sizes from the config.
+        has_pos_embed: a learned absolute position embedding is added to the stream.
+        has_mlp: blocks have an MLP (False for attention-only models).
+        parallel: attention and MLP read the same stream (no meaningful ``resid_mid``).
+        final_norm: :class:`~tl_logitlens.norm.FinalNorm` of ``ln_final``.
+        output_transform: what the model does to its logits after the unembedding
+            (a logit soft-cap), or ``None``.
+        tokenizer: the model's tokenizer, or ``None``.
+    """
+
+    model: Any
+    n_layers: int
+    n_heads: int
+    d_model: int
+    d_head: int
+    d_vocab: int
+    has_pos_embed: bool
+    has_mlp: bool
+    parallel: bool
+    final_norm: FinalNorm
+    output_transform: Optional[Callable[[torch.Tensor], torch.Tensor]]
+    tokenizer: Any
+
+    # -- weights ------------------------------------------------------------------------
+    @property
+    def W_U(self) -> torch.Tensor:
+        """Unembedding ``[d_model, d_vocab]``."""
+        return self.model.W_U.detach()
+
+    @property
+    def b_U(self) -> Optional[torch.Tensor]:
+        """Unembedding bias ``[d_vocab]`` or ``None``."""
+        b_U = getattr(self.model, "b_U", None)
+        return None if b_U is None else b_U.detach()
+
+    @property
+    def W_E(self) -> torch.Tensor:
+        """Token embedding ``[d_vocab, d_model]``."""
+        return self.model.W_E.detach()
+
+    def attn_output_weights(self, layer: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(W_O [n_heads, d_head, d_model], b_O [d_model] or None)`` of one layer."""
+        attn = self.model.blocks[layer].attn
+        W_O = attn.W_O.detach()
+        if W_O.ndim == 2:  # some bridges expose [n_heads * d_head, d_model]
+            W_O = W_O.reshape(self.n_heads, self.d_head, self.d_model)
+        b_O = _optional_param(attn, "b_O")
+        return W_O, b_O
+
+    def mlp_output_weights(self, layer: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(W_out [d_mlp, d_model], b_out [d_model] or None)`` of one layer."""
+        mlp = self.model.blocks[layer].mlp
+        return mlp.W_out.detach(), _optional_param(mlp, "b_out")
+
+    # -- hook names -----------------------------------------------------------------------
+    def resid_hook(self, layer: int, where: str) -> str:
+        """``blocks.{layer}.hook_resid_{where}`` for where in pre/mid/post."""
+        return f"blocks.{layer}.hook_resid_{where}"
+
+    @property
+    def final_resid_hook(self) -> str:
+        """The stream ``ln_final`` reads."""
+        return self.resid_hook(self.n_layers - 1, "post")
+
+    # -- tokens -----------------------------------------------------------------------------
+    def decode(self, token_id: int) -> str:
+        """One token as text, or ``#id`` when the model has no tokenizer."""
+        if self.tokenizer is None:
+            return f"#{int(token_id)}"
+        return self.tokenizer.decode([int(token_id)])
+
+
+def _optional_param(module: Any, name: str) -> Optional[torch.Tensor]:
+    try:
+        value = getattr(module, name)
+    except AttributeError:
+        return None
+    return None if value is None else value.detach()
+
+
+def require_eval_mode(model: Any) -> None:
+    """Refuse a model with any submodule in training mode (dropout would make numbers random)."""
+    roots = [model]
+    original = getattr(model, "original_model", None)
+    if isinstance(original, torch.nn.Module):
+        roots.append(original)
+    training = [
+        name or type(root).__name__
+        for root in roots
+        for name, module in root.named_modules()
+        if module.training
+    ]
+    if training:
+        shown = ", ".join(training[:3]) + (f" and {len(training) - 3} more" if len(training) > 3 else "")
+        raise ModelStateError(
+            f"the model is in training mode ({shown}), so dropout would make every number "
+            "random; call model.eval() first."
+        )
+
+
+def _check_architecture(model: Any) -> None:
+    name = type(model).__name__
+    if name in _ENCODER_CLASS_NAMES:
+        raise UnsupportedModelError(
+            f"{name} is an encoder or encoder-decoder model; the logit lens and direct logit "
+            "attribution here read a decoder-only residual stream. Use a decoder-only model."
+        )
+    if not is_supported_model(model):
+        raise LensInputError(
+            f"expected a transformer_lens HookedTransformer or TransformerBridge, got {name}. "
+            "Load the model with TransformerLens first (e.g. TransformerBridge.boot_transformers(path))."
+        )
+    modules = dict(model.named_children())
+    if "encoder_blocks" in modules or "decoder_blocks" in modules or "encoder" in modules:
+        raise UnsupportedModelError(
+            "this bridge wraps an encoder-decoder model; its decoder stream with cross-attention "
+            "is not one residual stream read by ln_final. Use a decoder-only model."
+        )
+    if getattr(model, "unembed", None) is None:
+        raise UnsupportedModelError(
+            "this model has no `unembed` component (encoder-only models carry a task head); "
+            "there is no W_U to read the residual stream through."
+        )
+    for layer, block in enumerate(model.blocks):
+        kind = type(block).__name__.lower()
+        if getattr(block, "attn", None) is None or any(w in kind for w in _NON_ATTENTION_BLOCK_WORDS):
+            raise UnsupportedModelError(
+                f"blocks.{layer} ({type(block).__name__}) is not an attention block (a state-space "
+                "or convolutional mixer); its writes to the residual stream cannot be split into "
+                "attention and MLP pieces. Only attention transformers are supported."
+            )
+
+
+def _norm_module_params(ln_final: torch.nn.Module) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[float]]:
+    """Weight, bias and eps of a TransformerLens norm or the HF module inside a bridge's."""
+    inner = getattr(ln_final, "original_component", None)
+    if not isinstance(inner, torch.nn.Module):
+        inner = getattr(ln_final, "_original_component", None)
+    module = inner if isinstance(inner, torch.nn.Module) else ln_final
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        weight = getattr(module, "w", None)
+    bias = getattr(module, "bias", None)
+    if bias is None:
+        bias = getattr(module, "b", None)
+    eps = getattr(module, "eps", None)
+    if eps is None:
+        eps = getattr(module, "variance_epsilon", None)
+    weight = weight.detach() if isinstance(weight, torch.Tensor) else None
+    bias = bias.detach() if isinstance(bias, torch.Tensor) else None
+    return weight, bias, (float(eps) if eps is not None else None)
+
+
+def _final_norm(model: Any) -> FinalNorm:
+    cfg = model.cfg
+    ln_final = getattr(model, "ln_final", None)
+    norm_type = getattr(cfg, "normalization_type", None)
+    if not isinstance(ln_final, torch.nn.Module) or norm_type is None:
+        if norm_type is not None:
+            raise UnsupportedModelError(
+                f"the config declares normalization_type={norm_type!r} but the model exposes no "
+                "`ln_final`, so the final norm cannot be applied exactly."
+            )
+        return FinalNorm(None, None, None, 0.0)
+    weight, bias, eps = _norm_module_params(ln_final)
+    module_name = type(getattr(ln_final, "original_component", None) or ln_final).__name__
+    if "RMS" in module_name or str(norm_type).startswith("RMS") or getattr(cfg, "final_rms", False):
+        kind = "RMS"
+    elif "LayerNorm" in module_name or str(norm_type).startswith("LN"):
+        kind = "LN"
+    else:
+        raise UnsupportedModelError(
+            f"unknown final norm {module_name} (normalization_type={norm_type!r}); "
+            "only LayerNorm and RMSNorm variants are read exactly."
+        )
+    norm = FinalNorm(kind, weight, bias, eps if eps is not None else float(getattr(cfg, "eps", 1e-5)))
+    _check_norm_against_module(norm, ln_final, model)
+    return norm
+
+
+def _check_norm_against_module(norm: FinalNorm, ln_final: torch.nn.Module, model: Any) -> None:
+    """Our parametric norm must reproduce the model's own ``ln_final`` on a probe vector.
+
+    This catches norms with a twist (Gemma's ``1 + weight``, a different eps) that would
+    otherwise give a quietly wrong lens.
+    """
+    param = next(model.parameters())
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.randn(1, 3, int(model.cfg.d_model), generator=gen).to(param.device, param.dtype) * 3 + 0.5
+    with torch.no_grad():
+        theirs = ln_final(probe).float()
+        ours = norm.to(torch.float32).apply(probe.float(), "recompute")
+    err = (theirs - ours).abs().max().item()
+    if err > _NORM_CHECK_RTOL * max(1.0, theirs.abs().max().item()) and param.dtype == torch.float32:
+        raise UnsupportedModelError(
+            f"the final norm ({type(ln_final).__name__}) does not behave as a {norm.kind} norm with "
+            f"its own weight, bias and eps (max difference {err:.3g} on a probe vector); this "
+            "package will not guess its formula."
+        )
+
+
+def _output_transform(model: Any) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    cap = float(getattr(model.cfg, "output_logits_soft_cap", 0.0) or 0.0)
+    if cap > 0:
+        return lambda logits: cap * torch.tanh(logits / cap)
+    adapter = getattr(model, "adapter", None)
+    transform = getattr(type(adapter), "apply_output_logits_transform", None) if adapter else None
+    if transform is not None:
+        base = None
+        for klass in type(adapter).__mro__[1:]:
+            base = klass.__dict__.get("apply_output_logits_transform", base)
+        if transform is not base and base is not None:
+            return adapter.apply_output_logits_transform
+    return None
+
+
+def view(model: Any) -> ModelView:
+    """Inspect ``model`` once: architecture checks, eval mode, final norm, sizes.
+
+    Raises :class:`UnsupportedModelError` for architectures that cannot be read exactly
+    and :class:`ModelStateError` for a model in training mode; both before any forward pass.
+
+    Example::
+
+        >>> from tl_logitlens.demo import demo_model
+        >>> v = view(demo_model())
+        >>> v.final_norm.kind
+        'LN'
+    """
+    _check_architecture(model)
+    require_eval_mode(model)
+    cfg = model.cfg
+    n_heads = int(cfg.n_heads)
+    d_model = int(cfg.d_model)
+    d_head = int(getattr(cfg, "d_head", None) or d_model // n_heads)
+    has_mlp = not bool(getattr(cfg, "attn_only", False)) and all(
+        getattr(block, "mlp", None) is not None for block in model.blocks
+    )
+    return ModelView(
+        model=model,
+        n_layers=int(cfg.n_layers),
+        n_heads=n_heads,
+        d_model=d_model,
+        d_head=d_head,
+        d_vocab=int(model.W_U.shape[1]),
+        has_pos_embed=getattr(cfg, "positional_embedding_type", "standard") == "standard",
+        has_mlp=has_mlp,
+        parallel=bool(getattr(cfg, "parallel_attn_mlp", False)),
+        final_norm=_final_norm(model),
+        output_transform=_output_transform(model),
+        tokenizer=getattr(model, "tokenizer", None),
+    )
+
+
+def model_from_cache(cache: Any) -> Any:
+    """The model an ``ActivationCache`` was made with, or a clear error."""
+    if not isinstance(cache, ActivationCache):
+        raise LensInputError(
+            f"cache must be a transformer_lens ActivationCache, got {type(cache).__name__}; "
+            "make one with `logits, cache = model.run_with_cache(tokens)`."
+        )
+    model = getattr(cache, "model", None)
+    if model is None:
+        raise LensInputError(
+            "this ActivationCache does not record its model; pass model= as well as cache=."
+        )
+    return model
+
+
+def cache_tensor(cache: Any, name: str) -> torch.Tensor:
+    """``cache[name]`` with a batch axis, whatever ``remove_batch_dim`` the cache was made with."""
+    value = cache[name]
+    if not getattr(cache, "has_batch_dim", True):
+        value = value.unsqueeze(0)
+    return value
+
+
+def cache_has(cache: Any, name: str) -> bool:
+    """Whether ``cache`` holds hook ``name`` (bridges resolve aliases on lookup)."""
+    if name in cache.cache_dict:
+        return True
+    try:
+        cache[name]
+    except (KeyError, AttributeError, ValueError):
+        return False
+    return True
+
+
+def run_with_cache(model: Any, tokens: torch.Tensor, names: List[str]) -> Tuple[torch.Tensor, Any]:
+    """One forward pass caching only ``names``: ``(logits [batch, pos, d_vocab], cache)``."""
+    wanted = set(names)
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in wanted)
+    return logits, cache

@@ -1,0 +1,352 @@
+"""The one kernel under everything: read ``d_model`` vectors into vocabulary statistics.
+
+``logits = norm(x) @ W_U + b_U`` for every vector, computed a chunk of rows at a time in
+float32; from each chunk the statistics are taken (top-k, entropy, KL to a reference
+distribution, loss on a true next token, chosen tokens' logits, probabilities and ranks)
+and the chunk's logits are thrown away. ``[rows, d_vocab]`` logits exist only for one
+chunk, unless the caller asks for all of them with ``return_logits=True``.
+
+The statistics are taken from the logits shifted by their row maximum ``s = l - max(l)``,
+with ``Z = sum(exp(s))``:
+
+- ``log p = s - log Z``; ``entropy = log Z - sum(exp(s) * s) / Z``
+- ``KL(ref || x) = sum p_ref (log p_ref - log p_x) = -H_ref - sum(p_ref * s_x) + log Z_x``
+
+so each statistic costs one pass over the chunk and no second ``[rows, d_vocab]`` buffer
+beyond ``exp(s)`` (and the reference's probabilities when a KL is asked for).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Tuple
+
+import torch
+
+from .errors import LensInputError, NonFiniteActivationError
+from .model_access import ModelView, view as view_model
+from .norm import NORM_MODES
+from .tokens import token_list
+
+UNEMBED_MODES = ("W_U", "W_E")
+
+#: Memory the kernel may use for one chunk of full-vocabulary rows (logits, their
+#: exponentials and the reference's probabilities), when ``chunk_size=None``.
+DEFAULT_CHUNK_BUDGET_BYTES = 64 * 2**20
+_MAX_CHUNK_ROWS = 4096
+_BUFFERS_PER_ROW = 4  # logits, exp, reference probs, and a comparison mask for ranks
+
+
+def chunk_rows(d_vocab: int, chunk_size: Optional[int] = None, budget: int = DEFAULT_CHUNK_BUDGET_BYTES) -> int:
+    """Rows per chunk: ``chunk_size`` if given, else as many as fit ``budget`` bytes."""
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise LensInputError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        return chunk_size
+    return max(1, min(_MAX_CHUNK_ROWS, budget // (_BUFFERS_PER_ROW * 4 * d_vocab)))
+
+
+@dataclass
+class Readout:
+    """Statistics of vectors read through the final norm and the unembedding.
+
+    ``lead`` below is the vectors' leading shape (everything but ``d_model``).
+
+    Attributes:
+        top_ids, top_logits, top_probs: ``[*lead, k]`` the k most likely tokens.
+        entropy: ``[*lead]`` entropy of the full-vocabulary distribution, nats.
+        kl_to_reference: ``[*lead]`` KL(reference || vectors), nats, when a reference was given.
+        next_token_loss: ``[*lead]`` cross-entropy of the given next token, NaN where none.
+        target_ids: ``[*lead, t]`` the targets read (shared targets are broadcast).
+        target_logits, target_probs: ``[*lead, t]``.
+        target_ranks: ``[*lead, t]`` 0-based rank over the full vocabulary (ties do not count).
+        logits: ``[*lead, d_vocab]`` only with ``return_logits=True``.
+    """
+
+    top_ids: torch.Tensor
+    top_logits: torch.Tensor
+    top_probs: torch.Tensor
+    entropy: torch.Tensor
+    kl_to_reference: Optional[torch.Tensor] = None
+    next_token_loss: Optional[torch.Tensor] = None
+    target_ids: Optional[torch.Tensor] = None
+    target_logits: Optional[torch.Tensor] = None
+    target_probs: Optional[torch.Tensor] = None
+    target_ranks: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = field(default=None, repr=False)
+
+
+def unembedding(view: ModelView, unembed: str, dtype: torch.dtype) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(W [d_model, d_vocab], b [d_vocab] or None)`` for ``"W_U"`` or ``"W_E"`` (transposed, no bias)."""
+    if unembed == "W_U":
+        b_U = view.b_U
+        return view.W_U.to(dtype), (None if b_U is None else b_U.to(dtype))
+    if unembed == "W_E":
+        W_E = view.W_E
+        if W_E.shape[0] != view.d_vocab:
+            raise LensInputError(
+                f"unembed='W_E' needs an embedding with one row per output token, but W_E has "
+                f"{W_E.shape[0]} rows and W_U {view.d_vocab} columns; use unembed='W_U'."
+            )
+        return W_E.T.to(dtype), None
+    raise LensInputError(f"unembed must be one of {UNEMBED_MODES}, got {unembed!r}")
+
+
+def check_modes(norm: str, unembed: str, top_k: int, d_vocab: int) -> None:
+    """Validate the cheap arguments shared by every entry point."""
+    if norm not in NORM_MODES:
+        raise LensInputError(f"norm must be one of {NORM_MODES}, got {norm!r}")
+    if unembed not in UNEMBED_MODES:
+        raise LensInputError(f"unembed must be one of {UNEMBED_MODES}, got {unembed!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= d_vocab:
+        raise LensInputError(f"top_k must be an int in [1, {d_vocab}], got {top_k!r}")
+
+
+def require_finite(x: torch.Tensor, name: str) -> None:
+    """Raise :class:`NonFiniteActivationError` naming ``name`` if ``x`` holds NaN or inf."""
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise NonFiniteActivationError(
+            f"{name} holds {bad} NaN or inf values; the model's forward pass overflowed or the "
+            "input was corrupted (try float32 weights, or check the prompt and the weights)."
+        )
+
+
+def compute_dtype(view: ModelView) -> torch.dtype:
+    """float64 for float64 models, float32 otherwise (half precision is upcast)."""
+    return torch.float64 if view.W_U.dtype == torch.float64 else torch.float32
+
+
+def read_rows(
+    view: ModelView,
+    vectors: torch.Tensor,
+    *,
+    norm: str,
+    unembed: str,
+    top_k: int,
+    target_ids: Optional[torch.Tensor] = None,
+    reference: Optional[torch.Tensor] = None,
+    next_tokens: Optional[torch.Tensor] = None,
+    chunk_size: Optional[int] = None,
+    return_logits: bool = False,
+) -> Readout:
+    """The kernel, on flat shapes: ``vectors [outer, rows, d_model]``.
+
+    ``reference [rows, d_model]`` (read the same way as the vectors) gives KL and, with
+    ``norm="cached"``, the scale; ``target_ids [rows, t]``; ``next_tokens [rows]`` with
+    ``-1`` for none. Results are shaped ``[outer, rows, ...]``.
+    """
+    outer, rows, d_model = vectors.shape
+    dtype = compute_dtype(view)
+    W, b = unembedding(view, unembed, dtype)
+    device = W.device
+    fnorm = view.final_norm.to(dtype)
+    transform = view.output_transform if unembed == "W_U" else None
+    step = chunk_rows(view.d_vocab, chunk_size)
+    if norm == "cached" and reference is None:
+        raise LensInputError("norm='cached' takes the scale from reference=, the final residual stream at each row")
+
+    def logits_of(x: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+        x = fnorm.apply(x.to(device=device, dtype=dtype), norm, scale)
+        out = torch.addmm(b, x, W) if b is not None else x @ W
+        return transform(out) if transform is not None else out
+
+    def shifted(logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # In place: the chunk's logits become s = l - max(l); returns (max, exp(s), log Z).
+        peak = logits.max(-1, keepdim=True).values
+        logits.sub_(peak)
+        e = torch.exp(logits)
+        return peak, e, torch.log(e.sum(-1))
+
+    top_ids = torch.empty(outer, rows, top_k, dtype=torch.long)
+    top_logits = torch.empty(outer, rows, top_k, dtype=torch.float32)
+    top_probs = torch.empty_like(top_logits)
+    entropy = torch.empty(outer, rows, dtype=torch.float32)
+    kl = torch.empty(outer, rows) if reference is not None else None
+    loss = torch.empty(outer, rows) if next_tokens is not None else None
+    n_targets = 0 if target_ids is None else target_ids.shape[1]
+    t_logits = torch.empty(outer, rows, n_targets) if target_ids is not None else None
+    t_probs = torch.empty_like(t_logits) if t_logits is not None else None
+    t_ranks = torch.empty(outer, rows, n_targets, dtype=torch.long) if target_ids is not None else None
+    all_logits = torch.empty(outer, rows, view.d_vocab) if return_logits else None
+
+    with torch.no_grad():
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            scale = p_ref = neg_h_ref = None
+            if reference is not None:
+                ref = reference[start:stop].to(device=device, dtype=dtype)
+                scale = fnorm.scale(ref) if norm == "cached" else None
+                _, e_ref, logz_ref = shifted(logits_of(ref, scale))
+                p_ref = e_ref.div_(e_ref.sum(-1, keepdim=True))
+                neg_h_ref = (p_ref * torch.log(p_ref.clamp_min(torch.finfo(dtype).tiny))).sum(-1)
+            tid = None if target_ids is None else target_ids[start:stop].to(device)
+            nxt = None if next_tokens is None else next_tokens[start:stop].to(device)
+            for o in range(outer):
+                logits = logits_of(vectors[o, start:stop], scale)
+                if all_logits is not None:
+                    all_logits[o, start:stop] = logits.float().cpu()
+                top = torch.topk(logits, top_k, dim=-1)
+                peak, e, logz = shifted(logits)
+                s = logits  # shifted in place
+                entropy[o, start:stop] = (logz - torch.linalg.vecdot(e, s) / e.sum(-1)).float().cpu()
+                top_ids[o, start:stop] = top.indices.cpu()
+                top_logits[o, start:stop] = top.values.float().cpu()
+                top_probs[o, start:stop] = torch.exp(top.values - peak - logz.unsqueeze(-1)).float().cpu()
+                if kl is not None:
+                    value = neg_h_ref - torch.linalg.vecdot(p_ref, s) + logz
+                    kl[o, start:stop] = value.clamp_min(0.0).float().cpu()
+                if nxt is not None:
+                    has = nxt >= 0
+                    picked = s.gather(1, nxt.clamp_min(0).unsqueeze(1)).squeeze(1)
+                    value = logz - picked
+                    loss[o, start:stop] = torch.where(has, value, torch.full_like(value, float("nan"))).float().cpu()
+                if tid is not None:
+                    picked = s.gather(1, tid)  # [c, t]
+                    t_logits[o, start:stop] = (picked + peak).float().cpu()
+                    t_probs[o, start:stop] = torch.exp(picked - logz.unsqueeze(-1)).float().cpu()
+                    for j in range(n_targets):  # one [c, d_vocab] mask at a time
+                        t_ranks[o, start:stop, j] = (s > picked[:, j : j + 1]).sum(-1).cpu()
+                del e, s, logits
+    return Readout(
+        top_ids=top_ids,
+        top_logits=top_logits,
+        top_probs=top_probs,
+        entropy=entropy,
+        kl_to_reference=kl,
+        next_token_loss=loss,
+        target_ids=None if target_ids is None else target_ids.expand(outer, rows, n_targets).clone(),
+        target_logits=t_logits,
+        target_probs=t_probs,
+        target_ranks=t_ranks,
+        logits=all_logits,
+    )
+
+
+def reshape_readout(result: Readout, lead: Tuple[int, ...]) -> Readout:
+    """Give every field of a flat ``[outer, rows, ...]`` readout the leading shape ``lead``."""
+    def fix(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if t is None:
+            return None
+        return t.reshape(*lead, *t.shape[2:])
+
+    return Readout(**{name: fix(getattr(result, name)) for name in result.__dataclass_fields__})
+
+
+def _per_row(arg: Optional[torch.Tensor], lead: Tuple[int, ...], name: str) -> Optional[int]:
+    if arg is None:
+        return None
+    n = arg.ndim
+    if n > len(lead) or tuple(arg.shape) != lead[len(lead) - n :]:
+        raise LensInputError(
+            f"{name} has shape {tuple(arg.shape)}, which does not match the trailing dims of the "
+            f"vectors' leading shape {lead}; per-row arguments are right-aligned with the vectors."
+        )
+    return n
+
+
+def readout(
+    model: Any,
+    vectors: torch.Tensor,
+    *,
+    norm: str = "recompute",
+    unembed: str = "W_U",
+    top_k: int = 5,
+    targets: Any = None,
+    reference: Optional[torch.Tensor] = None,
+    next_tokens: Optional[torch.Tensor] = None,
+    chunk_size: Optional[int] = None,
+    return_logits: bool = False,
+) -> Readout:
+    """Read any residual-stream vectors ``[..., d_model]`` into vocabulary statistics.
+
+    The kernel under the logit lens, usable on its own for any vector that lives in the
+    residual stream (a head's output, a steering direction, a dictionary feature): each
+    vector goes through the final norm (``norm``) and the unembedding (``unembed``) a
+    chunk of rows at a time, and only statistics are kept.
+
+    Args:
+        model: a ``HookedTransformer`` or ``TransformerBridge`` in eval mode.
+        vectors: ``[..., d_model]`` floating-point vectors; ``lead`` is their leading shape.
+        norm: ``"recompute"`` (own statistics), ``"cached"`` (the scale of ``reference``
+            at each row) or ``"none"``.
+        unembed: ``"W_U"`` (with ``b_U``) or ``"W_E"`` (embedding transposed, no bias).
+        top_k: how many top tokens to keep per vector.
+        targets: tokens to track: a string or id, or a list of them shared by all rows;
+            or an integer tensor with one id per row, shaped like trailing dims of ``lead``.
+        reference: ``[*tail, d_model]`` vectors (``tail`` trailing dims of ``lead``) whose
+            distribution the KL is measured from (e.g. the final residual stream); it is read
+            exactly as ``vectors`` are, and supplies the scale for ``norm="cached"``.
+        next_tokens: integer ``[*tail]`` true next-token ids (``-1`` for none) for the loss.
+        chunk_size: rows per chunk; ``None`` picks it from
+            :data:`DEFAULT_CHUNK_BUDGET_BYTES`.
+        return_logits: also return the full ``[*lead, d_vocab]`` logits (memory heavy).
+
+    Returns:
+        A :class:`Readout` with fields shaped ``[*lead, ...]``.
+
+    Example::
+
+        >>> import tl_logitlens as tll
+        >>> model = tll.demo_model()
+        >>> logits, cache = model.run_with_cache(tll.demo.induction_prompt(model))
+        >>> final = cache["blocks.1.hook_resid_post"]          # [1, pos, d_model]
+        >>> r = tll.readout(model, final, top_k=3)
+        >>> r.top_ids.shape[-1], bool((r.top_ids[..., 0] == logits.argmax(-1)).all())
+        (3, True)
+    """
+    v = model if isinstance(model, ModelView) else view_model(model)
+    check_modes(norm, unembed, top_k, v.d_vocab)
+    if not isinstance(vectors, torch.Tensor) or not vectors.is_floating_point():
+        raise LensInputError("vectors must be a floating-point tensor [..., d_model]")
+    if vectors.ndim < 1 or vectors.shape[-1] != v.d_model or vectors.numel() == 0:
+        raise LensInputError(
+            f"vectors must be non-empty and end in d_model={v.d_model}, got shape {tuple(vectors.shape)}"
+        )
+    lead = tuple(vectors.shape[:-1])
+    if reference is not None and (not isinstance(reference, torch.Tensor) or reference.shape[-1] != v.d_model):
+        raise LensInputError(f"reference must be a tensor [..., {v.d_model}]")
+    per_row_targets = isinstance(targets, torch.Tensor) and targets.ndim >= 1
+    if per_row_targets and targets.dtype.is_floating_point:
+        raise LensInputError(f"targets must hold integer token ids, got dtype {targets.dtype}")
+    ndims = [
+        n
+        for n in (
+            _per_row(None if reference is None else reference[..., 0], lead, "reference"),
+            _per_row(targets if per_row_targets else None, lead, "targets"),
+            _per_row(next_tokens, lead, "next_tokens"),
+        )
+        if n is not None
+    ]
+    if len(set(ndims)) > 1:
+        raise LensInputError("reference, per-row targets and next_tokens must index the same trailing dims")
+    tail = len(lead) if not ndims else ndims[0]
+    rows = 1
+    for n in lead[len(lead) - tail :]:
+        rows *= n
+    outer = max(1, vectors.numel() // (rows * v.d_model))
+    target_ids = None
+    if per_row_targets:
+        target_ids = targets.reshape(rows, 1).long()
+        if int(target_ids.min()) < 0 or int(target_ids.max()) >= v.d_vocab:
+            raise LensInputError(f"targets ids must lie in [0, {v.d_vocab})")
+    elif targets is not None:
+        target_ids = torch.tensor(token_list(v, targets, "target")).expand(rows, -1)
+    if next_tokens is not None:
+        next_tokens = next_tokens.reshape(rows).long()
+        if int(next_tokens.max()) >= v.d_vocab:
+            raise LensInputError(f"next_tokens ids must lie in [-1, {v.d_vocab})")
+    require_finite(vectors, "vectors")
+    flat = read_rows(
+        v,
+        vectors.reshape(outer, rows, v.d_model),
+        norm=norm,
+        unembed=unembed,
+        top_k=top_k,
+        target_ids=target_ids,
+        reference=None if reference is None else reference.reshape(rows, v.d_model),
+        next_tokens=next_tokens,
+        chunk_size=chunk_size,
+        return_logits=return_logits,
+    )
+    return reshape_readout(flat, lead)
