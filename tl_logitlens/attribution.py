@@ -161,18 +161,17 @@ def direct_logit_attribution(
             "is not a sum of per-component terms; direct logit attribution would be wrong. "
             "Use tll.logit_lens, which applies the transform, instead."
         )
+    names = required_hooks(view, by)
+    if cache is not None:
+        check_cache(cache, names, f"direct_logit_attribution(by={by!r})")
     batch, seq = cache_shape(view, cache, tokens)
     answer_ids = per_prompt_ids(view, answers, batch, "answer")
     wrong_ids = None if wrong is None else per_prompt_ids(view, wrong, batch, "wrong")
     lengths = tokens.lengths if tokens is not None else torch.full((batch,), seq)
     index, drop = position_index(positions, lengths, seq)
-    names = required_hooks(view, by)
-
     logits = None
     if cache is None:
         logits, cache = run_with_cache(view.model, tokens.ids.to(view.W_U.device), names)
-    else:
-        check_cache(cache, names, f"direct_logit_attribution(by={by!r})")
 
     groups = piece_groups(view, cache, by, index)
     dtype = groups[0].acts.dtype

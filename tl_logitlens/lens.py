@@ -314,6 +314,8 @@ def logit_lens(
     labels = stack_labels(view.n_layers, incl_mid)
     keep = resolve_layers(layers, labels)
     names = required_hooks(view, "accumulated", incl_mid)
+    if cache is not None:
+        check_cache(cache, names, "logit_lens")
     batch, seq = cache_shape(view, cache, tokens)
     lengths = tokens.lengths if tokens is not None else torch.full((batch,), seq)
     index, drop = position_index(positions, lengths, seq)
@@ -325,8 +327,6 @@ def logit_lens(
     logits = None
     if cache is None:
         logits, cache = run_with_cache(view.model, tokens.ids.to(view.W_U.device), names)
-    else:
-        check_cache(cache, names, "logit_lens")
 
     (group,) = piece_groups(view, cache, "accumulated", index, incl_mid)
     vectors = group.vectors()  # [entry, batch, pos, d_model]

@@ -231,6 +231,8 @@ def _final_norm(model: Any) -> FinalNorm:
         return FinalNorm(None, None, None, 0.0)
     weight, bias, eps = _norm_module_params(ln_final)
     module_name = type(getattr(ln_final, "original_component", None) or ln_final).__name__
+    if module_name.startswith("Gemma") and weight is not None:
+        weight = weight + 1.0  # HF's Gemma RMSNorm multiplies by (1 + weight)
     if "RMS" in module_name or str(norm_type).startswith("RMS") or getattr(cfg, "final_rms", False):
         kind = "RMS"
     elif "LayerNorm" in module_name or str(norm_type).startswith("LN"):

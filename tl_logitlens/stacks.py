@@ -88,6 +88,11 @@ def required_hooks(view: ModelView, by: str, incl_mid: bool = False) -> List[str
                 "incl_mid=True asks for the stream between attention and MLP, but this model runs "
                 "them in parallel on the same stream, so there is no such point; use incl_mid=False."
             )
+        if incl_mid and not view.has_mlp:
+            raise LensInputError(
+                "incl_mid=True asks for the stream between attention and MLP, but this model is "
+                "attention-only, so that stream is the next layer's resid_pre; use incl_mid=False."
+            )
         names = []
         for layer in range(view.n_layers):
             names.append(view.resid_hook(layer, "pre"))

@@ -1,0 +1,187 @@
+"""Offline model construction for the tests: every configuration the package must read exactly.
+
+Random initialisation leaves norm weights at 1 and biases at 0, which hides folding
+mistakes, so every model here has its norm weights, norm biases and output biases
+perturbed before use. Nothing is downloaded: HF models are random and saved to a temp
+directory with a small word-level tokenizer, then booted through TransformerBridge.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List
+
+import torch
+
+try:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+except ImportError:
+    HookedTransformer = None
+
+try:
+    from transformer_lens.model_bridge import TransformerBridge
+except ImportError:
+    TransformerBridge = None
+
+D_VOCAB = 61
+N_CTX = 24
+
+
+def perturb_(module: torch.nn.Module, seed: int) -> None:
+    """Move norm weights away from 1 and every bias away from 0, reproducibly."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            leaf = name.split(".")[-1]
+            is_norm = any(part in name for part in ("ln", "norm"))
+            is_bias = leaf in ("b", "bias") or leaf.startswith("b_")
+            if is_norm and not is_bias:
+                p.mul_(1 + 0.4 * torch.randn(p.shape, generator=gen)).add_(0.1)
+            elif is_bias:
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+
+
+def word_tokenizer(vocab_size: int) -> Any:
+    """A word-level tokenizer over ``w0 .. w{n-1}`` (bos ``w1``, pad ``w2``), built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="w0", bos_token="w1", eos_token="w1", pad_token="w2"
+    )
+    # TransformerLens reloads tokenizers from their name_or_path, so give it one on disk.
+    path = tempfile.mkdtemp(prefix="tll-tok-")
+    fast.save_pretrained(path)
+    return PreTrainedTokenizerFast.from_pretrained(path)
+
+
+# -- HookedTransformer (2.x, 3.x) ---------------------------------------------------------
+def hooked(normalization="LN", fold=False, attn_only=False, gated=False, rotary=False,
+           n_kv=None, tied=False, seed=0, tokenizer=False) -> Any:
+    cfg = HookedTransformerConfig(
+        n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=None if attn_only else 48,
+        d_vocab=D_VOCAB, n_ctx=N_CTX, act_fn="silu" if gated else "gelu",
+        normalization_type=normalization, attn_only=attn_only, gated_mlp=gated,
+        positional_embedding_type="rotary" if rotary else "standard",
+        rotary_dim=8 if rotary else None, n_key_value_heads=n_kv, seed=seed,
+        default_prepend_bos=True,
+    )
+    model = HookedTransformer(cfg, tokenizer=word_tokenizer(D_VOCAB) if tokenizer else None)
+    perturb_(model, seed)
+    if tied:
+        with torch.no_grad():
+            model.unembed.W_U.copy_(model.embed.W_E.T)
+    if fold:
+        model.process_weights_(fold_ln=True, center_writing_weights=True, center_unembed=True)
+        if hasattr(model, "setup"):
+            model.setup()
+    return model.eval()
+
+
+# -- TransformerBridge (3.x, 4.x) ---------------------------------------------------------
+def native_bridge(normalization="LN", compat=False, seed=0) -> Any:
+    from transformer_lens.config import TransformerBridgeConfig
+
+    cfg = TransformerBridgeConfig(
+        d_model=32, n_layers=2, n_heads=4, d_head=8, d_mlp=48, d_vocab=D_VOCAB, n_ctx=N_CTX,
+        act_fn="gelu", normalization_type=normalization, seed=seed,
+    )
+    bridge = TransformerBridge.boot_native(cfg, tokenizer=word_tokenizer(D_VOCAB))
+    perturb_(bridge, seed)
+    if compat:
+        bridge.enable_compatibility_mode()
+    return bridge.eval()
+
+
+def hf_dir(kind: str, seed: int = 0, tied: bool = False) -> str:
+    """A random ``transformers`` model of ``kind`` (gpt2, llama, neox) saved to a temp dir."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if kind == "gpt2":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(
+            n_layer=2, n_embd=32, n_head=4, vocab_size=D_VOCAB, n_positions=N_CTX,
+            bos_token_id=1, eos_token_id=1, tie_word_embeddings=tied))
+    elif kind == "llama":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(
+            num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=48, vocab_size=D_VOCAB, max_position_embeddings=N_CTX,
+            tie_word_embeddings=tied, bos_token_id=1, eos_token_id=1, pad_token_id=2))
+    elif kind == "neox":
+        model = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(
+            num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=48,
+            vocab_size=D_VOCAB, max_position_embeddings=N_CTX, bos_token_id=1, eos_token_id=1,
+            tie_word_embeddings=tied))
+    else:
+        raise ValueError(kind)
+    perturb_(model, seed)
+    path = tempfile.mkdtemp(prefix=f"tll-{kind}-")
+    model.save_pretrained(path)
+    word_tokenizer(D_VOCAB).save_pretrained(path)
+    return path
+
+
+def hf_bridge(kind: str, compat=False, tied=False, seed=0) -> Any:
+    bridge = TransformerBridge.boot_transformers(hf_dir(kind, seed, tied), device="cpu")
+    if compat:
+        bridge.enable_compatibility_mode()
+    return bridge.eval()
+
+
+@dataclass
+class Case:
+    name: str
+    build: Callable[[], Any]
+    folded: bool = False
+    hooked: bool = False
+
+
+def cases() -> List[Case]:
+    """Every configuration the installed transformer-lens can build."""
+    out: List[Case] = []
+    if HookedTransformer is not None:
+        out += [
+            Case("ht-ln", lambda: hooked("LN"), hooked=True),
+            Case("ht-ln-folded", lambda: hooked("LN", fold=True), folded=True, hooked=True),
+            Case("ht-rms", lambda: hooked("RMS"), hooked=True),
+            Case("ht-rms-folded", lambda: hooked("RMS", fold=True), folded=True, hooked=True),
+            Case("ht-nonorm", lambda: hooked(None), hooked=True),
+            Case("ht-attn-only", lambda: hooked("LN", attn_only=True), hooked=True),
+            Case("ht-gated-rotary-gqa", lambda: hooked("RMS", gated=True, rotary=True, n_kv=2), hooked=True),
+            Case("ht-tied", lambda: hooked("LN", tied=True), hooked=True),
+        ]
+    if TransformerBridge is not None:
+        out += [
+            Case("native-ln", lambda: native_bridge("LN")),
+            Case("native-ln-compat", lambda: native_bridge("LN", compat=True), folded=True),
+            Case("native-rms", lambda: native_bridge("RMS")),
+            Case("gpt2", lambda: hf_bridge("gpt2")),
+            Case("gpt2-compat", lambda: hf_bridge("gpt2", compat=True), folded=True),
+            Case("llama-gqa", lambda: hf_bridge("llama")),
+            Case("llama-tied", lambda: hf_bridge("llama", tied=True)),
+            Case("llama-compat", lambda: hf_bridge("llama", compat=True), folded=True),
+            Case("neox", lambda: hf_bridge("neox")),
+        ]
+    return out
+
+
+_BUILT: Dict[str, Any] = {}
+
+
+def build(case: Case) -> Any:
+    """Build a case once per test session."""
+    if case.name not in _BUILT:
+        _BUILT[case.name] = case.build()
+    return _BUILT[case.name]
+
+
+def tokens(batch: int = 2, seq: int = 9, seed: int = 1) -> torch.Tensor:
+    """Random token ids ``[batch, seq]`` starting with the bos id 1."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, D_VOCAB, (batch, seq), generator=gen)
+    ids[:, 0] = 1
+    return ids

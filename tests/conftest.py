@@ -1,0 +1,29 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import builders  # noqa: E402
+
+torch.set_num_threads(2)
+
+CASES = builders.cases()
+
+
+@pytest.fixture(params=CASES, ids=[c.name for c in CASES])
+def case(request):
+    """(Case, model) for every configuration the installed transformer-lens can build."""
+    return request.param, builders.build(request.param)
+
+
+@pytest.fixture(scope="session")
+def models_dir():
+    """The folder of real trained models (TL_LOGITLENS_MODELS), or skip."""
+    path = os.environ.get("TL_LOGITLENS_MODELS")
+    if not path or not Path(path).is_dir():
+        pytest.skip("TL_LOGITLENS_MODELS is not set to the folder of real models")
+    return Path(path)

@@ -1,0 +1,125 @@
+"""Independent reference computations for the exactness tests.
+
+Nothing here calls tl_logitlens. The lens reference runs the model's own ``ln_final``
+module on each cached stream (the model's code, not ours), or for the cached-scale mode
+uses the scale the forward pass recorded in ``ln_final.hook_scale`` with the norm's own
+parameters; logits are then materialised in full and reduced with plain torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+
+def norm_affine(model: Any) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(weight, bias) of ``ln_final`` read straight off the module (HookedTransformer or bridge)."""
+    ln = getattr(model, "ln_final", None)
+    if ln is None:
+        return None, None
+    inner = getattr(ln, "original_component", None) or ln
+    weight = getattr(inner, "weight", getattr(inner, "w", None))
+    bias = getattr(inner, "bias", getattr(inner, "b", None))
+    return weight, bias
+
+
+def accumulated(model: Any, cache: Any, incl_mid: bool = False) -> Tuple[List[str], torch.Tensor]:
+    n = model.cfg.n_layers
+    labels, xs = [], []
+    for layer in range(n):
+        labels.append(f"{layer}_pre")
+        xs.append(cache[f"blocks.{layer}.hook_resid_pre"])
+        if incl_mid:
+            labels.append(f"{layer}_mid")
+            xs.append(cache[f"blocks.{layer}.hook_resid_mid"])
+    labels.append("final_post")
+    xs.append(cache[f"blocks.{n - 1}.hook_resid_post"])
+    return labels, torch.stack(xs)
+
+
+def has_norm(model: Any) -> bool:
+    return getattr(model.cfg, "normalization_type", None) is not None
+
+
+def normalise(model: Any, stack: torch.Tensor, cache: Any, mode: str) -> torch.Tensor:
+    """Apply the final norm to ``stack [layer, batch, pos, d]`` the reference way."""
+    if mode == "none" or not has_norm(model):
+        return stack
+    if mode == "recompute":
+        with torch.no_grad():
+            return torch.stack([model.ln_final(x) for x in stack])
+    # cached: the forward pass's own scale at each position, the norm's own parameters
+    scale = cache["ln_final.hook_scale"]
+    weight, bias = norm_affine(model)
+    x = stack
+    if str(model.cfg.normalization_type).startswith("LN"):
+        x = x - x.mean(-1, keepdim=True)
+    x = x / scale
+    if weight is not None:
+        x = x * weight
+    if bias is not None:
+        x = x + bias
+    return x
+
+
+def lens_reference(model: Any, tokens: torch.Tensor, *, norm: str = "recompute", unembed: str = "W_U",
+                   incl_mid: bool = False) -> Dict[str, torch.Tensor]:
+    """Full-logit lens statistics ``[layer, batch, pos, ...]`` computed directly."""
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens)
+        labels, stack = accumulated(model, cache, incl_mid)
+        x = normalise(model, stack, cache, norm)
+        if unembed == "W_U":
+            out = x @ model.W_U + model.b_U
+            cap = float(getattr(model.cfg, "output_logits_soft_cap", 0.0) or 0.0)
+            if cap > 0:
+                out = cap * torch.tanh(out / cap)
+        else:
+            out = x @ model.W_E.T
+        logp = torch.log_softmax(out.double(), -1)
+        p = logp.exp()
+        final = logp[-1]
+        nxt = tokens[:, 1:]
+        loss = -logp[:, :, :-1].gather(-1, nxt.unsqueeze(0).unsqueeze(-1).expand(logp.shape[0], -1, -1, 1))[..., 0]
+        target_logits = out[:, :, :-1].gather(-1, nxt.unsqueeze(0).unsqueeze(-1).expand(out.shape[0], -1, -1, 1))
+        ranks = (out[:, :, :-1] > target_logits).sum(-1)
+    return {
+        "labels": labels,
+        "logits": out,
+        "model_logits": logits,
+        "entropy": -(p * logp).sum(-1),
+        "kl": (final.exp() * (final - logp)).sum(-1),
+        "loss": loss,
+        "next_ranks": ranks,
+        "cache": cache,
+    }
+
+
+def dla_reference(model: Any, cache: Any, answers: torch.Tensor, wrong: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Per-component logit-difference contributions at the last position, by the textbook formula."""
+    n = model.cfg.n_layers
+    u = (model.W_U[:, answers] - model.W_U[:, wrong]).T  # [batch, d]
+    weight, bias = norm_affine(model)
+    scale = cache["ln_final.hook_scale"][:, -1] if has_norm(model) else torch.ones(answers.shape[0], 1)
+    ln = str(model.cfg.normalization_type).startswith("LN")
+
+    def contrib(piece: torch.Tensor) -> torch.Tensor:
+        x = piece[:, -1]
+        if ln:
+            x = x - x.mean(-1, keepdim=True)
+        x = x / scale
+        if weight is not None:
+            x = x * weight
+        return (x * u).sum(-1)
+
+    names = ["hook_embed"] + (["hook_pos_embed"] if "hook_pos_embed" in cache.cache_dict else [])
+    for layer in range(n):
+        names.append(f"blocks.{layer}.hook_attn_out")
+        if f"blocks.{layer}.hook_mlp_out" in cache.cache_dict:
+            names.append(f"blocks.{layer}.hook_mlp_out")
+    values = torch.stack([contrib(cache[name]) for name in names])
+    constant = (model.b_U[answers] - model.b_U[wrong])
+    if bias is not None and has_norm(model):
+        constant = constant + (u * bias).sum(-1)
+    return {"names": names, "values": values, "constant": constant}
