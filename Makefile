@@ -1,0 +1,52 @@
+# tl_logitlens: every command a user or CI runs. `make test` sets everything up from a fresh clone.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP_QUIET ?= -q
+# Versions checked by `make test-compat`, each in its own environment.
+TL3 ?= transformer-lens==3.9.0
+TL2 ?= transformer-lens==2.18.0 pyarrow<22
+
+.PHONY: setup test test-compat test-notebooks demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install $(PIP_QUIET) "$(TORCH)"
+	$(VENV)/bin/pip install $(PIP_QUIET) -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m pytest -q
+
+# Same tests against older transformer-lens lines, each in .venv-<name>.
+.venv-tl3/.installed: pyproject.toml
+	$(PYTHON) -m venv .venv-tl3
+	.venv-tl3/bin/pip install $(PIP_QUIET) "$(TORCH)"
+	.venv-tl3/bin/pip install $(PIP_QUIET) $(foreach p,$(TL3),"$(p)") -e ".[dev]"
+	touch $@
+
+.venv-tl2/.installed: pyproject.toml
+	$(PYTHON) -m venv .venv-tl2
+	.venv-tl2/bin/pip install $(PIP_QUIET) "$(TORCH)"
+	.venv-tl2/bin/pip install $(PIP_QUIET) $(foreach p,$(TL2),"$(p)") -e ".[dev]"
+	touch $@
+
+test-compat: .venv-tl3/.installed .venv-tl2/.installed
+	.venv-tl3/bin/python -m pytest -q
+	.venv-tl2/bin/python -m pytest -q
+
+# Executes the tutorial notebooks (slow; CI runs it).
+test-notebooks: setup
+	$(PY) -m pytest -q -m notebooks
+
+demo: setup
+	$(VENV)/bin/tl-logitlens demo --out logitlens-demo
+
+bench: setup
+	$(PY) bench/bench_lens.py
+
+clean:
+	rm -rf $(VENV) .venv-tl3 .venv-tl2 logitlens-demo
