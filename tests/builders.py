@@ -43,15 +43,19 @@ def perturb_(module: torch.nn.Module, seed: int) -> None:
 
 
 def word_tokenizer(vocab_size: int) -> Any:
-    """A word-level tokenizer over ``w0 .. w{n-1}`` (bos ``w1``, pad ``w2``), built offline."""
+    """A word-level tokenizer: ``<unk>`` 0, ``<bos>`` 1, ``<pad>`` 2, then words ``w3 .. w{n-1}``.
+
+    Special tokens get their own spelling: a special token is matched inside words, so a
+    bos spelled ``w1`` would split ``w10`` into ``w1`` + ``0``.
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"w{i}": i for i in range(vocab_size)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    vocab = {"<unk>": 0, "<bos>": 1, "<pad>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="w0", bos_token="w1", eos_token="w1", pad_token="w2"
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<bos>", eos_token="<bos>", pad_token="<pad>"
     )
     # TransformerLens reloads tokenizers from their name_or_path, so give it one on disk.
     path = tempfile.mkdtemp(prefix="tll-tok-")

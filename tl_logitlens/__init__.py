@@ -24,8 +24,17 @@ from .errors import (
     UnsupportedModelError,
 )
 from .lens import LensResult, logit_lens
+from .plots import (
+    plot_attribution,
+    plot_attribution_positions,
+    plot_layer_curves,
+    plot_lens,
+    plot_lens_metrics,
+    plot_trajectory,
+)
 from .readout import DEFAULT_CHUNK_BUDGET_BYTES, Readout, readout
 from .stacks import ResidualStack, residual_stack
+from .tokentext import display_token
 
 __version__ = "0.1.0"
 
@@ -43,7 +52,14 @@ __all__ = [
     "demo",
     "demo_model",
     "direct_logit_attribution",
+    "display_token",
     "logit_lens",
+    "plot_attribution",
+    "plot_attribution_positions",
+    "plot_layer_curves",
+    "plot_lens",
+    "plot_lens_metrics",
+    "plot_trajectory",
     "readout",
     "residual_stack",
 ]

@@ -211,10 +211,10 @@ def direct_logit_attribution(
     if drop:
         values, model_value, constant = values[..., 0], model_value[..., 0], constant[..., 0]
     return Attribution(
-        values=values.float(),
+        values=values.float().cpu(),
         labels=[label for g in groups for label in g.labels],
-        model_value=model_value.float(),
-        constant=constant.float(),
+        model_value=model_value.float().cpu(),
+        constant=constant.float().cpu(),
         by=by,
         answer_ids=answer_ids,
         wrong_ids=wrong_ids,
