@@ -45,8 +45,8 @@ class Attribution:
 
         >>> import tl_logitlens as tll
         >>> model = tll.demo_model()
-        >>> tokens = tll.demo.induction_prompt(model)
-        >>> att = tll.direct_logit_attribution(model, tokens, answers=int(tokens[0, -1 - 11]), by="head")
+        >>> tokens = tll.demo.induction_prompt(model)          # <bos> + 12 words, repeated
+        >>> att = tll.direct_logit_attribution(model, tokens[:, :-1], answers=int(tokens[0, -1]), by="head")
         >>> att.residual_error() < 1e-4
         True
     """
@@ -148,9 +148,9 @@ def direct_logit_attribution(
         >>> import tl_logitlens as tll
         >>> model = tll.demo_model()
         >>> tokens = tll.demo.induction_prompt(model)
-        >>> att = tll.direct_logit_attribution(model, tokens, answers=int(tokens[0, -11]))
-        >>> att.labels[:2]
-        ['embed', 'pos_embed']
+        >>> att = tll.direct_logit_attribution(model, tokens[:, :-1], answers=int(tokens[0, -1]), wrong=int(tokens[0, 1]))
+        >>> att.labels[:4], tuple(att.values.shape)
+        (['embed', 'pos_embed', '0_attn_out', '0_mlp_out'], (6, 1))
     """
     if by not in STACK_KINDS:
         raise LensInputError(f"by must be one of {STACK_KINDS}, got {by!r}")

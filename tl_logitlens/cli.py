@@ -279,6 +279,14 @@ def cmd_eval(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 # -- parser -----------------------------------------------------------------------------
+MODEL_HELP = "'demo' (built in), a local Hugging Face model folder, or a hub name (needs the hub)"
+
+
+def _model_and_prompt(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--model", required=True, help=MODEL_HELP)
+    sub.add_argument("--prompt", required=True, help="the text to read")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = _Parser(
@@ -289,7 +297,6 @@ def build_parser() -> argparse.ArgumentParser:
                "  tl-logitlens dla --model ./my-hf-model --prompt 'The capital of France is' --answer ' Paris' --wrong ' Rome' --by head",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    model_help = "'demo' (built in), a local Hugging Face model folder, or a hub name (needs the hub)"
 
     demo = sub.add_parser("demo", formatter_class=fmt, help="run the built-in induction model and write every figure",
                           description="Run the built-in model on a repeated random word sequence, print what each layer "
@@ -303,8 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     lens = sub.add_parser("lens", formatter_class=fmt, help="what each layer predicts (the logit lens)",
                           description="Read every layer's residual stream through the final norm and unembedding.",
                           epilog="example:\n  tl-logitlens lens --model demo --prompt 'red cat sun red cat' --target sun --out lens-out")
-    lens.add_argument("--model", required=True, help=model_help)
-    lens.add_argument("--prompt", required=True, help="the text to read")
+    _model_and_prompt(lens)
     lens.add_argument("--metric", choices=METRICS, default="prob",
                       help="heatmap colour: top-1 prob, top-1 logit, rank of the true next token, entropy, KL to final, or next-token loss")
     lens.add_argument("--top-k", type=int, default=5, help="top tokens kept per cell (default 5)")
@@ -317,8 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     dla = sub.add_parser("dla", formatter_class=fmt, help="which components write the answer (direct logit attribution)",
                          description="Attribute the answer's logit (or answer - wrong) at the last token to components.",
                          epilog="example:\n  tl-logitlens dla --model demo --prompt 'red cat sun red cat' --answer sun --wrong red --by head")
-    dla.add_argument("--model", required=True, help=model_help)
-    dla.add_argument("--prompt", required=True, help="the text to read")
+    _model_and_prompt(dla)
     dla.add_argument("--answer", required=True, metavar="TOKEN", help="the correct next token (must be one token)")
     dla.add_argument("--wrong", metavar="TOKEN", help="a wrong token: attribute the logit difference answer - wrong")
     dla.add_argument("--by", choices=("component", "head", "neuron", "accumulated"), default="component",
@@ -330,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", formatter_class=fmt, help="lens statistics over a dataset, streamed",
                         description="Per-layer KL to final, loss, entropy and accuracy over a dataset, in bounded memory.",
                         epilog="example:\n  tl-logitlens eval --model ./stories260k --data stories.txt --max-tokens 20000 --out eval-out")
-    ev.add_argument("--model", required=True, help=model_help)
+    ev.add_argument("--model", required=True, help=MODEL_HELP)
     ev.add_argument("--data", required=True, metavar="FILE", help="a text file (one document per line) or a .pt token tensor [n, seq]")
     ev.add_argument("--max-tokens", type=int, help="stop after this many tokens")
     ev.add_argument("--batch-size", type=int, default=8, help="documents per forward pass (default 8)")

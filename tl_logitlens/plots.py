@@ -171,6 +171,16 @@ def _check_batch(batch: Any, n_batch: int, what: str) -> None:
         raise ValueError(f"batch={batch} is out of range: the {what} holds {n_batch} prompt(s) (0..{n_batch - 1})")
 
 
+
+def _batch_rows(batch: Any, n_batch: int) -> List[int]:
+    """Prompts to draw: every one for ``None``, else an index or a list of them (negative allowed)."""
+    if batch is None:
+        return list(range(n_batch))
+    rows = [batch] if isinstance(batch, (int, np.integer)) else list(batch)
+    for b in rows:
+        _check_batch(b, n_batch, "result")
+    return [int(b) % n_batch for b in rows]
+
 def _select_columns(positions: Any, n_cols: int) -> List[int]:
     """``positions`` of :func:`plot_lens` (None, int, slice or list of column indices) as a list."""
     if positions is None:
@@ -520,14 +530,7 @@ def plot_trajectory(
             "this result has no targets; run tll.logit_lens(model, input, targets=...) with the "
             "tokens to follow (a token, a list of tokens, or 'next')"
         )
-    n_batch = int(result.lengths.shape[0])
-    if batch is None:
-        rows = list(range(n_batch))
-    else:
-        rows = [batch] if isinstance(batch, (int, np.integer)) else list(batch)
-        for b in rows:
-            _check_batch(b, n_batch, "result")
-        rows = [int(b) % n_batch for b in rows]
+    rows = _batch_rows(batch, int(result.lengths.shape[0]))
     has_pos = result.has_pos_axis
     is_next = _targets_are_next(result)
     if position is None:
@@ -717,14 +720,7 @@ def plot_lens_metrics(
     lo_q, hi_q = quantiles
     if not 0 <= lo_q <= hi_q <= 1:
         raise ValueError(f"quantiles must satisfy 0 <= low <= high <= 1, got {quantiles}")
-    n_batch = int(result.lengths.shape[0])
-    if batch is None:
-        rows = list(range(n_batch))
-    else:
-        rows = [batch] if isinstance(batch, (int, np.integer)) else list(batch)
-        for b in rows:
-            _check_batch(b, n_batch, "result")
-        rows = [int(b) % n_batch for b in rows]
+    rows = _batch_rows(batch, int(result.lengths.shape[0]))
     has_pos = result.has_pos_axis
     real = result.positions < result.lengths.unsqueeze(1)  # [batch, pos]
     real = real[torch.tensor(rows)]
