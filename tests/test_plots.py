@@ -236,7 +236,7 @@ def test_lens_window_and_padding(lens, padded, model, ids):
     assert tick_texts(ax.xaxis) == [decode(model.tokenizer, ids[0, j]) for j in (0, 2)]
     # the short prompt's padding columns are left out
     ax = render(plot_lens(padded, batch=1, metric="loss")).axes[0]
-    assert tick_texts(ax.xaxis) == ["w1", "w3", "w4"]
+    assert tick_texts(ax.xaxis) == ["<bos>", "w3", "w4"]
     assert filled(ax.images[0]).shape == (len(padded.labels), 3)
     assert np.isnan(filled(ax.images[0])[:, -1]).all()
     with pytest.raises(ValueError, match="padding"):
