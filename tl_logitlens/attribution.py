@@ -150,7 +150,7 @@ def direct_logit_attribution(
         >>> tokens = tll.demo.induction_prompt(model)
         >>> att = tll.direct_logit_attribution(model, tokens[:, :-1], answers=int(tokens[0, -1]), wrong=int(tokens[0, 1]))
         >>> att.labels[:4], tuple(att.values.shape)
-        (['embed', 'pos_embed', '0_attn_out', '0_mlp_out'], (6, 1))
+        (['embed', '0_attn_out', '0_mlp_out', '1_attn_out'], (5, 1))
     """
     if by not in STACK_KINDS:
         raise LensInputError(f"by must be one of {STACK_KINDS}, got {by!r}")

@@ -134,7 +134,8 @@ def cmd_demo(args: argparse.Namespace) -> Dict[str, Any]:
     full = induction_prompt(model, n=args.n, seed=args.seed)
     tokens = full[:, :-1]  # the model must now predict the last word of the repeat
     answer = int(full[0, -1])
-    wrong = int(full[0, 1 + args.n - 1])  # the word before it in the first copy
+    # Wrong: another word of the sequence (the first one that differs from the answer).
+    wrong = next(int(t) for t in full[0, 1 : 1 + args.n] if int(t) != answer)
     lens = tll.logit_lens(model, tokens, targets="next", top_k=5)
     at_end = tll.logit_lens(model, tokens, positions=-1, targets=[answer, wrong])
     components = tll.direct_logit_attribution(model, tokens, answers=answer, wrong=wrong, by="component")
@@ -145,7 +146,9 @@ def cmd_demo(args: argparse.Namespace) -> Dict[str, Any]:
     _print_lens(rows, lens.decode(int(tokens[0, -1])))
     print(f"\nThe answer is {lens.decode(answer)!r} (copied from the first repeat); wrong is {lens.decode(wrong)!r}.")
     print("Top heads by direct logit attribution:")
-    head_top = [(label, v) for label, v in heads.top(len(heads.labels)) if label.startswith("L")][:3]
+    # The heads that write the answer: largest positive direct effect on the logit difference.
+    head_top = sorted(((label, v) for label, v in heads.top(len(heads.labels)) if label.startswith("L")),
+                      key=lambda item: -item[1])[:3]
     for label, v in head_top:
         print(f"  {label:>6}  {v:+.3f}")
     print(f"(the induction head found in training is L{INDUCTION_HEAD[0]}H{INDUCTION_HEAD[1]})")
@@ -264,7 +267,9 @@ def cmd_eval(args: argparse.Namespace) -> Dict[str, Any]:
     evaluation = tll.evaluate_lens(model, data, batch_size=args.batch_size, max_tokens=args.max_tokens,
                                    progress=not args.quiet)
     frame = evaluation.to_dataframe()
-    print(frame.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    shown = ["layer", "kl_to_final_mean", "next_token_loss_mean", "perplexity", "entropy_mean", "top1_agreement", "top1_accuracy"]
+    print(f"{evaluation.n_tokens} tokens")
+    print(frame[[c for c in shown if c in frame]].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     out = _out_dir(args.out)
     if out is not None:
         from . import plots
@@ -275,7 +280,7 @@ def cmd_eval(args: argparse.Namespace) -> Dict[str, Any]:
         _save(evaluation.plot(), out, "lens_eval.png", written)
         written += [str(out / "lens_eval.csv"), str(out / "lens_eval.json")]
         print("\nWrote:\n  " + "\n  ".join(written))
-    return {"tokens": int(frame["tokens"].iloc[0]) if "tokens" in frame else None}
+    return {"tokens": evaluation.n_tokens}
 
 
 # -- parser -----------------------------------------------------------------------------

@@ -227,7 +227,7 @@ def residual_stack(
         >>> _, cache = model.run_with_cache(tll.demo.induction_prompt(model))
         >>> stack = tll.residual_stack(cache, by="head", positions=-1)
         >>> stack.labels[:3], tuple(stack.values.shape[1:])
-        (['embed', 'pos_embed', 'L0H0'], (1, 64))
+        (['embed', 'L0H0', 'L0H1'], (1, 64))
     """
     model = model_from_cache(cache)
     view = view_model(model)
