@@ -23,6 +23,7 @@ from .errors import (
     NonFiniteActivationError,
     UnsupportedModelError,
 )
+from .evaluate import LensEvaluation, evaluate_lens
 from .lens import LensResult, logit_lens
 from .plots import (
     plot_attribution,
@@ -41,6 +42,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Attribution",
     "DEFAULT_CHUNK_BUDGET_BYTES",
+    "LensEvaluation",
     "LensInputError",
     "LensResult",
     "MissingHooksError",
@@ -53,6 +55,7 @@ __all__ = [
     "demo_model",
     "direct_logit_attribution",
     "display_token",
+    "evaluate_lens",
     "logit_lens",
     "plot_attribution",
     "plot_attribution_positions",

@@ -1,10 +1,11 @@
 """The one kernel under everything: read ``d_model`` vectors into vocabulary statistics.
 
-``logits = norm(x) @ W_U + b_U`` for every vector, computed a chunk of rows at a time in
-float32; from each chunk the statistics are taken (top-k, entropy, KL to a reference
+``logits = norm(x) @ W_U + b_U`` for every vector, computed a block of rows at a time in
+float32; from each block the statistics are taken (top-k, entropy, KL to a reference
 distribution, loss on a true next token, chosen tokens' logits, probabilities and ranks)
-and the chunk's logits are thrown away. ``[rows, d_vocab]`` logits exist only for one
-chunk, unless the caller asks for all of them with ``return_logits=True``.
+and the block's logits are thrown away. ``[rows, d_vocab]`` logits exist only for one
+block (:data:`DEFAULT_CHUNK_BUDGET_BYTES`), unless the caller asks for all of them with
+``return_logits=True``.
 
 The statistics are taken from the logits shifted by their row maximum ``s = l - max(l)``,
 with ``Z = sum(exp(s))``:
@@ -12,8 +13,10 @@ with ``Z = sum(exp(s))``:
 - ``log p = s - log Z``; ``entropy = log Z - sum(exp(s) * s) / Z``
 - ``KL(ref || x) = sum p_ref (log p_ref - log p_x) = -H_ref - sum(p_ref * s_x) + log Z_x``
 
-so each statistic costs one pass over the chunk and no second ``[rows, d_vocab]`` buffer
-beyond ``exp(s)`` (and the reference's probabilities when a KL is asked for).
+so each statistic is one pass over a block that is still in cache, and the only
+full-vocabulary buffers besides the logits are ``exp(s)`` and the reference's
+probabilities. The cost is the unembedding product: on GPT-2 shapes everything else
+adds about 13% to it (see ``bench/bench_lens.py``).
 """
 
 from __future__ import annotations
@@ -30,20 +33,28 @@ from .tokens import token_list
 
 UNEMBED_MODES = ("W_U", "W_E")
 
-#: Memory the kernel may use for one chunk of full-vocabulary rows (logits, their
-#: exponentials and the reference's probabilities), when ``chunk_size=None``.
-DEFAULT_CHUNK_BUDGET_BYTES = 64 * 2**20
-_MAX_CHUNK_ROWS = 4096
-_BUFFERS_PER_ROW = 4  # logits, exp, reference probs, and a comparison mask for ranks
+#: Memory the kernel may use for its full-vocabulary buffers (one block of logits for
+#: every stack entry at once, the reference's probabilities and two small scratch blocks)
+#: when ``chunk_size=None``. 256 MiB holds ~1300 GPT-2 rows (d_vocab 50257): enough that
+#: the unembedding product runs at full BLAS speed (64 to 256 MiB measure the same;
+#: 1 GiB is ~4% slower, its logits no longer come back from cache), small enough that
+#: the logit lens on 8 x 512 tokens adds well under 1 GiB in all. Override it per call
+#: with ``chunk_size=`` (rows of logits held at once).
+DEFAULT_CHUNK_BUDGET_BYTES = 256 * 2**20
+# Rows per statistics pass: [_SUB_ROWS, d_vocab] blocks stay in cache across the passes.
+_SUB_ROWS = 32
+# Top-k by block maxima (block size, and the smallest vocabulary it is used for).
+_TOPK_BLOCK = 128
+_TOPK_MIN_VOCAB = 16 * _TOPK_BLOCK
 
 
 def chunk_rows(d_vocab: int, chunk_size: Optional[int] = None, budget: int = DEFAULT_CHUNK_BUDGET_BYTES) -> int:
-    """Rows per chunk: ``chunk_size`` if given, else as many as fit ``budget`` bytes."""
+    """Rows of ``d_vocab`` float32 logits held at once: ``chunk_size`` if given, else as many as fit ``budget`` bytes."""
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise LensInputError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         return chunk_size
-    return max(1, min(_MAX_CHUNK_ROWS, budget // (_BUFFERS_PER_ROW * 4 * d_vocab)))
+    return max(1, budget // (4 * d_vocab))
 
 
 @dataclass
@@ -117,6 +128,51 @@ def compute_dtype(view: ModelView) -> torch.dtype:
     return torch.float64 if view.W_U.dtype == torch.float64 else torch.float32
 
 
+def _top_k(logits: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(logits, k)`` over ``[n, d_vocab]`` rows: ``(values, ids)``, each ``[n, k]``.
+
+    For a large vocabulary the row is cut into blocks of ``_TOPK_BLOCK`` tokens: one cheap
+    max pass gives each block's maximum, and the top k are searched only inside the k
+    blocks with the largest maxima (plus the short tail block). That is exact: a token in
+    a block outside those k is beaten by k block maxima, so it is not in the top k. The
+    values equal ``torch.topk``'s; ids can differ only in the order of exactly tied logits.
+    It costs about a fifth of a full ``torch.topk``, which copies and partially sorts
+    every row.
+    """
+    n, d_vocab = logits.shape
+    size = _TOPK_BLOCK
+    n_blocks = d_vocab // size
+    if d_vocab < _TOPK_MIN_VOCAB or 4 * k > n_blocks:
+        top = torch.topk(logits, k, dim=-1)
+        return top.values, top.indices
+    main = n_blocks * size
+    block_max = logits[:, :main].view(n, n_blocks, size).amax(-1)  # [n, n_blocks]
+    best = block_max.topk(k, dim=-1).indices  # [n, k]
+    offsets = torch.arange(size, device=logits.device)
+    candidates = (best.unsqueeze(-1) * size + offsets).reshape(n, k * size)
+    if main < d_vocab:
+        tail = torch.arange(main, d_vocab, device=logits.device).expand(n, d_vocab - main)
+        candidates = torch.cat([candidates, tail], dim=1)
+    top = logits.gather(1, candidates).topk(k, dim=-1)
+    return top.values, candidates.gather(1, top.indices)
+
+
+def _reference_entry(vectors: torch.Tensor, reference: Optional[torch.Tensor]) -> Optional[int]:
+    """The index of an entry of ``vectors [outer, rows, d]`` equal to ``reference [rows, d]``, else ``None``.
+
+    The logit lens reads the final stream both as its last entry and as the KL reference;
+    finding it here saves one full unembedding of every row.
+    """
+    if reference is None or reference.shape != vectors.shape[1:] or reference.dtype != vectors.dtype:
+        return None
+    if reference.device != vectors.device:
+        return None
+    for o in reversed(range(vectors.shape[0])):
+        if torch.equal(vectors[o], reference):
+            return o
+    return None
+
+
 def read_rows(
     view: ModelView,
     vectors: torch.Tensor,
@@ -135,28 +191,46 @@ def read_rows(
     ``reference [rows, d_model]`` (read the same way as the vectors) gives KL and, with
     ``norm="cached"``, the scale; ``target_ids [rows, t]``; ``next_tokens [rows]`` with
     ``-1`` for none. Results are shaped ``[outer, rows, ...]``.
+
+    How it runs: rows are taken ``c`` at a time for every entry at once, so one matrix
+    product ``[entries * c, d_model] @ W_U`` fills a buffer of ``chunk_size`` logit rows
+    (large enough for full BLAS speed). The statistics are then taken ``_SUB_ROWS`` rows
+    at a time, reference entry first, so each block of logits, its exponentials and the
+    reference's probabilities stay in cache across the passes: top-k (by block maxima),
+    targets and ranks on the raw logits, then one in-place shift by the row maximum, one
+    ``exp``, one sum and one or two row dot products. When the reference equals one of
+    the entries (the logit lens's final stream) it is unembedded once, not twice.
     """
     outer, rows, d_model = vectors.shape
     dtype = compute_dtype(view)
     W, b = unembedding(view, unembed, dtype)
     device = W.device
+    d_vocab = view.d_vocab
     fnorm = view.final_norm.to(dtype)
     transform = view.output_transform if unembed == "W_U" else None
-    step = chunk_rows(view.d_vocab, chunk_size)
     if norm == "cached" and reference is None:
         raise LensInputError("norm='cached' takes the scale from reference=, the final residual stream at each row")
 
-    def logits_of(x: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
-        x = fnorm.apply(x.to(device=device, dtype=dtype), norm, scale)
-        out = torch.addmm(b, x, W) if b is not None else x @ W
-        return transform(out) if transform is not None else out
+    # Entries to unembed: (source rows [rows, d_model], output entry or None). The reference
+    # is read first: its probabilities are needed by every other entry's KL.
+    ref_entry = _reference_entry(vectors, reference)
+    sources: list = [(vectors[o], o) for o in range(outer)]
+    ref_source: Optional[int] = ref_entry
+    if reference is not None and ref_entry is None:
+        sources.insert(0, (reference, None))
+        ref_source = 0
+    order = list(range(len(sources)))
+    if ref_source is not None:
+        order.remove(ref_source)
+        order.insert(0, ref_source)
 
-    def shifted(logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # In place: the chunk's logits become s = l - max(l); returns (max, exp(s), log Z).
-        peak = logits.max(-1, keepdim=True).values
-        logits.sub_(peak)
-        e = torch.exp(logits)
-        return peak, e, torch.log(e.sum(-1))
+    itemsize = torch.finfo(dtype).bits // 8
+    held = chunk_rows(d_vocab, chunk_size, budget=DEFAULT_CHUNK_BUDGET_BYTES * 4 // itemsize)
+    per_row = len(sources) + (1 if reference is not None else 0)  # logit rows + reference probs
+    step = max(1, min(rows, held // (per_row + 1)))
+    per_group = max(1, min(len(sources), held // step - (1 if reference is not None else 0)))
+    groups = [order[i : i + per_group] for i in range(0, len(order), per_group)]
+    sub = min(_SUB_ROWS, step)
 
     top_ids = torch.empty(outer, rows, top_k, dtype=torch.long)
     top_logits = torch.empty(outer, rows, top_k, dtype=torch.float32)
@@ -168,46 +242,95 @@ def read_rows(
     t_logits = torch.empty(outer, rows, n_targets) if target_ids is not None else None
     t_probs = torch.empty_like(t_logits) if t_logits is not None else None
     t_ranks = torch.empty(outer, rows, n_targets, dtype=torch.long) if target_ids is not None else None
-    all_logits = torch.empty(outer, rows, view.d_vocab) if return_logits else None
+    all_logits = torch.empty(outer, rows, d_vocab) if return_logits else None
+
+    def buffer(n: int) -> torch.Tensor:
+        return torch.empty(n, d_vocab, dtype=dtype, device=device)
+
+    logits_buf = buffer(per_group * step)
+    probs_ref = buffer(step) if reference is not None else None
+    neg_h_ref = torch.empty(step, dtype=dtype, device=device)
+    exps = buffer(sub)
+    scratch = buffer(sub)  # rank marks, then elementwise products for the row dot products
+    if b is not None and not bool(b.any()):
+        b = None  # a zero bias (GPT-2 and most folded models): skip a pass over every logit
+
+    def dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Row-wise dot products of ``[n, d_vocab]`` blocks, through the scratch buffer (no allocation)."""
+        return torch.mul(u, v, out=scratch[: u.shape[0]]).sum(-1)
+
+    def read_block(s: torch.Tensor, o: Optional[int], is_ref: bool, a: int, lo: int) -> None:
+        """Statistics of raw logits ``s [n, d_vocab]`` (rows ``a:a+n``; ``lo`` within the chunk); ``s`` is overwritten."""
+        n = s.shape[0]
+        z = a + n
+        if b is not None:
+            s.add_(b)
+        if transform is not None:
+            s.copy_(transform(s))
+        if o is None:  # the reference alone: only its probabilities are needed
+            peak = s.amax(-1, keepdim=True)
+        else:
+            if all_logits is not None:
+                all_logits[o, a:z] = s.float().cpu()
+            values, ids = _top_k(s, top_k)
+            peak = values[:, :1]
+            if tid is not None:
+                picked_t = s.gather(1, tid[lo : lo + n])  # raw logits, [n, t]
+                for j in range(n_targets):  # ties do not count against the target
+                    t_ranks[o, a:z, j] = torch.gt(s, picked_t[:, j : j + 1], out=scratch[:n]).sum(-1).long().cpu()
+            if nxt is not None:
+                picked_n = s.gather(1, nxt[lo : lo + n].clamp_min(0).unsqueeze(1)).squeeze(1)
+        s.sub_(peak)  # s = logits - max
+        e = exps[:n]
+        torch.exp(s, out=e)
+        total = e.sum(-1)
+        logz = torch.log(total)
+        p_dot = None
+        if is_ref:
+            p = probs_ref[lo : lo + n]
+            torch.div(e, total.unsqueeze(1), out=p)
+            p_dot = dot(p, s)
+            neg_h_ref[lo : lo + n] = p_dot - logz
+            if o is None:
+                return
+            ent = logz - p_dot
+        else:
+            ent = logz - dot(e, s) / total
+        entropy[o, a:z] = ent.float().cpu()
+        top_ids[o, a:z] = ids.cpu()
+        top_logits[o, a:z] = values.float().cpu()
+        top_probs[o, a:z] = torch.exp(values - peak - logz.unsqueeze(-1)).float().cpu()
+        if kl is not None:
+            if p_dot is None:
+                p_dot = dot(probs_ref[lo : lo + n], s)
+            kl[o, a:z] = (neg_h_ref[lo : lo + n] - p_dot + logz).clamp_min(0.0).float().cpu()
+        if nxt is not None:
+            value = logz - (picked_n - peak[:, 0])
+            has = nxt[lo : lo + n] >= 0
+            loss[o, a:z] = torch.where(has, value, torch.full_like(value, float("nan"))).float().cpu()
+        if tid is not None:
+            t_logits[o, a:z] = picked_t.float().cpu()
+            t_probs[o, a:z] = torch.exp(picked_t - peak - logz.unsqueeze(-1)).float().cpu()
 
     with torch.no_grad():
         for start in range(0, rows, step):
             stop = min(rows, start + step)
-            scale = p_ref = neg_h_ref = None
-            if reference is not None:
-                ref = reference[start:stop].to(device=device, dtype=dtype)
-                scale = fnorm.scale(ref) if norm == "cached" else None
-                _, e_ref, logz_ref = shifted(logits_of(ref, scale))
-                p_ref = e_ref.div_(e_ref.sum(-1, keepdim=True))
-                neg_h_ref = (p_ref * torch.log(p_ref.clamp_min(torch.finfo(dtype).tiny))).sum(-1)
+            n_rows = stop - start
+            scale = None
+            if norm == "cached":
+                scale = fnorm.scale(reference[start:stop].to(device=device, dtype=dtype))
             tid = None if target_ids is None else target_ids[start:stop].to(device)
             nxt = None if next_tokens is None else next_tokens[start:stop].to(device)
-            for o in range(outer):
-                logits = logits_of(vectors[o, start:stop], scale)
-                if all_logits is not None:
-                    all_logits[o, start:stop] = logits.float().cpu()
-                top = torch.topk(logits, top_k, dim=-1)
-                peak, e, logz = shifted(logits)
-                s = logits  # shifted in place
-                entropy[o, start:stop] = (logz - torch.linalg.vecdot(e, s) / e.sum(-1)).float().cpu()
-                top_ids[o, start:stop] = top.indices.cpu()
-                top_logits[o, start:stop] = top.values.float().cpu()
-                top_probs[o, start:stop] = torch.exp(top.values - peak - logz.unsqueeze(-1)).float().cpu()
-                if kl is not None:
-                    value = neg_h_ref - torch.linalg.vecdot(p_ref, s) + logz
-                    kl[o, start:stop] = value.clamp_min(0.0).float().cpu()
-                if nxt is not None:
-                    has = nxt >= 0
-                    picked = s.gather(1, nxt.clamp_min(0).unsqueeze(1)).squeeze(1)
-                    value = logz - picked
-                    loss[o, start:stop] = torch.where(has, value, torch.full_like(value, float("nan"))).float().cpu()
-                if tid is not None:
-                    picked = s.gather(1, tid)  # [c, t]
-                    t_logits[o, start:stop] = (picked + peak).float().cpu()
-                    t_probs[o, start:stop] = torch.exp(picked - logz.unsqueeze(-1)).float().cpu()
-                    for j in range(n_targets):  # one [c, d_vocab] mask at a time
-                        t_ranks[o, start:stop, j] = (s > picked[:, j : j + 1]).sum(-1).cpu()
-                del e, s, logits
+            for group in groups:
+                x = torch.stack([sources[i][0][start:stop] for i in group]).to(device=device, dtype=dtype)
+                x = fnorm.apply(x, norm, scale).reshape(len(group) * n_rows, d_model)
+                out = logits_buf[: x.shape[0]]
+                torch.mm(x, W, out=out)  # the bias is added per block, while it is in cache
+                block = out.view(len(group), n_rows, d_vocab)
+                for lo in range(0, n_rows, sub):
+                    hi = min(n_rows, lo + sub)
+                    for j, i in enumerate(group):
+                        read_block(block[j, lo:hi], sources[i][1], i == ref_source, start + lo, lo)
     return Readout(
         top_ids=top_ids,
         top_logits=top_logits,

@@ -1,0 +1,619 @@
+#!/usr/bin/env python
+"""Benchmark tl_logitlens: every figure is a ratio measured in the same run, plus peak memory.
+
+Model: GPT-2-small shape (12 layers, d_model 768, 12 heads, d_mlp 3072, vocabulary 50257)
+with random weights built offline and folded: a ``TransformerBridge`` in compatibility mode
+on transformer-lens 4.x, a folded ``HookedTransformer`` on 2.x/3.x. Nothing is downloaded.
+
+Sections (all reading the same ActivationCache, made once per workload):
+
+1. Logit lens, workloads 1 x 256 and 8 x 512 tokens, every layer (13 stack entries):
+   - ``floor``: ``vectors @ W_U`` in float32 for the same 13 x tokens vectors, chunked,
+     only the matrix products timed (the fastest of a few chunk sizes, picked on the small
+     workload);
+   - ``tll``: ``tll.logit_lens(model, cache=cache, input=tokens, top_k=5, targets="next")``
+     (top-k, entropy, KL to final, next-token loss, the next token's logit, prob and rank);
+   - ``tll (top-k+entropy)``: the same call without ``input``/targets: the request
+     transformer-lens's own lens answers (KL is still computed);
+   - ``transformer-lens``: 4.x ``transformer_lens.tools.analysis.logit_lens(model,
+     cache=cache, positions=None, top_k=5)`` (top-k logits and entropy), where installed;
+   - ``textbook``: ``cache.accumulated_resid(apply_ln=True) @ W_U + b_U``, ``log_softmax``,
+     ``topk``, un-chunked by definition: skipped when its logits and log-probs would exceed
+     ``--textbook-budget-gib``.
+2. Per-head DLA at 8 x 512, every position, one answer and one wrong token per prompt:
+   ``tll.direct_logit_attribution(..., by="head", positions=None)`` against
+   ``cache.stack_head_results(layer=-1, pos_slice=None)`` + ``cache.logit_attrs(...)``
+   (or, where those helpers are missing, the same route written out: per-head results
+   ``einsum(z, W_O)`` materialised, the cached final-norm scale applied, dotted with the
+   answer-minus-wrong direction).
+3. Streaming evaluation: ``tll.evaluate_lens`` against plain forward passes plus the floor
+   for the same scored tokens.
+
+Timing: medians of ``--repeats`` runs after a warm-up for the small workloads; the 8 x 512
+lens runs ``--big-repeats`` times (default 2; transformer-lens's lens once), the first of
+which also measures memory (the small workload has already warmed everything up).
+Memory: the resident-set peak *added* by a method over what was live before it (the
+cache included), in MiB, read from the kernel's high-water mark (``VmHWM``, reset through
+``/proc/self/clear_refs``) after ``malloc_trim``; a 1 ms RSS-sampling thread where that
+reset is not allowed.
+
+Usage: ``python bench/bench_lens.py [--quick] [--threads N] [--clock wall|cpu] [--out bench/results.json]``;
+``--sweep-budgets 64 256 1024`` instead times the lens on 2 x 512 tokens with each kernel memory
+budget (MiB) and writes only that to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import tl_logitlens as tll  # noqa: E402
+from tl_logitlens.evaluate import evaluate_lens  # noqa: E402
+from tl_logitlens.model_access import TL_MAJOR, TL_VERSION  # noqa: E402
+
+MiB = 2**20
+GiB = 2**30
+D_VOCAB = 50257
+N_LAYERS = 12
+
+# Targets (see the README / the brief).
+TARGET_FLOOR_RATIO = 1.2
+TARGET_TL_SPEEDUP = 1.4
+TARGET_LENS_MEMORY_MIB = 1024
+TARGET_DLA_MEMORY_FRACTION = 0.25
+TARGET_EVAL_RATIO = 1.3
+
+
+# -- memory -------------------------------------------------------------------------------------
+_LIBC = None
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:
+    pass
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def rss_bytes() -> int:
+    return _status_kib("VmRSS") * 1024
+
+
+def _can_reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+HWM_RESET = _can_reset_hwm()
+
+
+def settle() -> None:
+    """Free what Python and malloc hold on to, so the RSS is what is live."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+class PeakMemory:
+    """Peak RSS added while the block runs, in bytes (``.added``)."""
+
+    def __enter__(self) -> "PeakMemory":
+        settle()
+        self.base = rss_bytes()
+        self.peak = self.base
+        self._stop = threading.Event()
+        if HWM_RESET:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        else:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc: Any) -> None:
+        if HWM_RESET:
+            self.peak = _status_kib("VmHWM") * 1024
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, rss_bytes())
+        self.added = max(0, self.peak - self.base)
+
+
+# -- timing -------------------------------------------------------------------------------------
+#: The clock every method is timed with: wall time by default; ``--clock cpu`` uses this
+#: process's CPU time, a steadier measure of work when other jobs share the machine (use it
+#: with ``--threads 1``: with more threads, time spent waiting at thread barriers counts too).
+CLOCK = time.perf_counter
+
+
+def run_method(fn: Callable[[], Any], runs: int, warmup: bool) -> Dict[str, Any]:
+    """Run ``fn`` (which returns its own seconds, or None to be timed here) ``runs`` times.
+
+    The first run measures memory; with ``warmup`` it is not timed (a warm-up) and ``runs``
+    more follow. Returns ``{"seconds": median, "runs": [...], "memory_mib": ...}``.
+    """
+    def once() -> float:
+        start = CLOCK()
+        inner = fn()
+        wall = CLOCK() - start
+        return float(inner) if isinstance(inner, (int, float)) else wall
+
+    with PeakMemory() as mem:
+        first = once()
+    times = [] if warmup else [first]
+    for _ in range(runs - (0 if warmup else 1)):
+        settle()
+        times.append(once())
+    return {"seconds": statistics.median(times), "runs": times, "memory_mib": mem.added / MiB}
+
+
+# -- model ------------------------------------------------------------------------------------
+def build_model() -> Tuple[Any, str]:
+    """GPT-2-small shape, random weights, folded. Returns ``(model, description)``."""
+    try:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+    except ImportError:
+        HookedTransformer = None
+    if HookedTransformer is not None:
+        cfg = HookedTransformerConfig(
+            n_layers=N_LAYERS, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=D_VOCAB,
+            n_ctx=1024, act_fn="gelu_new", normalization_type="LN", seed=0,
+        )
+        model = HookedTransformer(cfg)
+        model.process_weights_(fold_ln=True, center_writing_weights=True, center_unembed=True)
+        if TL_MAJOR < 3 and hasattr(model, "setup"):
+            model.setup()
+        return model.eval(), "HookedTransformer (random GPT-2-small shape, process_weights_: folded)"
+
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformer_lens.model_bridge import TransformerBridge
+
+    torch.manual_seed(0)
+    path = tempfile.mkdtemp(prefix="tll-bench-gpt2-")
+    transformers.GPT2LMHeadModel(transformers.GPT2Config()).save_pretrained(path)
+    vocab = {f"w{i}": i for i in range(64)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="w0", bos_token="w1", eos_token="w1", pad_token="w2"
+    ).save_pretrained(path)
+    model = TransformerBridge.boot_transformers(path, device="cpu")
+    model.enable_compatibility_mode()
+    return model.eval(), "TransformerBridge (random GPT2LMHeadModel(GPT2Config()), compatibility mode: folded)"
+
+
+def lens_hooks() -> List[str]:
+    return [f"blocks.{layer}.hook_resid_pre" for layer in range(N_LAYERS)] + [f"blocks.{N_LAYERS - 1}.hook_resid_post"]
+
+
+def dla_hooks() -> List[str]:
+    names = ["hook_embed", "hook_pos_embed", "ln_final.hook_scale"]
+    for layer in range(N_LAYERS):
+        names += [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_attn_out", f"blocks.{layer}.hook_mlp_out"]
+    return names
+
+
+def make_cache(model: Any, tokens: torch.Tensor, names: List[str]) -> Any:
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=list(names))
+    return cache
+
+
+def stack_vectors(cache: Any) -> torch.Tensor:
+    """The 13 accumulated-stream entries ``[13 * tokens, d_model]`` (float32) for the floor."""
+    return torch.stack([cache[name] for name in lens_hooks()]).reshape(-1, 768).float().contiguous()
+
+
+# -- methods ----------------------------------------------------------------------------------
+def floor_fn(W_U: torch.Tensor, vectors: torch.Tensor, chunk: int) -> Callable[[], float]:
+    """Chunked ``vectors @ W_U`` into one preallocated buffer; returns the matmul seconds only."""
+    def run() -> float:
+        out = torch.empty(min(chunk, vectors.shape[0]), W_U.shape[1])
+        out.zero_()  # fault the pages in before timing
+        total = 0.0
+        with torch.no_grad():
+            for start in range(0, vectors.shape[0], chunk):
+                x = vectors[start : start + chunk]
+                o = out[: x.shape[0]]
+                t0 = CLOCK()
+                torch.mm(x, W_U, out=o)
+                total += CLOCK() - t0
+        return total
+
+    return run
+
+
+def tl_lens_fn(model: Any, cache: Any) -> Optional[Callable[[], Any]]:
+    try:
+        from transformer_lens.tools.analysis import logit_lens as tl_logit_lens
+    except ImportError:
+        return None
+
+    def run() -> Any:
+        return tl_logit_lens(model, cache=cache, positions=None, top_k=5)
+
+    return run
+
+
+def textbook_fn(model: Any, cache: Any) -> Callable[[], Any]:
+    W_U, b_U = model.W_U.detach(), model.b_U.detach()
+
+    def run() -> Any:
+        with torch.no_grad():
+            stack = cache.accumulated_resid(apply_ln=True)
+            logits = stack @ W_U + b_U
+            del stack
+            logp = logits.log_softmax(-1)
+            del logits
+            top = logp.topk(5, dim=-1)
+        return top.values, top.indices
+
+    return run
+
+
+def head_results_route(model: Any, cache: Any, answers: torch.Tensor, wrong: torch.Tensor) -> Tuple[Callable[[], Any], str]:
+    """The stack-then-attribute route: TransformerLens's helpers where they exist, else written out."""
+    n_layers = model.cfg.n_layers
+    result_keys = [f"blocks.{layer}.attn.hook_result" for layer in range(n_layers)]
+
+    def drop_results() -> None:  # the helper caches per-head results in the cache: remove them
+        for key in result_keys:
+            cache.cache_dict.pop(key, None)
+
+    def helpers() -> Any:
+        try:
+            with torch.no_grad():
+                stack = cache.stack_head_results(layer=-1, pos_slice=None)
+                attrs = cache.logit_attrs(stack, tokens=answers, incorrect_tokens=wrong, pos_slice=None)
+                del stack
+            return attrs
+        finally:
+            drop_results()
+
+    def written_out() -> Any:
+        with torch.no_grad():
+            pieces = []
+            for layer in range(n_layers):
+                z = cache[f"blocks.{layer}.attn.hook_z"]
+                W_O = model.blocks[layer].attn.W_O.detach().reshape(model.cfg.n_heads, model.cfg.d_head, -1)
+                pieces.append(torch.einsum("bphk,hkd->hbpd", z, W_O))
+            stack = torch.cat(pieces)  # [layer*head, batch, pos, d_model]
+            del pieces
+            scale = cache["ln_final.hook_scale"]  # [batch, pos, 1]
+            scaled = (stack - stack.mean(-1, keepdim=True)) / scale
+            del stack
+            direction = model.W_U.detach()[:, answers].T - model.W_U.detach()[:, wrong].T  # [batch, d_model]
+            return (scaled * direction[None, :, None, :]).sum(-1)
+
+    try:  # does this cache have the helpers?
+        probe = cache.stack_head_results(layer=1, pos_slice=0)
+        del probe
+        drop_results()
+        return helpers, "cache.stack_head_results(layer=-1, pos_slice=None) + cache.logit_attrs(...)"
+    except Exception:  # noqa: BLE001 - any failure means: write the route out
+        drop_results()
+        return written_out, "written out: einsum(z, W_O) stack [layer*head, batch, pos, d_model], cached LN scale, dot"
+
+
+# -- sections ---------------------------------------------------------------------------------
+def lens_section(model: Any, batch: int, seq: int, args: argparse.Namespace, floor_chunk: Optional[int],
+                 big: bool, extra_hooks: List[str]) -> Dict[str, Any]:
+    gen = torch.Generator().manual_seed(batch * 1000 + seq)
+    tokens = torch.randint(0, D_VOCAB, (batch, seq), generator=gen)
+    t0 = time.perf_counter()
+    cache = make_cache(model, tokens, lens_hooks() + extra_hooks)
+    forward_seconds = time.perf_counter() - t0
+    settle()
+    W_U = model.W_U.detach().float().contiguous()
+    vectors = stack_vectors(cache)
+    n_tokens = batch * seq
+    out: Dict[str, Any] = {"tokens": n_tokens, "shape": [batch, seq], "rows": vectors.shape[0],
+                           "cache_forward_seconds": forward_seconds, "methods": {}, "notes": []}
+    runs = args.big_repeats if big else args.repeats
+    warm = not big  # the big workload is warmed up by the small one
+
+    # The floor: pick the fastest chunk on the small workload, reuse it on the big one.
+    if floor_chunk is None:
+        sweep = {}
+        for chunk in (256, 1024, 4096):
+            sweep[chunk] = run_method(floor_fn(W_U, vectors, chunk), runs=2, warmup=True)["seconds"]
+        floor_chunk = min(sweep, key=sweep.get)
+        out["floor_chunk_sweep"] = {str(k): v for k, v in sweep.items()}
+    out["floor_chunk"] = floor_chunk
+    methods = out["methods"]
+    methods["floor"] = run_method(floor_fn(W_U, vectors, floor_chunk), runs, warm)
+    del vectors
+    settle()
+
+    def tll_full() -> Any:
+        return tll.logit_lens(model, cache=cache, input=tokens, top_k=5, targets="next")
+
+    def tll_same() -> Any:
+        return tll.logit_lens(model, cache=cache, top_k=5)
+
+    methods["tll"] = run_method(tll_full, runs, warm)
+    if not big or args.all_big:
+        methods["tll_topk_entropy"] = run_method(tll_same, runs, warm)
+    tl_fn = tl_lens_fn(model, cache)
+    if tl_fn is not None:
+        methods["transformer_lens"] = run_method(tl_fn, 1 if big else runs, warm)
+    else:
+        out["notes"].append(f"transformer_lens.tools.analysis.logit_lens is not in transformer-lens {TL_VERSION}")
+    entries = N_LAYERS + 1
+    textbook_bytes = 2 * entries * n_tokens * D_VOCAB * 4  # logits + log-probs, float32
+    out["textbook_estimated_gib"] = textbook_bytes / GiB
+    if textbook_bytes <= args.textbook_budget_gib * GiB:
+        methods["textbook"] = run_method(textbook_fn(model, cache), runs, warm)
+    else:
+        out["notes"].append(
+            f"textbook recipe skipped: its logits and log-probs would take {textbook_bytes / GiB:.1f} GiB "
+            f"(> --textbook-budget-gib {args.textbook_budget_gib:g})"
+        )
+    floor = methods["floor"]["seconds"]
+    for m in methods.values():
+        m["ratio_to_floor"] = m["seconds"] / floor
+    out["_cache"] = cache
+    out["_tokens"] = tokens
+    return out
+
+
+def dla_section(model: Any, cache: Any, tokens: torch.Tensor, args: argparse.Namespace) -> Dict[str, Any]:
+    batch = tokens.shape[0]
+    gen = torch.Generator().manual_seed(7)
+    answers = torch.randint(0, D_VOCAB, (batch,), generator=gen)
+    wrong = torch.randint(0, D_VOCAB, (batch,), generator=gen)
+
+    def ours() -> Any:
+        return tll.direct_logit_attribution(model, cache=cache, answers=answers, wrong=wrong, by="head", positions=None)
+
+    route, route_name = head_results_route(model, cache, answers, wrong)
+    last: Dict[str, Any] = {}
+
+    def ours_kept() -> Any:
+        last["ours"] = ours()
+
+    def route_kept() -> Any:
+        last["route"] = None  # free the previous result before the next run
+        last["route"] = route()
+
+    out: Dict[str, Any] = {"route": route_name, "methods": {}}
+    out["methods"]["tll"] = run_method(ours_kept, args.repeats, True)
+    # The route takes ~100 x longer: one run, which also measures its memory.
+    out["methods"]["stack_then_attribute"] = run_method(route_kept, 1, False)
+    # Sanity: both give the same per-head numbers.
+    att, theirs = last["ours"], last["route"]
+    heads = att.by_head().reshape(-1, *att.values.shape[1:])
+    out["max_abs_difference"] = float((heads - theirs.reshape(heads.shape)).abs().max())
+    out["residual_error"] = att.residual_error()
+    return out
+
+
+def budget_sweep(model: Any, budgets_mib: List[int], args: argparse.Namespace) -> Dict[str, Any]:
+    """``tll.logit_lens`` on 2 x 512 tokens with each kernel budget: seconds, memory, ratio to the floor."""
+    kernel = sys.modules["tl_logitlens.readout"]
+    default = kernel.DEFAULT_CHUNK_BUDGET_BYTES
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, D_VOCAB, (2, 512), generator=gen)
+    cache = make_cache(model, tokens, lens_hooks())
+    W_U = model.W_U.detach().float().contiguous()
+    vectors = stack_vectors(cache)
+    out: Dict[str, Any] = {"shape": [2, 512], "floor": run_method(floor_fn(W_U, vectors, 4096), 2, True), "budgets": {}}
+    del vectors
+    try:
+        for mib in budgets_mib:
+            kernel.DEFAULT_CHUNK_BUDGET_BYTES = mib * MiB
+            m = run_method(lambda: tll.logit_lens(model, cache=cache, input=tokens, top_k=5, targets="next"), 2, True)
+            m["ratio_to_floor"] = m["seconds"] / out["floor"]["seconds"]
+            out["budgets"][str(mib)] = m
+            print(f"  budget {mib:>5} MiB: {m['seconds']:.2f} s, x floor {m['ratio_to_floor']:.3f}, {m['memory_mib']:.0f} MiB", flush=True)
+    finally:
+        kernel.DEFAULT_CHUNK_BUDGET_BYTES = default
+    return out
+
+
+def evaluate_section(model: Any, args: argparse.Namespace, floor_chunk: int) -> Dict[str, Any]:
+    n_seq, seq, bs = args.eval_shape
+    gen = torch.Generator().manual_seed(11)
+    tokens = torch.randint(0, D_VOCAB, (n_seq, seq), generator=gen)
+    W_U = model.W_U.detach().float().contiguous()
+    # warm-up on one short batch
+    evaluate_lens(model, tokens[:1, :32], progress=False)
+
+    def evaluate() -> Any:
+        return evaluate_lens(model, tokens, batch_size=bs, progress=False)
+
+    def forwards() -> float:
+        total = 0.0
+        with torch.no_grad():
+            for i in range(0, n_seq, bs):
+                t0 = CLOCK()
+                model(tokens[i : i + bs])
+                total += CLOCK() - t0
+        return total
+
+    scored = n_seq * (seq - 1)
+    gen = torch.Generator().manual_seed(12)
+    vectors = torch.randn(scored * (N_LAYERS + 1), 768, generator=gen)
+    out: Dict[str, Any] = {"shape": [n_seq, seq], "batch_size": bs, "scored_tokens": scored, "methods": {}}
+    out["methods"]["evaluate_lens"] = run_method(evaluate, args.eval_repeats, False)
+    out["methods"]["forward"] = run_method(forwards, args.eval_repeats, False)
+    out["methods"]["floor"] = run_method(floor_fn(W_U, vectors, floor_chunk), args.eval_repeats, False)
+    base = out["methods"]["forward"]["seconds"] + out["methods"]["floor"]["seconds"]
+    out["ratio_to_forward_plus_floor"] = out["methods"]["evaluate_lens"]["seconds"] / base
+    return out
+
+
+# -- report -----------------------------------------------------------------------------------
+def target(name: str, value: Optional[float], threshold: float, op: str) -> Dict[str, Any]:
+    met = None if value is None else (value <= threshold if op == "<=" else value >= threshold)
+    return {"name": name, "value": value, "threshold": threshold, "op": op, "met": met}
+
+
+def print_table(results: Dict[str, Any]) -> None:
+    print()
+    print(f"tl_logitlens benchmark: {results['meta']['model']}")
+    print(f"transformer-lens {results['meta']['transformer_lens']}, torch {results['meta']['torch']}, "
+          f"{results['meta']['threads']} threads, {results['meta']['clock']} clock, load before {results['meta']['load_before']}, "
+          f"after {results['meta']['load_after']}")
+    for key, w in results["lens"].items():
+        print(f"\nLogit lens, {key} tokens ({w['rows']} vectors, floor chunk {w['floor_chunk']} rows)")
+        print(f"  {'method':<26}{'seconds':>10}{'x floor':>10}{'peak MiB':>11}{'runs':>6}")
+        for name, m in w["methods"].items():
+            print(f"  {name:<26}{m['seconds']:>10.2f}{m['ratio_to_floor']:>10.3f}{m['memory_mib']:>11.0f}{len(m['runs']):>6}")
+        for note in w["notes"]:
+            print(f"  note: {note}")
+    d = results.get("dla")
+    if d:
+        print(f"\nPer-head DLA, 8x512, all positions ({d['route']})")
+        print(f"  {'method':<26}{'seconds':>10}{'peak MiB':>11}{'runs':>6}")
+        for name, m in d["methods"].items():
+            print(f"  {name:<26}{m['seconds']:>10.2f}{m['memory_mib']:>11.0f}{len(m['runs']):>6}")
+        print(f"  max |difference| between the two: {d['max_abs_difference']:.2e}; residual error {d['residual_error']:.2e}")
+    e = results.get("evaluate")
+    if e:
+        print(f"\nStreaming evaluation, {e['shape'][0]}x{e['shape'][1]} tokens, batch {e['batch_size']}")
+        for name, m in e["methods"].items():
+            print(f"  {name:<26}{m['seconds']:>10.2f}{m['memory_mib']:>11.0f} MiB")
+        print(f"  evaluate_lens / (forward + floor) = {e['ratio_to_forward_plus_floor']:.3f}")
+    print("\nTargets")
+    for t in results["targets"]:
+        value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
+        met = "n/a" if t["met"] is None else ("MET" if t["met"] else "NOT MET")
+        print(f"  {t['name']:<58}{value:>10} {t['op']} {t['threshold']:<8g} {met}")
+    for note in results["notes"]:
+        print(f"note: {note}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs after a warm-up (small workloads)")
+    parser.add_argument("--big-repeats", type=int, default=2, help="runs on the 8x512 lens workload")
+    parser.add_argument("--eval-repeats", type=int, default=1)
+    parser.add_argument("--eval-shape", type=int, nargs=3, default=(8, 256, 4), metavar=("N", "SEQ", "BATCH"))
+    parser.add_argument("--textbook-budget-gib", type=float, default=8.0)
+    parser.add_argument("--all-big", action="store_true", help="also run the top-k+entropy variant at 8x512")
+    parser.add_argument("--quick", action="store_true", help="skip the 8x512 workload and the DLA section")
+    parser.add_argument("--sweep-budgets", type=int, nargs="*", metavar="MIB",
+                        help="only sweep the kernel's memory budget (MiB) on 2x512 tokens, e.g. 64 128 256 512 1024")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall time, or this process's CPU time (steadier on a shared machine; use with --threads 1)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    args = parser.parse_args()
+    global CLOCK
+    CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+
+    meta = {
+        "transformer_lens": TL_VERSION,
+        "torch": torch.__version__,
+        "tl_logitlens": tll.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "clock": args.clock,
+        "load_before": [round(x, 2) for x in os.getloadavg()],
+        "memory_method": "VmHWM after clear_refs" if HWM_RESET else "1 ms RSS sampling",
+        "kernel_budget_mib": tll.DEFAULT_CHUNK_BUDGET_BYTES / MiB,
+        "repeats": {"small": args.repeats, "big": args.big_repeats, "transformer_lens_big": 1},
+    }
+    print(f"building the model (transformer-lens {TL_VERSION}) ...", flush=True)
+    model, description = build_model()
+    meta["model"] = description
+    results: Dict[str, Any] = {"meta": meta, "lens": {}, "notes": []}
+    if args.sweep_budgets:
+        print("kernel budget sweep, 2x512 ...", flush=True)
+        results["budget_sweep"] = budget_sweep(model, args.sweep_budgets, args)
+        meta["load_after"] = [round(x, 2) for x in os.getloadavg()]
+        Path(args.out).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.out}")
+        return
+
+    print("logit lens 1x256 ...", flush=True)
+    small = lens_section(model, 1, 256, args, None, False, [])
+    floor_chunk = small["floor_chunk"]
+    small.pop("_cache"), small.pop("_tokens")
+    results["lens"]["1x256"] = small
+    settle()
+    if not args.quick:
+        print("logit lens 8x512 ...", flush=True)
+        big = lens_section(model, 8, 512, args, floor_chunk, True, dla_hooks())
+        cache, tokens = big.pop("_cache"), big.pop("_tokens")
+        results["lens"]["8x512"] = big
+        print("per-head DLA 8x512 ...", flush=True)
+        results["dla"] = dla_section(model, cache, tokens, args)
+        del cache
+        settle()
+    print("streaming evaluation ...", flush=True)
+    results["evaluate"] = evaluate_section(model, args, floor_chunk)
+
+    targets = []
+    for key, w in results["lens"].items():
+        m = w["methods"]
+        targets.append(target(f"{key}: tll.logit_lens / floor", m["tll"]["ratio_to_floor"], TARGET_FLOOR_RATIO, "<="))
+        if "transformer_lens" in m:
+            targets.append(target(f"{key}: transformer-lens lens / tll.logit_lens (speed-up)",
+                                  m["transformer_lens"]["seconds"] / m["tll"]["seconds"], TARGET_TL_SPEEDUP, ">="))
+        if "textbook" in m:
+            targets.append(target(f"{key}: tll.logit_lens / textbook", m["tll"]["seconds"] / m["textbook"]["seconds"], 1.0, "<="))
+    if "8x512" in results["lens"]:
+        targets.append(target("8x512: peak memory added by tll.logit_lens (MiB)",
+                              results["lens"]["8x512"]["methods"]["tll"]["memory_mib"], TARGET_LENS_MEMORY_MIB, "<="))
+    if "dla" in results:
+        dm = results["dla"]["methods"]
+        targets.append(target("8x512 DLA: tll memory / stack-then-attribute memory",
+                              dm["tll"]["memory_mib"] / max(dm["stack_then_attribute"]["memory_mib"], 1e-9), TARGET_DLA_MEMORY_FRACTION, "<="))
+        targets.append(target("8x512 DLA: tll time / stack-then-attribute time",
+                              dm["tll"]["seconds"] / dm["stack_then_attribute"]["seconds"], 1.0, "<="))
+    targets.append(target("evaluate_lens / (forward + floor)", results["evaluate"]["ratio_to_forward_plus_floor"], TARGET_EVAL_RATIO, "<="))
+    results["targets"] = targets
+    meta["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    meta["total_seconds"] = time.perf_counter() - started
+    if max(meta["load_before"][0], meta["load_after"][0]) > meta["threads"] * 0.75 + 0.5:
+        results["notes"].append("the machine was busy during the run (load average above the thread count): ratios are noisier")
+    if args.big_repeats < 3 and not args.quick:
+        results["notes"].append(
+            f"8x512 lens: {args.big_repeats} runs (transformer-lens's lens: 1) to keep `make bench` under ~10 minutes; "
+            "the first run also measured memory; the 1x256 runs warmed everything up"
+        )
+    print_table(results)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {args.out} ({meta['total_seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,635 @@
+"""The logit lens over a whole dataset, streamed: how well each layer predicts, on average.
+
+:func:`evaluate_lens` runs the model one batch at a time with hooks that keep only the
+residual stream (``resid_pre`` of every layer and the final ``resid_post``; the forward
+pass stops there, before ``ln_final`` and the unembedding), reads every stack entry
+through the final norm and the unembedding with the package's one kernel
+(:func:`tl_logitlens.readout.read_rows`), and folds the per-token numbers into running
+statistics. Nothing grows with the number of batches: no activation cache, no per-token
+results, just fixed-size sums, counts and histograms per stack entry.
+
+Per stack entry (``0_pre .. final_post``) it reports, over every scored token (a position
+that has a true next token; padding and each sequence's last token are left out):
+
+- ``kl_to_final``: KL(final || entry), nats; ``0`` at ``final_post``.
+- ``next_token_loss``: cross-entropy of the true next token, nats; ``perplexity`` is
+  ``exp(mean loss)``. At ``final_post`` this is the model's own loss.
+- ``entropy``: entropy of the entry's full-vocabulary distribution, nats.
+- ``top1_agreement``: how often the entry's top token is the model's own top token.
+- ``top1_accuracy``: how often the entry's top token is the true next token.
+
+Means are exact (float64 sums of the per-token values). Quantiles come from a fixed
+histogram per entry and statistic (:data:`HIST_BINS_PER_DECADE` log-spaced bins per
+decade over ``[HIST_LOW, HIST_HIGH)``, plus one bin below and one above), interpolated
+geometrically inside the bin that holds the quantile and clamped to the smallest and
+largest values seen. So a quantile is off by at most one bin: a relative error below
+``10 ** (1 / HIST_BINS_PER_DECADE) - 1`` (1.2%) for values in ``[1e-6, 1e4)``, an absolute
+error below ``1e-6`` under that, and a value in ``[1e4, max]`` above it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .errors import LensInputError
+from .model_access import ModelView, view as view_model
+from .norm import NORM_MODES
+from .readout import read_rows, require_finite
+from .tokens import Tokens, tokenize
+
+#: The per-token statistics summarised with a mean and quantiles.
+STATISTICS = ("kl_to_final", "next_token_loss", "entropy")
+#: Histogram range and resolution for the quantiles (values are in nats, all >= 0).
+HIST_LOW = 1e-6
+HIST_HIGH = 1e4
+HIST_BINS_PER_DECADE = 200
+_N_DECADES = round(math.log10(HIST_HIGH / HIST_LOW))
+_N_BINS = _N_DECADES * HIST_BINS_PER_DECADE + 2  # [0, LOW), the log bins, [HIGH, inf)
+_FORMAT = "tl_logitlens.LensEvaluation/1"
+
+
+def _bin_index(x: torch.Tensor) -> torch.Tensor:
+    """Histogram bin of each value of ``x`` (float64, >= 0): 0 below LOW, last bin at or above HIGH."""
+    scaled = torch.floor((torch.log10(x.clamp_min(HIST_LOW)) - math.log10(HIST_LOW)) * HIST_BINS_PER_DECADE)
+    index = scaled.long().clamp(0, _N_BINS - 3) + 1
+    index = torch.where(x < HIST_LOW, torch.zeros_like(index), index)
+    return torch.where(x >= HIST_HIGH, torch.full_like(index, _N_BINS - 1), index)
+
+
+def _bin_edges(i: int) -> Tuple[float, float]:
+    if i == 0:
+        return 0.0, HIST_LOW
+    if i == _N_BINS - 1:
+        return HIST_HIGH, math.inf
+    lo = HIST_LOW * 10 ** ((i - 1) / HIST_BINS_PER_DECADE)
+    return lo, HIST_LOW * 10 ** (i / HIST_BINS_PER_DECADE)
+
+
+@dataclass
+class LensEvaluation:
+    """Per-layer summary of the logit lens over a dataset (from :func:`evaluate_lens`).
+
+    ``layer`` below is the stack entry axis, aligned with ``labels``.
+
+    Attributes:
+        labels: stack entry labels, ``0_pre .. final_post``.
+        n_tokens: how many tokens were scored (positions with a true next token).
+        n_sequences: how many sequences were read.
+        norm: the final-norm mode the lens read with.
+        sums: ``{statistic: [layer]}`` float64 sums over tokens, for :data:`STATISTICS`.
+        minima, maxima: ``{statistic: [layer]}`` the smallest and largest value seen.
+        histograms: ``{statistic: [layer, bins]}`` int64 counts in the fixed bins.
+        top1_agree: ``[layer]`` tokens whose top-1 equals the final entry's top-1.
+        top1_correct: ``[layer]`` tokens whose top-1 is the true next token.
+        seconds: wall time of the evaluation.
+
+    Example::
+
+        >>> import torch
+        >>> import tl_logitlens as tll
+        >>> from tl_logitlens.evaluate import evaluate_lens
+        >>> model = tll.demo_model()
+        >>> tokens = torch.cat([tll.demo.induction_prompt(model, seed=s) for s in range(4)])
+        >>> ev = evaluate_lens(model, tokens, progress=False)
+        >>> ev.labels[-1], ev.n_tokens == tokens.shape[0] * (tokens.shape[1] - 1)
+        ('final_post', True)
+        >>> float(ev.mean("kl_to_final")[-1]) < 1e-5
+        True
+    """
+
+    labels: List[str]
+    n_tokens: int
+    n_sequences: int
+    norm: str
+    sums: Dict[str, torch.Tensor]
+    minima: Dict[str, torch.Tensor]
+    maxima: Dict[str, torch.Tensor]
+    histograms: Dict[str, torch.Tensor]
+    top1_agree: torch.Tensor
+    top1_correct: torch.Tensor
+    seconds: float = 0.0
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    # -- summaries -----------------------------------------------------------------------
+    def _check_stat(self, statistic: str) -> None:
+        if statistic not in STATISTICS:
+            raise LensInputError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+
+    def mean(self, statistic: str) -> torch.Tensor:
+        """``[layer]`` mean of ``statistic`` over the scored tokens (float64)."""
+        self._check_stat(statistic)
+        return self.sums[statistic] / max(1, self.n_tokens)
+
+    def quantile(self, statistic: str, q: float) -> torch.Tensor:
+        """``[layer]`` the ``q``-quantile of ``statistic`` from its histogram (within one bin, see module doc)."""
+        self._check_stat(statistic)
+        if not 0.0 <= q <= 1.0:
+            raise LensInputError(f"q must lie in [0, 1], got {q!r}")
+        hist = self.histograms[statistic]
+        out = torch.full((len(self.labels),), float("nan"), dtype=torch.float64)
+        for layer in range(len(self.labels)):
+            counts = hist[layer]
+            total = int(counts.sum())
+            if total == 0:
+                continue
+            low_seen = float(self.minima[statistic][layer])
+            high_seen = float(self.maxima[statistic][layer])
+            target = q * total
+            cum = torch.cumsum(counts, 0)
+            i = min(int((cum < target).sum()), _N_BINS - 1)  # the bin holding the quantile
+            before = float(cum[i - 1]) if i > 0 else 0.0
+            inside = float(counts[i])
+            frac = 0.0 if inside == 0 else min(1.0, max(0.0, (target - before) / inside))
+            lo, hi = _bin_edges(i)
+            lo, hi = max(lo, low_seen), min(hi, high_seen)
+            if hi <= lo:
+                value = lo
+            elif lo > 0:
+                value = lo * (hi / lo) ** frac  # geometric inside a log-spaced bin
+            else:
+                value = lo + (hi - lo) * frac
+            out[layer] = min(max(value, low_seen), high_seen)
+        return out
+
+    @property
+    def perplexity(self) -> torch.Tensor:
+        """``[layer]`` ``exp(mean next-token loss)``."""
+        return torch.exp(self.mean("next_token_loss"))
+
+    @property
+    def top1_agreement(self) -> torch.Tensor:
+        """``[layer]`` fraction of tokens whose top-1 is the final entry's top-1."""
+        return self.top1_agree.double() / max(1, self.n_tokens)
+
+    @property
+    def top1_accuracy(self) -> torch.Tensor:
+        """``[layer]`` fraction of tokens whose top-1 is the true next token."""
+        return self.top1_correct.double() / max(1, self.n_tokens)
+
+    def to_dataframe(self, quantiles: Sequence[float] = (0.05, 0.25, 0.5, 0.75, 0.95)) -> Any:
+        """One row per stack entry as a pandas DataFrame.
+
+        Columns: ``layer``, ``n_tokens``, then for each statistic ``<stat>_mean`` and
+        ``<stat>_q<percent>`` (e.g. ``kl_to_final_q50``), ``perplexity``,
+        ``top1_agreement`` and ``top1_accuracy``.
+        """
+        import pandas as pd
+
+        columns: Dict[str, Any] = {"layer": list(self.labels), "n_tokens": [self.n_tokens] * len(self.labels)}
+        for stat in STATISTICS:
+            columns[f"{stat}_mean"] = self.mean(stat).tolist()
+            for q in quantiles:
+                columns[f"{stat}_q{100 * q:g}".replace(".", "_")] = self.quantile(stat, q).tolist()
+        columns["perplexity"] = self.perplexity.tolist()
+        columns["top1_agreement"] = self.top1_agreement.tolist()
+        columns["top1_accuracy"] = self.top1_accuracy.tolist()
+        return pd.DataFrame(columns)
+
+    def plot(
+        self,
+        statistics: Sequence[str] = STATISTICS,
+        band: Tuple[float, float] = (0.25, 0.75),
+        ax: Any = None,
+        title: Optional[str] = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Per-layer curves: each statistic's mean with a band between two quantiles.
+
+        Draws with :func:`tl_logitlens.plots.plot_layer_curves` and returns its ``Figure``.
+        ``band=(0.25, 0.75)`` shades the interquartile range; other keyword arguments
+        (``ylabel``, ``logy``) go to the plotting function.
+        """
+        from .plots import plot_layer_curves
+
+        curves = {}
+        for stat in statistics:
+            curves[stat] = (self.mean(stat), self.quantile(stat, band[0]), self.quantile(stat, band[1]))
+        if title is None:
+            title = f"logit lens over {self.n_tokens:,} tokens"
+        kwargs.setdefault("ylabel", "nats")
+        return plot_layer_curves(self.labels, curves, ax=ax, title=title, **kwargs)
+
+    def __repr__(self) -> str:
+        kl = ", ".join(f"{v:.3g}" for v in self.mean("kl_to_final").tolist())
+        return (
+            f"LensEvaluation({len(self.labels)} entries, {self.n_tokens} tokens, "
+            f"{self.n_sequences} sequences, mean KL to final [{kl}])"
+        )
+
+    # -- persistence ---------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        """Everything stored, as JSON-ready Python values (histograms sparse: ``[[bin, count], ...]``)."""
+        def sparse(h: torch.Tensor) -> List[List[List[int]]]:
+            return [[[int(i), int(row[i])] for i in torch.nonzero(row).flatten().tolist()] for row in h]
+
+        return {
+            "format": _FORMAT,
+            "labels": list(self.labels),
+            "n_tokens": int(self.n_tokens),
+            "n_sequences": int(self.n_sequences),
+            "norm": self.norm,
+            "seconds": float(self.seconds),
+            "meta": dict(self.meta),
+            "histogram": {"low": HIST_LOW, "high": HIST_HIGH, "bins_per_decade": HIST_BINS_PER_DECADE},
+            "statistics": {
+                stat: {
+                    "sum": [float(v) for v in self.sums[stat].tolist()],
+                    "min": [float(v) for v in self.minima[stat].tolist()],
+                    "max": [float(v) for v in self.maxima[stat].tolist()],
+                    "hist": sparse(self.histograms[stat]),
+                }
+                for stat in STATISTICS
+            },
+            "top1_agree": [int(v) for v in self.top1_agree.tolist()],
+            "top1_correct": [int(v) for v in self.top1_correct.tolist()],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "LensEvaluation":
+        """Inverse of :meth:`to_dict`."""
+        if data.get("format") != _FORMAT:
+            raise LensInputError(f"not a saved LensEvaluation (format {data.get('format')!r}, expected {_FORMAT!r})")
+        bins = data["histogram"]
+        if (bins["low"], bins["high"], bins["bins_per_decade"]) != (HIST_LOW, HIST_HIGH, HIST_BINS_PER_DECADE):
+            raise LensInputError(f"the saved histogram bins {bins} differ from this version's")
+        n_layer = len(data["labels"])
+        sums, minima, maxima, hists = {}, {}, {}, {}
+        for stat in STATISTICS:
+            entry = data["statistics"][stat]
+            sums[stat] = torch.tensor(entry["sum"], dtype=torch.float64)
+            minima[stat] = torch.tensor(entry["min"], dtype=torch.float64)
+            maxima[stat] = torch.tensor(entry["max"], dtype=torch.float64)
+            h = torch.zeros(n_layer, _N_BINS, dtype=torch.int64)
+            for layer, pairs in enumerate(entry["hist"]):
+                for i, count in pairs:
+                    h[layer, i] = count
+            hists[stat] = h
+        return cls(
+            labels=list(data["labels"]),
+            n_tokens=int(data["n_tokens"]),
+            n_sequences=int(data["n_sequences"]),
+            norm=data["norm"],
+            sums=sums,
+            minima=minima,
+            maxima=maxima,
+            histograms=hists,
+            top1_agree=torch.tensor(data["top1_agree"], dtype=torch.int64),
+            top1_correct=torch.tensor(data["top1_correct"], dtype=torch.int64),
+            seconds=float(data.get("seconds", 0.0)),
+            meta=dict(data.get("meta", {})),
+        )
+
+    def save(self, path: Union[str, Path]) -> None:
+        """Write the evaluation to ``path`` as JSON; :meth:`load` reads it back unchanged."""
+        Path(path).write_text(json.dumps(self.to_dict()), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "LensEvaluation":
+        """Read an evaluation written by :meth:`save`."""
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+class _Running:
+    """Fixed-size running statistics for ``n_layer`` stack entries."""
+
+    def __init__(self, n_layer: int) -> None:
+        self.n_tokens = 0
+        self.n_sequences = 0
+        self.sums = {s: torch.zeros(n_layer, dtype=torch.float64) for s in STATISTICS}
+        self.minima = {s: torch.full((n_layer,), math.inf, dtype=torch.float64) for s in STATISTICS}
+        self.maxima = {s: torch.full((n_layer,), -math.inf, dtype=torch.float64) for s in STATISTICS}
+        self.hists = {s: torch.zeros(n_layer, _N_BINS, dtype=torch.int64) for s in STATISTICS}
+        self.agree = torch.zeros(n_layer, dtype=torch.int64)
+        self.correct = torch.zeros(n_layer, dtype=torch.int64)
+
+    def add(self, values: Dict[str, torch.Tensor], top1: torch.Tensor, next_ids: torch.Tensor) -> None:
+        """Fold in ``values[stat] [layer, n]`` and ``top1 [layer, n]`` for ``n`` tokens."""
+        n_layer, n = top1.shape
+        offsets = (torch.arange(n_layer) * _N_BINS).unsqueeze(1)
+        for stat, x in values.items():
+            x = x.double()
+            self.sums[stat] += x.sum(1)
+            self.minima[stat] = torch.minimum(self.minima[stat], x.min(1).values)
+            self.maxima[stat] = torch.maximum(self.maxima[stat], x.max(1).values)
+            flat = (_bin_index(x) + offsets).flatten()
+            self.hists[stat] += torch.bincount(flat, minlength=n_layer * _N_BINS).view(n_layer, _N_BINS)
+        self.agree += (top1 == top1[-1]).sum(1)
+        self.correct += (top1 == next_ids.unsqueeze(0)).sum(1)
+        self.n_tokens += n
+
+
+# -- data ------------------------------------------------------------------------------------
+def _check_ids(view: ModelView, ids: torch.Tensor, what: str) -> torch.Tensor:
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise LensInputError(
+            f"{what} must hold integer token ids, got dtype {ids.dtype}; pass token ids "
+            "(e.g. tokens.long()) or strings."
+        )
+    if ids.ndim == 1:
+        ids = ids.unsqueeze(0)
+    if ids.ndim != 2:
+        raise LensInputError(f"{what} must be token ids shaped [batch, seq], got shape {tuple(ids.shape)}")
+    return ids
+
+
+def _from_item(view: ModelView, item: Any) -> Tokens:
+    """One batch from an iterable: ids ``[b, seq]``, a dict with ``input_ids``, or a list of strings."""
+    if isinstance(item, (list, tuple)) and item and all(isinstance(s, str) for s in item):
+        return tokenize(view, list(item))
+    if isinstance(item, (list, tuple)) and len(item) >= 1 and isinstance(item[0], torch.Tensor):
+        item = item[0]  # a TensorDataset batch: (ids,) or (ids, labels)
+    mask = None
+    if isinstance(item, Mapping):  # a dict, or a tokenizer's BatchEncoding
+        if "input_ids" not in item:
+            raise LensInputError(f"a dict batch needs an 'input_ids' entry; got keys {sorted(item)}")
+        mask = item.get("attention_mask")
+        item = item["input_ids"]
+    if type(item).__module__ == "numpy":
+        item = torch.as_tensor(item)
+    if not isinstance(item, torch.Tensor):
+        raise LensInputError(
+            "each batch must be a token tensor [batch, seq], a dict with 'input_ids', or a list "
+            f"of strings; got {type(item).__name__}"
+        )
+    ids = _check_ids(view, item, "a batch")
+    tokens = tokenize(view, ids)
+    if mask is not None:
+        mask = torch.as_tensor(mask).reshape(ids.shape).bool().cpu()
+        lengths = mask.sum(1)
+        right_padded = torch.arange(ids.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
+        if not torch.equal(mask, right_padded):
+            raise LensInputError(
+                "the attention_mask is not right-padded (real tokens first, then padding); "
+                "evaluate_lens reads right-padded batches, so pad on the right."
+            )
+        tokens = Tokens(tokens.ids, lengths)
+    return tokens
+
+
+def _batches(view: ModelView, data: Any, batch_size: int) -> Tuple[Iterator[Tokens], Optional[int]]:
+    """The data as an iterator of :class:`Tokens` batches, and the number of scored tokens if known."""
+    if isinstance(data, str):
+        data = [data]
+    if type(data).__module__ == "numpy":
+        data = torch.as_tensor(data)
+    if isinstance(data, torch.Tensor):
+        ids = _check_ids(view, data, "data")
+        if ids.numel() == 0:
+            raise LensInputError("data is empty: the token tensor holds no tokens")
+        tokenize(view, ids[:1])  # validates the ids' range up front
+        total = ids.shape[0] * max(0, ids.shape[1] - 1)
+        return (tokenize(view, ids[i : i + batch_size]) for i in range(0, ids.shape[0], batch_size)), total
+    if isinstance(data, (list, tuple)) and data and all(isinstance(s, str) for s in data):
+        if view.tokenizer is None:
+            tokenize(view, data[:1])  # raises the package's "no tokenizer" error
+        return (tokenize(view, list(data[i : i + batch_size])) for i in range(0, len(data), batch_size)), None
+    try:
+        iterator = iter(data)
+    except TypeError:
+        raise LensInputError(
+            "data must be token ids [n, seq], a list of strings, or an iterable of batches "
+            f"(tensors, dicts with 'input_ids', or lists of strings); got {type(data).__name__}"
+        ) from None
+    try:
+        first = next(iterator)
+    except StopIteration:
+        raise LensInputError("data is empty: the iterable yielded nothing") from None
+
+    def chained() -> Iterator[Any]:
+        yield first
+        yield from iterator
+
+    if isinstance(first, str):  # an iterable of strings: batch them here
+        if view.tokenizer is None:
+            tokenize(view, [first])
+
+        def strings() -> Iterator[Tokens]:
+            chunk: List[str] = []
+            for text in chained():
+                if not isinstance(text, str):
+                    raise LensInputError(f"an iterable of strings yielded a {type(text).__name__}")
+                chunk.append(text)
+                if len(chunk) == batch_size:
+                    yield tokenize(view, chunk)
+                    chunk = []
+            if chunk:
+                yield tokenize(view, chunk)
+
+        return strings(), None
+    return (_from_item(view, item) for item in chained()), None
+
+
+def _trim(tokens: Tokens, budget: int) -> Tokens:
+    """Keep the first ``budget`` scored tokens (sequence by sequence; the last one is cut short)."""
+    scored = (tokens.lengths - 1).clamp_min(0)
+    cum = torch.cumsum(scored, 0)
+    keep = int((cum < budget).sum()) + 1
+    keep = min(keep, tokens.ids.shape[0])
+    lengths = tokens.lengths[:keep].clone()
+    before = int(cum[keep - 2]) if keep >= 2 else 0
+    lengths[-1] = min(int(lengths[-1]), budget - before + 1)
+    return Tokens(tokens.ids[:keep, : int(lengths.max())], lengths)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: Optional[int], progress: bool) -> Any:
+    """A tqdm bar counting tokens (it shows tokens per second), or a silent stand-in."""
+    if not progress:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm ships with transformers; without it, no bar
+        return _NoBar()
+    return tqdm(total=total, unit="tok", unit_scale=True, desc="evaluate_lens")
+
+
+# -- the forward pass ------------------------------------------------------------------------
+class _StreamCaptured(Exception):
+    """Raised by the last capture hook: the rest of the forward pass is not needed."""
+
+
+def _capture(view: ModelView, ids: torch.Tensor, names: List[str]) -> Dict[str, torch.Tensor]:
+    """The residual stream at ``names`` for one batch, stopping the model after the last one."""
+    store: Dict[str, torch.Tensor] = {}
+
+    def make_hook(name: str) -> Callable:
+        def hook(tensor: torch.Tensor, hook: Any = None) -> None:
+            store[name] = tensor.detach()
+            if len(store) == len(names):
+                raise _StreamCaptured
+
+        return hook
+
+    try:
+        with torch.no_grad():
+            view.model.run_with_hooks(ids, fwd_hooks=[(n, make_hook(n)) for n in names])
+    except _StreamCaptured:
+        pass
+    missing = [n for n in names if n not in store]
+    if missing:
+        raise LensInputError(f"the forward pass did not reach hooks {missing[:3]}; cannot read the stream")
+    return store
+
+
+def evaluate_lens(
+    model: Any,
+    data: Any,
+    *,
+    lens: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None,
+    norm: str = "recompute",
+    batch_size: int = 8,
+    max_tokens: Optional[int] = None,
+    progress: bool = True,
+) -> LensEvaluation:
+    """Evaluate the logit lens over a dataset, one batch at a time, in bounded memory.
+
+    For every batch the model runs with hooks on the residual stream only (and stops
+    before ``ln_final``), every stack entry ``0_pre .. final_post`` is read through the
+    final norm and the unembedding by the readout kernel, and the per-token KL to the
+    final layer, next-token loss, entropy and top-1 hits are folded into running sums and
+    histograms (see the module docstring for the quantiles' precision). Memory does not
+    grow with the number of batches.
+
+    Args:
+        model: a ``HookedTransformer`` or ``TransformerBridge`` in eval mode.
+        data: token ids ``[n, seq]`` (e.g. a ``.pt`` tensor from ``torch.load``), taken
+            ``batch_size`` rows at a time; a list (or any iterable) of strings, tokenised
+            with the model's tokenizer ``batch_size`` at a time and right-padded; or an
+            iterable of batches (a torch ``DataLoader``), each a tensor ``[b, seq]``, a
+            dict with ``input_ids`` (and optionally a right-padded ``attention_mask``) or a
+            list of strings. Padding is never scored.
+        lens: optional ``f(vectors [batch, pos, d_model], stack_index) -> vectors`` applied
+            to each entry before the norm (a tuned-lens translator); KL stays measured
+            against the model's own final distribution.
+        norm: ``"recompute"`` (the logit lens), ``"cached"`` or ``"none"``.
+        batch_size: sequences per forward pass for tensor and string data.
+        max_tokens: stop after exactly this many scored tokens (``None``: all the data).
+        progress: show a tqdm progress bar with the tokens-per-second rate.
+
+    Returns:
+        :class:`LensEvaluation` with per-entry means, quantiles, perplexity and top-1
+        rates over the scored tokens (every position with a true next token).
+
+    Example::
+
+        >>> import torch
+        >>> import tl_logitlens as tll
+        >>> from tl_logitlens.evaluate import evaluate_lens
+        >>> model = tll.demo_model()
+        >>> tokens = torch.cat([tll.demo.induction_prompt(model, seed=s) for s in range(4)])
+        >>> ev = evaluate_lens(model, tokens, batch_size=2, progress=False)
+        >>> list(ev.to_dataframe()["layer"])
+        ['0_pre', '1_pre', 'final_post']
+        >>> bool(ev.top1_agreement[-1] == 1.0)
+        True
+    """
+    view = view_model(model)
+    if norm not in NORM_MODES:
+        raise LensInputError(f"norm must be one of {NORM_MODES}, got {norm!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise LensInputError(f"batch_size must be a positive int, got {batch_size!r}")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise LensInputError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
+    if lens is not None and not callable(lens):
+        raise LensInputError("lens must be a callable (vectors, stack_index) -> vectors")
+    from .lens import _apply_lens, stack_labels
+
+    labels = stack_labels(view.n_layers, False)
+    names = [view.resid_hook(layer, "pre") for layer in range(view.n_layers)] + [view.final_resid_hook]
+    batches, total = _batches(view, data, batch_size)
+    if max_tokens is not None:
+        total = max_tokens if total is None else min(total, max_tokens)
+    n_ctx = getattr(view.model.cfg, "n_ctx", None)
+    device = view.W_U.device
+    running = _Running(len(labels))
+
+    bar = _progress_bar(total, progress)
+    started = time.perf_counter()
+    try:
+        for tokens in batches:
+            if max_tokens is not None:
+                remaining = max_tokens - running.n_tokens
+                if remaining <= 0:
+                    break
+                tokens = _trim(tokens, remaining)
+            ids, lengths = tokens.ids, tokens.lengths
+            if n_ctx is not None and ids.shape[1] > int(n_ctx):
+                raise LensInputError(
+                    f"a batch holds sequences of {ids.shape[1]} tokens, longer than the model's "
+                    f"context of {int(n_ctx)}; split or truncate the data."
+                )
+            running.n_sequences += ids.shape[0]
+            seq = ids.shape[1]
+            scored = torch.arange(seq - 1).unsqueeze(0) < (lengths - 1).unsqueeze(1)  # [b, seq-1]
+            n = int(scored.sum())
+            if n == 0:
+                continue
+            store = _capture(view, ids.to(device), names)
+            mask = scored.to(device)
+            final_rows = store[names[-1]][:, :-1][mask]  # [n, d_model]
+            entries = []
+            for k, name in enumerate(names):
+                acts = store.pop(name)
+                if lens is not None:
+                    acts = _apply_lens(lens, acts, k)
+                entries.append(acts[:, :-1][mask])
+            del store
+            vectors = torch.stack(entries)  # [layer, n, d_model]
+            del entries
+            require_finite(vectors, "the residual stream")
+            next_ids = ids[:, 1:][scored]  # [n]
+            flat = read_rows(
+                view,
+                vectors,
+                norm=norm,
+                unembed="W_U",
+                top_k=1,
+                reference=final_rows,
+                next_tokens=next_ids,
+            )
+            del vectors, final_rows
+            running.add(
+                {
+                    "kl_to_final": flat.kl_to_reference,
+                    "next_token_loss": flat.next_token_loss,
+                    "entropy": flat.entropy,
+                },
+                flat.top_ids[..., 0],
+                next_ids,
+            )
+            bar.update(n)
+    finally:
+        bar.close()
+    if running.n_sequences == 0:
+        raise LensInputError("data is empty: no sequences were read")
+    if running.n_tokens == 0:
+        raise LensInputError("no token was scored: every sequence is shorter than two tokens")
+    return LensEvaluation(
+        labels=labels,
+        n_tokens=running.n_tokens,
+        n_sequences=running.n_sequences,
+        norm=norm,
+        sums=running.sums,
+        minima=running.minima,
+        maxima=running.maxima,
+        histograms=running.hists,
+        top1_agree=running.agree,
+        top1_correct=running.correct,
+        seconds=time.perf_counter() - started,
+        meta={"model": str(getattr(view.model.cfg, "model_name", "")), "lens": lens is not None},
+    )
