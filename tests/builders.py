@@ -8,6 +8,8 @@ directory with a small word-level tokenizer, then booted through TransformerBrid
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List
@@ -26,6 +28,15 @@ except ImportError:
 
 D_VOCAB = 61
 N_CTX = 24
+
+# Every folder the tests write (tokenizers, saved HF models) lives here and goes at exit.
+_ROOT = tempfile.mkdtemp(prefix="tll-tests-")
+atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
+
+
+def temp_dir(prefix: str) -> str:
+    """A fresh folder under the session's temporary root."""
+    return tempfile.mkdtemp(prefix=prefix, dir=_ROOT)
 
 
 def perturb_(module: torch.nn.Module, seed: int) -> None:
@@ -58,7 +69,7 @@ def word_tokenizer(vocab_size: int) -> Any:
         tokenizer_object=tok, unk_token="<unk>", bos_token="<bos>", eos_token="<bos>", pad_token="<pad>"
     )
     # TransformerLens reloads tokenizers from their name_or_path, so give it one on disk.
-    path = tempfile.mkdtemp(prefix="tll-tok-")
+    path = temp_dir("tok-")
     fast.save_pretrained(path)
     return PreTrainedTokenizerFast.from_pretrained(path)
 
@@ -123,7 +134,7 @@ def hf_dir(kind: str, seed: int = 0, tied: bool = False) -> str:
     else:
         raise ValueError(kind)
     perturb_(model, seed)
-    path = tempfile.mkdtemp(prefix=f"tll-{kind}-")
+    path = temp_dir(f"{kind}-")
     model.save_pretrained(path)
     word_tokenizer(D_VOCAB).save_pretrained(path)
     return path

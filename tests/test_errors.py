@@ -1,7 +1,5 @@
 """Bad input gets a clear error that names the problem, before any forward pass."""
 
-import tempfile
-
 import pytest
 import torch
 
@@ -181,7 +179,7 @@ def test_bad_modes_and_arguments(model):
 def _boot(hf_model):
     from transformer_lens.model_bridge import TransformerBridge as Bridge
 
-    path = tempfile.mkdtemp(prefix="tll-unsupported-")
+    path = builders.temp_dir("unsupported-")
     hf_model.save_pretrained(path)
     builders.word_tokenizer(builders.D_VOCAB).save_pretrained(path)
     return Bridge.boot_transformers(path, device="cpu").eval()
