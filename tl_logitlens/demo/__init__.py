@@ -197,8 +197,10 @@ def demo_model():
 
     if HookedTransformer is not None:
         # init_weights=False: the random init would be overwritten anyway.
+        # The weights were trained on the native bridge, whose RoPE rotates adjacent pairs
+        # (2i, 2i+1); HookedTransformer's default rotates the two halves of each head.
         ht_cfg = HookedTransformerConfig(
-            **arch, default_prepend_bos=True, init_weights=False, device="cpu"
+            **arch, rotary_adjacent_pairs=True, default_prepend_bos=True, init_weights=False, device="cpu"
         )
         with warnings.catch_warnings():
             # 3.x warns that HookedTransformer is deprecated; that is expected here.
