@@ -151,7 +151,8 @@ def cmd_demo(args: argparse.Namespace) -> Dict[str, Any]:
                       key=lambda item: -item[1])[:3]
     for label, v in head_top:
         print(f"  {label:>6}  {v:+.3f}")
-    print(f"(the induction head found in training is L{INDUCTION_HEAD[0]}H{INDUCTION_HEAD[1]})")
+    print(f"(layer {INDUCTION_HEAD[0]} is the induction layer; its heads share the copying, and averaged "
+          f"over prompts L{INDUCTION_HEAD[0]}H{INDUCTION_HEAD[1]} writes the most)")
 
     summary = {
         "prompt": [lens.decode(int(t)) for t in tokens[0]],
