@@ -19,9 +19,9 @@ from typing import Any, List, Optional, Tuple
 import torch
 
 from .errors import LensInputError, UnsupportedModelError
-from .lens import cache_shape, resolve_inputs
-from .model_access import cache_tensor, run_with_cache
-from .stacks import STACK_KINDS, check_cache, piece_groups, required_hooks
+from .inputs import activation_shape, resolve_inputs, run_or_read
+from .model_access import cache_tensor
+from .stacks import STACK_KINDS, piece_groups, required_hooks
 from .tokens import PositionSpec, gather_positions, per_prompt_ids, position_index
 
 
@@ -162,16 +162,12 @@ def direct_logit_attribution(
             "Use tll.logit_lens, which applies the transform, instead."
         )
     names = required_hooks(view, by)
-    if cache is not None:
-        check_cache(cache, names, f"direct_logit_attribution(by={by!r})")
-    batch, seq = cache_shape(view, cache, tokens)
+    batch, seq = activation_shape(view, cache, tokens, names, f"direct_logit_attribution(by={by!r})")
     answer_ids = per_prompt_ids(view, answers, batch, "answer")
     wrong_ids = None if wrong is None else per_prompt_ids(view, wrong, batch, "wrong")
     lengths = tokens.lengths if tokens is not None else torch.full((batch,), seq)
     index, drop = position_index(positions, lengths, seq)
-    logits = None
-    if cache is None:
-        logits, cache = run_with_cache(view.model, tokens.ids.to(view.W_U.device), names)
+    logits, cache = run_or_read(view, tokens, cache, names)
 
     groups = piece_groups(view, cache, by, index)
     dtype = groups[0].acts.dtype

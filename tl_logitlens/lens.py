@@ -15,10 +15,11 @@ from typing import Any, Callable, List, Optional, Sequence, Union
 import torch
 
 from .errors import LensInputError, UnsupportedModelError
-from .model_access import ActivationCache, ModelView, cache_tensor, model_from_cache, run_with_cache, view as view_model
+from .inputs import activation_shape, resolve_inputs, run_or_read
+from .model_access import ModelView
 from .readout import check_modes, read_rows
-from .stacks import check_cache, piece_groups, required_hooks
-from .tokens import PositionSpec, Tokens, gather_positions, next_token_ids, position_index, token_list, tokenize
+from .stacks import piece_groups, required_hooks
+from .tokens import PositionSpec, Tokens, gather_positions, next_token_ids, position_index, token_list
 
 # Max |p_ours - p_model| on the final entry's top tokens before the lens refuses to
 # claim it reproduces the model (float32 arithmetic gives ~1e-6).
@@ -193,38 +194,6 @@ def resolve_layers(layers: Any, labels: List[str]) -> List[int]:
     return picked
 
 
-def resolve_inputs(model: Any, input: Any, cache: Any) -> tuple[ModelView, Optional[Tokens], Any]:
-    """Work out the model, the tokens and the cache from what the caller passed."""
-    if isinstance(model, ActivationCache):
-        if cache is not None:
-            raise LensInputError("pass the cache once: as cache=, or as the first argument")
-        model, cache = None, model
-    if model is None:
-        if cache is None:
-            raise LensInputError("pass a model and an input, or cache= (an ActivationCache)")
-        model = model_from_cache(cache)
-    view = view_model(model)
-    if cache is None and input is None:
-        raise LensInputError("pass an input to run (text or token ids), or cache= to read")
-    tokens = None if input is None else tokenize(view, input)
-    if cache is not None and tokens is not None:
-        final = cache_tensor(cache, view.final_resid_hook) if view.final_resid_hook in cache.cache_dict else None
-        if final is not None and tuple(final.shape[:2]) != tuple(tokens.ids.shape):
-            raise LensInputError(
-                f"input has shape {tuple(tokens.ids.shape)} but the cache holds activations for "
-                f"{tuple(final.shape[:2])} [batch, pos]; pass the tokens the cache was made from."
-            )
-    return view, tokens, cache
-
-
-def cache_shape(view: ModelView, cache: Any, tokens: Optional[Tokens]) -> tuple[int, int]:
-    """``(batch, seq)`` of the activations about to be read."""
-    if tokens is not None:
-        return tuple(tokens.ids.shape)  # type: ignore[return-value]
-    final = cache_tensor(cache, view.final_resid_hook)
-    return final.shape[0], final.shape[1]
-
-
 def _row_targets(view: ModelView, targets: Any, tokens: Optional[Tokens], index: torch.Tensor) -> Optional[torch.Tensor]:
     """Targets as ``[batch, n_pos, t]`` ids, validated before any forward pass."""
     if targets is None:
@@ -314,9 +283,7 @@ def logit_lens(
     labels = stack_labels(view.n_layers, incl_mid)
     keep = resolve_layers(layers, labels)
     names = required_hooks(view, "accumulated", incl_mid)
-    if cache is not None:
-        check_cache(cache, names, "logit_lens")
-    batch, seq = cache_shape(view, cache, tokens)
+    batch, seq = activation_shape(view, cache, tokens, names, "logit_lens")
     lengths = tokens.lengths if tokens is not None else torch.full((batch,), seq)
     index, drop = position_index(positions, lengths, seq)
     target_ids = _row_targets(view, targets, tokens, index)
@@ -324,9 +291,7 @@ def logit_lens(
     if isinstance(targets, str) and targets == "next":
         target_ids = next_ids.clamp_min(0).unsqueeze(-1)
 
-    logits = None
-    if cache is None:
-        logits, cache = run_with_cache(view.model, tokens.ids.to(view.W_U.device), names)
+    logits, cache = run_or_read(view, tokens, cache, names)
 
     (group,) = piece_groups(view, cache, "accumulated", index, incl_mid)
     vectors = group.vectors()  # [entry, batch, pos, d_model]

@@ -1,0 +1,60 @@
+"""What the caller passed, resolved: the model, its tokens, and the activations to read.
+
+Every analysis accepts a model plus input, or an ``ActivationCache`` the user already made
+(the model may then be omitted). This module works out which, checks a given cache holds
+the hooks an analysis needs before anything is read, and otherwise runs the model once,
+caching only those hooks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Tuple
+
+import torch
+
+from .errors import LensInputError
+from .model_access import ActivationCache, ModelView, cache_tensor, model_from_cache, run_with_cache, view as view_model
+from .stacks import check_cache
+from .tokens import Tokens, tokenize
+
+
+def resolve_inputs(model: Any, input: Any, cache: Any) -> tuple[ModelView, Optional[Tokens], Any]:
+    """Work out the model, the tokens and the cache from what the caller passed."""
+    if isinstance(model, ActivationCache):
+        if cache is not None:
+            raise LensInputError("pass the cache once: as cache=, or as the first argument")
+        model, cache = None, model
+    if model is None:
+        if cache is None:
+            raise LensInputError("pass a model and an input, or cache= (an ActivationCache)")
+        model = model_from_cache(cache)
+    view = view_model(model)
+    if cache is None and input is None:
+        raise LensInputError("pass an input to run (text or token ids), or cache= to read")
+    tokens = None if input is None else tokenize(view, input)
+    if cache is not None and tokens is not None:
+        final = cache_tensor(cache, view.final_resid_hook) if view.final_resid_hook in cache.cache_dict else None
+        if final is not None and tuple(final.shape[:2]) != tuple(tokens.ids.shape):
+            raise LensInputError(
+                f"input has shape {tuple(tokens.ids.shape)} but the cache holds activations for "
+                f"{tuple(final.shape[:2])} [batch, pos]; pass the tokens the cache was made from."
+            )
+    return view, tokens, cache
+
+
+def activation_shape(view: ModelView, cache: Any, tokens: Optional[Tokens], names: List[str], what: str) -> Tuple[int, int]:
+    """``(batch, seq)`` of the activations about to be read; a given cache must hold ``names``."""
+    if cache is not None:
+        check_cache(cache, names, what)
+    if tokens is not None:
+        return tuple(tokens.ids.shape)  # type: ignore[return-value]
+    final = cache_tensor(cache, view.final_resid_hook)
+    return final.shape[0], final.shape[1]
+
+
+def run_or_read(view: ModelView, tokens: Optional[Tokens], cache: Any, names: List[str]) -> Tuple[Optional[torch.Tensor], Any]:
+    """``(logits, cache)``: the model run once caching ``names``, or ``(None, cache)`` as given."""
+    if cache is not None:
+        return None, cache
+    return run_with_cache(view.model, tokens.ids.to(view.W_U.device), names)
+
