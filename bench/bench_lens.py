@@ -586,8 +586,11 @@ def main() -> None:
         m = w["methods"]
         targets.append(target(f"{key}: tll.logit_lens / floor", m["tll"]["ratio_to_floor"], TARGET_FLOOR_RATIO, "<="))
         if "transformer_lens" in m:
-            targets.append(target(f"{key}: transformer-lens lens / tll.logit_lens (speed-up)",
-                                  m["transformer_lens"]["seconds"] / m["tll"]["seconds"], TARGET_TL_SPEEDUP, ">="))
+            # The same request (top-k + entropy) where measured; else the full-statistics
+            # call, which does strictly more (a conservative stand-in).
+            ours = "tll_topk_entropy" if "tll_topk_entropy" in m else "tll"
+            targets.append(target(f"{key}: transformer-lens lens / {ours} (speed-up)",
+                                  m["transformer_lens"]["seconds"] / m[ours]["seconds"], TARGET_TL_SPEEDUP, ">="))
         if "textbook" in m:
             targets.append(target(f"{key}: tll.logit_lens / textbook", m["tll"]["seconds"] / m["textbook"]["seconds"], 1.0, "<="))
     if "8x512" in results["lens"]:
