@@ -6,9 +6,21 @@ import torch
 import builders
 import reference
 import tl_logitlens as tll
+from tl_logitlens import tiles
 from tl_logitlens.model_access import TL_MAJOR
 
 TOKENS = builders.tokens(batch=2, seq=9)
+
+
+@pytest.fixture(params=[None, (7, 128), (16, 8)], ids=["one-tile", "tiles-of-7", "top-k-blocks"])
+def tiling(request, monkeypatch):
+    """The vocabulary (61 tokens) read whole, in ragged tiles of 7 columns (each searched whole
+    for top-k), or in tiles of 16 whose top-k candidates come from blocks of 8 columns."""
+    if request.param is not None:
+        columns, block = request.param
+        monkeypatch.setattr(tiles, "TILE_COLUMNS", columns)
+        monkeypatch.setattr(tiles, "_TOPK_BLOCK", block)
+    return request.param
 
 
 def _assert_top_matches(ours_ids, ours_logits, ref_logits, k):
@@ -21,7 +33,7 @@ def _assert_top_matches(ours_ids, ours_logits, ref_logits, k):
     assert torch.equal(ours_ids[clear], ref_top.indices[clear])
 
 
-def test_final_entry_reproduces_model_log_probs(case):
+def test_final_entry_reproduces_model_log_probs(case, tiling):
     _, model = case
     result = tll.logit_lens(model, TOKENS, top_k=5)
     with torch.no_grad():
@@ -40,7 +52,7 @@ def test_final_entry_reproduces_model_log_probs(case):
 
 
 @pytest.mark.parametrize("norm", ["recompute", "cached", "none"])
-def test_every_entry_matches_reference(case, norm):
+def test_every_entry_matches_reference(case, norm, tiling):
     _, model = case
     # parallel and attention-only blocks have no resid_mid
     mid = not getattr(model.cfg, "parallel_attn_mlp", False) and not getattr(model.cfg, "attn_only", False)
@@ -58,7 +70,7 @@ def test_every_entry_matches_reference(case, norm):
     assert torch.equal(result.target_ranks[:, :, :-1, 0], ref["next_ranks"][keep])
 
 
-def test_kl_uses_the_final_entry_read_the_same_way(case):
+def test_kl_uses_the_final_entry_read_the_same_way(case, tiling):
     _, model = case
     for norm in ("cached", "none"):
         ref = reference.lens_reference(model, TOKENS, norm=norm)
@@ -68,7 +80,7 @@ def test_kl_uses_the_final_entry_read_the_same_way(case):
         torch.testing.assert_close(result.kl_to_final.double(), kl, atol=1e-4, rtol=1e-4)
 
 
-def test_shared_targets_ranks_and_probs(case):
+def test_shared_targets_ranks_and_probs(case, tiling):
     _, model = case
     targets = [3, 17, 40]
     ref = reference.lens_reference(model, TOKENS)
@@ -82,7 +94,7 @@ def test_shared_targets_ranks_and_probs(case):
     torch.testing.assert_close(result.target_probs.double(), probs, atol=1e-5, rtol=1e-4)
 
 
-def test_tied_embedding_lens(case):
+def test_tied_embedding_lens(case, tiling):
     _, model = case
     ref = reference.lens_reference(model, TOKENS, norm="none", unembed="W_E")
     result = tll.logit_lens(model, TOKENS, norm="none", unembed="W_E", top_k=2)

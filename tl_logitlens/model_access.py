@@ -71,7 +71,8 @@ class ModelView:
         parallel: attention and MLP read the same stream (no meaningful ``resid_mid``).
         final_norm: :class:`~tl_logitlens.norm.FinalNorm` of ``ln_final``.
         output_transform: what the model does to its logits after the unembedding
-            (a logit soft-cap), or ``None``.
+            (a logit soft-cap), or ``None``. A transform with ``elementwise = True`` acts
+            on each logit alone; any other is given whole ``[rows, d_vocab]`` blocks.
         tokenizer: the model's tokenizer, or ``None``.
     """
 
@@ -271,7 +272,11 @@ def _check_norm_against_module(norm: FinalNorm, ln_final: torch.nn.Module, model
 def _output_transform(model: Any) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
     cap = float(getattr(model.cfg, "output_logits_soft_cap", 0.0) or 0.0)
     if cap > 0:
-        return lambda logits: cap * torch.tanh(logits / cap)
+        def soft_cap(logits: torch.Tensor) -> torch.Tensor:
+            return cap * torch.tanh(logits / cap)
+
+        soft_cap.elementwise = True  # the kernel may apply it to a few vocabulary columns at a time
+        return soft_cap
     adapter = getattr(model, "adapter", None)
     transform = getattr(type(adapter), "apply_output_logits_transform", None) if adapter else None
     if transform is not None:

@@ -29,36 +29,26 @@ import torch
 from .errors import LensInputError, NonFiniteActivationError
 from .model_access import ModelView, view as view_model
 from .norm import NORM_MODES
+from .tiles import BUFFERS, read_product, tile_width
 from .tokens import token_list
 
 UNEMBED_MODES = ("W_U", "W_E")
 
-#: Memory the kernel may use for its full-vocabulary buffers (one block of logits for
-#: every stack entry at once, the reference's probabilities and two small scratch blocks)
-#: when ``chunk_size=None``. 256 MiB holds ~1300 GPT-2 rows (d_vocab 50257): enough that
-#: the unembedding product runs at full BLAS speed (64 to 256 MiB measure the same;
-#: 1 GiB is ~4% slower, its logits no longer come back from cache), small enough that
-#: the logit lens on 8 x 512 tokens adds well under 1 GiB in all. Override it per call
-#: with ``chunk_size=`` (rows of logits held at once).
-DEFAULT_CHUNK_BUDGET_BYTES = 256 * 2**20
-# Rows per statistics pass: [_SUB_ROWS, d_vocab] blocks stay in cache across the passes.
-_SUB_ROWS = 32
-# Top-k by block maxima (block size, and the smallest vocabulary it is used for).
-_TOPK_BLOCK = 128
-_TOPK_MIN_VOCAB = 16 * _TOPK_BLOCK
-# exp(x) = 2 ** (x * log2(e)): torch's exp2 costs half its exp, and the scaling rides on
-# the in-place shift by the row maximum, so the shifted logits are kept in log2 units.
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
+#: Memory for the kernel's working buffers when ``chunk_size=None``: three tiles of
+#: ``[rows, 1024]`` logits (see :mod:`tl_logitlens.tiles`). 16 MiB gives matrix products of
+#: ~1360 rows in float32, enough for full BLAS speed (fewer rows run slower: 512 about 10%),
+#: while the tiles stay in a server CPU's last-level cache. Memory does not grow with the
+#: number of vectors read. Override it per call with ``chunk_size=`` (rows per product).
+DEFAULT_CHUNK_BUDGET_BYTES = 16 * 2**20
 
 
-def chunk_rows(d_vocab: int, chunk_size: Optional[int] = None, budget: int = DEFAULT_CHUNK_BUDGET_BYTES) -> int:
-    """Rows of ``d_vocab`` float32 logits held at once: ``chunk_size`` if given, else as many as fit ``budget`` bytes."""
+def chunk_rows(width: int, chunk_size: Optional[int] = None, budget: int = DEFAULT_CHUNK_BUDGET_BYTES, itemsize: int = 4) -> int:
+    """Rows per matrix product: ``chunk_size`` if given, else as many as fit ``budget`` bytes of tiles ``width`` wide."""
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise LensInputError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         return chunk_size
-    return max(1, budget // (4 * d_vocab))
+    return max(1, budget // (BUFFERS * itemsize * width))
 
 
 @dataclass
@@ -132,35 +122,6 @@ def compute_dtype(view: ModelView) -> torch.dtype:
     return torch.float64 if view.W_U.dtype == torch.float64 else torch.float32
 
 
-def _top_k(logits: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``torch.topk(logits, k)`` over ``[n, d_vocab]`` rows: ``(values, ids)``, each ``[n, k]``.
-
-    For a large vocabulary the row is cut into blocks of ``_TOPK_BLOCK`` tokens: one cheap
-    max pass gives each block's maximum, and the top k are searched only inside the k
-    blocks with the largest maxima (plus the short tail block). That is exact: a token in
-    a block outside those k is beaten by k block maxima, so it is not in the top k. The
-    values equal ``torch.topk``'s; ids can differ only in the order of exactly tied logits.
-    It costs about a fifth of a full ``torch.topk``, which copies and partially sorts
-    every row.
-    """
-    n, d_vocab = logits.shape
-    size = _TOPK_BLOCK
-    n_blocks = d_vocab // size
-    if d_vocab < _TOPK_MIN_VOCAB or 4 * k > n_blocks:
-        top = torch.topk(logits, k, dim=-1)
-        return top.values, top.indices
-    main = n_blocks * size
-    block_max = logits[:, :main].view(n, n_blocks, size).amax(-1)  # [n, n_blocks]
-    best = block_max.topk(k, dim=-1).indices  # [n, k]
-    offsets = torch.arange(size, device=logits.device)
-    candidates = (best.unsqueeze(-1) * size + offsets).reshape(n, k * size)
-    if main < d_vocab:
-        tail = torch.arange(main, d_vocab, device=logits.device).expand(n, d_vocab - main)
-        candidates = torch.cat([candidates, tail], dim=1)
-    top = logits.gather(1, candidates).topk(k, dim=-1)
-    return top.values, candidates.gather(1, top.indices)
-
-
 def _reference_entry(vectors: torch.Tensor, reference: Optional[torch.Tensor]) -> Optional[int]:
     """The index of an entry of ``vectors [outer, rows, d]`` equal to ``reference [rows, d]``, else ``None``.
 
@@ -196,13 +157,10 @@ def read_rows(
     ``norm="cached"``, the scale; ``target_ids [rows, t]``; ``next_tokens [rows]`` with
     ``-1`` for none. Results are shaped ``[outer, rows, ...]``.
 
-    How it runs: rows are taken ``c`` at a time for every entry at once, so one matrix
-    product ``[entries * c, d_model] @ W_U`` fills a buffer of ``chunk_size`` logit rows
-    (large enough for full BLAS speed). The statistics are then taken ``_SUB_ROWS`` rows
-    at a time, reference entry first, so each block of logits, its exponentials and the
-    reference's probabilities stay in cache across the passes: top-k (by block maxima),
-    targets and ranks on the raw logits, then one in-place shift by the row maximum, one
-    ``exp``, one sum and one or two row dot products. When the reference equals one of
+    How it runs: rows are taken ``c`` at a time for every entry at once (the reference
+    first), so one matrix product ``[entries * c, d_model] @ W_U`` has enough rows for full
+    BLAS speed; :func:`tl_logitlens.tiles.read_product` computes it a tile of vocabulary
+    columns at a time and keeps only running statistics. When the reference equals one of
     the entries (the logit lens's final stream) it is unembedded once, not twice.
     """
     outer, rows, d_model = vectors.shape
@@ -214,27 +172,27 @@ def read_rows(
     transform = view.output_transform if unembed == "W_U" else None
     if norm == "cached" and reference is None:
         raise LensInputError("norm='cached' takes the scale from reference=, the final residual stream at each row")
+    if b is not None and not bool(b.any()):
+        b = None  # a zero bias (GPT-2 and most folded models): skip a pass over every logit
 
     # Entries to unembed: (source rows [rows, d_model], output entry or None). The reference
-    # is read first: its probabilities are needed by every other entry's KL.
+    # leads every product: each entry's KL needs its exponentials, tile by tile.
     ref_entry = _reference_entry(vectors, reference)
     sources: list = [(vectors[o], o) for o in range(outer)]
     ref_source: Optional[int] = ref_entry
     if reference is not None and ref_entry is None:
-        sources.insert(0, (reference, None))
-        ref_source = 0
-    order = list(range(len(sources)))
-    if ref_source is not None:
-        order.remove(ref_source)
-        order.insert(0, ref_source)
+        sources.append((reference, None))
+        ref_source = len(sources) - 1
+    others = [i for i in range(len(sources)) if i != ref_source]
+    lead = [] if ref_source is None else [ref_source]
 
+    width = tile_width(d_vocab, transform)
     itemsize = torch.finfo(dtype).bits // 8
-    held = chunk_rows(d_vocab, chunk_size, budget=DEFAULT_CHUNK_BUDGET_BYTES * 4 // itemsize)
-    per_row = len(sources) + (1 if reference is not None else 0)  # logit rows + reference probs
-    step = max(1, min(rows, held // (per_row + 1)))
-    per_group = max(1, min(len(sources), held // step - (1 if reference is not None else 0)))
-    groups = [order[i : i + per_group] for i in range(0, len(order), per_group)]
-    sub = min(_SUB_ROWS, step)
+    product_rows = chunk_rows(width, chunk_size, budget=DEFAULT_CHUNK_BUDGET_BYTES, itemsize=itemsize)
+    step = max(1, min(rows, product_rows // len(sources)))
+    per_group = max(1, product_rows // step - len(lead))
+    groups = [lead + others[i : i + per_group] for i in range(0, len(others), per_group)] or [lead]
+    buffers = [torch.empty(max(map(len, groups)) * step * width, dtype=dtype, device=device) for _ in range(BUFFERS)]
 
     top_ids = torch.empty(outer, rows, top_k, dtype=torch.long)
     top_logits = torch.empty(outer, rows, top_k, dtype=torch.float32)
@@ -248,93 +206,46 @@ def read_rows(
     t_ranks = torch.empty(outer, rows, n_targets, dtype=torch.long) if target_ids is not None else None
     all_logits = torch.empty(outer, rows, d_vocab) if return_logits else None
 
-    def buffer(n: int) -> torch.Tensor:
-        return torch.empty(n, d_vocab, dtype=dtype, device=device)
-
-    logits_buf = buffer(per_group * step)
-    probs_ref = buffer(step) if reference is not None else None
-    neg_h_ref = torch.empty(step, dtype=dtype, device=device)
-    exps = buffer(sub)
-    scratch = buffer(sub)  # rank marks, then elementwise products for the row dot products
-    if b is not None and not bool(b.any()):
-        b = None  # a zero bias (GPT-2 and most folded models): skip a pass over every logit
-
-    def dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Row-wise dot products of ``[n, d_vocab]`` blocks, through the scratch buffer (no allocation)."""
-        return torch.mul(u, v, out=scratch[: u.shape[0]]).sum(-1)
-
-    def read_block(s: torch.Tensor, o: Optional[int], is_ref: bool, a: int, lo: int) -> None:
-        """Statistics of raw logits ``s [n, d_vocab]`` (rows ``a:a+n``; ``lo`` within the chunk); ``s`` is overwritten."""
-        n = s.shape[0]
-        z = a + n
-        if b is not None:
-            s.add_(b)
-        if transform is not None:
-            s.copy_(transform(s))
-        if o is None:  # the reference alone: only its probabilities are needed
-            peak = s.amax(-1, keepdim=True)
-        else:
-            if all_logits is not None:
-                all_logits[o, a:z] = s.float().cpu()
-            values, ids = _top_k(s, top_k)
-            peak = values[:, :1]
-            if tid is not None:
-                picked_t = s.gather(1, tid[lo : lo + n])  # raw logits, [n, t]
-                for j in range(n_targets):  # ties do not count against the target
-                    t_ranks[o, a:z, j] = torch.gt(s, picked_t[:, j : j + 1], out=scratch[:n]).sum(-1).long().cpu()
-            if nxt is not None:
-                picked_n = s.gather(1, nxt[lo : lo + n].clamp_min(0).unsqueeze(1)).squeeze(1)
-        torch.add(peak * -_LOG2E, s, alpha=_LOG2E, out=s)  # s = (logits - max) * log2(e), in place
-        e = exps[:n]
-        torch.exp2(s, out=e)  # exp(logits - max)
-        total = e.sum(-1)
-        logz = torch.log(total)
-        p_dot = None  # sum(p_ref * (logits - max))
-        if is_ref:
-            p = probs_ref[lo : lo + n]
-            torch.div(e, total.unsqueeze(1), out=p)
-            p_dot = dot(p, s) * _LN2
-            neg_h_ref[lo : lo + n] = p_dot - logz
-            if o is None:
-                return
-            ent = logz - p_dot
-        else:
-            ent = logz - dot(e, s) * _LN2 / total
-        entropy[o, a:z] = ent.float().cpu()
-        top_ids[o, a:z] = ids.cpu()
-        top_logits[o, a:z] = values.float().cpu()
-        top_probs[o, a:z] = torch.exp(values - peak - logz.unsqueeze(-1)).float().cpu()
-        if kl is not None:
-            if p_dot is None:
-                p_dot = dot(probs_ref[lo : lo + n], s) * _LN2
-            kl[o, a:z] = (neg_h_ref[lo : lo + n] - p_dot + logz).clamp_min(0.0).float().cpu()
-        if nxt is not None:
-            value = logz - (picked_n - peak[:, 0])
-            has = nxt[lo : lo + n] >= 0
-            loss[o, a:z] = torch.where(has, value, torch.full_like(value, float("nan"))).float().cpu()
-        if tid is not None:
-            t_logits[o, a:z] = picked_t.float().cpu()
-            t_probs[o, a:z] = torch.exp(picked_t - peak - logz.unsqueeze(-1)).float().cpu()
-
     with torch.no_grad():
         for start in range(0, rows, step):
             stop = min(rows, start + step)
-            n_rows = stop - start
             scale = None
             if norm == "cached":
                 scale = fnorm.scale(reference[start:stop].to(device=device, dtype=dtype))
             tid = None if target_ids is None else target_ids[start:stop].to(device)
             nxt = None if next_tokens is None else next_tokens[start:stop].to(device)
-            for group in groups:
+            for number, group in enumerate(groups):
+                # Outputs of this product: the reference's own entry only from the first.
+                outs = [sources[i][1] if (number == 0 or i != ref_source) else None for i in group]
+
+                def keep(a: int, z: int, logits: torch.Tensor) -> None:
+                    for j, o in enumerate(outs):
+                        if o is not None:
+                            all_logits[o, start:stop, a:z] = logits[j].float().cpu()
+
                 x = torch.stack([sources[i][0][start:stop] for i in group]).to(device=device, dtype=dtype)
-                x = fnorm.apply(x, norm, scale).reshape(len(group) * n_rows, d_model)
-                out = logits_buf[: x.shape[0]]
-                torch.mm(x, W, out=out)  # the bias is added per block, while it is in cache
-                block = out.view(len(group), n_rows, d_vocab)
-                for lo in range(0, n_rows, sub):
-                    hi = min(n_rows, lo + sub)
-                    for j, i in enumerate(group):
-                        read_block(block[j, lo:hi], sources[i][1], i == ref_source, start + lo, lo)
+                x = fnorm.apply(x, norm, scale).reshape(len(group) * (stop - start), d_model)
+                st = read_product(
+                    x, len(group), W, b, transform, buffers, top_k=top_k, with_reference=ref_source is not None,
+                    next_tokens=nxt, target_ids=tid, keep_logits=keep if all_logits is not None else None,
+                )
+                log_z = st.peak + st.log_total  # [g, n]: log of the softmax's denominator
+                for j, o in enumerate(outs):
+                    if o is None:
+                        continue
+                    entropy[o, start:stop] = st.entropy[j].float().cpu()
+                    top_ids[o, start:stop] = st.top_ids[j].cpu()
+                    top_logits[o, start:stop] = st.top_logits[j].float().cpu()
+                    top_probs[o, start:stop] = torch.exp(st.top_logits[j] - log_z[j].unsqueeze(-1)).float().cpu()
+                    if kl is not None:
+                        kl[o, start:stop] = st.kl_to_reference[j].float().cpu()
+                    if loss is not None:
+                        value = log_z[j] - st.next_logit[j]
+                        loss[o, start:stop] = torch.where(nxt >= 0, value, torch.full_like(value, float("nan"))).float().cpu()
+                    if t_logits is not None:
+                        t_logits[o, start:stop] = st.target_logits[j].float().cpu()
+                        t_probs[o, start:stop] = torch.exp(st.target_logits[j] - log_z[j].unsqueeze(-1)).float().cpu()
+                        t_ranks[o, start:stop] = st.target_ranks[j].long().cpu()
     return Readout(
         top_ids=top_ids,
         top_logits=top_logits,

@@ -1,0 +1,236 @@
+"""One matrix product's worth of rows, read a tile of vocabulary columns at a time.
+
+``logits = x @ W_U + b_U`` for ``[rows, d_model]`` normalised vectors is never held
+whole: it is computed ``TILE_COLUMNS`` columns at a time into a buffer small enough to
+stay in the CPU's cache, every statistic is updated from that tile, and the tile is
+overwritten by the next. Writing whole ``[rows, d_vocab]`` rows to main memory and
+reading them back costs about a quarter more than the product itself on a 2-core CPU
+(``bench/bench_lens.py`` times both); tiles skip that round trip.
+
+The statistics are running sums over the tiles, shifted by each row's running maximum
+``m`` (the online log-sum-exp): with ``s = l - m``,
+
+- ``Z = sum exp(s)``, ``A = sum exp(s) * s``: entropy ``= log Z - A / Z``;
+- ``D = sum exp(s_ref) * s``: ``sum p_ref * s = D / Z_ref``, so
+  ``KL(ref || x) = A_ref / Z_ref - log Z_ref - D / Z_ref + log Z``;
+
+and when a tile raises the maximum from ``m`` to ``m'`` the sums so far are rescaled by
+``exp(m - m')`` (``A`` and ``D`` also shift by ``(m - m') * Z``). Top-k is merged tile by
+tile, looking only inside blocks of columns whose maximum beats the row's running k-th
+value. True next tokens' and targets' logits are picked from the tile that holds them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+#: Vocabulary columns per tile. With ~1300 rows per product, the tile, its exponentials
+#: and a scratch buffer take ~16 MiB: they stay in a server CPU's last-level cache.
+TILE_COLUMNS = 1024
+#: How many ``[rows, TILE_COLUMNS]`` buffers the kernel holds.
+BUFFERS = 3
+# Top-k candidates are searched inside blocks of this many columns.
+_TOPK_BLOCK = 128
+# exp(x) = 2 ** (x * log2(e)): torch's exp2 costs half its exp, and the scaling rides on
+# the in-place shift by the row maximum, so the shifted logits are kept in log2 units.
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+@dataclass
+class ProductStats:
+    """Statistics of ``g`` entries x ``n`` rows read by :func:`read_product`, each ``[g, n, ...]``."""
+
+    peak: torch.Tensor  # max logit
+    log_total: torch.Tensor  # log sum exp(logits - peak)
+    entropy: torch.Tensor
+    top_logits: torch.Tensor  # [g, n, k]
+    top_ids: torch.Tensor  # [g, n, k]
+    kl_to_reference: Optional[torch.Tensor] = None
+    next_logit: Optional[torch.Tensor] = None  # the true next token's logit (0 where none)
+    target_logits: Optional[torch.Tensor] = None  # [g, n, t]
+    target_ranks: Optional[torch.Tensor] = None  # [g, n, t]
+
+
+def tile_width(d_vocab: int, transform: Optional[Callable[[torch.Tensor], torch.Tensor]]) -> int:
+    """Columns per tile: ``TILE_COLUMNS``, or the whole vocabulary for a transform that needs whole rows."""
+    if transform is not None and not getattr(transform, "elementwise", False):
+        return d_vocab
+    return min(d_vocab, TILE_COLUMNS)
+
+
+def _update_top_k(tile: torch.Tensor, k: int, top_values: torch.Tensor, top_ids: torch.Tensor, offset: int, first: bool) -> torch.Tensor:
+    """Fold one tile of raw logits ``[m, w]`` into the running top-k ``[m, k]`` (in place); returns the tile's row maxima.
+
+    After the first tile a column can enter the top k only if it beats the row's running
+    k-th value, so only the rows and blocks of columns whose maximum does are searched;
+    that is exact, and after the first few tiles few rows qualify.
+    """
+    m, w = tile.shape
+    size = _TOPK_BLOCK
+    n_blocks = w // size
+    if first or w % size or n_blocks < 2 or k > size:  # first, small or ragged tile: search it whole
+        values, ids = tile.topk(min(k, w), dim=-1)
+        _merge(top_values, top_ids, None, values, ids + offset, first)
+        return values[:, 0]
+    blocks = tile.view(m, n_blocks, size)
+    block_max = blocks.amax(-1)  # [m, n_blocks]
+    hit = block_max > top_values[:, -1:]
+    rows = hit.any(-1).nonzero().squeeze(1)
+    if rows.numel():
+        local, block = hit[rows].nonzero(as_tuple=True)
+        values, ids = blocks[rows[local], block].topk(k, dim=-1)  # [hits, k]
+        slots = (block * k).unsqueeze(1) + torch.arange(k, device=tile.device)
+        cand_values = tile.new_full((rows.numel(), n_blocks * k), float("-inf"))
+        cand_ids = torch.zeros(rows.numel(), n_blocks * k, dtype=torch.long, device=tile.device)
+        cand_values[local.unsqueeze(1), slots] = values
+        cand_ids[local.unsqueeze(1), slots] = ids + (block * size + offset).unsqueeze(1)
+        _merge(top_values, top_ids, rows, cand_values, cand_ids, False)
+    return block_max.amax(-1)
+
+
+def _merge(top_values: torch.Tensor, top_ids: torch.Tensor, rows: Optional[torch.Tensor], values: torch.Tensor, ids: torch.Tensor, first: bool) -> None:
+    """Fold candidates ``values``/``ids`` for ``rows`` (all rows if ``None``) into the running top-k, in place."""
+    k = top_values.shape[1]
+    if first and values.shape[1] == k:
+        top_values.copy_(values)
+        top_ids.copy_(ids)
+        return
+    old_values = top_values if rows is None else top_values[rows]
+    old_ids = top_ids if rows is None else top_ids[rows]
+    best, where = torch.cat([old_values, values], dim=1).topk(k, dim=-1)
+    best_ids = torch.cat([old_ids, ids], dim=1).gather(1, where)
+    if rows is None:
+        top_values.copy_(best)
+        top_ids.copy_(best_ids)
+    else:
+        top_values[rows] = best
+        top_ids[rows] = best_ids
+
+
+def _pick(picked: torch.Tensor, logits: torch.Tensor, token: torch.Tensor, a: int, z: int) -> None:
+    """``picked[:, i] = logits[:, i, token[i] - a]`` for the rows whose ``token`` lies in ``[a, z)``."""
+    rows = ((token >= a) & (token < z)).nonzero().squeeze(1)
+    if rows.numel():
+        picked[:, rows] = logits[:, rows, token[rows] - a]
+
+
+def read_product(
+    x: torch.Tensor,
+    g: int,
+    W: torch.Tensor,
+    b: Optional[torch.Tensor],
+    transform: Optional[Callable[[torch.Tensor], torch.Tensor]],
+    buffers: List[torch.Tensor],
+    *,
+    top_k: int,
+    with_reference: bool,
+    next_tokens: Optional[torch.Tensor] = None,
+    target_ids: Optional[torch.Tensor] = None,
+    keep_logits: Optional[Callable[[int, int, torch.Tensor], None]] = None,
+) -> ProductStats:
+    """Read ``x [g * n, d_model]`` (``g`` entries of the same ``n`` rows) through ``W [d_model, d_vocab]``.
+
+    ``with_reference``: entry 0 is the reference distribution for every entry's KL.
+    ``next_tokens [n]`` (``-1`` for none) and ``target_ids [n, t]`` are per row.
+    ``buffers``: :data:`BUFFERS` flat tensors of at least ``g * n * width`` elements.
+    ``keep_logits(a, z, logits [g, n, z - a])`` receives each tile's raw logits.
+    """
+    m, d_vocab = x.shape[0], W.shape[1]
+    n = m // g
+    width = tile_width(d_vocab, transform)
+    single = width >= d_vocab
+    peak = x.new_full((m,), float("-inf"))
+    total = x.new_zeros(m)  # Z
+    spread = x.new_zeros(m)  # A
+    cross = x.new_zeros(g, n) if with_reference else None  # D
+    top_values = x.new_full((m, top_k), float("-inf"))
+    top_ids = torch.zeros(m, top_k, dtype=torch.long, device=x.device)
+    next_logit = x.new_zeros(g, n) if next_tokens is not None else None
+    t_logits = t_above = t_guess = None
+    if target_ids is not None:
+        t_logits = x.new_zeros(g, n, target_ids.shape[1])
+        t_above = x.new_zeros(g, n, target_ids.shape[1])  # columns above the target: its rank
+        if not single:
+            # The targets' logits are needed before their tiles come: computed here alone,
+            # they can differ from the tile's in the last bit, so the target's own column
+            # is taken back out of the count at the end (only exact near-ties are uncertain).
+            t_guess = torch.einsum("gnd,dnt->gnt", x.view(g, n, -1), W[:, target_ids])
+            if b is not None:
+                t_guess += b[target_ids]
+            if transform is not None:
+                t_guess = transform(t_guess)
+
+    for a in range(0, d_vocab, width):
+        z = min(d_vocab, a + width)
+        w = z - a
+        tile = buffers[0][: m * w].view(m, w)
+        torch.mm(x, W[:, a:z], out=tile)
+        if b is not None:
+            tile.add_(b[a:z])
+        if transform is not None:
+            tile.copy_(transform(tile))
+        tile3 = tile.view(g, n, w)
+        if keep_logits is not None:
+            keep_logits(a, z, tile3)
+
+        # Raw logits: top-k, true next tokens, targets and their ranks.
+        row_max = _update_top_k(tile, top_k, top_values, top_ids, a, first=a == 0)
+        if next_tokens is not None:
+            _pick(next_logit, tile3, next_tokens, a, z)
+        if target_ids is not None:
+            if single:
+                t_logits.copy_(tile3.gather(2, target_ids.expand(g, -1, -1)))
+                t_guess = t_logits
+            marks = buffers[2][: m * w].view(g, n, w)
+            for j in range(target_ids.shape[1]):
+                if not single:
+                    _pick(t_logits[..., j], tile3, target_ids[:, j], a, z)
+                t_above[..., j] += torch.gt(tile3, t_guess[..., j : j + 1], out=marks).sum(-1)
+
+        # Online log-sum-exp: move to the new maximum, rescaling what was summed so far.
+        new_peak = torch.maximum(peak, row_max)
+        if a > 0:
+            step = peak - new_peak  # <= 0
+            decay = torch.exp(step)
+            spread.add_(step * total).mul_(decay)
+            if cross is not None:
+                cross.add_(step.view(g, n) * total[:n]).mul_(decay[:n])
+            total.mul_(decay)
+        peak = new_peak
+        torch.add(peak.unsqueeze(1) * -_LOG2E, tile, alpha=_LOG2E, out=tile)  # (l - peak) * log2(e)
+        exps = buffers[1][: m * w].view(m, w)
+        torch.exp2(tile, out=exps)  # exp(l - peak)
+        total.add_(exps.sum(-1))
+        scratch = buffers[2][: m * w].view(m, w)
+        spread.add_(torch.mul(exps, tile, out=scratch).sum(-1), alpha=_LN2)
+        if cross is not None:
+            products = scratch.view(g, n, w)
+            torch.mul(exps[:n].unsqueeze(0), tile3, out=products)
+            cross.add_(products.sum(-1), alpha=_LN2)
+
+    log_total = total.log()
+    entropy = log_total - spread / total
+    shape = (g, n)
+    kl = None
+    if cross is not None:
+        ref_total, ref_log_total = total[:n], log_total[:n]
+        neg_h_ref = spread[:n] / ref_total - ref_log_total
+        kl = (neg_h_ref - cross / ref_total + log_total.view(shape)).clamp_min(0.0)
+    ranks = None
+    if t_above is not None:
+        ranks = t_above - (t_logits > t_guess).to(t_above.dtype) if not single else t_above
+    return ProductStats(
+        peak=peak.view(shape),
+        log_total=log_total.view(shape),
+        entropy=entropy.view(shape),
+        top_logits=top_values.view(g, n, top_k),
+        top_ids=top_ids.view(g, n, top_k),
+        kl_to_reference=kl,
+        next_logit=next_logit,
+        target_logits=t_logits,
+        target_ranks=ranks,
+    )
