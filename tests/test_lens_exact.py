@@ -173,3 +173,43 @@ def test_readout_chunking_does_not_change_results(case):
     for name in ("entropy", "kl_to_reference", "next_token_loss", "target_probs"):
         torch.testing.assert_close(getattr(one, name), getattr(big, name), atol=1e-5, rtol=1e-5)
     assert one.top_ids.shape == (2, 2, 9, 5)
+
+
+def _large_vocabulary_model(d_vocab: int, soft_cap: float):
+    """A perturbed random model with ``d_vocab`` tokens: HookedTransformer where installed, else a
+    Gemma 2 ``TransformerBridge`` (whose final soft cap the bridge applies itself)."""
+    if builders.HookedTransformer is not None:
+        cfg = builders.HookedTransformerConfig(
+            n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=48, d_vocab=d_vocab, n_ctx=24,
+            act_fn="gelu", normalization_type="LN", output_logits_soft_cap=soft_cap, seed=3,
+        )
+        model = builders.HookedTransformer(cfg)
+    else:
+        import transformers as tf
+
+        torch.manual_seed(3)
+        hf = tf.Gemma2ForCausalLM(tf.Gemma2Config(
+            vocab_size=d_vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, final_logit_softcapping=soft_cap or None, max_position_embeddings=24))
+        path = builders.temp_dir("large-vocab-")
+        hf.save_pretrained(path)
+        builders.word_tokenizer(d_vocab).save_pretrained(path)
+        model = builders.TransformerBridge.boot_transformers(path, device="cpu")
+    builders.perturb_(model, 3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("soft_cap", [0.0, 2.0], ids=["plain", "soft-capped"])
+def test_large_vocabulary_in_default_tiles(soft_cap):
+    """3000 tokens with the shipped tiling: two 1024-column tiles whose top-k comes from
+    blocks of 128, then a ragged 952-column tail; the soft cap is applied tile by tile."""
+    model = _large_vocabulary_model(3000, soft_cap)
+    assert tiles.tile_width(3000, None) == 1024 < 3000
+    tokens = torch.randint(0, 3000, (2, 20), generator=torch.Generator().manual_seed(3))
+    ref = reference.lens_reference(model, tokens)
+    result = tll.logit_lens(model, tokens, targets="next", top_k=5)  # also checks the final entry vs the model
+    _assert_top_matches(result.top_ids, result.top_logits, ref["logits"], 5)
+    torch.testing.assert_close(result.entropy.double(), ref["entropy"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(result.kl_to_final.double(), ref["kl"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(result.next_token_loss[:, :, :-1].double(), ref["loss"], atol=1e-4, rtol=1e-4)
+    assert torch.equal(result.target_ranks[:, :, :-1, 0], ref["next_ranks"])
