@@ -150,8 +150,10 @@ class LensEvaluation:
             frac = 0.0 if inside == 0 else min(1.0, max(0.0, (target - before) / inside))
             lo, hi = _bin_edges(i)
             lo, hi = max(lo, low_seen), min(hi, high_seen)
-            if hi <= lo:
+            if hi <= lo or frac <= 0.0:
                 value = lo
+            elif frac >= 1.0:
+                value = hi  # exactly: lo * (hi / lo) ** 1 can round away from it
             elif lo > 0:
                 value = lo * (hi / lo) ** frac  # geometric inside a log-spaced bin
             else:
