@@ -44,8 +44,7 @@ _LN2 = 0.6931471805599453
 class ProductStats:
     """Statistics of ``g`` entries x ``n`` rows read by :func:`read_product`, each ``[g, n, ...]``."""
 
-    peak: torch.Tensor  # max logit
-    log_total: torch.Tensor  # log sum exp(logits - peak)
+    log_z: torch.Tensor  # log sum exp(logits): log p = logit - log_z
     entropy: torch.Tensor
     top_logits: torch.Tensor  # [g, n, k]
     top_ids: torch.Tensor  # [g, n, k]
@@ -224,8 +223,7 @@ def read_product(
     if t_above is not None:
         ranks = t_above - (t_logits > t_guess).to(t_above.dtype) if not single else t_above
     return ProductStats(
-        peak=peak.view(shape),
-        log_total=log_total.view(shape),
+        log_z=(peak + log_total).view(shape),
         entropy=entropy.view(shape),
         top_logits=top_values.view(g, n, top_k),
         top_ids=top_ids.view(g, n, top_k),
