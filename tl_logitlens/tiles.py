@@ -73,7 +73,7 @@ def _update_top_k(tile: torch.Tensor, k: int, top_values: torch.Tensor, top_ids:
     n_blocks = w // size
     if first or w % size or n_blocks < 2 or k > size:  # first, small or ragged tile: search it whole
         values, ids = tile.topk(min(k, w), dim=-1)
-        _merge(top_values, top_ids, None, values, ids + offset, first)
+        _merge(top_values, top_ids, None, values, ids + offset)
         return values[:, 0]
     blocks = tile.view(m, n_blocks, size)
     block_max = blocks.amax(-1)  # [m, n_blocks]
@@ -87,17 +87,13 @@ def _update_top_k(tile: torch.Tensor, k: int, top_values: torch.Tensor, top_ids:
         cand_ids = torch.zeros(rows.numel(), n_blocks * k, dtype=torch.long, device=tile.device)
         cand_values[local.unsqueeze(1), slots] = values
         cand_ids[local.unsqueeze(1), slots] = ids + (block * size + offset).unsqueeze(1)
-        _merge(top_values, top_ids, rows, cand_values, cand_ids, False)
+        _merge(top_values, top_ids, rows, cand_values, cand_ids)
     return block_max.amax(-1)
 
 
-def _merge(top_values: torch.Tensor, top_ids: torch.Tensor, rows: Optional[torch.Tensor], values: torch.Tensor, ids: torch.Tensor, first: bool) -> None:
+def _merge(top_values: torch.Tensor, top_ids: torch.Tensor, rows: Optional[torch.Tensor], values: torch.Tensor, ids: torch.Tensor) -> None:
     """Fold candidates ``values``/``ids`` for ``rows`` (all rows if ``None``) into the running top-k, in place."""
     k = top_values.shape[1]
-    if first and values.shape[1] == k:
-        top_values.copy_(values)
-        top_ids.copy_(ids)
-        return
     old_values = top_values if rows is None else top_values[rows]
     old_ids = top_ids if rows is None else top_ids[rows]
     best, where = torch.cat([old_values, values], dim=1).topk(k, dim=-1)
@@ -221,7 +217,7 @@ def read_product(
         kl = (neg_h_ref - cross / ref_total + log_total.view(shape)).clamp_min(0.0)
     ranks = None
     if t_above is not None:
-        ranks = t_above - (t_logits > t_guess).to(t_above.dtype) if not single else t_above
+        ranks = t_above - (t_logits > t_guess).to(t_above.dtype)  # 0 in one tile: t_guess is t_logits
     return ProductStats(
         log_z=(peak + log_total).view(shape),
         entropy=entropy.view(shape),
