@@ -32,11 +32,16 @@ def bare():
 
 
 class CountForwards:
-    """Counts forward passes through the model, to prove errors come first."""
+    """Counts forward passes, to prove errors come first.
+
+    The hook sits on the first block, not on the model: ``TransformerBridge.run_with_cache``
+    never calls the top module's ``forward``, so a hook there would count nothing and the
+    tests below could not fail. Every forward pass, whatever the class, runs ``blocks[0]``.
+    """
 
     def __init__(self, model):
         self.calls = 0
-        self.handle = model.register_forward_hook(self._hook)
+        self.handle = model.blocks[0].register_forward_hook(self._hook)
 
     def _hook(self, *args):
         self.calls += 1
@@ -157,6 +162,14 @@ def test_non_finite_activations_are_refused():
         tll.readout(model, torch.tensor([[float("nan")] + [0.0] * 31]))
 
 
+def test_the_block_counter_sees_a_forward_pass(model):
+    """The counter itself must see forward passes, or every test above could not fail."""
+    with CountForwards(model) as counter:
+        tll.logit_lens(model, "w3 w4")
+        tll.direct_logit_attribution(model, "w3 w4", answers="w5")
+    assert counter.calls == 2
+
+
 def test_bad_modes_and_arguments(model):
     for kwargs, match in [
         ({"norm": "cashed"}, "norm must be one of"),
@@ -166,10 +179,9 @@ def test_bad_modes_and_arguments(model):
         ({"targets": "next", "cache": None, "input": None}, "pass an input to run"),
     ]:
         kwargs.setdefault("input", "w3 w4")
-        with pytest.raises(tll.LensInputError, match=match):
-            tll.logit_lens(model, **kwargs)
-    with pytest.raises(tll.LensInputError, match="by must be one of"):
-        tll.direct_logit_attribution(model, "w3", answers="w3", by="layers")
+        raises_before_forward(model, tll.LensInputError, match, lambda: tll.logit_lens(model, **kwargs))
+    raises_before_forward(model, tll.LensInputError, "by must be one of",
+                          lambda: tll.direct_logit_attribution(model, "w3", answers="w3", by="layers"))
     with pytest.raises(tll.LensInputError, match="expected a transformer_lens HookedTransformer or TransformerBridge"):
         tll.logit_lens(torch.nn.Linear(2, 2), torch.tensor([[1, 2]]))
     with pytest.raises(tll.LensInputError, match=r"norm='cached' takes the scale from reference="):

@@ -17,7 +17,7 @@ import torch
 from .errors import LensInputError, UnsupportedModelError
 from .inputs import activation_shape, resolve_inputs, run_or_read
 from .model_access import ModelView
-from .readout import check_modes, read_rows
+from .readout import check_modes, chunk_rows, read_rows
 from .stacks import piece_groups, required_hooks
 from .tokens import PositionSpec, Tokens, gather_positions, next_token_ids, position_index, token_list
 
@@ -278,6 +278,7 @@ def logit_lens(
     """
     view, tokens, cache = resolve_inputs(model, input, cache)
     check_modes(norm, unembed, top_k, view.d_vocab)
+    chunk_rows(1, chunk_size)  # validates chunk_size now, not after the forward pass
     if lens is not None and not callable(lens):
         raise LensInputError("lens must be a callable (vectors, stack_index) -> vectors")
     labels = stack_labels(view.n_layers, incl_mid)
