@@ -36,12 +36,14 @@ class CountForwards:
 
     The hook sits on the first block, not on the model: ``TransformerBridge.run_with_cache``
     never calls the top module's ``forward``, so a hook there would count nothing and the
-    tests below could not fail. Every forward pass, whatever the class, runs ``blocks[0]``.
+    tests below could not fail. Every forward pass, whatever the class, runs the first block
+    (``encoder_blocks[0]`` on an encoder-decoder bridge).
     """
 
     def __init__(self, model):
         self.calls = 0
-        self.handle = model.blocks[0].register_forward_hook(self._hook)
+        first = next(getattr(model, name)[0] for name in ("blocks", "encoder_blocks") if hasattr(model, name))
+        self.handle = first.register_forward_hook(self._hook)
 
     def _hook(self, *args):
         self.calls += 1
