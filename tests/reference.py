@@ -123,3 +123,51 @@ def dla_reference(model: Any, cache: Any, answers: torch.Tensor, wrong: torch.Te
     if bias is not None and has_norm(model):
         constant = constant + (u * bias).sum(-1)
     return {"names": names, "values": values, "constant": constant}
+
+
+def _w_o(model: Any, layer: int) -> torch.Tensor:
+    """``W_O [n_heads, d_head, d_model]`` of one layer, read off the module."""
+    W_O = model.blocks[layer].attn.W_O.detach()
+    if W_O.ndim == 2:  # some bridges keep [n_heads * d_head, d_model]
+        W_O = W_O.reshape(model.cfg.n_heads, -1, W_O.shape[-1])
+    return W_O
+
+
+def head_pieces(model: Any, cache: Any, pos: int = -1) -> Dict[str, torch.Tensor]:
+    """Every head's write at one position, ``z[head] @ W_O[head]``: ``{"LxHy": [batch, d_model]}``.
+
+    Straight from ``attn.hook_z`` and the weights, one head at a time with plain matrix
+    products (no einsum over heads), plus each layer's ``b_O`` as ``{layer}_attn_bias``.
+    """
+    out: Dict[str, torch.Tensor] = {}
+    for layer in range(model.cfg.n_layers):
+        z = cache[f"blocks.{layer}.attn.hook_z"][:, pos]  # [batch, n_heads, d_head]
+        W_O = _w_o(model, layer)
+        for head in range(model.cfg.n_heads):
+            out[f"L{layer}H{head}"] = z[:, head, :] @ W_O[head]
+        b_O = getattr(model.blocks[layer].attn, "b_O", None)
+        if b_O is not None:
+            out[f"{layer}_attn_bias"] = b_O.detach().expand(z.shape[0], -1)
+    return out
+
+
+def neuron_pieces(model: Any, cache: Any, layer: int, pos: int = -1) -> torch.Tensor:
+    """Every neuron's write at one position, ``post[n] * W_out[n]``: ``[d_mlp, batch, d_model]``."""
+    post = cache[f"blocks.{layer}.mlp.hook_post"][:, pos]  # [batch, d_mlp]
+    W_out = model.blocks[layer].mlp.W_out.detach()  # [d_mlp, d_model]
+    return torch.stack([post[:, n : n + 1] * W_out[n] for n in range(W_out.shape[0])])
+
+
+def project_cached(model: Any, cache: Any, pieces: torch.Tensor, answers: torch.Tensor, wrong: torch.Tensor) -> torch.Tensor:
+    """Pieces ``[n, batch, d_model]`` at the last position read along ``W_U[answer] - W_U[wrong]``
+    through the final norm with the forward pass's own scale (no bias): ``[n, batch]``."""
+    u = (model.W_U[:, answers] - model.W_U[:, wrong]).T
+    weight, _ = norm_affine(model)
+    x = pieces
+    if has_norm(model):
+        if str(model.cfg.normalization_type).startswith("LN"):
+            x = x - x.mean(-1, keepdim=True)
+        x = x / cache["ln_final.hook_scale"][:, -1]
+        if weight is not None:
+            x = x * weight
+    return (x * u).sum(-1)

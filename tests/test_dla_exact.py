@@ -80,26 +80,30 @@ def test_heads_and_neurons_add_up_to_their_layer(case):
         torch.testing.assert_close(neurons.values[rows].sum(0), expected, atol=1e-5, rtol=1e-4)
 
 
-def test_head_attribution_matches_head_stack_projection(case):
+def test_head_attribution_matches_the_reference_head_pieces(case):
     _, model = case
     with torch.no_grad():
         _, cache = model.run_with_cache(TOKENS)
-    heads = tll.residual_stack(cache, by="head", positions=-1)  # [component, batch, d_model]
+        pieces = reference.head_pieces(model, cache)  # independent of tl_logitlens
+        expected = reference.project_cached(model, cache, torch.stack(list(pieces.values())), ANSWERS, WRONG)
     att = tll.direct_logit_attribution(cache=cache, answers=ANSWERS, wrong=WRONG, by="head")
-    assert att.labels == heads.labels
-    # Project the materialised pieces with the reference's cached-scale formula.
-    n_layers = model.cfg.n_layers
-    weight, _ = reference.norm_affine(model)
-    u = (model.W_U[:, ANSWERS] - model.W_U[:, WRONG]).T
-    x = heads.values
-    if reference.has_norm(model):
-        if str(model.cfg.normalization_type).startswith("LN"):
-            x = x - x.mean(-1, keepdim=True)
-        x = x / cache["ln_final.hook_scale"][:, -1]
-        if weight is not None:
-            x = x * weight
-    torch.testing.assert_close(att.values, (x * u).sum(-1).detach(), atol=1e-4, rtol=1e-4)
-    assert att.by_head().shape == (n_layers, model.cfg.n_heads, 3)
+    index = [att.labels.index(label) for label in pieces]
+    torch.testing.assert_close(att.values[index], expected.float(), atol=1e-4, rtol=1e-4)
+    assert att.by_head().shape == (model.cfg.n_layers, model.cfg.n_heads, 3)
+
+
+def test_neuron_attribution_matches_the_reference_neuron_pieces(case):
+    _, model = case
+    if getattr(model.cfg, "attn_only", False):
+        pytest.skip("attention-only: no neurons")
+    with torch.no_grad():
+        _, cache = model.run_with_cache(TOKENS)
+    att = tll.direct_logit_attribution(cache=cache, answers=ANSWERS, wrong=WRONG, by="neuron")
+    for layer in range(model.cfg.n_layers):
+        with torch.no_grad():
+            expected = reference.project_cached(model, cache, reference.neuron_pieces(model, cache, layer), ANSWERS, WRONG)
+        index = [att.labels.index(f"L{layer}N{n}") for n in range(expected.shape[0])]
+        torch.testing.assert_close(att.values[index], expected.float(), atol=1e-4, rtol=1e-4)
 
 
 def test_agrees_with_transformer_lens_logit_attrs(case):
