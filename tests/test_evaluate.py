@@ -1,4 +1,4 @@
-"""Streaming evaluation: exact against the logit lens averaged by hand, every input form, bounded memory."""
+"""Streaming evaluation: exact against an independent full-logit reference averaged by hand, every input form, bounded memory."""
 
 import json
 import os
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import builders
+import reference
 import tl_logitlens as tll
 from tl_logitlens.errors import LensInputError
 from tl_logitlens.evaluate import HIST_BINS_PER_DECADE, STATISTICS, LensEvaluation, evaluate_lens
@@ -40,17 +41,21 @@ def _tokens(n=7, seq=11, seed=2):
 
 
 def _reference(model, input, norm="recompute"):
-    """Per-token statistics from tll.logit_lens, flattened over the scored tokens (row-major)."""
-    res = tll.logit_lens(model, input, targets="next", top_k=1, norm=norm)
-    scored = res.next_ids >= 0  # [batch, pos]
-    top1 = res.top_ids[..., 0][:, scored]  # [layer, n]
-    return {
-        "kl_to_final": res.kl_to_final[:, scored].double(),
-        "next_token_loss": res.next_token_loss[:, scored].double(),
-        "entropy": res.entropy[:, scored].double(),
-        "top1": top1,
-        "next": res.next_ids[scored],
-    }
+    """Per-token statistics from the independent full-logit reference (tests/reference.py, which
+    never calls tl_logitlens), flattened over the scored tokens in row-major order. Texts are
+    tokenised one by one, so nothing is padded and every position but the last is scored."""
+    rows = [input] if isinstance(input, torch.Tensor) else [model.to_tokens(text) for text in input]
+    parts = {"kl_to_final": [], "next_token_loss": [], "entropy": [], "top1": [], "next": []}
+    for ids in rows:
+        ref = reference.lens_reference(model, ids, norm=norm)
+        n_layer = ref["entropy"].shape[0]
+        parts["kl_to_final"].append(ref["kl"][:, :, :-1].reshape(n_layer, -1))
+        parts["next_token_loss"].append(ref["loss"].reshape(n_layer, -1))
+        parts["entropy"].append(ref["entropy"][:, :, :-1].reshape(n_layer, -1))
+        parts["top1"].append(ref["logits"][:, :, :-1].argmax(-1).reshape(n_layer, -1))
+        parts["next"].append(ids[:, 1:].reshape(-1))
+    return {name: torch.cat(values, dim=-1).double() if name in STATISTICS else torch.cat(values, dim=-1)
+            for name, values in parts.items()}
 
 
 def _assert_matches(ev, ref):
