@@ -68,6 +68,15 @@ class Readout:
         target_logits, target_probs: ``[*lead, t]``.
         target_ranks: ``[*lead, t]`` 0-based rank over the full vocabulary (ties do not count).
         logits: ``[*lead, d_vocab]`` only with ``return_logits=True``.
+
+    Example::
+
+        >>> import torch
+        >>> import tl_logitlens as tll
+        >>> model = tll.demo_model()
+        >>> r = tll.readout(model, torch.randn(4, model.cfg.d_model), top_k=2, targets=[5])
+        >>> tuple(r.top_ids.shape), tuple(r.entropy.shape), tuple(r.target_ranks.shape)
+        ((4, 2), (4,), (4, 1))
     """
 
     top_ids: torch.Tensor

@@ -194,6 +194,15 @@ class ResidualStack:
         labels: one TransformerLens-style label per component (``0_pre``, ``embed``,
             ``2_attn_out``, ``L1H3``, ``L0N17``, ``1_mlp_bias``, ...).
         positions: the position index ``[batch, n]`` the values were taken at.
+
+    Example::
+
+        >>> import tl_logitlens as tll
+        >>> model = tll.demo_model()
+        >>> _, cache = model.run_with_cache(tll.demo.induction_prompt(model))
+        >>> stack = tll.residual_stack(cache, by="component", positions=[0, -1])
+        >>> stack.labels[:2], tuple(stack.values.shape[1:])
+        (['embed', '0_attn_out'], (1, 2, 64))
     """
 
     values: torch.Tensor
