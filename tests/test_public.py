@@ -1,0 +1,55 @@
+"""Public entry points that the exactness grid reaches only through logit_lens get direct tests.
+
+Each compares with the independent full-logit reference in tests/reference.py.
+"""
+
+import pytest
+import torch
+
+import builders
+import reference
+import tl_logitlens as tll
+
+TOKENS = builders.tokens(batch=2, seq=7, seed=4)
+_KINDS = [c for c in builders.cases() if c.name in ("gpt2", "llama-tied", "ht-ln", "ht-tied")]
+
+
+@pytest.fixture(params=_KINDS, ids=[c.name for c in _KINDS], scope="module")
+def model(request):
+    return builders.build(request.param)
+
+
+def test_residual_stack_accumulated_is_the_cached_stream(model):
+    with torch.no_grad():
+        _, cache = model.run_with_cache(TOKENS)
+    labels, expected = reference.accumulated(model, cache, incl_mid=True)
+    stack = tll.residual_stack(cache, by="accumulated", incl_mid=True)
+    assert stack.labels == labels
+    torch.testing.assert_close(stack.values, expected.float(), atol=0, rtol=0)
+    last = tll.residual_stack(cache, by="accumulated", positions=-1)
+    assert last.labels[-1] == "final_post" and tuple(last.values.shape) == (model.cfg.n_layers + 1, 2, model.cfg.d_model)
+    torch.testing.assert_close(last.values[-1], expected[-1][:, -1].float(), atol=0, rtol=0)
+
+
+def test_readout_cached_norm_matches_the_reference(model):
+    ref = reference.lens_reference(model, TOKENS, norm="cached")
+    with torch.no_grad():
+        _, stack = reference.accumulated(model, ref["cache"])
+    r = tll.readout(model, stack, norm="cached", reference=stack[-1], top_k=3)
+    logp = torch.log_softmax(ref["logits"].double(), -1)
+    torch.testing.assert_close(r.entropy.double(), ref["entropy"], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(r.top_logits.double(), ref["logits"].double().topk(3, -1).values, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(r.kl_to_reference.double(), ref["kl"], atol=2e-5, rtol=1e-4)
+    assert torch.equal(r.top_ids[..., 0], logp.argmax(-1))
+
+
+def test_readout_through_the_embedding_matches_the_reference(model):
+    ref = reference.lens_reference(model, TOKENS, norm="none", unembed="W_E")
+    with torch.no_grad():
+        _, stack = reference.accumulated(model, ref["cache"])
+    r = tll.readout(model, stack, norm="none", unembed="W_E", top_k=2, next_tokens=torch.cat(
+        [TOKENS[:, 1:], torch.full((2, 1), -1)], 1))
+    torch.testing.assert_close(r.entropy.double(), ref["entropy"], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(r.top_logits.double(), ref["logits"].double().topk(2, -1).values, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(r.next_token_loss[..., :-1].double(), ref["loss"], atol=2e-5, rtol=1e-5)
+    assert bool(r.next_token_loss[..., -1].isnan().all())
