@@ -507,3 +507,16 @@ def test_demo_model_figures():
     assert tick_texts(ax.xaxis) == [decode(model.tokenizer, t) for t in tokens[0]]
     att = tll.direct_logit_attribution(model, tokens, answers=int(tokens[0, -11]), by="head")
     render(plot_attribution(att))
+
+
+def test_every_plot_function_takes_ax_as_its_first_keyword():
+    import inspect
+
+    import tl_logitlens.plots as plots
+
+    for name in [n for n in dir(plots) if n.startswith("plot_")]:
+        params = list(inspect.signature(getattr(plots, name)).parameters.values())
+        keyword_only = [p for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        positional = [p for p in params if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+        assert keyword_only and keyword_only[0].name == "ax", name
+        assert len(positional) <= 2, (name, [p.name for p in positional])  # the result (plot_layer_curves: labels, curves)

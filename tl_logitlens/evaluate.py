@@ -197,9 +197,10 @@ class LensEvaluation:
 
     def plot(
         self,
+        *,
+        ax: Any = None,
         statistics: Sequence[str] = STATISTICS,
         band: Tuple[float, float] = (0.25, 0.75),
-        ax: Any = None,
         title: Optional[str] = None,
         **kwargs: Any,
     ) -> Any:

@@ -1,8 +1,9 @@
 """Figures of logit-lens and direct-logit-attribution results (matplotlib).
 
 Every function takes a result object (:class:`~tl_logitlens.LensResult` or
-:class:`~tl_logitlens.Attribution`), draws into ``ax`` when one is given (otherwise into a
-new figure sized to the data), and returns the ``Figure``. Nothing here runs the model.
+:class:`~tl_logitlens.Attribution`) as its one positional argument, and everything else by
+keyword, ``ax=`` first: it draws into ``ax`` when one is given (otherwise into a new figure
+sized to the data), and returns the ``Figure``. Nothing here runs the model.
 
 Conventions shared by all figures:
 
@@ -234,12 +235,12 @@ def _rank_from_next(result: Any) -> torch.Tensor:
 
 def plot_lens(
     result: Any,
+    *,
+    ax: Any = None,
     metric: str = "prob",
     batch: int = 0,
     positions: Any = None,
-    ax: Any = None,
     annotate: bool = True,
-    *,
     mark_next: bool = True,
     fontsize: Optional[float] = None,
     cmap: Optional[str] = None,
@@ -481,10 +482,10 @@ def _pick_targets(target: Any, ids: torch.Tensor, decode_raw: Any) -> List[int]:
 
 def plot_trajectory(
     result: Any,
+    *,
+    ax: Any = None,
     target: Any = None,
     metric: str = "prob",
-    ax: Any = None,
-    *,
     position: Optional[int] = None,
     batch: Optional[Union[int, Sequence[int]]] = None,
 ) -> Any:
@@ -613,9 +614,9 @@ def plot_trajectory(
 def plot_layer_curves(
     labels: Sequence[str],
     curves: Mapping[str, Sequence[Any]],
+    *,
     ax: Any = None,
     title: Optional[str] = None,
-    *,
     ylabel: Optional[str] = None,
     logy: bool = False,
 ) -> Any:
@@ -685,8 +686,8 @@ def plot_layer_curves(
 
 def plot_lens_metrics(
     result: Any,
-    ax: Any = None,
     *,
+    ax: Any = None,
     batch: Optional[Union[int, Sequence[int]]] = None,
     quantiles: Tuple[float, float] = (0.1, 0.9),
 ) -> Any:
@@ -792,10 +793,10 @@ def _model_value_words(att: Any, position: int) -> str:
 
 def plot_attribution(
     att: Any,
+    *,
     ax: Any = None,
     top_k: int = 20,
     kind: Optional[str] = None,
-    *,
     position: int = -1,
     annotate: Optional[bool] = None,
 ) -> Any:
@@ -949,10 +950,10 @@ def plot_attribution(
 
 def plot_attribution_positions(
     att: Any,
-    batch: Optional[int] = 0,
-    ax: Any = None,
-    top_k: Optional[int] = None,
     *,
+    ax: Any = None,
+    batch: Optional[int] = 0,
+    top_k: Optional[int] = None,
     tokens: Optional[Sequence[str]] = None,
 ) -> Any:
     """Direct logit attribution at every position: a component x position heatmap.
