@@ -13,6 +13,7 @@ bias along ``u``. Pieces are contracted with the direction from their factored f
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
 
@@ -23,6 +24,9 @@ from .inputs import activation_shape, resolve_inputs, run_or_read
 from .model_access import cache_tensor
 from .stacks import STACK_KINDS, piece_groups, required_hooks
 from .tokens import PositionSpec, gather_positions, per_prompt_ids, position_index
+
+# The labels ``top()`` ranks after by="head" / by="neuron" (other pieces only when asked).
+_KIND_LABEL = {"head": re.compile(r"L\d+H\d+"), "neuron": re.compile(r"L\d+N\d+")}
 
 
 @dataclass
@@ -72,10 +76,18 @@ class Attribution:
         """Mean over the batch: ``[component]`` (or ``[component, pos]``)."""
         return self.values.mean(1)
 
-    def top(self, k: int = 10) -> List[Tuple[str, float]]:
-        """The ``k`` components with the largest mean absolute effect, as ``(label, mean value)``."""
+    def top(self, k: int = 10, include_other: bool = False) -> List[Tuple[str, float]]:
+        """The ``k`` components with the largest mean absolute effect, as ``(label, mean value)``.
+
+        After ``by="head"`` (``by="neuron"``) only heads ``L{l}H{h}`` (neurons ``L{l}N{i}``) are
+        ranked, since those are what was asked for; ``include_other=True`` ranks the embeddings,
+        MLP or attention layers and bias terms of the same stack among them.
+        """
         mean = self.values.reshape(self.values.shape[0], -1).mean(1)
-        order = mean.abs().argsort(descending=True)[:k]
+        pattern = _KIND_LABEL.get(self.by)
+        keep = [i for i, label in enumerate(self.labels) if include_other or pattern is None or pattern.fullmatch(label)]
+        picked = torch.tensor(keep, dtype=torch.long)
+        order = picked[mean[picked].abs().argsort(descending=True)[:k]]
         return [(self.labels[i], float(mean[i])) for i in order.tolist()]
 
     def by_head(self) -> torch.Tensor:
