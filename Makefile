@@ -8,7 +8,7 @@ PIP_QUIET ?= -q
 TL3 ?= transformer-lens==3.9.0
 TL2 ?= transformer-lens==2.18.0 pyarrow<22
 
-.PHONY: setup test test-compat test-notebooks demo bench clean
+.PHONY: setup test test-compat test-notebooks demo bench bench-tables clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ demo: setup
 
 bench: setup
 	$(PY) bench/bench_lens.py
+
+# to_dataframe at ~443k rows: the column-built tables against the old row loop (a ratio).
+bench-tables: setup
+	$(PY) bench/bench_tables.py
 
 clean:
 	rm -rf $(VENV) .venv-tl3 .venv-tl2 logitlens-demo

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import builders
 import tl_logitlens as tll
@@ -113,3 +114,132 @@ def test_eval_on_a_text_file(tmp_path, capsys, words):
     assert "final_post" in out and "tokens" in out
     code, out, err = run(capsys, "eval", "--model", "demo", "--data", str(tmp_path / "missing.txt"))
     assert code == 2 and "no data file" in err
+
+
+# -- options added for issue 8/9: several prompts, token ids, devices, dtypes, formats, errors ------
+@pytest.fixture(scope="module")
+def demo_tokens():
+    """An induction prompt of the demo model as ids (the last word dropped) and that word's id."""
+    model = tll.demo_model()
+    tokens = tll.demo.induction_prompt(model, n=6, seed=5)
+    return model, tokens[:, :-1], int(tokens[0, -1])
+
+
+def test_tokens_and_id_answers_match_the_models_own_logits(tmp_path, capsys, demo_tokens):
+    model, tokens, answer = demo_tokens
+    ids = ",".join(str(int(t)) for t in tokens[0])
+    wrong = int(tokens[0, 1])
+    code, out, err = run(capsys, "dla", "--model", "demo", "--tokens", ids, "--answer", f"id:{answer}",
+                         "--wrong", f"id:{wrong}", "--out", str(tmp_path))
+    assert code == 0, err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    logits = model(tokens)[0, -1].detach()
+    assert abs(summary["model_value"] - float(logits[answer] - logits[wrong])) < 1e-4
+    assert summary["answer"] == answer and summary["residual_error"] < 1e-4
+
+
+def test_several_prompts_text_file_and_repeated_tokens(tmp_path, capsys, words, demo_tokens):
+    prompt, answer, first = words
+    code, out, err = run(capsys, "lens", "--model", "demo", "--prompt", prompt, "--prompt", "red cat sun red cat")
+    assert code == 0, err
+    assert out.count("What each layer predicts") == 2 and "(prompt 1, position" in out
+    file = tmp_path / "prompts.txt"
+    file.write_text(f"{prompt}\n\nred cat sun red cat\n")
+    code, out, err = run(capsys, "dla", "--model", "demo", "--prompts", str(file), "--answer", answer,
+                         "--answer", "sun", "--out", str(tmp_path / "dla"))
+    assert code == 0, err
+    assert len(json.loads((tmp_path / "dla" / "summary.json").read_text())["model_values"]) == 2
+    _, tokens, _ = demo_tokens
+    ids = ",".join(str(int(t)) for t in tokens[0])
+    code, out, err = run(capsys, "lens", "--model", "demo", "--tokens", f"{ids};{ids}", "--tokens", ids)
+    assert code == 0, err
+    assert out.count("What each layer predicts") == 3
+
+
+def test_position_layers_format_dpi_and_dtype(tmp_path, capsys, words):
+    prompt, answer, _ = words
+    code, out, err = run(capsys, "lens", "--model", "demo", "--prompt", prompt, "--position", "2", "--layers", "0,final_post",
+                         "--dtype", "float64", "--format", "svg", "--dpi", "40", "--target", answer, "--out", str(tmp_path))
+    assert code == 0, err
+    assert "position 2)" in out and "0_pre" in out and "1_pre" not in out
+    assert (tmp_path / "lens_heatmap.svg").read_text().lstrip().startswith("<?xml")
+    assert (tmp_path / "trajectory.svg").exists() and not list(tmp_path.glob("*.png"))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["dtype"] == "float64" and [r["layer"] for r in summary["lens_at_position"][0]] == ["0_pre", "final_post"]
+
+
+def test_accumulated_prints_in_layer_order_and_head_lists_heads(capsys, words):
+    prompt, answer, first = words
+    code, out, err = run(capsys, "dla", "--model", "demo", "--prompt", prompt, "--answer", answer, "--by", "accumulated")
+    assert code == 0, err
+    printed = [line.split()[0] for line in out.splitlines()[1:] if line.strip()]
+    assert printed == ["0_pre", "1_pre", "final_post"]
+    code, out, err = run(capsys, "dla", "--model", "demo", "--prompt", prompt, "--answer", answer, "--by", "head", "--top", "20")
+    assert code == 0, err
+    printed = [line.split()[0] for line in out.splitlines()[1:] if line.strip()]
+    assert printed and all(label.startswith("L") and "H" in label for label in printed)
+
+
+def test_eval_on_a_token_file(tmp_path, capsys, demo_tokens):
+    _, tokens, _ = demo_tokens
+    data = tmp_path / "tokens.pt"
+    batch = tokens.repeat(3, 1)
+    torch.save(batch, data)
+    code, out, err = run(capsys, "eval", "--model", "demo", "--data", str(data), "--quiet", "--out", str(tmp_path / "ev"))
+    assert code == 0, err
+    n_tokens = batch.shape[0] * (batch.shape[1] - 1)
+    assert out.startswith(f"{n_tokens} tokens")
+    assert json.loads((tmp_path / "ev" / "lens_eval.json").read_text())["n_tokens"] == n_tokens
+
+
+def test_errors_are_one_line_exit_2(tmp_path, capsys):
+    existing = tmp_path / "a_file"
+    existing.write_text("x")
+    binary = tmp_path / "data.txt"
+    binary.write_bytes(bytes(range(256)))
+    garbage = tmp_path / "data.pt"
+    garbage.write_bytes(b"not a torch file at all")
+    floats = tmp_path / "floats.pt"
+    torch.save(torch.rand(2, 3), floats)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    cases = [
+        (["eval", "--model", "demo", "--data", str(binary)], "looks binary"),
+        (["eval", "--model", "demo", "--data", str(garbage)], "is not a readable torch file"),
+        (["eval", "--model", "demo", "--data", str(floats)], "expected integer token ids"),
+        (["lens", "--model", "demo", "--prompt", "red", "--out", str(existing)], "is an existing file, not a folder"),
+        (["demo", "--n", "40"], "give 2 <= n <= 31"),
+        (["lens", "--model", "demo", "--prompts", str(empty)], "holds no prompt"),
+        (["lens", "--model", "demo", "--tokens", "1,2,x"], "'x' is not a token id"),
+        (["lens", "--model", "demo", "--tokens", "1,2,3;1,2"], "different lengths [2, 3]"),
+        (["dla", "--model", "demo", "--prompt", "red", "--answer", "id:x"], "after 'id:' give a token id"),
+        (["lens", "--model", "demo", "--prompt", "red", "--dtype", "float8"], "invalid choice: 'float8'"),
+        (["lens", "--model", "demo", "--prompt", "red", "--device", "gpu0"], "is not a device"),
+        (["lens", "--model", "demo", "--tokens", "1,2,999"], "must lie in [0, 83)"),
+        (["lens", "--model", "demo", "--prompt", "red", "--bogus"], "unrecognized arguments: --bogus"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["lens", "--model", "demo", "--prompt", "red", "--device", "cuda"], "CUDA is not available"))
+    for argv, message in cases:
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert existing.read_text() == "x"
+
+
+@pytest.mark.skipif(TransformerBridge is None, reason="local HF folders load through TransformerBridge (3.x/4.x)")
+def test_quiet_unless_verbose(capsys):
+    path = builders.hf_dir("gpt2")
+    capsys.readouterr()  # building the folder has its own progress bar
+    code, out, err = run(capsys, "lens", "--model", path, "--prompt", "w3 w4 w5")
+    assert code == 0, err
+    assert err == "" and "Loading" not in out  # no progress bar, log line or warning from the libraries
+
+
+def test_real_model_tokens(models_dir, capsys):
+    if TransformerBridge is None:
+        pytest.skip("needs TransformerBridge")
+    # capp-gpt2 splits text on '|': a space-separated prompt would not mean these tokens.
+    code, out, err = run(capsys, "dla", "--model", str(models_dir / "capp-gpt2"), "--tokens", "49,12,7,50",
+                         "--answer", "id:14", "--by", "accumulated")
+    assert code == 0, err
+    assert [line.split()[0] for line in out.splitlines()[1:]][-1] == "final_post"

@@ -4,6 +4,9 @@
 answered exactly on every TransformerLens model (HookedTransformer on 2.x/3.x,
 TransformerBridge on 3.x/4.x, folded or not) and fast on real ones.
 
+Importing the package is cheap: the analyses (and torch, transformer_lens, matplotlib,
+pandas behind them) are imported the first time one of their names is used.
+
 Example::
 
     >>> import tl_logitlens as tll
@@ -13,9 +16,12 @@ Example::
     ['0_pre', '1_pre', 'final_post']
 """
 
-from . import demo
-from .attribution import Attribution, direct_logit_attribution
-from .demo import demo_model
+import importlib
+import sys
+import types
+from typing import Any, List
+
+# Cheap modules (no torch, no transformer_lens): imported eagerly.
 from .errors import (
     LensInputError,
     MissingHooksError,
@@ -23,21 +29,34 @@ from .errors import (
     NonFiniteActivationError,
     UnsupportedModelError,
 )
-from .evaluate import LensEvaluation, evaluate_lens
-from .lens import LensResult, logit_lens
-from .plots import (
-    plot_attribution,
-    plot_attribution_positions,
-    plot_layer_curves,
-    plot_lens,
-    plot_lens_metrics,
-    plot_trajectory,
-)
-from .readout import DEFAULT_CHUNK_BUDGET_BYTES, Readout, readout
-from .stacks import ResidualStack, residual_stack
 from .tokentext import display_token
 
 __version__ = "0.1.0"
+
+# Public name -> the submodule that defines it, imported on first use (PEP 562), so that
+# `import tl_logitlens` and `tl-logitlens --help` import neither torch-heavy transformer_lens
+# nor matplotlib nor pandas.
+_LAZY = {
+    "Attribution": "attribution",
+    "direct_logit_attribution": "attribution",
+    "demo_model": "demo",
+    "LensEvaluation": "evaluate",
+    "evaluate_lens": "evaluate",
+    "LensResult": "lens",
+    "logit_lens": "lens",
+    "plot_attribution": "plots",
+    "plot_attribution_positions": "plots",
+    "plot_layer_curves": "plots",
+    "plot_lens": "plots",
+    "plot_lens_metrics": "plots",
+    "plot_trajectory": "plots",
+    "DEFAULT_CHUNK_BUDGET_BYTES": "readout",
+    "Readout": "readout",
+    "readout": "readout",
+    "ResidualStack": "stacks",
+    "residual_stack": "stacks",
+}
+_SUBMODULES = ("demo",)
 
 __all__ = [
     "Attribution",
@@ -66,3 +85,42 @@ __all__ = [
     "readout",
     "residual_stack",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        if name != "readout":  # see _Package: the submodule of that name must not shadow it
+            globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """The package module, with ``readout`` always the function.
+
+    Importing the submodule ``tl_logitlens.readout`` (which any analysis does) makes the
+    import system set the package attribute ``readout`` to that module; this property keeps
+    ``tll.readout`` the function, as it was when the package imported it eagerly.
+    """
+
+    @property
+    def readout(self) -> Any:
+        override = self.__dict__.get("_readout_override")
+        if override is not None:
+            return override
+        return importlib.import_module(".readout", __name__).readout
+
+    @readout.setter
+    def readout(self, value: Any) -> None:
+        if not isinstance(value, types.ModuleType):  # a user's assignment wins; the import system's not
+            self.__dict__["_readout_override"] = value
+
+
+sys.modules[__name__].__class__ = _Package

@@ -13,6 +13,7 @@ bias along ``u``. Pieces are contracted with the direction from their factored f
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
 
@@ -23,6 +24,9 @@ from .inputs import activation_shape, resolve_inputs, run_or_read
 from .model_access import cache_tensor
 from .stacks import STACK_KINDS, piece_groups, required_hooks
 from .tokens import PositionSpec, gather_positions, per_prompt_ids, position_index
+
+# The labels ``top()`` ranks after by="head" / by="neuron" (other pieces only when asked).
+_KIND_LABEL = {"head": re.compile(r"L\d+H\d+"), "neuron": re.compile(r"L\d+N\d+")}
 
 
 @dataclass
@@ -72,10 +76,18 @@ class Attribution:
         """Mean over the batch: ``[component]`` (or ``[component, pos]``)."""
         return self.values.mean(1)
 
-    def top(self, k: int = 10) -> List[Tuple[str, float]]:
-        """The ``k`` components with the largest mean absolute effect, as ``(label, mean value)``."""
+    def top(self, k: int = 10, include_other: bool = False) -> List[Tuple[str, float]]:
+        """The ``k`` components with the largest mean absolute effect, as ``(label, mean value)``.
+
+        After ``by="head"`` (``by="neuron"``) only heads ``L{l}H{h}`` (neurons ``L{l}N{i}``) are
+        ranked, since those are what was asked for; ``include_other=True`` ranks the embeddings,
+        MLP or attention layers and bias terms of the same stack among them.
+        """
         mean = self.values.reshape(self.values.shape[0], -1).mean(1)
-        order = mean.abs().argsort(descending=True)[:k]
+        pattern = _KIND_LABEL.get(self.by)
+        keep = [i for i, label in enumerate(self.labels) if include_other or pattern is None or pattern.fullmatch(label)]
+        picked = torch.tensor(keep, dtype=torch.long)
+        order = picked[mean[picked].abs().argsort(descending=True)[:k]]
         return [(self.labels[i], float(mean[i])) for i in order.tolist()]
 
     def by_head(self) -> torch.Tensor:
@@ -88,25 +100,46 @@ class Attribution:
         return picked.reshape(self.n_layers, self.n_heads, *picked.shape[1:])
 
     def to_dataframe(self) -> Any:
-        """One row per (component, batch[, pos]) with ``value``, plus ``model_value`` and ``constant``."""
+        """One row per (component, batch[, pos]) with ``value``, plus ``model_value`` and ``constant``.
+
+        Columns: ``component``, ``batch``, ``pos`` (absolute position), ``value``,
+        ``model_value``, ``constant``; rows run component, then batch, then position.
+        Built column by column, so a neuron attribution of 400k rows takes a fraction of a second.
+
+        Example::
+
+            >>> import tl_logitlens as tll
+            >>> model = tll.demo_model()
+            >>> tokens = tll.demo.induction_prompt(model)
+            >>> att = tll.direct_logit_attribution(model, tokens[:, :-1], answers=int(tokens[0, -1]))
+            >>> frame = att.to_dataframe()
+            >>> list(frame["component"]) == att.labels, list(frame.columns)
+            (True, ['component', 'batch', 'pos', 'value', 'model_value', 'constant'])
+        """
+        import numpy as np
         import pandas as pd
 
         values = self.values if self.values.ndim == 3 else self.values.unsqueeze(-1)
         model_value = self.model_value if self.model_value.ndim == 2 else self.model_value.unsqueeze(-1)
         constant = self.constant if self.constant.ndim == 2 else self.constant.unsqueeze(-1)
-        records = []
-        for c, label in enumerate(self.labels):
-            for b in range(values.shape[1]):
-                for j in range(values.shape[2]):
-                    records.append({
-                        "component": label,
-                        "batch": b,
-                        "pos": int(self.positions[b, j]),
-                        "value": float(values[c, b, j]),
-                        "model_value": float(model_value[b, j]),
-                        "constant": float(constant[b, j]),
-                    })
-        return pd.DataFrame.from_records(records)
+        n_comp, batch, n_pos = values.shape
+        cells = batch * n_pos
+        return pd.DataFrame({
+            "component": np.repeat(np.array(self.labels, dtype=object), cells),
+            "batch": np.tile(np.repeat(np.arange(batch, dtype=np.int64), n_pos), n_comp),
+            "pos": np.tile(self.positions.reshape(batch, n_pos).numpy().astype(np.int64).reshape(-1), n_comp),
+            "value": values.numpy().astype(np.float64).reshape(-1),
+            "model_value": np.tile(model_value.numpy().astype(np.float64).reshape(-1), n_comp),
+            "constant": np.tile(constant.numpy().astype(np.float64).reshape(-1), n_comp),
+        })
+
+    def __repr__(self) -> str:
+        labels = self.labels if len(self.labels) <= 2 else [self.labels[0], "...", self.labels[-1]]
+        shown = "[" + ", ".join(x if x == "..." else repr(x) for x in labels) + "]"
+        pos = self.values.shape[2] if self.values.ndim == 3 else None
+        what = "logit difference" if self.wrong_ids is not None else "logit"
+        return (f"Attribution(by={self.by!r}, labels={shown} ({len(self.labels)}), batch={self.values.shape[1]}, "
+                f"pos={pos}, of={what!r}, residual_error={self.residual_error():.2g})")
 
     def plot(self, **kwargs: Any) -> Any:
         """:func:`tl_logitlens.plot_attribution` on this result."""
