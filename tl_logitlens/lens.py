@@ -22,7 +22,12 @@ from .stacks import piece_groups, required_hooks
 from .tokens import PositionSpec, Tokens, gather_positions, next_token_ids, position_index, token_list
 
 # Max |p_ours - p_model| on the final entry's top tokens before the lens refuses to
-# claim it reproduces the model (float32 arithmetic gives ~1e-6).
+# claim it reproduces the model (float32 arithmetic gives ~1e-6). In half precision the
+# model rounds its normalised stream and its logits to its dtype, which moves each logit by
+# at most delta = 2 * eps * (max|logit| + |n| * max_j |W_U[:, j]|) (n: the normalised final
+# stream; Cauchy-Schwarz bounds sum_i |n_i W_ij|; eps = torch.finfo(logits.dtype).eps), so
+# a probability by at most expm1(2 * delta) (the logit and log Z each move by delta); the
+# tolerance per row is the larger of that and _REPRODUCE_ATOL.
 _REPRODUCE_ATOL = 1e-3
 
 
@@ -339,7 +344,7 @@ def logit_lens(
         tokenizer=view.tokenizer,
     )
     if logits is not None and norm == "recompute" and unembed == "W_U" and lens is None and keep[-1] == len(labels) - 1:
-        _check_reproduces_model(logits, index, flat.top_ids[-1], flat.top_probs[-1])
+        _check_reproduces_model(logits, index, flat.top_ids[-1], flat.top_probs[-1], view, reference)
     return result
 
 
@@ -353,15 +358,39 @@ def _apply_lens(lens: Callable, vectors: torch.Tensor, stack_index: int) -> torc
     return out
 
 
-def _check_reproduces_model(logits: torch.Tensor, index: torch.Tensor, top_ids: torch.Tensor, top_probs: torch.Tensor) -> None:
-    """The final entry must be the model's own prediction; refuse loudly if it is not."""
+def reproduce_tolerance(view: ModelView, logits: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+    """Per-row tolerance ``[rows]`` on ``|p_ours - p_model|`` (the formula beside ``_REPRODUCE_ATOL``).
+
+    ``logits [batch, n, d_vocab]`` the model's own at the rows read, ``final [batch, n,
+    d_model]`` the stored final stream there.
+    """
+    from .readout import max_column_norm
+
+    eps = torch.finfo(logits.dtype).eps
+    W_U = view.W_U
+    normed = view.final_norm.to(torch.float32, final.device).apply(final.float(), "recompute")
+    size = normed.norm(dim=-1).reshape(-1).cpu() * max_column_norm(W_U)
+    delta = 2 * eps * (logits.detach().abs().amax(-1).float().reshape(-1).cpu() + size)
+    return torch.expm1(2 * delta).clamp_min(_REPRODUCE_ATOL)
+
+
+def _check_reproduces_model(logits: torch.Tensor, index: torch.Tensor, top_ids: torch.Tensor, top_probs: torch.Tensor,
+                            view: ModelView, final: torch.Tensor) -> None:
+    """The final entry must be the model's own prediction; refuse loudly if it is not.
+
+    ``final [batch, n, d_model]`` is the stored final stream at the rows read; the
+    tolerance derives from the logits' dtype (:func:`reproduce_tolerance`).
+    """
     picked = gather_positions(logits.detach(), index)  # [batch, n, d_vocab]
     probs = torch.softmax(picked.float(), dim=-1).reshape(-1, picked.shape[-1]).cpu()
     theirs = probs.gather(1, top_ids)
-    gap = (theirs - top_probs).abs().max().item()
-    if gap > _REPRODUCE_ATOL:
+    gaps = (theirs - top_probs).abs().amax(-1)  # [rows]
+    tol = reproduce_tolerance(view, picked, final)
+    if not bool((gaps <= tol).all()):
+        at = int((gaps / tol).nan_to_num(float("inf")).argmax())
         raise UnsupportedModelError(
-            f"the lens's final entry differs from the model's own prediction by up to {gap:.3g} in "
-            "probability: the model transforms its stream or logits in a way this package does not "
-            "reproduce (an extra head module or a logit transform), so no layer's reading can be trusted."
+            f"the lens's final entry differs from the model's own prediction by {gaps[at].item():.3g} in "
+            f"probability, more than the {tol[at].item():.3g} that {logits.dtype} rounding explains: the "
+            "model transforms its stream or logits in a way this package does not reproduce (an extra "
+            "head module or a logit transform), so no layer's reading can be trusted."
         )
