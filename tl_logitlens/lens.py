@@ -26,8 +26,9 @@ from .tokens import PositionSpec, Tokens, gather_positions, next_token_ids, posi
 # model rounds its normalised stream and its logits to its dtype, which moves each logit by
 # at most delta = 2 * eps * (max|logit| + |n| * max_j |W_U[:, j]|) (n: the normalised final
 # stream; Cauchy-Schwarz bounds sum_i |n_i W_ij|; eps = torch.finfo(logits.dtype).eps), so
-# a probability by at most expm1(2 * delta) (the logit and log Z each move by delta); the
-# tolerance per row is the larger of that and _REPRODUCE_ATOL.
+# a probability p by at most p * expm1(2 * delta) (the logit and log Z each move by delta);
+# the tolerance per token is the larger of that (p: the larger of the two readings) and
+# _REPRODUCE_ATOL.
 _REPRODUCE_ATOL = 1e-3
 
 
@@ -359,7 +360,7 @@ def _apply_lens(lens: Callable, vectors: torch.Tensor, stack_index: int) -> torc
 
 
 def reproduce_tolerance(view: ModelView, logits: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
-    """Per-row tolerance ``[rows]`` on ``|p_ours - p_model|`` (the formula beside ``_REPRODUCE_ATOL``).
+    """Per-row relative tolerance ``[rows]``: ``|p_ours - p_model| <= p * tolerance`` (formula beside ``_REPRODUCE_ATOL``).
 
     ``logits [batch, n, d_vocab]`` the model's own at the rows read, ``final [batch, n,
     d_model]`` the stored final stream there.
@@ -371,7 +372,7 @@ def reproduce_tolerance(view: ModelView, logits: torch.Tensor, final: torch.Tens
     normed = view.final_norm.to(torch.float32, final.device).apply(final.float(), "recompute")
     size = normed.norm(dim=-1).reshape(-1).cpu() * max_column_norm(W_U)
     delta = 2 * eps * (logits.detach().abs().amax(-1).float().reshape(-1).cpu() + size)
-    return torch.expm1(2 * delta).clamp_min(_REPRODUCE_ATOL)
+    return torch.expm1(2 * delta)
 
 
 def _check_reproduces_model(logits: torch.Tensor, index: torch.Tensor, top_ids: torch.Tensor, top_probs: torch.Tensor,
@@ -384,13 +385,14 @@ def _check_reproduces_model(logits: torch.Tensor, index: torch.Tensor, top_ids: 
     picked = gather_positions(logits.detach(), index)  # [batch, n, d_vocab]
     probs = torch.softmax(picked.float(), dim=-1).reshape(-1, picked.shape[-1]).cpu()
     theirs = probs.gather(1, top_ids)
-    gaps = (theirs - top_probs).abs().amax(-1)  # [rows]
-    tol = reproduce_tolerance(view, picked, final)
+    gaps = (theirs - top_probs).abs()  # [rows, k]
+    tol = (torch.maximum(theirs, top_probs) * reproduce_tolerance(view, picked, final).unsqueeze(1)).clamp_min(_REPRODUCE_ATOL)
     if not bool((gaps <= tol).all()):
         at = int((gaps / tol).nan_to_num(float("inf")).argmax())
+        gap, bound = gaps.reshape(-1)[at].item(), tol.reshape(-1)[at].item()
         raise UnsupportedModelError(
-            f"the lens's final entry differs from the model's own prediction by {gaps[at].item():.3g} in "
-            f"probability, more than the {tol[at].item():.3g} that {logits.dtype} rounding explains: the "
+            f"the lens's final entry differs from the model's own prediction by {gap:.3g} in "
+            f"probability, more than the {bound:.3g} that {logits.dtype} rounding explains: the "
             "model transforms its stream or logits in a way this package does not reproduce (an extra "
             "head module or a logit transform), so no layer's reading can be trusted."
         )
