@@ -46,7 +46,7 @@ demo: setup
 	$(VENV)/bin/tl-logitlens demo --out logitlens-demo
 
 bench: setup
-	$(PY) bench/bench_lens.py
+	$(PY) bench/bench_lens.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-tl3 .venv-tl2 logitlens-demo

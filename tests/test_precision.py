@@ -53,9 +53,9 @@ def _norm64(model, x, scale=None):
         scale = (x.pow(2).mean(-1, keepdim=True) + _eps_of_norm(model)).sqrt()
     x = x / scale
     if weight is not None:
-        x = x * weight.double()
+        x = x * weight.to(x.device).double()
     if bias is not None:
-        x = x + bias.double()
+        x = x + bias.to(x.device).double()
     return x
 
 
@@ -68,15 +68,17 @@ def _unembed64(model):
 def lens64(model, tokens):
     """Logit-lens statistics ``[layer, batch, pos]`` from the stored stream, in float64."""
     with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens)
-    _, stack = reference.accumulated(model, cache)
+        logits, cache = model.run_with_cache(tokens.to(model.W_E.device))
     W_U, b_U = _unembed64(model)
+    n = model.cfg.n_layers
+    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(n)] + [f"blocks.{n - 1}.hook_resid_post"]
+    stack = torch.stack([cache[name].to(W_U.device) for name in names])  # a split model's layers, gathered
     final_stored = stack[-1]
     out = _norm64(model, stack.double()) @ W_U + b_U
     logp = torch.log_softmax(out, -1)
-    nxt = tokens[:, 1:].unsqueeze(0).unsqueeze(-1).expand(out.shape[0], -1, -1, 1)
+    nxt = tokens[:, 1:].to(out.device).unsqueeze(0).unsqueeze(-1).expand(out.shape[0], -1, -1, 1)
     target = out[:, :, :-1].gather(-1, nxt)
-    return {
+    out_cpu = {
         "logits": out,
         "entropy": -(logp.exp() * logp).sum(-1),
         "kl": (logp[-1].exp() * (logp[-1] - logp)).sum(-1),
@@ -86,16 +88,17 @@ def lens64(model, tokens):
         "rank_high": (out[:, :, :-1] > target - 1e-4).sum(-1),
         "model_logits": logits,
         "final_stored": final_stored,
-        "cache": cache,
     }
+    return {**{k: v.cpu() for k, v in out_cpu.items()}, "cache": cache}
 
 
 def _prob_tolerance(model, logits, final_stored, p):
     """Bound on |p_reading - p_model| for probabilities ``p [batch, pos, k]`` (the larger
     reading) from the model's dtype: a logit and log Z move by delta each (module docstring)."""
     eps = torch.finfo(logits.dtype).eps
-    n = _norm64(model, final_stored.double())  # [batch, pos, d]
+    n = _norm64(model, final_stored.to(model.W_U.device).double()).cpu()  # [batch, pos, d]
     W_U, _ = _unembed64(model)
+    W_U = W_U.cpu()
     size = n.norm(dim=-1) * W_U.norm(dim=0).max()  # Cauchy-Schwarz: >= sum_i |n_i W_ij|
     delta = 2 * eps * (logits.double().abs().amax(-1) + size)
     return (p * torch.expm1(2 * delta).unsqueeze(-1)).clamp_min(1e-3)
@@ -104,8 +107,9 @@ def _prob_tolerance(model, logits, final_stored, p):
 def dla64(model, cache, answers, wrong, pos=-1):
     """Per-component contributions (plus the stored stream's rounding) at ``pos``, in float64."""
     n_layers = model.cfg.n_layers
-    final = cache[f"blocks.{n_layers - 1}.hook_resid_post"][:, pos].double()
     W_U, b_U = _unembed64(model)
+    final = cache[f"blocks.{n_layers - 1}.hook_resid_post"][:, pos].to(W_U.device).double()
+    answers, wrong = answers.to(W_U.device), wrong.to(W_U.device)
     u = (W_U[:, answers] - W_U[:, wrong]).T
     kind = str(model.cfg.normalization_type)
     centred = final - final.mean(-1, keepdim=True) if kind.startswith("LN") else final
@@ -114,23 +118,23 @@ def dla64(model, cache, answers, wrong, pos=-1):
     names = ["hook_embed"] + (["hook_pos_embed"] if "hook_pos_embed" in cache.cache_dict else [])
     for layer in range(n_layers):
         names += [f"blocks.{layer}.hook_attn_out", f"blocks.{layer}.hook_mlp_out"]
-    pieces = [cache[name][:, pos].double() for name in names]
+    pieces = [cache[name][:, pos].to(final.device).double() for name in names]
     pieces.append(final - sum(pieces))  # what the model's roundings added
 
     def contrib(p):
         x = p - p.mean(-1, keepdim=True) if kind.startswith("LN") else p
         x = x / scale
         if weight is not None:
-            x = x * weight.double()
+            x = x * weight.to(x.device).double()
         return (x * u).sum(-1)
 
     b_diff = b_U[answers] - b_U[wrong]
-    constant = b_diff + ((u * bias.double()).sum(-1) if bias is not None else 0)
+    constant = b_diff + ((u * bias.to(u.device).double()).sum(-1) if bias is not None else 0)
     model_value = (_norm64(model, final) * u).sum(-1) + b_diff
     normed = _norm64(model, final)
     sizes = normed.abs() @ W_U.abs()  # [batch, vocab]: sum_i |n_i W_ij|
-    return {"values": torch.stack([contrib(p) for p in pieces]), "constant": constant,
-            "model_value": model_value, "sizes": sizes}
+    return {"values": torch.stack([contrib(p) for p in pieces]).cpu(), "constant": constant.cpu(),
+            "model_value": model_value.cpu(), "sizes": sizes.cpu()}
 
 
 # -- the grid -------------------------------------------------------------------------------
