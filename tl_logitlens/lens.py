@@ -16,19 +16,21 @@ import torch
 
 from .errors import LensInputError, UnsupportedModelError
 from .inputs import activation_shape, resolve_inputs, run_or_read
-from .model_access import ModelView
+from .model_access import ModelView, is_half
 from .readout import check_modes, read_rows
+from .tiles import TILE_COLUMNS
 from .stacks import piece_groups, required_hooks
 from .tokens import PositionSpec, Tokens, gather_positions, next_token_ids, position_index, token_list
 
 # Max |p_ours - p_model| on the final entry's top tokens before the lens refuses to
-# claim it reproduces the model (float32 arithmetic gives ~1e-6). In half precision the
-# model rounds its normalised stream and its logits to its dtype, which moves each logit by
-# at most delta = 2 * eps * (max|logit| + |n| * max_j |W_U[:, j]|) (n: the normalised final
-# stream; Cauchy-Schwarz bounds sum_i |n_i W_ij|; eps = torch.finfo(logits.dtype).eps), so
-# a probability p by at most p * expm1(2 * delta) (the logit and log Z each move by delta);
-# the tolerance per token is the larger of that (p: the larger of the two readings) and
-# _REPRODUCE_ATOL.
+# claim it reproduces the model (float32 arithmetic gives ~1e-6; float32 and float64 models
+# are held to it). A bfloat16 or float16 model rounds its normalised stream n and its logits
+# l to its dtype (unit roundoff u = eps / 2, eps = torch.finfo(dtype).eps), which moves
+# logit j by at most u * (|l_j| + sum_i |n_i| |W_U[i, j]|) and log Z by the softmax-weighted
+# mean of those; with the slack of a half-precision accumulation, the package allows
+#   delta_j = 2 * eps * (|l_j| + |n| @ |W_U[:, j]|),   delta_Z = sum_j p_j * delta_j,
+# so |p_ours - p_model| <= max(p_ours, p_model) * expm1(delta_j + delta_Z) for each top
+# token j (and never less than _REPRODUCE_ATOL). See reproduce_tolerance.
 _REPRODUCE_ATOL = 1e-3
 
 
@@ -359,20 +361,37 @@ def _apply_lens(lens: Callable, vectors: torch.Tensor, stack_index: int) -> torc
     return out
 
 
-def reproduce_tolerance(view: ModelView, logits: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
-    """Per-row relative tolerance ``[rows]``: ``|p_ours - p_model| <= p * tolerance`` (formula beside ``_REPRODUCE_ATOL``).
+def reproduce_tolerance(view: ModelView, logits: torch.Tensor, final: torch.Tensor, top_ids: torch.Tensor) -> torch.Tensor:
+    """Relative tolerance ``[rows, k]`` of each top token's probability: ``|p_ours - p_model| <= p * tolerance``.
 
-    ``logits [batch, n, d_vocab]`` the model's own at the rows read, ``final [batch, n,
-    d_model]`` the stored final stream there.
+    ``logits [rows, d_vocab]`` the model's own at the rows read, ``final [rows, d_model]``
+    the stored final stream there, ``top_ids [rows, k]``. The formula is beside
+    ``_REPRODUCE_ATOL``; it is zero for float32 and float64 models (the absolute floor holds
+    them). ``|n| @ |W_U|`` weighted by the model's probabilities is read a tile of the
+    unembedding at a time, on W_U's device, without a float32 copy of it.
     """
-    from .readout import max_column_norm
-
+    if not is_half(logits.dtype):
+        return torch.zeros(top_ids.shape)
     eps = torch.finfo(logits.dtype).eps
     W_U = view.W_U
-    normed = view.final_norm.to(torch.float32, final.device).apply(final.float(), "recompute")
-    size = normed.norm(dim=-1).reshape(-1).cpu() * max_column_norm(W_U)
-    delta = 2 * eps * (logits.detach().abs().amax(-1).float().reshape(-1).cpu() + size)
-    return torch.expm1(2 * delta)
+    device = W_U.device
+    n_abs = view.final_norm.to(torch.float32, device).apply(final.to(device).float(), "recompute").abs()
+    out = torch.empty(top_ids.shape)
+    step = 1024
+    with torch.no_grad():
+        for r in range(0, logits.shape[0], step):
+            l = logits[r : r + step].to(device).float()  # [c, d_vocab]
+            p = torch.softmax(l, -1)
+            n = n_abs[r : r + step]
+            ids = top_ids[r : r + step].to(device)
+            top_size = torch.einsum("cd,dck->ck", n, W_U[:, ids].abs().float())
+            delta_top = 2 * eps * (l.gather(1, ids).abs() + top_size)
+            weighted = torch.zeros_like(n)  # sum_j p_j |W_U[:, j]|
+            for a in range(0, W_U.shape[1], TILE_COLUMNS):
+                weighted += p[:, a : a + TILE_COLUMNS] @ W_U[:, a : a + TILE_COLUMNS].abs().float().T
+            delta_z = 2 * eps * ((p * l.abs()).sum(-1) + (n * weighted).sum(-1))
+            out[r : r + step] = torch.expm1(delta_top + delta_z.unsqueeze(1)).cpu()
+    return out
 
 
 def _check_reproduces_model(logits: torch.Tensor, index: torch.Tensor, top_ids: torch.Tensor, top_probs: torch.Tensor,
@@ -383,10 +402,15 @@ def _check_reproduces_model(logits: torch.Tensor, index: torch.Tensor, top_ids: 
     tolerance derives from the logits' dtype (:func:`reproduce_tolerance`).
     """
     picked = gather_positions(logits.detach(), index)  # [batch, n, d_vocab]
-    probs = torch.softmax(picked.float(), dim=-1).reshape(-1, picked.shape[-1]).cpu()
-    theirs = probs.gather(1, top_ids)
+    picked = picked.reshape(-1, picked.shape[-1])
+    # The model's probabilities of our top tokens, a block of rows at a time (bounded memory).
+    theirs = torch.cat([
+        torch.exp(block.float().gather(1, ids.to(block.device)) - torch.logsumexp(block.float(), -1, keepdim=True)).cpu()
+        for block, ids in zip(picked.split(1024), top_ids.split(1024))
+    ])
     gaps = (theirs - top_probs).abs()  # [rows, k]
-    tol = (torch.maximum(theirs, top_probs) * reproduce_tolerance(view, picked, final).unsqueeze(1)).clamp_min(_REPRODUCE_ATOL)
+    relative = reproduce_tolerance(view, picked, final.reshape(-1, final.shape[-1]), top_ids)
+    tol = (torch.maximum(theirs, top_probs) * relative).clamp_min(_REPRODUCE_ATOL)
     if not bool((gaps <= tol).all()):
         at = int((gaps / tol).nan_to_num(float("inf")).argmax())
         gap, bound = gaps.reshape(-1)[at].item(), tol.reshape(-1)[at].item()

@@ -8,6 +8,11 @@ vocabulary columns at a time (:mod:`tl_logitlens.tiles`), so ``[rows, d_vocab]``
 never exist unless the caller asks for them with ``return_logits=True``. Memory is set by
 :data:`DEFAULT_CHUNK_BUDGET_BYTES`, not by how many vectors are read.
 
+Precision and devices: statistics are float32 (float64 for a float64 model) whatever the
+model's dtype. A bfloat16 or float16 unembedding is cast a tile of columns at a time into a
+reused buffer, never copied whole; the vectors move, a chunk at a time, to ``W_U``'s own
+device; results come back on the CPU.
+
 The statistics are exact, computed from the logits shifted by their row maximum
 ``s = l - max(l)`` with ``Z = sum(exp(s))``:
 
@@ -102,15 +107,6 @@ def unembedding(view: ModelView, unembed: str, dtype: torch.dtype) -> Tuple[torc
             )
         return W_E.T, None
     raise LensInputError(f"unembed must be one of {UNEMBED_MODES}, got {unembed!r}")
-
-
-def max_column_norm(W: torch.Tensor, columns: int = 8192) -> float:
-    """``max_j |W[:, j]|`` (Euclidean) of ``W [d_model, d_vocab]``, read a block of columns at a time in float32."""
-    best = 0.0
-    with torch.no_grad():
-        for a in range(0, W.shape[1], columns):
-            best = max(best, float(torch.linalg.vector_norm(W[:, a : a + columns].float(), dim=0).max()))
-    return best
 
 
 def check_modes(norm: str, unembed: str, top_k: int, d_vocab: int) -> None:
