@@ -85,9 +85,11 @@ def prepare_model(model: Any, *, dtype: Optional[torch.dtype] = None, device: An
 
     Example::
 
-        >>> import torch
+        >>> import contextlib, io, torch
         >>> from tl_logitlens.demo import demo_model
-        >>> prepare_model(demo_model(), dtype=torch.float64).W_U.dtype
+        >>> with contextlib.redirect_stdout(io.StringIO()):  # transformer-lens says what it casts
+        ...     model = prepare_model(demo_model(), dtype=torch.float64)
+        >>> model.W_U.dtype
         torch.float64
     """
     if device is not None:
