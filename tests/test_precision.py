@@ -16,6 +16,7 @@ import torch
 import builders
 import reference
 import tl_logitlens as tll
+from tl_logitlens import tiles
 from tl_logitlens.errors import UnsupportedModelError
 from tl_logitlens.evaluate import evaluate_lens
 from tl_logitlens.model_access import TransformerBridge
@@ -138,7 +139,15 @@ def dla64(model, cache, answers, wrong, pos=-1):
 
 
 # -- the grid -------------------------------------------------------------------------------
-def test_every_lens_statistic_matches_float64_reference(pmodel):
+@pytest.fixture(params=[None, (7, 128), (16, 8)], ids=["one-tile", "tiles-of-7", "top-k-blocks"])
+def tiling(request, monkeypatch):
+    """The vocabulary read whole or in tiles, so the per-tile cast of a half-precision W_U is exercised."""
+    if request.param is not None:
+        monkeypatch.setattr(tiles, "TILE_COLUMNS", request.param[0])
+        monkeypatch.setattr(tiles, "_TOPK_BLOCK", request.param[1])
+
+
+def test_every_lens_statistic_matches_float64_reference(pmodel, tiling):
     ref = lens64(pmodel, TOKENS)
     result = tll.logit_lens(pmodel, TOKENS, targets="next", top_k=3)
     assert result.entropy.dtype == torch.float32 and result.entropy.device.type == "cpu"
@@ -327,3 +336,24 @@ def test_real_models_in_half_precision(real):
         ref_dla = dla64(model, cache, answers, wrong)
         att = tll.direct_logit_attribution(model, tokens[:, :-1], answers=answers, wrong=wrong)
         torch.testing.assert_close(att.values.double(), ref_dla["values"], atol=1e-4, rtol=1e-4)
+
+
+def test_half_unembedding_is_read_tile_by_tile_never_copied_whole(monkeypatch):
+    model = _half_case("gpt2-bf16") if TransformerBridge is not None else _half_case("ht-ln-folded-bf16")
+    monkeypatch.setattr(tiles, "TILE_COLUMNS", 16)
+    whole = model.W_U.numel()
+    copies = []
+    for name in ("to", "float", "double", "type"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _original=original, **kwargs):
+            out = _original(self, *args, **kwargs)
+            if out is not self and out.numel() >= whole and out.dtype != self.dtype and out.ndim == 2:
+                copies.append((tuple(out.shape), "".join(__import__("traceback").format_stack(limit=4)[:-1])))
+            return out
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    tll.logit_lens(model, TOKENS, targets="next")
+    tll.direct_logit_attribution(model, TOKENS, answers=ANSWERS, wrong=WRONG, by="head")
+    monkeypatch.undo()
+    assert copies == []

@@ -18,7 +18,7 @@ from .errors import LensInputError, UnsupportedModelError
 from .inputs import activation_shape, resolve_inputs, run_or_read
 from .model_access import ModelView, is_half
 from .readout import check_modes, read_rows
-from .tiles import TILE_COLUMNS
+from . import tiles
 from .stacks import piece_groups, required_hooks
 from .tokens import PositionSpec, Tokens, gather_positions, next_token_ids, position_index, token_list
 
@@ -387,8 +387,9 @@ def reproduce_tolerance(view: ModelView, logits: torch.Tensor, final: torch.Tens
             top_size = torch.einsum("cd,dck->ck", n, W_U[:, ids].abs().float())
             delta_top = 2 * eps * (l.gather(1, ids).abs() + top_size)
             weighted = torch.zeros_like(n)  # sum_j p_j |W_U[:, j]|
-            for a in range(0, W_U.shape[1], TILE_COLUMNS):
-                weighted += p[:, a : a + TILE_COLUMNS] @ W_U[:, a : a + TILE_COLUMNS].abs().float().T
+            for a in range(0, W_U.shape[1], tiles.TILE_COLUMNS):
+                z = a + tiles.TILE_COLUMNS
+                weighted += p[:, a:z] @ W_U[:, a:z].abs().float().T
             delta_z = 2 * eps * ((p * l.abs()).sum(-1) + (n * weighted).sum(-1))
             out[r : r + step] = torch.expm1(delta_top + delta_z.unsqueeze(1)).cpu()
     return out
