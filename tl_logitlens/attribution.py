@@ -159,7 +159,8 @@ def direct_logit_attribution(
 
     Returns:
         :class:`Attribution` with ``values [component, batch]`` (``[component, batch, pos]``
-        for several positions), for which ``values.sum(0) + constant == model_value``.
+        for several positions), for which ``values.sum(0) + constant == model_value``; for a
+        bfloat16 or float16 model the last component is ``rounding`` (module docstring).
 
     Example::
 
