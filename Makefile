@@ -46,7 +46,7 @@ demo: setup
 	$(VENV)/bin/tl-logitlens demo --out logitlens-demo
 
 bench: setup
-	$(PY) bench/bench_lens.py
+	$(PY) bench/bench_lens.py $(ARGS)
 
 # to_dataframe at ~443k rows: the column-built tables against the old row loop (a ratio).
 bench-tables: setup

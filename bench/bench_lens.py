@@ -40,7 +40,8 @@ cache included), in MiB, read from the kernel's high-water mark (``VmHWM``, rese
 ``/proc/self/clear_refs``) after ``malloc_trim``; a 1 ms RSS-sampling thread where that
 reset is not allowed.
 
-Usage: ``python bench/bench_lens.py [--quick] [--threads N] [--clock wall|cpu] [--out bench/results.json]``;
+Usage: ``python bench/bench_lens.py [--quick] [--threads N] [--clock wall|cpu] [--device cpu|cuda] [--out bench/results.json]``
+(``make bench ARGS="--device cuda"``);
 ``--sweep-budgets 4 16 64`` instead times the lens on 2 x 512 tokens with each kernel memory
 budget (MiB) and writes only that to ``--out``.
 """
@@ -162,6 +163,17 @@ class PeakMemory:
 CLOCK = time.perf_counter
 
 
+#: Where the model, its cache and the floor's product live (``--device``).
+DEVICE = "cpu"
+
+
+def now() -> float:
+    """``CLOCK()`` after the device's queued work has finished (CUDA runs asynchronously)."""
+    if torch.device(DEVICE).type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+    return CLOCK()
+
+
 def run_method(fn: Callable[[], Any], runs: int, warmup: bool) -> Dict[str, Any]:
     """Run ``fn`` (which returns its own seconds, or None to be timed here) ``runs`` times.
 
@@ -169,9 +181,9 @@ def run_method(fn: Callable[[], Any], runs: int, warmup: bool) -> Dict[str, Any]
     more follow. Returns ``{"seconds": median, "runs": [...], "memory_mib": ...}``.
     """
     def once() -> float:
-        start = CLOCK()
+        start = now()
         inner = fn()
-        wall = CLOCK() - start
+        wall = now() - start
         return float(inner) if isinstance(inner, (int, float)) else wall
 
     with PeakMemory() as mem:
@@ -193,7 +205,7 @@ def build_model() -> Tuple[Any, str]:
     if HookedTransformer is not None:
         cfg = HookedTransformerConfig(
             n_layers=N_LAYERS, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=D_VOCAB,
-            n_ctx=1024, act_fn="gelu_new", normalization_type="LN", seed=0,
+            n_ctx=1024, act_fn="gelu_new", normalization_type="LN", seed=0, device=DEVICE,
         )
         model = HookedTransformer(cfg)
         model.process_weights_(fold_ln=True, center_writing_weights=True, center_unembed=True)
@@ -214,7 +226,7 @@ def build_model() -> Tuple[Any, str]:
     transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="w0", bos_token="w1", eos_token="w1", pad_token="w2"
     ).save_pretrained(path)
-    model = TransformerBridge.boot_transformers(path, device="cpu")
+    model = TransformerBridge.boot_transformers(path, device=DEVICE)
     shutil.rmtree(path, ignore_errors=True)  # the weights are in memory now
     model.enable_compatibility_mode()
     return model.eval(), "TransformerBridge (random GPT2LMHeadModel(GPT2Config()), compatibility mode: folded)"
@@ -233,7 +245,7 @@ def dla_hooks() -> List[str]:
 
 def make_cache(model: Any, tokens: torch.Tensor, names: List[str]) -> Any:
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=list(names))
+        _, cache = model.run_with_cache(tokens.to(DEVICE), names_filter=list(names))
     return cache
 
 
@@ -249,7 +261,7 @@ def floor_fn(W_U: torch.Tensor, vectors: torch.Tensor, chunk: int, columns: Opti
     width = W_U.shape[1] if columns is None else columns
 
     def run() -> float:
-        out = torch.empty(min(chunk, vectors.shape[0]) * width)
+        out = torch.empty(min(chunk, vectors.shape[0]) * width, device=vectors.device)
         out.zero_()  # fault the pages in before timing
         total = 0.0
         with torch.no_grad():
@@ -258,9 +270,9 @@ def floor_fn(W_U: torch.Tensor, vectors: torch.Tensor, chunk: int, columns: Opti
                 for a in range(0, W_U.shape[1], width):
                     w = W_U[:, a : a + width]
                     o = out[: x.shape[0] * w.shape[1]].view(x.shape[0], w.shape[1])
-                    t0 = CLOCK()
+                    t0 = now()
                     torch.mm(x, w, out=o)
-                    total += CLOCK() - t0
+                    total += now() - t0
         return total
 
     return run
@@ -503,14 +515,14 @@ def evaluate_section(model: Any, args: argparse.Namespace, floor_chunk: int) -> 
         total = 0.0
         with torch.no_grad():
             for i in range(0, n_seq, bs):
-                t0 = CLOCK()
-                model(tokens[i : i + bs])
-                total += CLOCK() - t0
+                t0 = now()
+                model(tokens[i : i + bs].to(DEVICE))
+                total += now() - t0
         return total
 
     scored = n_seq * (seq - 1)
     gen = torch.Generator().manual_seed(12)
-    vectors = torch.randn(scored * (N_LAYERS + 1), 768, generator=gen)
+    vectors = torch.randn(scored * (N_LAYERS + 1), 768, generator=gen).to(DEVICE)
     out: Dict[str, Any] = {"shape": [n_seq, seq], "batch_size": bs, "scored_tokens": scored, "methods": {}}
     out["methods"]["evaluate_lens"] = run_method(evaluate, args.eval_repeats, False)
     out["methods"]["forward"] = run_method(forwards, args.eval_repeats, False)
@@ -569,6 +581,8 @@ def print_table(results: Dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--device", default="cpu",
+                        help="where the model, its cache and the floor live (cpu, cuda, cuda:1); memory figures are the host's RSS")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after a warm-up (small workloads)")
     parser.add_argument("--big-repeats", type=int, default=2, help="runs on the 8x512 lens workload")
     parser.add_argument("--eval-repeats", type=int, default=1)
@@ -600,7 +614,10 @@ def main() -> None:
         "kernel_budget_mib": tll.DEFAULT_CHUNK_BUDGET_BYTES / MiB,
         "repeats": {"small": args.repeats, "big": args.big_repeats, "transformer_lens_big": 1},
     }
-    print(f"building the model (transformer-lens {TL_VERSION}) ...", flush=True)
+    global DEVICE
+    DEVICE = args.device
+    meta["device"] = DEVICE
+    print(f"building the model (transformer-lens {TL_VERSION}) on {DEVICE} ...", flush=True)
     model, description = build_model()
     meta["model"] = description
     results: Dict[str, Any] = {"meta": meta, "lens": {}, "notes": []}

@@ -76,8 +76,9 @@ def word_tokenizer(vocab_size: int) -> Any:
 
 # -- HookedTransformer (2.x, 3.x) ---------------------------------------------------------
 def hooked(normalization="LN", fold=False, attn_only=False, gated=False, rotary=False,
-           n_kv=None, tied=False, seed=0, tokenizer=False) -> Any:
+           n_kv=None, tied=False, seed=0, tokenizer=False, dtype=torch.float32, device="cpu", n_devices=1) -> Any:
     cfg = HookedTransformerConfig(
+        dtype=dtype, device=device, n_devices=n_devices,
         n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=None if attn_only else 48,
         d_vocab=D_VOCAB, n_ctx=N_CTX, act_fn="silu" if gated else "gelu",
         normalization_type=normalization, attn_only=attn_only, gated_mlp=gated,
@@ -140,8 +141,14 @@ def hf_dir(kind: str, seed: int = 0, tied: bool = False) -> str:
     return path
 
 
-def hf_bridge(kind: str, compat=False, tied=False, seed=0) -> Any:
-    bridge = TransformerBridge.boot_transformers(hf_dir(kind, seed, tied), device="cpu")
+#: A two-layer Llama split over two GPUs: embeddings and layer 0 on the first, the rest on the second.
+LLAMA_SPLIT = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0,
+               "model.layers.1": 1, "model.norm": 1, "lm_head": 1}
+
+
+def hf_bridge(kind: str, compat=False, tied=False, seed=0, dtype=torch.float32, device="cpu", device_map=None) -> Any:
+    where = {"device": device} if device_map is None else {"device_map": device_map}
+    bridge = TransformerBridge.boot_transformers(hf_dir(kind, seed, tied), dtype=dtype, **where)
     if compat:
         bridge.enable_compatibility_mode()
     return bridge.eval()
@@ -181,6 +188,26 @@ def cases() -> List[Case]:
             Case("llama-compat", lambda: hf_bridge("llama", compat=True), folded=True),
             Case("neox", lambda: hf_bridge("neox")),
         ]
+    return out
+
+
+_SHORT = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64", torch.float32: "f32"}
+
+
+def precision_cases(dtypes=(torch.bfloat16, torch.float16), device="cpu") -> List[Case]:
+    """The precision grid: a GPT-2 bridge (LayerNorm), a Llama bridge (RMSNorm, grouped-query
+    attention) and a folded HookedTransformer (2.x/3.x) in each of ``dtypes`` on ``device``."""
+    out: List[Case] = []
+    for dtype in dtypes:
+        tag = _SHORT[dtype] + ("" if device == "cpu" else f"-{device}")
+        if HookedTransformer is not None:
+            out.append(Case(f"ht-ln-folded-{tag}", lambda d=dtype: hooked("LN", fold=True, dtype=d, device=device),
+                            folded=True, hooked=True))
+            out.append(Case(f"ht-rms-gqa-{tag}", lambda d=dtype: hooked("RMS", gated=True, rotary=True, n_kv=2,
+                                                                         dtype=d, device=device), hooked=True))
+        if TransformerBridge is not None:
+            out.append(Case(f"gpt2-{tag}", lambda d=dtype: hf_bridge("gpt2", dtype=d, device=device)))
+            out.append(Case(f"llama-gqa-{tag}", lambda d=dtype: hf_bridge("llama", dtype=d, device=device)))
     return out
 
 

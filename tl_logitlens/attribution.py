@@ -9,6 +9,21 @@ where ``u = W_U[:, answer] - W_U[:, wrong]``, ``readout_direction`` folds in the
 weight and centring, and ``constant`` holds what no piece writes: ``b_U`` and the norm's
 bias along ``u``. Pieces are contracted with the direction from their factored form
 (activations times output weights), so ``[component, batch, pos, d_model]`` is never built.
+
+Precision. Everything is computed in float32 (float64 for a float64 model) from the
+activations the model stored. ``model_value`` is the float32 reading of the final stream the
+model stored, so the identity above holds to float32 precision in every dtype. A
+bfloat16 or float16 model rounds its stream after every addition, so its pieces gain a
+``rounding`` entry (:mod:`tl_logitlens.stacks`), whose largest size is
+:attr:`Attribution.rounding_error`. When the model was run here, its own logits are
+compared with ``model_value``; they may differ by the rounding of the model's last steps:
+
+    |logit_model - model_value| <= 2 * eps * sum_t (|logit_t| + |n| @ |W_U[:, t]|) + 1e-4 * (1 + |model_value|)
+
+over the answer (and wrong) token ``t``, with ``n`` the normalised final stream and
+``eps = torch.finfo(logits.dtype).eps``: the normalised stream and the logits are each
+rounded once to the model's dtype. A larger difference is refused: the model does
+something after ``ln_final`` that this reading misses.
 """
 
 from __future__ import annotations
@@ -21,7 +36,7 @@ import torch
 
 from .errors import LensInputError, UnsupportedModelError
 from .inputs import activation_shape, resolve_inputs, run_or_read
-from .model_access import cache_tensor
+from .model_access import cache_tensor, compute_device
 from .stacks import STACK_KINDS, piece_groups, required_hooks
 from .tokens import PositionSpec, gather_positions, per_prompt_ids, position_index
 
@@ -44,6 +59,8 @@ class Attribution:
         answer_ids, wrong_ids: ``[batch]`` (``wrong_ids`` is ``None`` for a plain logit).
         positions: ``[batch, pos]`` absolute positions read.
         n_layers, n_heads: model sizes, for :meth:`by_head`.
+        rounding_error: the largest ``|rounding|`` entry (bfloat16 and float16 models: what
+            the model's own roundings add to the value), ``0.0`` without one.
 
     Example::
 
@@ -66,6 +83,7 @@ class Attribution:
     n_layers: int
     n_heads: int
     tokenizer: Any = None
+    rounding_error: float = 0.0
 
     def residual_error(self) -> float:
         """``max |sum(values) + constant - model_value|`` (for ``"accumulated"``: the final entry)."""
@@ -174,7 +192,8 @@ def direct_logit_attribution(
 
     Returns:
         :class:`Attribution` with ``values [component, batch]`` (``[component, batch, pos]``
-        for several positions), for which ``values.sum(0) + constant == model_value``.
+        for several positions), for which ``values.sum(0) + constant == model_value``; for a
+        bfloat16 or float16 model the last component is ``rounding`` (module docstring).
 
     Example::
 
@@ -204,39 +223,42 @@ def direct_logit_attribution(
 
     groups = piece_groups(view, cache, by, index)
     dtype = groups[0].acts.dtype
-    fnorm = view.final_norm.to(dtype)
-    W_U = view.W_U.to(dtype)
-    b_U = view.b_U
-    u = W_U[:, answer_ids].T  # [batch, d_model]
-    if wrong_ids is not None:
-        u = u - W_U[:, wrong_ids].T
-    u = u.to(groups[0].acts.device)
-    final = gather_positions(cache_tensor(cache, view.final_resid_hook), index).to(dtype)
+    device = compute_device(view)
+    fnorm = view.final_norm.to(dtype, device)
+    W_U, b_U = view.W_U, view.b_U
+
+    def columns(ids: torch.Tensor) -> torch.Tensor:
+        """``W_U[:, ids].T`` ``[batch, d_model]``: only these columns leave W_U's dtype and device."""
+        return W_U[:, ids.to(W_U.device)].T.to(device=device, dtype=dtype)
+
+    def bias_of(ids: torch.Tensor) -> torch.Tensor:
+        return b_U[ids.to(b_U.device)].to(device=device, dtype=dtype)
+
+    u_answer = columns(answer_ids)
+    u = u_answer if wrong_ids is None else u_answer - columns(wrong_ids)  # [batch, d_model]
+    final = gather_positions(cache_tensor(cache, view.final_resid_hook), index).to(device=device, dtype=dtype)
     scale = fnorm.scale(final)[..., 0]  # [batch, pos]
     direction = fnorm.readout_direction(u)
     values = torch.cat([g.project(direction) for g in groups], dim=0) / scale
 
     constant = fnorm.bias_term(u)
+    b_diff = None
     if b_U is not None:
-        b_U = b_U.to(dtype)
-        constant = constant + b_U[answer_ids] - (b_U[wrong_ids] if wrong_ids is not None else 0)
+        b_diff = bias_of(answer_ids) - (bias_of(wrong_ids) if wrong_ids is not None else 0)
+        constant = constant + b_diff
     constant = constant.unsqueeze(1).expand_as(scale)
 
+    # The model's value: its stored final stream read exactly as the model reads it, in
+    # float32, so the pieces (with the rounding entry in half precision) add up to it.
+    normed = fnorm.apply(final, "recompute")  # [batch, pos, d_model]
+    model_value = (normed * u.unsqueeze(1)).sum(-1)
+    if b_diff is not None:
+        model_value = model_value + b_diff.unsqueeze(1)
     if logits is not None:
-        picked = gather_positions(logits.detach().to(dtype), index)  # [batch, pos, d_vocab]
+        _check_model_logits(logits, index, normed, answer_ids, wrong_ids, columns, model_value)
 
-        def logit_of(ids: torch.Tensor) -> torch.Tensor:
-            return picked.gather(2, ids.view(batch, 1, 1).expand(batch, index.shape[1], 1))[..., 0]
-
-        model_value = logit_of(answer_ids)
-        if wrong_ids is not None:
-            model_value = model_value - logit_of(wrong_ids)
-    else:
-        # Only a cache: the model's value is its final stream read exactly as the model reads it.
-        model_value = (fnorm.apply(final, "recompute") * u.unsqueeze(1)).sum(-1)
-        if b_U is not None:
-            model_value = model_value + (b_U[answer_ids] - (b_U[wrong_ids] if wrong_ids is not None else 0)).unsqueeze(1)
-
+    labels = [label for g in groups for label in g.labels]
+    rounding_error = float(values[labels.index("rounding")].abs().max()) if "rounding" in labels else 0.0
     if drop:
         values, model_value, constant = values[..., 0], model_value[..., 0], constant[..., 0]
     return Attribution(
@@ -251,4 +273,48 @@ def direct_logit_attribution(
         n_layers=view.n_layers,
         n_heads=view.n_heads,
         tokenizer=view.tokenizer,
+        rounding_error=rounding_error,
     )
+
+
+def _check_model_logits(
+    logits: torch.Tensor,
+    index: torch.Tensor,
+    normed: torch.Tensor,
+    answer_ids: torch.Tensor,
+    wrong_ids: Optional[torch.Tensor],
+    columns: Any,
+    model_value: torch.Tensor,
+) -> None:
+    """The model's own logit (difference) must match the reading of its stored stream within its dtype's rounding.
+
+    Tolerance in the module docstring; ``normed [batch, pos, d_model]`` is the normalised
+    final stream, ``columns(ids)`` the unembedding columns ``[batch, d_model]``.
+    """
+    batch, n_pos = index.shape
+    picked = gather_positions(logits.detach(), index)  # [batch, pos, d_vocab] on the logits' device
+    eps = torch.finfo(logits.dtype).eps
+
+    def own(ids: torch.Tensor) -> torch.Tensor:
+        at = ids.to(picked.device).view(batch, 1, 1).expand(batch, n_pos, 1)
+        return picked.gather(2, at)[..., 0].to(device=model_value.device, dtype=model_value.dtype)
+
+    def size(ids: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
+        return logit.abs() + torch.einsum("bpd,bd->bp", normed.abs(), columns(ids).abs())
+
+    theirs = own(answer_ids)
+    budget = size(answer_ids, theirs)
+    if wrong_ids is not None:
+        wrong_logit = own(wrong_ids)
+        theirs = theirs - wrong_logit
+        budget = budget + size(wrong_ids, wrong_logit)
+    tol = 2 * eps * budget + 1e-4 * (1 + model_value.abs())
+    gap = (theirs - model_value).abs()
+    if not bool((gap <= tol).all()):
+        at = int((gap / tol).reshape(-1).nan_to_num(float("inf")).argmax())
+        raise UnsupportedModelError(
+            f"the model's own logit (difference) differs from the reading of its final residual "
+            f"stream by {gap.reshape(-1)[at].item():.3g}, more than the {tol.reshape(-1)[at].item():.3g} "
+            f"that {logits.dtype} rounding explains: the model does something after ln_final (an "
+            "extra head module or a logit transform) that direct logit attribution does not see."
+        )

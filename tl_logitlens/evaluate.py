@@ -40,7 +40,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import torch
 
 from .errors import LensInputError
-from .model_access import ModelView, view as view_model
+from .model_access import ModelView, compute_device, input_device, view as view_model
 from .norm import NORM_MODES
 from .readout import read_rows, require_finite
 from .tokens import Tokens, tokenize
@@ -558,7 +558,7 @@ def evaluate_lens(
     if max_tokens is not None:
         total = max_tokens if total is None else min(total, max_tokens)
     n_ctx = getattr(view.model.cfg, "n_ctx", None)
-    device = view.W_U.device
+    device = compute_device(view)  # where the kernel reads; the tokens go to the embedding's device
     running = _Running(len(labels))
 
     bar = _progress_bar(total, progress)
@@ -582,15 +582,20 @@ def evaluate_lens(
             n = int(scored.sum())
             if n == 0:
                 continue
-            store = _capture(view, ids.to(device), names)
-            mask = scored.to(device)
-            final_rows = store[names[-1]][:, :-1][mask]  # [n, d_model]
+            store = _capture(view, ids.to(input_device(view)), names)
+
+            def rows(acts: torch.Tensor) -> torch.Tensor:
+                # Scored rows picked on the activation's own device (a split model keeps its
+                # layers apart); only they move to the kernel's device.
+                return acts[:, :-1][scored.to(acts.device)].to(device)
+
+            final_rows = rows(store[names[-1]])  # [n, d_model]
             entries = []
             for k, name in enumerate(names):
                 acts = store.pop(name)
                 if lens is not None:
                     acts = _apply_lens(lens, acts, k)
-                entries.append(acts[:, :-1][mask])
+                entries.append(rows(acts))
             del store
             vectors = torch.stack(entries)  # [layer, n, d_model]
             del entries

@@ -13,7 +13,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 
 from .errors import LensInputError
-from .model_access import ActivationCache, ModelView, cache_tensor, model_from_cache, run_with_cache, view as view_model
+from .model_access import ActivationCache, ModelView, cache_tensor, input_device, model_from_cache, run_with_cache, view as view_model
 from .stacks import check_cache
 from .tokens import Tokens, tokenize
 
@@ -56,5 +56,5 @@ def run_or_read(view: ModelView, tokens: Optional[Tokens], cache: Any, names: Li
     """``(logits, cache)``: the model run once caching ``names``, or ``(None, cache)`` as given."""
     if cache is not None:
         return None, cache
-    return run_with_cache(view.model, tokens.ids.to(view.W_U.device), names)
+    return run_with_cache(view.model, tokens.ids.to(input_device(view)), names)
 

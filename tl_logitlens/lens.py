@@ -16,13 +16,21 @@ import torch
 
 from .errors import LensInputError, UnsupportedModelError
 from .inputs import activation_shape, resolve_inputs, run_or_read
-from .model_access import ModelView
+from .model_access import ModelView, is_half
 from .readout import check_modes, chunk_rows, read_rows
+from . import tiles
 from .stacks import piece_groups, required_hooks
 from .tokens import PositionSpec, Tokens, gather_positions, next_token_ids, position_index, token_list
 
 # Max |p_ours - p_model| on the final entry's top tokens before the lens refuses to
-# claim it reproduces the model (float32 arithmetic gives ~1e-6).
+# claim it reproduces the model (float32 arithmetic gives ~1e-6; float32 and float64 models
+# are held to it). A bfloat16 or float16 model rounds its normalised stream n and its logits
+# l to its dtype (unit roundoff u = eps / 2, eps = torch.finfo(dtype).eps), which moves
+# logit j by at most u * (|l_j| + sum_i |n_i| |W_U[i, j]|) and log Z by the softmax-weighted
+# mean of those; with the slack of a half-precision accumulation, the package allows
+#   delta_j = 2 * eps * (|l_j| + |n| @ |W_U[:, j]|),   delta_Z = sum_j p_j * delta_j,
+# so |p_ours - p_model| <= max(p_ours, p_model) * expm1(delta_j + delta_Z) for each top
+# token j (and never less than _REPRODUCE_ATOL). See reproduce_tolerance.
 _REPRODUCE_ATOL = 1e-3
 
 
@@ -367,7 +375,7 @@ def logit_lens(
         tokenizer=view.tokenizer,
     )
     if logits is not None and norm == "recompute" and unembed == "W_U" and lens is None and keep[-1] == len(labels) - 1:
-        _check_reproduces_model(logits, index, flat.top_ids[-1], flat.top_probs[-1])
+        _check_reproduces_model(logits, index, flat.top_ids[-1], flat.top_probs[-1], view, reference)
     return result
 
 
@@ -381,15 +389,63 @@ def _apply_lens(lens: Callable, vectors: torch.Tensor, stack_index: int) -> torc
     return out
 
 
-def _check_reproduces_model(logits: torch.Tensor, index: torch.Tensor, top_ids: torch.Tensor, top_probs: torch.Tensor) -> None:
-    """The final entry must be the model's own prediction; refuse loudly if it is not."""
+def reproduce_tolerance(view: ModelView, logits: torch.Tensor, final: torch.Tensor, top_ids: torch.Tensor) -> torch.Tensor:
+    """Relative tolerance ``[rows, k]`` of each top token's probability: ``|p_ours - p_model| <= p * tolerance``.
+
+    ``logits [rows, d_vocab]`` the model's own at the rows read, ``final [rows, d_model]``
+    the stored final stream there, ``top_ids [rows, k]``. The formula is beside
+    ``_REPRODUCE_ATOL``; it is zero for float32 and float64 models (the absolute floor holds
+    them). ``|n| @ |W_U|`` weighted by the model's probabilities is read a tile of the
+    unembedding at a time, on W_U's device, without a float32 copy of it.
+    """
+    if not is_half(logits.dtype):
+        return torch.zeros(top_ids.shape)
+    eps = torch.finfo(logits.dtype).eps
+    W_U = view.W_U
+    device = W_U.device
+    n_abs = view.final_norm.to(torch.float32, device).apply(final.to(device).float(), "recompute").abs()
+    out = torch.empty(top_ids.shape)
+    step = 1024
+    with torch.no_grad():
+        for r in range(0, logits.shape[0], step):
+            l = logits[r : r + step].to(device).float()  # [c, d_vocab]
+            p = torch.softmax(l, -1)
+            n = n_abs[r : r + step]
+            ids = top_ids[r : r + step].to(device)
+            top_size = torch.einsum("cd,dck->ck", n, W_U[:, ids].abs().float())
+            delta_top = 2 * eps * (l.gather(1, ids).abs() + top_size)
+            weighted = torch.zeros_like(n)  # sum_j p_j |W_U[:, j]|
+            for a in range(0, W_U.shape[1], tiles.TILE_COLUMNS):
+                z = a + tiles.TILE_COLUMNS
+                weighted += p[:, a:z] @ W_U[:, a:z].abs().float().T
+            delta_z = 2 * eps * ((p * l.abs()).sum(-1) + (n * weighted).sum(-1))
+            out[r : r + step] = torch.expm1(delta_top + delta_z.unsqueeze(1)).cpu()
+    return out
+
+
+def _check_reproduces_model(logits: torch.Tensor, index: torch.Tensor, top_ids: torch.Tensor, top_probs: torch.Tensor,
+                            view: ModelView, final: torch.Tensor) -> None:
+    """The final entry must be the model's own prediction; refuse loudly if it is not.
+
+    ``final [batch, n, d_model]`` is the stored final stream at the rows read; the
+    tolerance derives from the logits' dtype (:func:`reproduce_tolerance`).
+    """
     picked = gather_positions(logits.detach(), index)  # [batch, n, d_vocab]
-    probs = torch.softmax(picked.float(), dim=-1).reshape(-1, picked.shape[-1]).cpu()
-    theirs = probs.gather(1, top_ids)
-    gap = (theirs - top_probs).abs().max().item()
-    if gap > _REPRODUCE_ATOL:
+    picked = picked.reshape(-1, picked.shape[-1])
+    # The model's probabilities of our top tokens, a block of rows at a time (bounded memory).
+    theirs = torch.cat([
+        torch.exp(block.float().gather(1, ids.to(block.device)) - torch.logsumexp(block.float(), -1, keepdim=True)).cpu()
+        for block, ids in zip(picked.split(1024), top_ids.split(1024))
+    ])
+    gaps = (theirs - top_probs).abs()  # [rows, k]
+    relative = reproduce_tolerance(view, picked, final.reshape(-1, final.shape[-1]), top_ids)
+    tol = (torch.maximum(theirs, top_probs) * relative).clamp_min(_REPRODUCE_ATOL)
+    if not bool((gaps <= tol).all()):
+        at = int((gaps / tol).nan_to_num(float("inf")).argmax())
+        gap, bound = gaps.reshape(-1)[at].item(), tol.reshape(-1)[at].item()
         raise UnsupportedModelError(
-            f"the lens's final entry differs from the model's own prediction by up to {gap:.3g} in "
-            "probability: the model transforms its stream or logits in a way this package does not "
-            "reproduce (an extra head module or a logit transform), so no layer's reading can be trusted."
+            f"the lens's final entry differs from the model's own prediction by {gap:.3g} in "
+            f"probability, more than the {bound:.3g} that {logits.dtype} rounding explains: the "
+            "model transforms its stream or logits in a way this package does not reproduce (an extra "
+            "head module or a logit transform), so no layer's reading can be trusted."
         )

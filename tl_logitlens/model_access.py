@@ -40,11 +40,66 @@ from transformer_lens import ActivationCache
 TL_VERSION = importlib.metadata.version("transformer-lens")
 TL_MAJOR = int(TL_VERSION.split(".")[0])
 
-# Relative error allowed between our parametric final norm and the model's own module.
+# Relative error allowed between our parametric final norm and the model's own module in
+# float32 and float64; in half precision the module's output is rounded to its dtype, so the
+# bound is norm_check_rtol(dtype) = max(1e-4, 4 * eps(dtype)) (eps: torch.finfo(dtype).eps,
+# twice the unit roundoff: 0.031 for bfloat16, 0.0039 for float16).
 _NORM_CHECK_RTOL = 1e-4
 
 _ENCODER_CLASS_NAMES = ("HookedEncoder", "HookedEncoderDecoder", "HookedAudioEncoder")
 _NON_ATTENTION_BLOCK_WORDS = ("ssm", "mamba", "mixer", "conv", "delta")
+
+
+def norm_check_rtol(dtype: torch.dtype) -> float:
+    """Relative tolerance of the final-norm probe for a norm computed in ``dtype``."""
+    return max(_NORM_CHECK_RTOL, 4 * torch.finfo(dtype).eps)
+
+
+def is_half(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` is bfloat16 or float16: a model that rounds its stream after every addition."""
+    return dtype in (torch.bfloat16, torch.float16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the package computes in for a model stored in ``dtype``: float64 stays, the rest is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def compute_device(view: "ModelView") -> torch.device:
+    """Where the package computes: the unembedding's own device (the last one of a split model)."""
+    return view.W_U.device
+
+
+def input_device(view: "ModelView") -> torch.device:
+    """Where a forward pass takes its token ids: the embedding's device (the first of a split model)."""
+    return view.W_E.device
+
+
+def prepare_model(model: Any, *, dtype: Optional[torch.dtype] = None, device: Any = None) -> Any:
+    """Move and cast a loaded model for the analyses (the CLI's ``--device`` and ``--dtype``).
+
+    Half precision is best chosen at load time
+    (``TransformerBridge.boot_transformers(path, dtype=torch.bfloat16)``); this casts a
+    model already loaded, in place, and returns it in eval mode. ``None`` leaves the
+    device or dtype as it is.
+
+    Example::
+
+        >>> import contextlib, io, torch
+        >>> from tl_logitlens.demo import demo_model
+        >>> with contextlib.redirect_stdout(io.StringIO()):  # transformer-lens says what it casts
+        ...     model = prepare_model(demo_model(), dtype=torch.float64)
+        >>> model.W_U.dtype
+        torch.float64
+    """
+    if device is not None:
+        model = model.to(device)
+    if dtype is not None:
+        model = model.to(dtype)
+        cfg = getattr(model, "cfg", None)
+        if cfg is not None and hasattr(cfg, "dtype"):
+            cfg.dtype = dtype  # HookedTransformer's norms read cfg.dtype to decide on upcasting
+    return model.eval()
 
 
 def is_bridge(model: Any) -> bool:
@@ -252,20 +307,27 @@ def _check_norm_against_module(norm: FinalNorm, ln_final: torch.nn.Module, model
     """Our parametric norm must reproduce the model's own ``ln_final`` on a probe vector.
 
     This catches norms with a twist (Gemma's ``1 + weight``, a different eps) that would
-    otherwise give a quietly wrong lens.
+    otherwise give a quietly wrong lens. The probe lives on ``ln_final``'s own parameters'
+    device and dtype (the model's if it has none, e.g. ``LNPre``), and the check runs in
+    every precision: a half-precision module's output is rounded to its dtype, so the
+    tolerance is :func:`norm_check_rtol` of that dtype.
     """
-    param = next(model.parameters())
+    params = list(ln_final.parameters()) or [model.W_U]
+    param = params[0]
     gen = torch.Generator().manual_seed(0)
     probe = torch.randn(1, 3, int(model.cfg.d_model), generator=gen).to(param.device, param.dtype) * 3 + 0.5
     with torch.no_grad():
-        theirs = ln_final(probe).float()
-        ours = norm.to(torch.float32).apply(probe.float(), "recompute")
+        out = ln_final(probe)
+        theirs = out.float()
+        ours = norm.to(torch.float32, probe.device).apply(probe.float(), "recompute")
     err = (theirs - ours).abs().max().item()
-    if err > _NORM_CHECK_RTOL * max(1.0, theirs.abs().max().item()) and param.dtype == torch.float32:
+    rtol = norm_check_rtol(out.dtype)
+    if not err <= rtol * max(1.0, theirs.abs().max().item()):
         raise UnsupportedModelError(
             f"the final norm ({type(ln_final).__name__}) does not behave as a {norm.kind} norm with "
-            f"its own weight, bias and eps (max difference {err:.3g} on a probe vector); this "
-            "package will not guess its formula."
+            f"its own weight, bias and eps (max difference {err:.3g} on a probe vector, more than "
+            f"the {rtol:.2g} relative rounding of {out.dtype} explains); this package will not "
+            "guess its formula."
         )
 
 

@@ -107,7 +107,7 @@ class FinalNorm:
             return torch.zeros(u.shape[:-1], dtype=u.dtype, device=u.device)
         return u @ self.bias.to(u.dtype)
 
-    def to(self, dtype: torch.dtype) -> "FinalNorm":
-        """The same norm with parameters in ``dtype``."""
-        cast = (lambda t: None if t is None else t.detach().to(dtype))  # noqa: E731
+    def to(self, dtype: torch.dtype, device: Optional[torch.device] = None) -> "FinalNorm":
+        """The same norm with parameters in ``dtype`` (and on ``device`` when given)."""
+        cast = (lambda t: None if t is None else t.detach().to(device=device or t.device, dtype=dtype))  # noqa: E731
         return FinalNorm(self.kind, cast(self.weight), cast(self.bias), self.eps)

@@ -8,6 +8,11 @@ vocabulary columns at a time (:mod:`tl_logitlens.tiles`), so ``[rows, d_vocab]``
 never exist unless the caller asks for them with ``return_logits=True``. Memory is set by
 :data:`DEFAULT_CHUNK_BUDGET_BYTES`, not by how many vectors are read.
 
+Precision and devices: statistics are float32 (float64 for a float64 model) whatever the
+model's dtype. A bfloat16 or float16 unembedding is cast a tile of columns at a time into a
+reused buffer, never copied whole; the vectors move, a chunk at a time, to ``W_U``'s own
+device; results come back on the CPU.
+
 The statistics are exact, computed from the logits shifted by their row maximum
 ``s = l - max(l)`` with ``Z = sum(exp(s))``:
 
@@ -93,10 +98,15 @@ class Readout:
 
 
 def unembedding(view: ModelView, unembed: str, dtype: torch.dtype) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``(W [d_model, d_vocab], b [d_vocab] or None)`` for ``"W_U"`` or ``"W_E"`` (transposed, no bias)."""
+    """``(W [d_model, d_vocab], b [d_vocab] or None)`` for ``"W_U"`` or ``"W_E"`` (transposed, no bias).
+
+    ``W`` stays in the model's own dtype and on its own device (the kernel casts it a tile
+    at a time: a float32 copy of a 7B model's unembedding is 0.5 GB); the small bias is
+    returned in ``dtype``.
+    """
     if unembed == "W_U":
         b_U = view.b_U
-        return view.W_U.to(dtype), (None if b_U is None else b_U.to(dtype))
+        return view.W_U, (None if b_U is None else b_U.to(dtype))
     if unembed == "W_E":
         W_E = view.W_E
         if W_E.shape[0] != view.d_vocab:
@@ -104,7 +114,7 @@ def unembedding(view: ModelView, unembed: str, dtype: torch.dtype) -> Tuple[torc
                 f"unembed='W_E' needs an embedding with one row per output token, but W_E has "
                 f"{W_E.shape[0]} rows and W_U {view.d_vocab} columns; use unembed='W_U'."
             )
-        return W_E.T.to(dtype), None
+        return W_E.T, None
     raise LensInputError(f"unembed must be one of {UNEMBED_MODES}, got {unembed!r}")
 
 
@@ -179,7 +189,7 @@ def read_rows(
     W, b = unembedding(view, unembed, dtype)
     device = W.device
     d_vocab = view.d_vocab
-    fnorm = view.final_norm.to(dtype)
+    fnorm = view.final_norm.to(dtype, device)
     transform = view.output_transform if unembed == "W_U" else None
     if norm == "cached" and reference is None:
         raise LensInputError("norm='cached' takes the scale from reference=, the final residual stream at each row")
@@ -204,6 +214,7 @@ def read_rows(
     per_group = max(1, product_rows // step - len(lead))
     groups = [lead + others[i : i + per_group] for i in range(0, len(others), per_group)] or [lead]
     buffers = [torch.empty(max(map(len, groups)) * step * width, dtype=dtype, device=device) for _ in range(BUFFERS)]
+    w_tile = torch.empty(d_model * width, dtype=dtype, device=device) if W.dtype != dtype else None
 
     top_ids = torch.empty(outer, rows, top_k, dtype=torch.long)
     top_logits = torch.empty(outer, rows, top_k, dtype=torch.float32)
@@ -234,11 +245,13 @@ def read_rows(
                         if o is not None:
                             all_logits[o, start:stop, a:z] = logits[j].float().cpu()
 
-                x = torch.stack([sources[i][0][start:stop] for i in group]).to(device=device, dtype=dtype)
+                # Each slice moves to W's device alone: the reference may live elsewhere.
+                x = torch.stack([sources[i][0][start:stop].to(device=device, dtype=dtype) for i in group])
                 x = fnorm.apply(x, norm, scale).reshape(len(group) * (stop - start), d_model)
                 st = read_product(
                     x, len(group), W, b, transform, buffers, top_k=top_k, with_reference=ref_source is not None,
                     next_tokens=nxt, target_ids=tid, keep_logits=keep if all_logits is not None else None,
+                    w_tile=w_tile,
                 )
                 for j, o in enumerate(outs):
                     if o is None:

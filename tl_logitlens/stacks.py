@@ -13,6 +13,22 @@ to cut the stream (``by``):
 - ``"neuron"``: every neuron's write ``LxNy = post[..., y] * W_out[y]`` from
   ``mlp.hook_post``, each ``L_mlp_bias``, and the non-MLP components.
 
+Half precision. A bfloat16 or float16 model rounds its stream after every addition (and
+each layer's output after its matrix product), so the pieces, read in float32 from the
+cache, do not add up exactly to the final stream the model stored. The difference is then
+its own labelled piece, ``rounding = final_stored - sum(pieces)`` (last), so the pieces
+still add up to the stored stream; float32 and float64 models get no such piece. The gap
+must stay within what the dtype's rounding can explain, element by element::
+
+    |gap| <= eps * (sum_k |S_k| + 4 * sum_g |acts_g| @ |W_g|) + 1e-4 * max(1, max|final|)
+
+with ``eps = torch.finfo(dtype).eps`` (twice the unit roundoff), ``S_k`` the stream after
+each addition (the running sum of the pieces: each addition rounds once) and
+``|acts_g| @ |W_g|`` the magnitude of each factored group's product (heads, neurons),
+which the model computes and rounds in half precision; the factors leave room for a
+half-precision accumulation. A larger gap means the decomposition misses a write (e.g. a
+scaled embedding), and the stack is refused.
+
 Each cut is a list of :class:`PieceGroup` factored as activations times weights, so the
 same pieces can either be materialised (:func:`residual_stack`) or contracted with a
 direction without ever building ``[component, batch, pos, d_model]``
@@ -27,7 +43,9 @@ from typing import Any, List, Optional
 import torch
 
 from .errors import LensInputError, MissingHooksError, UnsupportedModelError
-from .model_access import ModelView, cache_has, cache_tensor, model_from_cache, view as view_model
+from .model_access import (
+    ModelView, cache_has, cache_tensor, compute_device, compute_dtype, is_half, model_from_cache, view as view_model,
+)
 from .readout import require_finite
 from .tokens import PositionSpec, gather_positions, position_index
 
@@ -62,6 +80,12 @@ class PieceGroup:
         if self.weight is None:
             return self.acts.sum(2)
         return torch.einsum("bpnk,nkd->bpd", self.acts, self.weight)
+
+    def product_size(self) -> Optional[torch.Tensor]:
+        """``|acts| @ |weight|`` ``[batch, pos, d_model]``: what bounds the rounding of the product (``None`` unfactored)."""
+        if self.weight is None:
+            return None
+        return torch.einsum("bpnk,nkd->bpd", self.acts.abs(), self.weight.abs())
 
     def project(self, direction: torch.Tensor) -> torch.Tensor:
         """Each piece dotted with one direction per prompt ``[batch, d_model]``: ``[n, batch, pos]``."""
@@ -120,13 +144,23 @@ def check_cache(cache: Any, names: List[str], what: str) -> None:
 
 
 def piece_groups(view: ModelView, cache: Any, by: str, index: torch.Tensor, incl_mid: bool = False) -> List[PieceGroup]:
-    """The stack of kind ``by`` as factored groups, at positions ``index [batch, n]``."""
-    dtype = torch.float64 if view.W_U.dtype == torch.float64 else torch.float32
+    """The stack of kind ``by`` as factored groups, at positions ``index [batch, n]``.
+
+    Every activation is read at the positions on its own device (a split model keeps its
+    layers' caches apart) and only that slice moves to the compute device, the
+    unembedding's, in float32 (float64 for a float64 model). For a half-precision model a
+    ``rounding`` group comes last (see the module docstring).
+    """
+    dtype = compute_dtype(view.W_U.dtype)
+    device = compute_device(view)
 
     def read(name: str) -> torch.Tensor:
-        x = gather_positions(cache_tensor(cache, name), index).to(dtype)
+        x = gather_positions(cache_tensor(cache, name), index)
         require_finite(x, f"activation {name!r}")
-        return x
+        return x.to(device=device, dtype=dtype)
+
+    def weight(w: torch.Tensor) -> torch.Tensor:
+        return w.to(device=device, dtype=dtype)
 
     batch, n_pos = index.shape
     if by == "accumulated":
@@ -147,9 +181,9 @@ def piece_groups(view: ModelView, cache: Any, by: str, index: torch.Tensor, incl
             W_O, b_O = view.attn_output_weights(layer)
             z = read(f"blocks.{layer}.attn.hook_z")
             z = z.reshape(batch, n_pos, view.n_heads, -1)
-            groups.append(PieceGroup([f"L{layer}H{h}" for h in range(view.n_heads)], z, W_O.to(dtype)))
+            groups.append(PieceGroup([f"L{layer}H{h}" for h in range(view.n_heads)], z, weight(W_O)))
             if b_O is not None:
-                groups.append(_bias_group(f"{layer}_attn_bias", b_O.to(dtype), batch, n_pos))
+                groups.append(_bias_group(f"{layer}_attn_bias", weight(b_O), batch, n_pos))
         else:
             groups.append(PieceGroup([f"{layer}_attn_out"], read(f"blocks.{layer}.hook_attn_out").unsqueeze(2)))
         if not view.has_mlp:
@@ -163,26 +197,66 @@ def piece_groups(view: ModelView, cache: Any, by: str, index: torch.Tensor, incl
             W_out, b_out = view.mlp_output_weights(layer)
             post = read(f"blocks.{layer}.mlp.hook_post")
             labels = [f"L{layer}N{i}" for i in range(W_out.shape[0])]
-            groups.append(PieceGroup(labels, post.unsqueeze(-1), W_out.to(dtype).unsqueeze(1)))
+            groups.append(PieceGroup(labels, post.unsqueeze(-1), weight(W_out).unsqueeze(1)))
             if b_out is not None:
-                groups.append(_bias_group(f"{layer}_mlp_bias", b_out.to(dtype), batch, n_pos))
+                groups.append(_bias_group(f"{layer}_mlp_bias", weight(b_out), batch, n_pos))
         else:
             groups.append(PieceGroup([f"{layer}_mlp_out"], read(f"blocks.{layer}.hook_mlp_out").unsqueeze(2)))
-    _check_sum(groups, read(view.final_resid_hook), by)
-    return groups
+    stored = cache_tensor(cache, view.final_resid_hook)
+    rounding = _check_sum(groups, read(view.final_resid_hook), by, stored.dtype)
+    return groups + ([rounding] if rounding is not None else [])
 
 
-def _check_sum(groups: List[PieceGroup], final: torch.Tensor, by: str) -> None:
-    """The pieces must add up to the final stream, or the decomposition is not the model's."""
+def rounding_bound(groups: List[PieceGroup], final: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Elementwise bound ``[batch, pos, d_model]`` on ``|final - sum(pieces)|`` for a model stored in ``dtype``.
+
+    The formula is in the module docstring: each addition into the stream rounds once,
+    each factored product (heads, neurons) rounds its output and its accumulation.
+    """
+    eps = torch.finfo(dtype).eps
+    running = torch.zeros_like(final)
+    streams = torch.zeros_like(final)
+    products = torch.zeros_like(final)
+    for group in groups:
+        running = running + group.total()
+        streams += running.abs()
+        size = group.product_size()
+        if size is not None:
+            products += size
+    floor = _SUM_CHECK_RTOL * max(1.0, final.abs().max().item())
+    return eps * (streams + 4 * products) + floor
+
+
+def _check_sum(groups: List[PieceGroup], final: torch.Tensor, by: str, stored_dtype: torch.dtype) -> Optional[PieceGroup]:
+    """The pieces must add up to the final stream, or the decomposition is not the model's.
+
+    Returns the ``rounding`` group for a half-precision model (``None`` otherwise).
+    """
     total = sum(group.total() for group in groups)
-    gap = (total - final).abs().max().item()
+    gap = final - total
     size = final.abs().max().item()
-    if gap > _SUM_CHECK_RTOL * max(1.0, size):
+    if not is_half(stored_dtype):
+        worst = gap.abs().max().item()
+        if worst > _SUM_CHECK_RTOL * max(1.0, size):
+            raise UnsupportedModelError(
+                f"the by={by!r} pieces do not add up to the final residual stream (max gap {worst:.3g} "
+                f"against values up to {size:.3g}): this model writes to its stream in a way the "
+                "decomposition does not capture (e.g. a scaled embedding), so attributions would be wrong."
+            )
+        return None
+    bound = rounding_bound(groups, final, stored_dtype)
+    ratio = gap.abs() / bound
+    if not bool((ratio <= 1).all()):
+        at = int(ratio.reshape(-1).nan_to_num(float("inf")).argmax())
         raise UnsupportedModelError(
-            f"the by={by!r} pieces do not add up to the final residual stream (max gap {gap:.3g} "
-            f"against values up to {size:.3g}): this model writes to its stream in a way the "
-            "decomposition does not capture (e.g. a scaled embedding), so attributions would be wrong."
+            f"the by={by!r} pieces do not add up to the final residual stream: a gap of "
+            f"{gap.abs().reshape(-1)[at].item():.3g} where {stored_dtype} rounding explains at most "
+            f"{bound.reshape(-1)[at].item():.3g} (stream values up to {size:.3g}, largest gap "
+            f"{gap.abs().max().item():.3g}). The model's precision is not the cause: it writes to its "
+            "stream in a way the decomposition does not capture (e.g. a scaled embedding), so "
+            "attributions would be wrong."
         )
+    return PieceGroup(["rounding"], gap.unsqueeze(2))
 
 
 @dataclass
@@ -226,8 +300,11 @@ def residual_stack(
         positions: ``None`` (all), an int (axis dropped), a list of ints or a slice.
 
     Returns:
-        :class:`ResidualStack` with ``values [component, batch, pos, d_model]``. For every
-        ``by`` except ``"accumulated"``, ``values.sum(0)`` is the final residual stream.
+        :class:`ResidualStack` with ``values [component, batch, pos, d_model]`` on the CPU,
+        in float32 (float64 for a float64 model). For every ``by`` except
+        ``"accumulated"``, ``values.sum(0)`` is the final residual stream; for a bfloat16 or
+        float16 model the last component, ``rounding``, is what the model's roundings
+        added (module docstring).
 
     Example::
 
@@ -246,7 +323,7 @@ def residual_stack(
     lengths = torch.full((final.shape[0],), final.shape[1])
     index, drop = position_index(positions, lengths, final.shape[1])
     groups = piece_groups(view, cache, by, index, incl_mid)
-    values = torch.cat([g.vectors() for g in groups], dim=0)
+    values = torch.cat([g.vectors() for g in groups], dim=0).cpu()
     labels = [label for g in groups for label in g.labels]
     if drop:
         values = values[:, :, 0]

@@ -126,6 +126,7 @@ def read_product(
     next_tokens: Optional[torch.Tensor] = None,
     target_ids: Optional[torch.Tensor] = None,
     keep_logits: Optional[Callable[[int, int, torch.Tensor], None]] = None,
+    w_tile: Optional[torch.Tensor] = None,
 ) -> ProductStats:
     """Read ``x [g * n, d_model]`` (``g`` entries of the same ``n`` rows) through ``W [d_model, d_vocab]``.
 
@@ -133,8 +134,16 @@ def read_product(
     ``next_tokens [n]`` (``-1`` for none) and ``target_ids [n, t]`` are per row.
     ``buffers``: :data:`BUFFERS` flat tensors of at least ``g * n * width`` elements.
     ``keep_logits(a, z, logits [g, n, z - a])`` receives each tile's raw logits.
+    ``W`` may be stored in another dtype than ``x`` (a bfloat16 or float16 model read in
+    float32): each tile of columns is then cast into ``w_tile`` (a flat buffer of at least
+    ``d_model * width`` elements of ``x``'s dtype, made here when not given), so no full
+    float32 copy of the unembedding is ever made; a ``W`` already in ``x``'s dtype is read
+    in place.
     """
     m, d_vocab = x.shape[0], W.shape[1]
+    cast = W.dtype != x.dtype
+    if cast and (w_tile is None or w_tile.numel() < W.shape[0] * min(d_vocab, tile_width(d_vocab, transform))):
+        w_tile = torch.empty(W.shape[0] * tile_width(d_vocab, transform), dtype=x.dtype, device=x.device)
     n = m // g
     width = tile_width(d_vocab, transform)
     single = width >= d_vocab
@@ -153,7 +162,7 @@ def read_product(
             # The targets' logits are needed before their tiles come: computed here alone,
             # they can differ from the tile's in the last bit, so the target's own column
             # is taken back out of the count at the end (only exact near-ties are uncertain).
-            t_guess = torch.einsum("gnd,dnt->gnt", x.view(g, n, -1), W[:, target_ids])
+            t_guess = torch.einsum("gnd,dnt->gnt", x.view(g, n, -1), W[:, target_ids].to(x.dtype))
             if b is not None:
                 t_guess += b[target_ids]
             if transform is not None:
@@ -163,7 +172,10 @@ def read_product(
         z = min(d_vocab, a + width)
         w = z - a
         tile = buffers[0][: m * w].view(m, w)
-        torch.mm(x, W[:, a:z], out=tile)
+        columns = W[:, a:z]
+        if cast:  # this tile of the unembedding in the compute dtype, in a reused buffer
+            columns = w_tile[: W.shape[0] * w].view(W.shape[0], w).copy_(columns)
+        torch.mm(x, columns, out=tile)
         if b is not None:
             tile.add_(b[a:z])
         if transform is not None:
