@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import re
@@ -199,14 +200,6 @@ def resolve_dtype(name: str) -> Any:
     return getattr(torch, name)
 
 
-def _move(model: Any, target: Any) -> Any:
-    """``model.to(target)`` without TransformerLens's 'Moving model to ...' / 'Changing model dtype' prints."""
-    import io
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        return model.to(target)
-
-
 def load_model(spec: str, device: str = "cpu", dtype: str = "float32") -> Any:
     """``demo``, a local HF model directory, or a hub name, as a TransformerLens model in eval mode.
 
@@ -219,12 +212,10 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32") -> Any:
     if spec == "demo":
         from .demo import demo_model
 
-        model = demo_model()
-        if torch_dtype != next(model.parameters()).dtype:
-            model = _move(model, torch_dtype)
-        if torch_device.type != "cpu":
-            model = _move(model, torch_device)
-        return model.eval()
+        from .model_access import prepare_model
+
+        with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints what it moves and casts
+            return prepare_model(demo_model(), dtype=torch_dtype, device=torch_device)
     path = Path(spec).expanduser()
     looks_local = spec.startswith((".", "/", "~")) or path.exists()
     try:
