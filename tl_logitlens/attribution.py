@@ -14,6 +14,7 @@ bias along ``u``. Pieces are contracted with the direction from their factored f
 from __future__ import annotations
 
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any, List, Optional, Tuple
 
 import torch
@@ -40,6 +41,10 @@ class Attribution:
         answer_ids, wrong_ids: ``[batch]`` (``wrong_ids`` is ``None`` for a plain logit).
         positions: ``[batch, pos]`` absolute positions read.
         n_layers, n_heads: model sizes, for :meth:`by_head`.
+        lengths: ``[batch]`` each prompt's real length. Cells at padding positions (reached
+            by ``positions=None`` or a slice over a right-padded batch) are NaN in
+            ``values``, ``model_value`` and ``constant``; :meth:`mean`, :meth:`top`,
+            :meth:`residual_error` and :meth:`to_dataframe` leave them out.
 
     Example::
 
@@ -62,20 +67,38 @@ class Attribution:
     n_layers: int
     n_heads: int
     tokenizer: Any = None
+    lengths: Optional[torch.Tensor] = None
+
+    def real(self) -> torch.Tensor:
+        """``[...]`` bool: which cells are real tokens (False at padding positions)."""
+        positions = self.positions if self.model_value.ndim == 2 else self.positions[:, :1]
+        if self.lengths is None:
+            return torch.ones(positions.shape, dtype=torch.bool).reshape(self.model_value.shape)
+        return (positions < self.lengths.unsqueeze(1)).reshape(self.model_value.shape)
 
     def residual_error(self) -> float:
-        """``max |sum(values) + constant - model_value|`` (for ``"accumulated"``: the final entry)."""
+        """``max |sum(values) + constant - model_value|`` over real cells (for ``"accumulated"``: the final entry)."""
         total = self.values[-1] if self.by == "accumulated" else self.values.sum(0)
-        return (total + self.constant - self.model_value).abs().max().item()
+        return (total + self.constant - self.model_value).abs()[self.real()].max().item()
 
     def mean(self) -> torch.Tensor:
-        """Mean over the batch: ``[component]`` (or ``[component, pos]``)."""
-        return self.values.mean(1)
+        """Mean over the batch, padding cells left out: ``[component]`` (or ``[component, pos]``).
+
+        A position that is padding in every prompt has no value: NaN.
+        """
+        return torch.nanmean(self.values.masked_fill(~self.real(), float("nan")), dim=1)
 
     def top(self, k: int = 10) -> List[Tuple[str, float]]:
-        """The ``k`` components with the largest mean absolute effect, as ``(label, mean value)``."""
-        mean = self.values.reshape(self.values.shape[0], -1).mean(1)
-        order = mean.abs().argsort(descending=True)[:k]
+        """The ``k`` components with the largest mean absolute effect, as ``(label, mean value)``.
+
+        The mean runs over every real (batch, position) cell; padding is left out. ``k``
+        must be a positive int; fewer are returned when there are fewer components.
+        """
+        if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
+            raise LensInputError(f"k must be a positive int (how many components to list), got {k!r}")
+        real = self.real().reshape(-1)
+        mean = self.values.reshape(self.values.shape[0], -1)[:, real].mean(1)
+        order = mean.abs().argsort(descending=True)[: int(k)]
         return [(self.labels[i], float(mean[i])) for i in order.tolist()]
 
     def by_head(self) -> torch.Tensor:
@@ -88,16 +111,19 @@ class Attribution:
         return picked.reshape(self.n_layers, self.n_heads, *picked.shape[1:])
 
     def to_dataframe(self) -> Any:
-        """One row per (component, batch[, pos]) with ``value``, plus ``model_value`` and ``constant``."""
+        """One row per (component, batch[, pos]) with ``value``, plus ``model_value`` and ``constant``; padding left out."""
         import pandas as pd
 
         values = self.values if self.values.ndim == 3 else self.values.unsqueeze(-1)
         model_value = self.model_value if self.model_value.ndim == 2 else self.model_value.unsqueeze(-1)
         constant = self.constant if self.constant.ndim == 2 else self.constant.unsqueeze(-1)
+        real = self.real().reshape(values.shape[1], values.shape[2])
         records = []
         for c, label in enumerate(self.labels):
             for b in range(values.shape[1]):
                 for j in range(values.shape[2]):
+                    if not real[b, j]:
+                        continue  # padding
                     records.append({
                         "component": label,
                         "batch": b,
@@ -137,7 +163,9 @@ def direct_logit_attribution(
         wrong: the same forms; the attribution is then to ``logit(answer) - logit(wrong)``.
         by: ``"component"`` (embeddings, attention and MLP layers), ``"head"``,
             ``"neuron"`` or ``"accumulated"`` (the stream at each layer).
-        positions: where to read; default ``-1`` is each prompt's own last real token.
+        positions: where to read; default ``-1`` is each prompt's own last real token. With
+            ``None`` or a slice over a right-padded batch, padding cells are NaN (see
+            :class:`Attribution`).
 
     Returns:
         :class:`Attribution` with ``values [component, batch]`` (``[component, batch, pos]``
@@ -204,6 +232,13 @@ def direct_logit_attribution(
         if b_U is not None:
             model_value = model_value + (b_U[answer_ids] - (b_U[wrong_ids] if wrong_ids is not None else 0)).unsqueeze(1)
 
+    # Padding positions (positions=None or a slice over a right-padded batch) hold no token:
+    # mark them NaN so that no number is read from them.
+    padding = (index >= lengths.unsqueeze(1)).to(values.device)
+    if bool(padding.any()):
+        values = values.masked_fill(padding, float("nan"))
+        model_value = model_value.masked_fill(padding.to(model_value.device), float("nan"))
+        constant = constant.masked_fill(padding.to(constant.device), float("nan"))
     if drop:
         values, model_value, constant = values[..., 0], model_value[..., 0], constant[..., 0]
     return Attribution(
@@ -218,4 +253,5 @@ def direct_logit_attribution(
         n_layers=view.n_layers,
         n_heads=view.n_heads,
         tokenizer=view.tokenizer,
+        lengths=lengths,
     )
