@@ -13,7 +13,29 @@ import tl_logitlens as tll
 from tl_logitlens.evaluate import LensEvaluation, evaluate_lens
 from tl_logitlens.model_access import ActivationCache, TransformerBridge
 
-from test_errors import raises_before_forward
+
+class NoForward:
+    """Fails the test if the model starts a forward pass inside the block.
+
+    Counts on the embedding: a bridge's ``run_with_hooks``/``run_with_cache`` need not go
+    through the bridge's own ``__call__``, and some passes stop before they finish.
+    """
+
+    def __init__(self, model):
+        self.calls = 0
+        self.handle = model.embed.register_forward_pre_hook(lambda *a: setattr(self, "calls", self.calls + 1))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+        assert self.calls == 0, "the error came after a forward pass"
+
+
+def raises_before_forward(model, exc, match, fn):
+    with NoForward(model), pytest.raises(exc, match=match):
+        fn()
 
 
 @pytest.fixture(scope="module")
@@ -187,8 +209,16 @@ def test_evaluate_splits_long_sequences_into_windows_and_says_so(model):
 def test_evaluate_finds_an_out_of_range_id_before_the_first_batch(model):
     ids = builders.tokens(batch=9, seq=6)
     ids[7, 3] = builders.D_VOCAB + 5
-    raises_before_forward(model, tll.LensInputError, rf"must lie in \[0, {builders.D_VOCAB}\)",
-                          lambda: evaluate_lens(model, ids, batch_size=2, progress=False))
+    calls = []
+    # On the embedding: evaluate_lens stops its forward passes early and a bridge's
+    # run_with_hooks does not go through the bridge's own __call__.
+    handle = model.embed.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(tll.LensInputError, match=rf"must lie in \[0, {builders.D_VOCAB}\)"):
+            evaluate_lens(model, ids, batch_size=2, progress=False)
+    finally:
+        handle.remove()
+    assert not calls, "the bad id was found after a batch had run"
 
 
 def test_a_malformed_saved_evaluation_names_the_file_and_the_field(model, tmp_path):

@@ -20,7 +20,29 @@ from tl_logitlens.model_access import HookedTransformer, TransformerBridge, view
 from tl_logitlens.tokens import single_token_id
 from tl_logitlens.tokentext import token_text
 
-from test_errors import raises_before_forward
+
+class NoForward:
+    """Fails the test if the model starts a forward pass inside the block.
+
+    Counts on the embedding: a bridge's ``run_with_hooks``/``run_with_cache`` need not go
+    through the bridge's own ``__call__``, and some passes stop before they finish.
+    """
+
+    def __init__(self, model):
+        self.calls = 0
+        self.handle = model.embed.register_forward_pre_hook(lambda *a: setattr(self, "calls", self.calls + 1))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+        assert self.calls == 0, "the error came after a forward pass"
+
+
+def raises_before_forward(model, exc, match, fn):
+    with NoForward(model), pytest.raises(exc, match=match):
+        fn()
 
 needs_bridge = pytest.mark.skipif(TransformerBridge is None, reason="local HF models boot through TransformerBridge (3.x/4.x)")
 STORY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
@@ -101,24 +123,9 @@ def test_text_longer_than_the_context_is_refused_with_both_lengths(model):
         lambda: tll.direct_logit_attribution(model, words, answers="w5"),
         lambda: tll.logit_lens(model, builders.tokens(1, n_ctx + 1)),
     ):
-        with CountForwardsOK(model):
+        with NoForward(model):
             with pytest.raises(tll.LensInputError, match=rf"(is {length}|is {n_ctx + 1}) tokens long, longer than the model's context of {n_ctx}"):
                 call()
-
-
-class CountForwardsOK:
-    """Fails the test if the model runs inside the block."""
-
-    def __init__(self, model):
-        self.calls = 0
-        self.handle = model.register_forward_hook(lambda *a: setattr(self, "calls", self.calls + 1))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-        assert self.calls == 0, "the error came after a forward pass"
 
 
 def test_token_ids_as_numbers_and_specs_that_are_not_tokens(model):
