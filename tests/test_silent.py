@@ -199,7 +199,9 @@ def test_evaluate_splits_long_sequences_into_windows_and_says_so(model):
     by_hand = evaluate_lens(model, windows, progress=False)
     assert by_hand.n_tokens == ev.n_tokens
     for stat in ("kl_to_final", "next_token_loss", "entropy"):
-        assert torch.allclose(ev.mean(stat), by_hand.mean(stat), rtol=1e-6, atol=1e-9)
+        # float32 statistics; batches of other shapes round differently (KL at final_post is ~1e-8, not 0)
+        eps = torch.finfo(torch.float32).eps
+        assert torch.allclose(ev.mean(stat), by_hand.mean(stat), rtol=100 * eps, atol=10 * eps)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing to split: no warning
         short = evaluate_lens(model, ids[:, :n_ctx], progress=False)
