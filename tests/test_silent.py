@@ -206,6 +206,19 @@ def test_evaluate_splits_long_sequences_into_windows_and_says_so(model):
         warnings.simplefilter("error")  # nothing to split: no warning
         short = evaluate_lens(model, ids[:, :n_ctx], progress=False)
     assert "split_sequences" not in short.meta
+    # Text is never cut at the context either: every token of a long string is scored.
+    text = " ".join(f"w{3 + i % 50}" for i in range(2 * n_ctx))
+    with pytest.warns(UserWarning, match="split into 3 windows"):
+        ev = evaluate_lens(model, [text], progress=False)
+    assert ev.n_tokens == model.to_tokens(text, truncate=False).shape[1] - 1
+
+
+def test_layers_and_counts_take_any_integer_and_refuse_the_rest(model):
+    assert tll.logit_lens(model, PROMPTS, layers=np.int64(-1), positions=-1).labels == ["final_post"]
+    assert tll.logit_lens(model, PROMPTS, layers=np.array([0, -1]), positions=-1).labels == ["0_pre", "final_post"]
+    for bad in (2.5, {"0_pre": 1}, [0.0], True):
+        raises_before_forward(model, tll.LensInputError, "layer", lambda: tll.logit_lens(model, PROMPTS, layers=bad))
+    assert evaluate_lens(model, builders.tokens(), batch_size=np.int64(1), max_tokens=np.int32(5), progress=False).n_tokens == 5
 
 
 def test_evaluate_finds_an_out_of_range_id_before_the_first_batch(model):

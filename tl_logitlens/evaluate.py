@@ -35,6 +35,7 @@ import warnings
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from numbers import Integral
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -649,10 +650,12 @@ def evaluate_lens(
     view = view_model(model)
     if norm not in NORM_MODES:
         raise LensInputError(f"norm must be one of {NORM_MODES}, got {norm!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
         raise LensInputError(f"batch_size must be a positive int, got {batch_size!r}")
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, Integral) or max_tokens < 1):
         raise LensInputError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
+    batch_size = int(batch_size)
+    max_tokens = None if max_tokens is None else int(max_tokens)
     if lens is not None and not callable(lens):
         raise LensInputError("lens must be a callable (vectors, stack_index) -> vectors")
     from .lens import _apply_lens, stack_labels

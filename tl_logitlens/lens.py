@@ -10,6 +10,7 @@ whenever it runs the model itself.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import Any, Callable, List, Optional, Sequence, Union
 
 import torch
@@ -178,15 +179,22 @@ def resolve_layers(layers: Any, labels: List[str]) -> List[int]:
     """Stack entries by index (negative allowed) or label; ``None`` keeps all."""
     if layers is None:
         return list(range(len(labels)))
-    if isinstance(layers, (int, str)):
+    if type(layers).__module__ == "numpy" or (isinstance(layers, torch.Tensor) and not layers.dtype.is_floating_point):
+        layers = layers.tolist()
+    if isinstance(layers, (Integral, str)):
         layers = [layers]
+    if not isinstance(layers, (list, tuple, range)):
+        raise LensInputError(
+            f"layers must be a stack entry (an int or a label) or a list of them, got {type(layers).__name__} {layers!r}"
+        )
     picked = []
     for item in layers:
         if isinstance(item, str):
             if item not in labels:
                 raise LensInputError(f"layer {item!r} is not a stack entry; entries are {labels}")
             picked.append(labels.index(item))
-        elif isinstance(item, int) and not isinstance(item, bool):
+        elif isinstance(item, Integral) and not isinstance(item, bool):
+            item = int(item)
             index = item + len(labels) if item < 0 else item
             if not 0 <= index < len(labels):
                 raise LensInputError(
