@@ -236,6 +236,14 @@ def test_evaluate_finds_an_out_of_range_id_before_the_first_batch(model):
     assert not calls, "the bad id was found after a batch had run"
 
 
+def test_evaluate_reads_a_dict_as_one_batch_not_as_its_keys(model):
+    ids = builders.tokens()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the key "input_ids" read as text would warn of unknown words
+        ev = evaluate_lens(model, {"input_ids": ids}, progress=False)
+    assert ev.n_tokens == ids.shape[0] * (ids.shape[1] - 1)
+
+
 def test_a_malformed_saved_evaluation_names_the_file_and_the_field(model, tmp_path):
     ev = evaluate_lens(model, builders.tokens(), progress=False)
     good = tmp_path / "ev.json"

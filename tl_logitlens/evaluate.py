@@ -435,6 +435,8 @@ def _batches(view: ModelView, data: Any, batch_size: int) -> Tuple[Iterator[Toke
     """The data as an iterator of :class:`Tokens` batches, and the number of scored tokens if known."""
     if isinstance(data, str):
         data = [data]
+    if isinstance(data, Mapping):  # one batch ({"input_ids": ...}); iterating it would read its keys as text
+        data = [data]
     if type(data).__module__ == "numpy":
         data = torch.as_tensor(data)
     if isinstance(data, torch.Tensor):
