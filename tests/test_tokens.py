@@ -245,3 +245,35 @@ def test_capp_unknown_words_are_refused_or_warned(capp):
         tll.logit_lens(capp, "<SOS> <EOC>", positions=-1)
     for i in range(v.d_vocab):
         assert _quiet(single_token_id, v, token_text(tok, i), "t") == i
+
+
+# -- byte-level BPE whose unknown token is also its BOS (GPT-2's <|endoftext|>) -----------------
+@needs_bridge
+def test_a_bos_that_shares_the_unknown_id_is_not_an_unknown_word():
+    import transformers as tf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["the cat sat on the mat"] * 10, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    eot = "<|endoftext|>"
+    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=eot, bos_token=eot, eos_token=eot)
+    path = builders.temp_dir("bpe-")
+    fast.save_pretrained(path)
+    tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=len(fast), n_positions=32,
+                                     bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)).save_pretrained(path)
+    model = TransformerBridge.boot_transformers(path, device="cpu").eval()
+    assert model.tokenizer.unk_token_id == model.to_tokens("the")[0, 0]  # the prepended BOS is the "unknown" id
+    v = view(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = tll.logit_lens(model, " the cat", positions=None)
+        assert single_token_id(v, " cat", "answer") == fast.convert_tokens_to_ids("\u0120cat")
+        assert single_token_id(v, "\u0120cat", "answer") == fast.convert_tokens_to_ids("\u0120cat")
+        assert single_token_id(v, eot, "answer") == fast.convert_tokens_to_ids(eot)
+    assert result.input_tokens()[0] == [eot, " the", " cat"]  # decoded text, leading space kept
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # <|endoftext|> typed in the text is the user's token
+        tll.logit_lens(model, f" the{eot} cat", positions=-1)

@@ -78,6 +78,11 @@ def _warn_unknown(view: ModelView, text: str, row: torch.Tensor, prompt: int) ->
     if unk_id is None:
         return
     where = (row == unk_id).nonzero().flatten().tolist()
+    if not where:
+        return
+    # A BOS the model prepends may share the unknown token's id (GPT-2: <|endoftext|>): skip it.
+    offset = len(row) - len(_text_ids(view, text))
+    where = [p for p in where if p >= offset]
     # The unknown token typed literally is the user's choice, not a substitution.
     literal = text.count(unk_text) if unk_text else 0
     if len(where) > literal:
