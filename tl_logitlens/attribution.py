@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any, List, Optional, Tuple
 
 import torch
@@ -61,6 +62,10 @@ class Attribution:
         n_layers, n_heads: model sizes, for :meth:`by_head`.
         rounding_error: the largest ``|rounding|`` entry (bfloat16 and float16 models: what
             the model's own roundings add to the value), ``0.0`` without one.
+        lengths: ``[batch]`` each prompt's real length. Cells at padding positions (reached
+            by ``positions=None`` or a slice over a right-padded batch) are NaN in
+            ``values``, ``model_value`` and ``constant``; :meth:`mean`, :meth:`top`,
+            :meth:`residual_error` and :meth:`to_dataframe` leave them out.
 
     Example::
 
@@ -84,28 +89,44 @@ class Attribution:
     n_heads: int
     tokenizer: Any = None
     rounding_error: float = 0.0
+    lengths: Optional[torch.Tensor] = None
+
+    def real(self) -> torch.Tensor:
+        """``[...]`` bool: which cells are real tokens (False at padding positions)."""
+        positions = self.positions if self.model_value.ndim == 2 else self.positions[:, :1]
+        if self.lengths is None:
+            return torch.ones(positions.shape, dtype=torch.bool).reshape(self.model_value.shape)
+        return (positions < self.lengths.unsqueeze(1)).reshape(self.model_value.shape)
 
     def residual_error(self) -> float:
-        """``max |sum(values) + constant - model_value|`` (for ``"accumulated"``: the final entry)."""
+        """``max |sum(values) + constant - model_value|`` over real cells (for ``"accumulated"``: the final entry)."""
         total = self.values[-1] if self.by == "accumulated" else self.values.sum(0)
-        return (total + self.constant - self.model_value).abs().max().item()
+        return (total + self.constant - self.model_value).abs()[self.real()].max().item()
 
     def mean(self) -> torch.Tensor:
-        """Mean over the batch: ``[component]`` (or ``[component, pos]``)."""
-        return self.values.mean(1)
+        """Mean over the batch, padding cells left out: ``[component]`` (or ``[component, pos]``).
+
+        A position that is padding in every prompt has no value: NaN.
+        """
+        return torch.nanmean(self.values.masked_fill(~self.real(), float("nan")), dim=1)
 
     def top(self, k: int = 10, include_other: bool = False) -> List[Tuple[str, float]]:
         """The ``k`` components with the largest mean absolute effect, as ``(label, mean value)``.
 
-        After ``by="head"`` (``by="neuron"``) only heads ``L{l}H{h}`` (neurons ``L{l}N{i}``) are
-        ranked, since those are what was asked for; ``include_other=True`` ranks the embeddings,
-        MLP or attention layers and bias terms of the same stack among them.
+        The mean runs over every real (batch, position) cell; padding is left out. ``k``
+        must be a positive int; fewer are returned when there are fewer components. After
+        ``by="head"`` (``by="neuron"``) only heads ``L{l}H{h}`` (neurons ``L{l}N{i}``) are
+        ranked, since those are what was asked for; ``include_other=True`` ranks the
+        embeddings, MLP or attention layers and bias terms of the same stack among them.
         """
-        mean = self.values.reshape(self.values.shape[0], -1).mean(1)
+        if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
+            raise LensInputError(f"k must be a positive int (how many components to list), got {k!r}")
+        real = self.real().reshape(-1)
+        mean = self.values.reshape(self.values.shape[0], -1)[:, real].mean(1)
         pattern = _KIND_LABEL.get(self.by)
         keep = [i for i, label in enumerate(self.labels) if include_other or pattern is None or pattern.fullmatch(label)]
         picked = torch.tensor(keep, dtype=torch.long)
-        order = picked[mean[picked].abs().argsort(descending=True)[:k]]
+        order = picked[mean[picked].abs().argsort(descending=True)[: int(k)]]
         return [(self.labels[i], float(mean[i])) for i in order.tolist()]
 
     def by_head(self) -> torch.Tensor:
@@ -122,6 +143,7 @@ class Attribution:
 
         Columns: ``component``, ``batch``, ``pos`` (absolute position), ``value``,
         ``model_value``, ``constant``; rows run component, then batch, then position.
+        Padding positions are left out.
         Built column by column, so a neuron attribution of 400k rows takes a fraction of a second.
 
         Example::
@@ -142,15 +164,15 @@ class Attribution:
         constant = self.constant if self.constant.ndim == 2 else self.constant.unsqueeze(-1)
         n_comp, batch, n_pos = values.shape
         cells = batch * n_pos
+        real = np.tile(self.real().reshape(-1).numpy(), n_comp)  # padding cells are left out
         return pd.DataFrame({
-            "component": np.repeat(np.array(self.labels, dtype=object), cells),
-            "batch": np.tile(np.repeat(np.arange(batch, dtype=np.int64), n_pos), n_comp),
-            "pos": np.tile(self.positions.reshape(batch, n_pos).numpy().astype(np.int64).reshape(-1), n_comp),
-            "value": values.numpy().astype(np.float64).reshape(-1),
-            "model_value": np.tile(model_value.numpy().astype(np.float64).reshape(-1), n_comp),
-            "constant": np.tile(constant.numpy().astype(np.float64).reshape(-1), n_comp),
+            "component": np.repeat(np.array(self.labels, dtype=object), cells)[real],
+            "batch": np.tile(np.repeat(np.arange(batch, dtype=np.int64), n_pos), n_comp)[real],
+            "pos": np.tile(self.positions.reshape(batch, n_pos).numpy().astype(np.int64).reshape(-1), n_comp)[real],
+            "value": values.numpy().astype(np.float64).reshape(-1)[real],
+            "model_value": np.tile(model_value.numpy().astype(np.float64).reshape(-1), n_comp)[real],
+            "constant": np.tile(constant.numpy().astype(np.float64).reshape(-1), n_comp)[real],
         })
-
     def __repr__(self) -> str:
         labels = self.labels if len(self.labels) <= 2 else [self.labels[0], "...", self.labels[-1]]
         shown = "[" + ", ".join(x if x == "..." else repr(x) for x in labels) + "]"
@@ -188,7 +210,9 @@ def direct_logit_attribution(
         wrong: the same forms; the attribution is then to ``logit(answer) - logit(wrong)``.
         by: ``"component"`` (embeddings, attention and MLP layers), ``"head"``,
             ``"neuron"`` or ``"accumulated"`` (the stream at each layer).
-        positions: where to read; default ``-1`` is each prompt's own last real token.
+        positions: where to read; default ``-1`` is each prompt's own last real token. With
+            ``None`` or a slice over a right-padded batch, padding cells are NaN (see
+            :class:`Attribution`).
 
     Returns:
         :class:`Attribution` with ``values [component, batch]`` (``[component, batch, pos]``
@@ -257,8 +281,17 @@ def direct_logit_attribution(
     if logits is not None:
         _check_model_logits(logits, index, normed, answer_ids, wrong_ids, columns, model_value)
 
+    # Padding positions (positions=None or a slice over a right-padded batch) hold no token:
+    # mark them NaN so that no number is read from them.
+    padding = (index >= lengths.unsqueeze(1)).to(values.device)
+    if bool(padding.any()):
+        values = values.masked_fill(padding, float("nan"))
+        model_value = model_value.masked_fill(padding.to(model_value.device), float("nan"))
+        constant = constant.masked_fill(padding.to(constant.device), float("nan"))
     labels = [label for g in groups for label in g.labels]
-    rounding_error = float(values[labels.index("rounding")].abs().max()) if "rounding" in labels else 0.0
+    rounding_error = 0.0
+    if "rounding" in labels:  # its largest real cell (padding is NaN now)
+        rounding_error = float(torch.nan_to_num(values[labels.index("rounding")].abs(), nan=0.0).max())
     if drop:
         values, model_value, constant = values[..., 0], model_value[..., 0], constant[..., 0]
     return Attribution(
@@ -274,6 +307,7 @@ def direct_logit_attribution(
         n_heads=view.n_heads,
         tokenizer=view.tokenizer,
         rounding_error=rounding_error,
+        lengths=lengths,
     )
 
 

@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from numbers import Integral
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -43,7 +45,7 @@ from .errors import LensInputError
 from .model_access import ModelView, compute_device, input_device, view as view_model
 from .norm import NORM_MODES
 from .readout import read_rows, require_finite
-from .tokens import Tokens, tokenize
+from .tokens import Tokens, context_length, tokenize
 
 #: The per-token statistics summarised with a mean and quantiles.
 STATISTICS = ("kl_to_final", "next_token_loss", "entropy")
@@ -82,7 +84,7 @@ class LensEvaluation:
     Attributes:
         labels: stack entry labels, ``0_pre .. final_post``.
         n_tokens: how many tokens were scored (positions with a true next token).
-        n_sequences: how many sequences were read.
+        n_sequences: how many sequences were read (a sequence split into windows counts once).
         norm: the final-norm mode the lens read with.
         sums: ``{statistic: [layer]}`` float64 sums over tokens, for :data:`STATISTICS`.
         minima, maxima: ``{statistic: [layer]}`` the smallest and largest value seen.
@@ -90,6 +92,8 @@ class LensEvaluation:
         top1_agree: ``[layer]`` tokens whose top-1 equals the final entry's top-1.
         top1_correct: ``[layer]`` tokens whose top-1 is the true next token.
         seconds: wall time of the evaluation.
+        meta: ``model`` and ``lens``; with long sequences split into windows also
+            ``split_sequences``, ``windows`` (how many windows they became) and ``n_ctx``.
 
     Example::
 
@@ -257,37 +261,77 @@ class LensEvaluation:
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "LensEvaluation":
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`; a malformed dict is refused naming the field."""
+        if not isinstance(data, Mapping):
+            raise LensInputError(f"not a saved LensEvaluation: expected a JSON object, got {type(data).__name__}")
         if data.get("format") != _FORMAT:
             raise LensInputError(f"not a saved LensEvaluation (format {data.get('format')!r}, expected {_FORMAT!r})")
-        bins = data["histogram"]
-        if (bins["low"], bins["high"], bins["bins_per_decade"]) != (HIST_LOW, HIST_HIGH, HIST_BINS_PER_DECADE):
-            raise LensInputError(f"the saved histogram bins {bins} differ from this version's")
-        n_layer = len(data["labels"])
-        sums, minima, maxima, hists = {}, {}, {}, {}
-        for stat in STATISTICS:
-            entry = data["statistics"][stat]
-            sums[stat] = torch.tensor(entry["sum"], dtype=torch.float64)
-            minima[stat] = torch.tensor(entry["min"], dtype=torch.float64)
-            maxima[stat] = torch.tensor(entry["max"], dtype=torch.float64)
-            h = torch.zeros(n_layer, _N_BINS, dtype=torch.int64)
-            for layer, pairs in enumerate(entry["hist"]):
-                for i, count in pairs:
-                    h[layer, i] = count
-            hists[stat] = h
+        field_name = "?"
+        try:
+            field_name = "histogram"
+            bins = data["histogram"]
+            if (bins["low"], bins["high"], bins["bins_per_decade"]) != (HIST_LOW, HIST_HIGH, HIST_BINS_PER_DECADE):
+                raise LensInputError(f"the saved histogram bins {bins} differ from this version's")
+            field_name = "labels"
+            labels = [str(label) for label in data["labels"]]
+            n_layer = len(labels)
+            sums, minima, maxima, hists = {}, {}, {}, {}
+            for stat in STATISTICS:
+                field_name = f"statistics.{stat}"
+                entry = data["statistics"][stat]
+                for key, store in (("sum", sums), ("min", minima), ("max", maxima)):
+                    field_name = f"statistics.{stat}.{key}"
+                    store[stat] = torch.tensor(entry[key], dtype=torch.float64)
+                    if store[stat].shape != (n_layer,):
+                        raise ValueError(f"holds {tuple(store[stat].shape)} values for {n_layer} labels")
+                field_name = f"statistics.{stat}.hist"
+                h = torch.zeros(n_layer, _N_BINS, dtype=torch.int64)
+                if len(entry["hist"]) != n_layer:
+                    raise ValueError(f"has {len(entry['hist'])} rows for {n_layer} labels")
+                for layer, pairs in enumerate(entry["hist"]):
+                    for i, count in pairs:
+                        h[layer, int(i)] = int(count)
+                hists[stat] = h
+            values = {}
+            for key in ("top1_agree", "top1_correct"):
+                field_name = key
+                values[key] = torch.tensor(data[key], dtype=torch.int64)
+                if values[key].shape != (n_layer,):
+                    raise ValueError(f"holds {tuple(values[key].shape)} values for {n_layer} labels")
+            field_name = "n_tokens"
+            n_tokens = int(data["n_tokens"])
+            field_name = "n_sequences"
+            n_sequences = int(data["n_sequences"])
+            field_name = "norm"
+            norm = str(data["norm"])
+            field_name = "seconds"
+            seconds = float(data.get("seconds", 0.0))
+            field_name = "meta"
+            meta = dict(data.get("meta", {}))
+        except LensInputError:
+            raise
+        except KeyError as err:
+            raise LensInputError(
+                f"malformed saved LensEvaluation: field {field_name!r} lacks {err}; the file is damaged "
+                "or was not written by LensEvaluation.save"
+            ) from None
+        except (TypeError, ValueError, IndexError, RuntimeError) as err:
+            raise LensInputError(
+                f"malformed saved LensEvaluation: field {field_name!r} is not as save() writes it ({err})"
+            ) from None
         return cls(
-            labels=list(data["labels"]),
-            n_tokens=int(data["n_tokens"]),
-            n_sequences=int(data["n_sequences"]),
-            norm=data["norm"],
+            labels=labels,
+            n_tokens=n_tokens,
+            n_sequences=n_sequences,
+            norm=norm,
             sums=sums,
             minima=minima,
             maxima=maxima,
             histograms=hists,
-            top1_agree=torch.tensor(data["top1_agree"], dtype=torch.int64),
-            top1_correct=torch.tensor(data["top1_correct"], dtype=torch.int64),
-            seconds=float(data.get("seconds", 0.0)),
-            meta=dict(data.get("meta", {})),
+            top1_agree=values["top1_agree"],
+            top1_correct=values["top1_correct"],
+            seconds=seconds,
+            meta=meta,
         )
 
     def save(self, path: Union[str, Path]) -> None:
@@ -296,8 +340,19 @@ class LensEvaluation:
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "LensEvaluation":
-        """Read an evaluation written by :meth:`save`."""
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        """Read an evaluation written by :meth:`save`; anything else is refused naming the file."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise LensInputError(f"{path}: not a saved LensEvaluation (a binary file, not JSON text)") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise LensInputError(f"{path}: not a saved LensEvaluation (not valid JSON: {err})") from None
+        try:
+            return cls.from_dict(data)
+        except LensInputError as err:
+            raise LensInputError(f"{path}: {err}") from None
 
 
 class _Running:
@@ -346,7 +401,7 @@ def _check_ids(view: ModelView, ids: torch.Tensor, what: str) -> torch.Tensor:
 def _from_item(view: ModelView, item: Any) -> Tokens:
     """One batch from an iterable: ids ``[b, seq]``, a dict with ``input_ids``, or a list of strings."""
     if isinstance(item, (list, tuple)) and item and all(isinstance(s, str) for s in item):
-        return tokenize(view, list(item))
+        return tokenize(view, list(item), check_context=False)
     if isinstance(item, (list, tuple)) and len(item) >= 1 and isinstance(item[0], torch.Tensor):
         item = item[0]  # a TensorDataset batch: (ids,) or (ids, labels)
     mask = None
@@ -363,7 +418,7 @@ def _from_item(view: ModelView, item: Any) -> Tokens:
             f"of strings; got {type(item).__name__}"
         )
     ids = _check_ids(view, item, "a batch")
-    tokens = tokenize(view, ids)
+    tokens = tokenize(view, ids, check_context=False)
     if mask is not None:
         mask = torch.as_tensor(mask).reshape(ids.shape).bool().cpu()
         lengths = mask.sum(1)
@@ -381,19 +436,21 @@ def _batches(view: ModelView, data: Any, batch_size: int) -> Tuple[Iterator[Toke
     """The data as an iterator of :class:`Tokens` batches, and the number of scored tokens if known."""
     if isinstance(data, str):
         data = [data]
+    if isinstance(data, Mapping):  # one batch ({"input_ids": ...}); iterating it would read its keys as text
+        data = [data]
     if type(data).__module__ == "numpy":
         data = torch.as_tensor(data)
     if isinstance(data, torch.Tensor):
         ids = _check_ids(view, data, "data")
         if ids.numel() == 0:
             raise LensInputError("data is empty: the token tensor holds no tokens")
-        tokenize(view, ids[:1])  # validates the ids' range up front
+        tokenize(view, ids, check_context=False)  # every id's range, before the first batch runs
         total = ids.shape[0] * max(0, ids.shape[1] - 1)
-        return (tokenize(view, ids[i : i + batch_size]) for i in range(0, ids.shape[0], batch_size)), total
+        return (tokenize(view, ids[i : i + batch_size], check_context=False) for i in range(0, ids.shape[0], batch_size)), total
     if isinstance(data, (list, tuple)) and data and all(isinstance(s, str) for s in data):
         if view.tokenizer is None:
             tokenize(view, data[:1])  # raises the package's "no tokenizer" error
-        return (tokenize(view, list(data[i : i + batch_size])) for i in range(0, len(data), batch_size)), None
+        return (tokenize(view, list(data[i : i + batch_size]), check_context=False) for i in range(0, len(data), batch_size)), None
     try:
         iterator = iter(data)
     except TypeError:
@@ -421,13 +478,42 @@ def _batches(view: ModelView, data: Any, batch_size: int) -> Tuple[Iterator[Toke
                     raise LensInputError(f"an iterable of strings yielded a {type(text).__name__}")
                 chunk.append(text)
                 if len(chunk) == batch_size:
-                    yield tokenize(view, chunk)
+                    yield tokenize(view, chunk, check_context=False)
                     chunk = []
             if chunk:
-                yield tokenize(view, chunk)
+                yield tokenize(view, chunk, check_context=False)
 
         return strings(), None
     return (_from_item(view, item) for item in chained()), None
+
+
+def _windows(tokens: Tokens, n_ctx: int, batch_size: int) -> Tuple[List[Tokens], int]:
+    """Split sequences longer than ``n_ctx`` into windows; ``(batches of <= batch_size rows, n split)``.
+
+    Windows start every ``n_ctx - 1`` tokens and overlap by one token, so every (token,
+    next token) pair of the sequence is scored exactly once and the count of scored tokens
+    is the sequence's own. A window after the first starts mid-text: its first tokens see
+    less context than in one long pass (which the model could not make).
+    """
+    rows: List[torch.Tensor] = []
+    split = 0
+    for row, length in zip(tokens.ids, tokens.lengths.tolist()):
+        if length <= n_ctx:
+            rows.append(row[:length])
+            continue
+        split += 1
+        stride = n_ctx - 1
+        for start in range(0, length - 1, stride):
+            rows.append(row[start : min(start + n_ctx, length)])
+    batches = []
+    for i in range(0, len(rows), batch_size):
+        part = rows[i : i + batch_size]
+        lengths = torch.tensor([len(r) for r in part])
+        ids = torch.zeros((len(part), int(lengths.max())), dtype=torch.long)  # padding, never scored
+        for j, r in enumerate(part):
+            ids[j, : len(r)] = r
+        batches.append(Tokens(ids, lengths))
+    return batches, split
 
 
 def _trim(tokens: Tokens, budget: int) -> Tokens:
@@ -440,6 +526,26 @@ def _trim(tokens: Tokens, budget: int) -> Tokens:
     before = int(cum[keep - 2]) if keep >= 2 else 0
     lengths[-1] = min(int(lengths[-1]), budget - before + 1)
     return Tokens(tokens.ids[:keep, : int(lengths.max())], lengths)
+
+
+def _split_long(batches: Iterable[Tokens], n_ctx: Optional[int], batch_size: int, counts: Dict[str, int]) -> Iterator[Tokens]:
+    """Each batch as it comes, or, when it holds sequences longer than ``n_ctx``, as windows (:func:`_windows`).
+
+    Every yielded batch carries ``sequences``: how many of the data's sequences it begins.
+    """
+    for tokens in batches:
+        if n_ctx is None or int(tokens.lengths.max()) <= n_ctx:
+            tokens.sequences = tokens.ids.shape[0]
+            yield tokens
+            continue
+        if tokens.ids.shape[1] > tokens.lengths.max():
+            tokens = Tokens(tokens.ids[:, : int(tokens.lengths.max())], tokens.lengths)
+        parts, split = _windows(tokens, n_ctx, batch_size)
+        counts["split"] += split
+        counts["windows"] += sum(p.ids.shape[0] for p in parts) - (tokens.ids.shape[0] - split)
+        for k, part in enumerate(parts):
+            part.sequences = tokens.ids.shape[0] if k == 0 else 0
+            yield part
 
 
 class _NoBar:
@@ -515,7 +621,10 @@ def evaluate_lens(
             with the model's tokenizer ``batch_size`` at a time and right-padded; or an
             iterable of batches (a torch ``DataLoader``), each a tensor ``[b, seq]``, a
             dict with ``input_ids`` (and optionally a right-padded ``attention_mask``) or a
-            list of strings. Padding is never scored.
+            list of strings. Padding is never scored. A sequence longer than the model's
+            context is split into windows of ``n_ctx`` tokens overlapping by one (every
+            token still scored once), with a warning; ``meta`` then holds
+            ``split_sequences``, ``windows`` and ``n_ctx``.
         lens: optional ``f(vectors [batch, pos, d_model], stack_index) -> vectors`` applied
             to each entry before the norm (a tuned-lens translator); KL stays measured
             against the model's own final distribution.
@@ -544,10 +653,12 @@ def evaluate_lens(
     view = view_model(model)
     if norm not in NORM_MODES:
         raise LensInputError(f"norm must be one of {NORM_MODES}, got {norm!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
         raise LensInputError(f"batch_size must be a positive int, got {batch_size!r}")
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, Integral) or max_tokens < 1):
         raise LensInputError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
+    batch_size = int(batch_size)
+    max_tokens = None if max_tokens is None else int(max_tokens)
     if lens is not None and not callable(lens):
         raise LensInputError("lens must be a callable (vectors, stack_index) -> vectors")
     from .lens import _apply_lens, stack_labels
@@ -557,26 +668,26 @@ def evaluate_lens(
     batches, total = _batches(view, data, batch_size)
     if max_tokens is not None:
         total = max_tokens if total is None else min(total, max_tokens)
-    n_ctx = getattr(view.model.cfg, "n_ctx", None)
+    n_ctx = context_length(view)
+    counts = {"split": 0, "windows": 0}
     device = compute_device(view)  # where the kernel reads; the tokens go to the embedding's device
     running = _Running(len(labels))
 
     bar = _progress_bar(total, progress)
     started = time.perf_counter()
     try:
-        for tokens in batches:
+        for tokens in _split_long(batches, n_ctx, batch_size, counts):
+            sequences = tokens.sequences
             if max_tokens is not None:
                 remaining = max_tokens - running.n_tokens
                 if remaining <= 0:
                     break
+                rows = tokens.ids.shape[0]
                 tokens = _trim(tokens, remaining)
+                if sequences == rows:
+                    sequences = tokens.ids.shape[0]
             ids, lengths = tokens.ids, tokens.lengths
-            if n_ctx is not None and ids.shape[1] > int(n_ctx):
-                raise LensInputError(
-                    f"a batch holds sequences of {ids.shape[1]} tokens, longer than the model's "
-                    f"context of {int(n_ctx)}; split or truncate the data."
-                )
-            running.n_sequences += ids.shape[0]
+            running.n_sequences += int(sequences)
             seq = ids.shape[1]
             scored = torch.arange(seq - 1).unsqueeze(0) < (lengths - 1).unsqueeze(1)  # [b, seq-1]
             n = int(scored.sum())
@@ -625,6 +736,19 @@ def evaluate_lens(
         bar.close()
     if running.n_sequences == 0:
         raise LensInputError("data is empty: no sequences were read")
+    meta: Dict[str, Any] = {"model": str(getattr(view.model.cfg, "model_name", "")), "lens": lens is not None}
+    if counts["split"]:
+        meta["split_sequences"] = counts["split"]
+        meta["windows"] = counts["windows"]
+        meta["n_ctx"] = n_ctx
+        warnings.warn(
+            f"evaluate_lens: {counts['split']} sequence(s) longer than the model's context of {n_ctx} "
+            f"tokens were split into {counts['windows']} windows of at most {n_ctx} tokens (overlapping "
+            "by one, so every token is scored once; a window's first tokens see only that window). "
+            "The counts are in the result's meta.",
+            UserWarning,
+            stacklevel=2,
+        )
     if running.n_tokens == 0:
         raise LensInputError("no token was scored: every sequence is shorter than two tokens")
     return LensEvaluation(
@@ -639,5 +763,5 @@ def evaluate_lens(
         top1_agree=running.agree,
         top1_correct=running.correct,
         seconds=time.perf_counter() - started,
-        meta={"model": str(getattr(view.model.cfg, "model_name", "")), "lens": lens is not None},
+        meta=meta,
     )

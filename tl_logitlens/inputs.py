@@ -8,6 +8,7 @@ caching only those hooks.
 
 from __future__ import annotations
 
+import re
 from typing import Any, List, Optional, Tuple
 
 import torch
@@ -29,6 +30,8 @@ def resolve_inputs(model: Any, input: Any, cache: Any) -> tuple[ModelView, Optio
             raise LensInputError("pass a model and an input, or cache= (an ActivationCache)")
         model = model_from_cache(cache)
     view = view_model(model)
+    if cache is not None:
+        check_cache_belongs(view, cache)
     if cache is None and input is None:
         raise LensInputError("pass an input to run (text or token ids), or cache= to read")
     tokens = None if input is None else tokenize(view, input)
@@ -40,6 +43,48 @@ def resolve_inputs(model: Any, input: Any, cache: Any) -> tuple[ModelView, Optio
                 f"{tuple(final.shape[:2])} [batch, pos]; pass the tokens the cache was made from."
             )
     return view, tokens, cache
+
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def check_cache_belongs(view: ModelView, cache: Any) -> None:
+    """Refuse an ``ActivationCache`` made by another model, before anything is read from it.
+
+    A cache records the model that made it; a different object is refused. Whatever it
+    records, its hooks must fit this model: no block beyond ``n_layers - 1`` (a deeper
+    model's ``blocks.1`` stream would otherwise be read as this model's final stream) and
+    residual streams ``d_model`` wide.
+    """
+    if not isinstance(cache, ActivationCache):
+        raise LensInputError(
+            f"cache must be a transformer_lens ActivationCache, got {type(cache).__name__}; "
+            "make one with `logits, cache = model.run_with_cache(tokens)`."
+        )
+    recorded = getattr(cache, "model", None)
+    if recorded is not None and recorded is not view.model:
+        raise LensInputError(
+            "this ActivationCache was made by another model object than the one passed; its "
+            "activations would be read through this model's norm and unembedding. Pass the model "
+            "that made the cache (or omit model= and it is taken from the cache)."
+        )
+    names = list(cache.cache_dict.keys())
+    layers = [int(m.group(1)) for m in map(_BLOCK.match, names) if m]
+    if layers and max(layers) >= view.n_layers:
+        raise LensInputError(
+            f"the cache holds hooks of block {max(layers)}, but this model has {view.n_layers} "
+            f"layers (blocks 0..{view.n_layers - 1}): it was made by a deeper model. Pass the model "
+            "that made the cache."
+        )
+    for name in names:
+        if "hook_resid_" in name:
+            width = int(cache.cache_dict[name].shape[-1])
+            if width != view.d_model:
+                raise LensInputError(
+                    f"the cache's {name} is {width} wide, but this model's d_model is {view.d_model}: "
+                    "the cache was made by another model. Pass the model that made the cache."
+                )
+            break
 
 
 def activation_shape(view: ModelView, cache: Any, tokens: Optional[Tokens], names: List[str], what: str) -> Tuple[int, int]:

@@ -10,17 +10,19 @@ whenever it runs the model itself.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import Any, Callable, List, Optional, Sequence, Union
 
 import torch
 
-from .errors import LensInputError, UnsupportedModelError
+from .errors import LensInputError, NonFiniteActivationError, UnsupportedModelError
 from .inputs import activation_shape, resolve_inputs, run_or_read
 from .model_access import ModelView, is_half
 from .readout import check_modes, chunk_rows, read_rows
 from . import tiles
 from .stacks import piece_groups, required_hooks
-from .tokens import PositionSpec, Tokens, gather_positions, next_token_ids, position_index, token_list
+from .tokens import PositionSpec, Tokens, _as_list, gather_positions, next_token_ids, position_index, token_list
+from .tokentext import token_text
 
 # Max |p_ours - p_model| on the final entry's top tokens before the lens refuses to
 # claim it reproduces the model (float32 arithmetic gives ~1e-6; float32 and float64 models
@@ -52,7 +54,9 @@ class LensResult:
         next_ids: ``[batch, pos]`` the true next token ids, ``-1`` where there is none.
         target_ids, target_logits, target_probs: ``[layer, batch, pos, t]`` with targets.
         target_ranks: ``[layer, batch, pos, t]``, 0-based over the full vocabulary; ties do
-            not count against the target.
+            not count against the target. With ``targets="next"``, a cell with no next token
+            (each prompt's last token, padding) has ``target_ids`` ``-1``, NaN logit and
+            probability, and rank ``-1``.
         norm, unembed: the modes the result was read with.
         tokenizer: used to decode token ids (``None`` -> ``#id`` strings).
 
@@ -90,13 +94,17 @@ class LensResult:
         return self.entropy.ndim == 3
 
     def decode(self, token_id: int) -> str:
-        """One token id as text (``#id`` without a tokenizer)."""
-        if self.tokenizer is None:
-            return f"#{int(token_id)}"
-        return self.tokenizer.decode([int(token_id)])
+        """One token id as the vocabulary spells it, never empty (``#id`` without a tokenizer).
+
+        See :func:`tl_logitlens.tokentext.token_text`: sentencepiece pieces keep their
+        word-start ``▁`` (a bare ``▁`` stays ``"▁"``), other tokens are their decoded text
+        (``" the"``), and a token with no visible text is ``⟨id⟩``. The string names the
+        same token back when passed as ``targets=`` or ``answers=``.
+        """
+        return token_text(self.tokenizer, int(token_id))
 
     def top_tokens(self) -> list:
-        """Decoded top-k tokens, nested like ``top_ids``: ``[layer][batch][pos][k]``."""
+        """Top-k tokens as :meth:`decode` spells them, nested like ``top_ids``: ``[layer][batch][pos][k]``."""
         def walk(ids: torch.Tensor) -> Any:
             if ids.ndim == 1:
                 return [self.decode(i) for i in ids.tolist()]
@@ -105,7 +113,7 @@ class LensResult:
         return walk(self.top_ids)
 
     def input_tokens(self) -> Optional[List[List[str]]]:
-        """The input tokens at the read positions, ``[batch][pos]`` strings (None without input)."""
+        """The input tokens at the read positions as :meth:`decode` spells them, ``[batch][pos]`` (None without input)."""
         if self.input_ids is None:
             return None
         picked = gather_positions(self.input_ids, self.positions)
@@ -206,15 +214,22 @@ def resolve_layers(layers: Any, labels: List[str]) -> List[int]:
     """Stack entries by index (negative allowed) or label; ``None`` keeps all."""
     if layers is None:
         return list(range(len(labels)))
-    if isinstance(layers, (int, str)):
+    if type(layers).__module__ == "numpy" or (isinstance(layers, torch.Tensor) and not layers.dtype.is_floating_point):
+        layers = layers.tolist()
+    if isinstance(layers, (Integral, str)):
         layers = [layers]
+    if not isinstance(layers, (list, tuple, range)):
+        raise LensInputError(
+            f"layers must be a stack entry (an int or a label) or a list of them, got {type(layers).__name__} {layers!r}"
+        )
     picked = []
     for item in layers:
         if isinstance(item, str):
             if item not in labels:
                 raise LensInputError(f"layer {item!r} is not a stack entry; entries are {labels}")
             picked.append(labels.index(item))
-        elif isinstance(item, int) and not isinstance(item, bool):
+        elif isinstance(item, Integral) and not isinstance(item, bool):
+            item = int(item)
             index = item + len(labels) if item < 0 else item
             if not 0 <= index < len(labels):
                 raise LensInputError(
@@ -238,8 +253,10 @@ def _row_targets(view: ModelView, targets: Any, tokens: Optional[Tokens], index:
         if tokens is None:
             raise LensInputError("targets='next' needs the input tokens: pass input= along with cache=")
         return None  # filled from next_ids
+    if type(targets).__module__ == "numpy" and getattr(targets, "ndim", 0) >= 1:
+        targets = torch.as_tensor(targets)
     if isinstance(targets, torch.Tensor) and targets.ndim >= 1:
-        if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
             raise LensInputError(f"targets must hold integer token ids, got dtype {targets.dtype}")
         ids = targets.long().cpu()
         if ids.ndim == 1 and ids.shape[0] == batch:
@@ -258,6 +275,7 @@ def _row_targets(view: ModelView, targets: Any, tokens: Optional[Tokens], index:
                 f"targets ids must lie in [0, {view.d_vocab}); got {int(ids.min())} .. {int(ids.max())}"
             )
         return ids.unsqueeze(-1)
+    _as_list(targets, "targets")  # refuses mappings and sets with a message
     ids = torch.tensor(token_list(view, targets, "target"))
     return ids.expand(batch, n_pos, ids.shape[0])
 
@@ -288,15 +306,18 @@ def logit_lens(
         layers: stack entries to read, by index (negative allowed) or label.
         incl_mid: add ``L_mid`` entries (stream between attention and MLP).
         positions: ``None`` (all), an int (axis dropped; negative counts from each
-            prompt's own last real token), a list of ints, or a slice.
+            prompt's own last real token), a list of ints, a slice, or a ``[batch, n]``
+            tensor of positions per prompt.
         norm: ``"recompute"`` (the logit lens), ``"cached"`` (the final stream's scale at
             that position: linear) or ``"none"`` (raw ``h @ W_U``).
         unembed: ``"W_U"`` (with ``b_U``) or ``"W_E"`` (embedding transposed: the tied reading).
         lens: optional ``f(vectors [batch, pos, d_model], stack_index) -> vectors`` applied to
             each entry before the norm (a tuned-lens translator, for instance).
         top_k: top tokens kept per cell.
-        targets: a token string or id, or a list of them, shared by all rows; a tensor of
-            ids ``[batch]`` or ``[batch, pos]``; or ``"next"`` (the true next input token).
+        targets: a token (its text, its vocabulary piece or its id, see
+            :func:`tl_logitlens.tokens.single_token_id`), or a list of them, shared by all
+            rows; a tensor of ids ``[batch]`` or ``[batch, pos]``; or ``"next"`` (the true
+            next input token; NaN and rank ``-1`` where there is none).
         chunk_size: rows per unembedding chunk (``None``: from a memory budget, see
             :data:`tl_logitlens.readout.DEFAULT_CHUNK_BUDGET_BYTES`).
 
@@ -314,6 +335,7 @@ def logit_lens(
     view, tokens, cache = resolve_inputs(model, input, cache)
     check_modes(norm, unembed, top_k, view.d_vocab)
     chunk_rows(1, chunk_size)  # validates chunk_size now, not after the forward pass
+    top_k = int(top_k)
     if lens is not None and not callable(lens):
         raise LensInputError("lens must be a callable (vectors, stack_index) -> vectors")
     labels = stack_labels(view.n_layers, incl_mid)
@@ -324,8 +346,9 @@ def logit_lens(
     index, drop = position_index(positions, lengths, seq)
     target_ids = _row_targets(view, targets, tokens, index)
     next_ids = next_token_ids(tokens, index) if tokens is not None else torch.full_like(index, -1)
-    if isinstance(targets, str) and targets == "next":
-        target_ids = next_ids.clamp_min(0).unsqueeze(-1)
+    next_target = isinstance(targets, str) and targets == "next"
+    if next_target:
+        target_ids = next_ids.clamp_min(0).unsqueeze(-1)  # read as 0, blanked below where there is none
 
     logits, cache = run_or_read(view, tokens, cache, names)
 
@@ -347,6 +370,14 @@ def logit_lens(
         next_tokens=next_ids.reshape(n_rows),
         chunk_size=chunk_size,
     )
+
+    if next_target:
+        # No next token (last token, padding): no target, so no logit, probability or rank.
+        none = (next_ids.reshape(1, n_rows, 1) < 0).expand_as(flat.target_ids)
+        flat.target_ids = flat.target_ids.masked_fill(none, -1)
+        flat.target_logits = flat.target_logits.masked_fill(none, float("nan"))
+        flat.target_probs = flat.target_probs.masked_fill(none, float("nan"))
+        flat.target_ranks = flat.target_ranks.masked_fill(none, -1)
 
     def shape(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         if t is None:
@@ -385,6 +416,13 @@ def _apply_lens(lens: Callable, vectors: torch.Tensor, stack_index: int) -> torc
         raise LensInputError(
             f"lens must return a tensor shaped like its input {tuple(vectors.shape)}, "
             f"got {getattr(out, 'shape', type(out).__name__)} for stack entry {stack_index}"
+        )
+    if not bool(torch.isfinite(out).all()):
+        bad = int((~torch.isfinite(out)).sum())
+        raise NonFiniteActivationError(
+            f"the lens returned {bad} NaN or inf values for stack entry {stack_index} (its input was "
+            f"{'finite' if bool(torch.isfinite(vectors).all()) else 'not finite either'}); a lens must "
+            "map finite vectors to finite vectors. Check the lens's parameters."
         )
     return out
 

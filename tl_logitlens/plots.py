@@ -217,7 +217,7 @@ def _targets_are_next(result: Any) -> bool:
     has_pos = result.has_pos_axis
     ids = _with_pos(result.target_ids, has_pos, 2)  # [layer, batch, pos, t]
     nxt = _with_pos(result.next_ids, has_pos, 1)  # [batch, pos]
-    return ids.shape[-1] == 1 and bool((ids[..., 0] == nxt.clamp_min(0).unsqueeze(0)).all())
+    return ids.shape[-1] == 1 and bool((ids[..., 0] == nxt.unsqueeze(0)).all())  # -1 where no next token
 
 
 def _rank_from_next(result: Any) -> torch.Tensor:

@@ -27,6 +27,7 @@ in ``make bench``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import Any, Optional, Tuple
 
 import torch
@@ -124,7 +125,8 @@ def check_modes(norm: str, unembed: str, top_k: int, d_vocab: int) -> None:
         raise LensInputError(f"norm must be one of {NORM_MODES}, got {norm!r}")
     if unembed not in UNEMBED_MODES:
         raise LensInputError(f"unembed must be one of {UNEMBED_MODES}, got {unembed!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= d_vocab:
+    # Any integer type (NumPy's included) is an int here; bool is not a count.
+    if isinstance(top_k, bool) or not isinstance(top_k, Integral) or not 1 <= int(top_k) <= d_vocab:
         raise LensInputError(f"top_k must be an int in [1, {d_vocab}], got {top_k!r}")
 
 

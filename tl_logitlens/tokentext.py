@@ -33,15 +33,16 @@ Example::
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Any, Dict, Optional
 
-__all__ = ["LITERAL_TEXT", "SPACE", "NBSP", "NEWLINE", "TAB", "EMPTY", "display_token"]
+__all__ = ["LITERAL_TEXT", "SPACE", "NBSP", "NEWLINE", "TAB", "EMPTY", "WORD_START", "display_token", "token_text"]
 
 SPACE = "\u2423"  # ␣ open box
 NBSP = "\u237d"  # ⍽ shouldered open box
 NEWLINE = "\u23ce"  # ⏎ return symbol
 TAB = "\u21e5"  # ⇥ rightwards arrow to bar
 EMPTY = "\u2205"  # ∅ empty set
+WORD_START = "\u2581"  # ▁ sentencepiece's own word-start marker
 
 #: Keyword arguments for every matplotlib ``Text`` that shows token (or label) text:
 #: no mathtext parsing of ``$...$`` and no LaTeX even when ``rcParams["text.usetex"]`` is on,
@@ -100,3 +101,71 @@ def display_token(text: str) -> str:
         + "".join(_char(c) for c in body)
         + "".join(visible[c] for c in tail)
     )
+
+
+def _piece(tokenizer: Any, token_id: int) -> Optional[str]:
+    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+    if convert is None:
+        return None
+    try:
+        piece = convert(int(token_id))
+    except Exception:  # an id the tokenizer does not know: the caller falls back to the id
+        return None
+    return piece if isinstance(piece, str) else None
+
+
+def token_text(tokenizer: Any, token_id: int) -> str:
+    """One token as the vocabulary spells it, word boundaries kept, never empty.
+
+    ``tokenizer.decode([id])`` loses what a single token means: a sentencepiece
+    tokenizer strips the word-start marker (``"▁a"`` decodes to ``"a"``, the bare ``"▁"``
+    to ``""``) and byte pieces decode to ``"\ufffd"``. So:
+
+    - a piece that holds sentencepiece's ``▁`` (U+2581) or is a byte piece (``<0x0A>``)
+      is returned as the vocabulary spells it: ``▁`` is the visible word-start marker;
+    - any other token (byte-level BPE such as GPT-2, word-level vocabularies) is its
+      decoded text, with a leading space as a real space (``" the"``; draw it with
+      :func:`display_token` to see ``␣the``);
+    - a token that would still be empty is written by its id, ``⟨410⟩``.
+
+    Every string this returns is accepted back by the package's token arguments
+    (``answers=``, ``targets=``), so a token copied from ``top_tokens()`` or a CSV names
+    the same id. Without a tokenizer, ``#id``.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer, or ``None``.
+        token_id: one vocabulary id.
+
+    Returns:
+        A non-empty string.
+
+    Example::
+
+        >>> import tl_logitlens as tll
+        >>> from tl_logitlens.tokentext import token_text
+        >>> model = tll.demo_model()
+        >>> token_text(model.tokenizer, int(model.to_tokens("cat", prepend_bos=False)[0, 0]))
+        'cat'
+        >>> token_text(None, 7)
+        '#7'
+    """
+    token_id = int(token_id)
+    if tokenizer is None:
+        return f"#{token_id}"
+    piece = _piece(tokenizer, token_id)
+    if piece is not None and (WORD_START in piece or _is_byte_piece(piece)):
+        return piece
+    try:
+        text = tokenizer.decode([token_id])
+    except Exception:  # an id past the tokenizer's table (a padded vocabulary)
+        text = ""
+    if "\ufffd" in text and piece:
+        return piece
+    if text == "" and piece:
+        text = piece
+    return text if text != "" else f"\u27e8{token_id}\u27e9"
+
+
+def _is_byte_piece(piece: str) -> bool:
+    """``<0x0A>``: sentencepiece's byte-fallback spelling."""
+    return len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
