@@ -24,6 +24,7 @@ import torch
 
 from .errors import LensInputError, ModelStateError, UnsupportedModelError
 from .norm import FinalNorm
+from .tokentext import token_text
 
 try:  # 2.x and 3.x
     from transformer_lens import HookedTransformer
@@ -187,10 +188,8 @@ class ModelView:
 
     # -- tokens -----------------------------------------------------------------------------
     def decode(self, token_id: int) -> str:
-        """One token as text, or ``#id`` when the model has no tokenizer."""
-        if self.tokenizer is None:
-            return f"#{int(token_id)}"
-        return self.tokenizer.decode([int(token_id)])
+        """One token as the vocabulary spells it (:func:`tl_logitlens.tokentext.token_text`), ``#id`` without a tokenizer."""
+        return token_text(self.tokenizer, int(token_id))
 
 
 def _optional_param(module: Any, name: str) -> Optional[torch.Tensor]:

@@ -44,7 +44,7 @@ import matplotlib.colors as mcolors
 import numpy as np
 import torch
 
-from .tokentext import LITERAL_TEXT, display_token
+from .tokentext import LITERAL_TEXT, display_token, token_text
 
 __all__ = [
     "LENS_METRICS",
@@ -145,8 +145,7 @@ def _decoder(tokenizer: Any) -> Any:
     def decode(token_id: int) -> str:
         token_id = int(token_id)
         if token_id not in cache:
-            raw = f"#{token_id}" if tokenizer is None else tokenizer.decode([token_id])
-            cache[token_id] = display_token(raw)
+            cache[token_id] = display_token(token_text(tokenizer, token_id))  # the vocabulary's spelling, ▁ kept
         return cache[token_id]
 
     return decode
