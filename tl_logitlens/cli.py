@@ -218,13 +218,13 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32") -> Any:
             return prepare_model(demo_model(), dtype=torch_dtype, device=torch_device)
     path = Path(spec).expanduser()
     looks_local = spec.startswith((".", "/", "~")) or path.exists()
-    try:
-        from transformer_lens.model_bridge import TransformerBridge
-    except ImportError:
+    from .model_access import TransformerBridge
+
+    if TransformerBridge is None:
         raise UsageError(
             "loading a Hugging Face model needs transformer-lens 3.x or 4.x (TransformerBridge); "
             "with 2.x, load the model in Python and call tl_logitlens directly"
-        ) from None
+        )
     _silence_loaded_libraries()
     try:
         model = TransformerBridge.boot_transformers(str(path) if looks_local else spec, device=str(torch_device),

@@ -42,7 +42,9 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import torch
 
 from .errors import LensInputError
-from .model_access import ModelView, compute_device, input_device, view as view_model
+from .inputs import resolve_model
+from .stacks import required_hooks
+from .model_access import ModelView, capture, compute_device, input_device
 from .norm import NORM_MODES
 from .readout import read_rows, require_finite
 from .tokens import Tokens, context_length, tokenize
@@ -567,34 +569,6 @@ def _progress_bar(total: Optional[int], progress: bool) -> Any:
     return tqdm(total=total, unit="tok", unit_scale=True, desc="evaluate_lens")
 
 
-# -- the forward pass ------------------------------------------------------------------------
-class _StreamCaptured(Exception):
-    """Raised by the last capture hook: the rest of the forward pass is not needed."""
-
-
-def _capture(view: ModelView, ids: torch.Tensor, names: List[str]) -> Dict[str, torch.Tensor]:
-    """The residual stream at ``names`` for one batch, stopping the model after the last one."""
-    store: Dict[str, torch.Tensor] = {}
-
-    def make_hook(name: str) -> Callable:
-        def hook(tensor: torch.Tensor, hook: Any = None) -> None:
-            store[name] = tensor.detach()
-            if len(store) == len(names):
-                raise _StreamCaptured
-
-        return hook
-
-    try:
-        with torch.no_grad():
-            view.model.run_with_hooks(ids, fwd_hooks=[(n, make_hook(n)) for n in names])
-    except _StreamCaptured:
-        pass
-    missing = [n for n in names if n not in store]
-    if missing:
-        raise LensInputError(f"the forward pass did not reach hooks {missing[:3]}; cannot read the stream")
-    return store
-
-
 def evaluate_lens(
     model: Any,
     data: Any,
@@ -650,7 +624,7 @@ def evaluate_lens(
         >>> bool(ev.top1_agreement[-1] == 1.0)
         True
     """
-    view = view_model(model)
+    view = resolve_model(model)
     if norm not in NORM_MODES:
         raise LensInputError(f"norm must be one of {NORM_MODES}, got {norm!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
@@ -664,7 +638,7 @@ def evaluate_lens(
     from .lens import _apply_lens, stack_labels
 
     labels = stack_labels(view.n_layers, False)
-    names = [view.resid_hook(layer, "pre") for layer in range(view.n_layers)] + [view.final_resid_hook]
+    names = required_hooks(view, "accumulated")  # every resid_pre and the final resid_post
     batches, total = _batches(view, data, batch_size)
     if max_tokens is not None:
         total = max_tokens if total is None else min(total, max_tokens)
@@ -693,7 +667,7 @@ def evaluate_lens(
             n = int(scored.sum())
             if n == 0:
                 continue
-            store = _capture(view, ids.to(input_device(view)), names)
+            store = capture(view.model, ids.to(input_device(view)), names)
 
             def rows(acts: torch.Tensor) -> torch.Tensor:
                 # Scored rows picked on the activation's own device (a split model keeps its
@@ -736,7 +710,7 @@ def evaluate_lens(
         bar.close()
     if running.n_sequences == 0:
         raise LensInputError("data is empty: no sequences were read")
-    meta: Dict[str, Any] = {"model": str(getattr(view.model.cfg, "model_name", "")), "lens": lens is not None}
+    meta: Dict[str, Any] = {"model": view.model_name, "lens": lens is not None}
     if counts["split"]:
         meta["split_sequences"] = counts["split"]
         meta["windows"] = counts["windows"]

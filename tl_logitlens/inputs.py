@@ -19,6 +19,15 @@ from .stacks import check_cache
 from .tokens import Tokens, tokenize
 
 
+def resolve_model(model: Any) -> ModelView:
+    """The :class:`ModelView` of a model passed to an analysis (architecture and eval-mode checks included)."""
+    if isinstance(model, ActivationCache):
+        raise LensInputError(
+            "this analysis runs the model over data and cannot read an ActivationCache; pass the model itself"
+        )
+    return view_model(model)
+
+
 def resolve_inputs(model: Any, input: Any, cache: Any) -> tuple[ModelView, Optional[Tokens], Any]:
     """Work out the model, the tokens and the cache from what the caller passed."""
     if isinstance(model, ActivationCache):
@@ -29,7 +38,7 @@ def resolve_inputs(model: Any, input: Any, cache: Any) -> tuple[ModelView, Optio
         if cache is None:
             raise LensInputError("pass a model and an input, or cache= (an ActivationCache)")
         model = model_from_cache(cache)
-    view = view_model(model)
+    view = resolve_model(model)
     if cache is not None:
         check_cache_belongs(view, cache)
     if cache is None and input is None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib.metadata
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -26,15 +26,18 @@ from .errors import LensInputError, ModelStateError, UnsupportedModelError
 from .norm import FinalNorm
 from .tokentext import token_text
 
+# The model classes of the installed transformer-lens, detected once, here only: the rest of
+# the package (the demo model, the command line) imports them from this module.
 try:  # 2.x and 3.x
-    from transformer_lens import HookedTransformer
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
 except ImportError:  # 4.x removed it
-    HookedTransformer = None  # type: ignore[assignment,misc]
+    HookedTransformer = HookedTransformerConfig = None  # type: ignore[assignment,misc]
 
 try:  # 3.x and 4.x
+    from transformer_lens.config import TransformerBridgeConfig
     from transformer_lens.model_bridge import TransformerBridge
 except ImportError:  # 2.x
-    TransformerBridge = None  # type: ignore[assignment,misc]
+    TransformerBridge = TransformerBridgeConfig = None  # type: ignore[assignment,misc]
 
 from transformer_lens import ActivationCache
 
@@ -130,6 +133,9 @@ class ModelView:
             (a logit soft-cap), or ``None``. A transform with ``elementwise = True`` acts
             on each logit alone; any other is given whole ``[rows, d_vocab]`` blocks.
         tokenizer: the model's tokenizer, or ``None``.
+        n_ctx: the context length, or ``None`` when the config does not say.
+        model_name: the config's ``model_name`` (``""`` when unnamed).
+        has_experts: the MLPs mix experts (no single ``W_out`` per layer).
     """
 
     model: Any
@@ -144,6 +150,9 @@ class ModelView:
     final_norm: FinalNorm
     output_transform: Optional[Callable[[torch.Tensor], torch.Tensor]]
     tokenizer: Any
+    n_ctx: Optional[int] = None
+    model_name: str = ""
+    has_experts: bool = False
 
     # -- weights ------------------------------------------------------------------------
     @property
@@ -185,6 +194,29 @@ class ModelView:
     def final_resid_hook(self) -> str:
         """The stream ``ln_final`` reads."""
         return self.resid_hook(self.n_layers - 1, "post")
+
+    embed_hook = "hook_embed"
+    pos_embed_hook = "hook_pos_embed"
+
+    def attn_z_hook(self, layer: int) -> str:
+        """Each head's mixed values ``[batch, pos, n_heads, d_head]`` before ``W_O``."""
+        return f"blocks.{layer}.attn.hook_z"
+
+    def attn_pattern_hook(self, layer: int) -> str:
+        """The attention pattern ``[batch, n_heads, dest, src]``."""
+        return f"blocks.{layer}.attn.hook_pattern"
+
+    def attn_out_hook(self, layer: int) -> str:
+        """What a layer's attention writes to the stream."""
+        return f"blocks.{layer}.hook_attn_out"
+
+    def mlp_post_hook(self, layer: int) -> str:
+        """The MLP's neuron activations ``[batch, pos, d_mlp]`` before ``W_out``."""
+        return f"blocks.{layer}.mlp.hook_post"
+
+    def mlp_out_hook(self, layer: int) -> str:
+        """What a layer's MLP writes to the stream."""
+        return f"blocks.{layer}.hook_mlp_out"
 
     # -- tokens -----------------------------------------------------------------------------
     def decode(self, token_id: int) -> str:
@@ -384,6 +416,9 @@ def view(model: Any) -> ModelView:
         final_norm=_final_norm(model),
         output_transform=_output_transform(model),
         tokenizer=getattr(model, "tokenizer", None),
+        n_ctx=None if getattr(cfg, "n_ctx", None) is None else int(cfg.n_ctx),
+        model_name=str(getattr(cfg, "model_name", "") or ""),
+        has_experts=bool(getattr(cfg, "num_experts", None)),
     )
 
 
@@ -421,9 +456,86 @@ def cache_has(cache: Any, name: str) -> bool:
     return True
 
 
+# -- the forward runs ---------------------------------------------------------------------
+# Every forward pass the package makes goes through one of these three.
+
+
 def run_with_cache(model: Any, tokens: torch.Tensor, names: List[str]) -> Tuple[torch.Tensor, Any]:
     """One forward pass caching only ``names``: ``(logits [batch, pos, d_vocab], cache)``."""
     wanted = set(names)
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in wanted)
     return logits, cache
+
+
+class _Captured(Exception):
+    """Raised by the last capture hook: the rest of the forward pass is not needed."""
+
+
+def capture(model: Any, tokens: torch.Tensor, names: List[str]) -> Dict[str, torch.Tensor]:
+    """The activations at hooks ``names`` for one batch, the model stopped after the last of them.
+
+    No cache and no logits: when ``names`` is the residual stream, the forward pass ends
+    before ``ln_final`` and the unembedding, which is what a dataset-scale lens needs.
+    Returns ``{name: [batch, pos, ...]}`` on each hook's own device.
+
+    Example::
+
+        >>> from tl_logitlens.demo import demo_model, induction_prompt
+        >>> model = demo_model()
+        >>> acts = capture(model, induction_prompt(model), ["blocks.0.hook_resid_pre"])
+        >>> tuple(acts["blocks.0.hook_resid_pre"].shape)
+        (1, 25, 64)
+    """
+    store: Dict[str, torch.Tensor] = {}
+
+    def make_hook(name: str) -> Callable:
+        def hook(tensor: torch.Tensor, hook: Any = None) -> None:
+            store[name] = tensor.detach()
+            if len(store) == len(names):
+                raise _Captured
+
+        return hook
+
+    try:
+        with torch.no_grad():
+            model.run_with_hooks(tokens, fwd_hooks=[(n, make_hook(n)) for n in names])
+    except _Captured:
+        pass
+    missing = [n for n in names if n not in store]
+    if missing:
+        raise LensInputError(f"the forward pass did not reach hooks {missing[:3]}; cannot read them")
+    return store
+
+
+def run_with_patches(model: Any, tokens: torch.Tensor, patches: Dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
+    """One forward pass with activations replaced: ``logits [batch, pos, d_vocab]``.
+
+    ``patches`` maps a hook name to ``f(activation) -> activation`` (zero a head, add a
+    direction, paste another run's value); the model's own hooks are left as they were.
+
+    Example::
+
+        >>> import torch
+        >>> from tl_logitlens.demo import demo_model, induction_prompt
+        >>> model = demo_model()
+        >>> tokens = induction_prompt(model)
+        >>> same = run_with_patches(model, tokens, {"blocks.1.hook_attn_out": lambda a: a})
+        >>> zeroed = run_with_patches(model, tokens, {"blocks.1.hook_attn_out": torch.zeros_like})
+        >>> bool(torch.equal(same, model(tokens))), bool(torch.equal(zeroed, same))
+        (True, False)
+    """
+    def wrap(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+        def hook(tensor: torch.Tensor, hook: Any = None) -> torch.Tensor:
+            out = fn(tensor)
+            if not isinstance(out, torch.Tensor) or out.shape != tensor.shape:
+                raise LensInputError(
+                    f"a patch must return a tensor shaped like the activation {tuple(tensor.shape)}, "
+                    f"got {getattr(out, 'shape', type(out).__name__)}"
+                )
+            return out
+
+        return hook
+
+    with torch.no_grad():
+        return model.run_with_hooks(tokens, fwd_hooks=[(name, wrap(fn)) for name, fn in patches.items()])

@@ -123,11 +123,11 @@ def required_hooks(view: ModelView, by: str, incl_mid: bool = False) -> List[str
             if incl_mid:
                 names.append(view.resid_hook(layer, "mid"))
         return names + [final]
-    names = ["hook_embed"] + (["hook_pos_embed"] if view.has_pos_embed else [])
+    names = [view.embed_hook] + ([view.pos_embed_hook] if view.has_pos_embed else [])
     for layer in range(view.n_layers):
-        names.append(f"blocks.{layer}.attn.hook_z" if by == "head" else f"blocks.{layer}.hook_attn_out")
+        names.append(view.attn_z_hook(layer) if by == "head" else view.attn_out_hook(layer))
         if view.has_mlp:
-            names.append(f"blocks.{layer}.mlp.hook_post" if by == "neuron" else f"blocks.{layer}.hook_mlp_out")
+            names.append(view.mlp_post_hook(layer) if by == "neuron" else view.mlp_out_hook(layer))
     return names + [final]
 
 
@@ -173,35 +173,35 @@ def piece_groups(view: ModelView, cache: Any, by: str, index: torch.Tensor, incl
         names = required_hooks(view, by, incl_mid)
         return [PieceGroup(labels, torch.stack([read(n) for n in names], dim=2))]
 
-    groups = [PieceGroup(["embed"], read("hook_embed").unsqueeze(2))]
+    groups = [PieceGroup(["embed"], read(view.embed_hook).unsqueeze(2))]
     if view.has_pos_embed:
-        groups.append(PieceGroup(["pos_embed"], read("hook_pos_embed").unsqueeze(2)))
+        groups.append(PieceGroup(["pos_embed"], read(view.pos_embed_hook).unsqueeze(2)))
     for layer in range(view.n_layers):
         if by == "head":
             W_O, b_O = view.attn_output_weights(layer)
-            z = read(f"blocks.{layer}.attn.hook_z")
+            z = read(view.attn_z_hook(layer))
             z = z.reshape(batch, n_pos, view.n_heads, -1)
             groups.append(PieceGroup([f"L{layer}H{h}" for h in range(view.n_heads)], z, weight(W_O)))
             if b_O is not None:
                 groups.append(_bias_group(f"{layer}_attn_bias", weight(b_O), batch, n_pos))
         else:
-            groups.append(PieceGroup([f"{layer}_attn_out"], read(f"blocks.{layer}.hook_attn_out").unsqueeze(2)))
+            groups.append(PieceGroup([f"{layer}_attn_out"], read(view.attn_out_hook(layer)).unsqueeze(2)))
         if not view.has_mlp:
             continue
         if by == "neuron":
-            if getattr(view.model.cfg, "num_experts", None):
+            if view.has_experts:
                 raise UnsupportedModelError(
                     "by='neuron' needs one MLP per layer, but this model mixes experts; "
                     "use by='component' or by='head'."
                 )
             W_out, b_out = view.mlp_output_weights(layer)
-            post = read(f"blocks.{layer}.mlp.hook_post")
+            post = read(view.mlp_post_hook(layer))
             labels = [f"L{layer}N{i}" for i in range(W_out.shape[0])]
             groups.append(PieceGroup(labels, post.unsqueeze(-1), weight(W_out).unsqueeze(1)))
             if b_out is not None:
                 groups.append(_bias_group(f"{layer}_mlp_bias", weight(b_out), batch, n_pos))
         else:
-            groups.append(PieceGroup([f"{layer}_mlp_out"], read(f"blocks.{layer}.hook_mlp_out").unsqueeze(2)))
+            groups.append(PieceGroup([f"{layer}_mlp_out"], read(view.mlp_out_hook(layer)).unsqueeze(2)))
     stored = cache_tensor(cache, view.final_resid_hook)
     rounding = _check_sum(groups, read(view.final_resid_hook), by, stored.dtype)
     return groups + ([rounding] if rounding is not None else [])

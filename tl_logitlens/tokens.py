@@ -48,8 +48,7 @@ def _require_tokenizer(view: ModelView, what: str) -> None:
 
 def context_length(view: ModelView) -> Optional[int]:
     """The model's context ``n_ctx`` (``None`` when the config does not say)."""
-    n_ctx = getattr(view.model.cfg, "n_ctx", None)
-    return None if n_ctx is None else int(n_ctx)
+    return view.n_ctx
 
 
 def _check_context(view: ModelView, length: int, what: str) -> None:

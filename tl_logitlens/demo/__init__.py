@@ -190,12 +190,9 @@ def demo_model():
     tokenizer = build_tokenizer(cfg["vocab"], cfg.get("special_tokens"))
     state_dict = demo_state_dict()
 
-    try:
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
-    except ImportError:
-        HookedTransformer = None  # transformer-lens 4.x: only TransformerBridge exists
+    from ..model_access import HookedTransformer, HookedTransformerConfig, TransformerBridge, TransformerBridgeConfig
 
-    if HookedTransformer is not None:
+    if HookedTransformer is not None:  # 2.x/3.x; 4.x has only TransformerBridge
         # init_weights=False: the random init would be overwritten anyway.
         # The weights were trained on the native bridge, whose RoPE rotates adjacent pairs
         # (2i, 2i+1); HookedTransformer's default rotates the two halves of each head.
@@ -216,7 +213,6 @@ def demo_model():
                 f"unexpected={result.unexpected_keys}"
             )
     else:
-        from transformer_lens import TransformerBridge, TransformerBridgeConfig
         from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
 
         bridge_cfg = TransformerBridgeConfig(

@@ -206,10 +206,10 @@ def train(
         >>> from tl_logitlens.demo.train import train
         >>> model, meta = train(steps=20, log_every=0)  # doctest: +SKIP
     """
-    try:
-        from transformer_lens import TransformerBridge, TransformerBridgeConfig
-    except ImportError as err:  # pragma: no cover - needs transformer-lens >= 4
-        raise SystemExit("training needs transformer-lens 4.x (TransformerBridge.boot_native)") from err
+    from ..model_access import TransformerBridge, TransformerBridgeConfig
+
+    if TransformerBridge is None or not hasattr(TransformerBridge, "boot_native"):  # pragma: no cover
+        raise SystemExit("training needs transformer-lens 4.x (TransformerBridge.boot_native)")
     torch.set_num_threads(2)
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(VOCAB, SPECIAL_TOKENS)
