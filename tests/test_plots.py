@@ -25,6 +25,7 @@ import builders  # noqa: E402
 import tl_logitlens as tll  # noqa: E402
 from tl_logitlens.attribution import Attribution  # noqa: E402
 from tl_logitlens.lens import LensResult  # noqa: E402
+from tl_logitlens.readout import Readout  # noqa: E402
 from tl_logitlens.plots import (  # noqa: E402
     LENS_METRICS,
     plot_attribution,
@@ -84,6 +85,11 @@ def atts(model, ids):
 @pytest.fixture(scope="module")
 def att_positions(model, ids):
     return tll.direct_logit_attribution(model, ids, answers="w5", wrong="w7", positions=None)
+
+
+def with_readout(result, **changes):
+    """``result`` with some of its readout's statistics replaced."""
+    return dataclasses.replace(result, readout=dataclasses.replace(result.readout, **changes))
 
 
 def render(fig):
@@ -182,7 +188,7 @@ def test_lens_markers_where_top1_is_next(lens):
     top_ids = lens.top_ids.clone()
     top_ids[-1, 0, :-1, 0] = lens.next_ids[0, :-1]
     top_ids[0, 0, 2, 0] = lens.next_ids[0, 2]
-    forced = dataclasses.replace(lens, top_ids=top_ids)
+    forced = with_readout(lens, top_ids=top_ids)
     ax = render(plot_lens(forced)).axes[0]
     n_layer, n_pos = top_ids.shape[0], top_ids.shape[2]
     hits = (top_ids[:, 0, :, 0] == lens.next_ids[0].unsqueeze(0)) & (lens.next_ids[0] >= 0)
@@ -213,7 +219,7 @@ def test_lens_rank_is_log_scaled_and_needs_next_targets(lens, lens_targets):
     expected[:, lens.next_ids[0].numpy() < 0] = np.nan  # the last token has no next token
     np.testing.assert_allclose(filled(image), expected, equal_nan=True)
     with pytest.raises(ValueError, match='targets="next"'):
-        plot_lens(dataclasses.replace(lens, target_ids=None, target_ranks=None), metric="rank")
+        plot_lens(with_readout(lens, target_ids=None, target_ranks=None), metric="rank")
     with pytest.raises(ValueError, match='targets="next"'):
         plot_lens(lens_targets, metric="rank")
 
@@ -282,12 +288,14 @@ def weird_lens():
     top_ids = top_ids.expand(n_layer, 1, n_pos, k).clone()
     top_ids[1, 0, :5, 0] = input_ids[0, 1:]  # the last layer gets the next token right
     cell = torch.rand(n_layer, 1, n_pos, generator=torch.Generator().manual_seed(0))
+    readout = Readout(
+        top_ids=top_ids, top_probs=torch.rand(n_layer, 1, n_pos, k).sort(-1, descending=True).values,
+        top_logits=torch.randn(n_layer, 1, n_pos, k), entropy=cell, kl_to_reference=cell, next_token_loss=cell,
+    )
     return LensResult(
         labels=["0_pre", "final_post"], input_ids=input_ids, lengths=torch.tensor([n_pos]),
-        positions=torch.arange(n_pos).unsqueeze(0), top_ids=top_ids,
-        top_probs=torch.rand(n_layer, 1, n_pos, k).sort(-1, descending=True).values,
-        top_logits=torch.randn(n_layer, 1, n_pos, k), entropy=cell, kl_to_final=cell,
-        next_token_loss=cell, next_ids=torch.tensor([[1, 2, 3, 4, 5, -1]]), tokenizer=FakeTokenizer(),
+        positions=torch.arange(n_pos).unsqueeze(0), readout=readout,
+        next_ids=torch.tensor([[1, 2, 3, 4, 5, -1]]), tokenizer=FakeTokenizer(),
     )
 
 
@@ -363,7 +371,7 @@ def test_trajectory_next_targets_and_single_position(lens, model, ids):
     with pytest.raises(ValueError, match="one position"):
         plot_trajectory(single, position=3)
     with pytest.raises(ValueError, match="no targets"):
-        plot_trajectory(dataclasses.replace(lens, target_ids=None))
+        plot_trajectory(with_readout(lens, target_ids=None))
     fig, ax = plt.subplots()
     assert plot_trajectory(single, ax=ax) is fig and ax.lines
 

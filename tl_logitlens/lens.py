@@ -9,6 +9,7 @@ whenever it runs the model itself.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from numbers import Integral
 from typing import Any, Callable, List, Optional, Sequence, Union
@@ -18,7 +19,7 @@ import torch
 from .errors import LensInputError, NonFiniteActivationError, UnsupportedModelError
 from .inputs import activation_shape, resolve_inputs, run_or_read
 from .model_access import ModelView, is_half
-from .readout import check_modes, chunk_rows, read_rows
+from .readout import Readout, check_modes, chunk_rows, read_rows, reshape_readout
 from . import tiles
 from .stacks import piece_groups, required_hooks
 from .tokens import PositionSpec, Tokens, _as_list, gather_positions, next_token_ids, position_index, token_list
@@ -46,6 +47,8 @@ class LensResult:
             cache was given.
         lengths: ``[batch]`` each prompt's real length.
         positions: ``[batch, pos]`` the positions read (absolute indices into the input).
+        readout: the kernel's :class:`~tl_logitlens.readout.Readout`, shaped
+            ``[layer, batch, pos, ...]``; the statistics below are read from it.
         top_ids, top_probs, top_logits: ``[layer, batch, pos, k]``.
         entropy: ``[layer, batch, pos]`` full-vocabulary entropy, nats.
         kl_to_final: ``[layer, batch, pos]`` KL(final || layer), nats.
@@ -73,20 +76,23 @@ class LensResult:
     input_ids: Optional[torch.Tensor]
     lengths: torch.Tensor
     positions: torch.Tensor
-    top_ids: torch.Tensor
-    top_probs: torch.Tensor
-    top_logits: torch.Tensor
-    entropy: torch.Tensor
-    kl_to_final: torch.Tensor
-    next_token_loss: torch.Tensor
+    readout: Readout
     next_ids: torch.Tensor
-    target_ids: Optional[torch.Tensor] = None
-    target_logits: Optional[torch.Tensor] = None
-    target_probs: Optional[torch.Tensor] = None
-    target_ranks: Optional[torch.Tensor] = None
     norm: str = "recompute"
     unembed: str = "W_U"
     tokenizer: Any = field(default=None, repr=False)
+
+    # The statistics live in the readout; these name them as the lens does.
+    top_ids = property(lambda self: self.readout.top_ids, doc="``[layer, batch, pos, k]`` top token ids.")
+    top_probs = property(lambda self: self.readout.top_probs, doc="``[layer, batch, pos, k]``.")
+    top_logits = property(lambda self: self.readout.top_logits, doc="``[layer, batch, pos, k]``.")
+    entropy = property(lambda self: self.readout.entropy, doc="``[layer, batch, pos]`` nats.")
+    kl_to_final = property(lambda self: self.readout.kl_to_reference, doc="``[layer, batch, pos]`` KL(final || layer).")
+    next_token_loss = property(lambda self: self.readout.next_token_loss, doc="``[layer, batch, pos]`` nats, NaN where no next token.")
+    target_ids = property(lambda self: self.readout.target_ids, doc="``[layer, batch, pos, t]`` or ``None``.")
+    target_logits = property(lambda self: self.readout.target_logits, doc="``[layer, batch, pos, t]`` or ``None``.")
+    target_probs = property(lambda self: self.readout.target_probs, doc="``[layer, batch, pos, t]`` or ``None``.")
+    target_ranks = property(lambda self: self.readout.target_ranks, doc="``[layer, batch, pos, t]`` or ``None``.")
 
     @property
     def has_pos_axis(self) -> bool:
@@ -379,28 +385,18 @@ def logit_lens(
         flat.target_probs = flat.target_probs.masked_fill(none, float("nan"))
         flat.target_ranks = flat.target_ranks.masked_fill(none, -1)
 
-    def shape(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        if t is None:
-            return None
-        t = t.reshape(len(keep), batch, index.shape[1], *t.shape[2:])
-        return t[:, :, 0] if drop else t
-
+    shaped = reshape_readout(flat, (len(keep), batch, index.shape[1]))
+    if drop:
+        shaped = dataclasses.replace(shaped, **{
+            name: None if value is None else value[:, :, 0] for name, value in vars(shaped).items()
+        })
     result = LensResult(
         labels=[labels[k] for k in keep],
         input_ids=None if tokens is None else tokens.ids,
         lengths=lengths,
         positions=index,
-        top_ids=shape(flat.top_ids),
-        top_probs=shape(flat.top_probs),
-        top_logits=shape(flat.top_logits),
-        entropy=shape(flat.entropy),
-        kl_to_final=shape(flat.kl_to_reference),
-        next_token_loss=shape(flat.next_token_loss),
+        readout=shaped,
         next_ids=next_ids[:, 0] if drop else next_ids,
-        target_ids=shape(flat.target_ids),
-        target_logits=shape(flat.target_logits),
-        target_probs=shape(flat.target_probs),
-        target_ranks=shape(flat.target_ranks),
         norm=norm,
         unembed=unembed,
         tokenizer=view.tokenizer,
