@@ -29,19 +29,18 @@ import torch
 from .errors import LensInputError, NonFiniteActivationError
 from .model_access import ModelView, view as view_model
 from .norm import NORM_MODES
-from .tiles import BUFFERS, read_product, tile_width
+from . import tuning
+from .tiles import BUFFERS, needs_whole_rows, read_product, read_whole, tile_width
 from .tokens import token_list
 
 UNEMBED_MODES = ("W_U", "W_E")
 
-#: Memory for the kernel's working buffers when ``chunk_size=None``: three tiles of
-#: ``[rows, 1024]`` logits (see :mod:`tl_logitlens.tiles`), which sets the rows per matrix
-#: product: ~5400 in float32 at 64 MiB. Measured on the 2 x 512-token GPT-2 lens
-#: (``bench/bench_lens.py --sweep-budgets``, 2 cores), time over the plain product: 4 to 8 MiB 1.14 to
-#: 1.17, 16 MiB 1.05, 32 MiB 1.02, 64 MiB 0.95 to 0.97, 128 to 256 MiB 1.07 to 1.08.
-#: Memory does not grow with the number of vectors read. Override it per call with
-#: ``chunk_size=`` (rows per product).
-DEFAULT_CHUNK_BUDGET_BYTES = 64 * 2**20
+#: The most memory the kernel's working buffers take on the CPU when ``chunk_size=None``
+#: (three tiles of ``[rows, width]`` logits, :mod:`tl_logitlens.tiles`). The shape within it
+#: is measured for the processor at hand (:mod:`tl_logitlens.tuning`); set a budget with
+#: ``tuning.set_chunk_budget(bytes)``, or rows per product with ``chunk_size=``. Memory does
+#: not grow with the number of vectors read.
+DEFAULT_CHUNK_BUDGET_BYTES = tuning.CPU_BUDGET_BYTES
 
 
 def chunk_rows(width: int, chunk_size: Optional[int] = None, budget: int = DEFAULT_CHUNK_BUDGET_BYTES, itemsize: int = 4) -> int:
@@ -188,9 +187,12 @@ def read_rows(
     others = [i for i in range(len(sources)) if i != ref_source]
     lead = [] if ref_source is None else [ref_source]
 
-    width = tile_width(d_vocab, transform)
-    itemsize = torch.finfo(dtype).bits // 8
-    product_rows = chunk_rows(width, chunk_size, budget=DEFAULT_CHUNK_BUDGET_BYTES, itemsize=itemsize)
+    if chunk_size is not None:
+        chunk_rows(1, chunk_size)  # validates it
+    shape = tuning.tile_shape(W, dtype, whole_rows=needs_whole_rows(transform), chunk_size=chunk_size)
+    read = read_whole if shape.strategy == "whole" else read_product
+    width = d_vocab if shape.strategy == "whole" else tile_width(d_vocab, transform, shape.width)
+    product_rows = shape.rows
     step = max(1, min(rows, product_rows // len(sources)))
     per_group = max(1, product_rows // step - len(lead))
     groups = [lead + others[i : i + per_group] for i in range(0, len(others), per_group)] or [lead]
@@ -227,9 +229,10 @@ def read_rows(
 
                 x = torch.stack([sources[i][0][start:stop] for i in group]).to(device=device, dtype=dtype)
                 x = fnorm.apply(x, norm, scale).reshape(len(group) * (stop - start), d_model)
-                st = read_product(
+                st = read(
                     x, len(group), W, b, transform, buffers, top_k=top_k, with_reference=ref_source is not None,
                     next_tokens=nxt, target_ids=tid, keep_logits=keep if all_logits is not None else None,
+                    **({} if read is read_whole else {"width": width}),
                 )
                 for j, o in enumerate(outs):
                     if o is None:
