@@ -5,8 +5,11 @@ top-k, entropy, KL to a reference distribution, loss on a true next token, chose
 logits, probabilities and ranks. Rows are taken a chunk at a time, every stack entry of
 those rows in one matrix product (:func:`read_rows`), and each product is read a tile of
 vocabulary columns at a time (:mod:`tl_logitlens.tiles`), so ``[rows, d_vocab]`` logits
-never exist unless the caller asks for them with ``return_logits=True``. Memory is set by
-:data:`DEFAULT_CHUNK_BUDGET_BYTES`, not by how many vectors are read.
+never exist unless the caller asks for them with ``return_logits=True``. The tile shape
+(rows per product, columns per tile) is measured for the processor at hand at first use
+(:mod:`tl_logitlens.tuning`); on CUDA one product spans the vocabulary
+(:func:`tl_logitlens.tiles.read_whole`). Memory is bounded by a budget
+(:data:`DEFAULT_CHUNK_BUDGET_BYTES` on the CPU), not by how many vectors are read.
 
 The statistics are exact, computed from the logits shifted by their row maximum
 ``s = l - max(l)`` with ``Z = sum(exp(s))``:
@@ -15,8 +18,8 @@ The statistics are exact, computed from the logits shifted by their row maximum
 - ``KL(ref || x) = sum p_ref (log p_ref - log p_x) = -H_ref - sum(p_ref * s_x) + log Z_x``
 
 The cost is the unembedding product: on GPT-2 shapes the whole logit lens, with every
-statistic, takes about as long as the plain product ``vectors @ W_U`` (0.97 to 1.00 x
-in ``make bench``).
+statistic, took about as long as the plain product ``vectors @ W_U`` on a 2-core AMD EPYC
+(0.97 to 1.00 x in ``make bench``, which prints the processor and shape of each run).
 """
 
 from __future__ import annotations
@@ -161,7 +164,8 @@ def read_rows(
     How it runs: rows are taken ``c`` at a time for every entry at once (the reference
     first), so one matrix product ``[entries * c, d_model] @ W_U`` has enough rows for full
     BLAS speed; :func:`tl_logitlens.tiles.read_product` computes it a tile of vocabulary
-    columns at a time and keeps only running statistics. When the reference equals one of
+    columns at a time and keeps only running statistics (the shape from
+    :func:`tl_logitlens.tuning.tile_shape`; on CUDA :func:`tl_logitlens.tiles.read_whole`). When the reference equals one of
     the entries (the logit lens's final stream) it is unembedded once, not twice.
     """
     outer, rows, d_model = vectors.shape
@@ -320,8 +324,8 @@ def readout(
             distribution the KL is measured from (e.g. the final residual stream); it is read
             exactly as ``vectors`` are, and supplies the scale for ``norm="cached"``.
         next_tokens: integer ``[*tail]`` true next-token ids (``-1`` for none) for the loss.
-        chunk_size: rows per chunk; ``None`` picks it from
-            :data:`DEFAULT_CHUNK_BUDGET_BYTES`.
+        chunk_size: rows per matrix product; ``None``: the shape measured for this
+            machine (:mod:`tl_logitlens.tuning`).
         return_logits: also return the full ``[*lead, d_vocab]`` logits (memory heavy).
 
     Returns:

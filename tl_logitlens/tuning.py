@@ -39,6 +39,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -62,9 +63,11 @@ FALLBACK_WIDTH = 1024
 STRATEGIES = ("tiled", "whole")
 # Candidate tile widths and rows per product (rows scaled by 768 / d_model, so that every
 # trial does about the same work whatever the model); the slice of the vocabulary timed.
+# The slice holds at least two tiles of every width, so the timed loop runs its steady state
+# (tiles after the first), not only the first tile's whole-tile top-k.
 _WIDTHS = (1024, 4096, 2048, 512)
-_ROWS = (512, 128)
-_SLICE_COLUMNS = 4096
+_ROWS = (384, 96)
+_SLICE_COLUMNS = 8192
 _REPEATS = 2
 # Stop measuring after this many seconds (a loaded machine): the fastest so far wins.
 _DEADLINE_SECONDS = 1.0
@@ -128,6 +131,12 @@ def force(*, rows: Optional[int] = None, width: Optional[int] = None, strategy: 
         _forced.update(saved)
 
 
+def measured_shapes() -> Dict[str, TileShape]:
+    """The shapes chosen so far in this process, by key (device, processor, threads, dtypes, sizes, layout)."""
+    with _lock:
+        return dict(_memory)
+
+
 def clear_cache() -> None:
     """Forget the shapes measured in this process (the disk cache is left alone)."""
     with _lock:
@@ -139,6 +148,11 @@ def processor_name(device: Optional[torch.device] = None) -> str:
     """The processor's marketing name: the GPU's for a CUDA device, else the CPU's."""
     if device is not None and torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(device)
+    return _cpu_name()
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -232,6 +246,11 @@ def _to_disk(path: Path, key: str, shape: TileShape) -> None:
 
 
 # -- the measurement ----------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _time_kernel(x: torch.Tensor, W: torch.Tensor, width: int) -> float:
     """Seconds for the tiled kernel (top-k, entropy, KL, a target) over ``x @ W``, best of a few."""
     from .tiles import read_product
@@ -241,8 +260,10 @@ def _time_kernel(x: torch.Tensor, W: torch.Tensor, width: int) -> float:
     targets = torch.zeros(m, 1, dtype=torch.long, device=x.device)
     best = float("inf")
     for _ in range(_REPEATS):
+        _sync(x.device)
         start = time.perf_counter()
         read_product(x, 1, W, None, None, buffers, top_k=5, with_reference=True, target_ids=targets, width=width)
+        _sync(x.device)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -260,9 +281,11 @@ def measure(W: torch.Tensor, dtype: torch.dtype) -> TileShape:
     gen = torch.Generator(device="cpu").manual_seed(0)
     timings: List[Tuple[int, int, float]] = []
     with torch.no_grad():
-        for rows in sorted({max(16, r * 768 // max(d_model, 1)) for r in _ROWS}, reverse=True):
+        # Rows scaled so each trial does the same work whatever d_model (a 7B model's 4096
+        # gives 72 and 18 rows), at most doubled for small models.
+        for rows in sorted({min(2 * r, max(16, r * 768 // max(d_model, 1))) for r in _ROWS}, reverse=True):
             x = torch.randn(rows, d_model, generator=gen, dtype=torch.float32).to(device=W.device, dtype=dtype)
-            torch.mm(x, Ws[:, :512])  # warm-up: BLAS threads, first-touch pages
+            torch.mm(x, Ws[:, :512].to(dtype))  # warm-up: BLAS threads, first-touch pages
             for width in dict.fromkeys(min(w, columns) for w in _WIDTHS):
                 if timings and time.perf_counter() - started > _DEADLINE_SECONDS:
                     break
@@ -273,8 +296,6 @@ def measure(W: torch.Tensor, dtype: torch.dtype) -> TileShape:
         # More rows were no slower: let them grow to the CPU budget (fewer passes over W_U).
         itemsize = torch.empty((), dtype=dtype).element_size()
         rows = max(rows, CPU_BUDGET_BYTES // (BUFFERS * itemsize * width))
-    if width >= columns and d_vocab > columns:
-        width = columns  # the widest measured; wider was not timed
     return TileShape(rows, width, "tiled", "measured", time.perf_counter() - started, tuple(timings))
 
 
@@ -312,7 +333,7 @@ def tile_shape(W: torch.Tensor, dtype: torch.dtype, *, whole_rows: bool = False,
     base: Optional[TileShape] = None
     if width is None or (rows is None and chunk_size is None and _budget is None):
         base = _measured(W, dtype)
-        source = base.source
+        source = "forced" if _forced else base.source
     width = min(d_vocab, width or base.width)
     if chunk_size is not None:
         rows, source = chunk_size, "forced"
