@@ -564,6 +564,40 @@ def evaluate_section(model: Any, args: argparse.Namespace, floor_chunk: Tuple[st
     return out
 
 
+# Where the kernel's time goes: torch operator names grouped by the work they do.
+PROFILE_GROUPS = {
+    "product": ("aten::mm", "aten::addmm", "aten::matmul", "aten::bmm", "aten::einsum"),
+    "exponentials": ("aten::exp", "aten::exp2", "aten::log"),
+    "top-k and picks": ("aten::topk", "aten::amax", "aten::max", "aten::index", "aten::index_put_", "aten::_index_put_impl_",
+                        "aten::nonzero", "aten::gather", "aten::gt", "aten::any", "aten::cat", "aten::sort"),
+    "sums and shifts": ("aten::sum", "aten::mul", "aten::mul_", "aten::add", "aten::add_", "aten::sub_", "aten::maximum"),
+    "transfers and copies": ("aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::contiguous", "aten::stack"),
+}
+
+
+def profile_section(model: Any, args: argparse.Namespace) -> Dict[str, Any]:
+    """One ``tll.logit_lens`` on 1 x 256 tokens under ``torch.profiler``: self time per group of operators."""
+    gen = torch.Generator().manual_seed(1256)
+    tokens = torch.randint(0, D_VOCAB, (1, 256), generator=gen).to(DEVICE)
+    cache = make_cache(model, tokens, lens_hooks())
+    tll.logit_lens(model, cache=cache, input=tokens, top_k=5, targets="next")  # warm-up, measures the shape
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if DEVICE.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        tll.logit_lens(model, cache=cache, input=tokens, top_k=5, targets="next")
+    attr = "self_device_time_total" if DEVICE.type == "cuda" else "self_cpu_time_total"
+    groups = {name: 0.0 for name in PROFILE_GROUPS}
+    groups["other"] = 0.0
+    for event in prof.key_averages():
+        seconds = float(getattr(event, attr, 0.0) or 0.0) / 1e6
+        group = next((g for g, names in PROFILE_GROUPS.items() if event.key in names), "other")
+        groups[group] += seconds
+    total = sum(groups.values()) or 1.0
+    return {"seconds": groups, "fractions": {k: v / total for k, v in groups.items()}, "total_seconds": total,
+            "clock": attr}
+
+
 # -- report -----------------------------------------------------------------------------------
 def target(name: str, value: Optional[float], threshold: float, op: str) -> Dict[str, Any]:
     met = None if value is None else (value <= threshold if op == "<=" else value >= threshold)
@@ -601,6 +635,11 @@ def print_table(results: Dict[str, Any]) -> None:
         for name, m in d["methods"].items():
             print(f"  {name:<26}{m['seconds']:>10.2f}{m['memory_mib']:>11.0f}{len(m['runs']):>6}")
         print(f"  max |difference| between the two: {d['max_abs_difference']:.2e}; residual error {d['residual_error']:.2e}")
+    pr = results.get("profile")
+    if pr:
+        print(f"\nWhere tll.logit_lens's time goes, 1x256 ({pr['clock']}, {pr['total_seconds']:.2f} s in operators)")
+        for name, fraction in pr["fractions"].items():
+            print(f"  {name:<26}{pr['seconds'][name]:>9.3f} s{100 * fraction:>7.1f} %")
     e = results.get("evaluate")
     if e:
         print(f"\nStreaming evaluation, {e['shape'][0]}x{e['shape'][1]} tokens, batch {e['batch_size']}")
@@ -630,6 +669,8 @@ def main() -> None:
     parser.add_argument("--textbook-budget-gib", type=float, default=8.0)
     parser.add_argument("--all-big", action="store_true", help="also run the top-k+entropy variant at 8x512")
     parser.add_argument("--quick", action="store_true", help="skip the 8x512 workload and the DLA section")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one 1x256 lens: time in products, exponentials, top-k, sums, transfers")
     parser.add_argument("--sweep-budgets", type=int, nargs="*", metavar="MIB",
                         help="only sweep the kernel's memory budget (MiB) on 2x512 tokens, e.g. 4 8 16 32 64")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -692,6 +733,9 @@ def main() -> None:
         results["dla"] = dla_section(model, cache, tokens, args)
         del cache
         settle()
+    if args.profile:
+        print("profile 1x256 ...", flush=True)
+        results["profile"] = profile_section(model, args)
     print("streaming evaluation ...", flush=True)
     results["evaluate"] = evaluate_section(model, args, floor_chunk)
 
