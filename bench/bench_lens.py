@@ -8,9 +8,11 @@ on transformer-lens 4.x, a folded ``HookedTransformer`` on 2.x/3.x. Nothing is d
 Sections (all reading the same ActivationCache, made once per workload):
 
 1. Logit lens, workloads 1 x 256 and 8 x 512 tokens, every layer (13 stack entries):
-   - ``floor``: ``vectors @ W_U`` in float32 for the same 13 x tokens vectors, in row
-     chunks, only the matrix products timed (the fastest of a few chunk sizes, picked on the
-     small workload); every ``x floor`` ratio and target is against it;
+   - ``floor``: ``vectors @ W_U`` in float32 for the same 13 x tokens vectors, only the
+     matrix products timed: the fastest (best of runs) of the whole product, row chunks of
+     256, 1024 and 4096, each with ``W [d_model, d_vocab]`` contiguous or as ``W_T.T`` with
+     ``W_T [d_vocab, d_model]`` contiguous, picked on the small workload; every ``x floor``
+     ratio and target is against it;
    - ``floor (cache tiles)``: the same product a 1024 x 1024 tile at a time into one small
      buffer that is overwritten (the logits never reach main memory, so nothing could read
      them): the stricter bound for a kernel that, like ours, reads tiles while in cache;
@@ -32,16 +34,21 @@ Sections (all reading the same ActivationCache, made once per workload):
 3. Streaming evaluation: ``tll.evaluate_lens`` against plain forward passes plus the floor
    for the same scored tokens.
 
-Timing: medians of ``--repeats`` runs after a warm-up for the small workloads; the 8 x 512
+Timing: ``--repeats`` runs (default 5) after a warm-up for the small workloads; the 8 x 512
 lens runs ``--big-repeats`` times (default 2; transformer-lens's lens once), the first of
-which also measures memory (the small workload has already warmed everything up).
+which also measures memory (the small workload has already warmed everything up). Both the
+best and the median are reported; ratios and targets use the best of runs (a shared machine
+is noisy: the best is the run least disturbed), the medians' ratios are printed beside.
+The header names the processor, its caches, and the tile shape the kernel measured for it
+(:mod:`tl_logitlens.tuning`). ``--device cuda`` (and ``--dtype bfloat16``) runs the model,
+the kernel and the floor (then the cuBLAS product in that dtype) on the GPU.
 Memory: the resident-set peak *added* by a method over what was live before it (the
 cache included), in MiB, read from the kernel's high-water mark (``VmHWM``, reset through
 ``/proc/self/clear_refs``) after ``malloc_trim``; a 1 ms RSS-sampling thread where that
 reset is not allowed.
 
-Usage: ``python bench/bench_lens.py [--quick] [--threads N] [--clock wall|cpu] [--device cpu|cuda] [--out bench/results.json]``
-(``make bench ARGS="--device cuda"``);
+Usage: ``python bench/bench_lens.py [--quick] [--threads N] [--clock wall|cpu] [--device cpu|cuda]
+[--dtype float32|bfloat16] [--out bench/results.json]``;
 ``--sweep-budgets 4 16 64`` instead times the lens on 2 x 512 tokens with each kernel memory
 budget (MiB) and writes only that to ``--out``.
 """
@@ -51,7 +58,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import importlib.metadata
 import json
 import os
 import platform
@@ -71,6 +77,7 @@ sys.path.insert(0, str(ROOT))
 
 import tl_logitlens as tll  # noqa: E402
 from tl_logitlens.evaluate import evaluate_lens  # noqa: E402
+from tl_logitlens import tuning  # noqa: E402
 from tl_logitlens.model_access import TL_MAJOR, TL_VERSION  # noqa: E402
 
 MiB = 2**20
@@ -161,16 +168,19 @@ class PeakMemory:
 #: process's CPU time, a steadier measure of work when other jobs share the machine (use it
 #: with ``--threads 1``: with more threads, time spent waiting at thread barriers counts too).
 CLOCK = time.perf_counter
+#: ``--device``: where the model, the vectors and the floor's product run.
+DEVICE = torch.device("cpu")
 
 
-#: Where the model, its cache and the floor's product live (``--device``).
-DEVICE = "cpu"
+def sync() -> None:
+    """Wait for the device, so that a clock reading covers the work queued before it."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def now() -> float:
     """``CLOCK()`` after the device's queued work has finished (CUDA runs asynchronously)."""
-    if torch.device(DEVICE).type == "cuda":
-        torch.cuda.synchronize(DEVICE)
+    sync()
     return CLOCK()
 
 
@@ -178,12 +188,14 @@ def run_method(fn: Callable[[], Any], runs: int, warmup: bool) -> Dict[str, Any]
     """Run ``fn`` (which returns its own seconds, or None to be timed here) ``runs`` times.
 
     The first run measures memory; with ``warmup`` it is not timed (a warm-up) and ``runs``
-    more follow. Returns ``{"seconds": median, "runs": [...], "memory_mib": ...}``.
+    more follow. Returns ``{"seconds": median, "best": min, "runs": [...], "memory_mib": ...}``.
     """
     def once() -> float:
-        start = now()
+        sync()
+        start = CLOCK()
         inner = fn()
-        wall = now() - start
+        sync()
+        wall = CLOCK() - start
         return float(inner) if isinstance(inner, (int, float)) else wall
 
     with PeakMemory() as mem:
@@ -192,7 +204,7 @@ def run_method(fn: Callable[[], Any], runs: int, warmup: bool) -> Dict[str, Any]
     for _ in range(runs - (0 if warmup else 1)):
         settle()
         times.append(once())
-    return {"seconds": statistics.median(times), "runs": times, "memory_mib": mem.added / MiB}
+    return {"seconds": statistics.median(times), "best": min(times), "runs": times, "memory_mib": mem.added / MiB}
 
 
 # -- model ------------------------------------------------------------------------------------
@@ -255,27 +267,44 @@ def stack_vectors(cache: Any) -> torch.Tensor:
 
 
 # -- methods ----------------------------------------------------------------------------------
-def floor_fn(W_U: torch.Tensor, vectors: torch.Tensor, chunk: int, columns: Optional[int] = None) -> Callable[[], float]:
+def floor_fn(W_U: torch.Tensor, vectors: torch.Tensor, chunk: int, columns: Optional[int] = None,
+             layout: str = "W") -> Callable[[], float]:
     """``vectors @ W_U`` ``chunk`` rows (and ``columns`` vocabulary columns) at a time into one
-    preallocated buffer; returns the seconds spent in the matrix products only."""
-    width = W_U.shape[1] if columns is None else columns
+    preallocated buffer; returns the seconds spent in the matrix products only.
+
+    ``layout="W"``: ``x @ W`` with ``W [d_model, d_vocab]`` contiguous; ``"W_T"``: ``x @ W_T.T``
+    with ``W_T [d_vocab, d_model]`` contiguous (how HF stores ``lm_head.weight``)."""
+    d_vocab = W_U.shape[1]
+    width = d_vocab if columns is None else columns
+    W = W_U.contiguous() if layout == "W" else W_U.T.contiguous()
 
     def run() -> float:
-        out = torch.empty(min(chunk, vectors.shape[0]) * width, device=vectors.device)
+        out = torch.empty(min(chunk, vectors.shape[0]) * width, dtype=vectors.dtype, device=vectors.device)
         out.zero_()  # fault the pages in before timing
         total = 0.0
         with torch.no_grad():
             for start in range(0, vectors.shape[0], chunk):
                 x = vectors[start : start + chunk]
-                for a in range(0, W_U.shape[1], width):
-                    w = W_U[:, a : a + width]
+                for a in range(0, d_vocab, width):
+                    w = W[:, a : a + width] if layout == "W" else W[a : a + width].T
                     o = out[: x.shape[0] * w.shape[1]].view(x.shape[0], w.shape[1])
-                    t0 = now()
+                    sync()
+                    t0 = CLOCK()
                     torch.mm(x, w, out=o)
-                    total += now() - t0
+                    sync()
+                    total += CLOCK() - t0
         return total
 
     return run
+
+
+def floor_candidates(rows: int) -> List[Tuple[str, int]]:
+    """(layout, rows per product) the floor is the fastest of: the whole product where its
+    output fits 2 GiB, and row chunks, in either layout of ``W_U``."""
+    chunks = [c for c in (256, 1024, 4096) if c < rows]
+    if rows * D_VOCAB * 4 <= 2 * GiB:
+        chunks.append(rows)
+    return [(layout, c) for layout in ("W", "W_T") for c in chunks]
 
 
 def tl_lens_fn(model: Any, cache: Any) -> Optional[Callable[[], Any]]:
@@ -354,29 +383,33 @@ def head_results_route(model: Any, cache: Any, answers: torch.Tensor, wrong: tor
 def lens_section(model: Any, batch: int, seq: int, args: argparse.Namespace, floor_chunk: Optional[int],
                  big: bool, extra_hooks: List[str]) -> Dict[str, Any]:
     gen = torch.Generator().manual_seed(batch * 1000 + seq)
-    tokens = torch.randint(0, D_VOCAB, (batch, seq), generator=gen)
+    tokens = torch.randint(0, D_VOCAB, (batch, seq), generator=gen).to(DEVICE)
     t0 = time.perf_counter()
     cache = make_cache(model, tokens, lens_hooks() + extra_hooks)
     forward_seconds = time.perf_counter() - t0
     settle()
-    W_U = model.W_U.detach().float().contiguous()
-    vectors = stack_vectors(cache)
+    W_U = model.W_U.detach().to(args.compute_dtype)
+    vectors = stack_vectors(cache).to(args.compute_dtype)
     n_tokens = batch * seq
     out: Dict[str, Any] = {"tokens": n_tokens, "shape": [batch, seq], "rows": vectors.shape[0],
                            "cache_forward_seconds": forward_seconds, "methods": {}, "notes": []}
     runs = args.big_repeats if big else args.repeats
     warm = not big  # the big workload is warmed up by the small one
 
-    # The floor: pick the fastest chunk on the small workload, reuse it on the big one.
+    # The floor: the fastest (best of runs) of the whole product, row chunks and either layout
+    # of W_U, chosen on the small workload and reused on the big one.
+    methods = out["methods"]
     if floor_chunk is None:
         sweep = {}
-        for chunk in (256, 1024, 4096):
-            sweep[chunk] = run_method(floor_fn(W_U, vectors, chunk), runs=2, warmup=True)["seconds"]
-        floor_chunk = min(sweep, key=sweep.get)
-        out["floor_chunk_sweep"] = {str(k): v for k, v in sweep.items()}
-    out["floor_chunk"] = floor_chunk
-    methods = out["methods"]
-    methods["floor"] = run_method(floor_fn(W_U, vectors, floor_chunk), runs, warm)
+        for layout, chunk in floor_candidates(vectors.shape[0]):
+            sweep[(layout, chunk)] = run_method(floor_fn(W_U, vectors, chunk, layout=layout), runs, True)
+            print(f"  floor candidate {layout:>3} x {chunk:>5} rows: best {sweep[(layout, chunk)]['best']:.3f} s", flush=True)
+        floor_chunk = min(sweep, key=lambda k: sweep[k]["best"])
+        out["floor_sweep"] = {f"{k[0]} x {k[1]}": v for k, v in sweep.items()}
+        methods["floor"] = sweep[floor_chunk]
+    else:
+        methods["floor"] = run_method(floor_fn(W_U, vectors, floor_chunk[1], layout=floor_chunk[0]), runs, warm)
+    out["floor_chunk"] = list(floor_chunk)
     methods["floor_cache_tiles"] = run_method(floor_fn(W_U, vectors, 1024, columns=1024), runs, warm)
     del vectors
     settle()
@@ -405,10 +438,13 @@ def lens_section(model: Any, batch: int, seq: int, args: argparse.Namespace, flo
             f"textbook recipe skipped: its logits and log-probs would take {textbook_bytes / GiB:.1f} GiB "
             f"(> --textbook-budget-gib {args.textbook_budget_gib:g})"
         )
-    floor = methods["floor"]["seconds"]
+    floor = methods["floor"]
     for m in methods.values():
-        m["ratio_to_floor"] = m["seconds"] / floor
-        m["ratio_to_cache_tiles"] = m["seconds"] / methods["floor_cache_tiles"]["seconds"]
+        # Best of the runs over the floor's best (a shared machine is noisy); medians beside.
+        m["ratio_to_floor"] = m["best"] / floor["best"]
+        m["ratio_to_floor_median"] = m["seconds"] / floor["seconds"]
+        m["ratio_to_cache_tiles"] = m["best"] / methods["floor_cache_tiles"]["best"]
+    out["tile_shapes"] = [dict(s._asdict(), key=k) for k, s in tuning.measured_shapes().items()]
     if not big:
         out["agreement"] = agreement(model, cache, tokens)
     out["_cache"] = cache
@@ -479,10 +515,8 @@ def dla_section(model: Any, cache: Any, tokens: torch.Tensor, args: argparse.Nam
 
 def budget_sweep(model: Any, budgets_mib: List[int], args: argparse.Namespace) -> Dict[str, Any]:
     """``tll.logit_lens`` on 2 x 512 tokens with each kernel budget: seconds, memory, ratio to the floor."""
-    kernel = sys.modules["tl_logitlens.readout"]
-    default = kernel.DEFAULT_CHUNK_BUDGET_BYTES
     gen = torch.Generator().manual_seed(3)
-    tokens = torch.randint(0, D_VOCAB, (2, 512), generator=gen)
+    tokens = torch.randint(0, D_VOCAB, (2, 512), generator=gen).to(DEVICE)
     cache = make_cache(model, tokens, lens_hooks())
     W_U = model.W_U.detach().float().contiguous()
     vectors = stack_vectors(cache)
@@ -490,21 +524,22 @@ def budget_sweep(model: Any, budgets_mib: List[int], args: argparse.Namespace) -
     del vectors
     try:
         for mib in budgets_mib:
-            kernel.DEFAULT_CHUNK_BUDGET_BYTES = mib * MiB
+            tuning.set_chunk_budget(mib * MiB)
             m = run_method(lambda: tll.logit_lens(model, cache=cache, input=tokens, top_k=5, targets="next"), 2, True)
             m["ratio_to_floor"] = m["seconds"] / out["floor"]["seconds"]
             out["budgets"][str(mib)] = m
             print(f"  budget {mib:>5} MiB: {m['seconds']:.2f} s, x floor {m['ratio_to_floor']:.3f}, {m['memory_mib']:.0f} MiB", flush=True)
     finally:
-        kernel.DEFAULT_CHUNK_BUDGET_BYTES = default
+        tuning.set_chunk_budget(None)
     return out
 
 
-def evaluate_section(model: Any, args: argparse.Namespace, floor_chunk: int) -> Dict[str, Any]:
+def evaluate_section(model: Any, args: argparse.Namespace, floor_chunk: Tuple[str, int]) -> Dict[str, Any]:
     n_seq, seq, bs = args.eval_shape
     gen = torch.Generator().manual_seed(11)
     tokens = torch.randint(0, D_VOCAB, (n_seq, seq), generator=gen)
-    W_U = model.W_U.detach().float().contiguous()
+    W_U = model.W_U.detach().to(args.compute_dtype)
+    tokens = tokens.to(DEVICE)
     # warm-up on one short batch
     evaluate_lens(model, tokens[:1, :32], progress=False)
 
@@ -522,14 +557,50 @@ def evaluate_section(model: Any, args: argparse.Namespace, floor_chunk: int) -> 
 
     scored = n_seq * (seq - 1)
     gen = torch.Generator().manual_seed(12)
-    vectors = torch.randn(scored * (N_LAYERS + 1), 768, generator=gen).to(DEVICE)
+    vectors = torch.randn(scored * (N_LAYERS + 1), 768, generator=gen).to(DEVICE, args.compute_dtype)
     out: Dict[str, Any] = {"shape": [n_seq, seq], "batch_size": bs, "scored_tokens": scored, "methods": {}}
     out["methods"]["evaluate_lens"] = run_method(evaluate, args.eval_repeats, False)
     out["methods"]["forward"] = run_method(forwards, args.eval_repeats, False)
-    out["methods"]["floor"] = run_method(floor_fn(W_U, vectors, floor_chunk), args.eval_repeats, False)
-    base = out["methods"]["forward"]["seconds"] + out["methods"]["floor"]["seconds"]
-    out["ratio_to_forward_plus_floor"] = out["methods"]["evaluate_lens"]["seconds"] / base
+    out["methods"]["floor"] = run_method(floor_fn(W_U, vectors, floor_chunk[1], layout=floor_chunk[0]), args.eval_repeats, False)
+    # Best of the runs (a shared machine is noisy); the medians' ratio beside it.
+    ms = out["methods"]
+    out["ratio_to_forward_plus_floor"] = ms["evaluate_lens"]["best"] / (ms["forward"]["best"] + ms["floor"]["best"])
+    out["ratio_to_forward_plus_floor_median"] = ms["evaluate_lens"]["seconds"] / (ms["forward"]["seconds"] + ms["floor"]["seconds"])
     return out
+
+
+# Where the kernel's time goes: torch operator names grouped by the work they do.
+PROFILE_GROUPS = {
+    "product": ("aten::mm", "aten::addmm", "aten::matmul", "aten::bmm", "aten::einsum"),
+    "exponentials": ("aten::exp", "aten::exp2", "aten::log"),
+    "top-k and picks": ("aten::topk", "aten::amax", "aten::max", "aten::index", "aten::index_put_", "aten::_index_put_impl_",
+                        "aten::nonzero", "aten::gather", "aten::gt", "aten::any", "aten::cat", "aten::sort"),
+    "sums and shifts": ("aten::sum", "aten::mul", "aten::mul_", "aten::add", "aten::add_", "aten::sub_", "aten::maximum"),
+    "transfers and copies": ("aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::contiguous", "aten::stack"),
+}
+
+
+def profile_section(model: Any, args: argparse.Namespace) -> Dict[str, Any]:
+    """One ``tll.logit_lens`` on 1 x 256 tokens under ``torch.profiler``: self time per group of operators."""
+    gen = torch.Generator().manual_seed(1256)
+    tokens = torch.randint(0, D_VOCAB, (1, 256), generator=gen).to(DEVICE)
+    cache = make_cache(model, tokens, lens_hooks())
+    tll.logit_lens(model, cache=cache, input=tokens, top_k=5, targets="next")  # warm-up, measures the shape
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if DEVICE.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        tll.logit_lens(model, cache=cache, input=tokens, top_k=5, targets="next")
+    attr = "self_device_time_total" if DEVICE.type == "cuda" else "self_cpu_time_total"
+    groups = {name: 0.0 for name in PROFILE_GROUPS}
+    groups["other"] = 0.0
+    for event in prof.key_averages():
+        seconds = float(getattr(event, attr, 0.0) or 0.0) / 1e6
+        group = next((g for g, names in PROFILE_GROUPS.items() if event.key in names), "other")
+        groups[group] += seconds
+    total = sum(groups.values()) or 1.0
+    return {"seconds": groups, "fractions": {k: v / total for k, v in groups.items()}, "total_seconds": total,
+            "clock": attr}
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -541,15 +612,21 @@ def target(name: str, value: Optional[float], threshold: float, op: str) -> Dict
 def print_table(results: Dict[str, Any]) -> None:
     print()
     print(f"tl_logitlens benchmark: {results['meta']['model']}")
+    print(f"processor: {results['meta']['processor']}; caches {results['meta']['caches']}; device {results['meta']['device']}, "
+          f"{results['meta']['dtype']}")
     print(f"transformer-lens {results['meta']['transformer_lens']}, torch {results['meta']['torch']}, "
           f"{results['meta']['threads']} threads, {results['meta']['clock']} clock, load before {results['meta']['load_before']}, "
           f"after {results['meta']['load_after']}")
     for key, w in results["lens"].items():
-        print(f"\nLogit lens, {key} tokens ({w['rows']} vectors, floor chunk {w['floor_chunk']} rows)")
-        print(f"  {'method':<26}{'seconds':>10}{'x floor':>10}{'x tiles':>10}{'peak MiB':>11}{'runs':>6}")
+        layout, chunk = w["floor_chunk"]
+        print(f"\nLogit lens, {key} tokens ({w['rows']} vectors; floor: {layout} layout, {chunk} rows per product)")
+        for t in w.get("tile_shapes", []):
+            print(f"  kernel shape: {t['rows']} rows x {t['width']} columns, {t['strategy']} ({t['source']}, "
+                  f"measured in {t['seconds']:.2f} s)")
+        print(f"  {'method':<26}{'best s':>9}{'median s':>10}{'x floor':>9}{'(median)':>10}{'x tiles':>9}{'peak MiB':>10}{'runs':>6}")
         for name, m in w["methods"].items():
-            print(f"  {name:<26}{m['seconds']:>10.2f}{m['ratio_to_floor']:>10.3f}{m['ratio_to_cache_tiles']:>10.3f}"
-                  f"{m['memory_mib']:>11.0f}{len(m['runs']):>6}")
+            print(f"  {name:<26}{m['best']:>9.3f}{m['seconds']:>10.3f}{m['ratio_to_floor']:>9.3f}{m['ratio_to_floor_median']:>10.3f}"
+                  f"{m['ratio_to_cache_tiles']:>9.3f}{m['memory_mib']:>10.0f}{len(m['runs']):>6}")
         if "agreement" in w:
             g = w["agreement"]
             print(f"  agreement with full float64 logits: max |diff| entropy {g['entropy']:.1e}, KL {g['kl_to_final']:.1e}, "
@@ -563,12 +640,18 @@ def print_table(results: Dict[str, Any]) -> None:
         for name, m in d["methods"].items():
             print(f"  {name:<26}{m['seconds']:>10.2f}{m['memory_mib']:>11.0f}{len(m['runs']):>6}")
         print(f"  max |difference| between the two: {d['max_abs_difference']:.2e}; residual error {d['residual_error']:.2e}")
+    pr = results.get("profile")
+    if pr:
+        print(f"\nWhere tll.logit_lens's time goes, 1x256 ({pr['clock']}, {pr['total_seconds']:.2f} s in operators)")
+        for name, fraction in pr["fractions"].items():
+            print(f"  {name:<26}{pr['seconds'][name]:>9.3f} s{100 * fraction:>7.1f} %")
     e = results.get("evaluate")
     if e:
         print(f"\nStreaming evaluation, {e['shape'][0]}x{e['shape'][1]} tokens, batch {e['batch_size']}")
         for name, m in e["methods"].items():
-            print(f"  {name:<26}{m['seconds']:>10.2f}{m['memory_mib']:>11.0f} MiB")
-        print(f"  evaluate_lens / (forward + floor) = {e['ratio_to_forward_plus_floor']:.3f}")
+            print(f"  {name:<26} best {m['best']:>8.3f} s, median {m['seconds']:>8.3f} s{m['memory_mib']:>8.0f} MiB")
+        print(f"  evaluate_lens / (forward + floor) = {e['ratio_to_forward_plus_floor']:.3f} (best of runs), "
+              f"{e['ratio_to_forward_plus_floor_median']:.3f} (medians)")
     print("\nTargets")
     for t in results["targets"]:
         value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
@@ -581,23 +664,32 @@ def print_table(results: Dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--device", default="cpu",
-                        help="where the model, its cache and the floor live (cpu, cuda, cuda:1); memory figures are the host's RSS")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs after a warm-up (small workloads)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs after a warm-up (small workloads)")
     parser.add_argument("--big-repeats", type=int, default=2, help="runs on the 8x512 lens workload")
-    parser.add_argument("--eval-repeats", type=int, default=1)
+    parser.add_argument("--eval-repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where the model, the kernel and the floor run")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="the model's dtype; the floor reads W_U in it (on cuda: the cuBLAS product in that dtype)")
     parser.add_argument("--eval-shape", type=int, nargs=3, default=(8, 256, 4), metavar=("N", "SEQ", "BATCH"))
     parser.add_argument("--textbook-budget-gib", type=float, default=8.0)
     parser.add_argument("--all-big", action="store_true", help="also run the top-k+entropy variant at 8x512")
     parser.add_argument("--quick", action="store_true", help="skip the 8x512 workload and the DLA section")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one 1x256 lens: time in products, exponentials, top-k, sums, transfers")
     parser.add_argument("--sweep-budgets", type=int, nargs="*", metavar="MIB",
                         help="only sweep the kernel's memory budget (MiB) on 2x512 tokens, e.g. 4 8 16 32 64")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall time, or this process's CPU time (steadier on a shared machine; use with --threads 1)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     args = parser.parse_args()
-    global CLOCK
+    global CLOCK, DEVICE
     CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available here")
+    args.model_dtype = getattr(torch, args.dtype)
+    # The floor reads W_U as the kernel's products do: float32 on the CPU, the model's dtype on CUDA.
+    args.compute_dtype = args.model_dtype if DEVICE.type == "cuda" else torch.float32
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
@@ -612,13 +704,15 @@ def main() -> None:
         "load_before": [round(x, 2) for x in os.getloadavg()],
         "memory_method": "VmHWM after clear_refs" if HWM_RESET else "1 ms RSS sampling",
         "kernel_budget_mib": tll.DEFAULT_CHUNK_BUDGET_BYTES / MiB,
+        "processor": tuning.processor_name(DEVICE),
+        "caches": tuning.cache_sizes(),
+        "device": str(DEVICE),
+        "dtype": args.dtype,
         "repeats": {"small": args.repeats, "big": args.big_repeats, "transformer_lens_big": 1},
     }
-    global DEVICE
-    DEVICE = args.device
-    meta["device"] = DEVICE
     print(f"building the model (transformer-lens {TL_VERSION}) on {DEVICE} ...", flush=True)
     model, description = build_model()
+    model = model.to(DEVICE).to(args.model_dtype) if (DEVICE.type != "cpu" or args.dtype != "float32") else model
     meta["model"] = description
     results: Dict[str, Any] = {"meta": meta, "lens": {}, "notes": []}
     if args.sweep_budgets:
@@ -644,6 +738,9 @@ def main() -> None:
         results["dla"] = dla_section(model, cache, tokens, args)
         del cache
         settle()
+    if args.profile:
+        print("profile 1x256 ...", flush=True)
+        results["profile"] = profile_section(model, args)
     print("streaming evaluation ...", flush=True)
     results["evaluate"] = evaluate_section(model, args, floor_chunk)
 
@@ -656,9 +753,9 @@ def main() -> None:
             # call, which does strictly more (a conservative stand-in).
             ours = "tll_topk_entropy" if "tll_topk_entropy" in m else "tll"
             targets.append(target(f"{key}: transformer-lens lens / {ours} (speed-up)",
-                                  m["transformer_lens"]["seconds"] / m[ours]["seconds"], TARGET_TL_SPEEDUP, ">="))
+                                  m["transformer_lens"]["best"] / m[ours]["best"], TARGET_TL_SPEEDUP, ">="))
         if "textbook" in m:
-            targets.append(target(f"{key}: tll.logit_lens / textbook", m["tll"]["seconds"] / m["textbook"]["seconds"], 1.0, "<="))
+            targets.append(target(f"{key}: tll.logit_lens / textbook", m["tll"]["best"] / m["textbook"]["best"], 1.0, "<="))
     if "8x512" in results["lens"]:
         targets.append(target("8x512: peak memory added by tll.logit_lens (MiB)",
                               results["lens"]["8x512"]["methods"]["tll"]["memory_mib"], TARGET_LENS_MEMORY_MIB, "<="))

@@ -449,8 +449,9 @@ def reproduce_tolerance(view: ModelView, logits: torch.Tensor, final: torch.Tens
             top_size = torch.einsum("cd,dck->ck", n, W_U[:, ids].abs().float())
             delta_top = 2 * eps * (l.gather(1, ids).abs() + top_size)
             weighted = torch.zeros_like(n)  # sum_j p_j |W_U[:, j]|
-            for a in range(0, W_U.shape[1], tiles.TILE_COLUMNS):
-                z = a + tiles.TILE_COLUMNS
+            width = tiles.tile_width(W_U.shape[1], None)
+            for a in range(0, W_U.shape[1], width):
+                z = a + width
                 weighted += p[:, a:z] @ W_U[:, a:z].abs().float().T
             delta_z = 2 * eps * ((p * l.abs()).sum(-1) + (n * weighted).sum(-1))
             out[r : r + step] = torch.expm1(delta_top + delta_z.unsqueeze(1)).cpu()

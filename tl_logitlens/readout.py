@@ -5,8 +5,11 @@ top-k, entropy, KL to a reference distribution, loss on a true next token, chose
 logits, probabilities and ranks. Rows are taken a chunk at a time, every stack entry of
 those rows in one matrix product (:func:`read_rows`), and each product is read a tile of
 vocabulary columns at a time (:mod:`tl_logitlens.tiles`), so ``[rows, d_vocab]`` logits
-never exist unless the caller asks for them with ``return_logits=True``. Memory is set by
-:data:`DEFAULT_CHUNK_BUDGET_BYTES`, not by how many vectors are read.
+never exist unless the caller asks for them with ``return_logits=True``. The tile shape
+(rows per product, columns per tile) is measured for the processor at hand at first use
+(:mod:`tl_logitlens.tuning`); on CUDA one product spans the vocabulary
+(:func:`tl_logitlens.tiles.read_whole`). Memory is bounded by a budget
+(:data:`DEFAULT_CHUNK_BUDGET_BYTES` on the CPU), not by how many vectors are read.
 
 Precision and devices: statistics are float32 (float64 for a float64 model) whatever the
 model's dtype. A bfloat16 or float16 unembedding is cast a tile of columns at a time into a
@@ -20,8 +23,8 @@ The statistics are exact, computed from the logits shifted by their row maximum
 - ``KL(ref || x) = sum p_ref (log p_ref - log p_x) = -H_ref - sum(p_ref * s_x) + log Z_x``
 
 The cost is the unembedding product: on GPT-2 shapes the whole logit lens, with every
-statistic, takes about as long as the plain product ``vectors @ W_U`` (0.97 to 1.00 x
-in ``make bench``).
+statistic, took about as long as the plain product ``vectors @ W_U`` on a 2-core AMD EPYC
+(0.97 to 1.00 x in ``make bench``, which prints the processor and shape of each run).
 """
 
 from __future__ import annotations
@@ -35,19 +38,18 @@ import torch
 from .errors import LensInputError, NonFiniteActivationError
 from .model_access import ModelView, view as view_model
 from .norm import NORM_MODES
-from .tiles import BUFFERS, read_product, tile_width
+from . import tuning
+from .tiles import BUFFERS, needs_whole_rows, read_product, read_whole, tile_width
 from .tokens import token_list
 
 UNEMBED_MODES = ("W_U", "W_E")
 
-#: Memory for the kernel's working buffers when ``chunk_size=None``: three tiles of
-#: ``[rows, 1024]`` logits (see :mod:`tl_logitlens.tiles`), which sets the rows per matrix
-#: product: ~5400 in float32 at 64 MiB. Measured on the 2 x 512-token GPT-2 lens
-#: (``bench/bench_lens.py --sweep-budgets``, 2 cores), time over the plain product: 4 to 8 MiB 1.14 to
-#: 1.17, 16 MiB 1.05, 32 MiB 1.02, 64 MiB 0.95 to 0.97, 128 to 256 MiB 1.07 to 1.08.
-#: Memory does not grow with the number of vectors read. Override it per call with
-#: ``chunk_size=`` (rows per product).
-DEFAULT_CHUNK_BUDGET_BYTES = 64 * 2**20
+#: The most memory the kernel's working buffers take on the CPU when ``chunk_size=None``
+#: (three tiles of ``[rows, width]`` logits, :mod:`tl_logitlens.tiles`). The shape within it
+#: is measured for the processor at hand (:mod:`tl_logitlens.tuning`); set a budget with
+#: ``tuning.set_chunk_budget(bytes)``, or rows per product with ``chunk_size=``. Memory does
+#: not grow with the number of vectors read.
+DEFAULT_CHUNK_BUDGET_BYTES = tuning.CPU_BUDGET_BYTES
 
 
 def chunk_rows(width: int, chunk_size: Optional[int] = None, budget: int = DEFAULT_CHUNK_BUDGET_BYTES, itemsize: int = 4) -> int:
@@ -183,7 +185,8 @@ def read_rows(
     How it runs: rows are taken ``c`` at a time for every entry at once (the reference
     first), so one matrix product ``[entries * c, d_model] @ W_U`` has enough rows for full
     BLAS speed; :func:`tl_logitlens.tiles.read_product` computes it a tile of vocabulary
-    columns at a time and keeps only running statistics. When the reference equals one of
+    columns at a time and keeps only running statistics (the shape from
+    :func:`tl_logitlens.tuning.tile_shape`; on CUDA :func:`tl_logitlens.tiles.read_whole`). When the reference equals one of
     the entries (the logit lens's final stream) it is unembedded once, not twice.
     """
     outer, rows, d_model = vectors.shape
@@ -209,14 +212,18 @@ def read_rows(
     others = [i for i in range(len(sources)) if i != ref_source]
     lead = [] if ref_source is None else [ref_source]
 
-    width = tile_width(d_vocab, transform)
-    itemsize = torch.finfo(dtype).bits // 8
-    product_rows = chunk_rows(width, chunk_size, budget=DEFAULT_CHUNK_BUDGET_BYTES, itemsize=itemsize)
+    if chunk_size is not None:
+        chunk_rows(1, chunk_size)  # validates it
+    shape = tuning.tile_shape(W, dtype, whole_rows=needs_whole_rows(transform), chunk_size=chunk_size)
+    read = read_whole if shape.strategy == "whole" else read_product
+    width = d_vocab if shape.strategy == "whole" else tile_width(d_vocab, transform, shape.width)
+    product_rows = shape.rows
     step = max(1, min(rows, product_rows // len(sources)))
     per_group = max(1, product_rows // step - len(lead))
     groups = [lead + others[i : i + per_group] for i in range(0, len(others), per_group)] or [lead]
     buffers = [torch.empty(max(map(len, groups)) * step * width, dtype=dtype, device=device) for _ in range(BUFFERS)]
-    w_tile = torch.empty(d_model * width, dtype=dtype, device=device) if W.dtype != dtype else None
+    # The tiled kernel casts a half-precision W a tile at a time into this one buffer.
+    w_tile = torch.empty(d_model * width, dtype=dtype, device=device) if W.dtype != dtype and read is read_product else None
 
     top_ids = torch.empty(outer, rows, top_k, dtype=torch.long)
     top_logits = torch.empty(outer, rows, top_k, dtype=torch.float32)
@@ -250,10 +257,10 @@ def read_rows(
                 # Each slice moves to W's device alone: the reference may live elsewhere.
                 x = torch.stack([sources[i][0][start:stop].to(device=device, dtype=dtype) for i in group])
                 x = fnorm.apply(x, norm, scale).reshape(len(group) * (stop - start), d_model)
-                st = read_product(
+                st = read(
                     x, len(group), W, b, transform, buffers, top_k=top_k, with_reference=ref_source is not None,
                     next_tokens=nxt, target_ids=tid, keep_logits=keep if all_logits is not None else None,
-                    w_tile=w_tile,
+                    **({} if read is read_whole else {"width": width, "w_tile": w_tile}),
                 )
                 for j, o in enumerate(outs):
                     if o is None:
@@ -341,8 +348,8 @@ def readout(
             distribution the KL is measured from (e.g. the final residual stream); it is read
             exactly as ``vectors`` are, and supplies the scale for ``norm="cached"``.
         next_tokens: integer ``[*tail]`` true next-token ids (``-1`` for none) for the loss.
-        chunk_size: rows per chunk; ``None`` picks it from
-            :data:`DEFAULT_CHUNK_BUDGET_BYTES`.
+        chunk_size: rows per matrix product; ``None``: the shape measured for this
+            machine (:mod:`tl_logitlens.tuning`).
         return_logits: also return the full ``[*lead, d_vocab]`` logits (memory heavy).
 
     Returns:

@@ -1,8 +1,8 @@
 """One matrix product's worth of rows, read a tile of vocabulary columns at a time.
 
 ``logits = x @ W_U + b_U`` for ``[rows, d_model]`` normalised vectors is never held
-whole: it is computed ``TILE_COLUMNS`` columns at a time into a buffer small enough to
-mostly stay in the CPU's caches, every statistic is updated from that tile, and the tile
+whole: it is computed a tile of columns at a time (a width measured for the processor at
+hand, :mod:`tl_logitlens.tuning`) into a buffer small enough to mostly stay in its caches, every statistic is updated from that tile, and the tile
 is overwritten by the next. Writing whole ``[rows, d_vocab]`` rows to main memory and
 reading them back cost the previous, row-chunked kernel about 1.22 x the plain product
 on GPT-2 shapes; tiles bring the whole logit lens to about 1.0 x (``make bench``).
@@ -22,16 +22,19 @@ value. True next tokens' and targets' logits are picked from the tile that holds
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
-#: Vocabulary columns per tile: a few KiB of each row, so the statistics' passes over a
-#: tile read what the product just wrote.
-TILE_COLUMNS = 1024
-#: How many ``[rows, TILE_COLUMNS]`` buffers the kernel holds.
+#: Vocabulary columns per tile when set (a forced width, as the tests do); ``None``: the
+#: width measured for the machine at hand (:mod:`tl_logitlens.tuning`).
+TILE_COLUMNS: Optional[int] = None
+#: How many ``[rows, width]`` buffers the kernel holds.
 BUFFERS = 3
+# Width when none is measured or given.
+_FALLBACK_COLUMNS = 1024
 # Top-k candidates are searched inside blocks of this many columns.
 _TOPK_BLOCK = 128
 # exp(x) = 2 ** (x * log2(e)): torch's exp2 costs half its exp, and the scaling rides on
@@ -54,11 +57,17 @@ class ProductStats:
     target_ranks: Optional[torch.Tensor] = None  # [g, n, t]
 
 
-def tile_width(d_vocab: int, transform: Optional[Callable[[torch.Tensor], torch.Tensor]]) -> int:
-    """Columns per tile: ``TILE_COLUMNS``, or the whole vocabulary for a transform that needs whole rows."""
-    if transform is not None and not getattr(transform, "elementwise", False):
+def needs_whole_rows(transform: Optional[Callable[[torch.Tensor], torch.Tensor]]) -> bool:
+    """Whether ``transform`` needs a whole row of logits at once (an elementwise soft cap does not)."""
+    return transform is not None and not getattr(transform, "elementwise", False)
+
+
+def tile_width(d_vocab: int, transform: Optional[Callable[[torch.Tensor], torch.Tensor]], width: Optional[int] = None) -> int:
+    """Columns per tile: :data:`TILE_COLUMNS` if set, else ``width`` (the measured one), else 1024;
+    the whole vocabulary for a transform that needs whole rows."""
+    if needs_whole_rows(transform):
         return d_vocab
-    return min(d_vocab, TILE_COLUMNS)
+    return min(d_vocab, TILE_COLUMNS or width or _FALLBACK_COLUMNS)
 
 
 def _update_top_k(tile: torch.Tensor, k: int, top_values: torch.Tensor, top_ids: torch.Tensor, offset: int, first: bool) -> torch.Tensor:
@@ -127,6 +136,7 @@ def read_product(
     target_ids: Optional[torch.Tensor] = None,
     keep_logits: Optional[Callable[[int, int, torch.Tensor], None]] = None,
     w_tile: Optional[torch.Tensor] = None,
+    width: Optional[int] = None,
 ) -> ProductStats:
     """Read ``x [g * n, d_model]`` (``g`` entries of the same ``n`` rows) through ``W [d_model, d_vocab]``.
 
@@ -139,13 +149,14 @@ def read_product(
     ``d_model * width`` elements of ``x``'s dtype, made here when not given), so no full
     float32 copy of the unembedding is ever made; a ``W`` already in ``x``'s dtype is read
     in place.
+    ``width``: columns per tile (see :func:`tile_width`).
     """
     m, d_vocab = x.shape[0], W.shape[1]
     cast = W.dtype != x.dtype
     if cast and (w_tile is None or w_tile.numel() < W.shape[0] * min(d_vocab, tile_width(d_vocab, transform))):
         w_tile = torch.empty(W.shape[0] * tile_width(d_vocab, transform), dtype=x.dtype, device=x.device)
     n = m // g
-    width = tile_width(d_vocab, transform)
+    width = tile_width(d_vocab, transform, width)
     single = width >= d_vocab
     peak = x.new_full((m,), float("-inf"))
     total = x.new_zeros(m)  # Z
@@ -233,6 +244,136 @@ def read_product(
     return ProductStats(
         log_z=(peak + log_total).view(shape),
         entropy=entropy.view(shape),
+        top_logits=top_values.view(g, n, top_k),
+        top_ids=top_ids.view(g, n, top_k),
+        kl_to_reference=kl,
+        next_logit=next_logit,
+        target_logits=t_logits,
+        target_ranks=ranks,
+    )
+
+
+def _sums(shifted: torch.Tensor, exps: torch.Tensor, scratch: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``Z = sum exp(s)`` and ``A = sum exp(s) * s`` over the last dim of ``s [m, V]`` (into the buffers)."""
+    torch.exp(shifted, out=exps)
+    return exps.sum(-1), torch.mul(exps, shifted, out=scratch).sum(-1)
+
+
+_compiled_sums: Any = None
+
+
+def _fused_sums(shifted: torch.Tensor, exps: torch.Tensor, scratch: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_sums`, fused into one pass by ``torch.compile`` on CUDA where it works; else eager."""
+    global _compiled_sums
+    if shifted.device.type != "cuda" or os.environ.get("TL_LOGITLENS_COMPILE", "1") == "0":
+        return _sums(shifted, exps, scratch)
+    if _compiled_sums is None:
+        try:
+            def fused(s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+                e = torch.exp(s)
+                return e.sum(-1), (e * s).sum(-1)
+
+            _compiled_sums = torch.compile(fused, dynamic=True)
+        except Exception:  # noqa: BLE001 - no compiler here: the eager path is exact too
+            _compiled_sums = False
+    if _compiled_sums is not False:
+        try:
+            return _compiled_sums(shifted)
+        except Exception:  # noqa: BLE001 - a failed compile falls back, once and for all
+            _compiled_sums = False
+    return _sums(shifted, exps, scratch)
+
+
+#: Columns of a half-precision unembedding cast to float32 at once by :func:`read_whole`:
+#: a few large products keep a GPU busy, and the cast block stays small
+#: (``d_model * 8192`` floats: 128 MiB at ``d_model`` 4096).
+WHOLE_CAST_COLUMNS = 8192
+
+
+def read_whole(
+    x: torch.Tensor,
+    g: int,
+    W: torch.Tensor,
+    b: Optional[torch.Tensor],
+    transform: Optional[Callable[[torch.Tensor], torch.Tensor]],
+    buffers: List[torch.Tensor],
+    *,
+    top_k: int,
+    with_reference: bool,
+    next_tokens: Optional[torch.Tensor] = None,
+    target_ids: Optional[torch.Tensor] = None,
+    keep_logits: Optional[Callable[[int, int, torch.Tensor], None]] = None,
+) -> ProductStats:
+    """:func:`read_product` in one product over the whole vocabulary, statistics as vectorised reductions.
+
+    The strategy for GPUs (:mod:`tl_logitlens.tuning` picks it on CUDA): one large product
+    keeps cuBLAS at full speed, and every statistic is a reduction over ``[g * n, d_vocab]``
+    with no per-tile Python loop and no host synchronisation (no ``nonzero``). Same
+    arguments and results as :func:`read_product`; ``buffers`` hold ``g * n * d_vocab``
+    elements each. ``W`` in another dtype than ``x`` (a half-precision model read in
+    float32) is cast :data:`WHOLE_CAST_COLUMNS` columns at a time into the logits, so no
+    float32 copy of the whole unembedding is made.
+
+    Example::
+
+        >>> import torch
+        >>> from tl_logitlens.tiles import read_product, read_whole
+        >>> x, W = torch.randn(6, 8), torch.randn(8, 50)
+        >>> bufs = [torch.empty(6 * 50) for _ in range(3)]
+        >>> a = read_whole(x, 2, W, None, None, bufs, top_k=3, with_reference=True)
+        >>> b = read_product(x, 2, W, None, None, bufs, top_k=3, with_reference=True, width=16)
+        >>> torch.allclose(a.entropy, b.entropy, atol=1e-5), torch.equal(a.top_ids, b.top_ids)
+        (True, True)
+    """
+    m, d_vocab = x.shape[0], W.shape[1]
+    n = m // g
+    logits = buffers[0][: m * d_vocab].view(m, d_vocab)
+    if W.dtype == x.dtype:
+        torch.mm(x, W, out=logits)
+    else:
+        for a in range(0, d_vocab, WHOLE_CAST_COLUMNS):
+            z = min(d_vocab, a + WHOLE_CAST_COLUMNS)
+            torch.mm(x, W[:, a:z].to(x.dtype), out=logits[:, a:z])
+    if b is not None:
+        logits.add_(b.to(x.dtype))
+    if transform is not None:
+        logits.copy_(transform(logits))
+    logits3 = logits.view(g, n, d_vocab)
+    if keep_logits is not None:
+        keep_logits(0, d_vocab, logits3)
+
+    # Raw logits first: top-k, picked tokens and ranks.
+    top_values, top_ids = logits.topk(top_k, dim=-1)
+    next_logit = None
+    if next_tokens is not None:
+        picked = logits3.gather(2, next_tokens.clamp_min(0).view(1, n, 1).expand(g, n, 1)).squeeze(2)
+        next_logit = torch.where(next_tokens.view(1, n) >= 0, picked, torch.zeros_like(picked))
+    t_logits = ranks = None
+    if target_ids is not None:
+        t_logits = logits3.gather(2, target_ids.unsqueeze(0).expand(g, -1, -1))
+        marks = buffers[2][: m * d_vocab].view(g, n, d_vocab)
+        ranks = torch.stack(
+            [torch.gt(logits3, t_logits[..., j : j + 1], out=marks).sum(-1) for j in range(target_ids.shape[1])], -1
+        ).to(x.dtype)
+
+    # Shift by the row maximum (top-1), in place, then the sums.
+    peak = top_values[:, 0]
+    shifted = logits.sub_(peak.unsqueeze(1))
+    total, spread = _fused_sums(shifted, buffers[1][: m * d_vocab].view(m, d_vocab), buffers[2][: m * d_vocab].view(m, d_vocab))
+    log_total = total.log()
+    entropy = log_total - spread / total
+    kl = None
+    if with_reference:
+        # sum p_ref * s_x = D / Z_ref, D = sum exp(s_ref) * s_x, for every entry at once
+        ref_exps = buffers[1][: n * d_vocab].view(1, n, d_vocab)
+        torch.exp(shifted[:n], out=ref_exps[0])
+        products = buffers[2][: m * d_vocab].view(g, n, d_vocab)
+        cross = torch.mul(shifted.view(g, n, d_vocab), ref_exps, out=products).sum(-1)
+        neg_h_ref = spread[:n] / total[:n] - log_total[:n]
+        kl = (neg_h_ref - cross / total[:n] + log_total.view(g, n)).clamp_min(0.0)
+    return ProductStats(
+        log_z=(peak + log_total).view(g, n),
+        entropy=entropy.view(g, n),
         top_logits=top_values.view(g, n, top_k),
         top_ids=top_ids.view(g, n, top_k),
         kl_to_reference=kl,

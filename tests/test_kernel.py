@@ -1,0 +1,240 @@
+"""The kernel's tile shapes: measured for the machine, overridable, cached; both strategies exact.
+
+Every statistic is checked against full float64 logits from tests/reference.py (which
+never calls tl_logitlens), under the measured shape, a forced small ragged shape, a
+blocked top-k shape, and the whole-vocabulary ("whole", the CUDA default) strategy run
+here on the CPU through the same code.
+"""
+
+import importlib
+import json
+
+import pytest
+import torch
+
+import builders
+import reference
+import tl_logitlens as tll
+
+from tl_logitlens import tiles, tuning
+
+readout_module = importlib.import_module("tl_logitlens.readout")
+
+CASES = builders.cases()
+# One HookedTransformer (2.x/3.x) or one bridge (4.x), and a GPT-2 bridge where it exists.
+PICK = [CASES[0]] + [c for c in CASES if c.name == "gpt2"][:1]
+TOKENS = builders.tokens(batch=2, seq=9)
+
+
+@pytest.fixture(autouse=True)
+def fresh_tuning(monkeypatch):
+    """Each test measures afresh, with no disk cache unless it sets one."""
+    monkeypatch.delenv("TL_LOGITLENS_TILE_CACHE", raising=False)
+    monkeypatch.delenv("TL_LOGITLENS_AUTOTUNE", raising=False)
+    tuning.clear_cache()
+    tuning.set_chunk_budget(None)
+    yield
+    tuning.clear_cache()
+    tuning.set_chunk_budget(None)
+
+
+def _check_against_reference(model, result, ref, k):
+    ref_top = ref["logits"].topk(k, dim=-1)
+    torch.testing.assert_close(result.top_logits.double(), ref_top.values.double(), atol=1e-4, rtol=1e-5)
+    gaps = ref_top.values[..., 0] - ref_top.values[..., 1]
+    clear = gaps > 1e-3
+    assert torch.equal(result.top_ids[..., 0][clear], ref_top.indices[..., 0][clear])
+    torch.testing.assert_close(result.entropy.double(), ref["entropy"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(result.kl_to_final.double(), ref["kl"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(result.next_token_loss[:, :, :-1].double(), ref["loss"], atol=1e-4, rtol=1e-4)
+    assert torch.equal(result.target_ranks[:, :, :-1, 0], ref["next_ranks"])
+
+
+# (strategy, width, rows, top-k block): measured; ragged 7-column tiles of 5 rows (each
+# searched whole for top-k); 16-column tiles whose top-k comes from blocks of 8; whole.
+SHAPES = {
+    "measured": ("tiled", None, None, None),
+    "ragged-7x5": ("tiled", 7, 5, None),
+    "blocked-16": ("tiled", 16, 12, 8),
+    "whole": ("whole", None, None, None),
+    "whole-5-rows": ("whole", None, 5, None),
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+@pytest.mark.parametrize("case", PICK, ids=[c.name for c in PICK])
+def test_every_shape_and_strategy_matches_reference(case, shape, monkeypatch):
+    model = builders.build(case)
+    strategy, width, rows, block = SHAPES[shape]
+    if block is not None:
+        monkeypatch.setattr(tiles, "_TOPK_BLOCK", block)
+    ref = reference.lens_reference(model, TOKENS)
+    with tuning.force(strategy=strategy, width=width, rows=rows):
+        result = tll.logit_lens(model, TOKENS, targets="next", top_k=4)
+    _check_against_reference(model, result, ref, 4)
+
+
+def test_measured_shape_is_used_and_equals_a_forced_small_shape(monkeypatch):
+    model = builders.build(CASES[0])
+    seen = []
+    real = readout_module.read_product
+
+    def spy(*args, **kwargs):
+        seen.append((args[0].shape[0], kwargs["width"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(readout_module, "read_product", spy)
+    measured = tll.logit_lens(model, TOKENS, targets="next", top_k=3)
+    shapes = list(tuning._memory.values())
+    assert len(shapes) == 1 and shapes[0].source == "measured" and shapes[0].timings
+    d_vocab = model.cfg.d_vocab
+    assert all(w == min(d_vocab, shapes[0].width) for _, w in seen)
+    assert all(m <= shapes[0].rows for m, _ in seen)
+    seen.clear()
+    with tuning.force(width=7, rows=5):
+        small = tll.logit_lens(model, TOKENS, targets="next", top_k=3)
+    assert {w for _, w in seen} == {7} and max(m for m, _ in seen) <= 5
+    assert torch.equal(measured.top_ids, small.top_ids)
+    for name in ("top_logits", "entropy", "kl_to_final", "next_token_loss"):
+        torch.testing.assert_close(getattr(measured, name), getattr(small, name), atol=1e-5, rtol=1e-5, equal_nan=True)
+    assert torch.equal(measured.target_ranks, small.target_ranks)
+
+
+def test_measurement_is_cached_bounded_and_reads_a_slice():
+    W = torch.randn(64, 20000)
+    first = tuning.tile_shape(W, torch.float32)
+    assert first.source == "measured" and first.strategy == "tiled"
+    assert max(w for _, w, _ in first.timings) <= tuning._SLICE_COLUMNS < W.shape[1]
+    assert tuning.tile_shape(W, torch.float32) == first  # the process cache: no second measurement
+    # a transposed layout (HF's lm_head [d_vocab, d_model]) is measured on its own
+    WT = torch.randn(20000, 64).T
+    assert tuning._key(WT, torch.float32, False) != tuning._key(W, torch.float32, False)
+
+
+def test_overrides(monkeypatch):
+    W = torch.randn(32, 5000)
+    assert tuning.tile_shape(W, torch.float32, chunk_size=9).rows == 9
+    tuning.set_chunk_budget(3 * 4 * 1000 * 20)  # 20 rows of 1000-column float32 tiles
+    with tuning.force(width=1000):
+        assert tuning.tile_shape(W, torch.float32)[:2] == (20, 1000)
+    tuning.set_chunk_budget(None)
+    with pytest.raises(tll.LensInputError, match="chunk budget"):
+        tuning.set_chunk_budget(0)
+    monkeypatch.setenv("TL_LOGITLENS_AUTOTUNE", "0")
+    tuning.clear_cache()
+    assert tuning.tile_shape(W, torch.float32).source == "fallback"
+    # a transform that needs whole rows gets one tile over the vocabulary
+    assert tuning.tile_shape(W, torch.float32, whole_rows=True).width == 5000
+
+
+def test_disk_cache_round_trips_and_a_corrupt_file_is_ignored(tmp_path, monkeypatch):
+    path = tmp_path / "shapes.json"
+    monkeypatch.setenv("TL_LOGITLENS_TILE_CACHE", str(path))
+    W = torch.randn(48, 6000)
+    measured = tuning.tile_shape(W, torch.float32)
+    data = json.loads(path.read_text())
+    assert list(data.values())[0]["width"] == measured.width
+    tuning.clear_cache()
+
+    def no_measuring(*a, **k):
+        raise AssertionError("measured although the disk cache had the shape")
+
+    monkeypatch.setattr(tuning, "measure", no_measuring)
+    from_disk = tuning.tile_shape(W, torch.float32)
+    assert from_disk.source == "disk" and from_disk[:3] == measured[:3]
+
+    monkeypatch.undo()
+    monkeypatch.setenv("TL_LOGITLENS_TILE_CACHE", str(path))
+    path.write_text("{not json")
+    tuning.clear_cache()
+    with pytest.warns(UserWarning, match="unreadable tile-shape cache"):
+        again = tuning.tile_shape(W, torch.float32)
+    assert again.source == "measured"
+    assert json.loads(path.read_text())  # rewritten whole
+    path.write_text(json.dumps({tuning._key(W, torch.float32, False): {"rows": -3}}))
+    tuning.clear_cache()
+    with pytest.warns(UserWarning, match="malformed entry"):
+        assert tuning.tile_shape(W, torch.float32).source == "measured"
+
+
+def test_processor_report():
+    assert isinstance(tuning.processor_name(), str) and tuning.processor_name()
+    assert all(k.startswith("L") for k in tuning.cache_sizes())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_whole_strategy_matches_cpu_tiles(dtype):
+    gen = torch.Generator().manual_seed(0)
+    W = (torch.randn(256, 30000, generator=gen) * 0.05).to(dtype)
+    x = torch.randn(40, 256, generator=gen)
+    targets = torch.randint(0, 30000, (20, 2), generator=gen)
+    nxt = torch.randint(-1, 30000, (20,), generator=gen)
+    kw = dict(top_k=5, with_reference=True, next_tokens=nxt, target_ids=targets)
+    cpu = tiles.read_product(x, 2, W.float(), None, None, [torch.empty(40 * 1024) for _ in range(3)], width=1024, **kw)
+    cu = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    assert tuning.default_strategy(torch.device("cuda")) == "whole"
+    gpu = tiles.read_whole(x.cuda(), 2, W.cuda(), None, None, [torch.empty(40 * 30000, device="cuda") for _ in range(3)], **cu)
+    for name in ("log_z", "entropy", "top_logits", "kl_to_reference", "next_logit", "target_logits"):
+        torch.testing.assert_close(getattr(gpu, name).cpu(), getattr(cpu, name), atol=2e-4, rtol=1e-4)
+    assert torch.equal(gpu.top_ids.cpu(), cpu.top_ids)
+
+
+@pytest.mark.parametrize("name", ["tl_logitlens.tuning", "tl_logitlens.tiles"])
+def test_kernel_docstring_examples(name):
+    import doctest
+
+    module = importlib.import_module(name)
+    failures, attempted = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert failures == 0 and attempted > 0
+
+
+def _direct_stats(x, W, b, cap, g, next_tokens, target_ids):
+    """Float64 statistics of ``x @ W + b`` (soft-capped), written out from full logits."""
+    logits = x.double() @ W.double() + b.double()
+    if cap:
+        logits = cap * torch.tanh(logits / cap)
+    n = x.shape[0] // g
+    logp = torch.log_softmax(logits, -1).view(g, n, -1)
+    logits3 = logits.view(g, n, -1)
+    ref = logp[0]
+    t = logits3.gather(2, target_ids.expand(g, -1, -1))
+    return {
+        "log_z": torch.logsumexp(logits, -1).view(g, n),
+        "entropy": -(logp.exp() * logp).sum(-1),
+        "kl_to_reference": (ref.exp() * (ref - logp)).sum(-1),
+        "top_logits": logits3.topk(4, dim=-1).values,
+        "next_logit": torch.where(next_tokens >= 0, logits3.gather(2, next_tokens.clamp_min(0).view(1, n, 1).expand(g, n, 1))[..., 0], 0.0),
+        "target_logits": t,
+        "target_ranks": torch.stack([(logits3 > t[..., j : j + 1]).sum(-1) for j in range(t.shape[-1])], -1).double(),
+    }
+
+
+@pytest.mark.parametrize("cap", [0.0, 3.0], ids=["plain", "soft-capped"])
+@pytest.mark.parametrize("strategy", ["tiled-ragged", "tiled-blocked", "whole"])
+def test_kernel_strategies_against_direct_float64(strategy, cap, monkeypatch):
+    gen = torch.Generator().manual_seed(5)
+    g, n, d, V = 3, 7, 24, 1000
+    x = torch.randn(g * n, d, generator=gen)
+    W = torch.randn(d, V, generator=gen) * 0.5
+    b = torch.randn(V, generator=gen) * 0.1
+    nxt = torch.randint(0, V, (n,), generator=gen)
+    nxt[::3] = -1  # rows with no next token
+    tid = torch.randint(0, V, (n, 2), generator=gen)
+
+    def transform(t):
+        return cap * torch.tanh(t / cap)
+
+    transform.elementwise = True
+    kw = dict(top_k=4, with_reference=True, next_tokens=nxt, target_ids=tid)
+    bufs = [torch.empty(g * n * V) for _ in range(3)]
+    if strategy == "whole":
+        got = tiles.read_whole(x, g, W, b, transform if cap else None, bufs, **kw)
+    else:
+        width = 97 if strategy == "tiled-ragged" else 256  # 97: ragged tiles, searched whole; 256: blocks of 64
+        monkeypatch.setattr(tiles, "_TOPK_BLOCK", 64)
+        got = tiles.read_product(x, g, W, b, transform if cap else None, bufs, width=width, **kw)
+    want = _direct_stats(x, W, b, cap, g, nxt, tid)
+    for name, value in want.items():
+        torch.testing.assert_close(getattr(got, name).double(), value, atol=2e-4, rtol=1e-5, msg=name)

@@ -1,0 +1,366 @@
+"""Tile shapes for the machine at hand, chosen by a short measurement at first use.
+
+The kernel reads ``[rows, d_model] @ W_U`` a tile of vocabulary columns at a time
+(:mod:`tl_logitlens.tiles`). Which shape is fastest depends on the processor (its BLAS,
+its vector width, its caches), the dtype, ``d_model`` and the layout of ``W_U``: a shape
+tuned on one processor cost another three quarters of the product. So the shape is not a
+constant: the first read with a new ``(device, processor, threads, dtype, d_model, d_vocab,
+layout)`` times the kernel itself on a few candidate shapes over a slice of the real
+unembedding (min of repeats, a fraction of a second even for a 7B-shaped model, since the
+slice shrinks as ``d_model`` grows), and the fastest is kept for the process, and on disk
+when ``TL_LOGITLENS_TILE_CACHE`` names a file (or is ``1``, for the user cache directory).
+
+Strategies:
+
+- ``"tiled"`` (CPU default): tiles of ``width`` columns, each overwritten by the next, so the
+  statistics' passes read what the product just wrote while it is still in cache.
+- ``"whole"`` (CUDA default): one product over the whole vocabulary for as many rows as the
+  memory budget allows, the statistics as vectorised reductions over it
+  (:func:`tl_logitlens.tiles.read_whole`). It runs on any device, so the tests run it on CPU.
+
+Overrides, in order: ``chunk_size=`` (rows per product) on every entry point; :func:`force`
+(a context manager, also for tests); :func:`set_chunk_budget` (bytes of working buffers,
+from which rows follow); ``TL_LOGITLENS_AUTOTUNE=0`` (no measurement: 1024 columns, rows from
+the budget).
+
+Example::
+
+    >>> import torch
+    >>> from tl_logitlens import tuning
+    >>> W = torch.randn(64, 3000)
+    >>> shape = tuning.tile_shape(W, torch.float32)
+    >>> shape.strategy, 1 <= shape.width <= 3000, shape.rows >= 1
+    ('tiled', True, True)
+    >>> with tuning.force(width=7, rows=5):
+    ...     tuning.tile_shape(W, torch.float32)[:3]
+    (5, 7, 'tiled')
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import platform
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
+
+import torch
+
+#: Buffers of ``[rows, width]`` the kernel holds (see :mod:`tl_logitlens.tiles`).
+BUFFERS = 3
+#: The working-buffer memory a measured CPU shape may use (3 tiles). Rows beyond what BLAS
+#: needs for full speed only push tiles out of cache; this caps them.
+CPU_BUDGET_BYTES = 64 * 2**20
+#: Default working memory of the ``"whole"`` strategy on CUDA (capped at an eighth of the free memory).
+CUDA_BUDGET_BYTES = 2 * 2**30
+#: Shape used when measurement is switched off (``TL_LOGITLENS_AUTOTUNE=0``).
+FALLBACK_WIDTH = 1024
+STRATEGIES = ("tiled", "whole")
+# Candidate tile widths and rows per product (rows scaled by 768 / d_model, so that every
+# trial does about the same work whatever the model); the slice of the vocabulary timed.
+# The slice holds at least two tiles of every width, so the timed loop runs its steady state
+# (tiles after the first), not only the first tile's whole-tile top-k.
+_WIDTHS = (1024, 4096, 2048, 512)
+_ROWS = (384, 96)
+_SLICE_COLUMNS = 8192
+_REPEATS = 2
+# Stop measuring after this many seconds (a loaded machine): the fastest so far wins.
+_DEADLINE_SECONDS = 1.0
+
+
+class TileShape(NamedTuple):
+    """How the kernel cuts a product: ``rows`` per matrix product, ``width`` columns per tile.
+
+    ``source`` says where it came from: ``"measured"``, ``"disk"``, ``"forced"``,
+    ``"budget"``, ``"fallback"`` or ``"whole"``; ``seconds`` is what the measurement took.
+    """
+
+    rows: int
+    width: int
+    strategy: str
+    source: str
+    seconds: float = 0.0
+    timings: Tuple[Tuple[int, int, float], ...] = ()  # (rows, width, ns per logit) per candidate
+
+
+_lock = threading.Lock()
+_memory: Dict[str, TileShape] = {}
+_budget: Optional[int] = None
+_forced: Dict[str, Any] = {}
+
+
+def set_chunk_budget(nbytes: Optional[int]) -> None:
+    """Bytes of working buffers per product (rows follow from it); ``None`` goes back to measured rows.
+
+    Example::
+
+        >>> from tl_logitlens import tuning
+        >>> tuning.set_chunk_budget(16 * 2**20); tuning.chunk_budget()
+        16777216
+        >>> tuning.set_chunk_budget(None)
+    """
+    global _budget
+    if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 1):
+        from .errors import LensInputError
+
+        raise LensInputError(f"the chunk budget must be a positive number of bytes or None, got {nbytes!r}")
+    _budget = nbytes
+
+
+def chunk_budget() -> Optional[int]:
+    """The budget set by :func:`set_chunk_budget`, or ``None`` (rows are measured)."""
+    return _budget
+
+
+@contextlib.contextmanager
+def force(*, rows: Optional[int] = None, width: Optional[int] = None, strategy: Optional[str] = None) -> Iterator[None]:
+    """Use this shape (any part left ``None`` is chosen as usual) inside the block."""
+    if strategy is not None and strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    saved = dict(_forced)
+    _forced.update({k: v for k, v in (("rows", rows), ("width", width), ("strategy", strategy)) if v is not None})
+    try:
+        yield
+    finally:
+        _forced.clear()
+        _forced.update(saved)
+
+
+def measured_shapes() -> Dict[str, TileShape]:
+    """The shapes chosen so far in this process, by key (device, processor, threads, dtypes, sizes, layout)."""
+    with _lock:
+        return dict(_memory)
+
+
+def clear_cache() -> None:
+    """Forget the shapes measured in this process (the disk cache is left alone)."""
+    with _lock:
+        _memory.clear()
+
+
+# -- the machine --------------------------------------------------------------------------------
+def processor_name(device: Optional[torch.device] = None) -> str:
+    """The processor's marketing name: the GPU's for a CUDA device, else the CPU's."""
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return _cpu_name()
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def cache_sizes() -> Dict[str, str]:
+    """CPU cache sizes per level as the OS reports them (e.g. ``{"L1d": "32K", "L2": "2048K", "L3": "36608K"}``)."""
+    out: Dict[str, str] = {}
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    for index in sorted(base.glob("index*")) if base.exists() else []:
+        try:
+            level = (index / "level").read_text().strip()
+            kind = (index / "type").read_text().strip()
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        name = f"L{level}" + ({"Data": "d", "Instruction": "i"}.get(kind, ""))
+        out[name] = size
+    return out
+
+
+def _layout(W: torch.Tensor) -> str:
+    """``"d_model-major"`` when ``W [d_model, d_vocab]`` has unit stride along the vocabulary,
+    ``"vocab-major"`` when it is the transpose of a contiguous ``[d_vocab, d_model]`` matrix."""
+    return "vocab-major" if W.stride(0) == 1 and W.shape[0] > 1 else "d_model-major"
+
+
+def _key(W: torch.Tensor, dtype: torch.dtype, whole_rows: bool) -> str:
+    d_model, d_vocab = W.shape
+    return "|".join(
+        map(str, (W.device.type, processor_name(W.device), torch.get_num_threads(), str(dtype).replace("torch.", ""),
+                  str(W.dtype).replace("torch.", ""), d_model, d_vocab, _layout(W), "whole-rows" if whole_rows else "tiles",
+                  torch.__version__))
+    )
+
+
+# -- the disk cache -------------------------------------------------------------------------------
+def cache_file() -> Optional[Path]:
+    """The on-disk cache named by ``TL_LOGITLENS_TILE_CACHE`` (``1``: the user cache directory), else ``None``."""
+    value = os.environ.get("TL_LOGITLENS_TILE_CACHE", "").strip()
+    if not value or value == "0":
+        return None
+    if value == "1":
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        return root / "tl_logitlens" / "tile_shapes.json"
+    return Path(value)
+
+
+def _read_disk(path: Path) -> Dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return data
+    except (OSError, ValueError) as err:
+        warnings.warn(f"tl_logitlens: ignoring the unreadable tile-shape cache {path} ({err}); it will be rewritten", stacklevel=3)
+        return {}
+
+
+def _from_disk(path: Path, key: str) -> Optional[TileShape]:
+    entry = _read_disk(path).get(key)
+    try:
+        rows, width, strategy = int(entry["rows"]), int(entry["width"]), str(entry["strategy"])
+        if rows < 1 or width < 1 or strategy not in STRATEGIES:
+            raise ValueError
+        return TileShape(rows, width, strategy, "disk")
+    except (TypeError, KeyError, ValueError):
+        if entry is not None:
+            warnings.warn(f"tl_logitlens: ignoring a malformed entry in the tile-shape cache {path}", stacklevel=3)
+        return None
+
+
+def _to_disk(path: Path, key: str, shape: TileShape) -> None:
+    data = _read_disk(path)
+    data[key] = {"rows": shape.rows, "width": shape.width, "strategy": shape.strategy,
+                 "timings": [list(t) for t in shape.timings]}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the new file
+    except OSError as err:
+        warnings.warn(f"tl_logitlens: could not write the tile-shape cache {path} ({err})", stacklevel=3)
+
+
+# -- the measurement ----------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_kernel(x: torch.Tensor, W: torch.Tensor, width: int) -> float:
+    """Seconds for the tiled kernel (top-k, entropy, KL, a target) over ``x @ W``, best of a few."""
+    from .tiles import read_product
+
+    m = x.shape[0]
+    buffers = [torch.empty(m * width, dtype=x.dtype, device=x.device) for _ in range(BUFFERS)]
+    targets = torch.zeros(m, 1, dtype=torch.long, device=x.device)
+    best = float("inf")
+    for _ in range(_REPEATS):
+        _sync(x.device)
+        start = time.perf_counter()
+        read_product(x, 1, W, None, None, buffers, top_k=5, with_reference=True, target_ids=targets, width=width)
+        _sync(x.device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure(W: torch.Tensor, dtype: torch.dtype) -> TileShape:
+    """Time the candidate shapes on a slice of ``W [d_model, d_vocab]`` and return the fastest per logit.
+
+    The slice keeps ``W``'s layout and dtype; the vectors are unit-variance random ones in
+    ``dtype`` (the statistics' cost does not depend on their values beyond top-k's pruning).
+    """
+    started = time.perf_counter()
+    d_model, d_vocab = W.shape
+    columns = min(d_vocab, _SLICE_COLUMNS)
+    Ws = W[:, :columns]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    timings: List[Tuple[int, int, float]] = []
+    with torch.no_grad():
+        # Rows scaled so each trial does the same work whatever d_model (a 7B model's 4096
+        # gives 72 and 18 rows), at most doubled for small models.
+        for rows in sorted({min(2 * r, max(16, r * 768 // max(d_model, 1))) for r in _ROWS}, reverse=True):
+            x = torch.randn(rows, d_model, generator=gen, dtype=torch.float32).to(device=W.device, dtype=dtype)
+            torch.mm(x, Ws[:, :512].to(dtype))  # warm-up: BLAS threads, first-touch pages
+            for width in dict.fromkeys(min(w, columns) for w in _WIDTHS):
+                if timings and time.perf_counter() - started > _DEADLINE_SECONDS:
+                    break
+                seconds = _time_kernel(x, Ws, width)
+                timings.append((rows, width, seconds / (rows * columns) * 1e9))
+    rows, width, _ = min(timings, key=lambda t: t[2])
+    if rows == max(t[0] for t in timings):
+        # More rows were no slower: let them grow to the CPU budget (fewer passes over W_U).
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        rows = max(rows, CPU_BUDGET_BYTES // (BUFFERS * itemsize * width))
+    return TileShape(rows, width, "tiled", "measured", time.perf_counter() - started, tuple(timings))
+
+
+def default_strategy(device: torch.device) -> str:
+    """``"whole"`` on CUDA, ``"tiled"`` elsewhere."""
+    return "whole" if torch.device(device).type == "cuda" else "tiled"
+
+
+def _whole_rows(W: torch.Tensor, itemsize: int) -> int:
+    budget = _budget
+    if budget is None:
+        budget = CUDA_BUDGET_BYTES
+        if W.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(W.device)
+            budget = min(budget, free // 8)
+        else:
+            budget = CPU_BUDGET_BYTES
+    return max(1, budget // (BUFFERS * itemsize * W.shape[1]))
+
+
+def tile_shape(W: torch.Tensor, dtype: torch.dtype, *, whole_rows: bool = False, chunk_size: Optional[int] = None) -> TileShape:
+    """The shape the kernel uses for ``W [d_model, d_vocab]`` read in ``dtype``.
+
+    ``whole_rows``: a transform that needs whole rows (a soft cap is elementwise and does
+    not), so one tile spans the vocabulary. ``chunk_size`` forces the rows per product.
+    """
+    d_vocab = W.shape[1]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    strategy = _forced.get("strategy") or default_strategy(W.device)
+    if strategy == "whole" or whole_rows:
+        rows = chunk_size or _forced.get("rows") or _whole_rows(W, itemsize)
+        return TileShape(rows, d_vocab, strategy, "whole" if strategy == "whole" else "budget")
+    width, rows = _forced.get("width"), _forced.get("rows")
+    source = "forced"
+    base: Optional[TileShape] = None
+    if width is None or (rows is None and chunk_size is None and _budget is None):
+        base = _measured(W, dtype)
+        source = "forced" if _forced else base.source
+    width = min(d_vocab, width or base.width)
+    if chunk_size is not None:
+        rows, source = chunk_size, "forced"
+    elif rows is None and _budget is not None:
+        rows, source = max(1, _budget // (BUFFERS * itemsize * width)), "budget"
+    elif rows is None:
+        rows = base.rows
+    return TileShape(int(rows), int(width), "tiled", source, base.seconds if base else 0.0, base.timings if base else ())
+
+
+def _measured(W: torch.Tensor, dtype: torch.dtype) -> TileShape:
+    """The measured (or cached) shape for this machine and matrix."""
+    key = _key(W, dtype, False)
+    with _lock:
+        shape = _memory.get(key)
+        if shape is not None:
+            return shape
+        if os.environ.get("TL_LOGITLENS_AUTOTUNE", "1").strip() == "0":
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            width = min(W.shape[1], FALLBACK_WIDTH)
+            shape = TileShape(max(1, CPU_BUDGET_BYTES // (BUFFERS * itemsize * width)), width, "tiled", "fallback")
+        else:
+            path = cache_file()
+            shape = _from_disk(path, key) if path is not None else None
+            if shape is None:
+                shape = measure(W, dtype)
+                if path is not None:
+                    _to_disk(path, key, shape)
+        _memory[key] = shape
+        return shape
