@@ -53,3 +53,28 @@ def test_readout_through_the_embedding_matches_the_reference(model):
     torch.testing.assert_close(r.top_logits.double(), ref["logits"].double().topk(2, -1).values, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(r.next_token_loss[..., :-1].double(), ref["loss"], atol=2e-5, rtol=1e-5)
     assert bool(r.next_token_loss[..., -1].isnan().all())
+
+
+def test_the_lens_unembeds_its_final_entry_once(model, monkeypatch):
+    """The final stream is both the last entry and the KL reference: the lens names its
+    index to the kernel, which then reads it once (no second unembedding of every row)."""
+    import importlib
+
+    from tl_logitlens import tiles, tuning
+
+    readout_module = importlib.import_module("tl_logitlens.readout")  # the module: tll.readout is the function
+    entries = []
+    real = tiles.read_product
+
+    def spy(x, g, *args, **kwargs):
+        entries.append(g)
+        return real(x, g, *args, **kwargs)
+
+    monkeypatch.setattr(readout_module, "read_product", spy)
+    with tuning.force(strategy="tiled"):
+        result = tll.logit_lens(model, TOKENS)
+    assert sum(entries) == len(result.labels)  # one product per row block, every entry once
+    entries.clear()
+    with tuning.force(strategy="tiled"):
+        tll.logit_lens(model, TOKENS, lens=lambda h, i: h)  # a lens: the reference is read on its own
+    assert sum(entries) == len(result.labels) + 1

@@ -693,6 +693,7 @@ def evaluate_lens(
                 unembed="W_U",
                 top_k=1,
                 reference=final_rows,
+                reference_entry=None if lens is not None else len(names) - 1,  # the final stream is its own reference
                 next_tokens=next_ids,
             )
             del vectors, final_rows

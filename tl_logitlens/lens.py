@@ -373,6 +373,8 @@ def logit_lens(
         top_k=top_k,
         target_ids=None if target_ids is None else target_ids.reshape(n_rows, -1),
         reference=reference.reshape(n_rows, view.d_model),
+        # The final stream, read untransformed, is its own KL reference: unembedded once.
+        reference_entry=keep.index(len(labels) - 1) if lens is None and len(labels) - 1 in keep else None,
         next_tokens=next_ids.reshape(n_rows),
         chunk_size=chunk_size,
     )

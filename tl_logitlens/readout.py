@@ -147,22 +147,6 @@ def compute_dtype(view: ModelView) -> torch.dtype:
     return torch.float64 if view.W_U.dtype == torch.float64 else torch.float32
 
 
-def _reference_entry(vectors: torch.Tensor, reference: Optional[torch.Tensor]) -> Optional[int]:
-    """The index of an entry of ``vectors [outer, rows, d]`` equal to ``reference [rows, d]``, else ``None``.
-
-    The logit lens reads the final stream both as its last entry and as the KL reference;
-    finding it here saves one full unembedding of every row.
-    """
-    if reference is None or reference.shape != vectors.shape[1:] or reference.dtype != vectors.dtype:
-        return None
-    if reference.device != vectors.device:
-        return None
-    for o in reversed(range(vectors.shape[0])):
-        if torch.equal(vectors[o], reference):
-            return o
-    return None
-
-
 def read_rows(
     view: ModelView,
     vectors: torch.Tensor,
@@ -172,6 +156,7 @@ def read_rows(
     top_k: int,
     target_ids: Optional[torch.Tensor] = None,
     reference: Optional[torch.Tensor] = None,
+    reference_entry: Optional[int] = None,
     next_tokens: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
     return_logits: bool = False,
@@ -179,15 +164,16 @@ def read_rows(
     """The kernel, on flat shapes: ``vectors [outer, rows, d_model]``.
 
     ``reference [rows, d_model]`` (read the same way as the vectors) gives KL and, with
-    ``norm="cached"``, the scale; ``target_ids [rows, t]``; ``next_tokens [rows]`` with
+    ``norm="cached"``, the scale; ``reference_entry``: the index of the entry of
+    ``vectors`` that *is* the reference (the logit lens's final stream), which is then
+    unembedded once, not twice; ``target_ids [rows, t]``; ``next_tokens [rows]`` with
     ``-1`` for none. Results are shaped ``[outer, rows, ...]``.
 
     How it runs: rows are taken ``c`` at a time for every entry at once (the reference
     first), so one matrix product ``[entries * c, d_model] @ W_U`` has enough rows for full
     BLAS speed; :func:`tl_logitlens.tiles.read_product` computes it a tile of vocabulary
     columns at a time and keeps only running statistics (the shape from
-    :func:`tl_logitlens.tuning.tile_shape`; on CUDA :func:`tl_logitlens.tiles.read_whole`). When the reference equals one of
-    the entries (the logit lens's final stream) it is unembedded once, not twice.
+    :func:`tl_logitlens.tuning.tile_shape`; on CUDA :func:`tl_logitlens.tiles.read_whole`).
     """
     outer, rows, d_model = vectors.shape
     dtype = compute_dtype(view)
@@ -203,7 +189,9 @@ def read_rows(
 
     # Entries to unembed: (source rows [rows, d_model], output entry or None). The reference
     # leads every product: each entry's KL needs its exponentials, tile by tile.
-    ref_entry = _reference_entry(vectors, reference)
+    if reference_entry is not None and (reference is None or not 0 <= reference_entry < outer):
+        raise ValueError(f"reference_entry {reference_entry} needs reference= and must index one of {outer} entries")
+    ref_entry = reference_entry
     sources: list = [(vectors[o], o) for o in range(outer)]
     ref_source: Optional[int] = ref_entry
     if reference is not None and ref_entry is None:
