@@ -78,3 +78,39 @@ def test_the_lens_unembeds_its_final_entry_once(model, monkeypatch):
     with tuning.force(strategy="tiled"):
         tll.logit_lens(model, TOKENS, lens=lambda h, i: h)  # a lens: the reference is read on its own
     assert sum(entries) == len(result.labels) + 1
+
+
+def test_the_chunk_budget_knob_sets_the_rows_per_product(monkeypatch):
+    """tll.set_chunk_budget changes how many rows each product holds (more, smaller products)
+    and nothing else; assigning the DEFAULT constant would change nothing, so it is refused."""
+    import importlib
+
+    from tl_logitlens import tiles, tuning
+
+    model = builders.build(_KINDS[0])
+    readout_module = importlib.import_module("tl_logitlens.readout")
+    rows_seen = []
+    real = tiles.read_product
+
+    def spy(x, g, *args, **kwargs):
+        rows_seen.append(x.shape[0])
+        return real(x, g, *args, **kwargs)
+
+    monkeypatch.setattr(readout_module, "read_product", spy)
+    tokens = builders.tokens(batch=4, seq=20, seed=5)
+    with tuning.force(strategy="tiled", width=16):
+        plain = tll.logit_lens(model, tokens, targets="next")
+        assert max(rows_seen) == 3 * 80  # every entry of all 80 rows in one product
+        rows_seen.clear()
+        tll.set_chunk_budget(tiles.BUFFERS * 4 * 16 * 30)  # room for 30 rows of 16 float32 columns
+        try:
+            small = tll.logit_lens(model, tokens, targets="next")
+        finally:
+            tll.set_chunk_budget(None)
+    assert rows_seen == [30] * 8  # 30 rows: 10 prompt positions x 3 entries, 8 products for 80 positions
+    for name in ("top_ids", "entropy", "kl_to_final", "next_token_loss", "target_ranks"):
+        torch.testing.assert_close(getattr(small, name), getattr(plain, name), rtol=1e-5, atol=1e-5, equal_nan=True)
+    with pytest.raises(AttributeError, match=r"set_chunk_budget"):
+        tll.DEFAULT_CHUNK_BUDGET_BYTES = 1
+    with pytest.raises(tll.LensInputError, match="positive number of bytes"):
+        tll.set_chunk_budget(0)

@@ -50,11 +50,11 @@ _LAZY = {
     "plot_lens": "plots",
     "plot_lens_metrics": "plots",
     "plot_trajectory": "plots",
-    "DEFAULT_CHUNK_BUDGET_BYTES": "readout",
     "Readout": "readout",
     "readout": "readout",
     "ResidualStack": "stacks",
     "residual_stack": "stacks",
+    "set_chunk_budget": "tuning",
 }
 _SUBMODULES = ("demo",)
 
@@ -84,6 +84,7 @@ __all__ = [
     "plot_trajectory",
     "readout",
     "residual_stack",
+    "set_chunk_budget",
 ]
 
 
@@ -121,6 +122,20 @@ class _Package(types.ModuleType):
     def readout(self, value: Any) -> None:
         if not isinstance(value, types.ModuleType):  # a user's assignment wins; the import system's not
             self.__dict__["_readout_override"] = value
+
+    @property
+    def DEFAULT_CHUNK_BUDGET_BYTES(self) -> int:
+        """The kernel's default memory budget in bytes (read-only: see :func:`set_chunk_budget`)."""
+        return importlib.import_module(".tuning", __name__).CPU_BUDGET_BYTES
+
+    @DEFAULT_CHUNK_BUDGET_BYTES.setter
+    def DEFAULT_CHUNK_BUDGET_BYTES(self, value: Any) -> None:
+        # Assigning the constant would change nothing: say so, and name the knob that works.
+        raise AttributeError(
+            "tl_logitlens.DEFAULT_CHUNK_BUDGET_BYTES is the default, not a setting; change the "
+            f"kernel's memory budget with tl_logitlens.set_chunk_budget({value!r}) "
+            "(None goes back to the measured default), or pass chunk_size= per call"
+        )
 
 
 sys.modules[__name__].__class__ = _Package

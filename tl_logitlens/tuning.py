@@ -39,6 +39,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+from numbers import Integral
 import functools
 import json
 import os
@@ -105,11 +106,11 @@ def set_chunk_budget(nbytes: Optional[int]) -> None:
         >>> tuning.set_chunk_budget(None)
     """
     global _budget
-    if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 1):
+    if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, Integral) or nbytes < 1):
         from .errors import LensInputError
 
         raise LensInputError(f"the chunk budget must be a positive number of bytes or None, got {nbytes!r}")
-    _budget = nbytes
+    _budget = None if nbytes is None else int(nbytes)
 
 
 def chunk_budget() -> Optional[int]:
