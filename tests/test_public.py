@@ -114,3 +114,29 @@ def test_the_chunk_budget_knob_sets_the_rows_per_product(monkeypatch):
         tll.DEFAULT_CHUNK_BUDGET_BYTES = 1
     with pytest.raises(tll.LensInputError, match="positive number of bytes"):
         tll.set_chunk_budget(0)
+
+
+def test_dla_without_the_norm_matches_the_raw_reference(model):
+    """norm='none': each piece dotted with W_U's columns as it is; the pieces add up to the
+    unnormalised final @ u + b_U. Reference: the cached component outputs, by hand."""
+    answers, wrong = torch.tensor([5, 9]), torch.tensor([7, 30])
+    with torch.no_grad():
+        _, cache = model.run_with_cache(TOKENS)
+    ref = reference.dla_reference(model, cache, answers, wrong)  # for its component names only
+    u = (model.W_U[:, answers] - model.W_U[:, wrong]).T.detach()
+    expected = torch.stack([(cache[name][:, -1] * u).sum(-1) for name in ref["names"]])
+    b_diff = (model.b_U[answers] - model.b_U[wrong]).detach()
+    raw_value = (cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][:, -1] * u).sum(-1) + b_diff
+    att = tll.direct_logit_attribution(cache=cache, answers=answers, wrong=wrong, norm="none")
+    assert att.norm == "none" and len(att.labels) == len(ref["names"])
+    torch.testing.assert_close(att.values, expected.float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(att.model_value, raw_value.float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(att.constant, b_diff.float(), atol=1e-5, rtol=1e-5)
+    assert att.residual_error() <= 1e-4
+
+
+def test_dla_refuses_a_norm_under_which_pieces_do_not_add_up(model):
+    with pytest.raises(tll.LensInputError, match=r"not linear, so the pieces would not add up"):
+        tll.direct_logit_attribution(model, TOKENS, answers=5, norm="recompute")
+    with pytest.raises(tll.LensInputError, match=r"norm must be one of \('cached', 'none'\)"):
+        tll.direct_logit_attribution(model, TOKENS, answers=5, norm="layer")

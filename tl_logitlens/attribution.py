@@ -41,6 +41,9 @@ from .model_access import cache_tensor, compute_device
 from .stacks import STACK_KINDS, piece_groups, required_hooks
 from .tokens import PositionSpec, gather_positions, per_prompt_ids, position_index
 
+#: The final-norm readings under which the pieces add up (see direct_logit_attribution).
+ATTRIBUTION_NORMS = ("cached", "none")
+
 # The labels ``top()`` ranks after by="head" / by="neuron" (other pieces only when asked).
 _KIND_LABEL = {"head": re.compile(r"L\d+H\d+"), "neuron": re.compile(r"L\d+N\d+")}
 
@@ -54,8 +57,10 @@ class Attribution:
     Attributes:
         values: ``[component, ...]`` each component's direct contribution.
         labels: component labels (``embed``, ``0_attn_out``, ``L1H3``, ``L0N17``, ...).
-        model_value: ``[...]`` the model's own logit (difference).
+        model_value: ``[...]`` the model's own logit (difference) (with ``norm="none"``: the
+            unnormalised value ``final_stream @ u + b_U``).
         constant: ``[...]`` the terms no component writes: ``b_U`` and the final norm's bias.
+        norm: ``"cached"`` or ``"none"``, how the final norm was applied.
         by: the stack kind (``"accumulated"``, ``"component"``, ``"head"``, ``"neuron"``).
         answer_ids, wrong_ids: ``[batch]`` (``wrong_ids`` is ``None`` for a plain logit).
         positions: ``[batch, pos]`` absolute positions read.
@@ -90,6 +95,7 @@ class Attribution:
     tokenizer: Any = None
     rounding_error: float = 0.0
     lengths: Optional[torch.Tensor] = None
+    norm: str = "cached"
 
     def real(self) -> torch.Tensor:
         """``[...]`` bool: which cells are real tokens (False at padding positions)."""
@@ -197,6 +203,7 @@ def direct_logit_attribution(
     wrong: Any = None,
     by: str = "component",
     positions: PositionSpec = -1,
+    norm: str = "cached",
 ) -> Attribution:
     """Attribute a logit, or the logit difference ``answers - wrong``, to stack components.
 
@@ -213,6 +220,14 @@ def direct_logit_attribution(
         positions: where to read; default ``-1`` is each prompt's own last real token. With
             ``None`` or a slice over a right-padded batch, padding cells are NaN (see
             :class:`Attribution`).
+        norm: ``"cached"`` (default): the final norm with the scale the forward pass used at
+            that position, which is linear, so the pieces add up to the model's own logit
+            (difference). ``"none"``: no norm, each piece dotted with ``W_U``'s columns as it
+            is (the raw reading of the original logit lens); the pieces then add up to the
+            unnormalised value ``final_stream @ u + b_U``, which is not the model's logit.
+            ``"recompute"`` is refused: each piece normalised by its own statistics is not
+            linear, so the pieces would not add up (read layers that way with
+            :func:`tl_logitlens.logit_lens`).
 
     Returns:
         :class:`Attribution` with ``values [component, batch]`` (``[component, batch, pos]``
@@ -230,6 +245,13 @@ def direct_logit_attribution(
     """
     if by not in STACK_KINDS:
         raise LensInputError(f"by must be one of {STACK_KINDS}, got {by!r}")
+    if norm not in ATTRIBUTION_NORMS:
+        why = (
+            ": each piece normalised by its own statistics is not linear, so the pieces would not add "
+            "up; tll.logit_lens(norm='recompute') reads the stream that way"
+            if norm == "recompute" else ""
+        )
+        raise LensInputError(f"norm must be one of {ATTRIBUTION_NORMS} for direct logit attribution, got {norm!r}{why}")
     view, tokens, cache = resolve_inputs(model, input, cache)
     if view.output_transform is not None:
         raise UnsupportedModelError(
@@ -261,25 +283,28 @@ def direct_logit_attribution(
     u_answer = columns(answer_ids)
     u = u_answer if wrong_ids is None else u_answer - columns(wrong_ids)  # [batch, d_model]
     final = gather_positions(cache_tensor(cache, view.final_resid_hook), index).to(device=device, dtype=dtype)
-    scale = fnorm.scale(final)[..., 0]  # [batch, pos]
-    direction = fnorm.readout_direction(u)
-    values = torch.cat([g.project(direction) for g in groups], dim=0) / scale
-
-    constant = fnorm.bias_term(u)
-    b_diff = None
+    b_diff = torch.zeros(batch, device=device, dtype=dtype)
     if b_U is not None:
         b_diff = bias_of(answer_ids) - (bias_of(wrong_ids) if wrong_ids is not None else 0)
-        constant = constant + b_diff
-    constant = constant.unsqueeze(1).expand_as(scale)
 
     # The model's value: its stored final stream read exactly as the model reads it, in
     # float32, so the pieces (with the rounding entry in half precision) add up to it.
     normed = fnorm.apply(final, "recompute")  # [batch, pos, d_model]
-    model_value = (normed * u.unsqueeze(1)).sum(-1)
-    if b_diff is not None:
-        model_value = model_value + b_diff.unsqueeze(1)
+    model_value = (normed * u.unsqueeze(1)).sum(-1) + b_diff.unsqueeze(1)
     if logits is not None:
         _check_model_logits(logits, index, normed, answer_ids, wrong_ids, columns, model_value)
+
+    if norm == "cached":  # the final norm with the forward pass's own scale: linear
+        scale = fnorm.scale(final)[..., 0]  # [batch, pos]
+        direction = fnorm.readout_direction(u)
+        constant = fnorm.bias_term(u) + b_diff
+    else:  # "none": the raw stream along W_U's columns, no norm at all
+        scale = torch.ones(final.shape[:2], device=device, dtype=dtype)
+        direction = u
+        constant = b_diff
+        model_value = (final * u.unsqueeze(1)).sum(-1) + b_diff.unsqueeze(1)
+    values = torch.cat([g.project(direction) for g in groups], dim=0) / scale
+    constant = constant.unsqueeze(1).expand_as(scale)
 
     # Padding positions (positions=None or a slice over a right-padded batch) hold no token:
     # mark them NaN so that no number is read from them.
@@ -308,6 +333,7 @@ def direct_logit_attribution(
         tokenizer=view.tokenizer,
         rounding_error=rounding_error,
         lengths=lengths,
+        norm=norm,
     )
 
 

@@ -1,0 +1,62 @@
+"""The ``tl-logitlens`` command line: the package's analyses on prompts, from a terminal.
+
+Commands (``tl-logitlens COMMAND --help`` documents every option with an example)::
+
+    tl-logitlens demo [--n N] [--out DIR]
+    tl-logitlens lens --model MODEL (--prompt TEXT ... | --prompts FILE | --tokens IDS ...) [--position P]
+                      [--layers L,..] [--metric M] [--top-k K] [--target TOKEN ...] [--norm N] [--out DIR]
+    tl-logitlens dla  --model MODEL (--prompt ... | --prompts ... | --tokens ...) --answer TOKEN [--wrong TOKEN]
+                      [--by KIND] [--norm cached|none] [--position P] [--top K] [--out DIR]
+    tl-logitlens eval --model MODEL --data FILE [--max-tokens N] [--out DIR]
+
+Every command also takes ``--device``, ``--dtype``, ``--format png|pdf|svg``, ``--dpi`` and
+``--verbose``. ``MODEL`` is ``demo`` (the built-in model), a local Hugging Face model folder
+(booted through ``TransformerBridge``, transformer-lens 3.x/4.x), or a hub name (needs the hub).
+A token (``--answer``, ``--wrong``, ``--target``) is its text or vocabulary piece, or ``id:N``
+for the id ``N`` (so that ``317`` stays the text "317").
+
+Usage errors exit with status 2 and one line on stderr, never a traceback. Building the parser
+imports neither torch nor transformer_lens, matplotlib or pandas, so ``--help`` and errors that
+need no model answer at once; the heavy imports happen inside the commands.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional, Sequence
+
+from ..errors import LensInputError, ModelStateError, NonFiniteActivationError, UnsupportedModelError
+from .arguments import UsageError, check_common
+from .commands import GRAD_STATE
+from .output import output_policy
+from .parser import build_parser
+
+__all__ = ["UsageError", "build_parser", "main"]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``tl-logitlens`` and ``python -m tl_logitlens``; returns the exit status."""
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    try:
+        args = build_parser().parse_args(argv)
+        check_common(args)
+        with output_policy(args.verbose):
+            args.func(args)
+    except UsageError as err:
+        print(f"tl-logitlens: error: {err}", file=sys.stderr)
+        return 2
+    except (LensInputError, ModelStateError, UnsupportedModelError, NonFiniteActivationError) as err:
+        # The package's messages name the problem and the mend; one line here, whatever their layout.
+        print(f"tl-logitlens: error: {' '.join(str(err).split()) or type(err).__name__}", file=sys.stderr)
+        return 2
+    finally:
+        while GRAD_STATE:
+            import torch
+
+            torch.set_grad_enabled(GRAD_STATE.pop())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""Command-line arguments read and checked before any model is loaded (no torch needed), and
+the model, prompts and data they name."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+from .output import silence_loaded_libraries
+
+METRICS = ("prob", "logit", "rank", "entropy", "kl", "loss")
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+FORMATS = ("png", "pdf", "svg")
+_DEVICE_RE = re.compile(r"^(cpu|cuda|mps|xpu)(:\d+)?$")
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "demo" / "demo_config.json"
+
+
+class UsageError(Exception):
+    """A mistake in how the command was called: reported in one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage block
+        raise UsageError(message)
+
+
+# -- argument checks that need no model (and no torch) ------------------------------------
+def parse_token(spec: Optional[str], option: str) -> Union[None, int, str]:
+    """``id:N`` -> the int ``N``; anything else stays text (the token's text or vocabulary piece)."""
+    if spec is None:
+        return None
+    if spec.startswith("id:"):
+        digits = spec[3:].strip()
+        if not digits.isdigit():
+            raise UsageError(f"{option} {spec!r}: after 'id:' give a token id (a non-negative integer), e.g. id:317")
+        return int(digits)
+    if spec == "":
+        raise UsageError(f"{option} is empty; give a token's text, its vocabulary piece, or id:N")
+    return spec
+
+
+def parse_tokens(values: Sequence[str]) -> List[List[int]]:
+    """``--tokens`` values as prompts of ids: ids split by commas or spaces, prompts by ``;``."""
+    prompts = []
+    for value in values:
+        for part in value.split(";"):
+            if not part.strip():
+                raise UsageError(f"--tokens {value!r} holds an empty prompt; give ids like 49,12,7,50 (prompts split by ';')")
+            pieces = [p for p in re.split(r"[,\s]+", part.strip()) if p]
+            bad = [p for p in pieces if not p.isdigit()]
+            if bad:
+                raise UsageError(f"--tokens {value!r}: {bad[0]!r} is not a token id; give non-negative integers like 49,12,7,50")
+            prompts.append([int(p) for p in pieces])
+    return prompts
+
+
+def parse_layers(spec: Optional[str]) -> Optional[List[Union[int, str]]]:
+    """``--layers 0,2,-1,final_post``: stack entries by index (negative counts from the end) or label."""
+    if spec is None:
+        return None
+    items = [s.strip() for s in spec.split(",")]
+    if not all(items):
+        raise UsageError(f"--layers {spec!r} has an empty entry; give indices or labels like 0,2,final_post")
+    return [int(s) if re.fullmatch(r"-?\d+", s) else s for s in items]
+
+
+def _read_text(path: str, what: str, option: str) -> str:
+    file = Path(path)
+    if not file.is_file():
+        kind = "is a folder, not a file" if file.is_dir() else ("is not a regular file" if file.exists() else "does not exist")
+        raise UsageError(f"{option}: {path!r} {kind}; pass {what}")
+    raw = file.read_bytes()
+    if b"\x00" in raw:
+        raise UsageError(f"{option}: {path!r} looks binary (it holds NUL bytes); pass {what}")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{option}: {path!r} is not UTF-8 text (byte {err.start}); pass {what}") from None
+
+
+def prompt_spec(args: argparse.Namespace) -> Dict[str, Any]:
+    """The prompts as given: ``{"text": [str, ...]}`` or ``{"tokens": [[int, ...], ...]}``."""
+    if args.tokens:
+        prompts = parse_tokens(args.tokens)
+        lengths = sorted({len(p) for p in prompts})
+        if len(lengths) > 1:
+            raise UsageError(
+                f"the --tokens prompts have different lengths {lengths}; token prompts are read as one "
+                "[batch, pos] tensor, all of it real tokens, so give prompts of equal length (or run them separately)"
+            )
+        return {"tokens": prompts}
+    if args.prompts is not None:
+        text = _read_text(args.prompts, "a UTF-8 text file with one prompt per line", "--prompts")
+        prompts = [line for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise UsageError(f"--prompts: {args.prompts!r} holds no prompt (every line is empty)")
+        return {"text": prompts}
+    for prompt in args.prompt:
+        if not prompt.strip():
+            raise UsageError("--prompt is empty; give the text to read")
+    return {"text": list(args.prompt)}
+
+
+def check_out(out: Optional[str]) -> Optional[Path]:
+    """The output folder, refused before any work if it names an existing file."""
+    if out is None:
+        return None
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out!r} is an existing file, not a folder; name a folder (it is created if missing)")
+    return path
+
+
+def make_out(path: Optional[Path]) -> Optional[Path]:
+    if path is None:
+        return None
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--out {str(path)!r}: cannot create the folder ({err.strerror})") from None
+    return path
+
+
+def _check_device_syntax(spec: str) -> None:
+    if not _DEVICE_RE.match(spec):
+        raise UsageError(f"--device {spec!r} is not a device; use cpu, cuda, cuda:N or mps")
+
+
+def _check_model_spec(spec: str) -> None:
+    path = Path(spec).expanduser()
+    looks_local = spec.startswith((".", "/", "~")) or path.exists()
+    if spec != "demo" and looks_local and not path.is_dir():
+        raise UsageError(f"no model directory at {spec!r}; pass 'demo', a local Hugging Face model folder, or a hub name")
+
+
+def check_common(args: argparse.Namespace) -> None:
+    """Every check that needs neither torch nor a model, in one place, before any import."""
+    _check_device_syntax(args.device)
+    if getattr(args, "model", None) is not None:
+        _check_model_spec(args.model)
+    if args.dpi <= 0:
+        raise UsageError(f"--dpi must be a positive number, got {args.dpi}")
+    check_out(args.out)
+
+
+# -- torch, devices, dtypes, models -------------------------------------------------------
+def resolve_device(spec: str) -> Any:
+    """``--device`` as a ``torch.device`` that exists on this machine, or a usage error saying why not."""
+    import torch
+
+    _check_device_syntax(spec)
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {spec}: CUDA is not available on this machine (torch {torch.__version__} "
+                             "sees no CUDA device); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"numbered 0..{torch.cuda.device_count() - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {spec}: MPS (Apple GPU) is not available on this machine; use --device cpu")
+    elif device.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise UsageError(f"--device {spec}: no XPU is available on this machine; use --device cpu")
+    return device
+
+
+def resolve_dtype(name: str) -> Any:
+    """``--dtype`` name as a ``torch.dtype``."""
+    import torch
+
+    if name not in DTYPES:
+        raise UsageError(f"--dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def load_model(spec: str, device: str = "cpu", dtype: str = "float32") -> Any:
+    """``demo``, a local HF model directory, or a hub name, as a TransformerLens model in eval mode.
+
+    An HF folder is booted with the dtype and device directly; the demo model is built on the
+    CPU in float32 and cast with ``.to``.
+    """
+    _check_model_spec(spec)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype)
+    if spec == "demo":
+        from ..demo import demo_model
+
+        from ..model_access import prepare_model
+
+        with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints what it moves and casts
+            return prepare_model(demo_model(), dtype=torch_dtype, device=torch_device)
+    path = Path(spec).expanduser()
+    looks_local = spec.startswith((".", "/", "~")) or path.exists()
+    from ..model_access import TransformerBridge
+
+    if TransformerBridge is None:
+        raise UsageError(
+            "loading a Hugging Face model needs transformer-lens 3.x or 4.x (TransformerBridge); "
+            "with 2.x, load the model in Python and call tl_logitlens directly"
+        )
+    silence_loaded_libraries()
+    try:
+        model = TransformerBridge.boot_transformers(str(path) if looks_local else spec, device=str(torch_device),
+                                                    dtype=torch_dtype)
+    except Exception as err:  # noqa: BLE001 - any loader failure is reported in one line
+        where = f"the folder {spec!r}" if looks_local else f"the hub name {spec!r} (is the hub reachable?)"
+        raise UsageError(f"could not load a model from {where}: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}") from None
+    return model.eval()
+
+
+def prompt_input(model: Any, prompts: Dict[str, Any]) -> Any:
+    """Prompts as the API takes them: one text, a list of texts, or an id tensor ``[batch, pos]``."""
+    if "tokens" in prompts:
+        import torch
+
+        return torch.tensor(prompts["tokens"], dtype=torch.long)
+    if getattr(model, "tokenizer", None) is None:
+        raise UsageError("this model has no tokenizer, so --prompt text cannot be read; pass --tokens ids instead")
+    text = prompts["text"]
+    return text[0] if len(text) == 1 else text
+
+
+def tokens_arg(values: Optional[Sequence[str]], option: str) -> Any:
+    """Repeated ``--answer``/``--wrong``: one token shared by all prompts, or one per prompt."""
+    if not values:
+        return None
+    tokens = [parse_token(v, option) for v in values]
+    return tokens[0] if len(tokens) == 1 else tokens
+
+
+def read_data(path: str) -> Any:
+    """A ``.pt`` token tensor ``[n, seq]`` or a UTF-8 text file (one document per line), checked."""
+    what = "a UTF-8 text file (one document per line) or a .pt token tensor [n, seq]"
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"no data file at {path!r}; pass {what}")
+    if file.suffix == ".pt":
+        import torch
+
+        try:
+            data = torch.load(file, weights_only=True, map_location="cpu")
+        except Exception as err:  # noqa: BLE001 - a damaged or foreign file, in one line
+            raise UsageError(f"--data {path!r} is not a readable torch file ({type(err).__name__}); pass {what}") from None
+        if not isinstance(data, torch.Tensor):
+            raise UsageError(f"--data {path!r} holds a {type(data).__name__}, not a token tensor [n, seq]")
+        if data.dtype.is_floating_point or data.dtype.is_complex or data.dtype == torch.bool or data.ndim not in (1, 2):
+            raise UsageError(f"--data {path!r} holds a {data.dtype} tensor of shape {tuple(data.shape)}; "
+                             "expected integer token ids [n, seq]")
+        if data.numel() == 0:
+            raise UsageError(f"--data {path!r} holds an empty tensor")
+        return data if data.ndim == 2 else data.unsqueeze(0)
+    text = _read_text(path, what, "--data")
+    docs = [line for line in text.splitlines() if line.strip()]
+    if not docs:
+        raise UsageError(f"--data {path!r} holds no text")
+    return docs

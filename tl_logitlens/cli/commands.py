@@ -1,0 +1,195 @@
+"""The commands: each reads its arguments, runs the package's analyses, prints a report and writes files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Dict, List
+
+from .arguments import (
+    DEMO_CONFIG, UsageError, check_out, make_out, prompt_input, prompt_spec, read_data, tokens_arg, load_model,
+    parse_layers, parse_token,
+)
+from .output import print_attribution, print_lens, save_figure, write_summary, write_table, attribution_rows, lens_summary
+
+
+# -- commands -------------------------------------------------------------------------------
+GRAD_STATE: List[bool] = []
+
+
+def _start_torch() -> None:
+    """Import torch (only now: ``--help`` and usage errors never pay for it) and turn off autograd."""
+    import torch
+
+    GRAD_STATE.append(torch.is_grad_enabled())
+    torch.set_grad_enabled(False)
+
+
+def cmd_demo(args: argparse.Namespace) -> Dict[str, Any]:
+    """Run the built-in model on an induction prompt and write every figure and table."""
+    n_ctx = json.loads(DEMO_CONFIG.read_text())["model"]["n_ctx"]
+    most = (n_ctx - 1) // 2
+    if not 2 <= args.n <= most:
+        raise UsageError(f"--n {args.n}: the prompt <bos> + n words + n words must fit the demo model's context of "
+                         f"{n_ctx} tokens and hold two different words; give 2 <= n <= {most}")
+    out = check_out(args.out)
+    _start_torch()
+    import tl_logitlens as tll
+    from ..demo import INDUCTION_HEAD, induction_prompt
+
+    model = load_model("demo", args.device, args.dtype)
+    full = induction_prompt(model, n=args.n, seed=args.seed)
+    tokens = full[:, :-1]  # the model must now predict the last word of the repeat
+    answer = int(full[0, -1])
+    # Wrong: another word of the sequence (the first one that differs from the answer).
+    wrong = next(int(t) for t in full[0, 1 : 1 + args.n] if int(t) != answer)
+    lens = tll.logit_lens(model, tokens, targets="next", top_k=5)
+    at_end = tll.logit_lens(model, tokens, positions=-1, targets=[answer, wrong])
+    components = tll.direct_logit_attribution(model, tokens, answers=answer, wrong=wrong, by="component")
+    heads = tll.direct_logit_attribution(model, tokens, answers=answer, wrong=wrong, by="head")
+    neurons = tll.direct_logit_attribution(model, tokens, answers=answer, wrong=wrong, by="neuron")
+
+    rows = lens_summary(at_end)
+    print_lens(rows, lens.decode(int(tokens[0, -1])))
+    print(f"\nThe answer is {lens.decode(answer)!r} (copied from the first repeat); wrong is {lens.decode(wrong)!r}.")
+    print("Top heads by direct logit attribution:")
+    # The heads that write the answer: largest positive direct effect on the logit difference.
+    head_top = sorted(heads.top(len(heads.labels)), key=lambda item: -item[1])[:3]
+    for label, v in head_top:
+        print(f"  {label:>6}  {v:+.3f}")
+    print(f"(layer {INDUCTION_HEAD[0]} is the induction layer; its heads share the copying, and averaged "
+          f"over prompts L{INDUCTION_HEAD[0]}H{INDUCTION_HEAD[1]} writes the most)")
+
+    summary = {
+        "prompt": [lens.decode(int(t)) for t in tokens[0]],
+        "answer": lens.decode(answer),
+        "wrong": lens.decode(wrong),
+        "lens_at_last_position": rows,
+        "logit_difference": float(components.model_value[0]),
+        "components": dict(components.top(len(components.labels))),
+        "top_heads": dict(head_top),
+        "top_neurons": dict(neurons.top(5)),
+        "residual_error": max(components.residual_error(), heads.residual_error(), neurons.residual_error()),
+        "induction_head": f"L{INDUCTION_HEAD[0]}H{INDUCTION_HEAD[1]}",
+    }
+    out = make_out(out)
+    if out is not None:
+        from .. import plots
+
+        written: List[str] = []
+        save_figure(plots.plot_lens(lens), out, "lens_heatmap", args, written)
+        save_figure(plots.plot_trajectory(at_end), out, "trajectory", args, written)
+        save_figure(plots.plot_lens_metrics(lens), out, "lens_metrics", args, written)
+        save_figure(plots.plot_attribution(components), out, "attribution_components", args, written)
+        save_figure(plots.plot_attribution(heads), out, "attribution_heads", args, written)
+        save_figure(plots.plot_attribution(neurons), out, "attribution_neurons", args, written)
+        for name, result in (("lens.csv", lens), ("attribution_components.csv", components),
+                             ("attribution_heads.csv", heads), ("attribution_neurons.csv", neurons)):
+            write_table(result.to_dataframe(), out, name, written)
+        write_summary(summary, out, written)
+    return summary
+
+
+def cmd_lens(args: argparse.Namespace) -> Dict[str, Any]:
+    """The logit lens on one or more prompts: a table of each layer's prediction, and optional files."""
+    prompts = prompt_spec(args)
+    layers = parse_layers(args.layers)
+    targets = None if not args.target else [parse_token(t, "--target") for t in args.target]
+    out = check_out(args.out)
+    _start_torch()
+    import tl_logitlens as tll
+
+    model = load_model(args.model, args.device, args.dtype)
+    prompt = prompt_input(model, prompts)
+    common = dict(layers=layers, top_k=args.top_k, norm=args.norm)
+    at = tll.logit_lens(model, prompt, positions=args.position, targets=targets, **common)
+    n_prompts = int(at.lengths.shape[0])
+    tables = []
+    for b in range(n_prompts):
+        rows = lens_summary(at, prompt=b)
+        token = at.input_tokens()[b][0] if at.input_ids is not None else "?"
+        where = f" (prompt {b}, position {int(at.positions[b, 0])})" if n_prompts > 1 or args.position != -1 else ""
+        if b:
+            print()
+        print_lens(rows, token, where)
+        tables.append(rows)
+    summary = {"model": args.model, "prompts": prompts.get("text", prompts.get("tokens")), "norm": args.norm,
+               "position": args.position, "dtype": args.dtype, "device": args.device,
+               "lens_at_position": tables, "lens_at_last_position": tables[0]}
+    out = make_out(out)
+    if out is not None:
+        from .. import plots
+
+        full = tll.logit_lens(model, prompt, targets="next" if args.metric == "rank" else None, **common)
+        written: List[str] = []
+        save_figure(plots.plot_lens(full, metric=args.metric), out, "lens_heatmap", args, written)
+        if targets is not None:
+            save_figure(plots.plot_trajectory(at), out, "trajectory", args, written)
+        save_figure(plots.plot_lens_metrics(full), out, "lens_metrics", args, written)
+        write_table(full.to_dataframe(), out, "lens.csv", written)
+        write_summary(summary, out, written)
+    return summary
+
+
+def cmd_dla(args: argparse.Namespace) -> Dict[str, Any]:
+    """Direct logit attribution of an answer (or answer - wrong) on one or more prompts."""
+    prompts = prompt_spec(args)
+    answers = tokens_arg(args.answer, "--answer")
+    wrong = tokens_arg(args.wrong, "--wrong")
+    if args.top <= 0:
+        raise UsageError(f"--top must be a positive number of rows, got {args.top}")
+    out = check_out(args.out)
+    _start_torch()
+    import tl_logitlens as tll
+
+    model = load_model(args.model, args.device, args.dtype)
+    prompt = prompt_input(model, prompts)
+    att = tll.direct_logit_attribution(model, prompt, answers=answers, wrong=wrong, by=args.by,
+                                       positions=args.position, norm=args.norm)
+    print_attribution(att, args.top)
+    summary = {
+        "model": args.model, "prompts": prompts.get("text", prompts.get("tokens")),
+        "answer": answers, "wrong": wrong, "by": args.by, "position": args.position, "norm": args.norm,
+        "dtype": args.dtype, "device": args.device,
+        "model_value": float(att.model_value.mean()), "constant": float(att.constant.mean()),
+        "model_values": att.model_value.reshape(-1).tolist(),
+        "residual_error": att.residual_error(), "top": dict(attribution_rows(att, args.top)),
+    }
+    out = make_out(out)
+    if out is not None:
+        from .. import plots
+
+        written: List[str] = []
+        save_figure(plots.plot_attribution(att), out, f"attribution_{args.by}", args, written)
+        write_table(att.to_dataframe(), out, f"attribution_{args.by}.csv", written)
+        write_summary(summary, out, written)
+    return summary
+
+
+def cmd_eval(args: argparse.Namespace) -> Dict[str, Any]:
+    """Streaming lens statistics over a dataset."""
+    out = check_out(args.out)
+    if not Path(args.data).is_file():
+        raise UsageError(f"no data file at {args.data!r}; pass a UTF-8 text file (one document per line) "
+                         "or a .pt token tensor [n, seq]")
+    _start_torch()
+    import tl_logitlens as tll
+
+    data = read_data(args.data)
+    model = load_model(args.model, args.device, args.dtype)
+    evaluation = tll.evaluate_lens(model, data, batch_size=args.batch_size, max_tokens=args.max_tokens,
+                                   progress=not args.quiet)
+    frame = evaluation.to_dataframe()
+    shown = ["layer", "kl_to_final_mean", "next_token_loss_mean", "perplexity", "entropy_mean", "top1_agreement", "top1_accuracy"]
+    print(f"{evaluation.n_tokens} tokens")
+    print(frame[[c for c in shown if c in frame]].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    out = make_out(out)
+    if out is not None:
+        written: List[str] = []
+        write_table(frame, out, "lens_eval.csv", written)
+        evaluation.save(out / "lens_eval.json")
+        written.append(str(out / "lens_eval.json"))
+        save_figure(evaluation.plot(), out, "lens_eval", args, written)
+        print("\nWrote:\n  " + "\n  ".join(written))
+    return {"tokens": evaluation.n_tokens}

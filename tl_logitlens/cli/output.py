@@ -1,0 +1,150 @@
+"""What a command shows and writes: third-party output kept quiet, figures, tables and summaries, printed reports."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Iterator, List
+
+# -- quiet output -------------------------------------------------------------------------
+_QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+              "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+
+
+def silence_loaded_libraries() -> None:
+    """Turn off transformers' and huggingface_hub's logs and progress bars (e.g. 'Loading weights')."""
+    if os.environ.get("TL_LOGITLENS_VERBOSE") == "1":
+        return
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+
+@contextlib.contextmanager
+def output_policy(verbose: bool) -> Iterator[None]:
+    """Unless ``verbose``: no third-party warnings, logs or progress bars; this package's own
+    warnings as one line each. Everything is restored afterwards (``main`` may run in-process)."""
+    saved_env = {k: os.environ.get(k) for k in (*_QUIET_ENV, "TL_LOGITLENS_VERBOSE")}
+    saved_hf = None
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        saved_hf = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
+    saved_hub = None
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import are_progress_bars_disabled
+
+        saved_hub = are_progress_bars_disabled()
+    with warnings.catch_warnings():
+        if verbose:
+            os.environ["TL_LOGITLENS_VERBOSE"] = "1"
+        else:
+            os.environ.pop("TL_LOGITLENS_VERBOSE", None)
+            os.environ.update(_QUIET_ENV)
+            warnings.simplefilter("ignore")
+            warnings.filterwarnings("always", module=r"tl_logitlens(\.|$)")
+
+            def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+                print(f"tl-logitlens: warning: {message}", file=sys.stderr)
+
+            warnings.showwarning = show
+            silence_loaded_libraries()
+        try:
+            yield
+        finally:
+            for key, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            if "transformers" in sys.modules:
+                from transformers.utils import logging as hf_logging
+
+                verbosity, bars = saved_hf if saved_hf is not None else (hf_logging.WARNING, True)
+                hf_logging.set_verbosity(verbosity)
+                (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+            if "huggingface_hub" in sys.modules:
+                from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+                (disable_progress_bars if saved_hub else enable_progress_bars)()
+
+
+# -- files ----------------------------------------------------------------------------------
+def save_figure(fig: Any, out: Path, stem: str, args: argparse.Namespace, written: List[str]) -> None:
+    name = f"{stem}.{args.format}"
+    fig.savefig(out / name, dpi=args.dpi, bbox_inches="tight")
+    written.append(str(out / name))
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def write_table(frame: Any, out: Path, name: str, written: List[str]) -> None:
+    frame.to_csv(out / name, index=False)
+    written.append(str(out / name))
+
+
+def write_summary(summary: Dict[str, Any], out: Path, written: List[str]) -> None:
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    written.append(str(out / "summary.json"))
+    print("\nWrote:\n  " + "\n  ".join(written))
+
+
+# -- reports ----------------------------------------------------------------------------------
+def lens_summary(result: Any, position: int = -1, prompt: int = 0) -> List[Dict[str, Any]]:
+    """Each layer's top-1 prediction (and every target's probability and rank) at one position of one prompt."""
+    rows = []
+    for i, label in enumerate(result.labels):
+        index = (i, prompt, position) if result.has_pos_axis else (i, prompt)
+        row = {
+            "layer": label,
+            "top1": result.decode(int(result.top_ids[index][0])),
+            "top1_prob": round(float(result.top_probs[index][0]), 4),
+            "entropy": round(float(result.entropy[index]), 4),
+        }
+        if result.target_ids is not None:
+            row["target"] = result.decode(int(result.target_ids[index][0]))
+            row["target_prob"] = round(float(result.target_probs[index][0]), 4)
+            row["target_rank"] = int(result.target_ranks[index][0])
+            row["targets"] = [
+                {"token": result.decode(int(t)), "prob": round(float(p), 4), "rank": int(r)}
+                for t, p, r in zip(result.target_ids[index], result.target_probs[index], result.target_ranks[index])
+            ]
+        rows.append(row)
+    return rows
+
+
+def print_lens(rows: List[Dict[str, Any]], token: str, where: str = "") -> None:
+    print(f"What each layer predicts after {token!r}{where}:")
+    for row in rows:
+        extra = "".join(f"   {t['token']!r}: p={t['prob']:.3f} rank={t['rank']}" for t in row.get("targets", []))
+        print(f"  {row['layer']:>11}  {row['top1']!r:<16} p={row['top1_prob']:.3f}{extra}")
+
+
+def attribution_rows(att: Any, k: int) -> List[Any]:
+    """What the ``dla`` command prints: the ``k`` largest pieces, or every stack entry in layer
+    order for ``by="accumulated"`` (the stream grows layer by layer; sorting it by size hides that)."""
+    if att.by == "accumulated":
+        mean = att.values.reshape(att.values.shape[0], -1).mean(1)
+        return [(label, float(v)) for label, v in zip(att.labels, mean.tolist())]
+    return att.top(k)
+
+
+def print_attribution(att: Any, k: int) -> None:
+    value = float(att.model_value.mean())
+    what = "logit difference" if att.wrong_ids is not None else "logit"
+    print(f"Direct logit attribution (by={att.by}) of the {what} {value:.3f}; "
+          f"constant terms {float(att.constant.mean()):.3f}; residual error {att.residual_error():.2e}")
+    for label, v in attribution_rows(att, k):
+        print(f"  {label:>14}  {v:+.3f}")
