@@ -227,3 +227,40 @@ def tokens(batch: int = 2, seq: int = 9, seed: int = 1) -> torch.Tensor:
     ids = torch.randint(3, D_VOCAB, (batch, seq), generator=gen)
     ids[:, 0] = 1
     return ids
+
+
+# -- proving that errors come before the forward pass ----------------------------------------
+class CountForwards:
+    """Counts the forward passes started inside the block.
+
+    The hook sits on the embedding (the first block of an encoder-decoder bridge), not on the
+    model: ``TransformerBridge.run_with_cache``/``run_with_hooks`` never call the top
+    module's own ``forward``, so a hook there counts nothing and a test built on it could not
+    fail; and a pass that stops early (``evaluate_lens`` stops after the residual stream) has
+    still started at the embedding.
+    """
+
+    def __init__(self, model):
+        self.calls = 0
+        first = getattr(model, "embed", None)
+        if first is None:
+            first = next(getattr(model, name)[0] for name in ("blocks", "encoder_blocks") if hasattr(model, name))
+        self.handle = first.register_forward_pre_hook(self._hook)
+
+    def _hook(self, *args):
+        self.calls += 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def raises_before_forward(model, exc, match, fn):
+    """``fn()`` raises ``exc`` matching ``match`` before any forward pass of ``model`` starts."""
+    import pytest
+
+    with CountForwards(model) as counter, pytest.raises(exc, match=match):
+        fn()
+    assert counter.calls == 0, "the error came after a forward pass"

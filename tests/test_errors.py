@@ -31,34 +31,8 @@ def bare():
     return TransformerBridge.boot_native(cfg).eval()
 
 
-class CountForwards:
-    """Counts forward passes, to prove errors come first.
-
-    The hook sits on the first block, not on the model: ``TransformerBridge.run_with_cache``
-    never calls the top module's ``forward``, so a hook there would count nothing and the
-    tests below could not fail. Every forward pass, whatever the class, runs the first block
-    (``encoder_blocks[0]`` on an encoder-decoder bridge).
-    """
-
-    def __init__(self, model):
-        self.calls = 0
-        first = next(getattr(model, name)[0] for name in ("blocks", "encoder_blocks") if hasattr(model, name))
-        self.handle = first.register_forward_hook(self._hook)
-
-    def _hook(self, *args):
-        self.calls += 1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
-def raises_before_forward(model, exc, match, fn):
-    with CountForwards(model) as counter, pytest.raises(exc, match=match):
-        fn()
-    assert counter.calls == 0, "the error came after a forward pass"
+CountForwards = builders.CountForwards
+raises_before_forward = builders.raises_before_forward
 
 
 def test_answer_that_is_not_one_token_shows_its_tokenisation(model):

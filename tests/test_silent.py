@@ -14,28 +14,7 @@ from tl_logitlens.evaluate import LensEvaluation, evaluate_lens
 from tl_logitlens.model_access import ActivationCache, TransformerBridge
 
 
-class NoForward:
-    """Fails the test if the model starts a forward pass inside the block.
-
-    Counts on the embedding: a bridge's ``run_with_hooks``/``run_with_cache`` need not go
-    through the bridge's own ``__call__``, and some passes stop before they finish.
-    """
-
-    def __init__(self, model):
-        self.calls = 0
-        self.handle = model.embed.register_forward_pre_hook(lambda *a: setattr(self, "calls", self.calls + 1))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-        assert self.calls == 0, "the error came after a forward pass"
-
-
-def raises_before_forward(model, exc, match, fn):
-    with NoForward(model), pytest.raises(exc, match=match):
-        fn()
+raises_before_forward = builders.raises_before_forward
 
 
 @pytest.fixture(scope="module")

@@ -21,28 +21,7 @@ from tl_logitlens.tokens import single_token_id
 from tl_logitlens.tokentext import token_text
 
 
-class NoForward:
-    """Fails the test if the model starts a forward pass inside the block.
-
-    Counts on the embedding: a bridge's ``run_with_hooks``/``run_with_cache`` need not go
-    through the bridge's own ``__call__``, and some passes stop before they finish.
-    """
-
-    def __init__(self, model):
-        self.calls = 0
-        self.handle = model.embed.register_forward_pre_hook(lambda *a: setattr(self, "calls", self.calls + 1))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-        assert self.calls == 0, "the error came after a forward pass"
-
-
-def raises_before_forward(model, exc, match, fn):
-    with NoForward(model), pytest.raises(exc, match=match):
-        fn()
+raises_before_forward = builders.raises_before_forward
 
 needs_bridge = pytest.mark.skipif(TransformerBridge is None, reason="local HF models boot through TransformerBridge (3.x/4.x)")
 STORY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
@@ -123,9 +102,8 @@ def test_text_longer_than_the_context_is_refused_with_both_lengths(model):
         lambda: tll.direct_logit_attribution(model, words, answers="w5"),
         lambda: tll.logit_lens(model, builders.tokens(1, n_ctx + 1)),
     ):
-        with NoForward(model):
-            with pytest.raises(tll.LensInputError, match=rf"(is {length}|is {n_ctx + 1}) tokens long, longer than the model's context of {n_ctx}"):
-                call()
+        raises_before_forward(model, tll.LensInputError,
+                              rf"(is {length}|is {n_ctx + 1}) tokens long, longer than the model's context of {n_ctx}", call)
 
 
 def test_token_ids_as_numbers_and_specs_that_are_not_tokens(model):
