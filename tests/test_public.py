@@ -98,12 +98,14 @@ def test_the_chunk_budget_knob_sets_the_rows_per_product(monkeypatch):
 
     monkeypatch.setattr(readout_module, "read_product", spy)
     tokens = builders.tokens(batch=4, seq=20, seed=5)
+    per_row = tiles.BUFFERS * 4 * 16  # bytes of working buffers per row of 16 float32 columns
     with tuning.force(strategy="tiled", width=16):
-        plain = tll.logit_lens(model, tokens, targets="next")
-        assert max(rows_seen) == 3 * 80  # every entry of all 80 rows in one product
-        rows_seen.clear()
-        tll.set_chunk_budget(tiles.BUFFERS * 4 * 16 * 30)  # room for 30 rows of 16 float32 columns
         try:
+            tll.set_chunk_budget(per_row * 240)  # room for every entry of all 80 positions at once
+            plain = tll.logit_lens(model, tokens, targets="next")
+            assert rows_seen == [3 * 80]
+            rows_seen.clear()
+            tll.set_chunk_budget(per_row * 30)
             small = tll.logit_lens(model, tokens, targets="next")
         finally:
             tll.set_chunk_budget(None)
