@@ -132,7 +132,7 @@ def test_a_tuned_lens_returning_nan_is_refused(model):
 
 
 def test_lens_must_be_callable(model):
-    with pytest.raises(LensInputError, match="lens must be a tl_logitlens.Lens or a callable"):
+    with pytest.raises(LensInputError, match="lens must be a callable .*, such as a tl_logitlens.Lens; got int"):
         tll.logit_lens(model, TOKENS, lens=3)
 
 
@@ -271,3 +271,32 @@ def test_a_centred_stream_is_refused(model, tmp_path):
     with pytest.raises(ModelStateError, match="cannot save this TunedLens"):
         tll.TunedLens(centred).save(tmp_path / "other")
     assert tll.lenses.stream_change(model) is None
+
+
+def test_readout_applies_a_lens_per_entry(model):
+    lens = _randomise(tll.TunedLens(model), seed=9)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(TOKENS)
+    labels, stack = reference.accumulated(model, cache)
+    _, ref = _reference(model, TOKENS, _params(lens), False)
+    r = tll.readout(model, stack, lens=lens, labels=labels, reference=stack[-1])
+    torch.testing.assert_close(r.kl_to_reference.double(), ref["kl"], atol=1e-4, rtol=1e-4)
+    one = tll.readout(model, stack[1], lens=lens, labels="1_pre", reference=stack[-1])
+    torch.testing.assert_close(one.entropy.double(), ref["entropy"][1], atol=1e-4, rtol=1e-4)
+    with pytest.raises(LensInputError, match="labels= must be one stack entry label"):
+        tll.readout(model, stack, lens=lens, labels=labels[:-1])
+    with pytest.raises(LensInputError, match="needs lens="):
+        tll.readout(model, stack, labels=labels)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_take_a_float32_lens(dtype):
+    half = builders.hooked("LN", dtype=dtype) if HookedTransformer is not None else builders.hf_bridge("gpt2", dtype=dtype)
+    lens = tll.TunedLens(half)
+    assert all(p.dtype == torch.float32 for p in lens.parameters())
+    assert lens.transform(torch.ones(2, lens.d_model, dtype=dtype), "0_pre").dtype == torch.float32
+    plain = tll.logit_lens(half, TOKENS)
+    same = tll.logit_lens(half, TOKENS, lens=lens)  # half -> float32 is exact: the same numbers
+    torch.testing.assert_close(same.kl_to_final, plain.kl_to_final, atol=1e-6, rtol=0)
+    _randomise(lens, seed=2)
+    assert bool(torch.isfinite(tll.logit_lens(half, TOKENS, lens=lens).kl_to_final).all())

@@ -95,7 +95,7 @@ def check_lens(lens: Any) -> None:
     """Refuse a ``lens=`` that is neither ``None``, a :class:`Lens` nor a callable."""
     if lens is not None and not callable(lens):
         raise LensInputError(
-            f"lens must be a tl_logitlens.Lens or a callable (vectors, label) -> vectors, got "
+            f"lens must be a callable (vectors, label) -> vectors, such as a tl_logitlens.Lens; got "
             f"{type(lens).__name__}"
         )
 
