@@ -85,11 +85,11 @@ def test_each_kind_of_model_and_norm(case, norm):
 def test_lens_transform_is_applied_and_kl_stays_against_the_model(model):
     tokens = _tokens(n=4, seq=8, seed=8)
     plain = evaluate_lens(model, tokens, progress=False)
-    same = evaluate_lens(model, tokens, lens=lambda vectors, index: vectors.clone(), progress=False)
+    same = evaluate_lens(model, tokens, lens=lambda vectors, label: vectors.clone(), progress=False)
     for stat in STATISTICS:
         torch.testing.assert_close(same.mean(stat), plain.mean(stat), atol=1e-6, rtol=1e-6)
     n = len(plain.labels)
-    scaled = evaluate_lens(model, tokens, norm="none", lens=lambda v, i: v * 2.0, progress=False)
+    scaled = evaluate_lens(model, tokens, norm="none", lens=lambda v, label: v * 2.0, progress=False)
     raw = evaluate_lens(model, tokens, norm="none", progress=False)
     assert not torch.allclose(scaled.mean("entropy"), raw.mean("entropy"))
     assert scaled.mean("kl_to_final")[-1] > 1e-4  # the final entry is doubled, the reference is not

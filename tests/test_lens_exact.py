@@ -118,14 +118,14 @@ def test_lens_transform_is_applied_before_the_norm(case):
     _, model = case
     seen = []
 
-    def double(vectors, index):
-        seen.append(index)
+    def double(vectors, label):
+        seen.append(label)
         return vectors * 2.0
 
     targets = [3, 17, 40]
     plain = tll.logit_lens(model, TOKENS, norm="none", layers=[1, 2], targets=targets)
     doubled = tll.logit_lens(model, TOKENS, norm="none", layers=[1, 2], targets=targets, lens=double)
-    assert seen == [1, 2]
+    assert seen == plain.labels == ["1_pre", "final_post" if model.cfg.n_layers == 2 else "2_pre"]  # labels, not stack indices
     # Raw logits are affine in the vector: doubling it doubles (logits - b_U).
     b_U = model.b_U.detach()[targets]
     torch.testing.assert_close(doubled.target_logits, 2 * (plain.target_logits - b_U) + b_U, atol=1e-4, rtol=1e-4)

@@ -76,7 +76,7 @@ def test_the_lens_unembeds_its_final_entry_once(model, monkeypatch):
     assert sum(entries) == len(result.labels)  # one product per row block, every entry once
     entries.clear()
     with tuning.force(strategy="tiled"):
-        tll.logit_lens(model, TOKENS, lens=lambda h, i: h)  # a lens: the reference is read on its own
+        tll.logit_lens(model, TOKENS, lens=lambda h, label: h)  # a lens: the reference is read on its own
     assert sum(entries) == len(result.labels) + 1
 
 

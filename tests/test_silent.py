@@ -154,10 +154,10 @@ def test_a_cache_of_another_model_is_refused(model, twin):
 
 # -- lenses ----------------------------------------------------------------------------------------
 def test_a_lens_that_returns_nan_is_refused(model):
-    def broken(vectors, index):
-        return vectors * float("nan") if index == 1 else vectors
+    def broken(vectors, label):
+        return vectors * float("nan") if label == "1_pre" else vectors
 
-    with pytest.raises(tll.NonFiniteActivationError, match="lens returned .* stack entry 1"):
+    with pytest.raises(tll.NonFiniteActivationError, match="lens returned .* stack entry '1_pre'"):
         tll.logit_lens(model, PROMPTS, lens=broken)
     with pytest.raises(tll.NonFiniteActivationError, match="lens returned"):
         evaluate_lens(model, builders.tokens(), lens=broken, progress=False)

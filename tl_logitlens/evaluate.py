@@ -89,6 +89,8 @@ class LensEvaluation:
         n_tokens: how many tokens were scored (positions with a true next token).
         n_sequences: how many sequences were read (a sequence split into windows counts once).
         norm: the final-norm mode the lens read with.
+        lens_name: the lens's name (``"logit"`` for none; a file saved before lenses had
+            names loads as ``"logit"``).
         sums: ``{statistic: [layer]}`` float64 sums over tokens, for :data:`STATISTICS`.
         minima, maxima: ``{statistic: [layer]}`` the smallest and largest value seen.
         histograms: ``{statistic: [layer, bins]}`` int64 counts in the fixed bins.
@@ -124,6 +126,7 @@ class LensEvaluation:
     top1_correct: torch.Tensor
     seconds: float = 0.0
     meta: Dict[str, Any] = field(default_factory=dict)
+    lens_name: str = "logit"
 
     # -- summaries -----------------------------------------------------------------------
     def _check_stat(self, statistic: str) -> None:
@@ -223,7 +226,7 @@ class LensEvaluation:
         for stat in statistics:
             curves[stat] = (self.mean(stat), self.quantile(stat, band[0]), self.quantile(stat, band[1]))
         if title is None:
-            title = f"logit lens over {self.n_tokens:,} tokens"
+            title = f"{self.lens_name} lens over {self.n_tokens:,} tokens"
         kwargs.setdefault("ylabel", "nats")
         return plot_layer_curves(self.labels, curves, ax=ax, title=title, **kwargs)
 
@@ -246,6 +249,7 @@ class LensEvaluation:
             "n_tokens": int(self.n_tokens),
             "n_sequences": int(self.n_sequences),
             "norm": self.norm,
+            "lens_name": self.lens_name,
             "seconds": float(self.seconds),
             "meta": dict(self.meta),
             "histogram": {"low": HIST_LOW, "high": HIST_HIGH, "bins_per_decade": HIST_BINS_PER_DECADE},
@@ -311,6 +315,8 @@ class LensEvaluation:
             seconds = float(data.get("seconds", 0.0))
             field_name = "meta"
             meta = dict(data.get("meta", {}))
+            field_name = "lens_name"
+            lens_name = str(data.get("lens_name", "logit"))  # files from before named lenses
         except LensInputError:
             raise
         except KeyError as err:
@@ -335,6 +341,7 @@ class LensEvaluation:
             top1_correct=values["top1_correct"],
             seconds=seconds,
             meta=meta,
+            lens_name=lens_name,
         )
 
     def save(self, path: Union[str, Path]) -> None:
@@ -410,7 +417,7 @@ def evaluate_lens(
     model: Any,
     data: Any,
     *,
-    lens: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None,
+    lens: Optional[Callable[[torch.Tensor, str], torch.Tensor]] = None,
     norm: str = "recompute",
     batch_size: int = 8,
     max_tokens: Optional[int] = None,
@@ -436,9 +443,12 @@ def evaluate_lens(
             context is split into windows of ``n_ctx`` tokens overlapping by one (every
             token still scored once), with a warning; ``meta`` then holds
             ``split_sequences``, ``windows`` and ``n_ctx``.
-        lens: optional ``f(vectors [batch, pos, d_model], stack_index) -> vectors`` applied
-            to each entry before the norm (a tuned-lens translator); KL stays measured
-            against the model's own final distribution.
+        lens: a :class:`~tl_logitlens.lenses.Lens` (e.g. a
+            :class:`~tl_logitlens.lenses.TunedLens`) or any callable
+            ``f(vectors [batch, pos, d_model], label) -> vectors`` applied to each entry
+            (``label`` such as ``"3_pre"``, ``"final_post"``) before the norm; KL stays
+            measured against the model's own final distribution. ``None`` or a
+            ``LogitLens``: the plain logit lens.
         norm: ``"recompute"`` (the logit lens), ``"cached"`` or ``"none"``.
         batch_size: sequences per forward pass for tensor and string data.
         max_tokens: stop after exactly this many scored tokens (``None``: all the data).
@@ -470,9 +480,13 @@ def evaluate_lens(
         raise LensInputError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
     batch_size = int(batch_size)
     max_tokens = None if max_tokens is None else int(max_tokens)
-    if lens is not None and not callable(lens):
-        raise LensInputError("lens must be a callable (vectors, stack_index) -> vectors")
     from .lens import _apply_lens, stack_labels
+    from .lenses import check_lens, is_identity, lens_name
+
+    check_lens(lens)
+    named = lens_name(lens)  # before a LogitLens becomes None below
+    if is_identity(lens):
+        lens = None
 
     labels = stack_labels(view.n_layers, False)
     names = required_hooks(view, "accumulated")  # every resid_pre and the final resid_post
@@ -516,7 +530,7 @@ def evaluate_lens(
             for k, name in enumerate(names):
                 acts = store.pop(name)
                 if lens is not None:
-                    acts = _apply_lens(lens, acts, k)
+                    acts = _apply_lens(lens, acts, labels[k])
                 entries.append(rows(acts))
             del store
             vectors = torch.stack(entries)  # [layer, n, d_model]
@@ -576,4 +590,5 @@ def evaluate_lens(
         top1_correct=running.correct,
         seconds=time.perf_counter() - started,
         meta=meta,
+        lens_name=named,
     )

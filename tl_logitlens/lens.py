@@ -17,6 +17,7 @@ from typing import Any, Callable, List, Optional, Sequence, Union
 import torch
 
 from .errors import LensInputError, NonFiniteActivationError, UnsupportedModelError
+from .lenses import check_lens, is_identity, lens_name
 from .inputs import activation_shape, resolve_inputs, run_or_read
 from .model_access import ModelView, is_half
 from .readout import Readout, check_modes, chunk_rows, read_rows, reshape_readout
@@ -61,6 +62,9 @@ class LensResult:
             (each prompt's last token, padding) has ``target_ids`` ``-1``, NaN logit and
             probability, and rank ``-1``.
         norm, unembed: the modes the result was read with.
+        lens_name: the lens's name (``"logit"`` with no lens or a
+            :class:`~tl_logitlens.lenses.LogitLens`, ``"tuned"`` for a
+            :class:`~tl_logitlens.lenses.TunedLens`, ``"custom"`` for a nameless callable).
         tokenizer: used to decode token ids (``None`` -> ``#id`` strings).
 
     Example::
@@ -81,6 +85,7 @@ class LensResult:
     norm: str = "recompute"
     unembed: str = "W_U"
     tokenizer: Any = field(default=None, repr=False)
+    lens_name: str = "logit"
 
     # The statistics live in the readout; these name them as the lens does.
     top_ids = property(lambda self: self.readout.top_ids, doc="``[layer, batch, pos, k]`` top token ids.")
@@ -197,7 +202,8 @@ class LensResult:
         pos = self.positions.shape[1] if self.has_pos_axis else None
         targets = 0 if self.target_ids is None else self.target_ids.shape[-1]
         return (f"LensResult(labels={shown} ({len(self.labels)}), batch={self.lengths.shape[0]}, pos={pos}, "
-                f"top_k={self.top_ids.shape[-1]}, targets={targets}, norm={self.norm!r}, unembed={self.unembed!r})")
+                f"top_k={self.top_ids.shape[-1]}, targets={targets}, norm={self.norm!r}, unembed={self.unembed!r}"
+                + ("" if self.lens_name == "logit" else f", lens={self.lens_name!r}") + ")")
 
     def plot(self, **kwargs: Any) -> Any:
         """:func:`tl_logitlens.plot_lens` on this result."""
@@ -296,7 +302,7 @@ def logit_lens(
     positions: PositionSpec = None,
     norm: str = "recompute",
     unembed: str = "W_U",
-    lens: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None,
+    lens: Optional[Callable[[torch.Tensor, str], torch.Tensor]] = None,
     top_k: int = 5,
     targets: Any = None,
     chunk_size: Optional[int] = None,
@@ -317,8 +323,11 @@ def logit_lens(
         norm: ``"recompute"`` (the logit lens), ``"cached"`` (the final stream's scale at
             that position: linear) or ``"none"`` (raw ``h @ W_U``).
         unembed: ``"W_U"`` (with ``b_U``) or ``"W_E"`` (embedding transposed: the tied reading).
-        lens: optional ``f(vectors [batch, pos, d_model], stack_index) -> vectors`` applied to
-            each entry before the norm (a tuned-lens translator, for instance).
+        lens: a :class:`~tl_logitlens.lenses.Lens` (e.g. a trained
+            :class:`~tl_logitlens.lenses.TunedLens`) or any callable
+            ``f(vectors [batch, pos, d_model], label) -> vectors`` applied to each entry
+            before the norm; ``label`` is the entry's label (``"3_pre"``, ``"3_mid"``,
+            ``"final_post"``). ``None`` or a ``LogitLens``: the plain logit lens.
         top_k: top tokens kept per cell.
         targets: a token (its text, its vocabulary piece or its id, see
             :func:`tl_logitlens.tokens.single_token_id`), or a list of them, shared by all
@@ -342,8 +351,10 @@ def logit_lens(
     check_modes(norm, unembed, top_k, view.d_vocab)
     chunk_rows(1, chunk_size)  # validates chunk_size now, not after the forward pass
     top_k = int(top_k)
-    if lens is not None and not callable(lens):
-        raise LensInputError("lens must be a callable (vectors, stack_index) -> vectors")
+    check_lens(lens)
+    named = lens_name(lens)  # before a LogitLens becomes None below
+    if is_identity(lens):
+        lens = None  # the plain lens, read exactly as without one (and checked against the model)
     labels = stack_labels(view.n_layers, incl_mid)
     keep = resolve_layers(layers, labels)
     names = required_hooks(view, "accumulated", incl_mid)
@@ -363,7 +374,7 @@ def logit_lens(
     reference = vectors[-1]
     vectors = vectors[keep]
     if lens is not None:
-        vectors = torch.stack([_apply_lens(lens, vectors[i], k) for i, k in enumerate(keep)])
+        vectors = torch.stack([_apply_lens(lens, vectors[i], labels[k]) for i, k in enumerate(keep)])
     n_rows = batch * index.shape[1]
     flat = read_rows(
         view,
@@ -402,23 +413,24 @@ def logit_lens(
         norm=norm,
         unembed=unembed,
         tokenizer=view.tokenizer,
+        lens_name=named,
     )
     if logits is not None and norm == "recompute" and unembed == "W_U" and lens is None and keep[-1] == len(labels) - 1:
         _check_reproduces_model(logits, index, flat.top_ids[-1], flat.top_probs[-1], view, reference)
     return result
 
 
-def _apply_lens(lens: Callable, vectors: torch.Tensor, stack_index: int) -> torch.Tensor:
-    out = lens(vectors, stack_index)
+def _apply_lens(lens: Callable, vectors: torch.Tensor, label: str) -> torch.Tensor:
+    out = lens(vectors, label)
     if not isinstance(out, torch.Tensor) or out.shape != vectors.shape:
         raise LensInputError(
             f"lens must return a tensor shaped like its input {tuple(vectors.shape)}, "
-            f"got {getattr(out, 'shape', type(out).__name__)} for stack entry {stack_index}"
+            f"got {getattr(out, 'shape', type(out).__name__)} for stack entry {label!r}"
         )
     if not bool(torch.isfinite(out).all()):
         bad = int((~torch.isfinite(out)).sum())
         raise NonFiniteActivationError(
-            f"the lens returned {bad} NaN or inf values for stack entry {stack_index} (its input was "
+            f"the lens returned {bad} NaN or inf values for stack entry {label!r} (its input was "
             f"{'finite' if bool(torch.isfinite(vectors).all()) else 'not finite either'}); a lens must "
             "map finite vectors to finite vectors. Check the lens's parameters."
         )

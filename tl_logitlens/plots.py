@@ -405,7 +405,7 @@ def plot_lens(
         top_axis = ax.secondary_xaxis("top")
         _set_ticklabels(top_axis.xaxis, next_labels, rotation, font)
         top_axis.set_xlabel("true next token")
-    title = f"Logit lens: top-1 token per layer (norm={result.norm!r}"
+    title = f"{_lens_words(result)}: top-1 token per layer (norm={result.norm!r}"
     title += ")" if n_batch == 1 else f", prompt {batch})"
     if mark_next and hits.any():
         title += "\nboxed, bold: top-1 is the true next token"
@@ -601,6 +601,8 @@ def plot_trajectory(
             position, f"column {position} of each prompt"
         )
     title = f"Target {metric} across layers at {where}"
+    if getattr(result, "lens_name", "logit") != "logit":
+        title += f" ({result.lens_name} lens)"
     if len(rows) > 1:
         title += f"\nmean over {len(rows)} prompts, band: 25\u201375% quantiles"
     ax.set_title(title, **LITERAL_TEXT)
@@ -741,7 +743,7 @@ def plot_lens_metrics(
         )
     n_cells = int(real.sum())
     title = (
-        f"Logit lens per layer (norm={result.norm!r})\nmean over {n_cells} position(s)"
+        f"{_lens_words(result)} per layer (norm={result.norm!r})\nmean over {n_cells} position(s)"
         f"{'' if len(rows) == 1 else f' of {len(rows)} prompts'}, "
         f"band {lo_q * 100:g}\u2013{hi_q * 100:g}%"
     )
@@ -1050,3 +1052,9 @@ def plot_attribution_positions(
         title += f"\n{which}{subset}".replace("\n, ", "\n")
     ax.set_title(title, **LITERAL_TEXT)
     return fig
+
+
+def _lens_words(result: Any) -> str:
+    """``"Logit lens"``, or the lens's name (``"Tuned lens"``) for a result read with another lens."""
+    name = getattr(result, "lens_name", "logit") or "logit"
+    return f"{name[:1].upper()}{name[1:]} lens"

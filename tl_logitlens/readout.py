@@ -315,6 +315,8 @@ def readout(
     next_tokens: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
     return_logits: bool = False,
+    lens: Any = None,
+    labels: Any = None,
 ) -> Readout:
     """Read any residual-stream vectors ``[..., d_model]`` into vocabulary statistics.
 
@@ -339,6 +341,11 @@ def readout(
         chunk_size: rows per matrix product; ``None``: the shape measured for this
             machine (:mod:`tl_logitlens.tuning`).
         return_logits: also return the full ``[*lead, d_vocab]`` logits (memory heavy).
+        lens: a :class:`~tl_logitlens.lenses.Lens` or callable ``(h, label) -> h`` applied
+            to ``vectors`` before the norm (``reference`` is read untransformed). Needs
+            ``labels``.
+        labels: the stack entry the vectors sit at: one label (``"3_pre"``) for all of
+            them, or a list with one label per leading entry ``vectors[i]``.
 
     Returns:
         A :class:`Readout` with fields shaped ``[*lead, ...]``.
@@ -395,6 +402,10 @@ def readout(
         if int(next_tokens.max()) >= v.d_vocab:
             raise LensInputError(f"next_tokens ids must lie in [-1, {v.d_vocab})")
     require_finite(vectors, "vectors")
+    if lens is not None:
+        vectors = _lens_vectors(lens, labels, vectors)
+    elif labels is not None:
+        raise LensInputError("labels= names the entries a lens reads; it needs lens= as well")
     flat = read_rows(
         v,
         vectors.reshape(outer, rows, v.d_model),
@@ -408,3 +419,22 @@ def readout(
         return_logits=return_logits,
     )
     return reshape_readout(flat, lead)
+
+
+def _lens_vectors(lens: Any, labels: Any, vectors: torch.Tensor) -> torch.Tensor:
+    """``vectors`` through ``lens`` at ``labels`` (one label, or one per leading entry)."""
+    from .lens import _apply_lens
+    from .lenses import check_lens, is_identity
+
+    check_lens(lens)
+    if isinstance(labels, str):
+        return vectors if is_identity(lens) else _apply_lens(lens, vectors, labels)
+    if not isinstance(labels, (list, tuple)) or vectors.ndim < 2 or len(labels) != vectors.shape[0] \
+            or not all(isinstance(x, str) for x in labels):
+        raise LensInputError(
+            "with lens=, labels= must be one stack entry label (e.g. '3_pre') or a list of labels, one per "
+            f"leading entry of vectors (shape {tuple(vectors.shape)}); got {labels!r}"
+        )
+    if is_identity(lens):
+        return vectors
+    return torch.stack([_apply_lens(lens, vectors[i], label) for i, label in enumerate(labels)])

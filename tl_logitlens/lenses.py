@@ -1,0 +1,420 @@
+"""Lenses: how a stack entry's vectors are transformed before the final norm and unembedding.
+
+A lens is a small interface, ``transform(h, label) -> h`` for vectors ``h [..., d_model]``
+at a stack entry named by its TransformerLens label (``"0_pre"``, ``"3_mid"``,
+``"final_post"``). :class:`LogitLens` is the identity (the plain logit lens);
+:class:`TunedLens` holds one trained affine translator per entry below ``final_post``
+(Belrose et al. 2023). Any callable ``(h, label) -> h`` is accepted wherever ``lens=`` is.
+
+Files of a :class:`TunedLens` follow EleutherAI tuned-lens 0.2.0's format (``config.json``
+and ``params.pt``), so lenses travel between the two packages; our extras (``_mid``
+translators, the entry labels) live in ``tl_logitlens.json`` and ``tl_logitlens_extra.pt``,
+which tuned-lens ignores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import numpy as np
+import torch
+
+from .errors import LensInputError, ModelStateError
+
+_CONFIG = "config.json"
+_PARAMS = "params.pt"
+_EXTRA_JSON = "tl_logitlens.json"
+_EXTRA_PARAMS = "tl_logitlens_extra.pt"
+_EXTRA_FORMAT = "tl_logitlens.TunedLens/1"
+_LENS_TYPE = "linear_tuned_lens"
+
+
+class Lens:
+    """The lens interface: ``transform(h, label) -> h`` at one stack entry.
+
+    ``h`` is ``[..., d_model]``; ``label`` is the entry's TransformerLens label such as
+    ``"3_pre"``, ``"3_mid"`` or ``"final_post"``; the result has ``h``'s shape. ``name``
+    labels results and figures. Subclass it, or pass any callable ``(h, label)``.
+
+    Example::
+
+        >>> import torch
+        >>> class Doubling(Lens):
+        ...     name = "double"
+        ...     def transform(self, h, label):
+        ...         return 2 * h
+        >>> Doubling()(torch.ones(2), "0_pre").tolist()
+        [2.0, 2.0]
+    """
+
+    name: str = "lens"
+
+    def transform(self, h: torch.Tensor, label: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, h: torch.Tensor, label: str) -> torch.Tensor:
+        return self.transform(h, label)
+
+
+class LogitLens(Lens):
+    """The identity: every entry read as it is (the logit lens of nostalgebraist, 2020).
+
+    Passing it is exactly the same as passing no lens.
+
+    Example::
+
+        >>> import torch
+        >>> h = torch.randn(3, 4)
+        >>> bool(torch.equal(LogitLens().transform(h, "1_pre"), h))
+        True
+    """
+
+    name = "logit"
+
+    def transform(self, h: torch.Tensor, label: str) -> torch.Tensor:
+        return h
+
+
+def lens_name(lens: Any) -> str:
+    """The name results record for ``lens``: ``"logit"`` for none, its ``name`` if it has one."""
+    if lens is None:
+        return "logit"
+    name = getattr(lens, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    return "custom"
+
+
+def check_lens(lens: Any) -> None:
+    """Refuse a ``lens=`` that is neither ``None``, a :class:`Lens` nor a callable."""
+    if lens is not None and not callable(lens):
+        raise LensInputError(
+            f"lens must be a callable (vectors, label) -> vectors, such as a tl_logitlens.Lens; got "
+            f"{type(lens).__name__}"
+        )
+
+
+def is_identity(lens: Any) -> bool:
+    """Whether ``lens`` reads the stream untouched (``None`` or a :class:`LogitLens`)."""
+    return lens is None or type(lens) is LogitLens
+
+
+def unembed_hash(model: Any) -> str:
+    """tuned-lens's fingerprint of the unembedding: sha256 of ``numpy.array_str(W, precision=1)``.
+
+    ``W`` is the Hugging Face ``lm_head.weight`` orientation, ``[d_vocab, d_model]`` in
+    float32, i.e. TransformerLens's ``W_U`` transposed. ``array_str`` summarises large
+    arrays, so this reads only the corners. A model whose ``W_U`` was processed (centred,
+    norm folded in) hashes differently from its Hugging Face original.
+    """
+    weight = model.W_U.detach().T.float().cpu().numpy()
+    return hashlib.sha256(np.array_str(weight, precision=1).encode("utf-8")).hexdigest()
+
+
+def stream_change(model: Any) -> Optional[str]:
+    """Why ``model``'s residual stream differs from Hugging Face hidden states, or ``None``.
+
+    Checked: a ``TransformerBridge`` in compatibility mode on a LayerNorm model, and any
+    LayerNorm model whose token embedding rows all have zero mean (what
+    ``center_writing_weights`` leaves: a ``HookedTransformer.from_pretrained`` default).
+    Both centre every write to the stream, so the stream is the Hugging Face stream minus
+    its mean. Folding the norms (``fold_ln``, ``fold_value_biases``, ``center_unembed``)
+    changes only the weights that read or unembed the stream, not the stream, and passes.
+    """
+    cfg = getattr(model, "cfg", None)
+    norm_type = str(getattr(cfg, "normalization_type", "") or "")
+    if not norm_type.startswith("LN"):
+        return None  # RMSNorm models are never centred by TransformerLens
+    if getattr(model, "compatibility_mode", False):
+        return ("it is a TransformerBridge in compatibility mode on a LayerNorm model, which centres the "
+                "weights that write to the residual stream")
+    W_E = getattr(model, "W_E", None)
+    if W_E is None:
+        return None
+    W_E = W_E.detach().float()
+    eps = max(torch.finfo(model.W_E.dtype).eps, 1e-6)
+    if bool((W_E.mean(-1).abs() <= eps * W_E.abs().mean()).all()):
+        return ("its token embedding rows all have zero mean: the weights that write to the residual "
+                "stream were centred (center_writing_weights)")
+    return None
+
+
+def _refuse_changed_stream(model: Any, doing: str) -> None:
+    why = stream_change(model)
+    if why is not None:
+        raise ModelStateError(
+            f"cannot {doing}: a tuned lens in the tuned-lens format is defined on the Hugging Face "
+            f"residual stream, and this model's stream differs from it because {why}. Load the model "
+            "without that processing instead: TransformerBridge.boot_transformers(...) without "
+            "enable_compatibility_mode(), or HookedTransformer.from_pretrained_no_processing(...) "
+            "(or from_pretrained(..., center_writing_weights=False))."
+        )
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    # A temp file in the same folder, then os.replace: a reader never sees half a file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class TunedLens(torch.nn.Module, Lens):
+    """One affine translator per stack entry below ``final_post``: ``h + h @ A.T + b``.
+
+    ``A [d_model, d_model]`` and ``b [d_model]`` start at zero, so a new lens is the
+    identity (the logit lens), as in Belrose et al. (2023). Parameters are float32 on the
+    model's unembedding device; ``transform`` casts ``h`` to float32. ``final_post`` is read
+    untransformed; any other label without a translator is refused.
+
+    Args:
+        model: the ``HookedTransformer`` or ``TransformerBridge`` the lens reads.
+        incl_mid: also translate the ``L_mid`` entries.
+
+    Attributes:
+        labels: the entries with a translator (``0_pre, [0_mid,] 1_pre, ...``).
+        translators: ``torch.nn.ModuleDict`` label -> ``torch.nn.Linear`` holding ``A``
+            (``weight``) and ``b`` (``bias``).
+        d_model, n_layers, incl_mid, model_name, unembed_hash: what the lens was built for.
+
+    Example::
+
+        >>> import torch
+        >>> import tl_logitlens as tll
+        >>> model = tll.demo_model()
+        >>> lens = tll.TunedLens(model)
+        >>> lens.labels
+        ['0_pre', '1_pre']
+        >>> h = torch.randn(2, model.cfg.d_model)
+        >>> bool(torch.equal(lens.transform(h, "1_pre"), h))  # the identity at the start
+        True
+    """
+
+    name = "tuned"
+
+    def __init__(self, model: Any, incl_mid: bool = False) -> None:
+        super().__init__()
+        from .lens import stack_labels
+
+        cfg = model.cfg
+        self.d_model = int(cfg.d_model)
+        self.n_layers = int(cfg.n_layers)
+        self.incl_mid = bool(incl_mid)
+        self.model_name = str(getattr(cfg, "model_name", "") or "")
+        self.unembed_hash = unembed_hash(model)
+        self.stream_change = stream_change(model)
+        device = model.W_U.device
+        self.labels: List[str] = stack_labels(self.n_layers, self.incl_mid)[:-1]
+        self.translators = torch.nn.ModuleDict()
+        for label in self.labels:
+            layer = torch.nn.Linear(self.d_model, self.d_model, bias=True, device=device, dtype=torch.float32)
+            torch.nn.init.zeros_(layer.weight)
+            torch.nn.init.zeros_(layer.bias)
+            self.translators[label] = layer
+
+    def transform(self, h: torch.Tensor, label: str) -> torch.Tensor:
+        """``h + h @ A.T + b`` with the translator of ``label``, in float32 on the lens's device."""
+        if label == "final_post":
+            return h.float()
+        if label not in self.translators:
+            hint = " (build or train the lens with incl_mid=True for _mid entries)" if str(label).endswith("_mid") else ""
+            raise LensInputError(
+                f"this TunedLens has no translator for stack entry {label!r}{hint}; it has {self.labels}"
+                " and reads final_post untransformed"
+            )
+        layer = self.translators[label]
+        h = h.to(device=layer.weight.device, dtype=torch.float32)
+        return h + layer(h)
+
+    def forward(self, h: torch.Tensor, label: str) -> torch.Tensor:
+        return self.transform(h, label)
+
+    def __repr__(self) -> str:
+        return (f"TunedLens({len(self.labels)} translators, d_model={self.d_model}, n_layers={self.n_layers}, "
+                f"incl_mid={self.incl_mid})")
+
+    # -- files ------------------------------------------------------------------------------
+    def save(self, directory: Union[str, Path]) -> None:
+        """Write the lens to ``directory`` in tuned-lens 0.2.0's format (plus our extras).
+
+        ``config.json`` and ``params.pt`` (keys ``"{i}.weight"`` ``[d_model, d_model]`` and
+        ``"{i}.bias"`` ``[d_model]``, translator ``i`` reading ``i_pre``) load in tuned-lens;
+        ``tl_logitlens.json`` and ``tl_logitlens_extra.pt`` (the ``_mid`` translators) are
+        ours. Each file is written atomically.
+
+        Example::
+
+            >>> import tempfile, tl_logitlens as tll
+            >>> model = tll.demo_model()
+            >>> folder = tempfile.mkdtemp()
+            >>> tll.TunedLens(model).save(folder)
+            >>> sorted(p.name for p in __import__("pathlib").Path(folder).iterdir())
+            ['config.json', 'params.pt', 'tl_logitlens.json', 'tl_logitlens_extra.pt']
+        """
+        if self.stream_change is not None:
+            raise ModelStateError(
+                f"cannot save this TunedLens in the tuned-lens format: it was built on a model whose "
+                f"residual stream differs from Hugging Face hidden states because {self.stream_change}, "
+                "so tuned-lens would apply it to a different stream. Build the lens on a model loaded "
+                "without that processing (a bridge without enable_compatibility_mode(), or "
+                "HookedTransformer.from_pretrained_no_processing)."
+            )
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        params: Dict[str, torch.Tensor] = {}
+        extra: Dict[str, torch.Tensor] = {}
+        for label, layer in self.translators.items():
+            weight = layer.weight.detach().float().cpu().clone()
+            bias = layer.bias.detach().float().cpu().clone()
+            if label.endswith("_pre"):
+                i = label[: -len("_pre")]
+                params[f"{i}.weight"], params[f"{i}.bias"] = weight, bias
+            else:
+                extra[f"{label}.weight"], extra[f"{label}.bias"] = weight, bias
+        config = {
+            "base_model_name_or_path": self.model_name,
+            "d_model": self.d_model,
+            "num_hidden_layers": self.n_layers,
+            "bias": True,
+            "base_model_revision": None,
+            "unembed_hash": self.unembed_hash,
+            "lens_type": _LENS_TYPE,
+        }
+        ours = {"format": _EXTRA_FORMAT, "incl_mid": self.incl_mid, "labels": list(self.labels), "name": self.name}
+        _atomic_write(directory / _PARAMS, lambda tmp: torch.save(params, tmp))
+        _atomic_write(directory / _EXTRA_PARAMS, lambda tmp: torch.save(extra, tmp))
+        _atomic_write(directory / _EXTRA_JSON, lambda tmp: Path(tmp).write_text(json.dumps(ours, indent=2), encoding="utf-8"))
+        _atomic_write(directory / _CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2), encoding="utf-8"))
+
+    @classmethod
+    def load(cls, directory: Union[str, Path], model: Any) -> "TunedLens":
+        """Read a lens saved by :meth:`save` or by tuned-lens 0.2.0, for ``model``.
+
+        Checks, before reading any weights into the lens: ``config.json`` exists and is a
+        ``linear_tuned_lens``; its ``d_model`` and ``num_hidden_layers`` match the model's
+        (the error names both); the model's residual stream is the Hugging Face one (see
+        :func:`stream_change`; otherwise refused with how to load the model instead). Then
+        ``params.pt`` is read with ``weights_only=True``; a missing, truncated or corrupted
+        file, a missing key or a wrong shape is refused naming the file. An unembedding
+        hash that differs from the model's is reported with a ``UserWarning``.
+
+        Example::
+
+            >>> import tempfile, torch, tl_logitlens as tll
+            >>> model = tll.demo_model()
+            >>> lens = tll.TunedLens(model)
+            >>> with torch.no_grad():
+            ...     _ = lens.translators["1_pre"].bias.fill_(0.5)
+            >>> folder = tempfile.mkdtemp()
+            >>> lens.save(folder)
+            >>> float(tll.TunedLens.load(folder, model).translators["1_pre"].bias.detach()[0])
+            0.5
+        """
+        directory = Path(directory)
+        config_path = directory / _CONFIG
+        if not config_path.is_file():
+            raise LensInputError(
+                f"{config_path}: not found; a tuned lens folder holds config.json and params.pt "
+                "(as TunedLens.save and tuned-lens write them)"
+            )
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            if not isinstance(config, dict):
+                raise ValueError(f"a JSON {type(config).__name__}, not an object")
+            lens_type = config.get("lens_type", _LENS_TYPE)
+            d_model, n_layers = int(config["d_model"]), int(config["num_hidden_layers"])
+            has_bias = bool(config.get("bias", True))
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+            raise LensInputError(f"{config_path}: not a tuned-lens config ({type(err).__name__}: {err})") from None
+        if lens_type != _LENS_TYPE:
+            raise LensInputError(f"{config_path}: lens_type {lens_type!r} is not supported (only {_LENS_TYPE!r})")
+        model_d, model_layers = int(model.cfg.d_model), int(model.cfg.n_layers)
+        if d_model != model_d:
+            raise LensInputError(f"{config_path}: the lens has d_model={d_model} but the model has d_model={model_d}")
+        if n_layers != model_layers:
+            raise LensInputError(
+                f"{config_path}: the lens has num_hidden_layers={n_layers} but the model has n_layers={model_layers}"
+            )
+        _refuse_changed_stream(model, f"load the tuned lens {directory}")
+
+        ours: Dict[str, Any] = {}
+        extra_json = directory / _EXTRA_JSON
+        if extra_json.is_file():
+            try:
+                ours = json.loads(extra_json.read_text(encoding="utf-8"))
+                if not isinstance(ours, dict) or ours.get("format") != _EXTRA_FORMAT:
+                    raise ValueError(f"format {ours.get('format') if isinstance(ours, dict) else None!r}, expected {_EXTRA_FORMAT!r}")
+            except (UnicodeDecodeError, ValueError) as err:
+                raise LensInputError(f"{extra_json}: not a tl_logitlens lens description ({err})") from None
+        incl_mid = bool(ours.get("incl_mid", False))
+
+        lens = cls(model, incl_mid=incl_mid)
+        params = _read_state(directory / _PARAMS)
+        wanted: Dict[str, tuple] = {}
+        for i in range(n_layers):
+            wanted[f"{i}.weight"] = (d_model, d_model)
+            if has_bias:
+                wanted[f"{i}.bias"] = (d_model,)
+        _check_state(directory / _PARAMS, params, wanted)
+        state = {}
+        for i in range(n_layers):
+            state[f"{i}_pre.weight"] = params[f"{i}.weight"]
+            state[f"{i}_pre.bias"] = params[f"{i}.bias"] if has_bias else torch.zeros(d_model)
+        if incl_mid:
+            extra = _read_state(directory / _EXTRA_PARAMS)
+            mids = [label for label in lens.labels if label.endswith("_mid")]
+            _check_state(directory / _EXTRA_PARAMS, extra,
+                         {k: v for label in mids for k, v in ((f"{label}.weight", (d_model, d_model)), (f"{label}.bias", (d_model,)))})
+            state.update({k: extra[k] for label in mids for k in (f"{label}.weight", f"{label}.bias")})
+        with torch.no_grad():
+            for label, layer in lens.translators.items():
+                layer.weight.copy_(state[f"{label}.weight"].float())
+                layer.bias.copy_(state[f"{label}.bias"].float())
+
+        saved_hash = config.get("unembed_hash")
+        if saved_hash and saved_hash != lens.unembed_hash:
+            warnings.warn(
+                f"{config_path}: the lens's unembed_hash {str(saved_hash)[:12]}... differs from this model's "
+                f"{lens.unembed_hash[:12]}...: the lens was trained with a different unembedding (another "
+                "model, or a processed W_U such as a folded or centred one); its readings may be meaningless",
+                UserWarning,
+                stacklevel=2,
+            )
+        return lens
+
+
+def _read_state(path: Path) -> Dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise LensInputError(f"{path}: not found; the lens folder is incomplete")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many kinds for a damaged file: name the file, not the internals
+        raise LensInputError(
+            f"{path}: cannot be read as a tensor file (truncated or corrupted? {type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise LensInputError(f"{path}: expected a dict of tensors (a state dict), got {type(state).__name__}")
+    return state
+
+
+def _check_state(path: Path, state: Dict[str, torch.Tensor], wanted: Dict[str, tuple]) -> None:
+    missing = [k for k in wanted if k not in state]
+    if missing:
+        raise LensInputError(f"{path}: missing entries {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+    for key, shape in wanted.items():
+        if tuple(state[key].shape) != shape:
+            raise LensInputError(f"{path}: {key!r} has shape {tuple(state[key].shape)}, expected {shape}")
+        if not bool(torch.isfinite(state[key]).all()):
+            raise LensInputError(f"{path}: {key!r} holds NaN or inf values")
