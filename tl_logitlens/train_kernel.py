@@ -245,8 +245,8 @@ def lens_loss(
             raise LensInputError('next_tokens is for loss="ce"; loss="kl" reads the final distribution (pass final=).')
         if final is None:
             raise LensInputError('loss="kl" needs final=: final_stats(x_final, W, b) or the final-stream vectors [rows, d_model].')
-        if isinstance(final, torch.Tensor):
-            final = final_stats(final, W, b, width=width)
+        if isinstance(final, torch.Tensor):  # read in the lens vectors' precision
+            final = final_stats(final.to(dtype) if final.is_floating_point() else final, W, b, width=width)
         if not isinstance(final, FinalStats) or tuple(final.p_w.shape) != (rows, d_model):
             got = tuple(final.p_w.shape) if isinstance(final, FinalStats) else type(final)
             raise LensInputError(f"final must describe the same {rows} rows of d_model {d_model} as x; got {got}.")
