@@ -199,6 +199,32 @@ def test_real_model_unembedding(models_dir):
         assert _rel(ce, ref_ce) <= 1e-6 and _rel(g_ce, g_ref_ce) <= 1e-6
 
 
+def test_no_rows_give_an_empty_loss():
+    W, b, x_final, x = _problem(61)
+    empty = torch.zeros(3, 0, 8, dtype=torch.float64, requires_grad=True)
+    out = tk.lens_loss(empty, W, b, next_tokens=torch.zeros(0, dtype=torch.long), loss="ce", width=7)
+    assert out.shape == (3, 0)
+    out.sum().backward()
+    assert empty.grad.shape == empty.shape
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_float64_autograd(w_dtype):
+    W, b, x_final, x = _problem(61, dtype=w_dtype, scale=1.0)
+    weights = torch.rand(x.shape[:-1], dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    ref, g_ref = _loss_and_grad(lambda v: _reference_kl(v, W, b, x_final), x, weights)
+    cuda = torch.device("cuda")
+    ours, g_ours = _loss_and_grad(
+        lambda v: tk.lens_loss(v, W.to(cuda), b.to(cuda), final=x_final.float().to(cuda), width=7),
+        x.float().to(cuda),
+        weights.float().to(cuda),
+    )
+    tol = 50 * torch.finfo(torch.float32).eps
+    assert ours.device.type == "cuda" and _rel(ours.cpu(), ref) <= tol and _rel(g_ours.cpu(), g_ref) <= tol
+
+
 @pytest.mark.parametrize(
     "call,match",
     [
