@@ -84,60 +84,67 @@ def _width(width: Optional[int], d_vocab: int) -> int:
 
 
 def _online_pass(
-    x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], width: int, *, spread: bool, with_s: bool
-) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """One tiled pass over ``x [m, d]`` (compute dtype): per row the running maximum ``m``, ``Z = sum e``,
-    ``A = sum e * (l - m)`` (if ``spread``), ``S = e @ W^T`` ``[m, d]`` and ``B = e . b`` (if ``with_s``),
-    with ``e = exp(l - m)`` for the final ``m``."""
+    x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], width: int, *, with_s: bool
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """One tiled pass over ``x [m, d]`` (compute dtype): per row the running maximum ``m``,
+    ``Z = sum e`` and, if ``with_s``, ``S = e @ W^T`` ``[m, d]`` and ``B = e . b`` (``None``
+    without a bias), with ``e = exp(l - m)`` for the final ``m``.
+
+    Each tile of ``W`` is copied (and cast) once into ``ext = [W_tile^T | 1 | b_tile]``, so a
+    single product ``e @ ext`` accumulates ``S``, ``Z`` and ``B`` together; the logits are
+    shifted by the maximum so far while they are made (``addmm``), and only rows whose
+    maximum rises are shifted again, so a tile costs its two products, one max, one exp.
+    """
     rows, d = x.shape
     d_vocab = W.shape[1]
     dtype = x.dtype
-    cast = W.dtype != dtype
-    peak = x.new_full((rows,), float("-inf"))
-    total = x.new_zeros(rows)
-    A = x.new_zeros(rows) if spread else None
-    S = x.new_zeros(rows, d) if with_s else None
-    B = x.new_zeros(rows) if (with_s and b is not None) else None
-    chunk = max(1, _TILE_BYTES // (width * x.element_size()))
-    w_buf = torch.empty(d * width, dtype=dtype, device=x.device) if cast else None
-    b_c = None
+    n_ext = d + 1 + (1 if b is not None else 0)
+    peak = x.new_empty(rows)
+    acc = x.new_zeros(rows, n_ext if with_s else 1)  # [S | Z | B], or [Z]
+    chunk = max(1, min(rows, _TILE_BYTES // (width * x.element_size())))
+    tile_buf = x.new_empty(chunk * width)
+    ext_buf = x.new_empty(width * n_ext)
     for a in range(0, d_vocab, width):
         z = min(d_vocab, a + width)
         w = z - a
-        cols = W[:, a:z]
-        if cast:  # this tile of W in the compute dtype, in a reused buffer: never a whole copy
-            cols = w_buf[: d * w].view(d, w).copy_(cols)
+        ext = ext_buf[: w * n_ext].view(w, n_ext)
+        ext[:, :d].copy_(W[:, a:z].t())  # the tile in the compute dtype: never a whole copy of W
+        ext[:, d] = 1
+        b_c = None
         if b is not None:
-            b_c = b[a:z].to(dtype)
+            ext[:, d + 1].copy_(b[a:z])
+            b_c = ext[:, d + 1]
+        cols = ext[:, :d].t()  # [d, w]
         for r0 in range(0, rows, chunk):
             r1 = min(rows, r0 + chunk)
-            tile = x[r0:r1] @ cols
-            if b_c is not None:
-                tile += b_c
-            m_old = peak[r0:r1]
-            m_new = torch.maximum(m_old, tile.amax(1))
-            first = a == 0
-            scale = None if first else torch.exp(m_old - m_new)
-            tile -= m_new[:, None]  # s = l - m'
-            e = torch.exp(tile)
-            Z = total[r0:r1]
-            if spread:
-                # A' = exp(m - m') * (A + (m - m') * Z) + sum e * s
-                part = (e * tile).sum(1)
-                if first:
-                    A[r0:r1] = part
+            tile = tile_buf[: (r1 - r0) * w].view(r1 - r0, w)
+            m = peak[r0:r1]
+            if a == 0:
+                torch.mm(x[r0:r1], cols, out=tile)
+                if b_c is not None:
+                    tile += b_c
+                m.copy_(tile.amax(1))
+                tile -= m[:, None]
+            else:
+                if b_c is None:
+                    torch.addmm(-m[:, None], x[r0:r1], cols, out=tile)
                 else:
-                    A[r0:r1] = scale * (A[r0:r1] + (m_old - m_new) * Z) + part
+                    torch.addmm(b_c, x[r0:r1], cols, out=tile)
+                    tile -= m[:, None]
+                rise = tile.amax(1)
+                if bool((rise > 0).any()):  # the maximum rose: shift, and rescale the sums so far
+                    rise.clamp_(min=0)
+                    tile -= rise[:, None]
+                    acc[r0:r1] *= torch.exp(-rise)[:, None]
+                    m += rise
+            tile.exp_()
             if with_s:
-                if not first:
-                    S[r0:r1] *= scale[:, None]
-                S[r0:r1].addmm_(e, cols.t())
-                if B is not None:
-                    B[r0:r1] = (B[r0:r1] * scale if not first else 0) + e @ b_c
-            total[r0:r1] = (Z * scale if not first else 0) + e.sum(1)
-            peak[r0:r1] = m_new
-            del tile, e
-    return peak, total, A, S, B
+                acc[r0:r1].addmm_(tile, ext)
+            else:
+                acc[r0:r1, 0] += tile.sum(1)
+    if not with_s:
+        return peak, acc[:, 0], None, None
+    return peak, acc[:, d], acc[:, :d], (acc[:, d + 1] if b is not None else None)
 
 
 def final_stats(x_final: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor] = None, *, width: Optional[int] = None) -> FinalStats:
@@ -158,14 +165,12 @@ def final_stats(x_final: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor
     width = _width(width, W.shape[1])
     with torch.no_grad():
         xf = x_final.detach().to(_compute_dtype(x_final))
-        peak, total, A, S, B = _online_pass(xf, W, b, width, spread=True, with_s=True)
-        log_total = total.log()
-        return FinalStats(
-            neg_entropy=A / total - log_total,
-            p_w=S / total[:, None],
-            p_b=B / total if B is not None else torch.zeros_like(total),
-            log_z=peak + log_total,
-        )
+        peak, total, S, B = _online_pass(xf, W, b, width, with_s=True)
+        p_w = S / total[:, None]
+        p_b = B / total if B is not None else torch.zeros_like(total)
+        log_z = peak + total.log()
+        # sum p log p = sum p l - log Z, with sum p l = x . (p @ W^T) + p . b
+        return FinalStats(neg_entropy=(xf * p_w).sum(1) + p_b - log_z, p_w=p_w, p_b=p_b, log_z=log_z)
 
 
 class _LensLoss(torch.autograd.Function):
@@ -175,7 +180,7 @@ class _LensLoss(torch.autograd.Function):
     def forward(ctx, x, W, b, target_w, target_const, valid, width):  # type: ignore[override]
         xc = x.detach().to(target_w.dtype)
         want_grad = ctx.needs_input_grad[0]
-        peak, total, _, S, _ = _online_pass(xc, W, b, width, spread=False, with_s=want_grad)
+        peak, total, S, _ = _online_pass(xc, W, b, width, with_s=want_grad)
         log_z = peak + total.log()
         # loss = log Z_x - (x . target_w + target_const); KL adds sum p log p to target_const.
         loss = log_z - ((xc * target_w).sum(1) + target_const)
