@@ -195,6 +195,7 @@ class _LensLoss(torch.autograd.Function):
         return loss.to(x.dtype) if x.dtype in (torch.float32, torch.float64) else loss
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the saved gradient is a constant: no double backward
     def backward(ctx, grad_out):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
         grad_x = (grad * grad_out.to(grad.dtype)[:, None]).to(ctx.x_dtype)
