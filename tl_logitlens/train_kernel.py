@@ -97,7 +97,6 @@ def _online_pass(
     """
     rows, d = x.shape
     d_vocab = W.shape[1]
-    dtype = x.dtype
     n_ext = d + 1 + (1 if b is not None else 0)
     peak = x.new_empty(rows)
     acc = x.new_zeros(rows, n_ext if with_s else 1)  # [S | Z | B], or [Z]
