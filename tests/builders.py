@@ -154,6 +154,14 @@ def hf_bridge(kind: str, compat=False, tied=False, seed=0, dtype=torch.float32, 
     return bridge.eval()
 
 
+def word_model(seed: int = 0) -> Any:
+    """A model with the word tokenizer (``<unk>`` 0, ``<bos>`` 1, ``<pad>`` 2, ``w3 .. w60``; one
+    token per word; context 24): a GPT-2 bridge on 3.x/4.x, a ``HookedTransformer`` on 2.x."""
+    if TransformerBridge is not None:
+        return hf_bridge("gpt2", seed=seed)
+    return hooked("LN", tokenizer=True, seed=seed)
+
+
 @dataclass
 class Case:
     name: str

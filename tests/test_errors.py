@@ -14,9 +14,7 @@ needs_hooked = pytest.mark.skipif(HookedTransformer is None, reason="HookedTrans
 @pytest.fixture(scope="module")
 def model():
     """A model with a word tokenizer (w0..w60), one token per word."""
-    if TransformerBridge is not None:
-        return builders.hf_bridge("gpt2")
-    return builders.hooked("LN", tokenizer=True)
+    return builders.word_model()
 
 
 @pytest.fixture(scope="module")

@@ -31,9 +31,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def model():
-    if builders.TransformerBridge is not None:
-        return builders.hf_bridge("gpt2")
-    return builders.hooked(tokenizer=True)
+    return builders.word_model()
 
 
 def _tokens(n=7, seq=11, seed=2):

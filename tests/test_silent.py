@@ -11,7 +11,7 @@ import torch
 import builders
 import tl_logitlens as tll
 from tl_logitlens.evaluate import LensEvaluation, evaluate_lens
-from tl_logitlens.model_access import ActivationCache, TransformerBridge
+from tl_logitlens.model_access import ActivationCache
 
 
 raises_before_forward = builders.raises_before_forward
@@ -20,17 +20,13 @@ raises_before_forward = builders.raises_before_forward
 @pytest.fixture(scope="module")
 def model():
     """Word tokenizer (<unk> 0, <bos> 1, <pad> 2, w3..w60), context 24."""
-    if TransformerBridge is not None:
-        return builders.hf_bridge("gpt2")
-    return builders.hooked("LN", tokenizer=True)
+    return builders.word_model()
 
 
 @pytest.fixture(scope="module")
 def twin():
     """The same architecture, another object (another model's weights)."""
-    if TransformerBridge is not None:
-        return builders.hf_bridge("gpt2", seed=1)
-    return builders.hooked("LN", tokenizer=True, seed=1)
+    return builders.word_model(seed=1)
 
 
 PROMPTS = ["w3 w4 w5 w6 w7", "w8 w9"]  # right-padded (bos added): the second prompt has 3 real tokens of 6

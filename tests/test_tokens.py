@@ -30,9 +30,7 @@ STORY = "Once upon a time, there was a little girl named Lily. She loved to play
 @pytest.fixture(scope="module")
 def model():
     """Word tokenizer: <unk> 0, <bos> 1, <pad> 2, w3..w60; context 24."""
-    if TransformerBridge is not None:
-        return builders.hf_bridge("gpt2")
-    return builders.hooked("LN", tokenizer=True)
+    return builders.word_model()
 
 
 @pytest.fixture(scope="module")
