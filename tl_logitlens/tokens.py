@@ -404,8 +404,3 @@ def next_token_ids(tokens: Tokens, index: torch.Tensor) -> torch.Tensor:
     valid = nxt < tokens.lengths.unsqueeze(1)
     ids = gather_positions(tokens.ids, nxt.clamp(max=tokens.ids.shape[1] - 1))
     return torch.where(valid, ids, torch.full_like(ids, -1))
-
-
-def optional_tokens(view: ModelView, input: Optional[Any]) -> Optional[Tokens]:
-    """:func:`tokenize` for an optional input."""
-    return None if input is None else tokenize(view, input)
