@@ -20,7 +20,7 @@ from .errors import LensInputError, NonFiniteActivationError, UnsupportedModelEr
 from .lenses import check_lens, is_identity, lens_name
 from .inputs import activation_shape, resolve_inputs, run_or_read
 from .model_access import ModelView, is_half
-from .readout import Readout, check_modes, chunk_rows, read_rows, reshape_readout
+from .readout import Readout, check_chunk_size, check_modes, read_rows, reshape_readout
 from . import tiles
 from .stacks import piece_groups, required_hooks
 from .tokens import PositionSpec, Tokens, _as_list, gather_positions, next_token_ids, position_index, token_list
@@ -333,8 +333,8 @@ def logit_lens(
             :func:`tl_logitlens.tokens.single_token_id`), or a list of them, shared by all
             rows; a tensor of ids ``[batch]`` or ``[batch, pos]``; or ``"next"`` (the true
             next input token; NaN and rank ``-1`` where there is none).
-        chunk_size: rows per unembedding chunk (``None``: from a memory budget, see
-            :data:`tl_logitlens.readout.DEFAULT_CHUNK_BUDGET_BYTES`).
+        chunk_size: rows per matrix product (``None``: the shape measured for this machine,
+            :mod:`tl_logitlens.tuning`, within :func:`tl_logitlens.set_chunk_budget`'s budget).
 
     Returns:
         :class:`LensResult`, arrays ``[layer, batch, pos, ...]``.
@@ -349,7 +349,7 @@ def logit_lens(
     """
     view, tokens, cache = resolve_inputs(model, input, cache)
     check_modes(norm, unembed, top_k, view.d_vocab)
-    chunk_rows(1, chunk_size)  # validates chunk_size now, not after the forward pass
+    check_chunk_size(chunk_size)  # now, not after the forward pass
     top_k = int(top_k)
     check_lens(lens)
     named = lens_name(lens)  # before a LogitLens becomes None below

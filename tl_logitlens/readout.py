@@ -52,13 +52,11 @@ UNEMBED_MODES = ("W_U", "W_E")
 DEFAULT_CHUNK_BUDGET_BYTES = tuning.CPU_BUDGET_BYTES
 
 
-def chunk_rows(width: int, chunk_size: Optional[int] = None, budget: int = DEFAULT_CHUNK_BUDGET_BYTES, itemsize: int = 4) -> int:
-    """Rows per matrix product: ``chunk_size`` if given, else as many as fit ``budget`` bytes of tiles ``width`` wide."""
-    if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise LensInputError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-        return chunk_size
-    return max(1, budget // (BUFFERS * itemsize * width))
+def check_chunk_size(chunk_size: Optional[int]) -> None:
+    """Refuse a ``chunk_size`` (rows per product, or ``None``) that is not a positive int; the
+    entry points call this before any forward pass (:mod:`tl_logitlens.tuning` sizes products)."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise LensInputError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
 @dataclass
@@ -200,8 +198,7 @@ def read_rows(
     others = [i for i in range(len(sources)) if i != ref_source]
     lead = [] if ref_source is None else [ref_source]
 
-    if chunk_size is not None:
-        chunk_rows(1, chunk_size)  # validates it
+    check_chunk_size(chunk_size)
     shape = tuning.tile_shape(W, dtype, whole_rows=needs_whole_rows(transform), chunk_size=chunk_size)
     read = read_whole if shape.strategy == "whole" else read_product
     width = d_vocab if shape.strategy == "whole" else tile_width(d_vocab, transform, shape.width)
