@@ -230,6 +230,18 @@ class LensEvaluation:
         kwargs.setdefault("ylabel", "nats")
         return plot_layer_curves(self.labels, curves, ax=ax, title=title, **kwargs)
 
+    def show(self, **kwargs: Any) -> Any:
+        """Display the interactive plotly view in a notebook and return the Figure (:mod:`tl_logitlens.interactive`)."""
+        from .interactive import show
+
+        return show(self, **kwargs)
+
+    def to_html(self, path: Any, **kwargs: Any) -> Any:
+        """Write the interactive view to ``path`` as a self-contained page (no network needed to open it)."""
+        from .interactive import to_html
+
+        return to_html(self, path, **kwargs)
+
     def __repr__(self) -> str:
         kl = ", ".join(f"{v:.3g}" for v in self.mean("kl_to_final").tolist())
         return (

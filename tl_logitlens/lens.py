@@ -211,6 +211,18 @@ class LensResult:
 
         return plot_lens(self, **kwargs)
 
+    def show(self, **kwargs: Any) -> Any:
+        """Display the interactive plotly view in a notebook and return the Figure (:mod:`tl_logitlens.interactive`)."""
+        from .interactive import show
+
+        return show(self, **kwargs)
+
+    def to_html(self, path: Any, **kwargs: Any) -> Any:
+        """Write the interactive view to ``path`` as a self-contained page (no network needed to open it)."""
+        from .interactive import to_html
+
+        return to_html(self, path, **kwargs)
+
 
 def stack_labels(n_layers: int, incl_mid: bool) -> List[str]:
     """``0_pre, [0_mid,] 1_pre, ..., final_post``."""
