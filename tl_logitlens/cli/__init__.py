@@ -9,6 +9,8 @@ Commands (``tl-logitlens COMMAND --help`` documents every option with an example
                       [--by KIND] [--norm cached|none] [--position P] [--top K] [--out DIR]
     tl-logitlens eval --model MODEL --data FILE [--max-tokens N] [--out DIR]
 
+``lens``, ``dla`` and ``eval`` also take ``--html PATH``: an interactive, self-contained page
+of the result (needs plotly). ``demo --out DIR`` writes ``DIR/index.html`` linking every file.
 Every command also takes ``--device``, ``--dtype``, ``--format png|pdf|svg``, ``--dpi`` and
 ``--verbose``. ``MODEL`` is ``demo`` (the built-in model), a local Hugging Face model folder
 (booted through ``TransformerBridge``, transformer-lens 3.x/4.x), or a hub name (needs the hub).

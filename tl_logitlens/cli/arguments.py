@@ -258,3 +258,19 @@ def read_data(path: str) -> Any:
     if not docs:
         raise UsageError(f"--data {path!r} holds no text")
     return docs
+
+
+def check_html(html: Optional[str]) -> Optional[Path]:
+    """The ``--html`` page's path, refused before any work if it cannot be written or plotly is missing."""
+    if html is None:
+        return None
+    import importlib.util
+
+    path = Path(html)
+    if path.is_dir():
+        raise UsageError(f"--html {html!r} is a folder; name the page's file, e.g. {str(path / 'lens.html')!r}")
+    if not path.parent.is_dir():
+        raise UsageError(f"--html {html!r}: the folder {str(path.parent)!r} does not exist; create it first")
+    if importlib.util.find_spec("plotly") is None:
+        raise UsageError("--html needs plotly for the interactive page: pip install tl-logitlens[interactive]")
+    return path

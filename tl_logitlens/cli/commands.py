@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from .arguments import (
-    DEMO_CONFIG, UsageError, check_out, make_out, prompt_input, prompt_spec, read_data, tokens_arg, load_model,
+    DEMO_CONFIG, UsageError, check_html, check_out, make_out, prompt_input, prompt_spec, read_data, tokens_arg, load_model,
     parse_layers, parse_token,
 )
-from .output import print_attribution, print_lens, save_figure, write_summary, write_table, attribution_rows, lens_summary
+from .output import (
+    print_attribution, print_lens, save_figure, write_page, write_summary, write_table, attribution_rows, lens_summary,
+)
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -87,8 +89,27 @@ def cmd_demo(args: argparse.Namespace) -> Dict[str, Any]:
         for name, result in (("lens.csv", lens), ("attribution_components.csv", components),
                              ("attribution_heads.csv", heads), ("attribution_neurons.csv", neurons)):
             write_table(result.to_dataframe(), out, name, written)
+        _demo_pages(out, written, lens, components, heads)
         write_summary(summary, out, written)
     return summary
+
+
+def _demo_pages(out: Path, written: List[str], lens: Any, components: Any, heads: Any) -> None:
+    """The interactive pages (when plotly is installed) and index.html, which shows or links every file."""
+    import importlib.util
+
+    from ..demo.index import write_index
+
+    notes = ["The built-in model on a repeated random word sequence: the logit lens and direct logit attribution."]
+    if importlib.util.find_spec("plotly") is not None:
+        from ..interactive import to_html
+
+        for name, result in (("lens.html", lens), ("attribution_heads.html", heads),
+                             ("attribution_components.html", components)):
+            written.append(str(to_html(result, out / name)))
+    else:
+        notes.append("Interactive pages need plotly: pip install tl-logitlens[interactive]")
+    written.append(str(write_index(out, written + ["summary.json"], title="tl_logitlens demo", notes=notes)))
 
 
 def cmd_lens(args: argparse.Namespace) -> Dict[str, Any]:
@@ -97,6 +118,7 @@ def cmd_lens(args: argparse.Namespace) -> Dict[str, Any]:
     layers = parse_layers(args.layers)
     targets = None if not args.target else [parse_token(t, "--target") for t in args.target]
     out = check_out(args.out)
+    html = check_html(args.html)
     _start_torch()
     import tl_logitlens as tll
 
@@ -129,6 +151,8 @@ def cmd_lens(args: argparse.Namespace) -> Dict[str, Any]:
         save_figure(plots.plot_lens_metrics(full), out, "lens_metrics", args, written)
         write_table(full.to_dataframe(), out, "lens.csv", written)
         write_summary(summary, out, written)
+    if html is not None:  # every position, with the true next token's probability and rank in the hover
+        write_page(tll.logit_lens(model, prompt, targets="next", **common), html)
     return summary
 
 
@@ -140,6 +164,7 @@ def cmd_dla(args: argparse.Namespace) -> Dict[str, Any]:
     if args.top <= 0:
         raise UsageError(f"--top must be a positive number of rows, got {args.top}")
     out = check_out(args.out)
+    html = check_html(args.html)
     _start_torch()
     import tl_logitlens as tll
 
@@ -164,12 +189,15 @@ def cmd_dla(args: argparse.Namespace) -> Dict[str, Any]:
         save_figure(plots.plot_attribution(att), out, f"attribution_{args.by}", args, written)
         write_table(att.to_dataframe(), out, f"attribution_{args.by}.csv", written)
         write_summary(summary, out, written)
+    if html is not None:
+        write_page(att, html)
     return summary
 
 
 def cmd_eval(args: argparse.Namespace) -> Dict[str, Any]:
     """Streaming lens statistics over a dataset."""
     out = check_out(args.out)
+    html = check_html(args.html)
     if not Path(args.data).is_file():
         raise UsageError(f"no data file at {args.data!r}; pass a UTF-8 text file (one document per line) "
                          "or a .pt token tensor [n, seq]")
@@ -192,4 +220,6 @@ def cmd_eval(args: argparse.Namespace) -> Dict[str, Any]:
         written.append(str(out / "lens_eval.json"))
         save_figure(evaluation.plot(), out, "lens_eval", args, written)
         print("\nWrote:\n  " + "\n  ".join(written))
+    if html is not None:
+        write_page(evaluation, html)
     return {"tokens": evaluation.n_tokens}

@@ -148,3 +148,11 @@ def print_attribution(att: Any, k: int) -> None:
           f"constant terms {float(att.constant.mean()):.3f}; residual error {att.residual_error():.2e}")
     for label, v in attribution_rows(att, k):
         print(f"  {label:>14}  {v:+.3f}")
+
+
+def write_page(result: Any, path: Any) -> None:
+    """The ``--html`` interactive page of ``result`` (self-contained, written atomically)."""
+    from ..interactive import to_html
+
+    to_html(result, path)
+    print(f"\nWrote the interactive page {path}")

@@ -24,6 +24,11 @@ def _common(sub: argparse.ArgumentParser, model: bool = True) -> None:
                      help="let third-party warnings, logs and progress bars through (hidden by default)")
 
 
+def _html(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--html", metavar="PATH", help="also write an interactive page (self-contained HTML: hover for "
+                                                    "values; needs plotly, pip install tl-logitlens[interactive])")
+
+
 def _prompts(sub: argparse.ArgumentParser) -> None:
     group = sub.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt", action="append", metavar="TEXT",
@@ -77,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     lens.add_argument("--norm", choices=("recompute", "cached", "none"), default="recompute",
                       help="final norm: own statistics (default), the final stream's scale, or none")
     lens.add_argument("--out", metavar="DIR", help="folder for the heatmap, curves, lens.csv and summary.json")
+    _html(lens)
     _common(lens)
     lens.set_defaults(func=cmd_lens)
 
@@ -99,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     dla.add_argument("--top", type=int, default=10,
                      help="how many pieces to print, largest first; by head or neuron only heads or neurons (default 10)")
     dla.add_argument("--out", metavar="DIR", help="folder for the figure, CSV and summary.json")
+    _html(dla)
     _common(dla)
     dla.set_defaults(func=cmd_dla)
 
@@ -111,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=8, help="documents per forward pass (default 8)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.add_argument("--out", metavar="DIR", help="folder for lens_eval.csv, lens_eval.json and the lens_eval figure")
+    _html(ev)
     _common(ev)
     ev.set_defaults(func=cmd_eval)
     return parser

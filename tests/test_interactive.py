@@ -1,0 +1,253 @@
+"""Interactive views without a browser: what the figures hold, the page's payload, size, guards.
+
+The page's compressed payloads are decoded here with Python's own base-85 and gzip (not the
+package's loader), and the hover texts are compared with strings formatted here from the
+result's tensors. test_browser.py checks the same pages drawn and hovered in Chromium.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import re
+import sys
+
+import pytest
+import torch
+
+import builders
+import tl_logitlens as tll
+from tl_logitlens.errors import LensInputError
+from tl_logitlens.tokentext import display_token, token_text
+
+plotly = pytest.importorskip("plotly", reason="plotly is not installed (pip install tl-logitlens[interactive])")
+from tl_logitlens import interactive  # noqa: E402
+
+PAGE_LIMIT = 2_000_000  # bytes: a 12-layer x 128-position lens page must stay under it
+
+
+def payload(page: str, name: str) -> bytes:
+    """One inlined payload, decoded independently: RFC 1924 base 85 with '.' standing for '<', then gzip."""
+    text = re.search(rf'<script id="{name}" type="application/octet-stream">([^<]*)</script>', page).group(1)
+    return gzip.decompress(base64.b85decode(text.replace(".", "<")))
+
+
+def figure_json(page: str) -> dict:
+    return json.loads(payload(page, "tll-figure"))
+
+
+@pytest.fixture(scope="module")
+def demo():
+    model = tll.demo_model()
+    tokens = torch.cat([tll.demo.induction_prompt(model, seed=s) for s in range(2)])
+    return model, tokens
+
+
+def test_page_carries_plotlyjs_and_the_figure(demo, tmp_path):
+    model, tokens = demo
+    result = tll.logit_lens(model, tokens, targets="next", top_k=2)
+    path = result.to_html(tmp_path / "lens.html")
+    page = path.read_text(encoding="utf-8")
+    from plotly.offline import get_plotlyjs
+
+    assert payload(page, "tll-plotlyjs").decode("utf-8") == get_plotlyjs()
+    fig = figure_json(page)
+    assert len(fig["data"]) == 2 and [t["visible"] for t in fig["data"]] == [True, False]
+    # Hover text of one cell, formatted here: tokens as display_token spells them, HTML-escaped.
+    layer, b, j = 1, 1, 14
+
+    def tok(i):
+        return display_token(token_text(result.tokenizer, int(i))).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+    want = [f"{result.labels[layer]} · pos {j} · {tok(tokens[b, j])}"]
+    want += [f"{tok(result.top_ids[layer, b, j, i])}  {float(result.top_probs[layer, b, j, i]):.4g}" for i in range(2)]
+    want.append(f"next {tok(tokens[b, j + 1])}  p {float(result.target_probs[layer, b, j, 0]):.4g}  "
+                f"rank {int(result.target_ranks[layer, b, j, 0])}")
+    want.append(f"entropy {float(result.entropy[layer, b, j]):.4g} · KL {float(result.kl_to_final[layer, b, j]):.4g} nats")
+    assert fig["data"][b]["text"][layer][j].split("<br>") == want
+    assert tok(tokens[0, 0]) == "&lt;bos&gt;" and fig["layout"]["xaxis"]["ticktext"][0] == "&lt;bos&gt;"
+    # Colours: 4 significant digits of the metric; the last position has no next token.
+    assert fig["data"][0]["z"][2][3] == float(f"{float(result.top_probs[2, 0, 3, 0]):.4g}")
+    ranks = next(btn for btn in fig["layout"]["updatemenus"][0]["buttons"] if btn["label"] == "next-token rank")
+    assert ranks["args"][0]["z"][0][1][-1] is None and ranks["args"][0]["z"][0][1][0] == float(result.target_ranks[1, 0, 0, 0])
+    assert not list(tmp_path.glob(".*tmp")), "the atomic write left its temporary file"
+
+
+def test_lens_without_targets_or_position_axis(demo):
+    model, tokens = demo
+    result = tll.logit_lens(model, tokens, positions=-1)
+    fig = interactive.lens_figure(result)
+    assert [b["label"] for b in fig.layout.updatemenus[0].buttons] == ["top-token probability", "entropy", "KL to final"]
+    assert len(fig.data[0].z[0]) == 1 and "next" not in fig.data[0].text[0][0]
+    with pytest.raises(LensInputError, match="target metrics need logit_lens"):
+        interactive.lens_figure(result, metric="rank")
+    with pytest.raises(LensInputError, match="prompt must index the batch of 2"):
+        interactive.lens_figure(result, prompt=2)
+    with pytest.raises(LensInputError, match="top_k must be a positive int"):
+        interactive.lens_figure(result, top_k=0)
+
+
+def test_padding_cells_are_gaps():
+    model = builders.word_model()
+    result = tll.logit_lens(model, ["w5 w6 w5 w6", "w5"], targets="next")
+    fig = interactive.lens_figure(result)
+    short = int(result.lengths[1])
+    assert short < result.positions.shape[1]
+    assert all(row[short] is None for row in fig.data[1].z) and fig.data[1].text[0][short] == "padding"
+    assert all(row[short] is not None for row in fig.data[0].z)
+
+
+def test_attribution_views(demo):
+    model, tokens = demo
+    heads = tll.direct_logit_attribution(model, tokens[:, :-1], answers=tokens[:, -1].tolist(), by="head")
+    fig = interactive.attribution_figure(heads)
+    by_head = heads.by_head().double()  # [layer, head, batch]
+    assert fig.data[0].z[1][2] == float(f"{float(by_head[1, 2].mean()):.4g}")
+    assert fig.data[2].text[1][2].split("<br>")[0] == f"L1H2: {float(by_head[1, 2, 1]):+.4g}"
+    assert [b.label for b in fig.layout.updatemenus[0].buttons] == ["mean over prompts", "prompt 0 pos 23", "prompt 1 pos 23"]
+    neurons = tll.direct_logit_attribution(model, tokens[:, :-1], answers=tokens[:, -1].tolist(), by="neuron")
+    fig = interactive.attribution_figure(neurons, top=7)
+    mean = neurons.values.double().mean(1)
+    order = mean.abs().argsort(descending=True)[:7].tolist()
+    assert list(fig.data[0].y) == [neurons.labels[i] for i in order]
+    assert list(fig.data[0].x) == [float(f"{float(mean[i]):.4g}") for i in order]
+
+
+class _Comparison:
+    """The interface the comparison view reads: ``.lenses`` and ``[name] -> LensEvaluation``."""
+
+    def __init__(self, evaluations):
+        self.lenses, self._ev = list(evaluations), evaluations
+
+    def __getitem__(self, name):
+        return self._ev[name]
+
+
+def test_evaluation_and_comparison_curves(demo):
+    from tl_logitlens.evaluate import evaluate_lens
+
+    model, tokens = demo
+    ev = evaluate_lens(model, tokens, progress=False)
+    fig = interactive.evaluation_figure(ev)
+    line = next(t for t in fig.data if t.name == "KL to final")
+    assert list(line.y) == [float(f"{v:.4g}") for v in ev.mean("kl_to_final").tolist()]
+    half = evaluate_lens(model, tokens[:1], progress=False)
+    fig = interactive.comparison_figure(_Comparison({"logit": ev, "one prompt": half}))
+    shown = [t.name for t in fig.data if t.visible and t.name]
+    assert shown == ["logit", "one prompt"]
+    entropy = fig.layout.updatemenus[0].buttons[2]
+    assert entropy.label == "entropy" and sum(entropy.args[0]["visible"]) == 6
+    assert list(fig.data[5].y) == [float(f"{v:.4g}") for v in half.mean("kl_to_final").tolist()]
+
+
+def test_missing_plotly_names_the_extra(demo, monkeypatch, tmp_path):
+    model, tokens = demo
+    result = tll.logit_lens(model, tokens[:1])
+    monkeypatch.setitem(sys.modules, "plotly.graph_objects", None)  # import now raises ImportError
+    with pytest.raises(ImportError, match=r"pip install tl-logitlens\[interactive\]"):
+        result.to_html(tmp_path / "x.html")
+    with pytest.raises(ImportError, match=r"pip install tl-logitlens\[interactive\]"):
+        result.show()
+    assert not list(tmp_path.iterdir())
+
+
+def test_failed_write_keeps_the_old_page(demo, monkeypatch, tmp_path):
+    model, tokens = demo
+    result = tll.logit_lens(model, tokens[:1])
+    path = tmp_path / "page.html"
+    path.write_text("old")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(interactive.os, "replace", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        result.to_html(path)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["page.html"]
+
+
+def test_show_returns_the_figure_outside_notebooks(demo):
+    model, tokens = demo
+    fig = tll.logit_lens(model, tokens[:1]).show()
+    assert fig.layout.meta["view"] == "lens"
+
+
+def _twelve_layers(n_ctx: int, d_vocab: int):
+    if builders.TransformerBridge is not None:
+        from transformer_lens.config import TransformerBridgeConfig
+
+        cfg = TransformerBridgeConfig(d_model=16, n_layers=12, n_heads=2, d_head=8, d_mlp=32, d_vocab=d_vocab,
+                                      n_ctx=n_ctx, act_fn="gelu", normalization_type="LN", seed=0)
+        return builders.TransformerBridge.boot_native(cfg).eval()
+    cfg = builders.HookedTransformerConfig(d_model=16, n_layers=12, n_heads=2, d_head=8, d_mlp=32, d_vocab=d_vocab,
+                                           n_ctx=n_ctx, act_fn="gelu", normalization_type="LN", seed=0)
+    return builders.HookedTransformer(cfg).eval()
+
+
+def test_page_size_12_layers_by_128_positions(tmp_path):
+    # A random model over 5000 tokens is the hard case for compression: near-uniform top-k
+    # tokens and probabilities in every cell.
+    model = _twelve_layers(n_ctx=128, d_vocab=5000)
+    tokens = torch.randint(0, 5000, (1, 128), generator=torch.Generator().manual_seed(0))
+    result = tll.logit_lens(model, tokens, targets="next", top_k=5)
+    assert tuple(result.entropy.shape) == (13, 1, 128)
+    size = result.to_html(tmp_path / "big.html").stat().st_size
+    assert size < PAGE_LIMIT, f"a 12 x 128 lens page is {size:,} bytes"
+
+
+# -- the command line: --html and the demo's index.html ----------------------------------------
+def _cli(capsys, *argv):
+    from tl_logitlens.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_html_pages(demo, tmp_path, capsys):
+    model, tokens = demo
+    words = [model.tokenizer.decode([int(t)]) for t in tokens[0, 1:9]]
+    prompt = " ".join(words)
+    code, out, err = _cli(capsys, "lens", "--model", "demo", "--prompt", prompt, "--html", str(tmp_path / "lens.html"))
+    assert code == 0, err
+    fig = figure_json((tmp_path / "lens.html").read_text(encoding="utf-8"))
+    direct = tll.logit_lens(model, prompt, targets="next")
+    assert fig["data"][0]["text"][-1][3].split("<br>")[-1] == (
+        f"entropy {float(direct.entropy[-1, 0, 3]):.4g} · KL {float(direct.kl_to_final[-1, 0, 3]):.4g} nats")
+    assert f"rank {int(direct.target_ranks[0, 0, 3, 0])}" in fig["data"][0]["text"][0][3]
+    code, out, err = _cli(capsys, "dla", "--model", "demo", "--prompt", prompt, "--answer", words[0], "--by", "head",
+                          "--html", str(tmp_path / "dla.html"))
+    assert code == 0, err
+    assert figure_json((tmp_path / "dla.html").read_text(encoding="utf-8"))["layout"]["meta"]["by"] == "head"
+    data = tmp_path / "docs.txt"
+    data.write_text(prompt + "\n" + prompt)
+    code, out, err = _cli(capsys, "eval", "--model", "demo", "--data", str(data), "--quiet", "--html", str(tmp_path / "ev.html"))
+    assert code == 0, err
+    assert figure_json((tmp_path / "ev.html").read_text(encoding="utf-8"))["layout"]["meta"]["view"] == "evaluation"
+
+
+@pytest.mark.parametrize("where, message", [
+    ("", "is a folder; name the page's file"),
+    ("missing/page.html", "does not exist; create it first"),
+])
+def test_cli_html_refused_before_any_work(tmp_path, capsys, monkeypatch, where, message):
+    import tl_logitlens.cli.commands as commands
+
+    monkeypatch.setattr(commands, "load_model", lambda *a: pytest.fail("loaded the model before checking --html"))
+    code, out, err = _cli(capsys, "lens", "--model", "demo", "--prompt", "red", "--html", str(tmp_path / where))
+    assert code == 2 and message in err
+
+
+def test_demo_index_links_every_file(tmp_path, capsys):
+    code, out, err = _cli(capsys, "demo", "--out", str(tmp_path))
+    assert code == 0, err
+    index = (tmp_path / "index.html").read_text(encoding="utf-8")
+    files = sorted(p.name for p in tmp_path.iterdir() if p.name != "index.html")
+    assert {"lens.html", "attribution_heads.html", "attribution_components.html", "summary.json"} <= set(files)
+    for name in files:
+        assert f'href="{name}"' in index, name
+    for name in files:
+        if name.endswith(".png"):
+            assert f'<img src="{name}"' in index
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left behind"
