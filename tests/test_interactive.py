@@ -251,3 +251,13 @@ def test_demo_index_links_every_file(tmp_path, capsys):
         if name.endswith(".png"):
             assert f'<img src="{name}"' in index
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+def test_lens_from_a_cache_names_positions(demo):
+    model, tokens = demo
+    _, cache = model.run_with_cache(tokens[:1])
+    result = tll.logit_lens(model, cache=cache)
+    assert result.input_ids is None
+    fig = interactive.lens_figure(result)
+    assert fig.data[0].text[1][3].split("<br>")[0] == f"{result.labels[1]} · pos 3"
+    assert list(fig.layout.xaxis.ticktext[:3]) == ["0", "1", "2"]
