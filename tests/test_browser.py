@@ -65,7 +65,8 @@ def hover(drv, xval, yval, trace_axes=("xaxis", "yaxis")):
         "const xa = fl[arguments[2]], ya = fl[arguments[3]];"
         "return [r.left + xa._offset + xa.l2p(arguments[0]), r.top + ya._offset + ya.l2p(arguments[1])];",
         xval, yval, *trace_axes)
-    action = ActionBuilder(drv)
+    drv.execute_script("Plotly.Fx.unhover(document.getElementById('tll-plot'));")  # no stale tooltip to read
+    action = ActionBuilder(drv, duration=10)  # ms per move (the default 250 only slows the test)
     action.pointer_action.move_to_location(1, 1)  # leave first so the same cell hovers anew
     action.pointer_action.move_to_location(int(round(x)), int(round(y)))
     action.perform()
