@@ -13,8 +13,10 @@ Tolerance: both sides run the same float32 weights with eager attention, so they
 only by the order of float32 operations. The reference side also measures the gap between
 Hugging Face's sdpa and eager attention on the final log-probabilities (~1e-5, the note
 /work/shared/notes/tuned-lens-0.2.0.md), which is the size of disagreement that float32
-reordering alone produces in this model; the log-probabilities must agree within
-``LOGP_ATOL`` = 1e-4, ten times that, and never worse than 20x the measured gap. A wrong
+reordering alone produces in this model. The log-probabilities must agree within
+``LOGP_ATOL`` = 1e-4, ten times the note's gap, and the measured gap must stay below half of
+that, so the tolerance always sits well above this machine's float32 noise (measured on
+stories260k and capp-gpt2: differences <= 1.2e-5, gaps 4e-6 to 2e-5). A wrong
 translator (transposed, shifted by a layer, applied twice to the final entry) moves the
 readings by orders of magnitude more (checked below: the tuned readings differ from the
 plain logit lens's by far more than the tolerance).
@@ -122,7 +124,9 @@ def _randomise(lens, seed=0, scale=0.3):
 def _agree(ours, theirs, gap, what):
     """Per-entry log-probs within tolerance; top-1 tokens equal wherever the reference's is clear."""
     assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
-    atol = min(LOGP_ATOL, max(20 * gap, 1e-5))
+    assert gap < LOGP_ATOL / 2, (f"{what}: sdpa and eager attention differ by {gap:.1e} here, more than the "
+                                 "note's ~1e-5: the float32 noise floor no longer justifies LOGP_ATOL")
+    atol = LOGP_ATOL
     diff = (ours - theirs).abs().amax(dim=(1, 2, 3))
     print(f"{what}: max |d log p| per entry {[f'{d:.1e}' for d in diff.tolist()]} (tolerance {atol:g}, sdpa gap {gap:.1e})")
     assert bool((diff <= atol).all()), f"{what}: per-entry max |log p| difference {diff.tolist()} > {atol:g}"
