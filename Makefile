@@ -8,7 +8,7 @@ PIP_QUIET ?= -q
 TL3 ?= transformer-lens==3.9.0
 TL2 ?= transformer-lens==2.18.0 pyarrow<22
 
-.PHONY: setup test test-compat test-notebooks demo bench bench-tables clean
+.PHONY: setup test test-compat test-notebooks test-interop demo bench bench-tables bench-training clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,18 @@ test-compat: .venv-tl3/.installed .venv-tl2/.installed
 test-notebooks: setup
 	$(PY) -m pytest -q -m notebooks
 
+# Agreement with EleutherAI tuned-lens 0.2.0, in its own venv (it cannot share one with transformer-lens 4).
+# torchdata 0.8 only for its training loop (bench/compare_training.py): 0.11 dropped dataloader2.
+.venv-tuned-lens/.installed:
+	$(PYTHON) -m venv .venv-tuned-lens
+	.venv-tuned-lens/bin/pip install $(PIP_QUIET) "$(TORCH)"
+	.venv-tuned-lens/bin/pip install $(PIP_QUIET) tuned-lens==0.2.0
+	.venv-tuned-lens/bin/pip install $(PIP_QUIET) --no-deps torchdata==0.8.0
+	touch $@
+
+test-interop: setup .venv-tuned-lens/.installed
+	TL_LOGITLENS_TUNED_LENS_PYTHON=$(abspath .venv-tuned-lens)/bin/python $(PY) -m pytest -q -m interop
+
 demo: setup
 	$(VENV)/bin/tl-logitlens demo --out logitlens-demo
 
@@ -52,5 +64,9 @@ bench: setup
 bench-tables: setup
 	$(PY) bench/bench_tables.py
 
+# Our tuned lens against tuned-lens's own training loop (slow; needs TL_LOGITLENS_MODELS).
+bench-training: setup .venv-tuned-lens/.installed
+	TL_LOGITLENS_TUNED_LENS_PYTHON=$(abspath .venv-tuned-lens)/bin/python $(PY) bench/compare_training.py $(ARGS)
+
 clean:
-	rm -rf $(VENV) .venv-tl3 .venv-tl2 logitlens-demo
+	rm -rf $(VENV) .venv-tl3 .venv-tl2 .venv-tuned-lens logitlens-demo
