@@ -171,3 +171,25 @@ def project_cached(model: Any, cache: Any, pieces: torch.Tensor, answers: torch.
         if weight is not None:
             x = x * weight
     return (x * u).sum(-1)
+
+
+def source_pieces(model: Any, cache: Any, pos: int = -1) -> Dict[str, torch.Tensor]:
+    """Every head's write at one destination split over source positions, in float64:
+    ``{"LxHy": [src, batch, d_model]}`` with piece ``pattern[dest, src] * (v[src] @ W_O[h])``.
+
+    Straight from ``attn.hook_pattern``, ``attn.hook_v`` and ``W_O``, one head and one source
+    at a time; head ``h`` of a grouped-query layer reads value head ``h // (n_heads // n_kv)``.
+    """
+    out: Dict[str, torch.Tensor] = {}
+    for layer in range(model.cfg.n_layers):
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"].double()  # [batch, head, dest, src]
+        v = cache[f"blocks.{layer}.attn.hook_v"].double()  # [batch, src, n_kv, d_head]
+        W_O = _w_o(model, layer).double()
+        n_heads, n_kv = model.cfg.n_heads, v.shape[2]
+        for head in range(n_heads):
+            kv = head // (n_heads // n_kv)
+            rows = []
+            for src in range(v.shape[1]):
+                rows.append(pattern[:, head, pos, src : src + 1] * (v[:, src, kv, :] @ W_O[head]))
+            out[f"L{layer}H{head}"] = torch.stack(rows)
+    return out
