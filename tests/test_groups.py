@@ -127,3 +127,17 @@ def test_group_trajectory_draws_one_line_per_group():
         plot_group_trajectory(result, groups="primes")
     with pytest.raises(ValueError, match="needs token groups"):
         plot_group_trajectory(tll.logit_lens(model, prompts, targets="w6"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("strategy", ["whole", "tiled"])
+def test_groups_on_cuda_match_full_float64_logits(strategy):
+    for pcase in builders.precision_cases((torch.float32, torch.bfloat16), device="cuda"):
+        model = builders.build(pcase)
+        tokens = TOKENS.cuda()
+        ref_probs, ref_logits = reference.group_stats(reference.lens_logits64(model, tokens).cpu(), list(GROUPS.values()))
+        with tuning.force(strategy=strategy, width=16 if strategy == "tiled" else None):
+            result = tll.logit_lens(model, tokens, targets=GROUPS)
+        torch.testing.assert_close(result.group_probs.double(), ref_probs, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(result.group_logits.double(), ref_logits, atol=1e-5, rtol=1e-5)

@@ -170,3 +170,15 @@ def test_source_figure_shows_the_top_heads_by_source():
     plain = tll.direct_logit_attribution(model, ["w5 w6"], answers="w11", by="head")
     with pytest.raises(LensInputError, match="by_source=True"):
         plot_source_attribution(plain)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_source_split_on_cuda_adds_up_and_matches_the_cpu(dtype):
+    for pcase in builders.precision_cases((dtype,), device="cuda"):
+        model = builders.build(pcase)
+        att = tll.direct_logit_attribution(model, TOKENS.cuda(), answers=ANSWERS, wrong=WRONG, by="head", by_source=True)
+        assert att.by_source().device.type == "cpu"
+        total = att.by_source().sum(2) + (0 if att.source_rounding is None else att.source_rounding)
+        torch.testing.assert_close(total, att.by_head(), atol=1e-5, rtol=0)
