@@ -262,6 +262,7 @@ class LensResult:
         targets = 0 if self.target_ids is None else self.target_ids.shape[-1]
         return (f"LensResult(labels={shown} ({len(self.labels)}), batch={self.lengths.shape[0]}, pos={pos}, "
                 f"top_k={self.top_ids.shape[-1]}, targets={targets}, norm={self.norm!r}, unembed={self.unembed!r}"
+                + ("" if self.group_names is None else f", groups={self.group_names!r}")
                 + ("" if self.lens_name == "logit" else f", lens={self.lens_name!r}") + ")")
 
     def plot(self, **kwargs: Any) -> Any:
