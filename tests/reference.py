@@ -171,3 +171,67 @@ def project_cached(model: Any, cache: Any, pieces: torch.Tensor, answers: torch.
         if weight is not None:
             x = x * weight
     return (x * u).sum(-1)
+
+
+def source_pieces(model: Any, cache: Any, pos: int = -1) -> Dict[str, torch.Tensor]:
+    """Every head's write at one destination split over source positions, in float64:
+    ``{"LxHy": [src, batch, d_model]}`` with piece ``pattern[dest, src] * (v[src] @ W_O[h])``.
+
+    Straight from ``attn.hook_pattern``, ``attn.hook_v`` and ``W_O``, one head and one source
+    at a time; head ``h`` of a grouped-query layer reads value head ``h // (n_heads // n_kv)``.
+    """
+    out: Dict[str, torch.Tensor] = {}
+    for layer in range(model.cfg.n_layers):
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"].double()  # [batch, head, dest, src]
+        v = cache[f"blocks.{layer}.attn.hook_v"].double()  # [batch, src, n_kv, d_head]
+        W_O = _w_o(model, layer).double()
+        n_heads, n_kv = model.cfg.n_heads, v.shape[2]
+        for head in range(n_heads):
+            kv = head // (n_heads // n_kv)
+            rows = []
+            for src in range(v.shape[1]):
+                rows.append(pattern[:, head, pos, src : src + 1] * (v[:, src, kv, :] @ W_O[head]))
+            out[f"L{layer}H{head}"] = torch.stack(rows)
+    return out
+
+
+def final_norm64(model: Any, x: torch.Tensor) -> torch.Tensor:
+    """The final norm on ``x [..., d]`` in float64 with each vector's own statistics and the
+    norm module's own weight, bias and epsilon."""
+    kind = getattr(model.cfg, "normalization_type", None)
+    if kind is None:
+        return x.double()
+    ln = model.ln_final
+    inner = getattr(ln, "original_component", None) or ln
+    eps = next((float(getattr(inner, n)) for n in ("eps", "variance_epsilon") if isinstance(getattr(inner, n, None), (int, float))),
+               float(model.cfg.eps))
+    x = x.double()
+    if str(kind).startswith("LN"):
+        x = x - x.mean(-1, keepdim=True)
+    x = x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    weight, bias = norm_affine(model)
+    if weight is not None:
+        x = x * weight.detach().double().to(x.device)
+    if bias is not None:
+        x = x + bias.detach().double().to(x.device)
+    return x
+
+
+def lens_logits64(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """Full logit-lens logits ``[layer, batch, pos, d_vocab]`` in float64 from the stored streams
+    (``0_pre .. final_post``), read through the final norm (own statistics) and ``W_U``, ``b_U``."""
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+        _, stack = accumulated(model, cache)
+        out = final_norm64(model, stack) @ model.W_U.detach().double()
+        b_U = getattr(model, "b_U", None)
+        return out + (0 if b_U is None else b_U.detach().double())
+
+
+def group_stats(logits: torch.Tensor, groups: List[List[int]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Each token group's summed probability and log-sum-exp logit from full logits ``[..., d_vocab]``:
+    ``([..., group], [..., group])``, in float64, one group at a time."""
+    logp = torch.log_softmax(logits.double(), -1)
+    probs = torch.stack([logp[..., ids].exp().sum(-1) for ids in groups], -1)
+    lse = torch.stack([torch.logsumexp(logits.double()[..., ids], -1) for ids in groups], -1)
+    return probs, lse

@@ -110,7 +110,7 @@ def test_a_two_dimensional_positions_tensor_is_per_prompt(model):
 # -- targets -------------------------------------------------------------------------------------
 def test_targets_that_are_not_tokens_are_refused(model):
     for bad, match in [
-        ({"w5": 1}, "mapping"),
+        ({"w5": []}, "must list at least one token"),  # a dict is token groups (tests/test_groups.py)
         ({"w5", "w6"}, "set"),
         (2.5, "is a float; token ids are integers"),
         ([5, 6.0], "is a float"),

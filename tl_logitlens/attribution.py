@@ -37,9 +37,10 @@ import torch
 
 from .errors import LensInputError, UnsupportedModelError
 from .inputs import activation_shape, resolve_inputs, run_or_read
-from .model_access import cache_tensor, compute_device
-from .stacks import STACK_KINDS, piece_groups, required_hooks
+from .model_access import cache_tensor, compute_device, is_half
+from .stacks import STACK_KINDS, head_source_values, piece_groups, required_hooks, source_hooks
 from .tokens import PositionSpec, gather_positions, per_prompt_ids, position_index
+from .tokentext import token_text
 
 #: The final-norm readings under which the pieces add up (see direct_logit_attribution).
 ATTRIBUTION_NORMS = ("cached", "none")
@@ -71,6 +72,13 @@ class Attribution:
             by ``positions=None`` or a slice over a right-padded batch) are NaN in
             ``values``, ``model_value`` and ``constant``; :meth:`mean`, :meth:`top`,
             :meth:`residual_error` and :meth:`to_dataframe` leave them out.
+        source_values: with ``by_source=True``, ``[layer, head, src, ...]`` each head's value
+            split over the source positions it read (see :meth:`by_source`); else ``None``.
+        source_rounding: ``[layer, head, ...]`` for a bfloat16 or float16 model with
+            ``by_source=True``: the part of each head's value that its model's rounding of
+            ``hook_z`` adds, so that ``source_values.sum(2) + source_rounding ==
+            by_head()``; ``None`` otherwise (the pieces add up to float precision).
+        input_ids: ``[batch, seq]`` the input tokens, or ``None`` when only a cache was given.
 
     Example::
 
@@ -96,6 +104,9 @@ class Attribution:
     rounding_error: float = 0.0
     lengths: Optional[torch.Tensor] = None
     norm: str = "cached"
+    source_values: Optional[torch.Tensor] = None
+    source_rounding: Optional[torch.Tensor] = None
+    input_ids: Optional[torch.Tensor] = None
 
     def real(self) -> torch.Tensor:
         """``[...]`` bool: which cells are real tokens (False at padding positions)."""
@@ -143,6 +154,46 @@ class Attribution:
         rows = [index[f"L{layer}H{head}"] for layer in range(self.n_layers) for head in range(self.n_heads)]
         picked = self.values[rows]
         return picked.reshape(self.n_layers, self.n_heads, *picked.shape[1:])
+
+    def by_source(self) -> torch.Tensor:
+        """Each head's attribution split over the source positions it attended to.
+
+        ``[layer, head, src, batch]`` for one destination position per prompt (an int
+        ``positions``, the default ``-1``), ``[layer, head, src, batch, pos]`` for several
+        (``pos`` indexes :attr:`positions`); ``src`` is the absolute input position
+        ``0 .. seq-1``. Entry ``[l, h, s, b]`` is ``pattern[dest, s] * (v[s] @ W_O[h])`` read
+        along the answer direction with the same norm and scale as the head's own value,
+        ``v`` holding the value bias (a pattern row sums to 1, so ``b_V`` is shared among
+        the sources by attention weight). Summed over ``src`` (plus
+        :attr:`source_rounding` for a half-precision model) it is :meth:`by_head`. Sources
+        after the destination are 0; padding destinations are NaN. Needs
+        ``direct_logit_attribution(..., by="head", by_source=True)``.
+
+        Example::
+
+            >>> import tl_logitlens as tll
+            >>> model = tll.demo_model()
+            >>> tokens = tll.demo.induction_prompt(model)
+            >>> att = tll.direct_logit_attribution(model, tokens[:, :-1], answers=int(tokens[0, -1]),
+            ...                                    by="head", by_source=True)
+            >>> tuple(att.by_source().shape)                    # [layer, head, src, batch]
+            (2, 4, 24, 1)
+            >>> bool((att.by_source().sum(2) - att.by_head()).abs().max() < 1e-5)
+            True
+        """
+        if self.source_values is None:
+            raise LensInputError(
+                "by_source() needs an attribution made with by='head', by_source=True: "
+                "tll.direct_logit_attribution(..., by='head', by_source=True)"
+            )
+        return self.source_values
+
+    def source_tokens(self) -> Optional[List[List[str]]]:
+        """The source positions' input tokens as text, ``[batch][src]`` (``None`` when only a cache was given)."""
+        if self.input_ids is None:
+            return None
+        n_src = self.by_source().shape[2]
+        return [[token_text(self.tokenizer, int(i)) for i in row[:n_src].tolist()] for row in self.input_ids]
 
     def to_dataframe(self) -> Any:
         """One row per (component, batch[, pos]) with ``value``, plus ``model_value`` and ``constant``.
@@ -216,6 +267,7 @@ def direct_logit_attribution(
     by: str = "component",
     positions: PositionSpec = -1,
     norm: str = "cached",
+    by_source: bool = False,
 ) -> Attribution:
     """Attribute a logit, or the logit difference ``answers - wrong``, to stack components.
 
@@ -240,6 +292,9 @@ def direct_logit_attribution(
             ``"recompute"`` is refused: each piece normalised by its own statistics is not
             linear, so the pieces would not add up (read layers that way with
             :func:`tl_logitlens.logit_lens`).
+        by_source: with ``by="head"``, also split each head's value over the source
+            positions it attended to (:meth:`Attribution.by_source`); reads each layer's
+            ``attn.hook_pattern`` and ``attn.hook_v`` as well.
 
     Returns:
         :class:`Attribution` with ``values [component, batch]`` (``[component, batch, pos]``
@@ -257,6 +312,12 @@ def direct_logit_attribution(
     """
     if by not in STACK_KINDS:
         raise LensInputError(f"by must be one of {STACK_KINDS}, got {by!r}")
+    if not isinstance(by_source, bool):
+        raise LensInputError(f"by_source must be True or False, got {by_source!r}")
+    if by_source and by != "head":
+        raise LensInputError(
+            f"by_source=True splits heads over their source positions, so it needs by='head' (got by={by!r})"
+        )
     if norm not in ATTRIBUTION_NORMS:
         why = (
             ": each piece normalised by its own statistics is not linear, so the pieces would not add "
@@ -271,7 +332,7 @@ def direct_logit_attribution(
             "is not a sum of per-component terms; direct logit attribution would be wrong. "
             "Use tll.logit_lens, which applies the transform, instead."
         )
-    names = required_hooks(view, by)
+    names = required_hooks(view, by) + (source_hooks(view) if by_source else [])
     batch, seq = activation_shape(view, cache, tokens, names, f"direct_logit_attribution(by={by!r})")
     answer_ids = per_prompt_ids(view, answers, batch, "answer")
     wrong_ids = None if wrong is None else per_prompt_ids(view, wrong, batch, "wrong")
@@ -317,6 +378,10 @@ def direct_logit_attribution(
         model_value = (final * u.unsqueeze(1)).sum(-1) + b_diff.unsqueeze(1)
     values = torch.cat([g.project(direction) for g in groups], dim=0) / scale
     constant = constant.unsqueeze(1).expand_as(scale)
+    labels = [label for g in groups for label in g.labels]
+    sources = source_rounding = None
+    if by_source:
+        sources, source_rounding = _split_heads(view, cache, index, direction, scale, values, labels)
 
     # Padding positions (positions=None or a slice over a right-padded batch) hold no token:
     # mark them NaN so that no number is read from them.
@@ -325,12 +390,17 @@ def direct_logit_attribution(
         values = values.masked_fill(padding, float("nan"))
         model_value = model_value.masked_fill(padding.to(model_value.device), float("nan"))
         constant = constant.masked_fill(padding.to(constant.device), float("nan"))
-    labels = [label for g in groups for label in g.labels]
+        if sources is not None:
+            sources = sources.masked_fill(padding, float("nan"))
+            if source_rounding is not None:
+                source_rounding = source_rounding.masked_fill(padding, float("nan"))
     rounding_error = 0.0
     if "rounding" in labels:  # its largest real cell (padding is NaN now)
         rounding_error = float(torch.nan_to_num(values[labels.index("rounding")].abs(), nan=0.0).max())
     if drop:
         values, model_value, constant = values[..., 0], model_value[..., 0], constant[..., 0]
+        sources = None if sources is None else sources[..., 0]
+        source_rounding = None if source_rounding is None else source_rounding[..., 0]
     return Attribution(
         values=values.float().cpu(),
         labels=[label for g in groups for label in g.labels],
@@ -346,7 +416,43 @@ def direct_logit_attribution(
         rounding_error=rounding_error,
         lengths=lengths,
         norm=norm,
+        source_values=None if sources is None else sources.float().cpu(),
+        source_rounding=None if source_rounding is None else source_rounding.float().cpu(),
+        input_ids=None if tokens is None else tokens.ids,
     )
+
+
+def _split_heads(
+    view: Any, cache: Any, index: torch.Tensor, direction: torch.Tensor, scale: torch.Tensor,
+    values: torch.Tensor, labels: List[str],
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(pieces [layer, head, src, batch, n], rounding [layer, head, batch, n] or None)``: each
+    head's value ``values [component, batch, n]`` split over its sources.
+
+    The pieces must add up to the head's value, which was read from ``hook_z``: the model
+    computed ``z = pattern @ v`` itself and stored it rounded to its dtype, so the gap may be
+    ``4 * eps * size`` (``size`` from :func:`tl_logitlens.stacks.head_source_values`, ``eps``
+    the stored values' dtype's) plus ``1e-6 * (1 + |head value|)``. A larger gap means the
+    pattern and values do not make the heads' outputs (the model mixes values some other
+    way) and the split is refused. A half-precision model keeps the gap as its
+    ``source_rounding``.
+    """
+    pieces, size = head_source_values(view, cache, index, direction, scale)
+    rows = [labels.index(f"L{layer}H{head}") for layer in range(view.n_layers) for head in range(view.n_heads)]
+    heads = values[rows].reshape(view.n_layers, view.n_heads, *values.shape[1:])
+    gap = heads - pieces.sum(2)
+    stored = cache_tensor(cache, view.attn_v_hook(0)).dtype
+    bound = 4 * torch.finfo(stored).eps * size + 1e-6 * (1 + heads.abs())
+    if not bool((gap.abs() <= bound).all()):
+        at = int((gap.abs() / bound).reshape(-1).argmax())
+        layer, head = divmod(at // (gap.numel() // (view.n_layers * view.n_heads)), view.n_heads)
+        raise UnsupportedModelError(
+            f"head L{layer}H{head}'s attention pattern and values do not add up to its output (hook_z): "
+            f"a gap of {gap.abs().reshape(-1)[at].item():.3g} in its attribution where {stored} rounding "
+            f"explains {bound.reshape(-1)[at].item():.3g}. This model mixes values in a way the "
+            "head-by-source split does not capture; use by_source=False."
+        )
+    return pieces, (gap if is_half(stored) else None)
 
 
 def _check_model_logits(

@@ -10,6 +10,7 @@ whenever it runs the model itself.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from numbers import Integral
 from typing import Any, Callable, List, Optional, Sequence, Union
@@ -61,6 +62,11 @@ class LensResult:
             not count against the target. With ``targets="next"``, a cell with no next token
             (each prompt's last token, padding) has ``target_ids`` ``-1``, NaN logit and
             probability, and rank ``-1``.
+        group_names: the token groups' names with ``targets={"name": [tokens...], ...}``, in
+            the order given; else ``None``.
+        group_probs, group_logits: ``[layer, batch, pos, group]`` with token groups: each
+            group's summed probability and the log-sum-exp of its members' logits (see
+            :meth:`groups_dataframe`).
         norm, unembed: the modes the result was read with.
         lens_name: the lens's name (``"logit"`` with no lens or a
             :class:`~tl_logitlens.lenses.LogitLens`, ``"tuned"`` for a
@@ -86,6 +92,7 @@ class LensResult:
     unembed: str = "W_U"
     tokenizer: Any = field(default=None, repr=False)
     lens_name: str = "logit"
+    group_names: Optional[List[str]] = None
 
     # The statistics live in the readout; these name them as the lens does.
     top_ids = property(lambda self: self.readout.top_ids, doc="``[layer, batch, pos, k]`` top token ids.")
@@ -98,6 +105,8 @@ class LensResult:
     target_logits = property(lambda self: self.readout.target_logits, doc="``[layer, batch, pos, t]`` or ``None``.")
     target_probs = property(lambda self: self.readout.target_probs, doc="``[layer, batch, pos, t]`` or ``None``.")
     target_ranks = property(lambda self: self.readout.target_ranks, doc="``[layer, batch, pos, t]`` or ``None``.")
+    group_probs = property(lambda self: self.readout.group_probs, doc="``[layer, batch, pos, group]`` or ``None``.")
+    group_logits = property(lambda self: self.readout.group_logits, doc="``[layer, batch, pos, group]`` or ``None``.")
 
     @property
     def has_pos_axis(self) -> bool:
@@ -196,6 +205,56 @@ class LensResult:
             columns["target_rank"] = per_cell(expand(self.target_ranks)[..., 0]).astype(np.int64)
         return pd.DataFrame(columns)
 
+    def groups_dataframe(self) -> Any:
+        """One row per (layer, batch, position, token group) as a pandas DataFrame.
+
+        The token groups get their own table (``to_dataframe`` has one row per top-k token,
+        so a group's columns there would repeat ``k`` times). Columns: ``layer``, ``batch``,
+        ``pos`` (absolute position), ``input_token``, ``group``, ``prob`` (summed
+        probability of the group's tokens), ``logit`` (log-sum-exp of their logits). Rows
+        run layer, then batch, then position, then group; padding positions are left out.
+        Needs ``logit_lens(..., targets={"name": [tokens...], ...})``.
+
+        Example::
+
+            >>> import tl_logitlens as tll
+            >>> model = tll.demo_model()
+            >>> tokens = tll.demo.induction_prompt(model)
+            >>> result = tll.logit_lens(model, tokens, targets={"cat": ["cat"], "animals": ["cat", "goat", "ape"]})
+            >>> frame = result.groups_dataframe()
+            >>> len(frame) == 3 * 25 * 2, list(frame.columns)
+            (True, ['layer', 'batch', 'pos', 'input_token', 'group', 'prob', 'logit'])
+        """
+        import numpy as np
+        import pandas as pd
+
+        if self.group_names is None:
+            raise LensInputError(
+                'groups_dataframe() needs token groups: tll.logit_lens(..., targets={"name": [tokens...], ...})'
+            )
+        expand = (lambda t: t) if self.has_pos_axis else (lambda t: t.unsqueeze(2))  # noqa: E731
+        probs, logits = expand(self.group_probs), expand(self.group_logits)
+        n_layer, _, _, n_group = probs.shape
+        valid = (self.positions < self.lengths.unsqueeze(1)).numpy()
+        b_idx, j_idx = np.nonzero(valid)
+        n_cells = len(b_idx)
+        tokens = self.input_tokens()
+        if tokens is None:
+            input_token = np.full(n_layer * n_cells * n_group, None, dtype=object)
+        else:
+            cell_tokens = np.empty(n_cells, dtype=object)
+            cell_tokens[:] = [tokens[b][j] for b, j in zip(b_idx.tolist(), j_idx.tolist())]
+            input_token = np.tile(np.repeat(cell_tokens, n_group), n_layer)
+        return pd.DataFrame({
+            "layer": np.repeat(np.array(self.labels, dtype=object), n_cells * n_group),
+            "batch": np.tile(np.repeat(b_idx.astype(np.int64), n_group), n_layer),
+            "pos": np.tile(np.repeat(self.positions.numpy()[b_idx, j_idx].astype(np.int64), n_group), n_layer),
+            "input_token": input_token,
+            "group": np.tile(np.array(self.group_names, dtype=object), n_layer * n_cells),
+            "prob": probs.numpy()[:, b_idx, j_idx].reshape(-1).astype(np.float64),
+            "logit": logits.numpy()[:, b_idx, j_idx].reshape(-1).astype(np.float64),
+        })
+
     def __repr__(self) -> str:
         labels = self.labels if len(self.labels) <= 2 else [self.labels[0], "...", self.labels[-1]]
         shown = "[" + ", ".join(x if x == "..." else repr(x) for x in labels) + "]"
@@ -203,6 +262,7 @@ class LensResult:
         targets = 0 if self.target_ids is None else self.target_ids.shape[-1]
         return (f"LensResult(labels={shown} ({len(self.labels)}), batch={self.lengths.shape[0]}, pos={pos}, "
                 f"top_k={self.top_ids.shape[-1]}, targets={targets}, norm={self.norm!r}, unembed={self.unembed!r}"
+                + ("" if self.group_names is None else f", groups={self.group_names!r}")
                 + ("" if self.lens_name == "logit" else f", lens={self.lens_name!r}") + ")")
 
     def plot(self, **kwargs: Any) -> Any:
@@ -268,9 +328,36 @@ def resolve_layers(layers: Any, labels: List[str]) -> List[int]:
     return picked
 
 
+def _token_groups(view: ModelView, targets: Any) -> tuple:
+    """``(names, [[ids], ...])`` for ``targets={"name": [tokens...], ...}``, ``(None, None)``
+    for any other targets; validated before any forward pass."""
+    if not isinstance(targets, Mapping):
+        return None, None
+    if not targets:
+        raise LensInputError('targets is an empty dict; token groups need at least one: {"name": [tokens...]}')
+    names, groups = [], []
+    for name, members in targets.items():
+        if not isinstance(name, str) or not name:
+            raise LensInputError(
+                f"token group names must be non-empty strings, got {name!r}; pass targets={{\"name\": [tokens...], ...}}"
+            )
+        if isinstance(members, Mapping) or (_as_list(members, f"token group {name!r}") == []):
+            raise LensInputError(f"token group {name!r} must list at least one token (text, vocabulary piece or id), got {members!r}")
+        ids = token_list(view, members, f"token in group {name!r}")
+        if len(set(ids)) != len(ids):
+            twice = sorted({i for i in ids if ids.count(i) > 1})
+            raise LensInputError(
+                f"token group {name!r} names token id(s) {twice} more than once, which would count their "
+                "probability twice; list each token once"
+            )
+        names.append(name)
+        groups.append(ids)
+    return names, groups
+
+
 def _row_targets(view: ModelView, targets: Any, tokens: Optional[Tokens], index: torch.Tensor) -> Optional[torch.Tensor]:
-    """Targets as ``[batch, n_pos, t]`` ids, validated before any forward pass."""
-    if targets is None:
+    """Targets as ``[batch, n_pos, t]`` ids, validated before any forward pass (token groups: ``None``)."""
+    if targets is None or isinstance(targets, Mapping):
         return None
     batch, n_pos = index.shape
     if isinstance(targets, str) and targets == "next":
@@ -344,7 +431,11 @@ def logit_lens(
         targets: a token (its text, its vocabulary piece or its id, see
             :func:`tl_logitlens.tokens.single_token_id`), or a list of them, shared by all
             rows; a tensor of ids ``[batch]`` or ``[batch, pos]``; or ``"next"`` (the true
-            next input token; NaN and rank ``-1`` where there is none).
+            next input token; NaN and rank ``-1`` where there is none); or token groups
+            ``{"name": [tokens...], ...}`` (tokens named as above; groups may share tokens):
+            ``group_probs`` / ``group_logits`` ``[layer, batch, pos, group]`` hold each
+            group's summed probability and log-sum-exp logit, computed inside the
+            kernel's tiles from the members' logits alone.
         chunk_size: rows per matrix product (``None``: the shape measured for this machine,
             :mod:`tl_logitlens.tuning`, within :func:`tl_logitlens.set_chunk_budget`'s budget).
 
@@ -374,6 +465,7 @@ def logit_lens(
     lengths = tokens.lengths if tokens is not None else torch.full((batch,), seq)
     index, drop = position_index(positions, lengths, seq)
     target_ids = _row_targets(view, targets, tokens, index)
+    group_names, groups = _token_groups(view, targets)
     next_ids = next_token_ids(tokens, index) if tokens is not None else torch.full_like(index, -1)
     next_target = isinstance(targets, str) and targets == "next"
     if next_target:
@@ -400,6 +492,7 @@ def logit_lens(
         reference_entry=keep.index(len(labels) - 1) if lens is None and len(labels) - 1 in keep else None,
         next_tokens=next_ids.reshape(n_rows),
         chunk_size=chunk_size,
+        token_groups=groups,
     )
 
     if next_target:
@@ -426,6 +519,7 @@ def logit_lens(
         unembed=unembed,
         tokenizer=view.tokenizer,
         lens_name=named,
+        group_names=group_names,
     )
     if logits is not None and norm == "recompute" and unembed == "W_U" and lens is None and keep[-1] == len(labels) - 1:
         _check_reproduces_model(logits, index, flat.top_ids[-1], flat.top_probs[-1], view, reference)

@@ -202,6 +202,15 @@ class ModelView:
         """Each head's mixed values ``[batch, pos, n_heads, d_head]`` before ``W_O``."""
         return f"blocks.{layer}.attn.hook_z"
 
+    def attn_pattern_hook(self, layer: int) -> str:
+        """The attention pattern ``[batch, n_heads, dest, src]`` (rows sum to 1)."""
+        return f"blocks.{layer}.attn.hook_pattern"
+
+    def attn_v_hook(self, layer: int) -> str:
+        """The values ``[batch, pos, n_kv_heads, d_head]`` (``b_V`` included; grouped-query
+        attention keeps one per key-value head)."""
+        return f"blocks.{layer}.attn.hook_v"
+
     def attn_out_hook(self, layer: int) -> str:
         """What a layer's attention writes to the stream."""
         return f"blocks.{layer}.hook_attn_out"

@@ -21,6 +21,8 @@ The statistics are exact, computed from the logits shifted by their row maximum
 
 - ``log p = s - log Z``; ``entropy = log Z - sum(exp(s) * s) / Z``
 - ``KL(ref || x) = sum p_ref (log p_ref - log p_x) = -H_ref - sum(p_ref * s_x) + log Z_x``
+- a token group ``G``: ``logit_G = logsumexp(l[G])`` from its members' logits, picked tile by
+  tile, and ``p_G = sum p[G] = exp(logit_G - log Z)`` (:func:`group_statistics`)
 
 The cost is the unembedding product: on GPT-2 shapes the whole logit lens, with every
 statistic, took about as long as the plain product ``vectors @ W_U`` on a 2-core AMD EPYC
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from numbers import Integral
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 
@@ -73,6 +75,8 @@ class Readout:
         target_ids: ``[*lead, t]`` the targets read (shared targets are broadcast).
         target_logits, target_probs: ``[*lead, t]``.
         target_ranks: ``[*lead, t]`` 0-based rank over the full vocabulary (ties do not count).
+        group_logits: ``[*lead, group]`` with token groups: each group's log-sum-exp logit.
+        group_probs: ``[*lead, group]`` each group's summed probability.
         logits: ``[*lead, d_vocab]`` only with ``return_logits=True``.
 
     Example::
@@ -95,6 +99,8 @@ class Readout:
     target_logits: Optional[torch.Tensor] = None
     target_probs: Optional[torch.Tensor] = None
     target_ranks: Optional[torch.Tensor] = None
+    group_logits: Optional[torch.Tensor] = None
+    group_probs: Optional[torch.Tensor] = None
     logits: Optional[torch.Tensor] = field(default=None, repr=False)
 
 
@@ -140,6 +146,32 @@ def require_finite(x: torch.Tensor, name: str) -> None:
         )
 
 
+class GroupMembers:
+    """Token groups as the kernel reads them: every (token, group) pair, sorted by token.
+
+    ``ids [members]`` ascending (a token in several groups appears once per group) is what
+    the tiles pick logits for; ``slots[j]`` indexes group ``j``'s members within ``ids``.
+
+    Example::
+
+        >>> m = GroupMembers([[7, 2], [2, 9]])
+        >>> m.ids.tolist(), [s.tolist() for s in m.slots]
+        ([2, 2, 7, 9], [[0, 2], [1, 3]])
+    """
+
+    def __init__(self, groups: List[List[int]]) -> None:
+        pairs = sorted((token, j) for j, members in enumerate(groups) for token in members)
+        self.ids = torch.tensor([token for token, _ in pairs], dtype=torch.long)
+        self.slots = [torch.tensor([i for i, (_, j) in enumerate(pairs) if j == g]) for g in range(len(groups))]
+
+
+def group_statistics(member_logits: torch.Tensor, log_z: torch.Tensor, members: GroupMembers) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(group_logits, group_probs)`` ``[..., group]`` from the members' logits ``[..., members]``
+    and ``log Z [...]``: ``logit_G = logsumexp(l[G])``, ``p_G = exp(logit_G - log Z)``."""
+    logits = torch.stack([torch.logsumexp(member_logits[..., s.to(member_logits.device)], -1) for s in members.slots], -1)
+    return logits, torch.exp(logits - log_z.unsqueeze(-1))
+
+
 def compute_dtype(view: ModelView) -> torch.dtype:
     """float64 for float64 models, float32 otherwise (half precision is upcast)."""
     return torch.float64 if view.W_U.dtype == torch.float64 else torch.float32
@@ -158,6 +190,7 @@ def read_rows(
     next_tokens: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
     return_logits: bool = False,
+    token_groups: Optional[List[List[int]]] = None,
 ) -> Readout:
     """The kernel, on flat shapes: ``vectors [outer, rows, d_model]``.
 
@@ -165,7 +198,9 @@ def read_rows(
     ``norm="cached"``, the scale; ``reference_entry``: the index of the entry of
     ``vectors`` that *is* the reference (the logit lens's final stream), which is then
     unembedded once, not twice; ``target_ids [rows, t]``; ``next_tokens [rows]`` with
-    ``-1`` for none. Results are shaped ``[outer, rows, ...]``.
+    ``-1`` for none; ``token_groups``: lists of token ids, validated (each non-empty, ids in
+    range), whose summed probability and log-sum-exp logit are read. Results are shaped
+    ``[outer, rows, ...]``.
 
     How it runs: rows are taken ``c`` at a time for every entry at once (the reference
     first), so one matrix product ``[entries * c, d_model] @ W_U`` has enough rows for full
@@ -221,6 +256,10 @@ def read_rows(
     t_probs = torch.empty_like(t_logits) if t_logits is not None else None
     t_ranks = torch.empty(outer, rows, n_targets, dtype=torch.long) if target_ids is not None else None
     all_logits = torch.empty(outer, rows, d_vocab) if return_logits else None
+    members = None if token_groups is None else GroupMembers(token_groups)
+    member_ids = None if members is None else members.ids.to(device)
+    g_logits = torch.empty(outer, rows, len(token_groups)) if token_groups is not None else None
+    g_probs = torch.empty_like(g_logits) if g_logits is not None else None
 
     with torch.no_grad():
         for start in range(0, rows, step):
@@ -245,6 +284,7 @@ def read_rows(
                 st = read(
                     x, len(group), W, b, transform, buffers, top_k=top_k, with_reference=ref_source is not None,
                     next_tokens=nxt, target_ids=tid, keep_logits=keep if all_logits is not None else None,
+                    member_ids=member_ids,
                     **({} if read is read_whole else {"width": width, "w_tile": w_tile}),
                 )
                 for j, o in enumerate(outs):
@@ -263,6 +303,10 @@ def read_rows(
                         t_logits[o, start:stop] = st.target_logits[j].float().cpu()
                         t_probs[o, start:stop] = torch.exp(st.target_logits[j] - st.log_z[j].unsqueeze(-1)).float().cpu()
                         t_ranks[o, start:stop] = st.target_ranks[j].long().cpu()
+                    if g_logits is not None:
+                        logit, prob = group_statistics(st.member_logits[j], st.log_z[j], members)
+                        g_logits[o, start:stop] = logit.float().cpu()
+                        g_probs[o, start:stop] = prob.float().cpu()
     return Readout(
         top_ids=top_ids,
         top_logits=top_logits,
@@ -274,6 +318,8 @@ def read_rows(
         target_logits=t_logits,
         target_probs=t_probs,
         target_ranks=t_ranks,
+        group_logits=g_logits,
+        group_probs=g_probs,
         logits=all_logits,
     )
 

@@ -38,7 +38,7 @@ direction without ever building ``[component, batch, pos, d_model]``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 import torch
 
@@ -328,3 +328,66 @@ def residual_stack(
     if drop:
         values = values[:, :, 0]
     return ResidualStack(values=values, labels=labels, positions=index)
+
+
+# -- head-by-source pieces ------------------------------------------------------------------
+def source_hooks(view: ModelView) -> List[str]:
+    """The hooks the head-by-source split reads on top of the ``by="head"`` stack: each layer's
+    attention pattern and values."""
+    names: List[str] = []
+    for layer in range(view.n_layers):
+        names += [view.attn_pattern_hook(layer), view.attn_v_hook(layer)]
+    return names
+
+
+def head_source_values(
+    view: ModelView, cache: Any, index: torch.Tensor, direction: torch.Tensor, scale: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Each head's write at the positions ``index [batch, n]`` split over the source positions, read along one direction.
+
+    A head writes ``z[dest] @ W_O[h]`` with ``z[dest] = sum_src pattern[dest, src] * v[src]``,
+    so its piece from source ``src`` is ``pattern[dest, src] * (v[src] @ W_O[h])``, read
+    here as ``pattern[dest, src] * (v[src] . (W_O[h] @ direction)) / scale``: the direction
+    ``[batch, d_model]`` is pulled into each head's value space once per prompt and the
+    ``[head, src, d_model]`` vectors are never built; only ``[head, src]`` numbers are kept,
+    one layer at a time. ``v`` comes from ``attn.hook_v``, which holds ``b_V``: since a
+    pattern row sums to 1 the value bias is shared among the sources by their attention
+    weights (no separate term). Grouped-query attention: head ``h`` reads key-value head
+    ``h // (n_heads / n_kv_heads)``. ``scale [batch, n]``: the final norm's scale at each
+    destination (ones for ``norm="none"``).
+
+    Returns ``(pieces [layer, head, src, batch, n], size [layer, head, batch, n])`` in the
+    compute dtype on the compute device (``src`` runs over every input position; a source
+    after the destination has weight 0). ``size = sum_src |pattern| * (|v| @ |W_O[h] @
+    direction|) / scale`` bounds how far the model's own rounding of ``z`` can move the
+    head's value away from the sum of its pieces.
+    """
+    dtype = direction.dtype
+    device = direction.device
+    batch, n_pos = index.shape
+    out, sizes = [], []
+    for layer in range(view.n_layers):
+        pattern = cache_tensor(cache, view.attn_pattern_hook(layer))  # [batch, head, dest, src]
+        at = index.to(pattern.device).view(batch, 1, n_pos, 1).expand(batch, pattern.shape[1], n_pos, pattern.shape[3])
+        pattern = pattern.gather(2, at).to(device=device, dtype=dtype)  # [batch, head, n, src]
+        require_finite(pattern, f"activation {view.attn_pattern_hook(layer)!r}")
+        v = cache_tensor(cache, view.attn_v_hook(layer)).to(device=device, dtype=dtype)
+        if v.ndim == 3:  # some models keep the heads flat: [batch, src, n_kv * d_head]
+            v = v.reshape(v.shape[0], v.shape[1], -1, view.d_head)
+        require_finite(v, f"activation {view.attn_v_hook(layer)!r}")
+        n_kv = v.shape[2]
+        if view.n_heads % n_kv:
+            raise UnsupportedModelError(
+                f"layer {layer} has {view.n_heads} query heads but {n_kv} value heads, which does not divide: "
+                "the head-by-source split cannot tell which values each head reads; use by_source=False."
+            )
+        W_O, _ = view.attn_output_weights(layer)
+        pulled = torch.einsum("hkd,bd->bhk", W_O.to(device=device, dtype=dtype), direction)  # [batch, head, d_head]
+        pulled = pulled.view(batch, n_kv, view.n_heads // n_kv, -1)
+        along = torch.einsum("bsgk,bgrk->bgrs", v, pulled).reshape(batch, view.n_heads, -1)  # [batch, head, src]
+        pieces = pattern * along.unsqueeze(2) / scale.view(batch, 1, n_pos, 1)
+        out.append(pieces.permute(1, 3, 0, 2))  # [head, src, batch, n]
+        magnitude = torch.einsum("bsgk,bgrk->bgrs", v.abs(), pulled.abs()).reshape(batch, view.n_heads, -1)
+        size = torch.einsum("bhns,bhs->hbn", pattern.abs(), magnitude) / scale.abs().unsqueeze(0)
+        sizes.append(size)
+    return torch.stack(out), torch.stack(sizes)

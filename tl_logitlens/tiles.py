@@ -17,7 +17,10 @@ The statistics are running sums over the tiles, shifted by each row's running ma
 and when a tile raises the maximum from ``m`` to ``m'`` the sums so far are rescaled by
 ``exp(m - m')`` (``A`` and ``D`` also shift by ``(m - m') * Z``). Top-k is merged tile by
 tile, looking only inside blocks of columns whose maximum beats the row's running k-th
-value. True next tokens' and targets' logits are picked from the tile that holds them.
+value. True next tokens' and targets' logits are picked from the tile that holds them,
+and so are the logits of token groups' members (``member_ids``, sorted): each tile hands
+over the members' columns it holds, so ``[rows, members]`` numbers are kept, never a
+``[rows, d_vocab]`` block (:func:`tl_logitlens.readout.group_statistics` reduces them).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class ProductStats:
     next_logit: Optional[torch.Tensor] = None  # the true next token's logit (0 where none)
     target_logits: Optional[torch.Tensor] = None  # [g, n, t]
     target_ranks: Optional[torch.Tensor] = None  # [g, n, t]
+    member_logits: Optional[torch.Tensor] = None  # [g, n, members]: the group members' logits
 
 
 def needs_whole_rows(transform: Optional[Callable[[torch.Tensor], torch.Tensor]]) -> bool:
@@ -137,6 +141,7 @@ def read_product(
     keep_logits: Optional[Callable[[int, int, torch.Tensor], None]] = None,
     w_tile: Optional[torch.Tensor] = None,
     width: Optional[int] = None,
+    member_ids: Optional[torch.Tensor] = None,
 ) -> ProductStats:
     """Read ``x [g * n, d_model]`` (``g`` entries of the same ``n`` rows) through ``W [d_model, d_vocab]``.
 
@@ -150,6 +155,8 @@ def read_product(
     float32 copy of the unembedding is ever made; a ``W`` already in ``x``'s dtype is read
     in place.
     ``width``: columns per tile (see :func:`tile_width`).
+    ``member_ids [members]``: token ids sorted ascending (repeats allowed) whose logits are
+    picked from the tile that holds them into ``member_logits [g, n, members]``.
     """
     m, d_vocab = x.shape[0], W.shape[1]
     cast = W.dtype != x.dtype
@@ -165,6 +172,12 @@ def read_product(
     top_values = x.new_full((m, top_k), float("-inf"))
     top_ids = torch.zeros(m, top_k, dtype=torch.long, device=x.device)
     next_logit = x.new_zeros(g, n) if next_tokens is not None else None
+    m_logits = None
+    if member_ids is not None:
+        m_logits = x.new_zeros(g, n, member_ids.shape[0])
+        # Where each tile's members start in the sorted ids: one host copy, no per-tile sync.
+        member_cpu = member_ids.cpu()
+        bounds = torch.searchsorted(member_cpu, torch.arange(0, d_vocab + width, width).clamp_max(d_vocab)).tolist()
     t_logits = t_above = t_guess = None
     if target_ids is not None:
         t_logits = x.new_zeros(g, n, target_ids.shape[1])
@@ -199,6 +212,10 @@ def read_product(
         row_max = _update_top_k(tile, top_k, top_values, top_ids, a, first=a == 0)
         if next_tokens is not None:
             _pick(next_logit, tile3, next_tokens, a, z)
+        if m_logits is not None:
+            lo, hi = bounds[a // width], bounds[a // width + 1]
+            if hi > lo:
+                m_logits[:, :, lo:hi] = tile3[:, :, member_ids[lo:hi] - a]
         if target_ids is not None:
             if single:
                 t_logits.copy_(tile3.gather(2, target_ids.expand(g, -1, -1)))
@@ -250,6 +267,7 @@ def read_product(
         next_logit=next_logit,
         target_logits=t_logits,
         target_ranks=ranks,
+        member_logits=m_logits,
     )
 
 
@@ -303,6 +321,7 @@ def read_whole(
     next_tokens: Optional[torch.Tensor] = None,
     target_ids: Optional[torch.Tensor] = None,
     keep_logits: Optional[Callable[[int, int, torch.Tensor], None]] = None,
+    member_ids: Optional[torch.Tensor] = None,
 ) -> ProductStats:
     """:func:`read_product` in one product over the whole vocabulary, statistics as vectorised reductions.
 
@@ -348,6 +367,7 @@ def read_whole(
     if next_tokens is not None:
         picked = logits3.gather(2, next_tokens.clamp_min(0).view(1, n, 1).expand(g, n, 1)).squeeze(2)
         next_logit = torch.where(next_tokens.view(1, n) >= 0, picked, torch.zeros_like(picked))
+    m_logits = None if member_ids is None else logits3[:, :, member_ids]  # a copy, before the shift below
     t_logits = ranks = None
     if target_ids is not None:
         t_logits = logits3.gather(2, target_ids.unsqueeze(0).expand(g, -1, -1))
@@ -380,4 +400,5 @@ def read_whole(
         next_logit=next_logit,
         target_logits=t_logits,
         target_ranks=ranks,
+        member_logits=m_logits,
     )
