@@ -1,11 +1,14 @@
 """A tiny word-level transformer that has learned induction, shipped as package data.
 
 The model sees prompts ``<bos> w_1 .. w_n w_1 .. w_n`` of random words and, on
-the second repeat, predicts each next word almost perfectly: a previous-token
-head in layer 0 (``PREV_TOKEN_HEAD``) marks every position with the word before
-it, and an induction head in layer 1 (``INDUCTION_HEAD``) attends to the token
-after the earlier copy of the current word and copies it to the logits. On the
-first repeat nothing can be predicted, so it stays near chance. It has MLP
+the second repeat, predicts each next word almost perfectly. It learned induction
+with an offset: layer-0 heads copy the word two back (``PREV_TOKEN_HEAD``, (0, 1))
+and three back ((0, 0)) into each position, and the induction head in layer 1
+(``INDUCTION_HEAD``) attends from the current word to the position three after
+its earlier copy, whose stream holds both the matching word (three back) and the
+answer, the word after the earlier copy (two back), which it copies to the
+logits (``tests/test_source.py`` checks this path with attribution by source
+position). On the first repeat nothing can be predicted, so it stays near chance. It has MLP
 layers, untied embeddings and raw (unfolded) LayerNorm weights, which makes it
 a small but realistic target for logit lens / direct logit attribution.
 
@@ -54,7 +57,8 @@ WEIGHTS_PATH = _DIR / "demo_model.safetensors"
 CONFIG_PATH = _DIR / "demo_config.json"
 
 # (layer, head) found by the training script: zero-ablating this layer-1 head
-# hurts induction most; the layer-0 head attends most to the previous token.
+# hurts induction most; of the layer-0 heads this one scores highest on the training
+# script's look-back measure (it attends two tokens back; see the module docstring).
 # tests/test_demo_model.py re-measures both against the shipped weights.
 INDUCTION_HEAD: tuple[int, int] = (1, 2)
 PREV_TOKEN_HEAD: tuple[int, int] = (0, 1)
