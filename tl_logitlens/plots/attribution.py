@@ -139,7 +139,7 @@ def plot_attribution(
     value_label = f"{ACCUMULATED_LABEL} {target}" if att.by == "accumulated" else f"direct effect on {target}"
     owned = ax is None
     if kind == "heatmap":
-        fig = _head_heatmap(att, ax, int(position), value_label, title, annotate, width)
+        fig = _head_heatmap(att, ax, int(position), title, annotate, width)
     elif kind == "barh":
         fig = _top_bars(att, ax, mean, std, int(top_k), value_label, title, width)
     else:
@@ -167,7 +167,7 @@ def _spread(std: Any) -> str:
     return "" if std is None else "\nerror bars: \u00b11 std across prompts"
 
 
-def _head_heatmap(att: Any, ax: Any, position: int, value_label: str, title: str, annotate: Optional[bool],
+def _head_heatmap(att: Any, ax: Any, position: int, title: str, annotate: Optional[bool],
                   width: Any) -> Any:
     """``att.by_head()`` averaged over prompts, ``[layer, head]``, layer 0 at the top."""
     grid = att.by_head()  # [layer, head, batch(, pos)]
@@ -181,7 +181,7 @@ def _head_heatmap(att: Any, ax: Any, position: int, value_label: str, title: str
     limit = float(np.abs(data).max()) or 1.0
     image = ax.imshow(data, cmap="RdBu", norm=mcolors.Normalize(-limit, limit), aspect="auto", interpolation="nearest")
     bar = fig.colorbar(image, ax=ax, pad=0.02)
-    bar.set_label(value_label, **LITERAL_TEXT)
+    bar.set_label("direct effect (on the title's logit)", fontsize=BASE_FONT - 1)  # the target is in the title
     if annotate is None:
         annotate = data.size <= 256
     if annotate:
@@ -330,7 +330,7 @@ def plot_attribution_positions(
     image = ax.imshow(grid, cmap="RdBu", norm=mcolors.Normalize(-limit, limit), aspect="auto", interpolation="nearest")
     target = _answer_words(att)
     bar = fig.colorbar(image, ax=ax, pad=0.02)
-    bar.set_label(f"direct effect on {target}", **LITERAL_TEXT)
+    bar.set_label("direct effect (on the title's logit)", fontsize=BASE_FONT - 1)  # the target is in the title
     _position_labels(ax, x_labels, [labels[i] for i in rows])
     ax.set_xlabel(x_title)
     ax.set_ylabel("component")

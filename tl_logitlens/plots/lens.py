@@ -25,6 +25,8 @@ from .style import BASE_FONT, LENS_METRICS, MARK_COLOR, MAX_HEIGHT, MIN_FONT, NA
 _CELL_PAD = 0.012  # inches of a cell left free around its text
 _TEXT_CELL = 0.42  # inches: a comfortable cell for a short token at the base font
 _ROW_H = 0.24  # inches per stack entry
+_ROTATED = 0.75  # inches: the longest a rotated tick label may be
+_LABEL_GAP = 0.06  # inches between neighbouring horizontal tick labels
 _SIDE = 1.55  # inches beside the grid: y tick labels and title, the colour bar
 
 
@@ -212,7 +214,7 @@ def _panel_figure(panels: List[Dict[str, Any]], max_w: float) -> Tuple[Any, List
     cell = _clamp(0.58 * BASE_FONT / 72 * chars + 2 * _CELL_PAD + 0.04, _TEXT_CELL, 1.0)
     grid_w = min(cell * n_cols, max_w - _SIDE)
     grid_w = max(grid_w, min(1.0, max_w / 2))
-    label_h = 0.5 if grid_w / n_cols < 0.45 else 0.3  # rotated tick labels need more room
+    label_h = _ROTATED + 0.25 if grid_w / n_cols < 0.45 else 0.3  # rotated tick labels need more room
     panel_h = n_rows * _ROW_H + 2 * label_h + 0.35
     height = len(panels) * panel_h + 0.8
     if height > MAX_HEIGHT:  # shrink the rows first, down to one small line of text each
@@ -299,12 +301,13 @@ def _column_labels(ax: Any, p: Dict[str, Any], fontsize: Optional[float]) -> Lis
     font = _clamp(fontsize or BASE_FONT - 0.5, MIN_FONT, BASE_FONT)
     show_next = any(p["next_tokens"])
     texts = p["input_tokens"] + (p["next_tokens"] if show_next else [])
-    flat = max(text_width(t, font, fig) for t in texts) <= cell_w - _CELL_PAD or cell_w >= 0.45
+    room = cell_w - _LABEL_GAP  # neighbouring flat labels keep a visible gap
+    flat = max(text_width(t, font, fig) for t in texts) <= room or cell_w >= 0.45
     if flat:
-        rotation, step, room = 0, 1, cell_w - _CELL_PAD
+        rotation, step = 0, 1
     else:
         font = _clamp(cell_w * 72 / 1.25, MIN_FONT, font)
-        rotation, step, room = 90, thin_every(n_cols, cell_w, font * 1.25 / 72), 0.9
+        rotation, step, room = 90, thin_every(n_cols, cell_w, font * 1.5 / 72), _ROTATED
     ticks = list(range(0, n_cols, step))
     kwargs: Dict[str, Any] = dict(LITERAL_TEXT, fontsize=font, rotation=rotation)
     ax.set_xticks(ticks)
@@ -320,7 +323,7 @@ def _column_labels(ax: Any, p: Dict[str, Any], fontsize: Optional[float]) -> Lis
     elided = any(elide(texts[j], room, font, fig) != texts[j] for j in range(len(texts)) if j % n_cols in ticks)
     notes = ["long tokens elided (\u2026)"] if elided else []
     if step > 1:
-        notes.append(f"every {step}th position labelled")
+        notes.append(f"labels thinned: one per {step} positions")
     return notes
 
 

@@ -71,7 +71,7 @@ MIN_FONT = 6.0  # points: nothing smaller is drawn
 POS_COLOR, NEG_COLOR = "#2166ac", "#b2182b"  # the ends of RdBu
 MARK_COLOR = "#e66101"
 NAN_COLOR = "#d9d9d9"
-BAND_ALPHA = 0.14  # quantile bands: light enough that two overlapping bands stay readable
+BAND_ALPHA = 0.10  # quantile bands: light enough that two overlapping bands stay readable
 ELLIPSIS = "\u2026"
 NEURON = re.compile(r"^L\d+N\d+$")
 
