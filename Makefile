@@ -8,7 +8,7 @@ PIP_QUIET ?= -q
 TL3 ?= transformer-lens==3.9.0
 TL2 ?= transformer-lens==2.18.0 pyarrow<22
 
-.PHONY: setup test test-compat test-notebooks demo bench bench-tables clean
+.PHONY: setup test test-compat test-notebooks demo readme-figures bench bench-tables clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,15 @@ test-notebooks: setup
 demo: setup
 	$(VENV)/bin/tl-logitlens demo --out logitlens-demo
 
+# README's images, at print resolution, from the very run `make demo` makes (same prompt and seed).
+README_DPI ?= 200
+readme-figures: setup
+	rm -rf .readme-figures
+	$(VENV)/bin/tl-logitlens demo --out .readme-figures --dpi $(README_DPI) > /dev/null
+	cp .readme-figures/lens_heatmap.png docs/demo_lens_heatmap.png
+	cp .readme-figures/attribution_heads.png docs/demo_attribution_heads.png
+	rm -rf .readme-figures
+
 bench: setup
 	$(PY) bench/bench_lens.py $(ARGS)
 
@@ -53,4 +62,4 @@ bench-tables: setup
 	$(PY) bench/bench_tables.py
 
 clean:
-	rm -rf $(VENV) .venv-tl3 .venv-tl2 logitlens-demo
+	rm -rf $(VENV) .venv-tl3 .venv-tl2 logitlens-demo .readme-figures

@@ -214,7 +214,9 @@ def _panel_figure(panels: List[Dict[str, Any]], max_w: float) -> Tuple[Any, List
     cell = _clamp(0.58 * BASE_FONT / 72 * chars + 2 * _CELL_PAD + 0.04, _TEXT_CELL, 1.0)
     grid_w = min(cell * n_cols, max_w - _SIDE)
     grid_w = max(grid_w, min(1.0, max_w / 2))
-    label_h = _ROTATED + 0.25 if grid_w / n_cols < 0.45 else 0.3  # rotated tick labels need more room
+    longest = max(len(s) for p in panels for s in [*p["input_tokens"], *p["next_tokens"]])
+    rotated = min(_ROTATED, 0.6 * BASE_FONT / 72 * longest)  # a rotated label is as tall as it is long
+    label_h = rotated + 0.3 if grid_w / n_cols < 0.45 else 0.3
     panel_h = n_rows * _ROW_H + 2 * label_h + 0.35
     height = len(panels) * panel_h + 0.8
     if height > MAX_HEIGHT:  # shrink the rows first, down to one small line of text each
