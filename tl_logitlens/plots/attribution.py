@@ -135,7 +135,8 @@ def plot_attribution(
     mean = _np(values.mean(1))
     std = _np(values.std(1)) if n_prompts > 1 else None
     target = _answer_words(att)
-    title = f"Direct logit attribution to {target}{where}\n{_model_value_words(att, int(position))}"
+    what = "Accumulated stream's reading of" if att.by == "accumulated" else "Direct logit attribution to"
+    title = f"{what} {target}{where}\n{_model_value_words(att, int(position))}"
     value_label = f"{ACCUMULATED_LABEL} {target}" if att.by == "accumulated" else f"direct effect on {target}"
     owned = ax is None
     if kind == "heatmap":
@@ -145,8 +146,9 @@ def plot_attribution(
     else:
         fig = _bars(att, ax, kind, mean, std, value_label, title, width)
     captions = [CONSTANT_CAPTION]
-    if att.by == "accumulated":
-        captions.append(STACK_CAPTION)
+    if att.by == "accumulated":  # entries are readings of the whole stream, not pieces that add up
+        captions = [CONSTANT_CAPTION.split(";")[0] + "; the last entry plus the constant is the model value",
+                    STACK_CAPTION]
     add_caption(fig, captions, owned)
     return fig
 
