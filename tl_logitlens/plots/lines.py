@@ -155,14 +155,7 @@ def plot_trajectory(
     fig, ax = _new_axes(ax, (_clamp(1.6 + 0.55 * len(result.labels), 6.0, _MAX_WIDTH), 3.6), width)
     x = np.arange(len(result.labels))
     for t in chosen:
-        column = ids[:, t][nxt >= 0] if is_next else ids[:, t]
-        shared = bool((column == column[0]).all())
-        if is_next:
-            name = "true next token" + (f" ({decode(int(column[0]))})" if shared else "")
-        elif shared:
-            name = decode(int(column[0]))
-        else:
-            name = f"target {t} (differs by prompt)"
+        name = _target_name(ids[:, t][nxt >= 0] if is_next else ids[:, t], t, is_next, decode)
         v = values[:, :, t]
         v = v[:, np.isfinite(v).all(0)]  # prompts without a next token drop out
         (line,) = ax.plot(x, v.mean(1), marker="o", markersize=4, label=name, zorder=3)
@@ -171,6 +164,28 @@ def plot_trajectory(
     _set_ticklabels(ax.xaxis, result.labels, 45 if len(result.labels) > 10 else 0)
     ax.set_xlabel("stack entry")
     ax.set_xlim(-0.3, len(x) - 0.7)
+    _value_axis(ax, metric, values)
+    title = f"Target {metric} across layers at {_where(result, rows, cols, int(position), decode)}"
+    if getattr(result, "lens_name", "logit") != "logit":
+        title += f" ({result.lens_name} lens)"
+    if len(rows) > 1:
+        title += f"\nmean over {len(rows)} prompts, band: 25\u201375% quantiles"
+    ax.set_title(title, **LITERAL_TEXT)
+    legend = ax.legend(title="target", fontsize=BASE_FONT, frameon=False)
+    _literal(legend.get_texts())
+    add_caption(fig, [STACK_CAPTION], owned)
+    return fig
+
+
+def _target_name(column: torch.Tensor, t: int, is_next: bool, decode: Any) -> str:
+    """The legend entry of target ``t``: its token when every prompt shares it."""
+    shared = bool((column == column[0]).all())
+    if is_next:
+        return "true next token" + (f" ({decode(int(column[0]))})" if shared else "")
+    return decode(int(column[0])) if shared else f"target {t} (differs by prompt)"
+
+
+def _value_axis(ax: Any, metric: str, values: np.ndarray) -> None:
     if metric == "rank":
         rank_axis(ax.yaxis, float(np.nanmax(values)) if np.isfinite(values).any() else 10.0)
         ax.set_ylabel("rank of target (0 = top)")
@@ -181,27 +196,20 @@ def plot_trajectory(
         ax.set_ylabel("logit of target")
     ax.grid(True, alpha=0.3)
 
+
+def _where(result: Any, rows: List[int], cols: List[int], position: int, decode: Any) -> str:
+    """Words for the position read: ``position 7 (␣Paris)``, or per prompt when they differ."""
     positions = sorted({int(result.positions[b, c]) for b, c in zip(rows, cols)})
-    if len(positions) == 1:
-        where = f"position {positions[0]}"
-        if result.input_ids is not None:
-            words = {int(result.input_ids[b, positions[0]]) for b in rows}
-            if len(words) == 1:
-                where += f" ({decode(words.pop())})"
-    else:
-        where = {-1: "each prompt's last position", -2: "each prompt's last position but one"}.get(
+    if len(positions) != 1:
+        return {-1: "each prompt's last position", -2: "each prompt's last position but one"}.get(
             position, f"column {position} of each prompt"
         )
-    title = f"Target {metric} across layers at {where}"
-    if getattr(result, "lens_name", "logit") != "logit":
-        title += f" ({result.lens_name} lens)"
-    if len(rows) > 1:
-        title += f"\nmean over {len(rows)} prompts, band: 25\u201375% quantiles"
-    ax.set_title(title, **LITERAL_TEXT)
-    legend = ax.legend(title="target", fontsize=BASE_FONT, frameon=False)
-    _literal(legend.get_texts())
-    add_caption(fig, [STACK_CAPTION], owned)
-    return fig
+    where = f"position {positions[0]}"
+    if result.input_ids is not None:
+        words = {int(result.input_ids[b, positions[0]]) for b in rows}
+        if len(words) == 1:
+            where += f" ({decode(words.pop())})"
+    return where
 
 
 def _band(ax: Any, x: np.ndarray, low: Any, high: Any, color: str) -> None:
