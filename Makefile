@@ -8,7 +8,7 @@ PIP_QUIET ?= -q
 TL3 ?= transformer-lens==3.9.0
 TL2 ?= transformer-lens==2.18.0 pyarrow<22
 
-.PHONY: setup test test-compat test-notebooks test-interop demo bench bench-tables bench-training clean
+.PHONY: setup test test-compat test-notebooks test-interop demo readme-figures bench bench-tables bench-training clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,15 @@ test-interop: setup .venv-tuned-lens/.installed
 demo: setup
 	$(VENV)/bin/tl-logitlens demo --out logitlens-demo
 
+# README's images, at print resolution, from the very run `make demo` makes (same prompt and seed).
+README_DPI ?= 200
+readme-figures: setup
+	rm -rf .readme-figures
+	$(VENV)/bin/tl-logitlens demo --out .readme-figures --dpi $(README_DPI) > /dev/null
+	cp .readme-figures/lens_heatmap.png docs/demo_lens_heatmap.png
+	cp .readme-figures/attribution_heads.png docs/demo_attribution_heads.png
+	rm -rf .readme-figures
+
 bench: setup
 	$(PY) bench/bench_lens.py $(ARGS)
 
@@ -69,4 +78,4 @@ bench-training: setup .venv-tuned-lens/.installed
 	TL_LOGITLENS_TUNED_LENS_PYTHON=$(abspath .venv-tuned-lens)/bin/python $(PY) bench/compare_training.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) .venv-tl3 .venv-tl2 .venv-tuned-lens logitlens-demo
+	rm -rf $(VENV) .venv-tl3 .venv-tl2 .venv-tuned-lens logitlens-demo .readme-figures

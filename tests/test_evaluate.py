@@ -196,7 +196,10 @@ def test_plot_draws_one_curve_per_statistic(model):
     matplotlib.use("Agg")
     ev = evaluate_lens(model, _tokens(), progress=False)
     fig = ev.plot()
-    assert [line.get_label() for line in fig.axes[0].lines[:3]] == list(STATISTICS)
+    from tl_logitlens.plots.style import METRIC_STYLE
+
+    # shown with the names every figure uses for these statistics (plot_lens_metrics too)
+    assert [line.get_label() for line in fig.axes[0].lines[:3]] == [METRIC_STYLE[s].name for s in STATISTICS]
     assert fig.axes[0].lines[0].get_ydata().tolist() == pytest.approx(ev.mean("kl_to_final").tolist())
 
 

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from matplotlib.colors import LogNorm  # noqa: E402
+from matplotlib.colors import SymLogNorm  # noqa: E402
 from matplotlib.container import BarContainer  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
@@ -211,11 +211,14 @@ def test_lens_metric_values(lens, metric, field):
     assert not [t for t in fig.axes[0].texts if t.get_gid() == "tll-top1"]
 
 
-def test_lens_rank_is_log_scaled_and_needs_next_targets(lens, lens_targets):
+def test_lens_rank_is_0_based_log_scaled_and_needs_next_targets(lens, lens_targets):
     fig = render(plot_lens(lens, metric="rank"))
     (image,) = fig.axes[0].images
-    assert isinstance(image.norm, LogNorm)
-    expected = lens.target_ranks[:, 0, :, 0].numpy() + 1.0
+    assert isinstance(image.norm, SymLogNorm) and image.norm.vmin == 0  # rank 0 (top-1) has a colour
+    # 0-based, as target_ranks: 0 = top, said on the colour bar and its first tick
+    assert "0 = top" in image.colorbar.ax.get_ylabel()
+    assert [t.get_text() for t in image.colorbar.ax.get_yticklabels()][:3] == ["0", "1", "10"]
+    expected = lens.target_ranks[:, 0, :, 0].numpy().astype(float)
     expected[:, lens.next_ids[0].numpy() < 0] = np.nan  # the last token has no next token
     np.testing.assert_allclose(filled(image), expected, equal_nan=True)
     with pytest.raises(ValueError, match='targets="next"'):
@@ -353,10 +356,11 @@ def test_trajectory_target_selection(lens_targets):
         plot_trajectory(lens_targets, metric="entropy")
 
 
-def test_trajectory_rank_log_scale(lens_targets):
+def test_trajectory_rank_0_based_log_scale(lens_targets):
     ax = render(plot_trajectory(lens_targets, metric="rank", position=2)).axes[0]
-    assert ax.get_yscale() == "log"
-    np.testing.assert_allclose(ax.lines[0].get_ydata(), lens_targets.target_ranks[:, :, 2, 0].float().mean(1).numpy() + 1)
+    assert ax.get_yscale() == "symlog" and "0 = top" in ax.get_ylabel()
+    assert tick_texts(ax.yaxis)[:2] == ["0", "1"]
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), lens_targets.target_ranks[:, :, 2, 0].float().mean(1).numpy())
 
 
 def test_trajectory_next_targets_and_single_position(lens, model, ids):
