@@ -110,7 +110,7 @@ def test_group_trajectory_draws_one_line_per_group():
     import matplotlib
 
     matplotlib.use("Agg")
-    from tl_logitlens.source_plots import plot_group_trajectory
+    from tl_logitlens.plots import plot_group_trajectory
 
     model = builders.word_model()
     prompts = ["w5 w6 w7 w8 w9", "w10 w11"]

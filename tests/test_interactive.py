@@ -22,7 +22,7 @@ from tl_logitlens.errors import LensInputError
 from tl_logitlens.tokentext import display_token, token_text
 
 plotly = pytest.importorskip("plotly", reason="plotly is not installed (pip install tl-logitlens[interactive])")
-from tl_logitlens import interactive  # noqa: E402
+from tl_logitlens.plots import interactive  # noqa: E402
 
 PAGE_LIMIT = 2_000_000  # bytes: a 12-layer x 128-position lens page must stay under it
 

@@ -148,7 +148,7 @@ def test_source_figure_shows_the_top_heads_by_source():
     import matplotlib
 
     matplotlib.use("Agg")
-    from tl_logitlens.source_plots import plot_source_attribution
+    from tl_logitlens.plots import plot_source_attribution
 
     model = builders.word_model()
     att = tll.direct_logit_attribution(model, ["w5 w6 w7 w8 w9", "w10 w11 w12"], answers="w11", by="head",

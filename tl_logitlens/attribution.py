@@ -246,13 +246,13 @@ class Attribution:
 
     def show(self, **kwargs: Any) -> Any:
         """Display the interactive plotly view in a notebook and return the Figure (:mod:`tl_logitlens.interactive`)."""
-        from .interactive import show
+        from .plots.interactive import show
 
         return show(self, **kwargs)
 
     def to_html(self, path: Any, **kwargs: Any) -> Any:
         """Write the interactive view to ``path`` as a self-contained page (no network needed to open it)."""
-        from .interactive import to_html
+        from .plots.interactive import to_html
 
         return to_html(self, path, **kwargs)
 

@@ -102,7 +102,7 @@ def _demo_pages(out: Path, written: List[str], lens: Any, components: Any, heads
 
     notes = ["The built-in model on a repeated random word sequence: the logit lens and direct logit attribution."]
     if importlib.util.find_spec("plotly") is not None:
-        from ..interactive import to_html
+        from ..plots.interactive import to_html
 
         for name, result in (("lens.html", lens), ("attribution_heads.html", heads),
                              ("attribution_components.html", components)):

@@ -152,7 +152,7 @@ def print_attribution(att: Any, k: int) -> None:
 
 def write_page(result: Any, path: Any) -> None:
     """The ``--html`` interactive page of ``result`` (self-contained, written atomically)."""
-    from ..interactive import to_html
+    from ..plots.interactive import to_html
 
     to_html(result, path)
     print(f"\nWrote the interactive page {path}")

@@ -3,9 +3,12 @@
 - :mod:`.style`: the one table of metric names and colours, colour maps, width presets, captions
 - :mod:`.layout`: sizes, fonts, text measured and elided to fit, tick labels, decoding, ``save_figure``
 - :mod:`.lens`: :func:`plot_lens`, the logit-lens heatmap (small multiples for several prompts)
-- :mod:`.lines`: :func:`plot_trajectory`, :func:`plot_layer_curves`, :func:`plot_lens_metrics`
+- :mod:`.lines`: :func:`plot_trajectory`, :func:`plot_layer_curves`, :func:`plot_lens_metrics`,
+  :func:`plot_group_trajectory`
   (``LensEvaluation.plot`` draws with :func:`plot_layer_curves`)
-- :mod:`.attribution`: :func:`plot_attribution`, :func:`plot_attribution_positions`
+- :mod:`.attribution`: :func:`plot_attribution`, :func:`plot_attribution_positions`,
+  :func:`plot_source_attribution` (source tokens x heads)
+- :mod:`.interactive`: plotly views behind ``result.show()`` and ``result.to_html(path)``
 
 Every function takes a result object (:class:`~tl_logitlens.LensResult` or
 :class:`~tl_logitlens.Attribution`) as its one positional argument, and everything else by
@@ -52,10 +55,10 @@ Example::
 
 from __future__ import annotations
 
-from .attribution import plot_attribution, plot_attribution_positions
+from .attribution import plot_attribution, plot_attribution_positions, plot_source_attribution
 from .layout import save_figure
 from .lens import plot_lens
-from .lines import plot_layer_curves, plot_lens_metrics, plot_trajectory
+from .lines import plot_group_trajectory, plot_layer_curves, plot_lens_metrics, plot_trajectory
 from .style import ATTRIBUTION_KINDS, LENS_METRICS, METRIC_STYLE, TRAJECTORY_METRICS, WIDTHS
 
 # The old single module's helpers, for code written against it (interactive views, notebooks).
@@ -76,5 +79,7 @@ __all__ = [
     "plot_layer_curves",
     "plot_attribution",
     "plot_attribution_positions",
+    "plot_source_attribution",
+    "plot_group_trajectory",
     "save_figure",
 ]

@@ -20,7 +20,7 @@ from .layout import (
     elide, thin_every,
 )
 from .style import (
-    ACCUMULATED_LABEL, ATTRIBUTION_KINDS, BASE_FONT, CONSTANT_CAPTION, MIN_FONT, NEG_COLOR, NEURON, POS_COLOR,
+    ACCUMULATED_LABEL, ATTRIBUTION_KINDS, BASE_FONT, CHAR_WIDTH, CONSTANT_CAPTION, MIN_FONT, NEG_COLOR, NEURON, POS_COLOR,
     STACK_CAPTION,
 )
 
@@ -364,3 +364,118 @@ def _position_labels(ax: Any, x_labels: List[str], y_labels: List[str]) -> None:
     y_ticks = list(range(0, len(y_labels), y_step))
     ax.set_yticks(y_ticks)
     ax.set_yticklabels([y_labels[i] for i in y_ticks], fontsize=y_font, **LITERAL_TEXT)
+
+
+def plot_source_attribution(
+    att: Any,
+    *,
+    ax: Any = None,
+    top: int = 6,
+    batch: Optional[int] = 0,
+    position: int = -1,
+    annotate: Optional[bool] = None,
+) -> Any:
+    """Which source tokens the top heads' direct effect came from: a source x head heatmap.
+
+    Columns are the ``top`` heads with the largest ``|value|`` (for the prompt and position
+    shown), strongest first; rows are the source positions from the first to the
+    destination (later sources get no attention), labelled with their tokens; each cell is
+    ``att.by_source()[layer, head, src]``, the part of the head's effect on the answer's
+    logit (difference) that came from that source, on the diverging ``RdBu`` map with limits
+    symmetric about zero. A column sums to the head's own attribution (plus the
+    ``source_rounding`` of a half-precision model).
+
+    Args:
+        att: an :class:`~tl_logitlens.Attribution` made with ``by="head", by_source=True``.
+        top: how many heads to show (a positive int; fewer when the model has fewer).
+        batch: the prompt to show, or ``None`` for the mean over prompts (rows are then
+            labelled by position only, since prompts hold different tokens).
+        position: for an attribution taken at several positions, which column of
+            ``att.positions`` (negative from the end).
+        ax: a matplotlib ``Axes`` to draw into.
+        annotate: write each value in its cell (default: at most 256 cells).
+
+    Returns:
+        The ``Figure``; ``fig.axes[0].images[0]`` holds the ``[source, head]`` array.
+
+    Example::
+
+        >>> import tl_logitlens as tll
+        >>> from tl_logitlens.plots import plot_source_attribution
+        >>> model = tll.demo_model()
+        >>> ids = tll.demo.induction_prompt(model)
+        >>> att = tll.direct_logit_attribution(model, ids[:, :-1], answers=int(ids[0, -1]), by="head", by_source=True)
+        >>> fig = plot_source_attribution(att, top=3)
+        >>> fig.axes[0].images[0].get_array().shape      # 24 sources up to the last token, 3 heads
+        (24, 3)
+    """
+    data = att.by_source()  # [layer, head, src, batch(, pos)]
+    if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
+        raise ValueError(f"top must be a positive int (how many heads to show), got {top!r}")
+    n_layers, n_heads, n_src, n_batch = data.shape[:4]
+    positions = att.positions  # [batch, n]
+    if data.ndim == 5:
+        n_pos = data.shape[4]
+        if isinstance(position, bool) or not isinstance(position, (int, np.integer)) or not -n_pos <= position < n_pos:
+            raise ValueError(f"position={position!r} is out of range: the attribution has {n_pos} position column(s)")
+        col = int(position) % n_pos
+        data = data[..., col]
+    else:
+        col = 0
+    if batch is None:
+        grid = torch.nanmean(data, dim=3)  # [layer, head, src]
+        dests = {int(p) for p in positions[:, col]}
+        dest = max(dests)
+        which = f"mean of {n_batch} prompts"
+        words = None
+    else:
+        _check_batch(batch, n_batch, "attribution")
+        b = int(batch) % n_batch
+        grid = data[:, :, :, b]
+        dest = int(positions[b, col])
+        which = f"prompt {b}" if n_batch > 1 else ""
+        texts = att.source_tokens()
+        words = None if texts is None else texts[b]
+    totals = grid.sum(2).reshape(-1)  # [layer * head]
+    order = totals.abs().nan_to_num(-1.0).argsort(descending=True)[: int(top)].tolist()
+    heads = [divmod(i, n_heads) for i in order]
+    rows = list(range(min(dest + 1, n_src)))
+    image_data = _np(torch.stack([grid[layer, head, : len(rows)] for layer, head in heads], dim=1))  # [src, head]
+    labels = [f"{p} {display_token(words[p])}" if words is not None else str(p) for p in rows]
+    cols = [f"L{layer}H{head}" for layer, head in heads]
+
+    chars = max(len(s) for s in labels)
+    if ax is None:
+        width = _clamp(2.6 + CHAR_WIDTH * BASE_FONT * chars + 0.7 * len(cols), 4.0, 16.0)
+        height = _clamp(1.6 + 0.22 * len(rows), 3.0, 14.0)
+        fig, ax = _new_axes(None, (width, height))
+    else:
+        fig = ax.figure
+    limit = float(np.nanmax(np.abs(image_data))) if np.isfinite(image_data).any() else 1.0
+    limit = limit or 1.0
+    norm = mcolors.Normalize(-limit, limit)
+    image = ax.imshow(image_data, cmap="RdBu", norm=norm, aspect="auto", interpolation="nearest")
+    if annotate is None:
+        annotate = image_data.size <= 256
+    if annotate:
+        cmap = image.get_cmap()
+        for i in range(image_data.shape[0]):
+            for j in range(image_data.shape[1]):
+                value = float(image_data[i, j])
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=BASE_FONT - 2,
+                        color=_text_color(cmap, norm, value), **LITERAL_TEXT)
+    target = _answer_words(att)
+    bar = fig.colorbar(image, ax=ax, pad=0.02)
+    bar.set_label(f"direct effect on {target}", **LITERAL_TEXT)
+    _set_ticklabels(ax.xaxis, cols)
+    _set_ticklabels(ax.yaxis, labels, 0, _clamp(BASE_FONT - 0.05 * max(len(rows) - 30, 0), 5.0, BASE_FONT))
+    ax.set_xlabel("head (strongest first)")
+    ax.set_ylabel("source position")
+    ax.tick_params(length=0)
+    title = f"Head attribution to {target} by source, at position {dest}"
+    if words is not None:
+        title += f" ({display_token(words[dest])})"
+    if which:
+        title += f"\n{which}"
+    ax.set_title(title, **LITERAL_TEXT)
+    return fig

@@ -12,9 +12,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..tokentext import LITERAL_TEXT
+from ..tokentext import LITERAL_TEXT, display_token
 from .layout import (
-    _batch_rows, _clamp, _decoder, _lens_words, _literal, _new_axes, _np, _set_ticklabels, _targets_are_next,
+    _batch_rows, _check_batch, _clamp, _decoder, _lens_words, _literal, _new_axes, _np, _set_ticklabels, _targets_are_next,
     _with_pos, add_caption, plain_log_ticks, rank_axis,
 )
 from .style import BAND_ALPHA, BASE_FONT, STACK_CAPTION, TRAJECTORY_METRICS, metric_style
@@ -388,3 +388,97 @@ def plot_lens_metrics(
         f"band {lo_q * 100:g}\u2013{hi_q * 100:g}%"
     )
     return plot_layer_curves(result.labels, curves, ax=ax, title=title, ylabel="nats", width=width)
+
+
+def plot_group_trajectory(
+    result: Any,
+    *,
+    ax: Any = None,
+    groups: Any = None,
+    batch: Optional[int] = 0,
+    position: int = -1,
+    metric: str = "prob",
+) -> Any:
+    """Each token group's summed probability (or log-sum-exp logit) across layers, one line per group.
+
+    The figure behind "latent language" readings: e.g. the answer in one language against
+    its translation, layer by layer. Read from ``result.group_probs`` /
+    ``result.group_logits`` (``[layer, batch, pos, group]``, or ``[layer, batch, group]``
+    for a result read at one int position).
+
+    Args:
+        result: a :class:`~tl_logitlens.LensResult` made with ``targets={"name": [tokens...], ...}``.
+        groups: ``None`` (all), a group name, or a list of names.
+        batch: a prompt index, or ``None`` for the mean over prompts.
+        position: which column of ``result.positions`` (negative from the end). For one
+            prompt, the column must be a real (non-padding) token.
+        metric: ``"prob"`` (summed probability, 0..1) or ``"logit"`` (log-sum-exp logit).
+        ax: a matplotlib ``Axes`` to draw into.
+
+    Returns:
+        The ``Figure``; ``ax.lines[i]`` is the ``i``-th group shown, labelled with its name.
+
+    Example::
+
+        >>> import tl_logitlens as tll
+        >>> from tl_logitlens.plots import plot_group_trajectory
+        >>> model = tll.demo_model()
+        >>> ids = tll.demo.induction_prompt(model)
+        >>> result = tll.logit_lens(model, ids, targets={"cat": ["cat"], "animals": ["cat", "goat", "ape"]})
+        >>> fig = plot_group_trajectory(result, position=13)
+        >>> [line.get_label() for line in fig.axes[0].lines]
+        ['cat', 'animals']
+    """
+    if getattr(result, "group_names", None) is None:
+        raise ValueError('plot_group_trajectory needs token groups: tll.logit_lens(..., targets={"name": [tokens...], ...})')
+    if metric not in ("prob", "logit"):
+        raise ValueError(f"metric must be 'prob' or 'logit', got {metric!r}")
+    values = result.group_probs if metric == "prob" else result.group_logits
+    if not result.has_pos_axis:
+        values = values.unsqueeze(2)
+    n_layer, n_batch, n_pos, n_group = values.shape
+    names: List[str] = list(result.group_names)
+    if groups is None:
+        picked = list(range(n_group))
+    else:
+        wanted = [groups] if isinstance(groups, str) else list(groups)
+        unknown = [g for g in wanted if g not in names]
+        if unknown:
+            raise ValueError(f"unknown group(s) {unknown}; the result's groups are {names}")
+        picked = [names.index(g) for g in wanted]
+    if isinstance(position, bool) or not isinstance(position, (int, np.integer)) or not -n_pos <= position < n_pos:
+        raise ValueError(f"position={position!r} is out of range: the result has {n_pos} position column(s)")
+    col = int(position) % n_pos
+    if batch is None:
+        real = (result.positions[:, col] < result.lengths)  # prompts with a token in this column
+        curves = values[:, real, col].mean(1)
+        which = f"mean of {int(real.sum())} prompts"
+        where = f"column {col}"
+    else:
+        _check_batch(batch, n_batch, "result")
+        b = int(batch) % n_batch
+        pos = int(result.positions[b, col])
+        if pos >= int(result.lengths[b]):
+            raise ValueError(f"position column {col} is padding in prompt {b} (its length is {int(result.lengths[b])})")
+        curves = values[:, b, col]
+        which = f"prompt {b}" if n_batch > 1 else ""
+        tokens = result.input_tokens()
+        where = f"position {pos}" + ("" if tokens is None else f" ({display_token(tokens[b][col])})")
+    fig, ax = _new_axes(ax, (_clamp(1.5 + 0.5 * n_layer, 5.0, 14.0), 3.8))
+    x = np.arange(n_layer)
+    for g in picked:
+        ax.plot(x, _np(curves[:, g]), marker="o", label=names[g])
+    _set_ticklabels(ax.xaxis, list(result.labels), 45 if n_layer > 8 else 0)
+    ax.set_xlabel("layer (stack entry)")
+    if metric == "prob":
+        ax.set_ylabel("summed probability of the group")
+        ax.set_ylim(-0.02, 1.02)
+    else:
+        ax.set_ylabel("log-sum-exp logit of the group")
+    legend = ax.legend(loc="best", fontsize=BASE_FONT - 1)
+    for text in legend.get_texts():
+        text.set_parse_math(False)
+    ax.grid(alpha=0.3)
+    title = f"Token groups across layers at {where}" + (f"\n{which}" if which else "")
+    ax.set_title(title, **LITERAL_TEXT)
+    return fig

@@ -68,6 +68,7 @@ WIDTHS: Dict[str, float] = {"column": 3.3, "page": 6.9}
 MAX_HEIGHT = 9.0  # inches: a page's text height
 BASE_FONT = 8.0  # points: figure text at print size
 MIN_FONT = 6.0  # points: nothing smaller is drawn
+CHAR_WIDTH = 0.62 / 72  # inches per point of font size: an average glyph, for sizing before drawing
 POS_COLOR, NEG_COLOR = "#2166ac", "#b2182b"  # the ends of RdBu
 MARK_COLOR = "#e66101"
 NAN_COLOR = "#d9d9d9"

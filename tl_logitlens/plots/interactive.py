@@ -26,12 +26,13 @@ Tooltip of a lens cell (one line each; tokens spelled by
     entropy <e> · KL <kl> nats
 
 Requires plotly (``pip install tl-logitlens[interactive]``). The metric names and colour
-scales live in :data:`LENS_METRICS` (the static figures keep their own table for now).
+scales live in :data:`LENS_METRICS`; the evaluation curves take their names and colours from
+:data:`tl_logitlens.plots.style.METRIC_STYLE`, as the static figures do.
 
 Example::
 
     >>> import tl_logitlens as tll
-    >>> from tl_logitlens.interactive import lens_figure
+    >>> from tl_logitlens.plots.interactive import lens_figure
     >>> model = tll.demo_model()
     >>> result = tll.logit_lens(model, tll.demo.induction_prompt(model), targets="next")
     >>> fig = lens_figure(result)
@@ -54,8 +55,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .errors import LensInputError
-from .tokentext import display_token, token_text
+from ..errors import LensInputError
+from .style import METRIC_STYLE
+from ..tokentext import display_token, token_text
 
 __all__ = ["LENS_METRICS", "lens_figure", "attribution_figure", "evaluation_figure", "comparison_figure",
            "figure", "page_html", "to_html", "show"]
@@ -71,11 +73,9 @@ LENS_METRICS: Dict[str, Tuple[str, str, str, bool]] = {
     "kl": ("KL to final", "KL to final (nats)", "Magma", True),
     "rank": ("{target} rank", "rank (0 = top)", "Viridis", True),
 }
-#: Evaluation statistics: key -> (name, colour). Shared by the evaluation and comparison views.
+#: Evaluation statistics: key -> (name, colour), from the one style table the static figures use.
 EVAL_STATS: Dict[str, Tuple[str, str]] = {
-    "kl_to_final": ("KL to final", "#d62728"),
-    "next_token_loss": ("next-token loss", "#1f77b4"),
-    "entropy": ("entropy", "#2ca02c"),
+    key: (METRIC_STYLE[key].name, METRIC_STYLE[key].color) for key in ("kl_to_final", "next_token_loss", "entropy")
 }
 _LENS_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 _MAX_OPTIONS = 64  # attribution cells offered in the menu (beyond: the mean and the first ones)
