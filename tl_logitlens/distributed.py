@@ -36,6 +36,7 @@ group's timeout (:func:`init_from_env`) and by ``torchrun``, which stops the oth
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import itertools
 import os
@@ -45,17 +46,13 @@ from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import torch
 
-from .errors import LensInputError
+from .errors import LensInputError, RankFailedError
 
 #: Seconds a collective may wait for the other ranks before the job fails (:func:`init_from_env`).
 DEFAULT_TIMEOUT = 600.0
 
 #: Marks an empty shard (a rank that holds no data: fewer items than ranks).
 EMPTY = object()
-
-
-class RankFailedError(RuntimeError):
-    """Another rank of the process group failed; the message names the rank and its error."""
 
 
 def _dist() -> Any:
@@ -119,7 +116,27 @@ def init_from_env(timeout: float = DEFAULT_TIMEOUT, backend: Optional[str] = Non
             )
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=float(timeout)))
+    atexit.register(_shutdown)  # a group this function made is this process's to close
     return True
+
+
+def _shutdown() -> None:
+    if group_active():
+        _dist().destroy_process_group()
+
+
+def timeout_from_env() -> float:
+    """The collective timeout in seconds: ``TL_LOGITLENS_DIST_TIMEOUT`` or :data:`DEFAULT_TIMEOUT`."""
+    raw = os.environ.get("TL_LOGITLENS_DIST_TIMEOUT")
+    if raw is None:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise LensInputError(f"TL_LOGITLENS_DIST_TIMEOUT={raw!r} is not a positive number of seconds")
+    return value
 
 
 def local_device() -> torch.device:
