@@ -7,7 +7,9 @@ job (gloo, ``OMP_NUM_THREADS=1``, each rank its shard, statistics all-reduced), 
 run one process with ``torch.set_num_threads(2)``. Each times the evaluation alone (model
 loaded and a warm-up pass done first; the ranks meet at a barrier before and after), best of
 ``--repeats``. Reported: tokens per second of each and the ratio distributed / single
-(target >= 0.85), the token counts (equal), and the processor.
+(target >= 0.85), 1 process x 1 thread for reference, the token counts (equal), the
+processor and the load average (on a shared machine, other work skews the ratio: OpenMP's
+threads wait for each other at every operation, separate processes do not).
 
 Model: ``--model PATH`` (a Hugging Face folder, e.g. stories260k), or by default a random
 GPT-2 (4 layers, d_model 256, vocabulary 8192) written to a temporary folder, so the work is
@@ -137,21 +139,24 @@ def main() -> None:
         common = [__file__, "--worker", "--model", model, "--tokens", str(tmp / "tokens.pt"),
                   "--batch-size", str(args.batch_size), "--repeats", str(args.repeats)]
         run([sys.executable, *common, "--threads", "2", "--result", str(tmp / "single.json")], threads=2)
+        run([sys.executable, *common, "--threads", "1", "--result", str(tmp / "one.json")], threads=1)
         run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *common,
              "--threads", "1", "--result", str(tmp / "dist.json")], threads=1)
         single = json.loads((tmp / "single.json").read_text())
         dist = json.loads((tmp / "dist.json").read_text())
+        one = json.loads((tmp / "one.json").read_text())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     assert single["n_tokens"] == dist["n_tokens"], (single, dist)
     rate_1 = single["n_tokens"] / single["seconds"]
     rate_2 = dist["n_tokens"] / dist["seconds"]
+    rate_0 = one["n_tokens"] / one["seconds"]
     ratio = rate_2 / rate_1
     results = {
         "load_before": load[0], "load_after": os.getloadavg()[0],
         "processor": processor(), "cpus": os.cpu_count(), "model": described, "tokens": single["n_tokens"],
         "rows": args.rows, "seq": args.seq, "batch_size": args.batch_size,
-        "single_2_threads_tok_s": rate_1, "torchrun_2x1_tok_s": rate_2, "ratio": ratio, "target": 0.85,
+        "single_2_threads_tok_s": rate_1, "torchrun_2x1_tok_s": rate_2, "single_1_thread_tok_s": rate_0, "ratio": ratio, "target": 0.85,
         "max_mean_kl_rel_diff": max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(dist["kl_mean"], single["kl_mean"])),
     }
     print(f"processor: {results['processor']} ({results['cpus']} logical CPUs; load average before "
@@ -159,6 +164,7 @@ def main() -> None:
     print(f"model: {described}; {results['tokens']} scored tokens ({args.rows} x {args.seq}), batch {args.batch_size}")
     print(f"1 process x 2 threads : {rate_1:10.0f} tokens/s")
     print(f"2 processes x 1 thread: {rate_2:10.0f} tokens/s (torchrun, gloo)")
+    print(f"1 process x 1 thread  : {rate_0:10.0f} tokens/s (reference: what a second thread adds)")
     print(f"ratio {ratio:.3f} (target >= 0.85: {'met' if ratio >= 0.85 else 'NOT met'})")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))

@@ -68,6 +68,21 @@ def test_a_single_batch_goes_to_rank_0():
     assert shard_data(batch, 0, 3) is batch and shard_data(batch, 2, 3) is EMPTY
 
 
+def test_a_loader_with_a_distributed_sampler_is_not_sharded_again():
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    data = TensorDataset(torch.arange(10).view(5, 2))
+    loader = DataLoader(data, sampler=DistributedSampler(data, num_replicas=2, rank=1, shuffle=False))
+    with pytest.warns(UserWarning, match="1 sample\\(s\\) are repeated"):  # 5 samples on 2 ranks: padded
+        assert shard_data(loader, 1, 2) is loader
+    even = DataLoader(data, sampler=DistributedSampler(data, num_replicas=5, rank=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert shard_data(even, 1, 5) is even
+    with pytest.raises(LensInputError, match="num_replicas=2, rank=1, but this process is rank 0 of 2"):
+        shard_data(loader, 0, 2)
+
+
 @pytest.mark.parametrize("n_rows,seq,max_tokens,world", [(7, 12, 25, 3), (7, 12, 77, 2), (7, 12, 500, 3), (4, 2, 3, 4), (5, 9, 8, 2)])
 def test_tensor_budget_scores_the_tokens_one_process_would(n_rows, seq, max_tokens, world):
     """Each rank's budget is its rows' share of the first max_tokens scored tokens (seq - 1 per row)."""

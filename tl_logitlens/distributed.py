@@ -285,7 +285,7 @@ class Group:
         """Run data-dependent work; an exception is remembered (and re-raised) for :meth:`check`."""
         try:
             yield
-        except BaseException as err:
+        except Exception as err:  # not KeyboardInterrupt: an interrupted job should stop, not meet the others
             self.failure = err
             self.check()  # tell the others, then raise our own error
             raise
