@@ -27,7 +27,7 @@ from tl_logitlens.errors import LensInputError
 from tl_logitlens.evaluate import HIST_BINS_PER_DECADE, STATISTICS, LensEvaluation, _Running, evaluate_lens
 
 ROOT = Path(__file__).resolve().parent.parent
-DIST = Path(__file__).resolve().parent / "dist"
+DIST = Path(__file__).resolve().parent / "torchrun"  # not "dist": .gitignore ignores dist/
 sys.path.insert(0, str(DIST))
 
 from cases import CASES  # noqa: E402
