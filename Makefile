@@ -8,7 +8,7 @@ PIP_QUIET ?= -q
 TL3 ?= transformer-lens==3.9.0
 TL2 ?= transformer-lens==2.18.0 pyarrow<22
 
-.PHONY: setup test test-compat test-notebooks test-interop demo readme-figures bench bench-tables bench-training clean
+.PHONY: setup test test-compat test-notebooks test-interop test-distributed demo readme-figures bench bench-tables bench-training clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ test-compat: .venv-tl3/.installed .venv-tl2/.installed
 # Executes the tutorial notebooks (slow; CI runs it).
 test-notebooks: setup
 	$(PY) -m pytest -q -m notebooks
+
+# Real torchrun jobs (2-3 CPU processes with gloo) compared with one process (slow; CI runs it).
+test-distributed: setup
+	$(PY) -m pytest -q -m distributed
 
 # Agreement with EleutherAI tuned-lens 0.2.0, in its own venv (it cannot share one with transformer-lens 4).
 # torchdata 0.8 only for its training loop (bench/compare_training.py): 0.11 dropped dataloader2.

@@ -28,3 +28,7 @@ class NonFiniteActivationError(ValueError):
 
 class UnsupportedModelError(NotImplementedError):
     """The architecture cannot be read exactly by this package (and it will not guess)."""
+
+
+class RankFailedError(RuntimeError):
+    """Another rank of a ``torch.distributed`` job failed; the message names the rank and its error."""

@@ -29,6 +29,7 @@ error below ``1e-6`` under that, and a value in ``[1e4, max]`` above it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -405,6 +406,42 @@ class _Running:
         self.correct += (top1 == next_ids.unsqueeze(0)).sum(1)
         self.n_tokens += n
 
+    # -- merging (tl_logitlens.distributed): shards' statistics combine exactly -----------------
+    def _packed(self) -> List[Tuple[torch.Tensor, str]]:
+        """Everything as four flat tensors with the reduction that merges them, in a fixed order."""
+        counts = torch.cat(
+            [torch.tensor([self.n_tokens, self.n_sequences], dtype=torch.int64), self.agree, self.correct]
+            + [self.hists[s].flatten() for s in STATISTICS]
+        )
+        return [
+            (counts, "sum"),
+            (torch.cat([self.sums[s] for s in STATISTICS]), "sum"),  # float64
+            (torch.cat([self.minima[s] for s in STATISTICS]), "min"),
+            (torch.cat([self.maxima[s] for s in STATISTICS]), "max"),
+        ]
+
+    def _unpack(self, counts: torch.Tensor, sums: torch.Tensor, minima: torch.Tensor, maxima: torch.Tensor) -> None:
+        n_layer = self.agree.shape[0]
+        self.n_tokens, self.n_sequences = int(counts[0]), int(counts[1])
+        self.agree = counts[2 : 2 + n_layer].clone()
+        self.correct = counts[2 + n_layer : 2 + 2 * n_layer].clone()
+        hists = counts[2 + 2 * n_layer :].view(len(STATISTICS), n_layer, _N_BINS)
+        for k, s in enumerate(STATISTICS):
+            self.hists[s] = hists[k].clone()
+            self.sums[s] = sums[k * n_layer : (k + 1) * n_layer].clone()
+            self.minima[s] = minima[k * n_layer : (k + 1) * n_layer].clone()
+            self.maxima[s] = maxima[k * n_layer : (k + 1) * n_layer].clone()
+
+    def merge(self, other: "_Running") -> None:
+        """Fold in another shard's statistics: sums and counts add, minima and maxima combine."""
+        combine = {"sum": torch.add, "min": torch.minimum, "max": torch.maximum}
+        self._unpack(*(combine[op](a, b) for (a, op), (b, _) in zip(self._packed(), other._packed())))
+
+    def all_reduce(self, reduce: Callable[[torch.Tensor, str], torch.Tensor]) -> None:
+        """Replace the statistics by their reduction over every rank: ``reduce(tensor, "sum"|"min"|"max")``
+        is called four times, in the same order on every rank (e.g. ``Group.reduce``)."""
+        self._unpack(*(reduce(t, op) for t, op in self._packed()))
+
 
 class _NoBar:
     def update(self, n: int) -> None:
@@ -434,6 +471,7 @@ def evaluate_lens(
     batch_size: int = 8,
     max_tokens: Optional[int] = None,
     progress: bool = True,
+    distributed: Optional[bool] = None,
 ) -> LensEvaluation:
     """Evaluate the logit lens over a dataset, one batch at a time, in bounded memory.
 
@@ -464,7 +502,13 @@ def evaluate_lens(
         norm: ``"recompute"`` (the logit lens), ``"cached"`` or ``"none"``.
         batch_size: sequences per forward pass for tensor and string data.
         max_tokens: stop after exactly this many scored tokens (``None``: all the data).
-        progress: show a tqdm progress bar with the tokens-per-second rate.
+        progress: show a tqdm progress bar with the tokens-per-second rate (rank 0 only).
+        distributed: inside an initialised ``torch.distributed`` process group (``None``:
+            detected; ``True``: required; ``False``: ignore it), each rank evaluates its
+            shard of ``data`` and the statistics are merged exactly, so every rank returns
+            the same result as one process on all the data (shard rule and the split of
+            ``max_tokens``: :mod:`tl_logitlens.distributed`). Only rank 0 shows progress and
+            warns; a rank that fails makes every rank raise.
 
     Returns:
         :class:`LensEvaluation` with per-entry means, quantiles, perplexity and top-1
@@ -494,6 +538,10 @@ def evaluate_lens(
     max_tokens = None if max_tokens is None else int(max_tokens)
     from .lens import _apply_lens, stack_labels
     from .lenses import check_lens, is_identity, lens_name
+    from .distributed import resolve
+
+    group = resolve(distributed)
+    main = group is None or group.is_main
 
     check_lens(lens)
     named = lens_name(lens)  # before a LogitLens becomes None below
@@ -502,16 +550,72 @@ def evaluate_lens(
 
     labels = stack_labels(view.n_layers, False)
     names = required_hooks(view, "accumulated")  # every resid_pre and the final resid_post
-    stream, total = batches(view, data, batch_size)
-    if max_tokens is not None:
-        total = max_tokens if total is None else min(total, max_tokens)
     n_ctx = context_length(view)
     counts = {"split": 0, "windows": 0}
     device = compute_device(view)  # where the kernel reads; the tokens go to the embedding's device
     running = _Running(len(labels))
-
-    bar = _progress_bar(total, progress)
     started = time.perf_counter()
+    with group.guard() if group is not None else contextlib.nullcontext():
+        _evaluate_stream(view, data, group, max_tokens, batch_size, progress and main, lens, labels, names,
+                         n_ctx, counts, device, running, norm)
+    if group is not None:  # every rank's statistics, merged exactly; the same result on every rank
+        group.check()
+        running.all_reduce(group.reduce)
+        merged = group.reduce(torch.tensor([counts["split"], counts["windows"]], dtype=torch.int64), "sum")
+        counts = {"split": int(merged[0]), "windows": int(merged[1])}
+    seconds = time.perf_counter() - started
+    if group is not None:
+        seconds = float(group.reduce(torch.tensor([seconds], dtype=torch.float64), "max")[0])
+    if running.n_sequences == 0:
+        raise LensInputError("data is empty: no sequences were read")
+    meta: Dict[str, Any] = {"model": view.model_name, "lens": lens is not None}
+    if group is not None:
+        meta["ranks"] = group.world
+    if counts["split"]:
+        meta["split_sequences"] = counts["split"]
+        meta["windows"] = counts["windows"]
+        meta["n_ctx"] = n_ctx
+        if main:
+            warnings.warn(
+                f"evaluate_lens: {counts['split']} sequence(s) longer than the model's context of {n_ctx} "
+                f"tokens were split into {counts['windows']} windows of at most {n_ctx} tokens (overlapping "
+                "by one, so every token is scored once; a window's first tokens see only that window). "
+                "The counts are in the result's meta.",
+                UserWarning,
+                stacklevel=2,
+            )
+    if running.n_tokens == 0:
+        raise LensInputError("no token was scored: every sequence is shorter than two tokens")
+    return LensEvaluation(
+        labels=labels,
+        n_tokens=running.n_tokens,
+        n_sequences=running.n_sequences,
+        norm=norm,
+        sums=running.sums,
+        minima=running.minima,
+        maxima=running.maxima,
+        histograms=running.hists,
+        top1_agree=running.agree,
+        top1_correct=running.correct,
+        seconds=seconds,
+        meta=meta,
+        lens_name=named,
+    )
+
+
+def _evaluate_stream(view, data, group, max_tokens, batch_size, progress, lens, labels, names, n_ctx, counts,
+                     device, running, norm) -> None:  # type: ignore[no-untyped-def]
+    """Fold this process's data (its shard, under a process group) into ``running``."""
+    from .distributed import EMPTY, shard_for
+    from .lens import _apply_lens
+
+    data, max_tokens = shard_for(group, data, max_tokens)  # the shard step: unchanged without a group
+    if data is EMPTY:  # fewer items than ranks: this rank has nothing to read
+        return
+    stream, total = batches(view, data, batch_size)
+    if max_tokens is not None:
+        total = max_tokens if total is None else min(total, max_tokens)
+    bar = _progress_bar(total, progress)
     try:
         for tokens in split_long(stream, n_ctx, batch_size, counts):
             sequences = tokens.sequences
@@ -572,35 +676,3 @@ def evaluate_lens(
             bar.update(n)
     finally:
         bar.close()
-    if running.n_sequences == 0:
-        raise LensInputError("data is empty: no sequences were read")
-    meta: Dict[str, Any] = {"model": view.model_name, "lens": lens is not None}
-    if counts["split"]:
-        meta["split_sequences"] = counts["split"]
-        meta["windows"] = counts["windows"]
-        meta["n_ctx"] = n_ctx
-        warnings.warn(
-            f"evaluate_lens: {counts['split']} sequence(s) longer than the model's context of {n_ctx} "
-            f"tokens were split into {counts['windows']} windows of at most {n_ctx} tokens (overlapping "
-            "by one, so every token is scored once; a window's first tokens see only that window). "
-            "The counts are in the result's meta.",
-            UserWarning,
-            stacklevel=2,
-        )
-    if running.n_tokens == 0:
-        raise LensInputError("no token was scored: every sequence is shorter than two tokens")
-    return LensEvaluation(
-        labels=labels,
-        n_tokens=running.n_tokens,
-        n_sequences=running.n_sequences,
-        norm=norm,
-        sums=running.sums,
-        minima=running.minima,
-        maxima=running.maxima,
-        histograms=running.hists,
-        top1_agree=running.agree,
-        top1_correct=running.correct,
-        seconds=time.perf_counter() - started,
-        meta=meta,
-        lens_name=named,
-    )

@@ -28,7 +28,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from ..errors import LensInputError, ModelStateError, NonFiniteActivationError, UnsupportedModelError
+from ..errors import LensInputError, ModelStateError, NonFiniteActivationError, RankFailedError, UnsupportedModelError
 from .arguments import UsageError, check_common
 from .commands import GRAD_STATE
 from .output import output_policy
@@ -50,14 +50,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except (LensInputError, ModelStateError, UnsupportedModelError, NonFiniteActivationError) as err:
         # The package's messages name the problem and the mend; one line here, whatever their layout.
-        print(f"tl-logitlens: error: {' '.join(str(err).split()) or type(err).__name__}", file=sys.stderr)
+        print(f"tl-logitlens: error: {_rank_prefix()}{' '.join(str(err).split()) or type(err).__name__}", file=sys.stderr)
         return 2
+    except RankFailedError as err:  # under torchrun: another rank failed; rank 0 says which, the rest stay silent
+        if not _rank_prefix() or _rank_prefix() == "rank 0: ":
+            print(f"tl-logitlens: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
     finally:
         while GRAD_STATE:
             import torch
 
             torch.set_grad_enabled(GRAD_STATE.pop())
     return 0
+
+
+def _rank_prefix() -> str:
+    """``"rank R: "`` inside a process group of several ranks (so a failing rank is named), else ``""``."""
+    if "torch" not in sys.modules:
+        return ""
+    from ..distributed import rank_and_world
+
+    rank, world = rank_and_world()
+    return f"rank {rank}: " if world > 1 else ""
 
 
 if __name__ == "__main__":

@@ -204,10 +204,20 @@ def cmd_eval(args: argparse.Namespace) -> Dict[str, Any]:
     _start_torch()
     import tl_logitlens as tll
 
+    from ..distributed import init_from_env, is_main_process, timeout_from_env
+
     data = read_data(args.data)
-    model = load_model(args.model, args.device, args.dtype)
+    device = args.device
+    if init_from_env(timeout=timeout_from_env()):  # under torchrun: shard, merge, rank 0 reports
+        import os
+
+        if device == "cuda":
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one device per local rank
+    model = load_model(args.model, device, args.dtype)
     evaluation = tll.evaluate_lens(model, data, batch_size=args.batch_size, max_tokens=args.max_tokens,
                                    progress=not args.quiet)
+    if not is_main_process():
+        return {"tokens": evaluation.n_tokens}
     frame = evaluation.to_dataframe()
     shown = ["layer", "kl_to_final_mean", "next_token_loss_mean", "perplexity", "entropy_mean", "top1_agreement", "top1_accuracy"]
     print(f"{evaluation.n_tokens} tokens")
