@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 
-from .data import batches, split_long, trim
+from .data import batches, split_long
 from .errors import LensInputError, ModelStateError, NonFiniteActivationError, UnsupportedModelError
 from .inputs import resolve_model
 from .model_access import capture, compute_device, input_device
@@ -56,29 +56,44 @@ def _nonneg_float(value: Any, name: str, positive: bool = False) -> float:
     return float(value)
 
 
-def _split(tokens: Tokens, budget: int) -> Tuple[Tokens, Optional[Tokens]]:
-    """``(the first budget scored tokens, the rest or None)``; the rest re-reads the cut token so
-    that every (token, next token) pair is scored exactly once, as the long-sequence windows do."""
-    head = trim(tokens, budget)
-    lengths = tokens.lengths
-    keep = head.ids.shape[0]
-    cut = int(head.lengths[-1])  # the last kept row's new length
-    rows: List[torch.Tensor] = []
-    if cut < int(lengths[keep - 1]):
-        rows.append(tokens.ids[keep - 1, cut - 1 : int(lengths[keep - 1])])
-    rows += [tokens.ids[i, : int(lengths[i])] for i in range(keep, tokens.ids.shape[0])]
-    rows = [r for r in rows if len(r) >= 2]
-    if not rows:
-        return head, None
-    lens_ = torch.tensor([len(r) for r in rows])
-    ids = torch.zeros((len(rows), int(lens_.max())), dtype=tokens.ids.dtype)  # padding, never scored
-    for j, r in enumerate(rows):
-        ids[j, : len(r)] = r
-    return head, Tokens(ids, lens_)
+class _Batch:
+    """Right-padded ids ``[b, seq]`` with ``lengths [b]``, scoring positions ``first[r] <= p < lengths[r] - 1``.
 
+    A batch cut at a step's budget keeps whole rows: its rest re-reads the cut row from its
+    start (the cut tokens keep their context) and scores only what the head did not.
+    """
 
-def _scored(tokens: Tokens) -> int:
-    return int((tokens.lengths - 1).clamp_min(0).sum())
+    def __init__(self, ids: torch.Tensor, lengths: torch.Tensor, first: Optional[torch.Tensor] = None) -> None:
+        self.ids, self.lengths = ids, lengths
+        self.first = torch.zeros_like(lengths) if first is None else first
+
+    def counts(self) -> torch.Tensor:
+        return (self.lengths - 1 - self.first).clamp_min(0)
+
+    def scored(self) -> int:
+        return int(self.counts().sum())
+
+    def mask(self) -> torch.Tensor:
+        """``[b, seq - 1]``: the scored positions (they have a next token and belong to this batch)."""
+        pos = torch.arange(self.ids.shape[1] - 1).unsqueeze(0)
+        return (pos >= self.first.unsqueeze(1)) & (pos < (self.lengths - 1).unsqueeze(1))
+
+    def split(self, budget: int) -> Tuple["_Batch", Optional["_Batch"]]:
+        """``(the first budget scored tokens, the rest or None)``; every scored pair lands in exactly one."""
+        counts = self.counts()
+        cum = torch.cumsum(counts, 0)
+        r = int((cum < budget).sum())  # the row where the budget runs out
+        before = int(cum[r - 1]) if r > 0 else 0
+        k = budget - before  # scored tokens of row r that go to the head (1 .. counts[r])
+        head_len = self.lengths[: r + 1].clone()
+        head_len[r] = int(self.first[r]) + k + 1
+        head = _Batch(self.ids[: r + 1, : int(head_len.max())], head_len, self.first[: r + 1].clone())
+        rest_first = self.first[r:].clone()
+        rest_first[0] += k
+        rest = _Batch(self.ids[r:], self.lengths[r:].clone(), rest_first)
+        if rest.scored() == 0:
+            return head, None
+        return head, rest
 
 
 class _Stream:
@@ -91,43 +106,44 @@ class _Stream:
         self.source: Iterator[Tokens] = split_long(stream, n_ctx, batch_size, self.counts)
         self.drawn = 0  # batches taken from the source
         self.used = 0  # scored tokens already used of the batch being read
-        self.pending: Optional[Tokens] = None
+        self.pending: Optional[_Batch] = None
+
+    def _draw(self) -> Optional[_Batch]:
+        try:
+            tokens = next(self.source)
+        except StopIteration:
+            return None
+        self.drawn += 1
+        self.used = 0
+        return _Batch(tokens.ids, tokens.lengths)
 
     def skip_to(self, drawn: int, used: int) -> None:
         """Restore a position saved by a run of the same data: re-read and drop what it consumed."""
-        for _ in range(drawn):
-            try:
-                self.pending = next(self.source)
-            except StopIteration:
+        while self.drawn < drawn:
+            self.pending = self._draw()
+            if self.pending is None:
                 raise LensInputError(
                     f"cannot resume: the checkpoint had read {drawn} batches of the data but the data now "
                     f"holds only {self.drawn}; resume with the same data (in the same order) as the run "
                     "that wrote the checkpoint"
-                ) from None
-            self.drawn += 1
-        self.used = 0
+                )
         if used == 0:
             self.pending = None  # the last batch drawn was used up
         elif self.pending is not None:
-            _, self.pending = _split(self.pending, used)
+            _, self.pending = self.pending.split(used)
             self.used = used
 
-    def take(self, budget: int) -> Optional[Tokens]:
+    def take(self, budget: int) -> Optional[_Batch]:
         """The next micro-batch of at most ``budget`` scored tokens, or ``None`` when the data is spent."""
-        while self.pending is None or _scored(self.pending) == 0:
-            try:
-                self.pending = next(self.source)
-            except StopIteration:
-                self.pending = None
+        while self.pending is None or self.pending.scored() == 0:
+            self.pending = self._draw()
+            if self.pending is None:
                 return None
-            self.drawn += 1
-            self.used = 0
-        n = _scored(self.pending)
-        if n <= budget:
+        if self.pending.scored() <= budget:
             out, self.pending = self.pending, None
             self.used = 0
             return out
-        out, self.pending = _split(self.pending, budget)
+        out, self.pending = self.pending.split(budget)
         self.used += budget
         return out
 
@@ -377,7 +393,7 @@ def train_tuned_lens(
                     if tokens is None:
                         exhausted = True
                         break
-                    n = _scored(tokens)
+                    n = tokens.scored()
                     total += _micro_step(view, lens, names, labels, tokens, W, b, fnorm, device, loss,
                                          tokens_per_step, step + 1, tokens_seen + got)
                     got += n
@@ -420,13 +436,13 @@ def train_tuned_lens(
     return lens
 
 
-def _micro_step(view: Any, lens: Any, names: List[str], labels: List[str], tokens: Tokens, W: torch.Tensor,
+def _micro_step(view: Any, lens: Any, names: List[str], labels: List[str], tokens: "_Batch", W: torch.Tensor,
                 b: Optional[torch.Tensor], fnorm: Any, device: torch.device, loss: str, tokens_per_step: int,
                 step: int, seen: int) -> float:
     """Forward, loss and backward of one micro-batch; gradients accumulate in the lens. Returns
     its contribution to the step's loss (sum over entries and tokens / tokens_per_step)."""
-    ids, lengths = tokens.ids, tokens.lengths
-    scored = torch.arange(ids.shape[1] - 1).unsqueeze(0) < (lengths - 1).unsqueeze(1)  # [b, seq-1]
+    ids = tokens.ids
+    scored = tokens.mask()  # [b, seq-1]
     store = capture(view.model, ids.to(input_device(view)), names)
     every_label = labels + ["final_post"]
 
