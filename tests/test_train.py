@@ -311,3 +311,14 @@ def test_stories_tuned_lens_beats_the_logit_lens_on_held_out_text(models_dir):
     tuned = tll.evaluate_lens(model, held, lens=lens, progress=False).mean("kl_to_final")[:-1]
     assert bool((tuned < logit).all()), (logit, tuned)
     assert float(logit[0]) > 15 and float(tuned[0]) < float(logit[0]) / 3, (logit, tuned)
+
+
+def test_incl_mid_trains_the_mid_entries_and_saves_them(tmp_path):
+    model = tll.demo_model()
+    tokens = torch.cat([tll.demo.induction_prompt(model, n=5, seed=s) for s in range(4)])
+    lens = tll.train_tuned_lens(model, tokens, steps=2, tokens_per_step=20, incl_mid=True, checkpoint_dir=tmp_path,
+                                progress=False)
+    assert lens.labels == ["0_pre", "0_mid", "1_pre", "1_mid"]
+    assert all(float(lens.translators[label].bias.detach().abs().max()) > 0 for label in lens.labels)
+    loaded = tll.TunedLens.load(tmp_path, model)
+    assert loaded.incl_mid and all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), lens.state_dict().values()))
