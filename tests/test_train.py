@@ -322,3 +322,14 @@ def test_incl_mid_trains_the_mid_entries_and_saves_them(tmp_path):
     assert all(float(lens.translators[label].bias.detach().abs().max()) > 0 for label in lens.labels)
     loaded = tll.TunedLens.load(tmp_path, model)
     assert loaded.incl_mid and all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), lens.state_dict().values()))
+
+
+def test_adam_takes_tuned_lens_first_step():
+    """Adam's first step moves every parameter with a gradient by exactly its learning rate
+    (m / sqrt(v) = sign(g) after bias correction): lr * 1e-3, tuned-lens's Adam scale."""
+    model = tll.demo_model()
+    tokens = torch.cat([tll.demo.induction_prompt(model, n=5, seed=s) for s in range(2)])
+    lens = tll.train_tuned_lens(model, tokens, steps=1, tokens_per_step=20, optimizer="adam", lr=2.0, progress=False)
+    moved = torch.cat([p.detach().abs().flatten() for p in lens.parameters()])
+    assert float(moved.max()) == pytest.approx(2e-3, rel=1e-4)
+    assert float((moved > 1.9e-3).float().mean()) > 0.9
