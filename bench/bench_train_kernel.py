@@ -14,6 +14,10 @@ Shape: GPT-2-small's unembedding (d_model 768, vocabulary 50257, random ``W`` an
 
 Peak memory added is the RSS high-water mark (``bench_lens.PeakMemory``), or on CUDA
 ``torch.cuda.max_memory_allocated`` above what was allocated before. Every figure is from one run.
+
+``--full-step`` times instead one whole ``train_tuned_lens`` step on the benchmark model
+(``bench_lens.build_model``: GPT-2-small shape, 12 translators) over 4 x 513 tokens (2048
+scored), next to the model's own residual-stream forward pass and the product floor.
 """
 
 from __future__ import annotations
@@ -71,9 +75,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2, help="timed runs per method (the first also measures memory)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--full-step", action="store_true", help="time one whole train_tuned_lens step on the benchmark model")
     args = parser.parse_args()
     device = torch.device(args.device)
     bench_lens.DEVICE = device
+    if args.full_step:
+        full_step(device, args.runs)
+        return
 
     g = torch.Generator().manual_seed(0)
     W = (torch.randn(args.d_model, args.d_vocab, generator=g) * 0.05).to(device)
@@ -122,6 +130,37 @@ def main() -> None:
         (lk, gk), (lr, gr) = results["kernel"], results["reference"]
         gap = ((gk - gr).abs().max() / gr.abs().max()).item()
         print(f"agreement: loss {lk:.6f} vs {lr:.6f}; gradient max relative gap {gap:.1e}")
+
+
+def full_step(device, runs):
+    """One ``train_tuned_lens`` step of 2048 tokens on the benchmark model, against its parts."""
+    from tl_logitlens.model_access import capture
+    from tl_logitlens.train import train_tuned_lens
+
+    model, description = bench_lens.build_model()
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.W_E.shape[0], (4, 513), generator=g)
+    names = bench_lens.lens_hooks()
+    print(f"processor: {tuning.processor_name(device)}; torch {torch.__version__}; threads {torch.get_num_threads()}")
+    print(f"model: {description}; one step of 4 x 513 tokens (2048 scored), {len(names) - 1} translators")
+
+    def step():
+        train_tuned_lens(model, tokens, steps=1, tokens_per_step=2048, batch_size=4, progress=False)
+
+    def forward():
+        capture(model, tokens.to(bench_lens.DEVICE), names)
+
+    t_step, m_step = measure(step, device, runs)
+    t_fwd, _ = measure(forward, device, runs)
+    with torch.no_grad():
+        store = capture(model, tokens.to(bench_lens.DEVICE), names)
+    vectors = torch.cat([store[n][:, :-1].reshape(-1, model.cfg.d_model) for n in names[:-1]]).float()
+    del store
+    floor = bench_lens.floor_fn(model.W_U.detach(), vectors, 2048)
+    t_floor = min(floor() for _ in range(runs))
+    print(f"floor (x @ W_U, {vectors.shape[0]} rows): {t_floor:.3f} s; model forward (residual stream only): {t_fwd:.3f} s")
+    print(f"train step: {t_step:.3f} s; without the forward {t_step - t_fwd:.3f} s = {(t_step - t_fwd) / t_floor:.2f} x floor; "
+          f"peak memory added {m_step / MiB:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -272,3 +272,29 @@ def raises_before_forward(model, exc, match, fn):
     with CountForwards(model) as counter, pytest.raises(exc, match=match):
         fn()
     assert counter.calls == 0, "the error came after a forward pass"
+
+
+# -- text a model writes itself ---------------------------------------------------------------
+def sampled_tokens(model, n: int, length: int, seed: int = 0) -> torch.Tensor:
+    """``[n, length]`` token ids sampled (temperature 1) from ``model`` itself, each row starting at bos.
+
+    Deterministic for a seed. A bridge samples through its Hugging Face model's ``generate`` (KV
+    cache); anything else one full forward pass per token (keep ``length`` small). Text a model
+    writes is text it predicts well: real-model tests use it as training and held-out data
+    without shipping a corpus.
+    """
+    tokenizer = getattr(model, "tokenizer", None)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    ids = torch.full((n, 1), 1 if bos is None else int(bos), dtype=torch.long)
+    hf = getattr(model, "original_model", None)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if hf is not None and hasattr(hf, "generate"):
+            pad = getattr(tokenizer, "pad_token_id", None)
+            out = hf.generate(ids, do_sample=True, top_k=0, max_length=length, min_length=length,
+                              pad_token_id=0 if pad is None else pad)
+            return out.cpu()
+        for _ in range(length - 1):
+            probs = torch.softmax(model(ids)[:, -1].float(), -1)
+            ids = torch.cat([ids, torch.multinomial(probs, 1)], 1)
+    return ids

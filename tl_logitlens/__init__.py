@@ -58,6 +58,7 @@ _LAZY = {
     "ResidualStack": "stacks",
     "residual_stack": "stacks",
     "set_chunk_budget": "tuning",
+    "train_tuned_lens": "train",
 }
 _SUBMODULES = ("demo",)
 
@@ -91,6 +92,7 @@ __all__ = [
     "readout",
     "residual_stack",
     "set_chunk_budget",
+    "train_tuned_lens",
 ]
 
 

@@ -8,6 +8,8 @@ Commands (``tl-logitlens COMMAND --help`` documents every option with an example
     tl-logitlens dla  --model MODEL (--prompt ... | --prompts ... | --tokens ...) --answer TOKEN [--wrong TOKEN]
                       [--by KIND] [--norm cached|none] [--position P] [--top K] [--out DIR]
     tl-logitlens eval --model MODEL --data FILE [--max-tokens N] [--out DIR]
+    tl-logitlens train-lens --model MODEL --data FILE [--steps N] [--tokens-per-step N] [--batch-size N]
+                      [--loss kl|ce] [--incl-mid] [--checkpoint-every N] [--out DIR] [--resume]
 
 ``lens``, ``dla`` and ``eval`` also take ``--html PATH``: an interactive, self-contained page
 of the result (needs plotly). ``demo --out DIR`` writes ``DIR/index.html`` linking every file.

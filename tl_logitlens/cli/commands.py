@@ -233,3 +233,34 @@ def cmd_eval(args: argparse.Namespace) -> Dict[str, Any]:
     if html is not None:
         write_page(evaluation, html)
     return {"tokens": evaluation.n_tokens}
+
+
+def cmd_train_lens(args: argparse.Namespace) -> Dict[str, Any]:
+    """Train a tuned lens on a dataset and write it (tuned-lens format) with its checkpoint to --out."""
+    from ..train import CHECKPOINT
+
+    for name in ("steps", "tokens_per_step", "batch_size", "checkpoint_every"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {value}: give a positive number")
+    out = check_out(args.out)
+    if (out / CHECKPOINT).is_file() and not args.resume:
+        raise UsageError(f"--out {str(out)!r} holds a training checkpoint; pass --resume to continue it, "
+                         "or name another folder")
+    data = read_data(args.data)
+    _start_torch()
+    import tl_logitlens as tll
+
+    model = load_model(args.model, args.device, args.dtype)
+    out = make_out(out)
+    lens = tll.train_tuned_lens(model, data, steps=args.steps, tokens_per_step=args.tokens_per_step,
+                                batch_size=args.batch_size, loss=args.loss, incl_mid=args.incl_mid,
+                                checkpoint_dir=out, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                                progress=not args.quiet)
+    import torch
+
+    saved = torch.load(out / CHECKPOINT, weights_only=True)
+    print(f"Trained {len(lens.labels)} translators for {saved['step']} steps on {saved['tokens_seen']:,} tokens "
+          f"(loss={args.loss}).")
+    print(f"Wrote the lens (tuned-lens format) and its checkpoint to {out}")
+    return {"steps": int(saved["step"]), "tokens": int(saved["tokens_seen"]), "out": str(out)}

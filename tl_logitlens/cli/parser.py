@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from .arguments import DTYPES, FORMATS, METRICS, Parser
-from .commands import cmd_demo, cmd_dla, cmd_eval, cmd_lens
+from .commands import cmd_demo, cmd_dla, cmd_eval, cmd_lens, cmd_train_lens
 
 
 # -- parser -----------------------------------------------------------------------------------
@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  tl-logitlens lens --model demo --prompt 'red cat sun red cat' --target sun\n"
                "  tl-logitlens dla --model ./my-hf-model --prompt 'The capital of France is' --answer ' Paris' --wrong ' Rome' --by head\n"
                "  tl-logitlens lens --model ./capp-gpt2 --tokens 49,12,7,50 --target id:14\n"
-               "  tl-logitlens eval --model ./stories260k --data stories.txt --out eval-out",
+               "  tl-logitlens eval --model ./stories260k --data stories.txt --out eval-out\n"
+               "  tl-logitlens train-lens --model ./stories260k --data stories.txt --steps 50 --out stories-lens",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
 
@@ -121,4 +122,28 @@ def build_parser() -> argparse.ArgumentParser:
     _html(ev)
     _common(ev)
     ev.set_defaults(func=cmd_eval)
+
+    tr = sub.add_parser("train-lens", formatter_class=fmt, help="train a tuned lens on a dataset",
+                        description="Train one affine translator per layer (the tuned lens) so that each layer's reading "
+                                    "matches the final distribution; write it in the tuned-lens format with a checkpoint "
+                                    "that --resume continues.",
+                        epilog="example:\n  tl-logitlens train-lens --model ./stories260k --data stories.txt --steps 50 "
+                               "--tokens-per-step 4096 --out stories-lens\n"
+                               "  tl-logitlens train-lens --model ./stories260k --data stories.txt --steps 50 "
+                               "--tokens-per-step 4096 --out stories-lens --resume")
+    tr.add_argument("--data", required=True, metavar="FILE", help="a UTF-8 text file (one document per line) or a .pt token tensor [n, seq]")
+    tr.add_argument("--steps", type=int, default=250, help="optimiser steps (default 250, as tuned-lens)")
+    tr.add_argument("--tokens-per-step", type=int, default=2**18, help="tokens per step (default 262144, as tuned-lens)")
+    tr.add_argument("--batch-size", type=int, default=8, help="documents per forward pass (default 8)")
+    tr.add_argument("--loss", choices=("kl", "ce"), default="kl",
+                    help="kl: KL from the final distribution (default); ce: next-token cross-entropy")
+    tr.add_argument("--incl-mid", action="store_true", help="also train translators for the L_mid entries")
+    tr.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default min(50, steps // 5))")
+    tr.add_argument("--out", metavar="DIR", default="tuned-lens",
+                    help="folder for the lens (config.json, params.pt) and checkpoint.pt (default ./tuned-lens)")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue from the checkpoint in --out (same settings and data); without it an existing checkpoint is refused")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    _common(tr)
+    tr.set_defaults(func=cmd_train_lens)
     return parser
