@@ -511,10 +511,11 @@ class _Run:
 
 def _reads_final_untouched(lens: Any) -> bool:
     """Whether ``lens`` reads ``final_post`` as the stream itself (the plain lens, and a
-    TunedLens, which has no translator there): its final entry is then the reference."""
+    TunedLens, which has no translator there): its final entry is then the reference. A
+    subclass that overrides ``transform`` is read like any other callable."""
     from .lenses import TunedLens
 
-    return lens is None or isinstance(lens, TunedLens)
+    return lens is None or (isinstance(lens, TunedLens) and type(lens).transform is TunedLens.transform)
 
 
 def _stream_lenses(
