@@ -33,6 +33,9 @@ Sections (all reading the same ActivationCache, made once per workload):
    answer-minus-wrong direction).
 3. Streaming evaluation: ``tll.evaluate_lens`` against plain forward passes plus the floor
    for the same scored tokens.
+4. Comparing lenses: ``tll.compare_lenses`` with two lenses (the logit lens and a random
+   ``TunedLens``) on the same tokens, against section 3's ``evaluate_lens`` plus the second
+   lens's floor (section 3's floor: the same number of vectors).
 
 Timing: ``--repeats`` runs (default 5) after a warm-up for the small workloads; the 8 x 512
 lens runs ``--big-repeats`` times (default 2; transformer-lens's lens once), the first of
@@ -91,6 +94,7 @@ TARGET_TL_SPEEDUP = 1.4
 TARGET_LENS_MEMORY_MIB = 1024
 TARGET_DLA_MEMORY_FRACTION = 0.25
 TARGET_EVAL_RATIO = 1.3
+TARGET_COMPARE_RATIO = 1.2
 
 
 # -- memory -------------------------------------------------------------------------------------
@@ -569,6 +573,33 @@ def evaluate_section(model: Any, args: argparse.Namespace, floor_chunk: Tuple[st
     return out
 
 
+def compare_section(model: Any, args: argparse.Namespace, evaluated: Dict[str, Any]) -> Dict[str, Any]:
+    """``tll.compare_lenses`` with two lenses (the logit lens and a random TunedLens) on the
+    evaluation's tokens, against that section's ``evaluate_lens`` plus the second lens's floor
+    (the same floor: the best row-chunked product for 13 x scored-token vectors)."""
+    n_seq, seq, bs = args.eval_shape
+    gen = torch.Generator().manual_seed(11)
+    tokens = torch.randint(0, D_VOCAB, (n_seq, seq), generator=gen).to(DEVICE)  # the evaluation's tokens
+    tuned = tll.TunedLens(model)
+    gen = torch.Generator().manual_seed(13)
+    with torch.no_grad():
+        for layer in tuned.translators.values():
+            layer.weight.copy_((0.1 * torch.randn(layer.weight.shape, generator=gen) / 768 ** 0.5).to(layer.weight.device))
+            layer.bias.copy_((0.1 * torch.randn(layer.bias.shape, generator=gen)).to(layer.bias.device))
+    lenses = {"logit": None, "tuned": tuned}
+    tll.compare_lenses(model, tokens[:1, :32], lenses, progress=False)  # warm-up
+
+    def compare() -> Any:
+        return tll.compare_lenses(model, tokens, lenses, batch_size=bs, progress=False)
+
+    out: Dict[str, Any] = {"shape": [n_seq, seq], "batch_size": bs, "lenses": list(lenses), "methods": {}}
+    out["methods"]["compare_lenses"] = run_method(compare, args.eval_repeats, False)
+    ms, ev = out["methods"], evaluated["methods"]
+    out["ratio"] = ms["compare_lenses"]["best"] / (ev["evaluate_lens"]["best"] + ev["floor"]["best"])
+    out["ratio_median"] = ms["compare_lenses"]["seconds"] / (ev["evaluate_lens"]["seconds"] + ev["floor"]["seconds"])
+    return out
+
+
 # Where the kernel's time goes: torch operator names grouped by the work they do.
 PROFILE_GROUPS = {
     "product": ("aten::mm", "aten::addmm", "aten::matmul", "aten::bmm", "aten::einsum"),
@@ -652,6 +683,13 @@ def print_table(results: Dict[str, Any]) -> None:
             print(f"  {name:<26} best {m['best']:>8.3f} s, median {m['seconds']:>8.3f} s{m['memory_mib']:>8.0f} MiB")
         print(f"  evaluate_lens / (forward + floor) = {e['ratio_to_forward_plus_floor']:.3f} (best of runs), "
               f"{e['ratio_to_forward_plus_floor_median']:.3f} (medians)")
+    c = results.get("compare")
+    if c:
+        m = c["methods"]["compare_lenses"]
+        print(f"\ncompare_lenses ({' + '.join(c['lenses'])}), {c['shape'][0]}x{c['shape'][1]} tokens, batch {c['batch_size']}, "
+              f"on {results['meta']['processor']}")
+        print(f"  {'compare_lenses':<26} best {m['best']:>8.3f} s, median {m['seconds']:>8.3f} s{m['memory_mib']:>8.0f} MiB")
+        print(f"  compare_lenses / (evaluate_lens + floor) = {c['ratio']:.3f} (best of runs), {c['ratio_median']:.3f} (medians)")
     print("\nTargets")
     for t in results["targets"]:
         value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
@@ -743,6 +781,8 @@ def main() -> None:
         results["profile"] = profile_section(model, args)
     print("streaming evaluation ...", flush=True)
     results["evaluate"] = evaluate_section(model, args, floor_chunk)
+    print("compare_lenses, two lenses ...", flush=True)
+    results["compare"] = compare_section(model, args, results["evaluate"])
 
     targets = []
     for key, w in results["lens"].items():
@@ -766,6 +806,8 @@ def main() -> None:
         targets.append(target("8x512 DLA: tll time / stack-then-attribute time",
                               dm["tll"]["seconds"] / dm["stack_then_attribute"]["seconds"], 1.0, "<="))
     targets.append(target("evaluate_lens / (forward + floor)", results["evaluate"]["ratio_to_forward_plus_floor"], TARGET_EVAL_RATIO, "<="))
+    targets.append(target("compare_lenses (2 lenses) / (evaluate_lens + floor)", results["compare"]["ratio"],
+                          TARGET_COMPARE_RATIO, "<="))
     results["targets"] = targets
     meta["load_after"] = [round(x, 2) for x in os.getloadavg()]
     meta["total_seconds"] = time.perf_counter() - started

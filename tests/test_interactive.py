@@ -261,3 +261,20 @@ def test_lens_from_a_cache_names_positions(demo):
     fig = interactive.lens_figure(result)
     assert fig.data[0].text[1][3].split("<br>")[0] == f"{result.labels[1]} · pos 3"
     assert list(fig.layout.xaxis.ticktext[:3]) == ["0", "1", "2"]
+
+
+def test_lens_comparison_page(demo, tmp_path):
+    """``LensComparison.to_html`` writes the comparison view: each lens's KL curve, values from its evaluation."""
+    model, tokens = demo
+    tuned = tll.TunedLens(model)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    comparison = tll.compare_lenses(model, tokens, {"logit": None, "tuned": tuned}, progress=False)
+    comparison.to_html(tmp_path / "cmp.html")
+    data = figure_json((tmp_path / "cmp.html").read_text())["data"]
+    for name in ("logit", "tuned"):
+        line = next(t for t in data if t.get("name") == name and t.get("visible", True) is True)
+        expected = [float(f"{v:.4g}") for v in comparison[name].mean("kl_to_final").tolist()]
+        assert line["y"] == expected
+    assert comparison["logit"].mean("kl_to_final")[0] != comparison["tuned"].mean("kl_to_final")[0]

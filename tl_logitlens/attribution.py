@@ -245,7 +245,7 @@ class Attribution:
         return plot_attribution(self, **kwargs)
 
     def show(self, **kwargs: Any) -> Any:
-        """Display the interactive plotly view in a notebook and return the Figure (:mod:`tl_logitlens.interactive`)."""
+        """Display the interactive plotly view in a notebook and return the Figure (:mod:`tl_logitlens.plots.interactive`)."""
         from .plots.interactive import show
 
         return show(self, **kwargs)

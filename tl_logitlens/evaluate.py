@@ -29,8 +29,8 @@ error below ``1e-6`` under that, and a value in ``[1e4, max]`` above it.
 
 from __future__ import annotations
 
-import contextlib
 import json
+import contextlib
 import math
 import time
 import warnings
@@ -232,7 +232,7 @@ class LensEvaluation:
         return plot_layer_curves(self.labels, curves, ax=ax, title=title, **kwargs)
 
     def show(self, **kwargs: Any) -> Any:
-        """Display the interactive plotly view in a notebook and return the Figure (:mod:`tl_logitlens.interactive`)."""
+        """Display the interactive plotly view in a notebook and return the Figure (:mod:`tl_logitlens.plots.interactive`)."""
         from .plots.interactive import show
 
         return show(self, **kwargs)
@@ -451,7 +451,7 @@ class _NoBar:
         pass
 
 
-def _progress_bar(total: Optional[int], progress: bool) -> Any:
+def _progress_bar(total: Optional[int], progress: bool, desc: str = "evaluate_lens") -> Any:
     """A tqdm bar counting tokens (it shows tokens per second), or a silent stand-in."""
     if not progress:
         return _NoBar()
@@ -459,7 +459,7 @@ def _progress_bar(total: Optional[int], progress: bool) -> Any:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm ships with transformers; without it, no bar
         return _NoBar()
-    return tqdm(total=total, unit="tok", unit_scale=True, desc="evaluate_lens")
+    return tqdm(total=total, unit="tok", unit_scale=True, desc=desc)
 
 
 def evaluate_lens(
@@ -528,94 +528,144 @@ def evaluate_lens(
         True
     """
     view = resolve_model(model)
-    if norm not in NORM_MODES:
-        raise LensInputError(f"norm must be one of {NORM_MODES}, got {norm!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
-        raise LensInputError(f"batch_size must be a positive int, got {batch_size!r}")
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, Integral) or max_tokens < 1):
-        raise LensInputError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
-    batch_size = int(batch_size)
-    max_tokens = None if max_tokens is None else int(max_tokens)
-    from .lens import _apply_lens, stack_labels
+    batch_size, max_tokens = _check_stream_args(norm, batch_size, max_tokens)
     from .lenses import check_lens, is_identity, lens_name
-    from .distributed import resolve
-
-    group = resolve(distributed)
-    main = group is None or group.is_main
 
     check_lens(lens)
     named = lens_name(lens)  # before a LogitLens becomes None below
     if is_identity(lens):
         lens = None
 
+    run = _stream_lenses(view, data, [lens], norm=norm, batch_size=batch_size, max_tokens=max_tokens,
+                         progress=progress, desc="evaluate_lens", distributed=distributed)
+    _finish(run, "evaluate_lens")
+    return _evaluation(run, 0, norm, named, lens is not None)
+
+
+def _check_stream_args(norm: str, batch_size: Any, max_tokens: Any) -> Tuple[int, Optional[int]]:
+    """The cheap checks of a streaming run's options (before any forward pass); returns them as ints."""
+    if norm not in NORM_MODES:
+        raise LensInputError(f"norm must be one of {NORM_MODES}, got {norm!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
+        raise LensInputError(f"batch_size must be a positive int, got {batch_size!r}")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, Integral) or max_tokens < 1):
+        raise LensInputError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
+    return int(batch_size), None if max_tokens is None else int(max_tokens)
+
+
+@dataclass
+class _Run:
+    """What one streaming pass leaves: a running statistic per lens and how the data was read."""
+
+    view: Any
+    labels: List[str]
+    running: List[_Running]
+    counts: Dict[str, int]
+    n_ctx: int
+    seconds: float
+    ranks: Optional[int] = None  # the process group's size, when the pass ran in one
+    main: bool = True  # this process reports (rank 0, or no group)
+
+
+def _reads_final_untouched(lens: Any) -> bool:
+    """Whether ``lens`` reads ``final_post`` as the stream itself (the plain lens, and a
+    TunedLens, which has no translator there): its final entry is then the reference. A
+    subclass that overrides ``transform`` is read like any other callable."""
+    from .lenses import TunedLens
+
+    return lens is None or (isinstance(lens, TunedLens) and type(lens).transform is TunedLens.transform)
+
+
+def _stream_lenses(
+    view: Any,
+    data: Any,
+    lenses: List[Any],
+    *,
+    norm: str,
+    batch_size: int,
+    max_tokens: Optional[int],
+    progress: bool,
+    desc: str,
+    distributed: Optional[bool] = None,
+) -> _Run:
+    """One streaming pass over ``data`` that reads every lens of ``lenses`` (``None``: the plain lens).
+
+    Per batch the model runs once with hooks on the residual stream only; each lens
+    transforms the captured entries; the distinct vectors of every lens go through the
+    kernel in one :func:`~tl_logitlens.readout.read_rows` call, whose reference (the final
+    stream's distribution) is shared by all of them: an entry that *is* the final stream
+    (``final_post`` of the plain lens or of a TunedLens) is read once, as the reference.
+    Returns one :class:`_Running` per lens, in order. Inside a process group (see
+    :func:`~tl_logitlens.distributed.resolve`) this rank reads its shard of ``data`` and the
+    statistics are merged exactly over every rank before they are returned.
+    """
+    from .distributed import EMPTY, resolve, shard_for
+    from .lens import stack_labels
+
+    group = resolve(distributed)
+    main = group is None or group.is_main
+
     labels = stack_labels(view.n_layers, False)
     names = required_hooks(view, "accumulated")  # every resid_pre and the final resid_post
     n_ctx = context_length(view)
     counts = {"split": 0, "windows": 0}
     device = compute_device(view)  # where the kernel reads; the tokens go to the embedding's device
-    running = _Running(len(labels))
+    runs = [_Running(len(labels)) for _ in lenses]
+    last = len(names) - 1
+    # Which vectors each lens reads, as keys shared between lenses that read the same thing:
+    # ("stream", k) is entry k untouched, (i, k) lens i's own transform of it.
+    keys = [[("stream", k) if lens is None or (k == last and _reads_final_untouched(lens)) else (i, k)
+             for k in range(len(names))] for i, lens in enumerate(lenses)]
+    unique = list(dict.fromkeys(key for lens_keys in keys for key in lens_keys))
+    where = {key: j for j, key in enumerate(unique)}
+    picks = [torch.tensor([where[key] for key in lens_keys]) for lens_keys in keys]
+    reference_entry = where.get(("stream", last))  # the final stream is its own reference
+
     started = time.perf_counter()
     with group.guard() if group is not None else contextlib.nullcontext():
-        _evaluate_stream(view, data, group, max_tokens, batch_size, progress and main, lens, labels, names,
-                         n_ctx, counts, device, running, norm)
-    if group is not None:  # every rank's statistics, merged exactly; the same result on every rank
+        data, max_tokens = shard_for(group, data, max_tokens)  # the shard step: unchanged without a group
+        stream, total = ([], 0) if data is EMPTY else batches(view, data, batch_size)  # EMPTY: fewer items than ranks
+        if max_tokens is not None:
+            total = max_tokens if total is None else min(total, max_tokens)
+        plan = _Plan(lenses, names, labels, unique, picks, reference_entry, device)
+        _fold(view, plan, stream, runs, counts, total=total, norm=norm, max_tokens=max_tokens, n_ctx=n_ctx,
+              batch_size=batch_size, progress=progress and main, desc=desc)
+    if group is not None:  # every rank's statistics, merged exactly: the same result on every rank
         group.check()
-        running.all_reduce(group.reduce)
+        for r in runs:
+            r.all_reduce(group.reduce)
         merged = group.reduce(torch.tensor([counts["split"], counts["windows"]], dtype=torch.int64), "sum")
         counts = {"split": int(merged[0]), "windows": int(merged[1])}
     seconds = time.perf_counter() - started
     if group is not None:
         seconds = float(group.reduce(torch.tensor([seconds], dtype=torch.float64), "max")[0])
-    if running.n_sequences == 0:
-        raise LensInputError("data is empty: no sequences were read")
-    meta: Dict[str, Any] = {"model": view.model_name, "lens": lens is not None}
-    if group is not None:
-        meta["ranks"] = group.world
-    if counts["split"]:
-        meta["split_sequences"] = counts["split"]
-        meta["windows"] = counts["windows"]
-        meta["n_ctx"] = n_ctx
-        if main:
-            warnings.warn(
-                f"evaluate_lens: {counts['split']} sequence(s) longer than the model's context of {n_ctx} "
-                f"tokens were split into {counts['windows']} windows of at most {n_ctx} tokens (overlapping "
-                "by one, so every token is scored once; a window's first tokens see only that window). "
-                "The counts are in the result's meta.",
-                UserWarning,
-                stacklevel=2,
-            )
-    if running.n_tokens == 0:
-        raise LensInputError("no token was scored: every sequence is shorter than two tokens")
-    return LensEvaluation(
-        labels=labels,
-        n_tokens=running.n_tokens,
-        n_sequences=running.n_sequences,
-        norm=norm,
-        sums=running.sums,
-        minima=running.minima,
-        maxima=running.maxima,
-        histograms=running.hists,
-        top1_agree=running.agree,
-        top1_correct=running.correct,
-        seconds=seconds,
-        meta=meta,
-        lens_name=named,
-    )
+    return _Run(view=view, labels=labels, running=runs, counts=counts, n_ctx=n_ctx, seconds=seconds,
+                ranks=None if group is None else group.world, main=main)
 
 
-def _evaluate_stream(view, data, group, max_tokens, batch_size, progress, lens, labels, names, n_ctx, counts,
-                     device, running, norm) -> None:  # type: ignore[no-untyped-def]
-    """Fold this process's data (its shard, under a process group) into ``running``."""
-    from .distributed import EMPTY, shard_for
+@dataclass
+class _Plan:
+    """What a pass reads per batch: the hooks, and the distinct vectors of every lens
+    (``unique`` keys; ``picks[i]`` selects lens ``i``'s entries among them)."""
+
+    lenses: List[Any]
+    names: List[str]
+    labels: List[str]
+    unique: List[Any]
+    picks: List[torch.Tensor]
+    reference_entry: Optional[int]
+    device: Any
+
+
+def _fold(view: Any, plan: _Plan, stream: Any, runs: List[_Running], counts: Dict[str, int], *, total: Optional[int],
+          norm: str, max_tokens: Optional[int], n_ctx: Optional[int], batch_size: int, progress: bool, desc: str) -> None:
+    """Fold this process's batches into ``runs`` (one running statistic per lens)."""
     from .lens import _apply_lens
 
-    data, max_tokens = shard_for(group, data, max_tokens)  # the shard step: unchanged without a group
-    if data is EMPTY:  # fewer items than ranks: this rank has nothing to read
-        return
-    stream, total = batches(view, data, batch_size)
-    if max_tokens is not None:
-        total = max_tokens if total is None else min(total, max_tokens)
-    bar = _progress_bar(total, progress)
+    lenses, names, labels, unique, device = plan.lenses, plan.names, plan.labels, plan.unique, plan.device
+
+    bar = _progress_bar(total, progress, desc)
+    running = runs[0]  # the counts of tokens and sequences are the same in every lens's
     try:
         for tokens in split_long(stream, n_ctx, batch_size, counts):
             sequences = tokens.sequences
@@ -628,7 +678,8 @@ def _evaluate_stream(view, data, group, max_tokens, batch_size, progress, lens, 
                 if sequences == rows:
                     sequences = tokens.ids.shape[0]
             ids, lengths = tokens.ids, tokens.lengths
-            running.n_sequences += int(sequences)
+            for r in runs:
+                r.n_sequences += int(sequences)
             seq = ids.shape[1]
             scored = torch.arange(seq - 1).unsqueeze(0) < (lengths - 1).unsqueeze(1)  # [b, seq-1]
             n = int(scored.sum())
@@ -642,15 +693,16 @@ def _evaluate_stream(view, data, group, max_tokens, batch_size, progress, lens, 
                 return acts[:, :-1][scored.to(acts.device)].to(device)
 
             final_rows = rows(store[names[-1]])  # [n, d_model]
-            entries = []
+            entries: Dict[Any, torch.Tensor] = {}
             for k, name in enumerate(names):
                 acts = store.pop(name)
-                if lens is not None:
-                    acts = _apply_lens(lens, acts, labels[k])
-                entries.append(rows(acts))
+                for key in unique:
+                    if key[1] != k:
+                        continue
+                    lens = None if key[0] == "stream" else lenses[key[0]]
+                    entries[key] = rows(acts if lens is None else _apply_lens(lens, acts, labels[k]))
             del store
-            vectors = torch.stack(entries)  # [layer, n, d_model]
-            del entries
+            vectors = torch.stack([entries.pop(key) for key in unique])  # [distinct entries, n, d_model]
             require_finite(vectors, "the residual stream")
             next_ids = ids[:, 1:][scored]  # [n]
             flat = read_rows(
@@ -660,19 +712,66 @@ def _evaluate_stream(view, data, group, max_tokens, batch_size, progress, lens, 
                 unembed="W_U",
                 top_k=1,
                 reference=final_rows,
-                reference_entry=None if lens is not None else len(names) - 1,  # the final stream is its own reference
+                reference_entry=plan.reference_entry,
                 next_tokens=next_ids,
             )
             del vectors, final_rows
-            running.add(
-                {
-                    "kl_to_final": flat.kl_to_reference,
-                    "next_token_loss": flat.next_token_loss,
-                    "entropy": flat.entropy,
-                },
-                flat.top_ids[..., 0],
-                next_ids,
-            )
+            for r, pick in zip(runs, plan.picks):
+                r.add(
+                    {
+                        "kl_to_final": flat.kl_to_reference[pick],
+                        "next_token_loss": flat.next_token_loss[pick],
+                        "entropy": flat.entropy[pick],
+                    },
+                    flat.top_ids[pick, :, 0],
+                    next_ids,
+                )
             bar.update(n)
     finally:
         bar.close()
+
+
+def _finish(run: _Run, who: str) -> None:
+    """Refuse a pass that read nothing, and warn (at the caller's caller) about split sequences."""
+    running = run.running[0]
+    if running.n_sequences == 0:
+        raise LensInputError("data is empty: no sequences were read")
+    if run.counts["split"] and run.main:  # under a process group, rank 0 warns for all
+        n_ctx = run.n_ctx
+        warnings.warn(
+            f"{who}: {run.counts['split']} sequence(s) longer than the model's context of {n_ctx} "
+            f"tokens were split into {run.counts['windows']} windows of at most {n_ctx} tokens (overlapping "
+            "by one, so every token is scored once; a window's first tokens see only that window). "
+            "The counts are in the result's meta.",
+            UserWarning,
+            stacklevel=3,
+        )
+    if running.n_tokens == 0:
+        raise LensInputError("no token was scored: every sequence is shorter than two tokens")
+
+
+def _evaluation(run: _Run, i: int, norm: str, name: str, transformed: bool) -> LensEvaluation:
+    """The :class:`LensEvaluation` of lens ``i`` of a finished pass."""
+    running = run.running[i]
+    meta: Dict[str, Any] = {"model": run.view.model_name, "lens": transformed}
+    if run.ranks is not None:
+        meta["ranks"] = run.ranks
+    if run.counts["split"]:
+        meta["split_sequences"] = run.counts["split"]
+        meta["windows"] = run.counts["windows"]
+        meta["n_ctx"] = run.n_ctx
+    return LensEvaluation(
+        labels=list(run.labels),
+        n_tokens=running.n_tokens,
+        n_sequences=running.n_sequences,
+        norm=norm,
+        sums=running.sums,
+        minima=running.minima,
+        maxima=running.maxima,
+        histograms=running.hists,
+        top1_agree=running.agree,
+        top1_correct=running.correct,
+        seconds=run.seconds,
+        meta=meta,
+        lens_name=name,
+    )

@@ -272,7 +272,7 @@ class LensResult:
         return plot_lens(self, **kwargs)
 
     def show(self, **kwargs: Any) -> Any:
-        """Display the interactive plotly view in a notebook and return the Figure (:mod:`tl_logitlens.interactive`)."""
+        """Display the interactive plotly view in a notebook and return the Figure (:mod:`tl_logitlens.plots.interactive`)."""
         from .plots.interactive import show
 
         return show(self, **kwargs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from .arguments import (
     DEMO_CONFIG, UsageError, check_html, check_out, make_out, prompt_input, prompt_spec, read_data, tokens_arg, load_model,
@@ -26,6 +26,29 @@ def _start_torch() -> None:
 
     GRAD_STATE.append(torch.is_grad_enabled())
     torch.set_grad_enabled(False)
+
+
+def _lens_dir(spec: Optional[str]) -> Optional[Path]:
+    """``--lens DIR`` checked before any import: a folder holding a tuned lens's config.json."""
+    if spec is None:
+        return None
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise UsageError(f"--lens {spec!r}: no such folder; pass a folder written by TunedLens.save or tuned-lens "
+                         "(config.json and params.pt)")
+    if not (path / "config.json").is_file():
+        raise UsageError(f"--lens {spec!r} holds no config.json; pass a folder written by TunedLens.save or "
+                         "tuned-lens (config.json and params.pt)")
+    return path
+
+
+def _load_lens(path: Optional[Path], model: Any) -> Any:
+    """The tuned lens in ``path`` for ``model`` (its checks name what does not match), or ``None``."""
+    if path is None:
+        return None
+    import tl_logitlens as tll
+
+    return tll.TunedLens.load(path, model)
 
 
 def cmd_demo(args: argparse.Namespace) -> Dict[str, Any]:
@@ -119,12 +142,16 @@ def cmd_lens(args: argparse.Namespace) -> Dict[str, Any]:
     targets = None if not args.target else [parse_token(t, "--target") for t in args.target]
     out = check_out(args.out)
     html = check_html(args.html)
+    lens_dir = _lens_dir(args.lens)
     _start_torch()
     import tl_logitlens as tll
 
     model = load_model(args.model, args.device, args.dtype)
+    lens = _load_lens(lens_dir, model)
     prompt = prompt_input(model, prompts)
-    common = dict(layers=layers, top_k=args.top_k, norm=args.norm)
+    common = dict(layers=layers, top_k=args.top_k, norm=args.norm, lens=lens)
+    if lens is not None:
+        print(f"Reading through the {lens.name} lens in {str(lens_dir)!r}.")
     at = tll.logit_lens(model, prompt, positions=args.position, targets=targets, **common)
     n_prompts = int(at.lengths.shape[0])
     tables = []
@@ -139,6 +166,8 @@ def cmd_lens(args: argparse.Namespace) -> Dict[str, Any]:
     summary = {"model": args.model, "prompts": prompts.get("text", prompts.get("tokens")), "norm": args.norm,
                "position": args.position, "dtype": args.dtype, "device": args.device,
                "lens_at_position": tables, "lens_at_last_position": tables[0]}
+    if lens is not None:
+        summary["lens"] = {"name": lens.name, "dir": str(lens_dir)}
     out = make_out(out)
     if out is not None:
         from .. import plots
@@ -149,7 +178,10 @@ def cmd_lens(args: argparse.Namespace) -> Dict[str, Any]:
         if targets is not None:
             save_figure(plots.plot_trajectory(at), out, "trajectory", args, written)
         save_figure(plots.plot_lens_metrics(full), out, "lens_metrics", args, written)
-        write_table(full.to_dataframe(), out, "lens.csv", written)
+        frame = full.to_dataframe()
+        if lens is not None:
+            frame.insert(0, "lens", lens.name)
+        write_table(frame, out, "lens.csv", written)
         write_summary(summary, out, written)
     if html is not None:  # every position, with the true next token's probability and rank in the hover
         write_page(tll.logit_lens(model, prompt, targets="next", **common), html)
@@ -201,6 +233,7 @@ def cmd_eval(args: argparse.Namespace) -> Dict[str, Any]:
     if not Path(args.data).is_file():
         raise UsageError(f"no data file at {args.data!r}; pass a UTF-8 text file (one document per line) "
                          "or a .pt token tensor [n, seq]")
+    lens_dir = _lens_dir(args.lens)
     _start_torch()
     import tl_logitlens as tll
 
@@ -214,6 +247,8 @@ def cmd_eval(args: argparse.Namespace) -> Dict[str, Any]:
         if device == "cuda":
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one device per local rank
     model = load_model(args.model, device, args.dtype)
+    if lens_dir is not None:
+        return _compare(args, model, data, _load_lens(lens_dir, model), out, html)
     evaluation = tll.evaluate_lens(model, data, batch_size=args.batch_size, max_tokens=args.max_tokens,
                                    progress=not args.quiet)
     if not is_main_process():
@@ -264,3 +299,32 @@ def cmd_train_lens(args: argparse.Namespace) -> Dict[str, Any]:
           f"(loss={args.loss}).")
     print(f"Wrote the lens (tuned-lens format) and its checkpoint to {out}")
     return {"steps": int(saved["step"]), "tokens": int(saved["tokens_seen"]), "out": str(out)}
+
+
+def _compare(args: argparse.Namespace, model: Any, data: Any, lens: Any, out: Any, html: Any) -> Dict[str, Any]:
+    """``eval --lens``: the logit lens and the tuned lens over the data in one pass, side by side."""
+    import tl_logitlens as tll
+
+    from ..distributed import is_main_process
+
+    name = lens.name if lens.name != "logit" else "tuned"
+    comparison = tll.compare_lenses(model, data, {"logit": None, name: lens}, batch_size=args.batch_size,
+                                    max_tokens=args.max_tokens, progress=not args.quiet)
+    if not is_main_process():  # under torchrun every rank holds the merged result; rank 0 reports
+        return {"tokens": comparison.n_tokens}
+    frame = comparison.to_dataframe()
+    shown = ["lens", "layer", "kl_to_final_mean", "next_token_loss_mean", "perplexity", "entropy_mean", "top1_agreement",
+             "top1_accuracy"]
+    print(f"{comparison.n_tokens} tokens, lenses {', '.join(comparison.lenses)}")
+    print(frame[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    out = make_out(out)
+    if out is not None:
+        written: List[str] = []
+        write_table(frame, out, "lens_compare.csv", written)
+        comparison.save(out / "lens_compare.json")
+        written.append(str(out / "lens_compare.json"))
+        save_figure(comparison.plot(), out, "lens_compare", args, written)
+        print("\nWrote:\n  " + "\n  ".join(written))
+    if html is not None:
+        write_page(comparison, html)
+    return {"tokens": comparison.n_tokens, "lenses": comparison.lenses}

@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "print each layer's top token (and targets) at --position of every prompt.",
                           epilog="example:\n  tl-logitlens lens --model demo --prompt 'red cat sun red cat' --target sun "
                                  "--layers 0,-1 --out lens-out\n"
-                                 "  tl-logitlens lens --model ./capp-gpt2 --tokens '49,12,7;49,12,8' --target id:50 --position 2")
+                                 "  tl-logitlens lens --model ./capp-gpt2 --tokens '49,12,7;49,12,8' --target id:50 --position 2\n"
+                                 "  tl-logitlens lens --model ./stories260k --prompt 'Once upon a time' --lens tuned-lens-dir")
     _prompts(lens)
     lens.add_argument("--layers", metavar="L,..", help="stack entries to read, by index (negative from the end) or "
                                                        "label, comma-separated, e.g. 0,2,final_post (default all)")
@@ -83,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     lens.add_argument("--norm", choices=("recompute", "cached", "none"), default="recompute",
                       help="final norm: own statistics (default), the final stream's scale, or none")
     lens.add_argument("--out", metavar="DIR", help="folder for the heatmap, curves, lens.csv and summary.json")
+    lens.add_argument("--lens", metavar="DIR", help="read through a tuned lens: a folder written by TunedLens.save or "
+                                                    "tuned-lens (config.json, params.pt) for this model")
     _html(lens)
     _common(lens)
     lens.set_defaults(func=cmd_lens)
@@ -113,12 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", formatter_class=fmt, help="lens statistics over a dataset, streamed",
                         description="Per-layer KL to final, loss, entropy and accuracy over a dataset, in bounded memory.",
                         epilog="example:\n  tl-logitlens eval --model ./stories260k --data stories.txt --max-tokens 20000 --out eval-out\n"
-                               "  tl-logitlens eval --model demo --data tokens.pt --quiet")
+                               "  tl-logitlens eval --model demo --data tokens.pt --quiet\n"
+                               "  tl-logitlens eval --model ./stories260k --data stories.txt --lens tuned-lens-dir --out cmp-out")
     ev.add_argument("--data", required=True, metavar="FILE", help="a UTF-8 text file (one document per line) or a .pt token tensor [n, seq]")
     ev.add_argument("--max-tokens", type=int, help="stop after this many tokens")
     ev.add_argument("--batch-size", type=int, default=8, help="documents per forward pass (default 8)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
-    ev.add_argument("--out", metavar="DIR", help="folder for lens_eval.csv, lens_eval.json and the lens_eval figure")
+    ev.add_argument("--out", metavar="DIR", help="folder for lens_eval.csv, lens_eval.json and the lens_eval figure "
+                                                 "(with --lens: lens_compare.csv, lens_compare.json and its figure)")
+    ev.add_argument("--lens", metavar="DIR", help="also evaluate this tuned lens (a TunedLens.save or tuned-lens folder) "
+                                                  "and compare it with the logit lens, in the same pass")
     _html(ev)
     _common(ev)
     ev.set_defaults(func=cmd_eval)
