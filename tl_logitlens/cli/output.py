@@ -82,8 +82,10 @@ def output_policy(verbose: bool) -> Iterator[None]:
 
 # -- files ----------------------------------------------------------------------------------
 def save_figure(fig: Any, out: Path, stem: str, args: argparse.Namespace, written: List[str]) -> None:
+    from ..plots import save_figure as save_at_print_size  # the figures' own margins and resolution rules
+
     name = f"{stem}.{args.format}"
-    fig.savefig(out / name, dpi=args.dpi, bbox_inches="tight")
+    save_at_print_size(fig, out / name, dpi=args.dpi)
     written.append(str(out / name))
     import matplotlib.pyplot as plt
 

@@ -19,7 +19,7 @@ def _common(sub: argparse.ArgumentParser, model: bool = True) -> None:
     sub.add_argument("--dtype", choices=DTYPES, default="float32",
                      help="model precision (default float32); an HF folder is loaded in it, the demo model cast to it")
     sub.add_argument("--format", choices=FORMATS, default="png", help="figure file format (default png)")
-    sub.add_argument("--dpi", type=float, default=130, help="figure resolution in dots per inch (default 130)")
+    sub.add_argument("--dpi", type=float, default=200, help="figure resolution in dots per inch (default 200: print quality)")
     sub.add_argument("--verbose", action="store_true",
                      help="let third-party warnings, logs and progress bars through (hidden by default)")
 
