@@ -264,6 +264,18 @@ def test_three_ranks_equal_one_process_on_every_kind_of_data(tmp_path):
             warnings.simplefilter("ignore")
             ref = evaluate_lens(model, make(model, False), progress=False, **kwargs)
         _assert_matches_one_process(got, ref, exact=kwargs.get("batch_size") == 1)
+    # compare_lenses: every lens's statistics merged over the ranks equal one process's.
+    from cases import compare_case
+    from tl_logitlens.compare import LensComparison
+
+    assert [dict(r["compare_lenses"], seconds=0.0) for r in ranks[1:]] == [dict(ranks[0]["compare_lenses"], seconds=0.0)] * 2
+    got = LensComparison.from_dict(ranks[0]["compare_lenses"])
+    data, lenses = compare_case(model, False)
+    ref = tll.compare_lenses(model, data, lenses, progress=False)
+    assert got.lenses == ref.lenses == ["logit", "tuned"]
+    for name in ref.lenses:
+        assert got[name].meta["ranks"] == 3
+        _assert_matches_one_process(got[name], ref[name], exact=False)
 
 
 def _cli_eval_two_ranks(tmp_path, model_arg, data_path, *extra):

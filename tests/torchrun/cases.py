@@ -53,3 +53,15 @@ CASES = {
     "loader_distributed_sampler": (_loader, {}),
     "loader_plain": (_plain_loader, {}),
 }
+
+
+def compare_case(model, distributed):
+    """Data and lenses of the job's compare_lenses run: ragged rows, the logit lens and a seeded TunedLens."""
+    import tl_logitlens as tll
+
+    tuned = tll.TunedLens(model)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return _ids(model, 7, 12, 9), {"logit": None, "tuned": tuned}

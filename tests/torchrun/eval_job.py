@@ -24,4 +24,9 @@ results = {}
 for name, (make, kwargs) in CASES.items():
     ev = tll.evaluate_lens(model, make(model, True), progress=False, **kwargs)
     results[name] = ev.to_dict()
+# compare_lenses shards and merges through the same driver: the logit lens and a seeded TunedLens.
+from cases import compare_case  # noqa: E402
+
+data, lenses = compare_case(model, True)
+results["compare_lenses"] = tll.compare_lenses(model, data, lenses, progress=False).to_dict()
 (out / f"rank{rank}.json").write_text(json.dumps(results))
