@@ -70,8 +70,13 @@ readme-figures: setup
 	cp .readme-figures/attribution_heads.png docs/demo_attribution_heads.png
 	rm -rf .readme-figures
 
+# The lens kernel (ARGS, e.g. --device cuda, --quick), one tuned-lens training step on the same
+# model shape (its --device taken from ARGS) and 2 processes x 1 thread against 1 x 2 (CPU).
 bench: setup
 	$(PY) bench/bench_lens.py $(ARGS)
+	$(PY) bench/bench_train_kernel.py --full-step $(if $(findstring cuda,$(ARGS)),--device cuda,)
+	$(PY) bench/bench_train_kernel.py $(if $(findstring cuda,$(ARGS)),--device cuda,)
+	$(PY) bench/bench_distributed.py
 
 # to_dataframe at ~443k rows: the column-built tables against the old row loop (a ratio).
 bench-tables: setup
