@@ -298,3 +298,14 @@ def sampled_tokens(model, n: int, length: int, seed: int = 0) -> torch.Tensor:
             probs = torch.softmax(model(ids)[:, -1].float(), -1)
             ids = torch.cat([ids, torch.multinomial(probs, 1)], 1)
     return ids
+
+
+def randomise_lens(lens: Any, seed: int = 0, scale: float = 0.3) -> Any:
+    """Give a TunedLens seeded random translators (``A ~ scale / sqrt(d_model)``, ``b ~ scale``), in place."""
+    g = torch.Generator().manual_seed(seed)
+    d = lens.d_model
+    with torch.no_grad():
+        for layer in lens.translators.values():
+            layer.weight.copy_(scale * torch.randn(d, d, generator=g) / d ** 0.5)
+            layer.bias.copy_(scale * torch.randn(d, generator=g))
+    return lens

@@ -8,14 +8,12 @@ chromedriver, selenium or plotly is missing.
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 
 import pytest
 import torch
 
-import builders  # noqa: F401  (conftest puts tests/ on the path)
 import tl_logitlens as tll
 from tl_logitlens.tokentext import display_token, token_text
 

@@ -37,16 +37,6 @@ def model():
     return _plain()
 
 
-def _randomise(lens, seed=0, scale=0.3):
-    g = torch.Generator().manual_seed(seed)
-    d = lens.d_model
-    with torch.no_grad():
-        for layer in lens.translators.values():
-            layer.weight.copy_(scale * torch.randn(d, d, generator=g) / d ** 0.5)
-            layer.bias.copy_(scale * torch.randn(d, generator=g))
-    return lens
-
-
 def _halve(h, label):
     """A custom callable lens (no name, no TunedLens): it transforms final_post too."""
     return 0.5 * h
@@ -65,7 +55,7 @@ def _assert_same(got, want, tol=1e-6):
 
 
 def test_each_lens_equals_evaluate_lens_run_alone(model):
-    tuned = _randomise(tll.TunedLens(model), seed=3)
+    tuned = builders.randomise_lens(tll.TunedLens(model), seed=3)
     tokens = builders.tokens(batch=7, seq=10, seed=4)
     lenses = {"logit": None, "tuned": tuned, "half": _halve, "also logit": tll.LogitLens()}
     cmp = compare_lenses(model, tokens, lenses, batch_size=3, progress=False)
@@ -82,7 +72,7 @@ def test_each_lens_equals_evaluate_lens_run_alone(model):
 
 def test_tuned_lens_statistics_match_full_float64_logits(model):
     """Independent of the package: translate the cached stream, unembed in float64, average by hand."""
-    tuned = _randomise(tll.TunedLens(model), seed=8)
+    tuned = builders.randomise_lens(tll.TunedLens(model), seed=8)
     tokens = builders.tokens(batch=3, seq=9, seed=6)
     cmp = compare_lenses(model, tokens, {"logit": None, "tuned": tuned}, batch_size=2, progress=False)
     with torch.no_grad():
@@ -114,7 +104,7 @@ def test_tuned_lens_statistics_match_full_float64_logits(model):
 
 
 def test_the_model_runs_once_per_batch_and_the_reference_is_read_once(model, monkeypatch):
-    tuned = _randomise(tll.TunedLens(model), seed=1)
+    tuned = builders.randomise_lens(tll.TunedLens(model), seed=1)
     tokens = builders.tokens(batch=7, seq=8, seed=2)
     entries = []
     from tl_logitlens.evaluate import read_rows as real
@@ -137,7 +127,7 @@ def test_the_model_runs_once_per_batch_and_the_reference_is_read_once(model, mon
 def test_a_bfloat16_model(model):
     case = builders.precision_cases((torch.bfloat16,))[0]
     half = builders.build(case)
-    tuned = _randomise(tll.TunedLens(half), seed=2)
+    tuned = builders.randomise_lens(tll.TunedLens(half), seed=2)
     assert tuned.translators["0_pre"].weight.dtype == torch.float32  # the lens stays float32
     tokens = builders.tokens(batch=4, seq=8, seed=5)
     cmp = compare_lenses(half, tokens, {"logit": None, "tuned": tuned}, batch_size=2, progress=False)
@@ -186,7 +176,7 @@ def test_dataframe_plot_save_load_and_repr(model, tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tuned = _randomise(tll.TunedLens(model), seed=4)
+    tuned = builders.randomise_lens(tll.TunedLens(model), seed=4)
     tokens = builders.tokens(batch=3, seq=8, seed=7)
     cmp = compare_lenses(model, tokens, {"logit": None, "tuned": tuned}, batch_size=2, progress=False)
     frame = cmp.to_dataframe()
@@ -245,7 +235,7 @@ def test_stories260k_with_a_perturbed_tuned_lens(models_dir):
     if builders.TransformerBridge is None:
         pytest.skip("the real models boot through TransformerBridge (3.x/4.x)")
     model = builders.TransformerBridge.boot_transformers(str(models_dir / "stories260k"), device="cpu").eval()
-    tuned = _randomise(tll.TunedLens(model), seed=11, scale=0.05)
+    tuned = builders.randomise_lens(tll.TunedLens(model), seed=11, scale=0.05)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(3, model.cfg.d_vocab, (6, 33), generator=gen)
     tokens[:, 0] = model.tokenizer.bos_token_id

@@ -22,6 +22,7 @@ from tl_logitlens.errors import LensInputError
 from tl_logitlens.tokentext import display_token, token_text
 
 plotly = pytest.importorskip("plotly", reason="plotly is not installed (pip install tl-logitlens[interactive])")
+from tl_logitlens import files  # noqa: E402
 from tl_logitlens.plots import interactive  # noqa: E402
 
 PAGE_LIMIT = 2_000_000  # bytes: a 12-layer x 128-position lens page must stay under it
@@ -161,7 +162,7 @@ def test_failed_write_keeps_the_old_page(demo, monkeypatch, tmp_path):
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(interactive.os, "replace", broken)
+    monkeypatch.setattr(files.os, "replace", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         result.to_html(path)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["page.html"]
@@ -266,10 +267,7 @@ def test_lens_from_a_cache_names_positions(demo):
 def test_lens_comparison_page(demo, tmp_path):
     """``LensComparison.to_html`` writes the comparison view: each lens's KL curve, values from its evaluation."""
     model, tokens = demo
-    tuned = tll.TunedLens(model)
-    with torch.no_grad():
-        for p in tuned.parameters():
-            p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    tuned = builders.randomise_lens(tll.TunedLens(model), seed=1, scale=0.05)
     comparison = tll.compare_lenses(model, tokens, {"logit": None, "tuned": tuned}, progress=False)
     comparison.to_html(tmp_path / "cmp.html")
     data = figure_json((tmp_path / "cmp.html").read_text())["data"]

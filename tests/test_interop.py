@@ -25,7 +25,6 @@ plain logit lens's by far more than the tolerance).
 import json
 import os
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -111,16 +110,6 @@ def _ours(bridge, tokens, lens):
     return torch.log_softmax(result.target_logits.double(), -1), result
 
 
-def _randomise(lens, seed=0, scale=0.3):
-    g = torch.Generator().manual_seed(seed)
-    d = lens.d_model
-    with torch.no_grad():
-        for layer in lens.translators.values():
-            layer.weight.copy_(scale * torch.randn(d, d, generator=g) / d ** 0.5)
-            layer.bias.copy_(scale * torch.randn(d, generator=g))
-    return lens
-
-
 def _agree(ours, theirs, gap, what):
     """Per-entry log-probs within tolerance; top-1 tokens equal wherever the reference's is clear."""
     assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
@@ -165,7 +154,7 @@ def test_a_lens_saved_here_reads_the_same_in_tuned_lens(real, ref_python, tmp_pa
     name, folder, bridge, tokens = real
     if incl_mid and name != "stories260k":
         pytest.skip("the _mid extras are checked once")
-    lens = _randomise(tll.TunedLens(bridge, incl_mid=incl_mid), seed=5)
+    lens = builders.randomise_lens(tll.TunedLens(bridge, incl_mid=incl_mid), seed=5)
     lens_dir = tmp_path / "ours"
     lens.save(lens_dir)
     ref = _side(ref_python, "read", folder, lens_dir, tmp_path / "ours.pt", tokens)

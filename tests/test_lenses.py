@@ -37,16 +37,6 @@ def model():
     return _plain()
 
 
-def _randomise(lens, seed=0, scale=0.3):
-    g = torch.Generator().manual_seed(seed)
-    d = lens.d_model
-    with torch.no_grad():
-        for layer in lens.translators.values():
-            layer.weight.copy_(scale * torch.randn(d, d, generator=g) / d ** 0.5)
-            layer.bias.copy_(scale * torch.randn(d, generator=g))
-    return lens
-
-
 def _reference(model, tokens, params, incl_mid):
     """Full-logit statistics of the translated streams; ``params`` maps label -> (A, b) as float64."""
     with torch.no_grad():
@@ -102,7 +92,7 @@ def test_a_new_tuned_lens_is_the_identity(model):
 
 @pytest.mark.parametrize("incl_mid", [False, True])
 def test_a_trained_tuned_lens_reads_the_translated_stream(model, incl_mid):
-    lens = _randomise(tll.TunedLens(model, incl_mid=incl_mid), seed=3)
+    lens = builders.randomise_lens(tll.TunedLens(model, incl_mid=incl_mid), seed=3)
     labels, ref = _reference(model, TOKENS, _params(lens), incl_mid)
     result = tll.logit_lens(model, TOKENS, incl_mid=incl_mid, lens=lens)
     assert result.labels == labels
@@ -137,7 +127,7 @@ def test_lens_must_be_callable(model):
 
 
 def test_evaluate_lens_with_a_tuned_lens(model):
-    lens = _randomise(tll.TunedLens(model), seed=5)
+    lens = builders.randomise_lens(tll.TunedLens(model), seed=5)
     _, ref = _reference(model, TOKENS, _params(lens), False)
     ev = evaluate_lens(model, TOKENS, lens=lens, progress=False)
     assert ev.lens_name == "tuned"
@@ -172,7 +162,7 @@ def test_figures_name_the_lens(model):
 
 # -- files -----------------------------------------------------------------------------------
 def test_save_writes_the_tuned_lens_format_and_loads_back(model, tmp_path):
-    lens = _randomise(tll.TunedLens(model, incl_mid=True), seed=7)
+    lens = builders.randomise_lens(tll.TunedLens(model, incl_mid=True), seed=7)
     lens.save(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["lens_type"] == "linear_tuned_lens"
@@ -274,7 +264,7 @@ def test_a_centred_stream_is_refused(model, tmp_path):
 
 
 def test_readout_applies_a_lens_per_entry(model):
-    lens = _randomise(tll.TunedLens(model), seed=9)
+    lens = builders.randomise_lens(tll.TunedLens(model), seed=9)
     with torch.no_grad():
         _, cache = model.run_with_cache(TOKENS)
     labels, stack = reference.accumulated(model, cache)
@@ -298,5 +288,5 @@ def test_half_precision_models_take_a_float32_lens(dtype):
     plain = tll.logit_lens(half, TOKENS)
     same = tll.logit_lens(half, TOKENS, lens=lens)  # half -> float32 is exact: the same numbers
     torch.testing.assert_close(same.kl_to_final, plain.kl_to_final, atol=1e-6, rtol=0)
-    _randomise(lens, seed=2)
+    builders.randomise_lens(lens, seed=2)
     assert bool(torch.isfinite(tll.logit_lens(half, TOKENS, lens=lens).kl_to_final).all())

@@ -12,7 +12,6 @@ the logit lens's ``final_post`` entry is that reference, and a TunedLens reads
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,23 +249,16 @@ class LensComparison:
 
     def save(self, path: Union[str, Path]) -> None:
         """Write the comparison to ``path`` as JSON, atomically; :meth:`load` reads it back unchanged."""
-        from .lenses import _atomic_write
+        from .files import write_json
 
-        path = Path(path)
-        text = json.dumps(self.to_dict())
-        _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "LensComparison":
         """Read a comparison written by :meth:`save`; anything else is refused naming the file and field."""
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise LensInputError(f"{path}: not a saved LensComparison (a binary file, not JSON text)") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise LensInputError(f"{path}: not a saved LensComparison (not valid JSON: {err})") from None
+        from .files import read_json
+
+        data = read_json(path, "a saved LensComparison")
         try:
             return cls.from_dict(data)
         except LensInputError as err:

@@ -29,7 +29,6 @@ error below ``1e-6`` under that, and a value in ``[1e4, max]`` above it.
 
 from __future__ import annotations
 
-import json
 import contextlib
 import math
 import time
@@ -358,20 +357,17 @@ class LensEvaluation:
         )
 
     def save(self, path: Union[str, Path]) -> None:
-        """Write the evaluation to ``path`` as JSON; :meth:`load` reads it back unchanged."""
-        Path(path).write_text(json.dumps(self.to_dict()), encoding="utf-8")
+        """Write the evaluation to ``path`` as JSON (atomically); :meth:`load` reads it back unchanged."""
+        from .files import write_json
+
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "LensEvaluation":
         """Read an evaluation written by :meth:`save`; anything else is refused naming the file."""
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise LensInputError(f"{path}: not a saved LensEvaluation (a binary file, not JSON text)") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise LensInputError(f"{path}: not a saved LensEvaluation (not valid JSON: {err})") from None
+        from .files import read_json
+
+        data = read_json(path, "a saved LensEvaluation")
         try:
             return cls.from_dict(data)
         except LensInputError as err:

@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 import torch
 
+from .files import atomic_write, write_json
 from .errors import LensInputError, ModelStateError
 
 _CONFIG = "config.json"
@@ -157,17 +156,6 @@ def _refuse_changed_stream(model: Any, doing: str) -> None:
         )
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    # A temp file in the same folder, then os.replace: a reader never sees half a file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 class TunedLens(torch.nn.Module, Lens):
@@ -292,10 +280,10 @@ class TunedLens(torch.nn.Module, Lens):
             "lens_type": _LENS_TYPE,
         }
         ours = {"format": _EXTRA_FORMAT, "incl_mid": self.incl_mid, "labels": list(self.labels), "name": self.name}
-        _atomic_write(directory / _PARAMS, lambda tmp: torch.save(params, tmp))
-        _atomic_write(directory / _EXTRA_PARAMS, lambda tmp: torch.save(extra, tmp))
-        _atomic_write(directory / _EXTRA_JSON, lambda tmp: Path(tmp).write_text(json.dumps(ours, indent=2), encoding="utf-8"))
-        _atomic_write(directory / _CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2), encoding="utf-8"))
+        atomic_write(directory / _PARAMS, lambda tmp: torch.save(params, tmp))
+        atomic_write(directory / _EXTRA_PARAMS, lambda tmp: torch.save(extra, tmp))
+        write_json(directory / _EXTRA_JSON, ours, indent=2)
+        write_json(directory / _CONFIG, config, indent=2)
 
     @classmethod
     def load(cls, directory: Union[str, Path], model: Any) -> "TunedLens":

@@ -369,7 +369,7 @@ def train_tuned_lens(
         stream.skip_to(int(saved["drawn"]), int(saved["used"]))
 
     def write_checkpoint() -> None:
-        from .lenses import _atomic_write
+        from .files import atomic_write
 
         state = {
             "format": _FORMAT, "settings": settings, "step": step, "tokens_seen": tokens_seen,
@@ -378,7 +378,7 @@ def train_tuned_lens(
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
         }
         folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write(folder / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+        atomic_write(folder / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
     bar = _bar(steps * tokens_per_step, tokens_seen, progress)
     exhausted = False

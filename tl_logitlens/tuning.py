@@ -52,6 +52,8 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
+from .files import write_json
+
 #: Buffers of ``[rows, width]`` the kernel holds (see :mod:`tl_logitlens.tiles`).
 BUFFERS = 3
 #: The working-buffer memory a measured CPU shape may use (3 tiles). Rows beyond what BLAS
@@ -239,9 +241,7 @@ def _to_disk(path: Path, key: str, shape: TileShape) -> None:
                  "timings": [list(t) for t in shape.timings]}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the new file
+        write_json(path, data, indent=1)  # atomic: a concurrent reader sees the old or the new file
     except OSError as err:
         warnings.warn(f"tl_logitlens: could not write the tile-shape cache {path} ({err})", stacklevel=3)
 

@@ -17,9 +17,10 @@ Example::
 from __future__ import annotations
 
 import html
-import os
 from pathlib import Path
 from typing import Dict, Sequence, Union
+
+from ..files import write_text
 
 __all__ = ["write_index"]
 
@@ -57,7 +58,5 @@ def write_index(out: Union[str, Path], files: Sequence[Union[str, Path]], title:
             parts.append(f"<ul>{items}</ul>")
     parts.append("</body></html>\n")
     path = out / "index.html"
-    tmp = out / ".index.html.tmp"
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, "\n".join(parts))
     return path

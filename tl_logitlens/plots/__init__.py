@@ -61,12 +61,6 @@ from .lens import plot_lens
 from .lines import plot_group_trajectory, plot_layer_curves, plot_lens_metrics, plot_trajectory
 from .style import ATTRIBUTION_KINDS, LENS_METRICS, METRIC_STYLE, TRAJECTORY_METRICS, WIDTHS
 
-# The old single module's helpers, for code written against it (interactive views, notebooks).
-from .layout import (  # noqa: F401  (re-exported)
-    _batch_rows, _check_batch, _decoder, _lens_words, _np, _rank_from_next, _select_columns,
-    _targets_are_next, _with_pos,
-)
-
 __all__ = [
     "LENS_METRICS",
     "TRAJECTORY_METRICS",

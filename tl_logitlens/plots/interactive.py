@@ -46,16 +46,14 @@ import base64
 import functools
 import gzip
 import html
-import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ..errors import LensInputError
+from ..files import write_text
 from .style import METRIC_STYLE
 from ..tokentext import display_token, token_text
 
@@ -468,14 +466,7 @@ def to_html(result: Any, path: Union[str, Path], *, title: Optional[str] = None,
     fig = figure(result, **kwargs)
     path = Path(path)
     text = page_html(fig, title or f"tl_logitlens: {fig.layout.meta['view'] if fig.layout.meta else 'figure'}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, text)
     return path
 
 
