@@ -7,9 +7,10 @@ import pytest
 TUTORIALS = sorted((Path(__file__).parent.parent / "tutorials").glob("*.ipynb"))
 
 
-def test_three_tutorials_are_committed_with_outputs():
+def test_the_tutorials_are_committed_with_outputs():
     names = [path.name for path in TUTORIALS]
-    assert names == ["01_logit_lens.ipynb", "02_direct_logit_attribution.ipynb", "03_with_your_own_code.ipynb"]
+    assert names == ["01_logit_lens.ipynb", "02_direct_logit_attribution.ipynb", "03_with_your_own_code.ipynb",
+                     "04_tuned_lens.ipynb"]
     import json
 
     for path in TUTORIALS:
