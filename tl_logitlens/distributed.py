@@ -27,6 +27,12 @@ them: :func:`tensor_budget`). For other data the budget is split evenly: rank ``
 most ``max_tokens // W`` tokens, plus one for ranks ``r < max_tokens % W``, from the start of
 its own shard; a shard that runs short is not made up by the others.
 
+Training (:func:`tl_logitlens.train.train_tuned_lens`) does not shard the data this way: every
+rank reads the whole data in the same order, cuts the same micro-batches as one process, and
+runs micro-batch ``k`` of step ``s`` only if ``(k + s) % W == r``; :meth:`Group.sum_` then sums
+the translators' gradients (one all-reduce a step), so a step's tokens and update are one
+process's whatever ``W``, and a checkpoint's data position means the same on any world size.
+
 Faults: the data-dependent work of each rank runs inside :meth:`Group.guard`; before the
 statistics are reduced every rank all-gathers whether it failed and why, so a failing rank
 raises its own error and every other rank raises :class:`RankFailedError` ("rank k failed:
@@ -252,7 +258,7 @@ def split_budget(max_tokens: int, rank: int, world: int) -> int:
 class Group:
     """The default process group as a driver uses it: rank, size, shards, reductions and fault handling.
 
-    Built by :func:`resolve`; training will reuse it the same way (shard, :meth:`guard` the
+    Built by :func:`resolve`; evaluation and training use it the same way (:meth:`guard` the
     data-dependent work, :meth:`check` before reducing, :attr:`is_main` for output).
     """
 

@@ -13,6 +13,10 @@ Training can be stopped at any point and continued: every ``checkpoint_every`` s
 lens, the optimiser, the schedule, the data position and the random state are written
 atomically to ``checkpoint_dir``, and a restarted run with ``resume=True`` skips the data
 already consumed and ends with the same lens as an uninterrupted one.
+
+Inside a ``torch.distributed`` process group (``torchrun``) the ranks share each step: every
+rank cuts the same micro-batches, runs its round-robin share of them, and one all-reduce a
+step sums the translators' gradients, so the lens is one process's (see ``distributed=``).
 """
 
 from __future__ import annotations
