@@ -31,7 +31,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 
 from .data import batches, split_long
-from .distributed import Group, _distributed_sampler, resolve
+from .distributed import _distributed_sampler, resolve
 from .errors import LensInputError, ModelStateError, NonFiniteActivationError, UnsupportedModelError
 from .inputs import resolve_model
 from .model_access import capture, compute_device, input_device
