@@ -27,6 +27,12 @@ them: :func:`tensor_budget`). For other data the budget is split evenly: rank ``
 most ``max_tokens // W`` tokens, plus one for ranks ``r < max_tokens % W``, from the start of
 its own shard; a shard that runs short is not made up by the others.
 
+Training (:func:`tl_logitlens.train.train_tuned_lens`) does not shard the data this way: every
+rank reads the whole data in the same order, cuts the same micro-batches as one process, and
+runs micro-batch ``k`` of step ``s`` only if ``(k + s) % W == r``; :meth:`Group.sum_` then sums
+the translators' gradients (one all-reduce a step), so a step's tokens and update are one
+process's whatever ``W``, and a checkpoint's data position means the same on any world size.
+
 Faults: the data-dependent work of each rank runs inside :meth:`Group.guard`; before the
 statistics are reduced every rank all-gathers whether it failed and why, so a failing rank
 raises its own error and every other rank raises :class:`RankFailedError` ("rank k failed:
@@ -252,7 +258,7 @@ def split_budget(max_tokens: int, rank: int, world: int) -> int:
 class Group:
     """The default process group as a driver uses it: rank, size, shards, reductions and fault handling.
 
-    Built by :func:`resolve`; training will reuse it the same way (shard, :meth:`guard` the
+    Built by :func:`resolve`; evaluation and training use it the same way (:meth:`guard` the
     data-dependent work, :meth:`check` before reducing, :attr:`is_main` for output).
     """
 
@@ -290,22 +296,63 @@ class Group:
             self.check()  # tell the others, then raise our own error
             raise
 
-    def check(self) -> None:
+    def check(self, agree: Any = None, what: str = "") -> None:
         """Every rank says whether it failed; a failure anywhere raises on every rank.
 
         The failing rank re-raises its own error (in :meth:`guard`); every other rank raises
-        :class:`RankFailedError` naming the first failed rank and its error.
+        :class:`RankFailedError` naming the first failed rank and its error. ``agree``, when
+        given, is a small value every rank must hold alike (a fingerprint of the data it read):
+        if they differ, every rank raises :class:`LensInputError` naming ``what``.
         """
         dist = _dist()
         mine = None if self.failure is None else f"{type(self.failure).__name__}: {self.failure}"
-        gathered: List[Optional[str]] = [None] * self.world
-        dist.all_gather_object(gathered, mine)
-        failed = [(r, msg) for r, msg in enumerate(gathered) if msg is not None]
-        if not failed or self.failure is not None:
+        gathered: List[Any] = [None] * self.world
+        dist.all_gather_object(gathered, (mine, agree))
+        failed = [(r, got[0]) for r, got in enumerate(gathered) if got[0] is not None]
+        if not failed:
+            values = [got[1] for got in gathered]
+            if agree is not None and any(v != values[0] for v in values):
+                raise LensInputError(
+                    f"the ranks disagree on {what or 'a value they must share'}: {values}; every rank must read "
+                    "the same data in the same order (no shuffling without a fixed seed)"
+                )
+            return
+        if self.failure is not None:
             return
         rank, msg = failed[0]
         more = f" (and {len(failed) - 1} other rank(s))" if len(failed) > 1 else ""
         raise RankFailedError(f"rank {rank} failed{more}: {msg}")
+
+    def sum_(self, tensors: List[torch.Tensor]) -> None:
+        """All-reduce (sum) ``tensors`` in place, as one flat float buffer: one collective.
+
+        This is what ``DistributedDataParallel`` does with gradient buckets; training calls it
+        once per step with the translators' gradients (and the step's loss).
+        """
+        if not tensors:
+            return
+        flat = torch.cat([t.detach().reshape(-1).to(self.device, torch.float32) for t in tensors])
+        _dist().all_reduce(flat, op=_dist().ReduceOp.SUM)
+        at = 0
+        with torch.no_grad():
+            for t in tensors:
+                n = t.numel()
+                t.copy_(flat[at : at + n].view_as(t))
+                at += n
+
+    def broadcast_(self, tensors: List[torch.Tensor]) -> None:
+        """Overwrite ``tensors`` on every rank with rank 0's (one collective per tensor)."""
+        with torch.no_grad():
+            for t in tensors:
+                moved = t.detach().to(self.device).contiguous()
+                _dist().broadcast(moved, src=0)
+                t.copy_(moved)
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (pickled; for small state such as a checkpoint)."""
+        box = [obj if self.is_main else None]
+        _dist().broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
+        return box[0]
 
 
 def resolve(distributed: Optional[bool]) -> Optional[Group]:

@@ -13,10 +13,15 @@ Training can be stopped at any point and continued: every ``checkpoint_every`` s
 lens, the optimiser, the schedule, the data position and the random state are written
 atomically to ``checkpoint_dir``, and a restarted run with ``resume=True`` skips the data
 already consumed and ends with the same lens as an uninterrupted one.
+
+Inside a ``torch.distributed`` process group (``torchrun``) the ranks share each step: every
+rank cuts the same micro-batches, runs its round-robin share of them, and one all-reduce a
+step sums the translators' gradients, so the lens is one process's (see ``distributed=``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from numbers import Integral, Real
@@ -26,6 +31,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 
 from .data import batches, split_long
+from .distributed import _distributed_sampler, resolve
 from .errors import LensInputError, ModelStateError, NonFiniteActivationError, UnsupportedModelError
 from .inputs import resolve_model
 from .model_access import capture, compute_device, input_device
@@ -221,6 +227,7 @@ def train_tuned_lens(
     resume: bool = True,
     progress: bool = True,
     lens: Any = None,
+    distributed: Optional[bool] = None,
 ) -> Any:
     """Train a :class:`~tl_logitlens.lenses.TunedLens` on ``data``; the model stays frozen.
 
@@ -274,6 +281,18 @@ def train_tuned_lens(
             the same settings, else refused); ``False`` starts afresh and overwrites it.
         progress: a tqdm bar with tokens per second and the loss.
         lens: a :class:`TunedLens` to start from (default: a new identity lens).
+        distributed: inside an initialised ``torch.distributed`` process group (``None``:
+            detect it; ``False``: ignore it; ``True``: require it), the ranks share each step.
+            Every rank reads the whole data in the same order and so cuts the same
+            micro-batches as one process; micro-batch ``k`` of step ``s`` (counted from 0) is
+            run by rank ``(k + s) % world_size`` only, so the ranks' tokens of a step are
+            exactly one process's (``tokens_per_step`` whatever the world size). The loss is
+            normalised by the step's global token count and the translators' gradients are
+            summed over the ranks by one all-reduce per step, so every rank takes the same
+            optimiser step as one process (equal up to float rounding). Rank 0 alone shows
+            progress, warns and writes (checkpoints, atomically, then all ranks wait for
+            it; the lens), and a checkpoint resumes exactly under any world size. A
+            ``DataLoader`` with a ``DistributedSampler`` is refused (pass it without one).
 
     Returns:
         The trained :class:`~tl_logitlens.lenses.TunedLens`.
@@ -313,6 +332,14 @@ def train_tuned_lens(
             "this model transforms its logits after the unembedding (a logit soft-cap); the training "
             "loss kernel reads plain logits, so train_tuned_lens cannot train a lens for it yet"
         )
+    group = resolve(distributed)
+    main = group is None or group.is_main
+    if group is not None and _distributed_sampler(data) is not None:
+        raise LensInputError(
+            "train_tuned_lens under a process group deals each step's micro-batches to the ranks itself, so every "
+            "rank must read the whole data in the same order; pass the DataLoader without a DistributedSampler "
+            "(shuffle=False, or a generator with the same seed on every rank)"
+        )
     names = required_hooks(view, "accumulated", bool(incl_mid))
     if lens is None:
         lens = TunedLens(model, incl_mid=bool(incl_mid))
@@ -328,32 +355,45 @@ def train_tuned_lens(
     settings = _settings(view, steps=steps, tokens_per_step=tokens_per_step, batch_size=batch_size, loss=loss,
                          incl_mid=bool(incl_mid), optimizer=optimizer, lr=lr, weight_decay=weight_decay)
     folder = None if checkpoint_dir is None else Path(checkpoint_dir)
+    if folder is not None and lens.stream_change is not None:
+        raise ModelStateError(
+            "cannot write the trained lens to checkpoint_dir: TunedLens.save writes the tuned-lens format, "
+            f"defined on the Hugging Face residual stream, and this model's stream differs because "
+            f"{lens.stream_change}. Load the model without that processing, or pass checkpoint_dir=None."
+        )
+
+    def guarded() -> Any:  # under a group: a failure here reaches every rank at the next check
+        return group.guard() if group is not None else contextlib.nullcontext()
+
+    def check(**agree: Any) -> None:
+        if group is not None:
+            group.check(**agree)
+
     saved = None
-    if folder is not None:
-        if folder.exists() and not folder.is_dir():
-            raise LensInputError(f"checkpoint_dir {str(folder)!r} is a file, not a folder")
-        if lens.stream_change is not None:
-            raise ModelStateError(
-                "cannot write the trained lens to checkpoint_dir: TunedLens.save writes the tuned-lens format, "
-                f"defined on the Hugging Face residual stream, and this model's stream differs because "
-                f"{lens.stream_change}. Load the model without that processing, or pass checkpoint_dir=None."
+    n_ctx = context_length(view)
+    with guarded():
+        if folder is not None and main:  # rank 0 alone touches the files (the folder may be on its machine only)
+            if folder.exists() and not folder.is_dir():
+                raise LensInputError(f"checkpoint_dir {str(folder)!r} is a file, not a folder")
+            if resume and (folder / CHECKPOINT).is_file():
+                saved = _read_checkpoint(folder / CHECKPOINT)
+        stream = _Stream(view, data, batch_size, n_ctx)  # validates the data before any forward pass
+    check()
+    if group is not None and folder is not None:
+        saved = group.broadcast_object(saved)
+    if saved is not None:
+        differ = [f"{k}: checkpoint {saved['settings'].get(k)!r}, now {settings[k]!r}"
+                  for k in _SETTINGS if saved["settings"].get(k) != settings[k]]
+        if differ:
+            raise LensInputError(
+                f"{folder / CHECKPOINT} was made with other settings ({'; '.join(differ)}); resume with "
+                "the same settings, or pass resume=False (or another checkpoint_dir) to start afresh"
             )
-        if resume and (folder / CHECKPOINT).is_file():
-            saved = _read_checkpoint(folder / CHECKPOINT)
-            differ = [f"{k}: checkpoint {saved['settings'].get(k)!r}, now {settings[k]!r}"
-                      for k in _SETTINGS if saved["settings"].get(k) != settings[k]]
-            if differ:
-                raise LensInputError(
-                    f"{folder / CHECKPOINT} was made with other settings ({'; '.join(differ)}); resume with "
-                    "the same settings, or pass resume=False (or another checkpoint_dir) to start afresh"
-                )
 
     device = compute_device(view)
     W, b = view.W_U, view.b_U
     b = None if b is None or not bool(b.any()) else b.float()
     fnorm = view.final_norm.to(torch.float32, device)
-    n_ctx = context_length(view)
-    stream = _Stream(view, data, batch_size, n_ctx)  # validates the data before any forward pass
     params = [p for p in lens.parameters()]
     opt = _make_optimizer(params, optimizer, lr, weight_decay)
     warmup = min(1000, steps // 5) if optimizer == "adam" else 0
@@ -366,12 +406,27 @@ def train_tuned_lens(
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         step, tokens_seen, rng = int(saved["step"]), int(saved["tokens_seen"]), saved["rng"]
-        stream.skip_to(int(saved["drawn"]), int(saved["used"]))
+        with guarded():
+            stream.skip_to(int(saved["drawn"]), int(saved["used"]))
+        check()
+    elif group is not None:
+        group.broadcast_(params)  # one starting lens on every rank (a lens= passed in may differ)
+    for p in params:  # a rank dealt no micro-batch in a step still sends its (zero) gradients
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+    def on_main(write: Any) -> None:
+        """Rank 0 writes; every rank waits for it (the check is the barrier) and learns if it failed."""
+        with guarded():
+            if main:
+                write()
+        check()
 
     def write_checkpoint() -> None:
         from .files import atomic_write
 
         state = {
+            "world": 1 if group is None else group.world,  # for the record: a resume may use any world size
             "format": _FORMAT, "settings": settings, "step": step, "tokens_seen": tokens_seen,
             "drawn": stream.drawn, "used": stream.used if stream.pending is not None else 0,
             "lens": {k: v.detach().cpu() for k, v in lens.state_dict().items()},
@@ -380,26 +435,37 @@ def train_tuned_lens(
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(folder / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
-    bar = _bar(steps * tokens_per_step, tokens_seen, progress)
+    bar = _bar(steps * tokens_per_step, tokens_seen, progress and main)
     exhausted = False
     try:
         with torch.random.fork_rng(devices=[]), torch.enable_grad():  # the CLI turns autograd off globally
             torch.set_rng_state(rng)
             while step < steps and not exhausted:
                 opt.zero_grad(set_to_none=False)
-                got, total = 0, 0.0
-                while got < tokens_per_step:
-                    tokens = stream.take(tokens_per_step - got)
-                    if tokens is None:
-                        exhausted = True
-                        break
-                    n = tokens.scored()
-                    total += _micro_step(view, lens, names, labels, tokens, W, b, fnorm, device, loss,
-                                         tokens_per_step, step + 1, tokens_seen + got)
-                    got += n
-                    bar.update(n)
+                got, total, k, fprint = 0, 0.0, 0, 0
+                with guarded():
+                    while got < tokens_per_step:
+                        tokens = stream.take(tokens_per_step - got)
+                        if tokens is None:
+                            exhausted = True
+                            break
+                        n = tokens.scored()
+                        if group is None or (k + step) % group.world == group.rank:  # this rank's micro-batch
+                            total += _micro_step(view, lens, names, labels, tokens, W, b, fnorm, device, loss,
+                                                 tokens_per_step, step + 1, tokens_seen + got)
+                        if group is not None:
+                            fprint = hash((fprint, _fingerprint(tokens)))
+                        k += 1
+                        got += n
+                        bar.update(n)
+                if group is not None:  # before the all-reduce: a failed rank ends every rank here
+                    group.check(agree=(got, fprint), what=f"the tokens of step {step + 1}")
                 if got == 0:
                     break
+                if group is not None:  # the step's gradient: the sum of every rank's micro-batches
+                    summed = torch.tensor([total], dtype=torch.float32, device=params[0].device)
+                    group.sum_([p.grad for p in params] + [summed])
+                    total = float(summed[0])
                 if got < tokens_per_step:  # the data ran out mid-step: average over the tokens it had
                     for p in params:
                         p.grad.mul_(tokens_per_step / got)
@@ -411,13 +477,15 @@ def train_tuned_lens(
                 tokens_seen += got
                 bar.set_postfix_str(f"step {step}/{steps} loss {total:.4g}")
                 if folder is not None and step % every == 0 and step < steps:
-                    write_checkpoint()
+                    on_main(write_checkpoint)
             if folder is not None:
-                write_checkpoint()  # the end: a rerun with resume=True returns this lens at once
+                on_main(write_checkpoint)  # the end: a rerun with resume=True returns this lens at once
     finally:
         bar.close()
     if folder is not None:
-        lens.save(folder)
+        on_main(lambda: lens.save(folder))
+    if not main:  # rank 0 alone warns
+        return lens
     if step < steps:
         warnings.warn(
             f"train_tuned_lens: the data ran out after {step} of {steps} steps ({tokens_seen:,} tokens of the "
@@ -434,6 +502,14 @@ def train_tuned_lens(
             stacklevel=2,
         )
     return lens
+
+
+def _fingerprint(tokens: "_Batch") -> Tuple[int, ...]:
+    """A cheap summary of a micro-batch (its shape, scored range and a position-weighted id sum),
+    compared across ranks each step: ranks reading different data would otherwise train silently wrong."""
+    ids = tokens.ids.long()
+    weights = torch.arange(1, ids.numel() + 1, dtype=torch.long).view_as(ids) % 1000003
+    return (*ids.shape, int((ids * weights).sum()), *tokens.lengths.tolist(), *tokens.first.tolist())
 
 
 def _micro_step(view: Any, lens: Any, names: List[str], labels: List[str], tokens: "_Batch", W: torch.Tensor,

@@ -286,12 +286,22 @@ def cmd_train_lens(args: argparse.Namespace) -> Dict[str, Any]:
     _start_torch()
     import tl_logitlens as tll
 
-    model = load_model(args.model, args.device, args.dtype)
-    out = make_out(out)
+    from ..distributed import init_from_env, is_main_process, timeout_from_env
+
+    device = args.device
+    if init_from_env(timeout=timeout_from_env()) and device == "cuda":  # under torchrun: one device per local rank
+        import os
+
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    model = load_model(args.model, device, args.dtype)
+    if is_main_process():  # rank 0 alone writes (train_tuned_lens writes the checkpoints from rank 0 too)
+        out = make_out(out)
     lens = tll.train_tuned_lens(model, data, steps=args.steps, tokens_per_step=args.tokens_per_step,
                                 batch_size=args.batch_size, loss=args.loss, incl_mid=args.incl_mid,
                                 checkpoint_dir=out, checkpoint_every=args.checkpoint_every, resume=args.resume,
                                 progress=not args.quiet)
+    if not is_main_process():
+        return {"translators": len(lens.labels)}
     import torch
 
     saved = torch.load(out / CHECKPOINT, weights_only=True)
