@@ -27,3 +27,18 @@ def models_dir():
     if not path or not Path(path).is_dir():
         pytest.skip("TL_LOGITLENS_MODELS is not set to the folder of real models")
     return Path(path)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A one-process gloo group for the test's duration (FileStore: no ports)."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("this torch build has no torch.distributed")
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

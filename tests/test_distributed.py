@@ -11,10 +11,7 @@ rounding, such as the final entry's KL), and, where the forward passes are bitwi
 
 import json
 import math
-import os
-import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -26,10 +23,10 @@ from tl_logitlens.distributed import EMPTY, Group, resolve, shard_data, shard_fo
 from tl_logitlens.errors import LensInputError
 from tl_logitlens.evaluate import HIST_BINS_PER_DECADE, STATISTICS, LensEvaluation, _Running, evaluate_lens
 
-ROOT = Path(__file__).resolve().parent.parent
 DIST = Path(__file__).resolve().parent / "torchrun"  # not "dist": .gitignore ignores dist/
 sys.path.insert(0, str(DIST))
 
+import launch  # noqa: E402
 from cases import CASES  # noqa: E402
 
 BIN = 10 ** (1 / HIST_BINS_PER_DECADE)  # one histogram bin's ratio: the quantiles' stated error
@@ -172,20 +169,6 @@ def test_all_reduce_with_a_fake_reducer_equals_one_pass():
 
 
 # -- in-process group ---------------------------------------------------------------------
-@pytest.fixture
-def one_rank_group(tmp_path):
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        pytest.skip("this torch build has no torch.distributed")
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def test_no_group_changes_nothing_and_true_requires_one():
     model = tll.demo_model()
     tokens = torch.cat([tll.demo.induction_prompt(model, seed=s) for s in range(2)])
@@ -212,21 +195,6 @@ def test_one_rank_group_is_detected_and_agrees(one_rank_group):
 
 
 # -- torchrun jobs --------------------------------------------------------------------------
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    env["TL_LOGITLENS_DIST_TIMEOUT"] = "180"  # above the 60 s the fault test allows: the protocol, not the timeout, ends it
-    return env
-
-
-def _torchrun(nproc, *args, timeout=240):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone", *args]
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
-    return proc, time.perf_counter() - started
-
-
 def _assert_matches_one_process(got: LensEvaluation, ref: LensEvaluation, exact: bool):
     assert got.labels == ref.labels
     assert (got.n_tokens, got.n_sequences) == (ref.n_tokens, ref.n_sequences)  # exactly
@@ -251,7 +219,7 @@ def test_three_ranks_equal_one_process_on_every_kind_of_data(tmp_path):
     """A 3-rank gloo job over tensors (ragged row counts, max_tokens, fewer rows than ranks, long
     rows split into windows), strings, an iterator, and DataLoaders with and without a
     DistributedSampler: every rank returns the same result, equal to this process's."""
-    proc, _ = _torchrun(3, str(DIST / "eval_job.py"), str(tmp_path))
+    proc, _ = launch.run(3, str(DIST / "eval_job.py"), str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
     model = tll.demo_model()
@@ -280,7 +248,7 @@ def test_three_ranks_equal_one_process_on_every_kind_of_data(tmp_path):
 
 def _cli_eval_two_ranks(tmp_path, model_arg, data_path, *extra):
     out = tmp_path / "out"
-    proc, seconds = _torchrun(2, "-m", "tl_logitlens", "eval", "--model", model_arg, "--data", str(data_path),
+    proc, seconds = launch.run(2, "-m", "tl_logitlens", "eval", "--model", model_arg, "--data", str(data_path),
                               "--out", str(out), "--quiet", *extra)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # Rank 0 alone prints: the report's header line appears once.
@@ -325,7 +293,7 @@ def test_a_failing_rank_ends_the_job_naming_rank_and_error(tmp_path):
     tokens = torch.randint(5, model.cfg.d_vocab, (5, 10), generator=torch.Generator().manual_seed(12))
     tokens[3, 4] = model.cfg.d_vocab + 7
     torch.save(tokens, tmp_path / "bad.pt")
-    proc, seconds = _torchrun(2, "-m", "tl_logitlens", "eval", "--model", "demo", "--data", str(tmp_path / "bad.pt"), "--quiet")
+    proc, seconds = launch.run(2, "-m", "tl_logitlens", "eval", "--model", "demo", "--data", str(tmp_path / "bad.pt"), "--quiet")
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output
     assert seconds < 60, f"the failing job took {seconds:.0f} s"

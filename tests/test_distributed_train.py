@@ -8,10 +8,7 @@ gradients differ only by float32 summation order). One job fails on purpose (ran
 step 3) and must end fast with that error; its checkpoints are then resumed on 3 ranks.
 """
 
-import os
-import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -23,27 +20,13 @@ from tl_logitlens.distributed import Group, resolve
 from tl_logitlens.errors import LensInputError
 from tl_logitlens.train import CHECKPOINT
 
-ROOT = Path(__file__).resolve().parent.parent
 JOBS = Path(__file__).resolve().parent / "torchrun"
 sys.path.insert(0, str(JOBS))
 
+import launch  # noqa: E402
 from train_cases import CASES, FAIL_AT_STEP, RESUME  # noqa: E402
 
 TOL = 1e-5  # the issue's bound for a lens trained on N ranks against one process
-
-
-@pytest.fixture
-def one_rank_group(tmp_path):
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        pytest.skip("this torch build has no torch.distributed")
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def _reference(model, name_or_case, norms=None):
@@ -128,21 +111,6 @@ def test_ranks_that_read_different_data_are_stopped(one_rank_group, monkeypatch)
 
 
 # -- torchrun jobs --------------------------------------------------------------------------
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    env["TL_LOGITLENS_DIST_TIMEOUT"] = "180"  # above the 60 s the fault tests allow: the protocol ends them
-    return env
-
-
-def _torchrun(nproc, *args, timeout=240):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone", *args]
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
-    return proc, time.perf_counter() - started
-
-
 @pytest.mark.distributed
 def test_fault_ends_the_job_then_three_ranks_resume_and_match_one_process(tmp_path):
     """Job 1 (2 ranks): the RESUME run, checkpointing every step; rank 1 raises at step 3, so rank 0
@@ -152,7 +120,7 @@ def test_fault_ends_the_job_then_three_ranks_resume_and_match_one_process(tmp_pa
     and the RESUME run resumed on 3 ranks; every rank's lens equals one uninterrupted process's,
     and so does each step's gradient norm before clipping (which the lens alone would not show)."""
     ckpt = tmp_path / "ckpt"
-    proc, seconds = _torchrun(2, str(JOBS / "train_job.py"), "fault", str(tmp_path), str(ckpt))
+    proc, seconds = launch.run(2, str(JOBS / "train_job.py"), "fault", str(tmp_path), str(ckpt))
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output
     assert seconds < 60, f"the failing job took {seconds:.0f} s"
@@ -163,7 +131,7 @@ def test_fault_ends_the_job_then_three_ranks_resume_and_match_one_process(tmp_pa
     assert (saved["step"], saved["world"]) == (FAIL_AT_STEP - 1, 2)
     assert sorted(p.name for p in ckpt.iterdir()) == [CHECKPOINT]  # rank 0 wrote it atomically; no temp files
 
-    proc, _ = _torchrun(3, str(JOBS / "train_job.py"), "train", str(tmp_path), str(ckpt))
+    proc, _ = launch.run(3, str(JOBS / "train_job.py"), "train", str(tmp_path), str(ckpt))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(3)]
     model = tll.demo_model()
@@ -183,7 +151,7 @@ def _cli_train(tmp_path, nproc, model_arg, data_path, *extra):
     out = tmp_path / "lens"
     args = ["-m", "tl_logitlens", "train-lens", "--model", model_arg, "--data", str(data_path), "--out", str(out),
             "--quiet", *extra]
-    proc, seconds = _torchrun(nproc, *args)
+    proc, seconds = launch.run(nproc, *args)
     return proc, seconds, out
 
 
