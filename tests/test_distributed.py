@@ -21,7 +21,8 @@ import torch
 import tl_logitlens as tll
 from tl_logitlens.distributed import EMPTY, Group, resolve, shard_data, shard_for, split_budget, tensor_budget
 from tl_logitlens.errors import LensInputError
-from tl_logitlens.evaluate import HIST_BINS_PER_DECADE, STATISTICS, LensEvaluation, _Running, evaluate_lens
+from tl_logitlens.evaluate import HIST_BINS_PER_DECADE, STATISTICS, LensEvaluation, evaluate_lens
+from tl_logitlens.running import RunningStats
 
 DIST = Path(__file__).resolve().parent / "torchrun"  # not "dist": .gitignore ignores dist/
 sys.path.insert(0, str(DIST))
@@ -120,13 +121,13 @@ def _assert_same_running(a, b, sums_rtol=1e-12):
 
 
 def test_merge_of_shards_equals_one_pass():
-    """Tokens folded in one _Running, or split over three and merged: identical statistics."""
+    """Tokens folded in one RunningStats, or split over three and merged: identical statistics."""
     n_layer = 3
     values, top1, nxt = _random_running(n_layer, 50, 0)
-    whole = _Running(n_layer)
+    whole = RunningStats(n_layer)
     whole.add(values, top1, nxt)
     whole.n_sequences = 9
-    parts = [_Running(n_layer) for _ in range(3)]
+    parts = [RunningStats(n_layer) for _ in range(3)]
     cuts = [0, 7, 7, 50]  # one shard empty: its minima (+inf) and maxima (-inf) must not leak
     for k, part in enumerate(parts):
         lo, hi = cuts[k], cuts[k + 1]
@@ -143,11 +144,11 @@ def test_all_reduce_with_a_fake_reducer_equals_one_pass():
     """all_reduce calls reduce(tensor, op) in one fixed order; a reducer combining the other shards' packs merges exactly."""
     n_layer = 2
     values, top1, nxt = _random_running(n_layer, 40, 1)
-    whole = _Running(n_layer)
+    whole = RunningStats(n_layer)
     whole.add(values, top1, nxt)
     shards = []
     for lo, hi in ((0, 13), (13, 40)):
-        r = _Running(n_layer)
+        r = RunningStats(n_layer)
         r.add({s: v[:, lo:hi] for s, v in values.items()}, top1[:, lo:hi], nxt[lo:hi])
         shards.append(r)
     packs = [r._packed() for r in shards]

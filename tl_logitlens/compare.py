@@ -18,14 +18,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from .errors import LensInputError
-from .evaluate import (
-    STATISTICS,
-    LensEvaluation,
-    _check_stream_args,
-    _evaluation,
-    _finish,
-    _stream_lenses,
-)
+from .evaluate import LensEvaluation, _evaluation, _finish
+from .running import STATISTICS
+from .stream import check_stream_args, stream_lenses
 from .inputs import resolve_model
 
 _FORMAT = "tl_logitlens.LensComparison/1"
@@ -343,9 +338,9 @@ def compare_lenses(
         True
     """
     view = resolve_model(model)
-    batch_size, max_tokens = _check_stream_args(norm, batch_size, max_tokens)
+    batch_size, max_tokens = check_stream_args(norm, batch_size, max_tokens)
     named = _check_lenses(view, {"logit": None} if lenses is None else lenses)
-    run = _stream_lenses(view, data, list(named.values()), norm=norm, batch_size=batch_size, max_tokens=max_tokens,
+    run = stream_lenses(view, data, list(named.values()), norm=norm, batch_size=batch_size, max_tokens=max_tokens,
                          progress=progress, desc="compare_lenses", distributed=distributed)
     _finish(run, "compare_lenses")
     evaluations = {name: _evaluation(run, i, norm, name, lens is not None) for i, (name, lens) in enumerate(named.items())}

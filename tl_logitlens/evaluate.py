@@ -29,53 +29,21 @@ error below ``1e-6`` under that, and a value in ``[1e4, max]`` above it.
 
 from __future__ import annotations
 
-import contextlib
-import math
-import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from numbers import Integral
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .data import batches, split_long, trim
 from .errors import LensInputError
 from .inputs import resolve_model
-from .model_access import capture, compute_device, input_device
-from .norm import NORM_MODES
-from .readout import read_rows, require_finite
-from .stacks import required_hooks
-from .tokens import context_length
+from .running import HIST_BINS_PER_DECADE, HIST_HIGH, HIST_LOW, N_BINS, STATISTICS, bin_edges
+from .stream import Run, check_stream_args, stream_lenses
 
-#: The per-token statistics summarised with a mean and quantiles.
-STATISTICS = ("kl_to_final", "next_token_loss", "entropy")
-#: Histogram range and resolution for the quantiles (values are in nats, all >= 0).
-HIST_LOW = 1e-6
-HIST_HIGH = 1e4
-HIST_BINS_PER_DECADE = 200
-_N_DECADES = round(math.log10(HIST_HIGH / HIST_LOW))
-_N_BINS = _N_DECADES * HIST_BINS_PER_DECADE + 2  # [0, LOW), the log bins, [HIGH, inf)
+
 _FORMAT = "tl_logitlens.LensEvaluation/1"
-
-
-def _bin_index(x: torch.Tensor) -> torch.Tensor:
-    """Histogram bin of each value of ``x`` (float64, >= 0): 0 below LOW, last bin at or above HIGH."""
-    scaled = torch.floor((torch.log10(x.clamp_min(HIST_LOW)) - math.log10(HIST_LOW)) * HIST_BINS_PER_DECADE)
-    index = scaled.long().clamp(0, _N_BINS - 3) + 1
-    index = torch.where(x < HIST_LOW, torch.zeros_like(index), index)
-    return torch.where(x >= HIST_HIGH, torch.full_like(index, _N_BINS - 1), index)
-
-
-def _bin_edges(i: int) -> Tuple[float, float]:
-    if i == 0:
-        return 0.0, HIST_LOW
-    if i == _N_BINS - 1:
-        return HIST_HIGH, math.inf
-    lo = HIST_LOW * 10 ** ((i - 1) / HIST_BINS_PER_DECADE)
-    return lo, HIST_LOW * 10 ** (i / HIST_BINS_PER_DECADE)
 
 
 @dataclass
@@ -154,11 +122,11 @@ class LensEvaluation:
             high_seen = float(self.maxima[statistic][layer])
             target = q * total
             cum = torch.cumsum(counts, 0)
-            i = min(int((cum < target).sum()), _N_BINS - 1)  # the bin holding the quantile
+            i = min(int((cum < target).sum()), N_BINS - 1)  # the bin holding the quantile
             before = float(cum[i - 1]) if i > 0 else 0.0
             inside = float(counts[i])
             frac = 0.0 if inside == 0 else min(1.0, max(0.0, (target - before) / inside))
-            lo, hi = _bin_edges(i)
+            lo, hi = bin_edges(i)
             lo, hi = max(lo, low_seen), min(hi, high_seen)
             if hi <= lo or frac <= 0.0:
                 value = lo
@@ -304,7 +272,7 @@ class LensEvaluation:
                     if store[stat].shape != (n_layer,):
                         raise ValueError(f"holds {tuple(store[stat].shape)} values for {n_layer} labels")
                 field_name = f"statistics.{stat}.hist"
-                h = torch.zeros(n_layer, _N_BINS, dtype=torch.int64)
+                h = torch.zeros(n_layer, N_BINS, dtype=torch.int64)
                 if len(entry["hist"]) != n_layer:
                     raise ValueError(f"has {len(entry['hist'])} rows for {n_layer} labels")
                 for layer, pairs in enumerate(entry["hist"]):
@@ -374,90 +342,6 @@ class LensEvaluation:
             raise LensInputError(f"{path}: {err}") from None
 
 
-class _Running:
-    """Fixed-size running statistics for ``n_layer`` stack entries."""
-
-    def __init__(self, n_layer: int) -> None:
-        self.n_tokens = 0
-        self.n_sequences = 0
-        self.sums = {s: torch.zeros(n_layer, dtype=torch.float64) for s in STATISTICS}
-        self.minima = {s: torch.full((n_layer,), math.inf, dtype=torch.float64) for s in STATISTICS}
-        self.maxima = {s: torch.full((n_layer,), -math.inf, dtype=torch.float64) for s in STATISTICS}
-        self.hists = {s: torch.zeros(n_layer, _N_BINS, dtype=torch.int64) for s in STATISTICS}
-        self.agree = torch.zeros(n_layer, dtype=torch.int64)
-        self.correct = torch.zeros(n_layer, dtype=torch.int64)
-
-    def add(self, values: Dict[str, torch.Tensor], top1: torch.Tensor, next_ids: torch.Tensor) -> None:
-        """Fold in ``values[stat] [layer, n]`` and ``top1 [layer, n]`` for ``n`` tokens."""
-        n_layer, n = top1.shape
-        offsets = (torch.arange(n_layer) * _N_BINS).unsqueeze(1)
-        for stat, x in values.items():
-            x = x.double()
-            self.sums[stat] += x.sum(1)
-            self.minima[stat] = torch.minimum(self.minima[stat], x.min(1).values)
-            self.maxima[stat] = torch.maximum(self.maxima[stat], x.max(1).values)
-            flat = (_bin_index(x) + offsets).flatten()
-            self.hists[stat] += torch.bincount(flat, minlength=n_layer * _N_BINS).view(n_layer, _N_BINS)
-        self.agree += (top1 == top1[-1]).sum(1)
-        self.correct += (top1 == next_ids.unsqueeze(0)).sum(1)
-        self.n_tokens += n
-
-    # -- merging (tl_logitlens.distributed): shards' statistics combine exactly -----------------
-    def _packed(self) -> List[Tuple[torch.Tensor, str]]:
-        """Everything as four flat tensors with the reduction that merges them, in a fixed order."""
-        counts = torch.cat(
-            [torch.tensor([self.n_tokens, self.n_sequences], dtype=torch.int64), self.agree, self.correct]
-            + [self.hists[s].flatten() for s in STATISTICS]
-        )
-        return [
-            (counts, "sum"),
-            (torch.cat([self.sums[s] for s in STATISTICS]), "sum"),  # float64
-            (torch.cat([self.minima[s] for s in STATISTICS]), "min"),
-            (torch.cat([self.maxima[s] for s in STATISTICS]), "max"),
-        ]
-
-    def _unpack(self, counts: torch.Tensor, sums: torch.Tensor, minima: torch.Tensor, maxima: torch.Tensor) -> None:
-        n_layer = self.agree.shape[0]
-        self.n_tokens, self.n_sequences = int(counts[0]), int(counts[1])
-        self.agree = counts[2 : 2 + n_layer].clone()
-        self.correct = counts[2 + n_layer : 2 + 2 * n_layer].clone()
-        hists = counts[2 + 2 * n_layer :].view(len(STATISTICS), n_layer, _N_BINS)
-        for k, s in enumerate(STATISTICS):
-            self.hists[s] = hists[k].clone()
-            self.sums[s] = sums[k * n_layer : (k + 1) * n_layer].clone()
-            self.minima[s] = minima[k * n_layer : (k + 1) * n_layer].clone()
-            self.maxima[s] = maxima[k * n_layer : (k + 1) * n_layer].clone()
-
-    def merge(self, other: "_Running") -> None:
-        """Fold in another shard's statistics: sums and counts add, minima and maxima combine."""
-        combine = {"sum": torch.add, "min": torch.minimum, "max": torch.maximum}
-        self._unpack(*(combine[op](a, b) for (a, op), (b, _) in zip(self._packed(), other._packed())))
-
-    def all_reduce(self, reduce: Callable[[torch.Tensor, str], torch.Tensor]) -> None:
-        """Replace the statistics by their reduction over every rank: ``reduce(tensor, "sum"|"min"|"max")``
-        is called four times, in the same order on every rank (e.g. ``Group.reduce``)."""
-        self._unpack(*(reduce(t, op) for t, op in self._packed()))
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: Optional[int], progress: bool, desc: str = "evaluate_lens") -> Any:
-    """A tqdm bar counting tokens (it shows tokens per second), or a silent stand-in."""
-    if not progress:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm ships with transformers; without it, no bar
-        return _NoBar()
-    return tqdm(total=total, unit="tok", unit_scale=True, desc=desc)
-
-
 def evaluate_lens(
     model: Any,
     data: Any,
@@ -524,7 +408,7 @@ def evaluate_lens(
         True
     """
     view = resolve_model(model)
-    batch_size, max_tokens = _check_stream_args(norm, batch_size, max_tokens)
+    batch_size, max_tokens = check_stream_args(norm, batch_size, max_tokens)
     from .lenses import check_lens, is_identity, lens_name
 
     check_lens(lens)
@@ -532,202 +416,13 @@ def evaluate_lens(
     if is_identity(lens):
         lens = None
 
-    run = _stream_lenses(view, data, [lens], norm=norm, batch_size=batch_size, max_tokens=max_tokens,
+    run = stream_lenses(view, data, [lens], norm=norm, batch_size=batch_size, max_tokens=max_tokens,
                          progress=progress, desc="evaluate_lens", distributed=distributed)
     _finish(run, "evaluate_lens")
     return _evaluation(run, 0, norm, named, lens is not None)
 
 
-def _check_stream_args(norm: str, batch_size: Any, max_tokens: Any) -> Tuple[int, Optional[int]]:
-    """The cheap checks of a streaming run's options (before any forward pass); returns them as ints."""
-    if norm not in NORM_MODES:
-        raise LensInputError(f"norm must be one of {NORM_MODES}, got {norm!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
-        raise LensInputError(f"batch_size must be a positive int, got {batch_size!r}")
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, Integral) or max_tokens < 1):
-        raise LensInputError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
-    return int(batch_size), None if max_tokens is None else int(max_tokens)
-
-
-@dataclass
-class _Run:
-    """What one streaming pass leaves: a running statistic per lens and how the data was read."""
-
-    view: Any
-    labels: List[str]
-    running: List[_Running]
-    counts: Dict[str, int]
-    n_ctx: int
-    seconds: float
-    ranks: Optional[int] = None  # the process group's size, when the pass ran in one
-    main: bool = True  # this process reports (rank 0, or no group)
-
-
-def _reads_final_untouched(lens: Any) -> bool:
-    """Whether ``lens`` reads ``final_post`` as the stream itself (the plain lens, and a
-    TunedLens, which has no translator there): its final entry is then the reference. A
-    subclass that overrides ``transform`` is read like any other callable."""
-    from .lenses import TunedLens
-
-    return lens is None or (isinstance(lens, TunedLens) and type(lens).transform is TunedLens.transform)
-
-
-def _stream_lenses(
-    view: Any,
-    data: Any,
-    lenses: List[Any],
-    *,
-    norm: str,
-    batch_size: int,
-    max_tokens: Optional[int],
-    progress: bool,
-    desc: str,
-    distributed: Optional[bool] = None,
-) -> _Run:
-    """One streaming pass over ``data`` that reads every lens of ``lenses`` (``None``: the plain lens).
-
-    Per batch the model runs once with hooks on the residual stream only; each lens
-    transforms the captured entries; the distinct vectors of every lens go through the
-    kernel in one :func:`~tl_logitlens.readout.read_rows` call, whose reference (the final
-    stream's distribution) is shared by all of them: an entry that *is* the final stream
-    (``final_post`` of the plain lens or of a TunedLens) is read once, as the reference.
-    Returns one :class:`_Running` per lens, in order. Inside a process group (see
-    :func:`~tl_logitlens.distributed.resolve`) this rank reads its shard of ``data`` and the
-    statistics are merged exactly over every rank before they are returned.
-    """
-    from .distributed import EMPTY, resolve, shard_for
-    from .lens import stack_labels
-
-    group = resolve(distributed)
-    main = group is None or group.is_main
-
-    labels = stack_labels(view.n_layers, False)
-    names = required_hooks(view, "accumulated")  # every resid_pre and the final resid_post
-    n_ctx = context_length(view)
-    counts = {"split": 0, "windows": 0}
-    device = compute_device(view)  # where the kernel reads; the tokens go to the embedding's device
-    runs = [_Running(len(labels)) for _ in lenses]
-    last = len(names) - 1
-    # Which vectors each lens reads, as keys shared between lenses that read the same thing:
-    # ("stream", k) is entry k untouched, (i, k) lens i's own transform of it.
-    keys = [[("stream", k) if lens is None or (k == last and _reads_final_untouched(lens)) else (i, k)
-             for k in range(len(names))] for i, lens in enumerate(lenses)]
-    unique = list(dict.fromkeys(key for lens_keys in keys for key in lens_keys))
-    where = {key: j for j, key in enumerate(unique)}
-    picks = [torch.tensor([where[key] for key in lens_keys]) for lens_keys in keys]
-    reference_entry = where.get(("stream", last))  # the final stream is its own reference
-
-    started = time.perf_counter()
-    with group.guard() if group is not None else contextlib.nullcontext():
-        data, max_tokens = shard_for(group, data, max_tokens)  # the shard step: unchanged without a group
-        stream, total = ([], 0) if data is EMPTY else batches(view, data, batch_size)  # EMPTY: fewer items than ranks
-        if max_tokens is not None:
-            total = max_tokens if total is None else min(total, max_tokens)
-        plan = _Plan(lenses, names, labels, unique, picks, reference_entry, device)
-        _fold(view, plan, stream, runs, counts, total=total, norm=norm, max_tokens=max_tokens, n_ctx=n_ctx,
-              batch_size=batch_size, progress=progress and main, desc=desc)
-    if group is not None:  # every rank's statistics, merged exactly: the same result on every rank
-        group.check()
-        for r in runs:
-            r.all_reduce(group.reduce)
-        merged = group.reduce(torch.tensor([counts["split"], counts["windows"]], dtype=torch.int64), "sum")
-        counts = {"split": int(merged[0]), "windows": int(merged[1])}
-    seconds = time.perf_counter() - started
-    if group is not None:
-        seconds = float(group.reduce(torch.tensor([seconds], dtype=torch.float64), "max")[0])
-    return _Run(view=view, labels=labels, running=runs, counts=counts, n_ctx=n_ctx, seconds=seconds,
-                ranks=None if group is None else group.world, main=main)
-
-
-@dataclass
-class _Plan:
-    """What a pass reads per batch: the hooks, and the distinct vectors of every lens
-    (``unique`` keys; ``picks[i]`` selects lens ``i``'s entries among them)."""
-
-    lenses: List[Any]
-    names: List[str]
-    labels: List[str]
-    unique: List[Any]
-    picks: List[torch.Tensor]
-    reference_entry: Optional[int]
-    device: Any
-
-
-def _fold(view: Any, plan: _Plan, stream: Any, runs: List[_Running], counts: Dict[str, int], *, total: Optional[int],
-          norm: str, max_tokens: Optional[int], n_ctx: Optional[int], batch_size: int, progress: bool, desc: str) -> None:
-    """Fold this process's batches into ``runs`` (one running statistic per lens)."""
-    from .lens import _apply_lens
-
-    lenses, names, labels, unique, device = plan.lenses, plan.names, plan.labels, plan.unique, plan.device
-
-    bar = _progress_bar(total, progress, desc)
-    running = runs[0]  # the counts of tokens and sequences are the same in every lens's
-    try:
-        for tokens in split_long(stream, n_ctx, batch_size, counts):
-            sequences = tokens.sequences
-            if max_tokens is not None:
-                remaining = max_tokens - running.n_tokens
-                if remaining <= 0:
-                    break
-                rows = tokens.ids.shape[0]
-                tokens = trim(tokens, remaining)
-                if sequences == rows:
-                    sequences = tokens.ids.shape[0]
-            ids, lengths = tokens.ids, tokens.lengths
-            for r in runs:
-                r.n_sequences += int(sequences)
-            seq = ids.shape[1]
-            scored = torch.arange(seq - 1).unsqueeze(0) < (lengths - 1).unsqueeze(1)  # [b, seq-1]
-            n = int(scored.sum())
-            if n == 0:
-                continue
-            store = capture(view.model, ids.to(input_device(view)), names)
-
-            def rows(acts: torch.Tensor) -> torch.Tensor:
-                # Scored rows picked on the activation's own device (a split model keeps its
-                # layers apart); only they move to the kernel's device.
-                return acts[:, :-1][scored.to(acts.device)].to(device)
-
-            final_rows = rows(store[names[-1]])  # [n, d_model]
-            entries: Dict[Any, torch.Tensor] = {}
-            for k, name in enumerate(names):
-                acts = store.pop(name)
-                for key in unique:
-                    if key[1] != k:
-                        continue
-                    lens = None if key[0] == "stream" else lenses[key[0]]
-                    entries[key] = rows(acts if lens is None else _apply_lens(lens, acts, labels[k]))
-            del store
-            vectors = torch.stack([entries.pop(key) for key in unique])  # [distinct entries, n, d_model]
-            require_finite(vectors, "the residual stream")
-            next_ids = ids[:, 1:][scored]  # [n]
-            flat = read_rows(
-                view,
-                vectors,
-                norm=norm,
-                unembed="W_U",
-                top_k=1,
-                reference=final_rows,
-                reference_entry=plan.reference_entry,
-                next_tokens=next_ids,
-            )
-            del vectors, final_rows
-            for r, pick in zip(runs, plan.picks):
-                r.add(
-                    {
-                        "kl_to_final": flat.kl_to_reference[pick],
-                        "next_token_loss": flat.next_token_loss[pick],
-                        "entropy": flat.entropy[pick],
-                    },
-                    flat.top_ids[pick, :, 0],
-                    next_ids,
-                )
-            bar.update(n)
-    finally:
-        bar.close()
-
-
-def _finish(run: _Run, who: str) -> None:
+def _finish(run: Run, who: str) -> None:
     """Refuse a pass that read nothing, and warn (at the caller's caller) about split sequences."""
     running = run.running[0]
     if running.n_sequences == 0:
@@ -746,7 +441,7 @@ def _finish(run: _Run, who: str) -> None:
         raise LensInputError("no token was scored: every sequence is shorter than two tokens")
 
 
-def _evaluation(run: _Run, i: int, norm: str, name: str, transformed: bool) -> LensEvaluation:
+def _evaluation(run: Run, i: int, norm: str, name: str, transformed: bool) -> LensEvaluation:
     """The :class:`LensEvaluation` of lens ``i`` of a finished pass."""
     running = run.running[i]
     meta: Dict[str, Any] = {"model": run.view.model_name, "lens": transformed}

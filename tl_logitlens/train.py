@@ -36,6 +36,7 @@ from .errors import LensInputError, ModelStateError, NonFiniteActivationError, U
 from .inputs import resolve_model
 from .model_access import capture, compute_device, input_device
 from .stacks import required_hooks
+from .stream import progress_bar
 from .tokens import Tokens, context_length
 from .train_kernel import final_stats, lens_loss
 
@@ -152,27 +153,6 @@ class _Stream:
         out, self.pending = self.pending.split(budget)
         self.used += budget
         return out
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def set_postfix_str(self, s: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _bar(total: int, initial: int, progress: bool) -> Any:
-    if not progress:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, desc="train_tuned_lens")
 
 
 def _make_optimizer(params: List[torch.nn.Parameter], optimizer: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -435,7 +415,7 @@ def train_tuned_lens(
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(folder / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
-    bar = _bar(steps * tokens_per_step, tokens_seen, progress and main)
+    bar = progress_bar(steps * tokens_per_step, progress and main, "train_tuned_lens", initial=tokens_seen)
     exhausted = False
     try:
         with torch.random.fork_rng(devices=[]), torch.enable_grad():  # the CLI turns autograd off globally
