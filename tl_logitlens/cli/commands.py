@@ -253,21 +253,29 @@ def cmd_eval(args: argparse.Namespace) -> Dict[str, Any]:
                                    progress=not args.quiet)
     if not is_main_process():
         return {"tokens": evaluation.n_tokens}
-    frame = evaluation.to_dataframe()
-    shown = ["layer", "kl_to_final_mean", "next_token_loss_mean", "perplexity", "entropy_mean", "top1_agreement", "top1_accuracy"]
-    print(f"{evaluation.n_tokens} tokens")
-    print(frame[[c for c in shown if c in frame]].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    _report(evaluation, f"{evaluation.n_tokens} tokens", ["layer"], "lens_eval", args, out, html)
+    return {"tokens": evaluation.n_tokens}
+
+
+#: The columns of an evaluation's table printed to the terminal (after the key columns).
+_SHOWN = ["kl_to_final_mean", "next_token_loss_mean", "perplexity", "entropy_mean", "top1_agreement", "top1_accuracy"]
+
+
+def _report(result: Any, header: str, keys: List[str], stem: str, args: argparse.Namespace, out: Any, html: Any) -> None:
+    """Print a LensEvaluation's or LensComparison's table; write ``<stem>.csv``, ``.json``, the figure and the page."""
+    frame = result.to_dataframe()
+    print(header)
+    print(frame[[c for c in keys + _SHOWN if c in frame]].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     out = make_out(out)
     if out is not None:
         written: List[str] = []
-        write_table(frame, out, "lens_eval.csv", written)
-        evaluation.save(out / "lens_eval.json")
-        written.append(str(out / "lens_eval.json"))
-        save_figure(evaluation.plot(), out, "lens_eval", args, written)
+        write_table(frame, out, f"{stem}.csv", written)
+        result.save(out / f"{stem}.json")
+        written.append(str(out / f"{stem}.json"))
+        save_figure(result.plot(), out, stem, args, written)
         print("\nWrote:\n  " + "\n  ".join(written))
     if html is not None:
-        write_page(evaluation, html)
-    return {"tokens": evaluation.n_tokens}
+        write_page(result, html)
 
 
 def cmd_train_lens(args: argparse.Namespace) -> Dict[str, Any]:
@@ -322,19 +330,6 @@ def _compare(args: argparse.Namespace, model: Any, data: Any, lens: Any, out: An
                                     max_tokens=args.max_tokens, progress=not args.quiet)
     if not is_main_process():  # under torchrun every rank holds the merged result; rank 0 reports
         return {"tokens": comparison.n_tokens}
-    frame = comparison.to_dataframe()
-    shown = ["lens", "layer", "kl_to_final_mean", "next_token_loss_mean", "perplexity", "entropy_mean", "top1_agreement",
-             "top1_accuracy"]
-    print(f"{comparison.n_tokens} tokens, lenses {', '.join(comparison.lenses)}")
-    print(frame[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    out = make_out(out)
-    if out is not None:
-        written: List[str] = []
-        write_table(frame, out, "lens_compare.csv", written)
-        comparison.save(out / "lens_compare.json")
-        written.append(str(out / "lens_compare.json"))
-        save_figure(comparison.plot(), out, "lens_compare", args, written)
-        print("\nWrote:\n  " + "\n  ".join(written))
-    if html is not None:
-        write_page(comparison, html)
+    _report(comparison, f"{comparison.n_tokens} tokens, lenses {', '.join(comparison.lenses)}", ["lens", "layer"],
+            "lens_compare", args, out, html)
     return {"tokens": comparison.n_tokens, "lenses": comparison.lenses}
