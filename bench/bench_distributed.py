@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -44,13 +43,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def processor() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from tl_logitlens.tuning import processor_name  # the package's one reading of the CPU's name
+
+    return processor_name()
 
 
 def build_model(folder: Path) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import sys
 import time
@@ -32,16 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tl_logitlens as tll  # noqa: E402
-
-
-def processor() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from tl_logitlens.tuning import processor_name  # noqa: E402
 
 
 def build_model() -> Tuple[Any, str]:
@@ -149,7 +139,7 @@ def main() -> None:
                                        by="neuron", positions=None)
     lens = tll.logit_lens(model, tokens, top_k=min(100, d_vocab), targets="next")
 
-    print(f"processor: {processor()}  threads: {torch.get_num_threads()}  torch {torch.__version__}  "
+    print(f"processor: {processor_name()}  threads: {torch.get_num_threads()}  torch {torch.__version__}  "
           f"pandas {pd.__version__}")
     print(f"model: {description}; tokens 4 x 128")
     for name, result, old in (("attribution by neuron", att, old_attribution_table),

@@ -20,12 +20,7 @@ from tl_logitlens.evaluate import STATISTICS, evaluate_lens
 from tl_logitlens.model_access import HookedTransformer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 
 def _plain():

@@ -20,13 +20,7 @@ from tl_logitlens.evaluate import HIST_BINS_PER_DECADE, STATISTICS, LensEvaluati
 BIN = 10 ** (1 / HIST_BINS_PER_DECADE) - 1  # relative width of one histogram bin
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is faster, and immune to a busy machine's scheduling."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from numbers import Integral
-from typing import Any, Callable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -139,6 +139,28 @@ class LensResult:
         picked = gather_positions(self.input_ids, self.positions)
         return [[self.decode(i) for i in row.tolist()] for row in picked]
 
+    def _cell_columns(self, n_layer: int, per_cell: int) -> Tuple[Any, Any, Dict[str, Any]]:
+        """The non-padding cells ``(b_idx, j_idx)`` (row-major) and the table columns that name
+        them (``layer``, ``batch``, ``pos``, ``input_token``), for ``per_cell`` rows per cell and layer."""
+        import numpy as np
+
+        valid = (self.positions < self.lengths.unsqueeze(1)).numpy()  # [batch, pos]: not padding
+        b_idx, j_idx = np.nonzero(valid)  # row-major: batch, then position
+        n_cells = len(b_idx)
+        tokens = self.input_tokens()
+        if tokens is None:
+            input_token = np.full(n_layer * n_cells * per_cell, None, dtype=object)
+        else:
+            cell_tokens = np.empty(n_cells, dtype=object)
+            cell_tokens[:] = [tokens[b][j] for b, j in zip(b_idx.tolist(), j_idx.tolist())]
+            input_token = np.tile(np.repeat(cell_tokens, per_cell), n_layer)
+        return b_idx, j_idx, {
+            "layer": np.repeat(np.array(self.labels, dtype=object), n_cells * per_cell),
+            "batch": np.tile(np.repeat(b_idx.astype(np.int64), per_cell), n_layer),
+            "pos": np.tile(np.repeat(self.positions.numpy()[b_idx, j_idx].astype(np.int64), per_cell), n_layer),
+            "input_token": input_token,
+        }
+
     def to_dataframe(self) -> Any:
         """One row per (layer, batch, position, top-k rank) as a pandas DataFrame.
 
@@ -164,8 +186,7 @@ class LensResult:
         expand = (lambda t: t) if self.has_pos_axis else (lambda t: t.unsqueeze(2))  # noqa: E731
         top_ids = expand(self.top_ids)
         n_layer, batch, n_pos, k = top_ids.shape
-        valid = (self.positions < self.lengths.unsqueeze(1)).numpy()  # [batch, pos]: not padding
-        b_idx, j_idx = np.nonzero(valid)  # row-major: batch, then position
+        b_idx, j_idx, cell_columns = self._cell_columns(n_layer, k)
         n_cells = len(b_idx)
 
         def per_row(t: torch.Tensor) -> np.ndarray:
@@ -178,18 +199,8 @@ class LensResult:
 
         ids = per_row(top_ids).astype(np.int64)
         names = {i: self.decode(i) for i in np.unique(ids).tolist()}
-        tokens = self.input_tokens()
-        if tokens is None:
-            input_token = np.full(n_layer * n_cells * k, None, dtype=object)
-        else:
-            cell_tokens = np.empty(n_cells, dtype=object)
-            cell_tokens[:] = [tokens[b][j] for b, j in zip(b_idx.tolist(), j_idx.tolist())]
-            input_token = np.tile(np.repeat(cell_tokens, k), n_layer)
         columns = {
-            "layer": np.repeat(np.array(self.labels, dtype=object), n_cells * k),
-            "batch": np.tile(np.repeat(b_idx.astype(np.int64), k), n_layer),
-            "pos": np.tile(np.repeat(self.positions.numpy()[b_idx, j_idx].astype(np.int64), k), n_layer),
-            "input_token": input_token,
+            **cell_columns,
             "rank": np.tile(np.arange(k, dtype=np.int64), n_layer * n_cells),
             "token_id": ids,
             "token": np.array([names[i] for i in ids.tolist()], dtype=object),
@@ -235,21 +246,10 @@ class LensResult:
         expand = (lambda t: t) if self.has_pos_axis else (lambda t: t.unsqueeze(2))  # noqa: E731
         probs, logits = expand(self.group_probs), expand(self.group_logits)
         n_layer, _, _, n_group = probs.shape
-        valid = (self.positions < self.lengths.unsqueeze(1)).numpy()
-        b_idx, j_idx = np.nonzero(valid)
+        b_idx, j_idx, cell_columns = self._cell_columns(n_layer, n_group)
         n_cells = len(b_idx)
-        tokens = self.input_tokens()
-        if tokens is None:
-            input_token = np.full(n_layer * n_cells * n_group, None, dtype=object)
-        else:
-            cell_tokens = np.empty(n_cells, dtype=object)
-            cell_tokens[:] = [tokens[b][j] for b, j in zip(b_idx.tolist(), j_idx.tolist())]
-            input_token = np.tile(np.repeat(cell_tokens, n_group), n_layer)
         return pd.DataFrame({
-            "layer": np.repeat(np.array(self.labels, dtype=object), n_cells * n_group),
-            "batch": np.tile(np.repeat(b_idx.astype(np.int64), n_group), n_layer),
-            "pos": np.tile(np.repeat(self.positions.numpy()[b_idx, j_idx].astype(np.int64), n_group), n_layer),
-            "input_token": input_token,
+            **cell_columns,
             "group": np.tile(np.array(self.group_names, dtype=object), n_layer * n_cells),
             "prob": probs.numpy()[:, b_idx, j_idx].reshape(-1).astype(np.float64),
             "logit": logits.numpy()[:, b_idx, j_idx].reshape(-1).astype(np.float64),
