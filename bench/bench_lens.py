@@ -644,7 +644,7 @@ def print_table(results: Dict[str, Any]) -> None:
     print()
     print(f"tl_logitlens benchmark: {results['meta']['model']}")
     print(f"processor: {results['meta']['processor']}; caches {results['meta']['caches']}; device {results['meta']['device']}, "
-          f"{results['meta']['dtype']}")
+          f"{results['meta']['dtype']}; the kernel's products: {results['meta'].get('products', 'float32')}")
     print(f"transformer-lens {results['meta']['transformer_lens']}, torch {results['meta']['torch']}, "
           f"{results['meta']['threads']} threads, {results['meta']['clock']} clock, load before {results['meta']['load_before']}, "
           f"after {results['meta']['load_after']}")
@@ -752,6 +752,8 @@ def main() -> None:
     model, description = build_model()
     model = model.to(DEVICE).to(args.model_dtype) if (DEVICE.type != "cpu" or args.dtype != "float32") else model
     meta["model"] = description
+    half = tuning.half_products(model.W_U)
+    meta["products"] = f"{args.dtype} inputs, float32 accumulation and statistics" if half else "float32"
     results: Dict[str, Any] = {"meta": meta, "lens": {}, "notes": []}
     if args.sweep_budgets:
         print("kernel budget sweep, 2x512 ...", flush=True)

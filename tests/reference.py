@@ -217,13 +217,18 @@ def final_norm64(model: Any, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def lens_logits64(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+def lens_logits64(model: Any, tokens: torch.Tensor, round_to: Optional[torch.dtype] = None) -> torch.Tensor:
     """Full logit-lens logits ``[layer, batch, pos, d_vocab]`` in float64 from the stored streams
-    (``0_pre .. final_post``), read through the final norm (own statistics) and ``W_U``, ``b_U``."""
+    (``0_pre .. final_post``), read through the final norm (own statistics) and ``W_U``, ``b_U``.
+    ``round_to``: the normalised vectors rounded to that dtype first (what half-precision
+    products read)."""
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens)
         _, stack = accumulated(model, cache)
-        out = final_norm64(model, stack) @ model.W_U.detach().double()
+        normed = final_norm64(model, stack)
+        if round_to is not None:
+            normed = normed.to(round_to).double()
+        out = normed @ model.W_U.detach().double()
         b_U = getattr(model, "b_U", None)
         return out + (0 if b_U is None else b_U.detach().double())
 

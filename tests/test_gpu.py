@@ -10,7 +10,10 @@ import torch
 
 import builders
 import tl_logitlens as tll
+import reference
+from test_whole_strategy import _reading, _stats64, _worst
 from test_precision import ANSWERS, TOKENS, WRONG, dla64, lens64
+from tl_logitlens import tuning
 from tl_logitlens.evaluate import evaluate_lens
 from tl_logitlens.model_access import HookedTransformer, TransformerBridge
 
@@ -41,8 +44,12 @@ SPLIT = _split_cases()
 def _check_everything(model):
     """Lens statistics and DLA on the model's devices against the float64 reference; results on the CPU."""
     half = model.W_U.dtype in (torch.bfloat16, torch.float16)
+    assert tuning.half_products(model.W_U) == half  # the CUDA default
+    if half:
+        _check_half_products(model)
     ref = lens64(model, TOKENS)
-    result = tll.logit_lens(model, TOKENS, targets="next", top_k=3)
+    with tuning.force(half_products=False):  # float32 products: the exact reading of the stored stream
+        result = tll.logit_lens(model, TOKENS, targets="next", top_k=3)
     for t in (result.entropy, result.kl_to_final, result.top_ids, result.target_ranks):
         assert t.device.type == "cpu"
     close = dict(atol=1e-4, rtol=1e-4)
@@ -67,10 +74,22 @@ def _check_everything(model):
     assert stack.values.device.type == "cpu"
 
     data = builders.tokens(batch=4, seq=9, seed=5)
-    ev = evaluate_lens(model, data, batch_size=2, progress=False)
+    with tuning.force(half_products=False):
+        ev = evaluate_lens(model, data, batch_size=2, progress=False)
     ref_ev = lens64(model, data)
     torch.testing.assert_close(ev.mean("kl_to_final"), ref_ev["kl"][:, :, :-1].mean((1, 2)), **close)
     torch.testing.assert_close(ev.mean("next_token_loss"), ref_ev["loss"].mean((1, 2)), **close)
+
+
+def _check_half_products(model):
+    """The default on CUDA: tensor-core products of the rounded vectors, float32 statistics,
+    against float64 statistics of the same rounded vectors (both strategies)."""
+    tokens = TOKENS.to(model.W_E.device)
+    rounded = _stats64(reference.lens_logits64(model, tokens, round_to=model.W_U.dtype).cpu(), TOKENS)
+    for strategy in ("whole", "tiled"):
+        with tuning.force(strategy=strategy):
+            got = _reading(tll.logit_lens(model, tokens, targets="next", top_k=4))
+        assert _worst(got, rounded) <= 1e-4, (strategy, _worst(got, rounded))
 
 
 @pytest.mark.parametrize("case", GRID, ids=[c.name for c in GRID])

@@ -137,7 +137,14 @@ def test_groups_on_cuda_match_full_float64_logits(strategy):
         model = builders.build(pcase)
         tokens = TOKENS.cuda()
         ref_probs, ref_logits = reference.group_stats(reference.lens_logits64(model, tokens).cpu(), list(GROUPS.values()))
-        with tuning.force(strategy=strategy, width=16 if strategy == "tiled" else None):
+        with tuning.force(strategy=strategy, width=16 if strategy == "tiled" else None, half_products=False):
             result = tll.logit_lens(model, tokens, targets=GROUPS)
         torch.testing.assert_close(result.group_probs.double(), ref_probs, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(result.group_logits.double(), ref_logits, atol=1e-5, rtol=1e-5)
+        if model.W_U.dtype == torch.bfloat16:  # the CUDA default: products of the rounded vectors
+            ref_probs, ref_logits = reference.group_stats(
+                reference.lens_logits64(model, tokens, round_to=torch.bfloat16).cpu(), list(GROUPS.values()))
+            with tuning.force(strategy=strategy, width=16 if strategy == "tiled" else None):
+                result = tll.logit_lens(model, tokens, targets=GROUPS)
+            torch.testing.assert_close(result.group_probs.double(), ref_probs, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(result.group_logits.double(), ref_logits, atol=1e-4, rtol=1e-4)

@@ -179,6 +179,13 @@ def test_cuda_whole_strategy_matches_cpu_tiles(dtype):
     for name in ("log_z", "entropy", "top_logits", "kl_to_reference", "next_logit", "target_logits"):
         torch.testing.assert_close(getattr(gpu, name).cpu(), getattr(cpu, name), atol=2e-4, rtol=1e-4)
     assert torch.equal(gpu.top_ids.cpu(), cpu.top_ids)
+    if dtype == torch.bfloat16:  # tensor-core products of rounded vectors (torch.mm out_dtype=float32)
+        xh = x.to(dtype)
+        want = _direct_stats(xh, W, torch.zeros(30000), 0.0, 2, nxt, targets)
+        half = tiles.read_whole(xh.cuda(), 2, W.cuda(), None, None, [torch.empty(40 * 30000, device="cuda") for _ in range(3)], **cu)
+        for name in ("log_z", "entropy", "kl_to_reference", "next_logit", "target_logits", "target_ranks"):
+            torch.testing.assert_close(getattr(half, name).cpu().double(), want[name], atol=2e-4, rtol=1e-5, msg=name)
+        assert not tiles._mm_out_dtype  # the tensor-core product ran, not the float32 fallback
 
 
 @pytest.mark.parametrize("name", ["tl_logitlens.tuning", "tl_logitlens.tiles"])

@@ -12,9 +12,12 @@ never exist unless the caller asks for them with ``return_logits=True``. The til
 (:data:`DEFAULT_CHUNK_BUDGET_BYTES` on the CPU), not by how many vectors are read.
 
 Precision and devices: statistics are float32 (float64 for a float64 model) whatever the
-model's dtype. A bfloat16 or float16 unembedding is cast a tile of columns at a time into a
-reused buffer, never copied whole; the vectors move, a chunk at a time, to ``W_U``'s own
-device; results come back on the CPU.
+model's dtype. On the CPU a bfloat16 or float16 unembedding is cast a tile of columns at a
+time into a reused buffer, never copied whole, and read in float32; on CUDA it is read in its
+own dtype by the tensor cores, the normalised vectors rounded to it, with float32
+accumulation and logits (:func:`tl_logitlens.tuning.half_products`, which also says how to
+switch it off). The vectors move, a chunk at a time, to ``W_U``'s own device; results come
+back on the CPU.
 
 The statistics are exact, computed from the logits shifted by their row maximum
 ``s = l - max(l)`` with ``Z = sum(exp(s))``:
@@ -237,6 +240,7 @@ def read_rows(
     shape = tuning.tile_shape(W, dtype, whole_rows=needs_whole_rows(transform), chunk_size=chunk_size)
     read = read_whole if shape.strategy == "whole" else read_product
     width = d_vocab if shape.strategy == "whole" else tile_width(d_vocab, transform, shape.width)
+    half = tuning.half_products(W)  # on CUDA: tensor-core products of a half-precision W_U
     product_rows = shape.rows
     step = max(1, min(rows, product_rows // len(sources)))
     per_group = max(1, product_rows // step - len(lead))
@@ -281,6 +285,8 @@ def read_rows(
                 # Each slice moves to W's device alone: the reference may live elsewhere.
                 x = torch.stack([sources[i][0][start:stop].to(device=device, dtype=dtype) for i in group])
                 x = fnorm.apply(x, norm, scale).reshape(len(group) * (stop - start), d_model)
+                if half:  # rounded to W's dtype; the tiles read it back in float32: the same products
+                    x = x.to(W.dtype) if read is read_whole else x.to(W.dtype).to(dtype)
                 st = read(
                     x, len(group), W, b, transform, buffers, top_k=top_k, with_reference=ref_source is not None,
                     next_tokens=nxt, target_ids=tid, keep_logits=keep if all_logits is not None else None,

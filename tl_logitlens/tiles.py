@@ -271,35 +271,140 @@ def read_product(
     )
 
 
-def _sums(shifted: torch.Tensor, exps: torch.Tensor, scratch: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``Z = sum exp(s)`` and ``A = sum exp(s) * s`` over the last dim of ``s [m, V]`` (into the buffers)."""
-    torch.exp(shifted, out=exps)
-    return exps.sum(-1), torch.mul(exps, shifted, out=scratch).sum(-1)
+def whole_sums(logits: torch.Tensor, peak: torch.Tensor, with_reference: bool,
+               thresholds: Optional[torch.Tensor] = None) -> Tuple[Optional[torch.Tensor], ...]:
+    """The reductions of :func:`read_whole` over raw ``logits [g, n, V]``, shifted by ``peak [g, n]``.
+
+    ``s = l - peak``: returns ``(Z, A, D, above)`` with ``Z = sum exp(s)``,
+    ``A = sum exp(s) * s``, ``D = sum exp(s_ref) * s`` (entry 0 is the reference; ``None``
+    unless ``with_reference``), each ``[g, n]``, and ``above [g, n, t]``: how many logits
+    exceed each of ``thresholds [g, n, t]`` (``None`` without). Plain tensor algebra, so that
+    ``torch.compile`` fuses it into one pass over the logits (:func:`_fused_sums`); eager,
+    it is the reference the fused code is tested against.
+    """
+    s = logits - peak.unsqueeze(-1)
+    e = torch.exp(s)
+    total, spread = e.sum(-1), (e * s).sum(-1)
+    cross = (e[:1] * s).sum(-1) if with_reference else None
+    above = None
+    if thresholds is not None:
+        above = torch.stack([(logits > thresholds[..., j : j + 1]).sum(-1) for j in range(thresholds.shape[-1])], -1)
+    return total, spread, cross, above
+
+
+def _eager_sums(logits: torch.Tensor, peak: torch.Tensor, with_reference: bool, thresholds: Optional[torch.Tensor],
+                buffers: List[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
+    """:func:`whole_sums` in the kernel's buffers (``logits`` is shifted in place): no ``[g, n, V]`` allocation."""
+    g, n, V = logits.shape
+    scratch = buffers[2][: g * n * V].view(g, n, V)
+    above = None
+    if thresholds is not None:  # on the raw logits, before the shift
+        above = torch.stack([torch.gt(logits, thresholds[..., j : j + 1], out=scratch).sum(-1)
+                             for j in range(thresholds.shape[-1])], -1)
+    shifted = logits.sub_(peak.unsqueeze(-1))
+    exps = torch.exp(shifted, out=buffers[1][: g * n * V].view(g, n, V))
+    total, spread = exps.sum(-1), torch.mul(exps, shifted, out=scratch).sum(-1)
+    cross = torch.mul(shifted, exps[:1], out=scratch).sum(-1) if with_reference else None
+    return total, spread, cross, above
 
 
 _compiled_sums: Any = None
 
 
-def _fused_sums(shifted: torch.Tensor, exps: torch.Tensor, scratch: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_sums`, fused into one pass by ``torch.compile`` on CUDA where it works; else eager."""
+def _fused_sums(logits: torch.Tensor, peak: torch.Tensor, with_reference: bool, thresholds: Optional[torch.Tensor],
+                buffers: List[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
+    """:func:`whole_sums` fused by ``torch.compile`` on CUDA where it works (one pass over the
+    logits, no ``[g, n, V]`` intermediates), else eager in the buffers.
+    ``TL_LOGITLENS_COMPILE=0`` keeps it eager."""
     global _compiled_sums
-    if shifted.device.type != "cuda" or os.environ.get("TL_LOGITLENS_COMPILE", "1") == "0":
-        return _sums(shifted, exps, scratch)
+    if logits.device.type != "cuda" or os.environ.get("TL_LOGITLENS_COMPILE", "1") == "0":
+        return _eager_sums(logits, peak, with_reference, thresholds, buffers)
     if _compiled_sums is None:
         try:
-            def fused(s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-                e = torch.exp(s)
-                return e.sum(-1), (e * s).sum(-1)
-
-            _compiled_sums = torch.compile(fused, dynamic=True)
+            _compiled_sums = torch.compile(whole_sums, dynamic=True)
         except Exception:  # noqa: BLE001 - no compiler here: the eager path is exact too
             _compiled_sums = False
     if _compiled_sums is not False:
         try:
-            return _compiled_sums(shifted)
+            return _compiled_sums(logits, peak, with_reference, thresholds)
         except Exception:  # noqa: BLE001 - a failed compile falls back, once and for all
             _compiled_sums = False
-    return _sums(shifted, exps, scratch)
+    return _eager_sums(logits, peak, with_reference, thresholds, buffers)
+
+
+def block_top_k(logits: torch.Tensor, k: int, block: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``logits.topk(k, dim=-1)`` for ``logits [m, V]`` from one pass over the logits.
+
+    The top ``k`` values of a row lie in at most ``k`` blocks of ``block`` columns, and
+    those blocks are among the ``k`` whose maxima are largest (each holds a value at least the
+    row's k-th largest). So: block maxima (one read of the logits), the ``k`` best blocks, and
+    an exact top-k over their ``k * block`` columns plus the ragged tail. ``torch.topk`` on a
+    GPU reads a wide row once per radix digit. Exact; among exactly equal values either may
+    be returned, as with ``torch.topk``.
+
+    Example::
+
+        >>> import torch
+        >>> from tl_logitlens.tiles import block_top_k
+        >>> x = torch.randn(4, 1000)
+        >>> values, ids = block_top_k(x, 5, block=64)
+        >>> torch.equal(values, x.topk(5).values), torch.equal(ids, x.topk(5).indices)
+        (True, True)
+    """
+    m, V = logits.shape
+    size = block or _TOPK_BLOCK
+    n_blocks = V // size
+    if n_blocks <= k:  # too few blocks to prune anything
+        return logits.topk(min(k, V), dim=-1)
+    body = logits[:, : n_blocks * size].view(m, n_blocks, size)
+    best = body.amax(-1).topk(k, dim=-1).indices  # [m, k] blocks
+    columns = (best.unsqueeze(-1) * size + torch.arange(size, device=logits.device)).view(m, k * size)
+    if V > n_blocks * size:  # the ragged tail is always a candidate
+        tail = torch.arange(n_blocks * size, V, device=logits.device).expand(m, -1)
+        columns = torch.cat([columns, tail], dim=1)
+    values, where = logits.gather(1, columns).topk(k, dim=-1)
+    return values, columns.gather(1, where)
+
+
+# Whether torch.mm takes out_dtype= on this device (half inputs, float32 output: CUDA, torch >= 2.8).
+_mm_out_dtype: dict = {}
+
+
+def whole_product(x: torch.Tensor, W: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out [m, d_vocab] = x [m, d_model] @ W`` in ``out``'s dtype, with no full-size copy of ``W``.
+
+    - ``x`` and ``W`` in one half precision, float32 ``out`` (half products): on CUDA one
+      tensor-core product with float32 accumulation written straight as float32
+      (``torch.mm(..., out_dtype=)``); elsewhere, or where that is missing, the same numbers
+      from float32 products (a product of two half-precision numbers is exact in float32),
+      ``W`` cast :data:`WHOLE_CAST_COLUMNS` columns at a time.
+    - ``x`` in ``out``'s dtype: one product, ``W`` cast the same way where its dtype differs.
+
+    Example::
+
+        >>> import torch
+        >>> from tl_logitlens.tiles import whole_product
+        >>> x, W = torch.randn(3, 16).bfloat16(), torch.randn(16, 5).bfloat16()
+        >>> out = whole_product(x, W, torch.empty(3, 5))
+        >>> torch.allclose(out.double(), x.double() @ W.double(), atol=1e-5)
+        True
+    """
+    if x.dtype == W.dtype == out.dtype:
+        return torch.mm(x, W, out=out)
+    if x.dtype == W.dtype and x.device.type == "cuda" and _mm_out_dtype.get(x.device, True):
+        try:
+            return torch.mm(x, W, out_dtype=out.dtype, out=out)
+        except (RuntimeError, TypeError) as err:  # an older torch: float32 products, slower
+            _mm_out_dtype[x.device] = False
+            import warnings
+
+            warnings.warn(f"tl_logitlens: torch.mm(out_dtype=) is unavailable here ({err}); half-precision "
+                          "products run in float32 (exact, slower)", stacklevel=2)
+    xs = x.to(out.dtype)
+    for a in range(0, W.shape[1], WHOLE_CAST_COLUMNS):
+        z = min(W.shape[1], a + WHOLE_CAST_COLUMNS)
+        torch.mm(xs, W[:, a:z].to(out.dtype), out=out[:, a:z])
+    return out
 
 
 #: Columns of a half-precision unembedding cast to float32 at once by :func:`read_whole`:
@@ -327,10 +432,14 @@ def read_whole(
 
     The strategy for GPUs (:mod:`tl_logitlens.tuning` picks it on CUDA): one large product
     keeps cuBLAS at full speed, and every statistic is a reduction over ``[g * n, d_vocab]``
-    with no per-tile Python loop and no host synchronisation (no ``nonzero``). Same
+    with no per-tile Python loop and no host synchronisation (no ``nonzero``): top-k from
+    block maxima (:func:`block_top_k`), the rest in one fused set of reductions
+    (:func:`whole_sums`), so the logits are written once and read about twice. Same
     arguments and results as :func:`read_product`; ``buffers`` hold ``g * n * d_vocab``
-    elements each. ``W`` in another dtype than ``x`` (a half-precision model read in
-    float32) is cast :data:`WHOLE_CAST_COLUMNS` columns at a time into the logits, so no
+    elements each, in the statistics' dtype (float32 or float64). The product
+    (:func:`whole_product`): ``x`` in ``W``'s half precision is read by the tensor cores
+    into float32 logits (:func:`tl_logitlens.tuning.half_products`); a ``W`` in another
+    dtype than a float32 ``x`` is cast :data:`WHOLE_CAST_COLUMNS` columns at a time, so no
     float32 copy of the whole unembedding is made.
 
     Example::
@@ -346,49 +455,36 @@ def read_whole(
     """
     m, d_vocab = x.shape[0], W.shape[1]
     n = m // g
-    logits = buffers[0][: m * d_vocab].view(m, d_vocab)
-    if W.dtype == x.dtype:
-        torch.mm(x, W, out=logits)
-    else:
-        for a in range(0, d_vocab, WHOLE_CAST_COLUMNS):
-            z = min(d_vocab, a + WHOLE_CAST_COLUMNS)
-            torch.mm(x, W[:, a:z].to(x.dtype), out=logits[:, a:z])
+    logits = whole_product(x, W, buffers[0][: m * d_vocab].view(m, d_vocab))
+    dtype = logits.dtype  # the statistics': x may be in W's half precision
     if b is not None:
-        logits.add_(b.to(x.dtype))
+        logits.add_(b.to(dtype))
     if transform is not None:
         logits.copy_(transform(logits))
     logits3 = logits.view(g, n, d_vocab)
     if keep_logits is not None:
         keep_logits(0, d_vocab, logits3)
 
-    # Raw logits first: top-k, picked tokens and ranks.
-    top_values, top_ids = logits.topk(top_k, dim=-1)
+    # Raw logits first: top-k and the picked tokens' logits.
+    top_values, top_ids = block_top_k(logits, top_k)
     next_logit = None
     if next_tokens is not None:
         picked = logits3.gather(2, next_tokens.clamp_min(0).view(1, n, 1).expand(g, n, 1)).squeeze(2)
         next_logit = torch.where(next_tokens.view(1, n) >= 0, picked, torch.zeros_like(picked))
     m_logits = None if member_ids is None else logits3[:, :, member_ids]  # a copy, before the shift below
-    t_logits = ranks = None
-    if target_ids is not None:
-        t_logits = logits3.gather(2, target_ids.unsqueeze(0).expand(g, -1, -1))
-        marks = buffers[2][: m * d_vocab].view(g, n, d_vocab)
-        ranks = torch.stack(
-            [torch.gt(logits3, t_logits[..., j : j + 1], out=marks).sum(-1) for j in range(target_ids.shape[1])], -1
-        ).to(x.dtype)
+    t_logits = None if target_ids is None else logits3.gather(2, target_ids.unsqueeze(0).expand(g, -1, -1))
 
-    # Shift by the row maximum (top-1), in place, then the sums.
+    # Every other statistic in one set of reductions: sums shifted by the row maximum (top-1)
+    # and the targets' ranks (how many logits beat each).
     peak = top_values[:, 0]
-    shifted = logits.sub_(peak.unsqueeze(1))
-    total, spread = _fused_sums(shifted, buffers[1][: m * d_vocab].view(m, d_vocab), buffers[2][: m * d_vocab].view(m, d_vocab))
+    total, spread, cross, above = _fused_sums(logits3, peak.view(g, n), with_reference, t_logits, buffers)
+    total, spread = total.reshape(m), spread.reshape(m)
+    ranks = None if above is None else above.to(dtype)
     log_total = total.log()
     entropy = log_total - spread / total
     kl = None
     if with_reference:
         # sum p_ref * s_x = D / Z_ref, D = sum exp(s_ref) * s_x, for every entry at once
-        ref_exps = buffers[1][: n * d_vocab].view(1, n, d_vocab)
-        torch.exp(shifted[:n], out=ref_exps[0])
-        products = buffers[2][: m * d_vocab].view(g, n, d_vocab)
-        cross = torch.mul(shifted.view(g, n, d_vocab), ref_exps, out=products).sum(-1)
         neg_h_ref = spread[:n] / total[:n] - log_total[:n]
         kl = (neg_h_ref - cross / total[:n] + log_total.view(g, n)).clamp_min(0.0)
     return ProductStats(

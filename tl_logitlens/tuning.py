@@ -23,6 +23,15 @@ Overrides, in order: ``chunk_size=`` (rows per product) on every entry point; :f
 from which rows follow); ``TL_LOGITLENS_AUTOTUNE=0`` (no measurement: 1024 columns, rows from
 the budget).
 
+Precision of the products (:func:`half_products`): on CUDA a bfloat16 or float16 unembedding
+is read in its own dtype by the tensor cores, the normalised vectors rounded to it, with
+float32 accumulation, float32 logits and float32 statistics (what the model's own unembedding
+does, less the rounding of its output); a float32 product of a half-precision matrix would
+run at a tenth of that speed. ``force(half_products=False)`` or
+``TL_LOGITLENS_HALF_PRODUCTS=0`` reads in float32 instead (the vectors exactly); on the CPU
+products are float32 unless ``half_products=True`` is forced, which rounds the vectors the
+same way (the tests run the CUDA path's numbers so).
+
 Example::
 
     >>> import torch
@@ -121,12 +130,17 @@ def chunk_budget() -> Optional[int]:
 
 
 @contextlib.contextmanager
-def force(*, rows: Optional[int] = None, width: Optional[int] = None, strategy: Optional[str] = None) -> Iterator[None]:
-    """Use this shape (any part left ``None`` is chosen as usual) inside the block."""
+def force(*, rows: Optional[int] = None, width: Optional[int] = None, strategy: Optional[str] = None,
+          half_products: Optional[bool] = None) -> Iterator[None]:
+    """Use this shape (any part left ``None`` is chosen as usual) inside the block;
+    ``half_products``: read a half-precision unembedding in its own dtype (see :func:`half_products`)."""
     if strategy is not None and strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if half_products is not None and not isinstance(half_products, bool):
+        raise ValueError(f"half_products must be True, False or None, got {half_products!r}")
     saved = dict(_forced)
-    _forced.update({k: v for k, v in (("rows", rows), ("width", width), ("strategy", strategy)) if v is not None})
+    _forced.update({k: v for k, v in (("rows", rows), ("width", width), ("strategy", strategy),
+                                      ("half_products", half_products)) if v is not None})
     try:
         yield
     finally:
@@ -300,6 +314,40 @@ def measure(W: torch.Tensor, dtype: torch.dtype) -> TileShape:
     return TileShape(rows, width, "tiled", "measured", time.perf_counter() - started, tuple(timings))
 
 
+#: Dtypes whose products may run in their own precision (:func:`half_products`).
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def half_products(W: torch.Tensor) -> bool:
+    """Whether products with ``W [d_model, d_vocab]`` read it in its own half precision.
+
+    True for a bfloat16 or float16 ``W`` on CUDA (tensor cores: the vectors rounded to
+    ``W``'s dtype, float32 accumulation and logits), unless ``force(half_products=False)``
+    or ``TL_LOGITLENS_HALF_PRODUCTS=0``; False on the CPU unless forced (or ``=1``), and
+    always False for a float32 or float64 ``W``.
+
+    Example::
+
+        >>> import torch
+        >>> from tl_logitlens import tuning
+        >>> W = torch.zeros(4, 8, dtype=torch.bfloat16)
+        >>> tuning.half_products(W), tuning.half_products(W.float())
+        (False, False)
+        >>> with tuning.force(half_products=True):
+        ...     tuning.half_products(W), tuning.half_products(W.float())
+        (True, False)
+    """
+    if W.dtype not in HALF_DTYPES:
+        return False
+    forced = _forced.get("half_products")
+    if forced is not None:
+        return bool(forced)
+    env = os.environ.get("TL_LOGITLENS_HALF_PRODUCTS", "").strip()
+    if env in ("0", "1"):
+        return env == "1"
+    return W.device.type == "cuda"
+
+
 def default_strategy(device: torch.device) -> str:
     """``"whole"`` on CUDA, ``"tiled"`` elsewhere."""
     return "whole" if torch.device(device).type == "cuda" else "tiled"
@@ -334,7 +382,7 @@ def tile_shape(W: torch.Tensor, dtype: torch.dtype, *, whole_rows: bool = False,
     base: Optional[TileShape] = None
     if width is None or (rows is None and chunk_size is None and _budget is None):
         base = _measured(W, dtype)
-        source = "forced" if _forced else base.source
+        source = "forced" if _forced.keys() & {"rows", "width", "strategy"} else base.source
     width = min(d_vocab, width or base.width)
     if chunk_size is not None:
         rows, source = chunk_size, "forced"
