@@ -35,7 +35,8 @@ def accumulated(model: Any, cache: Any, incl_mid: bool = False) -> Tuple[List[st
             xs.append(cache[f"blocks.{layer}.hook_resid_mid"])
     labels.append("final_post")
     xs.append(cache[f"blocks.{n - 1}.hook_resid_post"])
-    return labels, torch.stack(xs)
+    device = model.W_U.device  # a model split over devices: its layers' streams, gathered where W_U is
+    return labels, torch.stack([x.to(device) for x in xs])
 
 
 def has_norm(model: Any) -> bool:

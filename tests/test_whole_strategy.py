@@ -41,6 +41,10 @@ def test_policy_is_cuda_only_unless_forced(monkeypatch):
         assert not tuning.half_products(W)
     monkeypatch.setenv("TL_LOGITLENS_HALF_PRODUCTS", "0")
     assert not tuning.half_products(W)
+    monkeypatch.setenv("TL_LOGITLENS_HALF_PRODUCTS", "yes")
+    with pytest.raises(ValueError, match="TL_LOGITLENS_HALF_PRODUCTS must be 0 .* got 'yes'"):
+        tuning.half_products(W)
+    assert not tuning.half_products(W.float())  # a float32 W_U has no half products to choose
     with pytest.raises(ValueError, match="half_products must be True, False or None"):
         with tuning.force(half_products="yes"):
             pass

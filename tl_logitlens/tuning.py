@@ -345,6 +345,9 @@ def half_products(W: torch.Tensor) -> bool:
     env = os.environ.get("TL_LOGITLENS_HALF_PRODUCTS", "").strip()
     if env in ("0", "1"):
         return env == "1"
+    if env:
+        raise ValueError(f"TL_LOGITLENS_HALF_PRODUCTS must be 0 (float32 products) or 1 (half-precision products), "
+                         f"got {env!r}; unset it for the default (half precision on CUDA only)")
     return W.device.type == "cuda"
 
 
