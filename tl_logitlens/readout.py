@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from numbers import Integral
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -265,6 +265,11 @@ def read_rows(
     g_logits = torch.empty(outer, rows, len(token_groups)) if token_groups is not None else None
     g_probs = torch.empty_like(g_logits) if g_logits is not None else None
 
+    # Where each statistic lands, by the names _entries_to_host gives them.
+    results = {"entropy": entropy, "top_ids": top_ids, "top_logits": top_logits, "top_probs": top_probs,
+               "kl": kl, "loss": loss, "t_logits": t_logits, "t_probs": t_probs, "t_ranks": t_ranks,
+               "g_logits": g_logits, "g_probs": g_probs}
+
     with torch.no_grad():
         for start in range(0, rows, step):
             stop = min(rows, start + step)
@@ -293,26 +298,13 @@ def read_rows(
                     member_ids=member_ids,
                     **({} if read is read_whole else {"width": width, "w_tile": w_tile}),
                 )
-                for j, o in enumerate(outs):
-                    if o is None:
-                        continue
-                    entropy[o, start:stop] = st.entropy[j].float().cpu()
-                    top_ids[o, start:stop] = st.top_ids[j].cpu()
-                    top_logits[o, start:stop] = st.top_logits[j].float().cpu()
-                    top_probs[o, start:stop] = torch.exp(st.top_logits[j] - st.log_z[j].unsqueeze(-1)).float().cpu()
-                    if kl is not None:
-                        kl[o, start:stop] = st.kl_to_reference[j].float().cpu()
-                    if loss is not None:
-                        value = st.log_z[j] - st.next_logit[j]
-                        loss[o, start:stop] = torch.where(nxt >= 0, value, torch.full_like(value, float("nan"))).float().cpu()
-                    if t_logits is not None:
-                        t_logits[o, start:stop] = st.target_logits[j].float().cpu()
-                        t_probs[o, start:stop] = torch.exp(st.target_logits[j] - st.log_z[j].unsqueeze(-1)).float().cpu()
-                        t_ranks[o, start:stop] = st.target_ranks[j].long().cpu()
-                    if g_logits is not None:
-                        logit, prob = group_statistics(st.member_logits[j], st.log_z[j], members)
-                        g_logits[o, start:stop] = logit.float().cpu()
-                        g_probs[o, start:stop] = prob.float().cpu()
+                kept = [j for j, o in enumerate(outs) if o is not None]
+                if not kept:
+                    continue
+                host = _entries_to_host(st, kept, nxt, members)
+                rows_at = ([outs[j] for j in kept], slice(start, stop))
+                for name, value in host.items():
+                    results[name][rows_at] = value
     return Readout(
         top_ids=top_ids,
         top_logits=top_logits,
@@ -328,6 +320,49 @@ def read_rows(
         group_probs=g_probs,
         logits=all_logits,
     )
+
+
+def _entries_to_host(st: Any, kept: List[int], next_tokens: Optional[torch.Tensor],
+                     members: Optional[GroupMembers]) -> Dict[str, torch.Tensor]:
+    """The statistics of entries ``kept`` of one product (:class:`tl_logitlens.tiles.ProductStats`),
+    finished where the product ran and brought to the CPU in two copies, one of floats and one
+    of integers: on a GPU each copy waits for the device, and one per statistic and entry
+    would cost more than a GPT-2-sized product."""
+    index = torch.tensor(kept, device=st.log_z.device)
+
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        return t.index_select(0, index)
+
+    log_z = pick(st.log_z)
+    top_logits = pick(st.top_logits)
+    floats = {"entropy": pick(st.entropy), "top_logits": top_logits,
+              "top_probs": torch.exp(top_logits - log_z.unsqueeze(-1))}
+    ints = {"top_ids": pick(st.top_ids)}
+    if st.kl_to_reference is not None:
+        floats["kl"] = pick(st.kl_to_reference)
+    if st.next_logit is not None:
+        value = log_z - pick(st.next_logit)
+        floats["loss"] = torch.where(next_tokens >= 0, value, torch.full_like(value, float("nan")))
+    if st.target_logits is not None:
+        t_logits = pick(st.target_logits)
+        floats["t_logits"] = t_logits
+        floats["t_probs"] = torch.exp(t_logits - log_z.unsqueeze(-1))
+        ints["t_ranks"] = pick(st.target_ranks)
+    if st.member_logits is not None:
+        floats["g_logits"], floats["g_probs"] = group_statistics(pick(st.member_logits), log_z, members)
+    return {**_packed_to_host(floats, torch.float32), **_packed_to_host(ints, torch.long)}
+
+
+def _packed_to_host(fields: Dict[str, torch.Tensor], dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """``fields`` (each ``[k, n]`` or ``[k, n, c]``) on the CPU in ``dtype`` through one copy."""
+    k, n = next(iter(fields.values())).shape[:2]
+    flat = torch.cat([t.reshape(k, n, -1).to(dtype) for t in fields.values()], -1).cpu()
+    out, at = {}, 0
+    for name, t in fields.items():
+        width = t.shape[2] if t.dim() == 3 else 1
+        out[name] = flat[..., at : at + width].reshape(t.shape)
+        at += width
+    return out
 
 
 def reshape_readout(result: Readout, lead: Tuple[int, ...]) -> Readout:
