@@ -48,7 +48,8 @@ the kernel and the floor (then the cuBLAS product in that dtype) on the GPU.
 Memory: the resident-set peak *added* by a method over what was live before it (the
 cache included), in MiB, read from the kernel's high-water mark (``VmHWM``, reset through
 ``/proc/self/clear_refs``) after ``malloc_trim``; a 1 ms RSS-sampling thread where that
-reset is not allowed.
+reset is not allowed. On ``--device cuda``: the CUDA allocator's peak over what was
+allocated before.
 
 Usage: ``python bench/bench_lens.py [--quick] [--threads N] [--clock wall|cpu] [--device cpu|cuda]
 [--dtype float32|bfloat16] [--out bench/results.json]``;
@@ -137,10 +138,16 @@ def settle() -> None:
 
 
 class PeakMemory:
-    """Peak RSS added while the block runs, in bytes (``.added``)."""
+    """Peak memory added while the block runs, in bytes (``.added``): the RSS on the CPU, the
+    allocator's high-water mark on ``--device cuda`` (what lives on the GPU)."""
 
     def __enter__(self) -> "PeakMemory":
         settle()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize(DEVICE)
+            self.base = torch.cuda.memory_allocated(DEVICE)
+            torch.cuda.reset_peak_memory_stats(DEVICE)
+            return self
         self.base = rss_bytes()
         self.peak = self.base
         self._stop = threading.Event()
@@ -158,6 +165,10 @@ class PeakMemory:
             time.sleep(0.001)
 
     def __exit__(self, *exc: Any) -> None:
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize(DEVICE)
+            self.added = max(0, torch.cuda.max_memory_allocated(DEVICE) - self.base)
+            return
         if HWM_RESET:
             self.peak = _status_kib("VmHWM") * 1024
         else:
