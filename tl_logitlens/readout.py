@@ -265,10 +265,10 @@ def read_rows(
     g_logits = torch.empty(outer, rows, len(token_groups)) if token_groups is not None else None
     g_probs = torch.empty_like(g_logits) if g_logits is not None else None
 
-    # Where each statistic lands, by the names _entries_to_host gives them.
+    # Where each statistic lands, by its Readout field (the names _entries_to_host gives them).
     results = {"entropy": entropy, "top_ids": top_ids, "top_logits": top_logits, "top_probs": top_probs,
-               "kl": kl, "loss": loss, "t_logits": t_logits, "t_probs": t_probs, "t_ranks": t_ranks,
-               "g_logits": g_logits, "g_probs": g_probs}
+               "kl_to_reference": kl, "next_token_loss": loss, "target_logits": t_logits, "target_probs": t_probs,
+               "target_ranks": t_ranks, "group_logits": g_logits, "group_probs": g_probs}
 
     with torch.no_grad():
         for start in range(0, rows, step):
@@ -306,18 +306,8 @@ def read_rows(
                 for name, value in host.items():
                     results[name][rows_at] = value
     return Readout(
-        top_ids=top_ids,
-        top_logits=top_logits,
-        top_probs=top_probs,
-        entropy=entropy,
-        kl_to_reference=kl,
-        next_token_loss=loss,
+        **results,
         target_ids=None if target_ids is None else target_ids.expand(outer, rows, n_targets).clone(),
-        target_logits=t_logits,
-        target_probs=t_probs,
-        target_ranks=t_ranks,
-        group_logits=g_logits,
-        group_probs=g_probs,
         logits=all_logits,
     )
 
@@ -339,17 +329,17 @@ def _entries_to_host(st: Any, kept: List[int], next_tokens: Optional[torch.Tenso
               "top_probs": torch.exp(top_logits - log_z.unsqueeze(-1))}
     ints = {"top_ids": pick(st.top_ids)}
     if st.kl_to_reference is not None:
-        floats["kl"] = pick(st.kl_to_reference)
+        floats["kl_to_reference"] = pick(st.kl_to_reference)
     if st.next_logit is not None:
         value = log_z - pick(st.next_logit)
-        floats["loss"] = torch.where(next_tokens >= 0, value, torch.full_like(value, float("nan")))
+        floats["next_token_loss"] = torch.where(next_tokens >= 0, value, torch.full_like(value, float("nan")))
     if st.target_logits is not None:
         t_logits = pick(st.target_logits)
-        floats["t_logits"] = t_logits
-        floats["t_probs"] = torch.exp(t_logits - log_z.unsqueeze(-1))
-        ints["t_ranks"] = pick(st.target_ranks)
+        floats["target_logits"] = t_logits
+        floats["target_probs"] = torch.exp(t_logits - log_z.unsqueeze(-1))
+        ints["target_ranks"] = pick(st.target_ranks)
     if st.member_logits is not None:
-        floats["g_logits"], floats["g_probs"] = group_statistics(pick(st.member_logits), log_z, members)
+        floats["group_logits"], floats["group_probs"] = group_statistics(pick(st.member_logits), log_z, members)
     return {**_packed_to_host(floats, torch.float32), **_packed_to_host(ints, torch.long)}
 
 
