@@ -271,19 +271,12 @@ def test_cli_under_torchrun_two_ranks_demo(tmp_path):
 @pytest.mark.distributed
 def test_cli_under_torchrun_two_ranks_stories260k(tmp_path, models_dir):
     from tl_logitlens.cli.arguments import load_model, read_data
-    from tl_logitlens.model_access import TransformerBridge
 
-    if TransformerBridge is None:
-        pytest.skip("loading a Hugging Face folder needs TransformerBridge (transformer-lens 3.x/4.x)")
-    path = models_dir / "stories260k"
-    text = ["Once upon a time, there was a little girl named Lily.", "She loved to play outside in the park.",
-            "One day, she saw a big red ball.", "Tom and his mom went to the store to buy some food.",
-            "The sun was warm and the sky was blue."]
-    (tmp_path / "stories.txt").write_text("\n".join(text) + "\n")
-    got = _cli_eval_two_ranks(tmp_path, str(path), tmp_path / "stories.txt", "--batch-size", "2")
-    ref = evaluate_lens(load_model(str(path)), read_data(str(tmp_path / "stories.txt")), batch_size=2, progress=False)
+    path, text = launch.stories260k(models_dir, tmp_path, lines=5)
+    got = _cli_eval_two_ranks(tmp_path, str(path), text, "--batch-size", "2")
+    ref = evaluate_lens(load_model(str(path)), read_data(str(text)), batch_size=2, progress=False)
     _assert_matches_one_process(got, ref, exact=False)
-    assert math.isfinite(float(got.perplexity[-1])) and got.n_sequences == len(text)
+    assert math.isfinite(float(got.perplexity[-1])) and got.n_sequences == 5
 
 
 @pytest.mark.distributed

@@ -185,21 +185,14 @@ def test_cli_train_lens_bad_token_ends_the_job(tmp_path):
 @pytest.mark.distributed
 def test_cli_train_lens_two_ranks_stories260k(tmp_path, models_dir):
     from tl_logitlens.cli.arguments import load_model, read_data
-    from tl_logitlens.model_access import TransformerBridge
 
-    if TransformerBridge is None:
-        pytest.skip("loading a Hugging Face folder needs TransformerBridge (transformer-lens 3.x/4.x)")
-    path = models_dir / "stories260k"
-    text = ["Once upon a time, there was a little girl named Lily.", "She loved to play outside in the park.",
-            "One day, she saw a big red ball.", "Tom and his mom went to the store to buy some food.",
-            "The sun was warm and the sky was blue.", "Lily and Tom played with the ball all day."]
-    (tmp_path / "stories.txt").write_text("\n".join(text) + "\n")
+    path, text = launch.stories260k(models_dir, tmp_path, lines=6)
     settings = dict(steps=3, tokens_per_step=30, batch_size=1)
-    proc, _, out = _cli_train(tmp_path, 2, str(path), tmp_path / "stories.txt", "--steps", "3",
+    proc, _, out = _cli_train(tmp_path, 2, str(path), text, "--steps", "3",
                               "--tokens-per-step", "30", "--batch-size", "1")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     model = load_model(str(path))
     got = tll.TunedLens.load(out, model).state_dict()
-    ref = tll.train_tuned_lens(model, read_data(str(tmp_path / "stories.txt")), progress=False, **settings).state_dict()
+    ref = tll.train_tuned_lens(model, read_data(str(text)), progress=False, **settings).state_dict()
     _assert_lens_close(got, ref, "stories260k 2 ranks")
     assert any(float((ref[k] - 0).abs().max()) > 1e-3 for k in ref)  # it did train: the comparison is not of zeros

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence
 
 from .errors import LensInputError
+from .files import SavedAsJson
 from .evaluate import LensEvaluation, _evaluation, _finish
 from .running import STATISTICS
 from .stream import check_stream_args, stream_lenses
@@ -34,7 +34,7 @@ _STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1, 1, 1)),
 
 
 @dataclass
-class LensComparison:
+class LensComparison(SavedAsJson):
     """Per-layer statistics of several lenses over the same tokens (from :func:`compare_lenses`).
 
     Attributes:
@@ -241,23 +241,6 @@ class LensComparison:
         except (TypeError, ValueError) as err:
             raise LensInputError(f"malformed saved LensComparison: field 'seconds' or 'meta' ({err})") from None
         return cls(evaluations=evaluations, seconds=seconds, meta=meta)
-
-    def save(self, path: Union[str, Path]) -> None:
-        """Write the comparison to ``path`` as JSON, atomically; :meth:`load` reads it back unchanged."""
-        from .files import write_json
-
-        write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: Union[str, Path]) -> "LensComparison":
-        """Read a comparison written by :meth:`save`; anything else is refused naming the file and field."""
-        from .files import read_json
-
-        data = read_json(path, "a saved LensComparison")
-        try:
-            return cls.from_dict(data)
-        except LensInputError as err:
-            raise LensInputError(f"{path}: {err}") from None
 
 
 def _check_lenses(view: Any, lenses: Any) -> Dict[str, Any]:

@@ -32,12 +32,12 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .errors import LensInputError
+from .files import SavedAsJson
 from .inputs import resolve_model
 from .running import HIST_BINS_PER_DECADE, HIST_HIGH, HIST_LOW, N_BINS, STATISTICS, bin_edges
 from .stream import Run, check_stream_args, stream_lenses
@@ -47,7 +47,7 @@ _FORMAT = "tl_logitlens.LensEvaluation/1"
 
 
 @dataclass
-class LensEvaluation:
+class LensEvaluation(SavedAsJson):
     """Per-layer summary of the logit lens over a dataset (from :func:`evaluate_lens`).
 
     ``layer`` below is the stack entry axis, aligned with ``labels``.
@@ -323,23 +323,6 @@ class LensEvaluation:
             meta=meta,
             lens_name=lens_name,
         )
-
-    def save(self, path: Union[str, Path]) -> None:
-        """Write the evaluation to ``path`` as JSON (atomically); :meth:`load` reads it back unchanged."""
-        from .files import write_json
-
-        write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: Union[str, Path]) -> "LensEvaluation":
-        """Read an evaluation written by :meth:`save`; anything else is refused naming the file."""
-        from .files import read_json
-
-        data = read_json(path, "a saved LensEvaluation")
-        try:
-            return cls.from_dict(data)
-        except LensInputError as err:
-            raise LensInputError(f"{path}: {err}") from None
 
 
 def evaluate_lens(

@@ -20,11 +20,11 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Type, TypeVar, Union
 
 from .errors import LensInputError
 
-__all__ = ["atomic_write", "write_text", "write_json", "read_json"]
+__all__ = ["atomic_write", "write_text", "write_json", "read_json", "SavedAsJson"]
 
 
 def atomic_write(path: Union[str, Path], write: Callable[[str], None]) -> None:
@@ -61,3 +61,23 @@ def read_json(path: Union[str, Path], what: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise LensInputError(f"{path}: not {what} (not valid JSON: {err})") from None
+
+
+_Saved = TypeVar("_Saved", bound="SavedAsJson")
+
+
+class SavedAsJson:
+    """For result classes with ``to_dict()`` and ``from_dict(data)``: ``save`` and ``load`` as JSON files."""
+
+    def save(self, path: Union[str, Path]) -> None:
+        """Write this result to ``path`` as JSON, atomically; :meth:`load` reads it back unchanged."""
+        write_json(path, self.to_dict())  # type: ignore[attr-defined]
+
+    @classmethod
+    def load(cls: Type[_Saved], path: Union[str, Path]) -> _Saved:
+        """Read a result written by :meth:`save`; anything else is refused naming the file and field."""
+        data = read_json(path, f"a saved {cls.__name__}")
+        try:
+            return cls.from_dict(data)  # type: ignore[attr-defined]
+        except LensInputError as err:
+            raise LensInputError(f"{path}: {err}") from None
