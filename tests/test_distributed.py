@@ -294,3 +294,19 @@ def test_a_failing_rank_ends_the_job_naming_rank_and_error(tmp_path):
     assert f"rank 1: token ids must lie in [0, {model.cfg.d_vocab})" in output, output  # the failing rank's own error
     assert "rank 1 failed: LensInputError" in output, output  # rank 0 names it instead of waiting
     assert str(model.cfg.d_vocab + 7) in output
+
+
+@pytest.mark.distributed
+def test_the_exit_handler_frees_the_group_and_joins_its_threads(tmp_path):
+    """A module that binds ``group.WORLD`` as a default argument (torch.distributed.nn.functional,
+    imported by torch.distributed.fsdp while transformers loads a model) must not pin the group:
+    pinned, its gloo workers outlived atexit, and one releasing a tensor during interpreter
+    shutdown aborted the rank (CI saw 'terminate called without an active exception')."""
+    proc, _ = launch.run(2, str(DIST / "shutdown_job.py"), str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["sum"] == [2.0] * 4
+        assert not got["group_alive"], got
+        if got["threads"] is not None:  # Linux: torch names its gloo threads pt_gloo_runloop, gloo_tcp_loop
+            assert not [name for name in got["threads"] if "gloo" in name], got["threads"]

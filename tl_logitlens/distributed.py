@@ -121,12 +121,32 @@ def init_from_env(timeout: float = DEFAULT_TIMEOUT, backend: Optional[str] = Non
                 "start at most that many processes per node (torchrun --nproc-per-node)"
             )
         torch.cuda.set_device(local_rank)
+    _import_world_defaults()
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=float(timeout)))
     atexit.register(_shutdown)  # a group this function made is this process's to close
     return True
 
 
+def _import_world_defaults() -> None:
+    """Import ``torch.distributed.nn.functional`` while no group exists, so that it cannot pin one.
+
+    Its collectives take ``group=group.WORLD`` as a default argument, evaluated at import.
+    Imported after ``init_process_group`` (``torch.distributed.fsdp`` imports it, and
+    transformers imports that while a model loads), the defaults hold the default group for
+    the life of the process: :func:`_shutdown` can no longer free it, and the gloo worker
+    threads outlive ``atexit``. A worker that drops its last collective's tensors after the
+    interpreter began finalising must take the GIL to do so, and the process aborts
+    ("terminate called without an active exception"). Imported first, the defaults are
+    ``None``, which means the default group at call time.
+    """
+    try:
+        import torch.distributed.nn.functional  # noqa: F401
+    except ImportError:  # a torch without it has no such defaults either
+        pass
+
+
 def _shutdown() -> None:
+    """Destroy the group :func:`init_from_env` made, joining its worker threads while Python runs."""
     if group_active():
         _dist().destroy_process_group()
 
