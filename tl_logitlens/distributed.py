@@ -47,7 +47,7 @@ import datetime
 import itertools
 import os
 import warnings
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import torch
@@ -396,6 +396,11 @@ def resolve(distributed: Optional[bool]) -> Optional[Group]:
             )
         return None
     return Group()
+
+
+def guarded(group: Optional[Group]) -> AbstractContextManager:
+    """:meth:`Group.guard` inside a group, else nothing: how a driver wraps its data-dependent work."""
+    return group.guard() if group is not None else nullcontext()
 
 
 def shard_for(group: Optional[Group], data: Any, max_tokens: Optional[int]) -> Tuple[Any, Optional[int]]:

@@ -11,7 +11,6 @@ group each rank reads its shard and the statistics are merged exactly before the
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 from numbers import Integral
@@ -107,7 +106,7 @@ def stream_lenses(
     :func:`~tl_logitlens.distributed.resolve`) this rank reads its shard of ``data`` and the
     statistics are merged exactly over every rank before they are returned.
     """
-    from .distributed import EMPTY, resolve, shard_for
+    from .distributed import EMPTY, guarded, resolve, shard_for
     from .lens import stack_labels
 
     group = resolve(distributed)
@@ -130,7 +129,7 @@ def stream_lenses(
     reference_entry = where.get(("stream", last))  # the final stream is its own reference
 
     started = time.perf_counter()
-    with group.guard() if group is not None else contextlib.nullcontext():
+    with guarded(group):
         data, max_tokens = shard_for(group, data, max_tokens)  # the shard step: unchanged without a group
         stream, total = ([], 0) if data is EMPTY else batches(view, data, batch_size)  # EMPTY: fewer items than ranks
         if max_tokens is not None:

@@ -21,7 +21,6 @@ step sums the translators' gradients, so the lens is one process's (see ``distri
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from numbers import Integral, Real
@@ -31,7 +30,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 
 from .data import batches, split_long
-from .distributed import _distributed_sampler, resolve
+from .distributed import _distributed_sampler, guarded, resolve
 from .errors import LensInputError, ModelStateError, NonFiniteActivationError, UnsupportedModelError
 from .inputs import resolve_model
 from .model_access import capture, compute_device, input_device
@@ -342,16 +341,14 @@ def train_tuned_lens(
             f"{lens.stream_change}. Load the model without that processing, or pass checkpoint_dir=None."
         )
 
-    def guarded() -> Any:  # under a group: a failure here reaches every rank at the next check
-        return group.guard() if group is not None else contextlib.nullcontext()
-
+    # Under a group, a failure inside guarded(group) reaches every rank at the next check.
     def check(**agree: Any) -> None:
         if group is not None:
             group.check(**agree)
 
     saved = None
     n_ctx = context_length(view)
-    with guarded():
+    with guarded(group):
         if folder is not None and main:  # rank 0 alone touches the files (the folder may be on its machine only)
             if folder.exists() and not folder.is_dir():
                 raise LensInputError(f"checkpoint_dir {str(folder)!r} is a file, not a folder")
@@ -386,7 +383,7 @@ def train_tuned_lens(
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         step, tokens_seen, rng = int(saved["step"]), int(saved["tokens_seen"]), saved["rng"]
-        with guarded():
+        with guarded(group):
             stream.skip_to(int(saved["drawn"]), int(saved["used"]))
         check()
     elif group is not None:
@@ -397,7 +394,7 @@ def train_tuned_lens(
 
     def on_main(write: Any) -> None:
         """Rank 0 writes; every rank waits for it (the check is the barrier) and learns if it failed."""
-        with guarded():
+        with guarded(group):
             if main:
                 write()
         check()
@@ -423,7 +420,7 @@ def train_tuned_lens(
             while step < steps and not exhausted:
                 opt.zero_grad(set_to_none=False)
                 got, total, k, fprint = 0, 0.0, 0, 0
-                with guarded():
+                with guarded(group):
                     while got < tokens_per_step:
                         tokens = stream.take(tokens_per_step - got)
                         if tokens is None:
@@ -438,8 +435,8 @@ def train_tuned_lens(
                         k += 1
                         got += n
                         bar.update(n)
-                if group is not None:  # before the all-reduce: a failed rank ends every rank here
-                    group.check(agree=(got, fprint), what=f"the tokens of step {step + 1}")
+                # Before the all-reduce: a failed rank ends every rank here.
+                check(agree=(got, fprint), what=f"the tokens of step {step + 1}")
                 if got == 0:
                     break
                 if group is not None:  # the step's gradient: the sum of every rank's micro-batches
