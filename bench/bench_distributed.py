@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def processor() -> str:
-    from tl_logitlens.tuning import processor_name  # the package's one reading of the CPU's name
+    from tl_logitlens.kernel.tuning import processor_name  # the package's one reading of the CPU's name
 
     return processor_name()
 

@@ -43,7 +43,7 @@ which also measures memory (the small workload has already warmed everything up)
 best and the median are reported; ratios and targets use the best of runs (a shared machine
 is noisy: the best is the run least disturbed), the medians' ratios are printed beside.
 The header names the processor, its caches, and the tile shape the kernel measured for it
-(:mod:`tl_logitlens.tuning`). ``--device cuda`` (and ``--dtype bfloat16``) runs the model,
+(:mod:`tl_logitlens.kernel.tuning`). ``--device cuda`` (and ``--dtype bfloat16``) runs the model,
 the kernel and the floor (then the cuBLAS product in that dtype) on the GPU.
 Memory: the resident-set peak *added* by a method over what was live before it (the
 cache included), in MiB, read from the kernel's high-water mark (``VmHWM``, reset through
@@ -81,7 +81,7 @@ sys.path.insert(0, str(ROOT))
 
 import tl_logitlens as tll  # noqa: E402
 from tl_logitlens.evaluate import evaluate_lens  # noqa: E402
-from tl_logitlens import tuning  # noqa: E402
+from tl_logitlens.kernel import tuning  # noqa: E402
 from tl_logitlens.model_access import TL_MAJOR, TL_VERSION  # noqa: E402
 
 MiB = 2**20

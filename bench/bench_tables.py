@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tl_logitlens as tll  # noqa: E402
-from tl_logitlens.tuning import processor_name  # noqa: E402
+from tl_logitlens.kernel.tuning import processor_name  # noqa: E402
 
 
 def build_model() -> Tuple[Any, str]:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark one lens-training step: tl_logitlens.train_kernel against the reference route.
+"""Benchmark one lens-training step: tl_logitlens.kernel.loss against the reference route.
 
 Shape: GPT-2-small's unembedding (d_model 768, vocabulary 50257, random ``W`` and ``b``),
 ``--layers`` (12) layers x ``--tokens`` (2048) tokens of random normalised lens vectors.
@@ -34,8 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import bench_lens  # noqa: E402
-from tl_logitlens import train_kernel as tk  # noqa: E402
-from tl_logitlens import tuning  # noqa: E402
+from tl_logitlens.kernel import loss as tk  # noqa: E402
+from tl_logitlens.kernel import tuning  # noqa: E402
 
 MiB = 2**20
 
@@ -136,7 +136,7 @@ def main() -> None:
 def full_step(device, runs):
     """One ``train_tuned_lens`` step of 2048 tokens on the benchmark model, against its parts."""
     from tl_logitlens.model_access import capture
-    from tl_logitlens.train import train_tuned_lens
+    from tl_logitlens.lenses import train_tuned_lens
 
     model, description = bench_lens.build_model()
     g = torch.Generator().manual_seed(0)

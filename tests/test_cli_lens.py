@@ -9,7 +9,7 @@ import torch
 import builders
 import tl_logitlens as tll
 from tl_logitlens.cli import main
-from tl_logitlens.compare import LensComparison
+from tl_logitlens.evaluate import LensComparison
 from tl_logitlens.evaluate import STATISTICS, evaluate_lens
 from tl_logitlens.model_access import HookedTransformer
 

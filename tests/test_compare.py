@@ -14,7 +14,7 @@ import torch
 import builders
 import reference
 import tl_logitlens as tll
-from tl_logitlens.compare import LensComparison, compare_lenses
+from tl_logitlens.evaluate import LensComparison, compare_lenses
 from tl_logitlens.errors import LensInputError
 from tl_logitlens.evaluate import STATISTICS, evaluate_lens
 from tl_logitlens.model_access import HookedTransformer
@@ -102,13 +102,13 @@ def test_the_model_runs_once_per_batch_and_the_reference_is_read_once(model, mon
     tuned = builders.randomise_lens(tll.TunedLens(model), seed=1)
     tokens = builders.tokens(batch=7, seq=8, seed=2)
     entries = []
-    from tl_logitlens.stream import read_rows as real
+    from tl_logitlens.evaluate.stream import read_rows as real
 
     def spy(view, vectors, **kwargs):
         entries.append((vectors.shape[0], kwargs["reference_entry"]))
         return real(view, vectors, **kwargs)
 
-    monkeypatch.setattr("tl_logitlens.stream.read_rows", spy)
+    monkeypatch.setattr("tl_logitlens.evaluate.stream.read_rows", spy)
     with builders.CountForwards(model) as counter:
         compare_lenses(model, tokens, {"logit": None, "tuned": tuned, "half": _halve}, batch_size=2, progress=False)
     assert counter.calls == 4  # ceil(7 / 2) batches, whatever the number of lenses

@@ -22,7 +22,7 @@ import tl_logitlens as tll
 from tl_logitlens.distributed import EMPTY, Group, resolve, shard_data, shard_for, split_budget, tensor_budget
 from tl_logitlens.errors import LensInputError
 from tl_logitlens.evaluate import HIST_BINS_PER_DECADE, STATISTICS, LensEvaluation, evaluate_lens
-from tl_logitlens.running import RunningStats
+from tl_logitlens.evaluate.running import RunningStats
 
 DIST = Path(__file__).resolve().parent / "torchrun"  # not "dist": .gitignore ignores dist/
 sys.path.insert(0, str(DIST))
@@ -235,7 +235,7 @@ def test_three_ranks_equal_one_process_on_every_kind_of_data(tmp_path):
         _assert_matches_one_process(got, ref, exact=kwargs.get("batch_size") == 1)
     # compare_lenses: every lens's statistics merged over the ranks equal one process's.
     from cases import compare_case
-    from tl_logitlens.compare import LensComparison
+    from tl_logitlens.evaluate import LensComparison
 
     assert [dict(r["compare_lenses"], seconds=0.0) for r in ranks[1:]] == [dict(ranks[0]["compare_lenses"], seconds=0.0)] * 2
     got = LensComparison.from_dict(ranks[0]["compare_lenses"])

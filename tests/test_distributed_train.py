@@ -18,7 +18,7 @@ import torch
 import tl_logitlens as tll
 from tl_logitlens.distributed import Group, resolve
 from tl_logitlens.errors import LensInputError
-from tl_logitlens.train import CHECKPOINT
+from tl_logitlens.lenses.training import CHECKPOINT
 
 JOBS = Path(__file__).resolve().parent / "torchrun"
 sys.path.insert(0, str(JOBS))
@@ -105,7 +105,7 @@ def test_ranks_that_read_different_data_are_stopped(one_rank_group, monkeypatch)
     assert isinstance(group, Group)
     group.world = 2  # as rank 0 of 2: the gathered list has a second (faked) rank
     monkeypatch.setattr(dist, "all_gather_object", two_ranks_disagree)
-    monkeypatch.setattr("tl_logitlens.train.resolve", lambda distributed: group)
+    monkeypatch.setattr("tl_logitlens.lenses.training.tuned.resolve", lambda distributed: group)
     with pytest.raises(LensInputError, match="the ranks disagree on the tokens of step 1"):
         tll.train_tuned_lens(model, make(model), **kwargs)
 

@@ -324,7 +324,7 @@ def test_stories260k_final_entry_is_the_model_itself(models_dir):
     tok = tll.logit_lens(model, texts[:1], top_k=1)  # tokenisation check: same path as evaluate_lens
     assert tok.input_ids.shape[0] == 1
     from tl_logitlens.model_access import view
-    from tl_logitlens.tokens import tokenize
+    from tl_logitlens.inputs import tokenize
 
     batch = tokenize(view(model), texts)
     with torch.no_grad():

@@ -13,7 +13,7 @@ import tl_logitlens as tll
 import reference
 from test_whole_strategy import _reading, _stats64, _worst
 from test_precision import ANSWERS, TOKENS, WRONG, dla64, lens64
-from tl_logitlens import tuning
+from tl_logitlens.kernel import tuning
 from tl_logitlens.evaluate import evaluate_lens
 from tl_logitlens.model_access import HookedTransformer, TransformerBridge
 

@@ -7,7 +7,7 @@ import torch
 import builders
 import reference
 import tl_logitlens as tll
-from tl_logitlens import tuning
+from tl_logitlens.kernel import tuning
 from tl_logitlens.model_access import TransformerBridge
 
 TOKENS = builders.tokens(batch=2, seq=9, seed=4)

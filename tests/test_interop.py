@@ -33,7 +33,7 @@ import torch
 
 import builders
 import tl_logitlens as tll
-from tl_logitlens.lenses import unembed_hash
+from tl_logitlens.model_access import unembed_hash
 
 pytestmark = pytest.mark.interop
 

@@ -16,9 +16,9 @@ import builders
 import reference
 import tl_logitlens as tll
 
-from tl_logitlens import tiles, tuning
+from tl_logitlens.kernel import tiles, tuning
 
-readout_module = importlib.import_module("tl_logitlens.readout")
+readout_module = importlib.import_module("tl_logitlens.kernel.read")
 
 CASES = builders.cases()
 # One HookedTransformer (2.x/3.x) or one bridge (4.x), and a GPT-2 bridge where it exists.
@@ -188,7 +188,7 @@ def test_cuda_whole_strategy_matches_cpu_tiles(dtype):
         assert not tiles._mm_out_dtype  # the tensor-core product ran, not the float32 fallback
 
 
-@pytest.mark.parametrize("name", ["tl_logitlens.tuning", "tl_logitlens.tiles"])
+@pytest.mark.parametrize("name", ["tl_logitlens.kernel.tuning", "tl_logitlens.kernel.tiles"])
 def test_kernel_docstring_examples(name):
     import doctest
 

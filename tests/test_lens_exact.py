@@ -6,7 +6,7 @@ import torch
 import builders
 import reference
 import tl_logitlens as tll
-from tl_logitlens import tiles, tuning
+from tl_logitlens.kernel import tiles, tuning
 from tl_logitlens.model_access import TL_MAJOR
 
 TOKENS = builders.tokens(batch=2, seq=9)

@@ -25,7 +25,7 @@ import builders  # noqa: E402
 import tl_logitlens as tll  # noqa: E402
 from tl_logitlens.attribution import Attribution  # noqa: E402
 from tl_logitlens.lens import LensResult  # noqa: E402
-from tl_logitlens.readout import Readout  # noqa: E402
+from tl_logitlens.kernel import Readout  # noqa: E402
 from tl_logitlens.plots import (  # noqa: E402
     LENS_METRICS,
     plot_attribution,

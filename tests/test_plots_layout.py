@@ -22,7 +22,7 @@ from matplotlib.colors import to_hex  # noqa: E402
 import tl_logitlens as tll  # noqa: E402
 from tl_logitlens.lens import LensResult  # noqa: E402
 from tl_logitlens.plots import METRIC_STYLE, WIDTHS, plot_attribution, plot_lens, plot_lens_metrics, save_figure  # noqa: E402
-from tl_logitlens.readout import Readout  # noqa: E402
+from tl_logitlens.kernel import Readout  # noqa: E402
 
 PAGE, COLUMN = 6.9, 3.3  # inches: a two-column paper's text width and column (independent of WIDTHS)
 LONG = ["High Pressure Die Casting", "5-axis Milling Secondary", "Special Finishing", "Turning", "Tap",

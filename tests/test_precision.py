@@ -16,7 +16,7 @@ import torch
 import builders
 import reference
 import tl_logitlens as tll
-from tl_logitlens import tiles
+from tl_logitlens.kernel import tiles
 from tl_logitlens.errors import UnsupportedModelError
 from tl_logitlens.evaluate import evaluate_lens
 from tl_logitlens.model_access import TransformerBridge

@@ -60,9 +60,9 @@ def test_the_lens_unembeds_its_final_entry_once(model, monkeypatch):
     index to the kernel, which then reads it once (no second unembedding of every row)."""
     import importlib
 
-    from tl_logitlens import tiles, tuning
+    from tl_logitlens.kernel import tiles, tuning
 
-    readout_module = importlib.import_module("tl_logitlens.readout")  # the module: tll.readout is the function
+    readout_module = importlib.import_module("tl_logitlens.kernel.read")  # the module: tll.readout is the function
     entries = []
     real = tiles.read_product
 
@@ -85,10 +85,10 @@ def test_the_chunk_budget_knob_sets_the_rows_per_product(monkeypatch):
     and nothing else; assigning the DEFAULT constant would change nothing, so it is refused."""
     import importlib
 
-    from tl_logitlens import tiles, tuning
+    from tl_logitlens.kernel import tiles, tuning
 
     model = builders.build(_KINDS[0])
-    readout_module = importlib.import_module("tl_logitlens.readout")
+    readout_module = importlib.import_module("tl_logitlens.kernel.read")
     rows_seen = []
     real = tiles.read_product
 

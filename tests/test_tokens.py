@@ -17,7 +17,7 @@ import torch
 import builders
 import tl_logitlens as tll
 from tl_logitlens.model_access import TransformerBridge, view
-from tl_logitlens.tokens import single_token_id
+from tl_logitlens.inputs import single_token_id
 from tl_logitlens.tokentext import token_text
 
 

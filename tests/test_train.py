@@ -16,7 +16,8 @@ import builders
 import reference
 import tl_logitlens as tll
 from tl_logitlens.errors import LensInputError, NonFiniteActivationError
-from tl_logitlens.train import CHECKPOINT, _Batch
+from tl_logitlens.lenses.training import CHECKPOINT
+from tl_logitlens.lenses.training.batches import MicroBatch
 
 ROOT = Path(__file__).resolve().parents[1]
 _STEP_KINDS = [c for c in builders.cases() if c.name in ("gpt2", "llama-gqa", "ht-ln", "ht-rms")]
@@ -121,7 +122,7 @@ def _pairs(batch):
 @pytest.mark.parametrize("budget", [1, 3, 9, 10, 12, 17])
 def test_a_cut_batch_scores_every_pair_exactly_once(budget):
     ids = torch.arange(40).view(4, 10)
-    batch = _Batch(ids, torch.tensor([10, 3, 1, 7]))
+    batch = MicroBatch(ids, torch.tensor([10, 3, 1, 7]))
     seen, rest = [], batch
     while rest is not None:
         head, rest = rest.split(budget) if rest.scored() > budget else (rest, None)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tl_logitlens import train_kernel as tk
+from tl_logitlens.kernel import loss as tk
 from tl_logitlens.errors import LensInputError
 
 # (d_vocab, width): ragged tiles (7 and 13 do not divide 61), one tile, a width beyond the vocabulary.

@@ -1,15 +1,15 @@
 """The CUDA strategy's pieces, run here on the CPU through the same code.
 
-On CUDA the kernel takes one product over the whole vocabulary (:func:`tl_logitlens.tiles.read_whole`):
+On CUDA the kernel takes one product over the whole vocabulary (:func:`tl_logitlens.kernel.tiles.read_whole`):
 
 - a half-precision ``W_U`` is read in its own dtype, the normalised vectors rounded to it,
-  with float32 accumulation, logits and statistics (:func:`tl_logitlens.tuning.half_products`).
+  with float32 accumulation, logits and statistics (:func:`tl_logitlens.kernel.tuning.half_products`).
   ``force(half_products=True)`` sends the CPU through the same code, whose numbers must equal
   float64 statistics of the *rounded* vectors (tests/reference.py rounds them itself) and
   differ from the float32 reading by the rounding, so a path that skipped it fails;
 - the sums and ranks are one set of reductions that ``torch.compile`` fuses (compiled here for
   the CPU too);
-- top-k comes from block maxima (:func:`tl_logitlens.tiles.block_top_k`).
+- top-k comes from block maxima (:func:`tl_logitlens.kernel.tiles.block_top_k`).
 """
 
 import pytest
@@ -19,7 +19,7 @@ import builders
 import reference
 import tl_logitlens as tll
 from test_kernel import _direct_stats
-from tl_logitlens import tiles, tuning
+from tl_logitlens.kernel import tiles, tuning
 
 HALF = [torch.bfloat16, torch.float16]
 TOKENS = builders.tokens(batch=2, seq=9)

@@ -17,6 +17,8 @@ Example::
 """
 
 import importlib
+import importlib.abc
+import importlib.util
 import sys
 import types
 from typing import Any, List
@@ -40,12 +42,12 @@ _LAZY = {
     "Attribution": "attribution",
     "direct_logit_attribution": "attribution",
     "demo_model": "demo",
-    "LensComparison": "compare",
+    "LensComparison": "evaluate",
     "LensEvaluation": "evaluate",
     "Lens": "lenses",
     "LogitLens": "lenses",
     "TunedLens": "lenses",
-    "compare_lenses": "compare",
+    "compare_lenses": "evaluate",
     "evaluate_lens": "evaluate",
     "LensResult": "lens",
     "logit_lens": "lens",
@@ -59,10 +61,25 @@ _LAZY = {
     "readout": "readout",
     "ResidualStack": "stacks",
     "residual_stack": "stacks",
-    "set_chunk_budget": "tuning",
-    "train_tuned_lens": "train",
+    "set_chunk_budget": "kernel.tuning",
+    "train_tuned_lens": "lenses",
 }
 _SUBMODULES = ("demo",)
+
+# Modules that moved when the package was split into layers (kernel/, inputs/, lenses/,
+# evaluate/): the old import paths are the new modules themselves (see _MovedModules).
+_MOVED = {
+    "norm": "kernel.norm",
+    "tiles": "kernel.tiles",
+    "tuning": "kernel.tuning",
+    "train_kernel": "kernel.loss",
+    "tokens": "inputs.tokens",
+    "data": "inputs.data",
+    "running": "evaluate.running",
+    "stream": "evaluate.stream",
+    "compare": "evaluate.compare",
+    "train": "lenses.training.tuned",
+}
 
 __all__ = [
     "Attribution",
@@ -106,7 +123,7 @@ def __getattr__(name: str) -> Any:
         if name != "readout":  # see _Package: the submodule of that name must not shadow it
             globals()[name] = value
         return value
-    if name in _SUBMODULES:
+    if name in _SUBMODULES or name in _MOVED:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -138,7 +155,7 @@ class _Package(types.ModuleType):
     @property
     def DEFAULT_CHUNK_BUDGET_BYTES(self) -> int:
         """The kernel's default memory budget in bytes (read-only: see :func:`set_chunk_budget`)."""
-        return importlib.import_module(".tuning", __name__).CPU_BUDGET_BYTES
+        return importlib.import_module(".kernel.tuning", __name__).CPU_BUDGET_BYTES
 
     @DEFAULT_CHUNK_BUDGET_BYTES.setter
     def DEFAULT_CHUNK_BUDGET_BYTES(self, value: Any) -> None:
@@ -151,3 +168,30 @@ class _Package(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _Package
+
+
+class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """``import tl_logitlens.tuning`` (an old path) gives ``tl_logitlens.kernel.tuning`` itself.
+
+    The same module object, not a copy, so that settings and monkeypatches made through the
+    old path reach the code that reads them.
+    """
+
+    _specs: dict = {}
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        prefix, _, name = fullname.rpartition(".")
+        if prefix != __name__ or name not in _MOVED:
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec: Any) -> Any:
+        module = importlib.import_module(f"{__name__}.{_MOVED[spec.name.rpartition('.')[2]]}")
+        self._specs[spec.name] = module.__spec__  # the import system stamps the alias's spec on it
+        return module
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        module.__spec__ = self._specs.pop(module.__spec__.name)  # ... and here it is put back
+
+
+sys.meta_path.append(_MovedModules())

@@ -36,10 +36,10 @@ from typing import Any, List, Optional, Tuple
 import torch
 
 from .errors import LensInputError, UnsupportedModelError
-from .inputs import activation_shape, resolve_inputs, run_or_read
-from .model_access import cache_tensor, compute_device, is_half
+from .inputs import PositionSpec, activation_shape, gather_positions, per_prompt_ids, position_index, resolve_inputs, run_or_read
+from .kernel import is_half
+from .model_access import cache_tensor, compute_device
 from .stacks import STACK_KINDS, head_source_values, piece_groups, required_hooks, source_hooks
-from .tokens import PositionSpec, gather_positions, per_prompt_ids, position_index
 from .tokentext import token_text
 
 #: The final-norm readings under which the pieces add up (see direct_logit_attribution).

@@ -17,14 +17,25 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .errors import LensInputError, NonFiniteActivationError, UnsupportedModelError
-from .lenses import check_lens, is_identity, lens_name
-from .inputs import activation_shape, resolve_inputs, run_or_read
-from .model_access import ModelView, is_half
-from .readout import Readout, check_chunk_size, check_modes, read_rows, reshape_readout
-from . import tiles
-from .stacks import piece_groups, required_hooks
-from .tokens import PositionSpec, Tokens, _as_list, gather_positions, next_token_ids, position_index, token_list
+from .errors import LensInputError, UnsupportedModelError
+from .inputs import (
+    PositionSpec,
+    Tokens,
+    activation_shape,
+    check_modes,
+    gather_positions,
+    next_token_ids,
+    position_index,
+    resolve_inputs,
+    run_or_read,
+    token_items,
+    token_list,
+)
+from .kernel import Readout, check_chunk_size, is_half, read_rows, reshape_readout
+from .kernel.tiles import tile_width
+from .lenses import apply_lens, check_lens, is_identity, lens_name
+from .model_access import ModelView
+from .stacks import piece_groups, required_hooks, resolve_layers, stack_labels
 from .tokentext import token_text
 
 # Max |p_ours - p_model| on the final entry's top tokens before the lens refuses to
@@ -284,50 +295,6 @@ class LensResult:
         return to_html(self, path, **kwargs)
 
 
-def stack_labels(n_layers: int, incl_mid: bool) -> List[str]:
-    """``0_pre, [0_mid,] 1_pre, ..., final_post``."""
-    labels = []
-    for layer in range(n_layers):
-        labels.append(f"{layer}_pre")
-        if incl_mid:
-            labels.append(f"{layer}_mid")
-    return labels + ["final_post"]
-
-
-def resolve_layers(layers: Any, labels: List[str]) -> List[int]:
-    """Stack entries by index (negative allowed) or label; ``None`` keeps all."""
-    if layers is None:
-        return list(range(len(labels)))
-    if type(layers).__module__ == "numpy" or (isinstance(layers, torch.Tensor) and not layers.dtype.is_floating_point):
-        layers = layers.tolist()
-    if isinstance(layers, (Integral, str)):
-        layers = [layers]
-    if not isinstance(layers, (list, tuple, range)):
-        raise LensInputError(
-            f"layers must be a stack entry (an int or a label) or a list of them, got {type(layers).__name__} {layers!r}"
-        )
-    picked = []
-    for item in layers:
-        if isinstance(item, str):
-            if item not in labels:
-                raise LensInputError(f"layer {item!r} is not a stack entry; entries are {labels}")
-            picked.append(labels.index(item))
-        elif isinstance(item, Integral) and not isinstance(item, bool):
-            item = int(item)
-            index = item + len(labels) if item < 0 else item
-            if not 0 <= index < len(labels):
-                raise LensInputError(
-                    f"layer {item} is out of range: the stack has {len(labels)} entries "
-                    f"(0..{len(labels) - 1} or -{len(labels)}..-1): {labels}"
-                )
-            picked.append(index)
-        else:
-            raise LensInputError(f"layers must be ints or labels, got {item!r}")
-    if not picked:
-        raise LensInputError("layers is empty; pass None for every stack entry")
-    return picked
-
-
 def _token_groups(view: ModelView, targets: Any) -> tuple:
     """``(names, [[ids], ...])`` for ``targets={"name": [tokens...], ...}``, ``(None, None)``
     for any other targets; validated before any forward pass."""
@@ -341,7 +308,7 @@ def _token_groups(view: ModelView, targets: Any) -> tuple:
             raise LensInputError(
                 f"token group names must be non-empty strings, got {name!r}; pass targets={{\"name\": [tokens...], ...}}"
             )
-        if isinstance(members, Mapping) or (_as_list(members, f"token group {name!r}") == []):
+        if isinstance(members, Mapping) or (token_items(members, f"token group {name!r}") == []):
             raise LensInputError(f"token group {name!r} must list at least one token (text, vocabulary piece or id), got {members!r}")
         ids = token_list(view, members, f"token in group {name!r}")
         if len(set(ids)) != len(ids):
@@ -386,7 +353,7 @@ def _row_targets(view: ModelView, targets: Any, tokens: Optional[Tokens], index:
                 f"targets ids must lie in [0, {view.d_vocab}); got {int(ids.min())} .. {int(ids.max())}"
             )
         return ids.unsqueeze(-1)
-    _as_list(targets, "targets")  # refuses mappings and sets with a message
+    token_items(targets, "targets")  # refuses mappings and sets with a message
     ids = torch.tensor(token_list(view, targets, "target"))
     return ids.expand(batch, n_pos, ids.shape[0])
 
@@ -478,13 +445,12 @@ def logit_lens(
     reference = vectors[-1]
     vectors = vectors[keep]
     if lens is not None:
-        vectors = torch.stack([_apply_lens(lens, vectors[i], labels[k]) for i, k in enumerate(keep)])
+        vectors = torch.stack([apply_lens(lens, vectors[i], labels[k]) for i, k in enumerate(keep)])
     n_rows = batch * index.shape[1]
     flat = read_rows(
-        view,
+        view.unembedding(unembed),
         vectors.reshape(len(keep), n_rows, view.d_model),
         norm=norm,
-        unembed=unembed,
         top_k=top_k,
         target_ids=None if target_ids is None else target_ids.reshape(n_rows, -1),
         reference=reference.reshape(n_rows, view.d_model),
@@ -526,23 +492,6 @@ def logit_lens(
     return result
 
 
-def _apply_lens(lens: Callable, vectors: torch.Tensor, label: str) -> torch.Tensor:
-    out = lens(vectors, label)
-    if not isinstance(out, torch.Tensor) or out.shape != vectors.shape:
-        raise LensInputError(
-            f"lens must return a tensor shaped like its input {tuple(vectors.shape)}, "
-            f"got {getattr(out, 'shape', type(out).__name__)} for stack entry {label!r}"
-        )
-    if not bool(torch.isfinite(out).all()):
-        bad = int((~torch.isfinite(out)).sum())
-        raise NonFiniteActivationError(
-            f"the lens returned {bad} NaN or inf values for stack entry {label!r} (its input was "
-            f"{'finite' if bool(torch.isfinite(vectors).all()) else 'not finite either'}); a lens must "
-            "map finite vectors to finite vectors. Check the lens's parameters."
-        )
-    return out
-
-
 def reproduce_tolerance(view: ModelView, logits: torch.Tensor, final: torch.Tensor, top_ids: torch.Tensor) -> torch.Tensor:
     """Relative tolerance ``[rows, k]`` of each top token's probability: ``|p_ours - p_model| <= p * tolerance``.
 
@@ -569,7 +518,7 @@ def reproduce_tolerance(view: ModelView, logits: torch.Tensor, final: torch.Tens
             top_size = torch.einsum("cd,dck->ck", n, W_U[:, ids].abs().float())
             delta_top = 2 * eps * (l.gather(1, ids).abs() + top_size)
             weighted = torch.zeros_like(n)  # sum_j p_j |W_U[:, j]|
-            width = tiles.tile_width(W_U.shape[1], None)
+            width = tile_width(W_U.shape[1], None)
             for a in range(0, W_U.shape[1], width):
                 z = a + width
                 weighted += p[:, a:z] @ W_U[:, a:z].abs().float().T

@@ -38,22 +38,65 @@ direction without ever building ``[component, batch, pos, d_model]``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any, List, Optional, Tuple
 
 import torch
 
-from .errors import LensInputError, MissingHooksError, UnsupportedModelError
-from .model_access import (
-    ModelView, cache_has, cache_tensor, compute_device, compute_dtype, is_half, model_from_cache, view as view_model,
-)
-from .readout import require_finite
-from .tokens import PositionSpec, gather_positions, position_index
+from .errors import LensInputError, UnsupportedModelError
+from .inputs import PositionSpec, check_cache, gather_positions, position_index
+from .kernel import compute_dtype, is_half, require_finite
+from .model_access import ModelView, cache_tensor, compute_device, model_from_cache, view as view_model
 
 STACK_KINDS = ("accumulated", "component", "head", "neuron")
 
 # The decomposed pieces must add up to the final stream; gaps above this fraction of the
 # stream's own size mean the model writes to it in a way the decomposition misses.
 _SUM_CHECK_RTOL = 1e-4
+
+
+def stack_labels(n_layers: int, incl_mid: bool) -> List[str]:
+    """``0_pre, [0_mid,] 1_pre, ..., final_post``."""
+    labels = []
+    for layer in range(n_layers):
+        labels.append(f"{layer}_pre")
+        if incl_mid:
+            labels.append(f"{layer}_mid")
+    return labels + ["final_post"]
+
+
+def resolve_layers(layers: Any, labels: List[str]) -> List[int]:
+    """Stack entries by index (negative allowed) or label; ``None`` keeps all."""
+    if layers is None:
+        return list(range(len(labels)))
+    if type(layers).__module__ == "numpy" or (isinstance(layers, torch.Tensor) and not layers.dtype.is_floating_point):
+        layers = layers.tolist()
+    if isinstance(layers, (Integral, str)):
+        layers = [layers]
+    if not isinstance(layers, (list, tuple, range)):
+        raise LensInputError(
+            f"layers must be a stack entry (an int or a label) or a list of them, got {type(layers).__name__} {layers!r}"
+        )
+    picked = []
+    for item in layers:
+        if isinstance(item, str):
+            if item not in labels:
+                raise LensInputError(f"layer {item!r} is not a stack entry; entries are {labels}")
+            picked.append(labels.index(item))
+        elif isinstance(item, Integral) and not isinstance(item, bool):
+            item = int(item)
+            index = item + len(labels) if item < 0 else item
+            if not 0 <= index < len(labels):
+                raise LensInputError(
+                    f"layer {item} is out of range: the stack has {len(labels)} entries "
+                    f"(0..{len(labels) - 1} or -{len(labels)}..-1): {labels}"
+                )
+            picked.append(index)
+        else:
+            raise LensInputError(f"layers must be ints or labels, got {item!r}")
+    if not picked:
+        raise LensInputError("layers is empty; pass None for every stack entry")
+    return picked
 
 
 @dataclass
@@ -131,18 +174,6 @@ def required_hooks(view: ModelView, by: str, incl_mid: bool = False) -> List[str
     return names + [final]
 
 
-def check_cache(cache: Any, names: List[str], what: str) -> None:
-    """Raise :class:`MissingHooksError` naming every hook ``names`` needs that ``cache`` lacks."""
-    missing = [name for name in names if not cache_has(cache, name)]
-    if missing:
-        shown = missing[:6] + ([f"... {len(missing) - 6} more"] if len(missing) > 6 else [])
-        raise MissingHooksError(
-            f"{what} needs hooks this cache does not hold: {shown}. Make the cache with "
-            "`logits, cache = model.run_with_cache(tokens)` (no names_filter), or with a "
-            f"names_filter that keeps these names."
-        )
-
-
 def piece_groups(view: ModelView, cache: Any, by: str, index: torch.Tensor, incl_mid: bool = False) -> List[PieceGroup]:
     """The stack of kind ``by`` as factored groups, at positions ``index [batch, n]``.
 
@@ -164,14 +195,8 @@ def piece_groups(view: ModelView, cache: Any, by: str, index: torch.Tensor, incl
 
     batch, n_pos = index.shape
     if by == "accumulated":
-        labels = []
-        for layer in range(view.n_layers):
-            labels.append(f"{layer}_pre")
-            if incl_mid:
-                labels.append(f"{layer}_mid")
-        labels.append("final_post")
         names = required_hooks(view, by, incl_mid)
-        return [PieceGroup(labels, torch.stack([read(n) for n in names], dim=2))]
+        return [PieceGroup(stack_labels(view.n_layers, incl_mid), torch.stack([read(n) for n in names], dim=2))]
 
     groups = [PieceGroup(["embed"], read(view.embed_hook).unsqueeze(2))]
     if view.has_pos_embed:

@@ -280,7 +280,7 @@ def _report(result: Any, header: str, keys: List[str], stem: str, args: argparse
 
 def cmd_train_lens(args: argparse.Namespace) -> Dict[str, Any]:
     """Train a tuned lens on a dataset and write it (tuned-lens format) with its checkpoint to --out."""
-    from ..train import CHECKPOINT
+    from ..lenses.training import CHECKPOINT
 
     for name in ("steps", "tokens_per_step", "batch_size", "checkpoint_every"):
         value = getattr(args, name)

@@ -17,11 +17,10 @@ from typing import Any, List, Optional, Sequence, Union
 
 import torch
 
-from .errors import LensInputError
-from .model_access import ModelView
-from .tokentext import token_text
+from ..errors import LensInputError
+from ..model_access import ModelView
+from ..tokentext import token_text
 
-TokenSpec = Union[str, int, Sequence[Union[str, int]], torch.Tensor]
 PositionSpec = Union[None, int, Sequence[int], slice, torch.Tensor]
 
 
@@ -266,7 +265,7 @@ def single_token_id(view: ModelView, token: Any, what: str) -> int:
     raise LensInputError(f"{what} must be a token string or an integer id, got {type(token).__name__}")
 
 
-def _as_list(tokens: Any, what: str) -> Optional[list]:
+def token_items(tokens: Any, what: str) -> Optional[list]:
     """A list for list-like specs (list, tuple, 1-D tensor or array); ``None`` for a single token."""
     if isinstance(tokens, Mapping):
         raise LensInputError(
@@ -292,7 +291,7 @@ def _as_list(tokens: Any, what: str) -> Optional[list]:
 
 def token_list(view: ModelView, tokens: Any, what: str) -> List[int]:
     """A token or a list of tokens as a list of ids."""
-    items = _as_list(tokens, what)
+    items = token_items(tokens, what)
     if items is None:
         items = [tokens]
     ids = [single_token_id(view, t, what) for t in items]
@@ -310,7 +309,7 @@ def per_prompt_ids(view: ModelView, tokens: Any, batch: int, what: str) -> torch
             f"{what} has shape {tuple(tokens.shape)} but there are {batch} prompts; "
             f"pass one id per prompt, shaped [{batch}]."
         )
-    items = _as_list(tokens, what)
+    items = token_items(tokens, what)
     if items is None:
         return torch.full((batch,), single_token_id(view, tokens, what))
     if len(items) != batch:

@@ -36,11 +36,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .errors import LensInputError
-from .files import SavedAsJson
-from .inputs import resolve_model
+from ..errors import LensInputError
+from ..files import SavedAsJson
+from ..inputs import check_stream_args, resolve_model
+from ..lenses import check_lens, is_identity, lens_name
 from .running import HIST_BINS_PER_DECADE, HIST_HIGH, HIST_LOW, N_BINS, STATISTICS, bin_edges
-from .stream import Run, check_stream_args, stream_lenses
+from .stream import Run, stream_lenses
 
 
 _FORMAT = "tl_logitlens.LensEvaluation/1"
@@ -188,7 +189,7 @@ class LensEvaluation(SavedAsJson):
         ``band=(0.25, 0.75)`` shades the interquartile range; other keyword arguments
         (``ylabel``, ``logy``) go to the plotting function.
         """
-        from .plots import plot_layer_curves
+        from ..plots import plot_layer_curves
 
         curves = {}
         for stat in statistics:
@@ -200,13 +201,13 @@ class LensEvaluation(SavedAsJson):
 
     def show(self, **kwargs: Any) -> Any:
         """Display the interactive plotly view in a notebook and return the Figure (:mod:`tl_logitlens.plots.interactive`)."""
-        from .plots.interactive import show
+        from ..plots.interactive import show
 
         return show(self, **kwargs)
 
     def to_html(self, path: Any, **kwargs: Any) -> Any:
         """Write the interactive view to ``path`` as a self-contained page (no network needed to open it)."""
-        from .plots.interactive import to_html
+        from ..plots.interactive import to_html
 
         return to_html(self, path, **kwargs)
 
@@ -392,8 +393,6 @@ def evaluate_lens(
     """
     view = resolve_model(model)
     batch_size, max_tokens = check_stream_args(norm, batch_size, max_tokens)
-    from .lenses import check_lens, is_identity, lens_name
-
     check_lens(lens)
     named = lens_name(lens)  # before a LogitLens becomes None below
     if is_identity(lens):

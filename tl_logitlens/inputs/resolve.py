@@ -13,9 +13,10 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 
-from .errors import LensInputError
-from .model_access import ActivationCache, ModelView, cache_tensor, input_device, model_from_cache, run_with_cache, view as view_model
-from .stacks import check_cache
+from ..errors import LensInputError, MissingHooksError
+from ..model_access import (
+    ActivationCache, ModelView, cache_has, cache_tensor, input_device, model_from_cache, run_with_cache, view as view_model,
+)
 from .tokens import Tokens, tokenize
 
 
@@ -94,6 +95,18 @@ def check_cache_belongs(view: ModelView, cache: Any) -> None:
                     "the cache was made by another model. Pass the model that made the cache."
                 )
             break
+
+
+def check_cache(cache: Any, names: List[str], what: str) -> None:
+    """Raise :class:`MissingHooksError` naming every hook ``names`` needs that ``cache`` lacks."""
+    missing = [name for name in names if not cache_has(cache, name)]
+    if missing:
+        shown = missing[:6] + ([f"... {len(missing) - 6} more"] if len(missing) > 6 else [])
+        raise MissingHooksError(
+            f"{what} needs hooks this cache does not hold: {shown}. Make the cache with "
+            "`logits, cache = model.run_with_cache(tokens)` (no names_filter), or with a "
+            f"names_filter that keeps these names."
+        )
 
 
 def activation_shape(view: ModelView, cache: Any, tokens: Optional[Tokens], names: List[str], what: str) -> Tuple[int, int]:

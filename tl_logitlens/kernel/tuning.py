@@ -61,10 +61,11 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from .files import write_json
+from ..errors import LensInputError
+from ..files import write_json
+from .precision import HALF_DTYPES
+from .tiles import BUFFERS, read_product
 
-#: Buffers of ``[rows, width]`` the kernel holds (see :mod:`tl_logitlens.tiles`).
-BUFFERS = 3
 #: The working-buffer memory a measured CPU shape may use (3 tiles). Rows beyond what BLAS
 #: needs for full speed only push tiles out of cache; this caps them.
 CPU_BUDGET_BYTES = 64 * 2**20
@@ -118,8 +119,6 @@ def set_chunk_budget(nbytes: Optional[int]) -> None:
     """
     global _budget
     if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, Integral) or nbytes < 1):
-        from .errors import LensInputError
-
         raise LensInputError(f"the chunk budget must be a positive number of bytes or None, got {nbytes!r}")
     _budget = None if nbytes is None else int(nbytes)
 
@@ -268,8 +267,6 @@ def _sync(device: torch.device) -> None:
 
 def _time_kernel(x: torch.Tensor, W: torch.Tensor, width: int) -> float:
     """Seconds for the tiled kernel (top-k, entropy, KL, a target) over ``x @ W``, best of a few."""
-    from .tiles import read_product
-
     m = x.shape[0]
     buffers = [torch.empty(m * width, dtype=x.dtype, device=x.device) for _ in range(BUFFERS)]
     targets = torch.zeros(m, 1, dtype=torch.long, device=x.device)
@@ -312,10 +309,6 @@ def measure(W: torch.Tensor, dtype: torch.dtype) -> TileShape:
         itemsize = torch.empty((), dtype=dtype).element_size()
         rows = max(rows, CPU_BUDGET_BYTES // (BUFFERS * itemsize * width))
     return TileShape(rows, width, "tiled", "measured", time.perf_counter() - started, tuple(timings))
-
-
-#: Dtypes whose products may run in their own precision (:func:`half_products`).
-HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def half_products(W: torch.Tensor) -> bool:
@@ -368,15 +361,18 @@ def _whole_rows(W: torch.Tensor, itemsize: int) -> int:
     return max(1, budget // (BUFFERS * itemsize * W.shape[1]))
 
 
-def tile_shape(W: torch.Tensor, dtype: torch.dtype, *, whole_rows: bool = False, chunk_size: Optional[int] = None) -> TileShape:
+def tile_shape(W: torch.Tensor, dtype: torch.dtype, *, whole_rows: bool = False, chunk_size: Optional[int] = None,
+               strategy: Optional[str] = None) -> TileShape:
     """The shape the kernel uses for ``W [d_model, d_vocab]`` read in ``dtype``.
 
     ``whole_rows``: a transform that needs whole rows (a soft cap is elementwise and does
     not), so one tile spans the vocabulary. ``chunk_size`` forces the rows per product.
+    ``strategy``: ``"tiled"`` for a reader that always tiles (the loss of
+    :mod:`tl_logitlens.kernel.loss`), whatever the device's default.
     """
     d_vocab = W.shape[1]
     itemsize = torch.empty((), dtype=dtype).element_size()
-    strategy = _forced.get("strategy") or default_strategy(W.device)
+    strategy = strategy or _forced.get("strategy") or default_strategy(W.device)
     if strategy == "whole" or whole_rows:
         rows = chunk_size or _forced.get("rows") or _whole_rows(W, itemsize)
         return TileShape(rows, d_vocab, strategy, "whole" if strategy == "whole" else "budget")

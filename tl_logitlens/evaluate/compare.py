@@ -16,12 +16,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
-from .errors import LensInputError
-from .files import SavedAsJson
-from .evaluate import LensEvaluation, _evaluation, _finish
+from ..errors import LensInputError
+from ..files import SavedAsJson
+from ..inputs import check_stream_args, resolve_model
+from ..lenses import TunedLens, check_lens, is_identity
+from .evaluation import LensEvaluation, _evaluation, _finish
 from .running import STATISTICS
-from .stream import check_stream_args, stream_lenses
-from .inputs import resolve_model
+from .stream import stream_lenses
 
 _FORMAT = "tl_logitlens.LensComparison/1"
 #: What :meth:`LensComparison.plot` draws by default: the nats of :data:`STATISTICS`, then the rate.
@@ -107,13 +108,13 @@ class LensComparison(SavedAsJson):
     def show(self, **kwargs: Any) -> Any:
         """Display the interactive view (every lens's per-layer curves, a menu per statistic) in a
         notebook and return the plotly Figure."""
-        from .plots.interactive import show
+        from ..plots.interactive import show
 
         return show(self, **kwargs)
 
     def to_html(self, path: Any, **kwargs: Any) -> Any:
         """Write the interactive view to ``path`` as a self-contained page (no network needed to open it)."""
-        from .plots.interactive import to_html
+        from ..plots.interactive import to_html
 
         return to_html(self, path, **kwargs)
 
@@ -138,7 +139,7 @@ class LensComparison(SavedAsJson):
             The ``Figure``; ``fig.axes[0]`` (or ``ax``) holds the first kind of statistic,
             a twin axis the rates when both kinds are drawn.
         """
-        from .plots import METRIC_STYLE, plot_layer_curves
+        from ..plots import METRIC_STYLE, plot_layer_curves
 
         wanted = list(statistics)
         bad = [s for s in wanted if s not in _PLOTTED]
@@ -245,8 +246,6 @@ class LensComparison(SavedAsJson):
 
 def _check_lenses(view: Any, lenses: Any) -> Dict[str, Any]:
     """The lenses as ``{name: lens or None}`` (identity lenses as ``None``), every check before any forward pass."""
-    from .lenses import TunedLens, check_lens, is_identity
-
     if not isinstance(lenses, Mapping):
         raise LensInputError(
             f"lenses must be a dict of name -> lens, e.g. {{'logit': None, 'tuned': tuned}}; got {type(lenses).__name__}"

@@ -17,8 +17,8 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
-from .errors import LensInputError
-from .model_access import ModelView
+from ..errors import LensInputError
+from ..model_access import ModelView
 from .tokens import Tokens, tokenize
 
 

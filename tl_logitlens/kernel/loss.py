@@ -33,14 +33,16 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .errors import LensInputError
+from ..errors import LensInputError
+from . import tuning
+from .precision import compute_dtype
+from .tiles import tile_width
 
 __all__ = ["FinalStats", "final_stats", "lens_loss"]
 
-# Width when none is given: a [rows, 1024] float32 tile of a few thousand rows stays small.
-_DEFAULT_WIDTH = 1024
-# Rows per chunk are chosen so that one [rows, width] tile stays below this many bytes.
-_TILE_BYTES = 64 * 2**20
+# Rows per chunk are chosen so that one [rows, width] tile stays below this many bytes (the
+# forward kernel's CPU budget, or tuning.set_chunk_budget's).
+_TILE_BYTES = tuning.CPU_BUDGET_BYTES
 
 
 @dataclass
@@ -58,11 +60,6 @@ class FinalStats:
     log_z: torch.Tensor
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    # float64 stays float64 (gradcheck); everything else is read in float32.
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _check_unembedding(W: torch.Tensor, b: Optional[torch.Tensor], d_model: int, what: str) -> None:
     if not isinstance(W, torch.Tensor) or W.ndim != 2:
         raise LensInputError(f"W must be the unembedding as a [d_model, d_vocab] tensor; got {getattr(W, 'shape', type(W))}.")
@@ -75,12 +72,19 @@ def _check_unembedding(W: torch.Tensor, b: Optional[torch.Tensor], d_model: int,
         raise LensInputError(f"b must be [d_vocab] = [{W.shape[1]}]; got {getattr(b, 'shape', type(b))}. Pass model.b_U or None.")
 
 
-def _width(width: Optional[int], d_vocab: int) -> int:
+def _width(width: Optional[int], W: torch.Tensor, dtype: torch.dtype) -> int:
+    """Columns per tile: ``width`` if given, else the forward kernel's rule (:func:`~.tiles.tile_width`
+    over the width :mod:`~.tuning` measured for this machine and matrix, always tiled)."""
     if width is None:
-        return min(d_vocab, _DEFAULT_WIDTH)
+        return tile_width(W.shape[1], None, tuning.tile_shape(W, dtype, strategy="tiled").width)
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
         raise LensInputError(f"width must be a positive int (vocabulary columns per tile); got {width!r}.")
-    return min(d_vocab, width)
+    return min(W.shape[1], width)
+
+
+def _chunk_rows(rows: int, width: int, itemsize: int) -> int:
+    """Rows per ``[rows, width]`` tile within the budget (:func:`tuning.set_chunk_budget` when set)."""
+    return max(1, min(rows, (tuning.chunk_budget() or _TILE_BYTES) // (width * itemsize)))
 
 
 def _online_pass(
@@ -100,7 +104,7 @@ def _online_pass(
     n_ext = d + 1 + (1 if b is not None else 0)
     peak = x.new_empty(rows)
     acc = x.new_zeros(rows, n_ext if with_s else 1)  # [S | Z | B], or [Z]
-    chunk = max(1, min(rows, _TILE_BYTES // (width * x.element_size())))
+    chunk = _chunk_rows(rows, width, x.element_size())
     tile_buf = x.new_empty(chunk * width)
     ext_buf = x.new_empty(width * n_ext)
     for a in range(0, d_vocab, width):
@@ -161,9 +165,10 @@ def final_stats(x_final: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor
     if not isinstance(x_final, torch.Tensor) or x_final.ndim != 2:
         raise LensInputError(f"x_final must be [rows, d_model] normalised final-stream vectors; got {getattr(x_final, 'shape', type(x_final))}.")
     _check_unembedding(W, b, x_final.shape[1], "x_final")
-    width = _width(width, W.shape[1])
+    dtype = compute_dtype(x_final.dtype)
+    width = _width(width, W, dtype)
     with torch.no_grad():
-        xf = x_final.detach().to(_compute_dtype(x_final))
+        xf = x_final.detach().to(dtype)
         peak, total, S, B = _online_pass(xf, W, b, width, with_s=True)
         p_w = S / total[:, None]
         p_b = B / total if B is not None else torch.zeros_like(total)
@@ -238,8 +243,8 @@ def lens_loss(
     if W.device != x.device:
         raise LensInputError(f"x is on {x.device} but W is on {W.device}; move them to one device.")
     rows, d_model, d_vocab = x.shape[-2], x.shape[-1], W.shape[1]
-    width = _width(width, d_vocab)
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x.dtype)
+    width = _width(width, W, dtype)
     lead = x.shape[:-2]
     entries = 1
     for n in lead:

@@ -1,11 +1,11 @@
 """One streaming pass over a dataset that reads every lens: the driver under
-:func:`~tl_logitlens.evaluate.evaluate_lens` and :func:`~tl_logitlens.compare.compare_lenses`.
+:func:`~tl_logitlens.evaluate.evaluate_lens` and :func:`~tl_logitlens.evaluate.compare_lenses`.
 
 Per batch the model runs once with hooks on the residual stream only (it stops before
 ``ln_final``); each lens transforms the captured entries; the distinct vectors go through
-the kernel (:func:`~tl_logitlens.readout.read_rows`) in one call whose reference (the final
+the kernel (:func:`~tl_logitlens.kernel.read_rows`) in one call whose reference (the final
 distribution) every lens shares; the per-token numbers fold into one
-:class:`~tl_logitlens.running.RunningStats` per lens. Inside a ``torch.distributed`` process
+:class:`~tl_logitlens.evaluate.running.RunningStats` per lens. Inside a ``torch.distributed`` process
 group each rank reads its shard and the statistics are merged exactly before they return.
 """
 
@@ -13,51 +13,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from numbers import Integral
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .data import batches, split_long, trim
-from .errors import LensInputError
-from .model_access import capture, compute_device, input_device
-from .norm import NORM_MODES
-from .readout import read_rows, require_finite
+from ..distributed import EMPTY, guarded, resolve, shard_for
+from ..inputs import batches, context_length, split_long, trim
+from ..kernel import read_rows, require_finite
+from ..lenses import apply_lens, reads_final_untouched
+from ..model_access import capture, compute_device, input_device
+from ..progress import progress_bar
+from ..stacks import required_hooks, stack_labels
 from .running import RunningStats
-from .stacks import required_hooks
-from .tokens import context_length
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def set_postfix_str(self, s: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def progress_bar(total: Optional[int], progress: bool, desc: str, initial: int = 0) -> Any:
-    """A tqdm bar counting tokens (it shows tokens per second), or a silent stand-in."""
-    if not progress:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm ships with transformers; without it, no bar
-        return _NoBar()
-    return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, desc=desc)
-
-
-def check_stream_args(norm: str, batch_size: Any, max_tokens: Any) -> Tuple[int, Optional[int]]:
-    """The cheap checks of a streaming run's options (before any forward pass); returns them as ints."""
-    if norm not in NORM_MODES:
-        raise LensInputError(f"norm must be one of {NORM_MODES}, got {norm!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
-        raise LensInputError(f"batch_size must be a positive int, got {batch_size!r}")
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, Integral) or max_tokens < 1):
-        raise LensInputError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
-    return int(batch_size), None if max_tokens is None else int(max_tokens)
 
 
 @dataclass
@@ -72,15 +39,6 @@ class Run:
     seconds: float
     ranks: Optional[int] = None  # the process group's size, when the pass ran in one
     main: bool = True  # this process reports (rank 0, or no group)
-
-
-def _reads_final_untouched(lens: Any) -> bool:
-    """Whether ``lens`` reads ``final_post`` as the stream itself (the plain lens, and a
-    TunedLens, which has no translator there): its final entry is then the reference. A
-    subclass that overrides ``transform`` is read like any other callable."""
-    from .lenses import TunedLens
-
-    return lens is None or (isinstance(lens, TunedLens) and type(lens).transform is TunedLens.transform)
 
 
 def stream_lenses(
@@ -99,16 +57,13 @@ def stream_lenses(
 
     Per batch the model runs once with hooks on the residual stream only; each lens
     transforms the captured entries; the distinct vectors of every lens go through the
-    kernel in one :func:`~tl_logitlens.readout.read_rows` call, whose reference (the final
+    kernel in one :func:`~tl_logitlens.kernel.read_rows` call, whose reference (the final
     stream's distribution) is shared by all of them: an entry that *is* the final stream
     (``final_post`` of the plain lens or of a TunedLens) is read once, as the reference.
     Returns one :class:`RunningStats` per lens, in order. Inside a process group (see
     :func:`~tl_logitlens.distributed.resolve`) this rank reads its shard of ``data`` and the
     statistics are merged exactly over every rank before they are returned.
     """
-    from .distributed import EMPTY, guarded, resolve, shard_for
-    from .lens import stack_labels
-
     group = resolve(distributed)
     main = group is None or group.is_main
 
@@ -121,7 +76,7 @@ def stream_lenses(
     last = len(names) - 1
     # Which vectors each lens reads, as keys shared between lenses that read the same thing:
     # ("stream", k) is entry k untouched, (i, k) lens i's own transform of it.
-    keys = [[("stream", k) if lens is None or (k == last and _reads_final_untouched(lens)) else (i, k)
+    keys = [[("stream", k) if lens is None or (k == last and reads_final_untouched(lens)) else (i, k)
              for k in range(len(names))] for i, lens in enumerate(lenses)]
     unique = list(dict.fromkeys(key for lens_keys in keys for key in lens_keys))
     where = {key: j for j, key in enumerate(unique)}
@@ -167,8 +122,6 @@ class _Plan:
 def _fold(view: Any, plan: _Plan, stream: Any, runs: List[RunningStats], counts: Dict[str, int], *, total: Optional[int],
           norm: str, max_tokens: Optional[int], n_ctx: Optional[int], batch_size: int, progress: bool, desc: str) -> None:
     """Fold this process's batches into ``runs`` (one running statistic per lens)."""
-    from .lens import _apply_lens
-
     lenses, names, labels, unique, device = plan.lenses, plan.names, plan.labels, plan.unique, plan.device
 
     bar = progress_bar(total, progress, desc)
@@ -207,16 +160,15 @@ def _fold(view: Any, plan: _Plan, stream: Any, runs: List[RunningStats], counts:
                     if key[1] != k:
                         continue
                     lens = None if key[0] == "stream" else lenses[key[0]]
-                    entries[key] = rows(acts if lens is None else _apply_lens(lens, acts, labels[k]))
+                    entries[key] = rows(acts if lens is None else apply_lens(lens, acts, labels[k]))
             del store
             vectors = torch.stack([entries.pop(key) for key in unique])  # [distinct entries, n, d_model]
             require_finite(vectors, "the residual stream")
             next_ids = ids[:, 1:][scored]  # [n]
             flat = read_rows(
-                view,
+                view.unembedding("W_U"),
                 vectors,
                 norm=norm,
-                unembed="W_U",
                 top_k=1,
                 reference=final_rows,
                 reference_entry=plan.reference_entry,

@@ -1,30 +1,26 @@
-"""Lenses: how a stack entry's vectors are transformed before the final norm and unembedding.
+"""The tuned lens (Belrose et al. 2023): one trained affine translator per stack entry.
 
-A lens is a small interface, ``transform(h, label) -> h`` for vectors ``h [..., d_model]``
-at a stack entry named by its TransformerLens label (``"0_pre"``, ``"3_mid"``,
-``"final_post"``). :class:`LogitLens` is the identity (the plain logit lens);
-:class:`TunedLens` holds one trained affine translator per entry below ``final_post``
-(Belrose et al. 2023). Any callable ``(h, label) -> h`` is accepted wherever ``lens=`` is.
-
-Files of a :class:`TunedLens` follow EleutherAI tuned-lens 0.2.0's format (``config.json``
-and ``params.pt``), so lenses travel between the two packages; our extras (``_mid``
-translators, the entry labels) live in ``tl_logitlens.json`` and ``tl_logitlens_extra.pt``,
-which tuned-lens ignores.
+:class:`TunedLens` holds one translator ``h + h @ A.T + b`` per entry below ``final_post``.
+Files follow EleutherAI tuned-lens 0.2.0's format (``config.json`` and ``params.pt``), so
+lenses travel between the two packages; our extras (``_mid`` translators, the entry labels)
+live in ``tl_logitlens.json`` and ``tl_logitlens_extra.pt``, which tuned-lens ignores.
+Training is :func:`tl_logitlens.lenses.training.train_tuned_lens`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Union
 
-import numpy as np
 import torch
 
-from .files import atomic_write, write_json
-from .errors import LensInputError, ModelStateError
+from ..errors import LensInputError, ModelStateError
+from ..files import atomic_write, write_json
+from ..model_access import describe, stream_change, unembed_hash
+from ..stacks import stack_labels
+from .base import Lens
 
 _CONFIG = "config.json"
 _PARAMS = "params.pt"
@@ -32,116 +28,6 @@ _EXTRA_JSON = "tl_logitlens.json"
 _EXTRA_PARAMS = "tl_logitlens_extra.pt"
 _EXTRA_FORMAT = "tl_logitlens.TunedLens/1"
 _LENS_TYPE = "linear_tuned_lens"
-
-
-class Lens:
-    """The lens interface: ``transform(h, label) -> h`` at one stack entry.
-
-    ``h`` is ``[..., d_model]``; ``label`` is the entry's TransformerLens label such as
-    ``"3_pre"``, ``"3_mid"`` or ``"final_post"``; the result has ``h``'s shape. ``name``
-    labels results and figures. Subclass it, or pass any callable ``(h, label)``.
-
-    Example::
-
-        >>> import torch
-        >>> class Doubling(Lens):
-        ...     name = "double"
-        ...     def transform(self, h, label):
-        ...         return 2 * h
-        >>> Doubling()(torch.ones(2), "0_pre").tolist()
-        [2.0, 2.0]
-    """
-
-    name: str = "lens"
-
-    def transform(self, h: torch.Tensor, label: str) -> torch.Tensor:
-        raise NotImplementedError
-
-    def __call__(self, h: torch.Tensor, label: str) -> torch.Tensor:
-        return self.transform(h, label)
-
-
-class LogitLens(Lens):
-    """The identity: every entry read as it is (the logit lens of nostalgebraist, 2020).
-
-    Passing it is exactly the same as passing no lens.
-
-    Example::
-
-        >>> import torch
-        >>> h = torch.randn(3, 4)
-        >>> bool(torch.equal(LogitLens().transform(h, "1_pre"), h))
-        True
-    """
-
-    name = "logit"
-
-    def transform(self, h: torch.Tensor, label: str) -> torch.Tensor:
-        return h
-
-
-def lens_name(lens: Any) -> str:
-    """The name results record for ``lens``: ``"logit"`` for none, its ``name`` if it has one."""
-    if lens is None:
-        return "logit"
-    name = getattr(lens, "name", None)
-    if isinstance(name, str) and name:
-        return name
-    return "custom"
-
-
-def check_lens(lens: Any) -> None:
-    """Refuse a ``lens=`` that is neither ``None``, a :class:`Lens` nor a callable."""
-    if lens is not None and not callable(lens):
-        raise LensInputError(
-            f"lens must be a callable (vectors, label) -> vectors, such as a tl_logitlens.Lens; got "
-            f"{type(lens).__name__}"
-        )
-
-
-def is_identity(lens: Any) -> bool:
-    """Whether ``lens`` reads the stream untouched (``None`` or a :class:`LogitLens`)."""
-    return lens is None or type(lens) is LogitLens
-
-
-def unembed_hash(model: Any) -> str:
-    """tuned-lens's fingerprint of the unembedding: sha256 of ``numpy.array_str(W, precision=1)``.
-
-    ``W`` is the Hugging Face ``lm_head.weight`` orientation, ``[d_vocab, d_model]`` in
-    float32, i.e. TransformerLens's ``W_U`` transposed. ``array_str`` summarises large
-    arrays, so this reads only the corners. A model whose ``W_U`` was processed (centred,
-    norm folded in) hashes differently from its Hugging Face original.
-    """
-    weight = model.W_U.detach().T.float().cpu().numpy()
-    return hashlib.sha256(np.array_str(weight, precision=1).encode("utf-8")).hexdigest()
-
-
-def stream_change(model: Any) -> Optional[str]:
-    """Why ``model``'s residual stream differs from Hugging Face hidden states, or ``None``.
-
-    Checked: a ``TransformerBridge`` in compatibility mode on a LayerNorm model, and any
-    LayerNorm model whose token embedding rows all have zero mean (what
-    ``center_writing_weights`` leaves: a ``HookedTransformer.from_pretrained`` default).
-    Both centre every write to the stream, so the stream is the Hugging Face stream minus
-    its mean. Folding the norms (``fold_ln``, ``fold_value_biases``, ``center_unembed``)
-    changes only the weights that read or unembed the stream, not the stream, and passes.
-    """
-    cfg = getattr(model, "cfg", None)
-    norm_type = str(getattr(cfg, "normalization_type", "") or "")
-    if not norm_type.startswith("LN"):
-        return None  # RMSNorm models are never centred by TransformerLens
-    if getattr(model, "compatibility_mode", False):
-        return ("it is a TransformerBridge in compatibility mode on a LayerNorm model, which centres the "
-                "weights that write to the residual stream")
-    W_E = getattr(model, "W_E", None)
-    if W_E is None:
-        return None
-    W_E = W_E.detach().float()
-    eps = max(torch.finfo(model.W_E.dtype).eps, 1e-6)
-    if bool((W_E.mean(-1).abs() <= eps * W_E.abs().mean()).all()):
-        return ("its token embedding rows all have zero mean: the weights that write to the residual "
-                "stream were centred (center_writing_weights)")
-    return None
 
 
 def _refuse_changed_stream(model: Any, doing: str) -> None:
@@ -190,19 +76,16 @@ class TunedLens(torch.nn.Module, Lens):
     """
 
     name = "tuned"
+    identity_at_final = True  # final_post has no translator
 
     def __init__(self, model: Any, incl_mid: bool = False) -> None:
         super().__init__()
-        from .lens import stack_labels
-
-        cfg = model.cfg
-        self.d_model = int(cfg.d_model)
-        self.n_layers = int(cfg.n_layers)
+        facts = describe(model)
+        self.d_model, self.n_layers, self.model_name = facts.d_model, facts.n_layers, facts.model_name
         self.incl_mid = bool(incl_mid)
-        self.model_name = str(getattr(cfg, "model_name", "") or "")
         self.unembed_hash = unembed_hash(model)
         self.stream_change = stream_change(model)
-        device = model.W_U.device
+        device = facts.device
         self.labels: List[str] = stack_labels(self.n_layers, self.incl_mid)[:-1]
         self.translators = torch.nn.ModuleDict()
         for label in self.labels:
@@ -327,7 +210,8 @@ class TunedLens(torch.nn.Module, Lens):
             raise LensInputError(f"{config_path}: not a tuned-lens config ({type(err).__name__}: {err})") from None
         if lens_type != _LENS_TYPE:
             raise LensInputError(f"{config_path}: lens_type {lens_type!r} is not supported (only {_LENS_TYPE!r})")
-        model_d, model_layers = int(model.cfg.d_model), int(model.cfg.n_layers)
+        facts = describe(model)
+        model_d, model_layers = facts.d_model, facts.n_layers
         if d_model != model_d:
             raise LensInputError(f"{config_path}: the lens has d_model={d_model} but the model has d_model={model_d}")
         if n_layers != model_layers:

@@ -1,54 +1,35 @@
-"""The one module that knows TransformerLens versions and model classes.
+"""The model as the analyses see it: :class:`ModelView`, read once per call by :func:`view`.
 
-Everything else in the package talks to a :class:`ModelView`: the unembedding, the
-embedding, the final norm as parameters, the per-layer output weights, hook names,
-the tokenizer (or its absence) and the checks that the architecture can be read
-exactly. Supported: ``HookedTransformer`` (transformer-lens 2.x and 3.x) and
-``TransformerBridge`` (3.x and 4.x), raw or in compatibility mode.
-
-Version facts absorbed here: 4.x has no ``HookedTransformer`` (importing it raises
-ImportError); a folded ``HookedTransformer`` has a parameter-free ``LNPre``/``RMSPre``
-final norm, while a folded bridge keeps ``LN``/``RMS`` with unit weight and zero bias;
-the bridge keeps HF's norm module (``weight``/``bias``/``eps`` or ``variance_epsilon``)
-and omits absent biases instead of holding zeros. Cache helpers whose meaning changed
-across versions are not used: everything is computed from hooks and weights.
+A view holds the unembedding, the embedding, the final norm as parameters (checked against the
+model's own module on a probe vector), the per-layer output weights, hook names, the tokenizer
+(or its absence) and what the model does to its logits after the unembedding; :func:`view`
+refuses architectures that cannot be read exactly and models in training mode, before any
+forward pass. Version facts absorbed here: a folded ``HookedTransformer`` has a parameter-free
+``LNPre``/``RMSPre`` final norm, while a folded bridge keeps ``LN``/``RMS`` with unit weight and
+zero bias; the bridge keeps HF's norm module (``weight``/``bias``/``eps`` or
+``variance_epsilon``) and omits absent biases instead of holding zeros.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 
-from .errors import LensInputError, ModelStateError, UnsupportedModelError
-from .norm import FinalNorm
-from .tokentext import token_text
-
-# The model classes of the installed transformer-lens, detected once, here only: the rest of
-# the package (the demo model, the command line) imports them from this module.
-try:  # 2.x and 3.x
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-except ImportError:  # 4.x removed it
-    HookedTransformer = HookedTransformerConfig = None  # type: ignore[assignment,misc]
-
-try:  # 3.x and 4.x
-    from transformer_lens.config import TransformerBridgeConfig
-    from transformer_lens.model_bridge import TransformerBridge
-except ImportError:  # 2.x
-    TransformerBridge = TransformerBridgeConfig = None  # type: ignore[assignment,misc]
-
-from transformer_lens import ActivationCache
-
-TL_VERSION = importlib.metadata.version("transformer-lens")
-TL_MAJOR = int(TL_VERSION.split(".")[0])
+from ..errors import LensInputError, ModelStateError, UnsupportedModelError
+from ..kernel import FinalNorm, Unembedding
+from ..tokentext import token_text
+from .versions import is_supported_model
 
 # Relative error allowed between our parametric final norm and the model's own module in
 # float32 and float64; in half precision the module's output is rounded to its dtype, so the
 # bound is norm_check_rtol(dtype) = max(1e-4, 4 * eps(dtype)) (eps: torch.finfo(dtype).eps,
 # twice the unit roundoff: 0.031 for bfloat16, 0.0039 for float16).
 _NORM_CHECK_RTOL = 1e-4
+
+#: How a stack entry is unembedded: the unembedding, or the transposed embedding (the tied reading).
+UNEMBED_MODES = ("W_U", "W_E")
 
 _ENCODER_CLASS_NAMES = ("HookedEncoder", "HookedEncoderDecoder", "HookedAudioEncoder")
 _NON_ATTENTION_BLOCK_WORDS = ("ssm", "mamba", "mixer", "conv", "delta")
@@ -59,16 +40,6 @@ def norm_check_rtol(dtype: torch.dtype) -> float:
     return max(_NORM_CHECK_RTOL, 4 * torch.finfo(dtype).eps)
 
 
-def is_half(dtype: torch.dtype) -> bool:
-    """Whether ``dtype`` is bfloat16 or float16: a model that rounds its stream after every addition."""
-    return dtype in (torch.bfloat16, torch.float16)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """What the package computes in for a model stored in ``dtype``: float64 stays, the rest is float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def compute_device(view: "ModelView") -> torch.device:
     """Where the package computes: the unembedding's own device (the last one of a split model)."""
     return view.W_U.device
@@ -77,45 +48,6 @@ def compute_device(view: "ModelView") -> torch.device:
 def input_device(view: "ModelView") -> torch.device:
     """Where a forward pass takes its token ids: the embedding's device (the first of a split model)."""
     return view.W_E.device
-
-
-def prepare_model(model: Any, *, dtype: Optional[torch.dtype] = None, device: Any = None) -> Any:
-    """Move and cast a loaded model for the analyses (the CLI's ``--device`` and ``--dtype``).
-
-    Half precision is best chosen at load time
-    (``TransformerBridge.boot_transformers(path, dtype=torch.bfloat16)``); this casts a
-    model already loaded, in place, and returns it in eval mode. ``None`` leaves the
-    device or dtype as it is.
-
-    Example::
-
-        >>> import contextlib, io, torch
-        >>> from tl_logitlens.demo import demo_model
-        >>> with contextlib.redirect_stdout(io.StringIO()):  # transformer-lens says what it casts
-        ...     model = prepare_model(demo_model(), dtype=torch.float64)
-        >>> model.W_U.dtype
-        torch.float64
-    """
-    if device is not None:
-        model = model.to(device)
-    if dtype is not None:
-        model = model.to(dtype)
-        cfg = getattr(model, "cfg", None)
-        if cfg is not None and hasattr(cfg, "dtype"):
-            cfg.dtype = dtype  # HookedTransformer's norms read cfg.dtype to decide on upcasting
-    return model.eval()
-
-
-def is_bridge(model: Any) -> bool:
-    """Whether ``model`` is a ``TransformerBridge`` (3.x/4.x)."""
-    return TransformerBridge is not None and isinstance(model, TransformerBridge)
-
-
-def is_supported_model(model: Any) -> bool:
-    """Whether ``model`` is one of the classes this package reads."""
-    return is_bridge(model) or (
-        HookedTransformer is not None and isinstance(model, HookedTransformer)
-    )
 
 
 @dataclass
@@ -170,6 +102,25 @@ class ModelView:
     def W_E(self) -> torch.Tensor:
         """Token embedding ``[d_vocab, d_model]``."""
         return self.model.W_E.detach()
+
+    def unembedding(self, unembed: str = "W_U") -> Unembedding:
+        """What the kernel reads vectors through: ``"W_U"`` (with ``b_U`` and the model's logit
+        transform) or ``"W_E"`` (the embedding transposed: the tied reading, no bias, no transform).
+
+        ``W`` stays in the model's own dtype and on its own device; the kernel casts it a tile at
+        a time.
+        """
+        if unembed == "W_U":
+            return Unembedding(self.W_U, self.b_U, self.final_norm, self.output_transform)
+        if unembed == "W_E":
+            W_E = self.W_E
+            if W_E.shape[0] != self.d_vocab:
+                raise LensInputError(
+                    f"unembed='W_E' needs an embedding with one row per output token, but W_E has "
+                    f"{W_E.shape[0]} rows and W_U {self.d_vocab} columns; use unembed='W_U'."
+                )
+            return Unembedding(W_E.T, None, self.final_norm, None)
+        raise LensInputError(f"unembed must be one of {UNEMBED_MODES}, got {unembed!r}")
 
     def attn_output_weights(self, layer: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``(W_O [n_heads, d_head, d_model], b_O [d_model] or None)`` of one layer."""
@@ -425,122 +376,3 @@ def view(model: Any) -> ModelView:
         model_name=str(getattr(cfg, "model_name", "") or ""),
         has_experts=bool(getattr(cfg, "num_experts", None)),
     )
-
-
-def model_from_cache(cache: Any) -> Any:
-    """The model an ``ActivationCache`` was made with, or a clear error."""
-    if not isinstance(cache, ActivationCache):
-        raise LensInputError(
-            f"cache must be a transformer_lens ActivationCache, got {type(cache).__name__}; "
-            "make one with `logits, cache = model.run_with_cache(tokens)`."
-        )
-    model = getattr(cache, "model", None)
-    if model is None:
-        raise LensInputError(
-            "this ActivationCache does not record its model; pass model= as well as cache=."
-        )
-    return model
-
-
-def cache_tensor(cache: Any, name: str) -> torch.Tensor:
-    """``cache[name]`` with a batch axis, whatever ``remove_batch_dim`` the cache was made with."""
-    value = cache[name]
-    if not getattr(cache, "has_batch_dim", True):
-        value = value.unsqueeze(0)
-    return value
-
-
-def cache_has(cache: Any, name: str) -> bool:
-    """Whether ``cache`` holds hook ``name`` (bridges resolve aliases on lookup)."""
-    if name in cache.cache_dict:
-        return True
-    try:
-        cache[name]
-    except (KeyError, AttributeError, ValueError):
-        return False
-    return True
-
-
-# -- the forward runs ---------------------------------------------------------------------
-# Every forward pass the package makes goes through one of these three.
-
-
-def run_with_cache(model: Any, tokens: torch.Tensor, names: List[str]) -> Tuple[torch.Tensor, Any]:
-    """One forward pass caching only ``names``: ``(logits [batch, pos, d_vocab], cache)``."""
-    wanted = set(names)
-    with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in wanted)
-    return logits, cache
-
-
-class _Captured(Exception):
-    """Raised by the last capture hook: the rest of the forward pass is not needed."""
-
-
-def capture(model: Any, tokens: torch.Tensor, names: List[str]) -> Dict[str, torch.Tensor]:
-    """The activations at hooks ``names`` for one batch, the model stopped after the last of them.
-
-    No cache and no logits: when ``names`` is the residual stream, the forward pass ends
-    before ``ln_final`` and the unembedding, which is what a dataset-scale lens needs.
-    Returns ``{name: [batch, pos, ...]}`` on each hook's own device.
-
-    Example::
-
-        >>> from tl_logitlens.demo import demo_model, induction_prompt
-        >>> model = demo_model()
-        >>> acts = capture(model, induction_prompt(model), ["blocks.0.hook_resid_pre"])
-        >>> tuple(acts["blocks.0.hook_resid_pre"].shape)
-        (1, 25, 64)
-    """
-    store: Dict[str, torch.Tensor] = {}
-
-    def make_hook(name: str) -> Callable:
-        def hook(tensor: torch.Tensor, hook: Any = None) -> None:
-            store[name] = tensor.detach()
-            if len(store) == len(names):
-                raise _Captured
-
-        return hook
-
-    try:
-        with torch.no_grad():
-            model.run_with_hooks(tokens, fwd_hooks=[(n, make_hook(n)) for n in names])
-    except _Captured:
-        pass
-    missing = [n for n in names if n not in store]
-    if missing:
-        raise LensInputError(f"the forward pass did not reach hooks {missing[:3]}; cannot read them")
-    return store
-
-
-def run_with_patches(model: Any, tokens: torch.Tensor, patches: Dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
-    """One forward pass with activations replaced: ``logits [batch, pos, d_vocab]``.
-
-    ``patches`` maps a hook name to ``f(activation) -> activation`` (zero a head, add a
-    direction, paste another run's value); the model's own hooks are left as they were.
-
-    Example::
-
-        >>> import torch
-        >>> from tl_logitlens.demo import demo_model, induction_prompt
-        >>> model = demo_model()
-        >>> tokens = induction_prompt(model)
-        >>> same = run_with_patches(model, tokens, {"blocks.1.hook_attn_out": lambda a: a})
-        >>> zeroed = run_with_patches(model, tokens, {"blocks.1.hook_attn_out": torch.zeros_like})
-        >>> bool(torch.equal(same, model(tokens))), bool(torch.equal(zeroed, same))
-        (True, False)
-    """
-    def wrap(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
-        def hook(tensor: torch.Tensor, hook: Any = None) -> torch.Tensor:
-            out = fn(tensor)
-            if not isinstance(out, torch.Tensor) or out.shape != tensor.shape:
-                raise LensInputError(
-                    f"a patch must return a tensor shaped like the activation {tuple(tensor.shape)}, "
-                    f"got {getattr(out, 'shape', type(out).__name__)}"
-                )
-            return out
-
-        return hook
-
-    with torch.no_grad():
-        return model.run_with_hooks(tokens, fwd_hooks=[(name, wrap(fn)) for name, fn in patches.items()])

@@ -1,0 +1,34 @@
+"""Lenses: how a stack entry's vectors are transformed before the final norm and unembedding.
+
+- :mod:`.base`: the :class:`Lens` protocol (``transform(h, label) -> h``), the identity
+  :class:`LogitLens`, and what every entry point does with a ``lens=`` argument
+- :mod:`.tuned`: :class:`TunedLens` (one affine translator per entry) and its file format,
+  EleutherAI tuned-lens 0.2.0's
+- :mod:`.training`: :func:`train_tuned_lens`
+
+A new lens is a module here that implements ``transform(h, label)`` (and its own fit, ``save``
+and ``load`` if it is trained); every analysis, figure and the command line take it as ``lens=``
+without change.
+
+Example::
+
+    >>> import torch
+    >>> import tl_logitlens as tll
+    >>> model = tll.demo_model()
+    >>> lens = tll.TunedLens(model)
+    >>> h = torch.randn(3, model.cfg.d_model)
+    >>> bool(torch.equal(lens.transform(h, "0_pre"), tll.LogitLens().transform(h, "0_pre")))
+    True
+"""
+
+from __future__ import annotations
+
+from ..model_access import stream_change, unembed_hash
+from .base import Lens, LogitLens, apply_lens, check_lens, is_identity, lens_name, reads_final_untouched
+from .training import train_tuned_lens
+from .tuned import TunedLens
+
+__all__ = [
+    "Lens", "LogitLens", "TunedLens", "apply_lens", "check_lens", "is_identity", "lens_name", "reads_final_untouched",
+    "stream_change", "train_tuned_lens", "unembed_hash",
+]

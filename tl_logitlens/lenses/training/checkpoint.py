@@ -1,0 +1,51 @@
+"""A training run's checkpoint: everything a killed run needs to end with the lens an
+uninterrupted one would, written atomically.
+
+``checkpoint.pt`` holds the lens, the optimiser, the schedule, the step, the tokens seen, the
+data position and the random state, with the run's settings; a run that resumes must share
+:data:`~tl_logitlens.lenses.training.settings.RESUME_KEYS` with it (:func:`check_resumable`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+
+from ...errors import LensInputError
+from ...files import atomic_write
+from .settings import RESUME_KEYS
+
+#: The checkpoint's file name inside ``checkpoint_dir``.
+CHECKPOINT = "checkpoint.pt"
+_FORMAT = "tl_logitlens.train_tuned_lens/1"
+
+
+def read_checkpoint(path: Path) -> Dict[str, Any]:
+    """The checkpoint at ``path``; a truncated or foreign file is refused naming it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: name it, not torch's internals
+        raise LensInputError(f"{path}: not a readable training checkpoint ({type(err).__name__}: {err}); "
+                             "delete it to start afresh, or pass resume=False") from None
+    if not isinstance(state, dict) or state.get("format") != _FORMAT:
+        raise LensInputError(f"{path}: not a train_tuned_lens checkpoint; delete it or pass resume=False")
+    return state
+
+
+def check_resumable(saved: Dict[str, Any], settings: Dict[str, Any], path: Path) -> None:
+    """Refuse a checkpoint made with other settings, naming each difference."""
+    differ = [f"{k}: checkpoint {saved['settings'].get(k)!r}, now {settings[k]!r}"
+              for k in RESUME_KEYS if saved["settings"].get(k) != settings[k]]
+    if differ:
+        raise LensInputError(
+            f"{path} was made with other settings ({'; '.join(differ)}); resume with "
+            "the same settings, or pass resume=False (or another checkpoint_dir) to start afresh"
+        )
+
+
+def write_checkpoint(folder: Path, state: Dict[str, Any]) -> None:
+    """Write ``state`` (without its format tag, added here) to ``folder/checkpoint.pt`` atomically."""
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / CHECKPOINT, lambda tmp: torch.save({"format": _FORMAT, **state}, tmp))
