@@ -55,14 +55,16 @@ def build_model(folder: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=8192, n_positions=256,
-                                    bos_token_id=1, eos_token_id=1)
+    config = transformers.GPT2Config(
+        n_layer=4, n_embd=256, n_head=4, vocab_size=8192, n_positions=256, bos_token_id=1, eos_token_id=1
+    )
     transformers.GPT2LMHeadModel(config).save_pretrained(folder)
     vocab = {f"w{i}": i for i in range(64)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", bos_token="w1", eos_token="w1",
-                                         pad_token="w2").save_pretrained(folder)
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="w0", bos_token="w1", eos_token="w1", pad_token="w2"
+    ).save_pretrained(folder)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -93,8 +95,9 @@ def worker(args: argparse.Namespace) -> None:
         best = min(best, time.perf_counter() - started)
         n_tokens = ev.n_tokens
     if is_main_process():
-        Path(args.result).write_text(json.dumps({"seconds": best, "n_tokens": n_tokens,
-                                                 "kl_mean": ev.mean("kl_to_final").tolist()}))
+        Path(args.result).write_text(
+            json.dumps({"seconds": best, "n_tokens": n_tokens, "kl_mean": ev.mean("kl_to_final").tolist()})
+        )
 
 
 def train_worker(args: argparse.Namespace) -> None:
@@ -118,6 +121,7 @@ def train_worker(args: argparse.Namespace) -> None:
             obj = a[1] if name == "all_gather_object" else a[0]
             sent[name] += len(pickle.dumps(obj)) if name == "all_gather_object" else obj.numel() * obj.element_size()
             return real[name](*a, **k)
+
         return call
 
     for name in sent:
@@ -126,17 +130,26 @@ def train_worker(args: argparse.Namespace) -> None:
     tokens = torch.load(args.tokens)
     per_step = tokens.shape[0] * (tokens.shape[1] - 1) // args.train_steps
     started = time.perf_counter()
-    lens = tll.train_tuned_lens(model, tokens, steps=args.train_steps, tokens_per_step=per_step,
-                                batch_size=args.batch_size, progress=False)
+    lens = tll.train_tuned_lens(
+        model, tokens, steps=args.train_steps, tokens_per_step=per_step, batch_size=args.batch_size, progress=False
+    )
     seconds = time.perf_counter() - started
     if is_main_process():
-        Path(args.result).write_text(json.dumps({
-            "world": rank_and_world()[1], "steps": args.train_steps, "tokens_per_step": per_step,
-            "n_translators": len(lens.labels), "d_model": lens.d_model, "seconds_per_step": seconds / args.train_steps,
-            "all_reduce_bytes_per_step": sent["all_reduce"] / args.train_steps,
-            "check_bytes_per_step": sent["all_gather_object"] / args.train_steps,
-            "broadcast_bytes_once": sent["broadcast"],
-        }))
+        Path(args.result).write_text(
+            json.dumps(
+                {
+                    "world": rank_and_world()[1],
+                    "steps": args.train_steps,
+                    "tokens_per_step": per_step,
+                    "n_translators": len(lens.labels),
+                    "d_model": lens.d_model,
+                    "seconds_per_step": seconds / args.train_steps,
+                    "all_reduce_bytes_per_step": sent["all_reduce"] / args.train_steps,
+                    "check_bytes_per_step": sent["all_gather_object"] / args.train_steps,
+                    "broadcast_bytes_once": sent["broadcast"],
+                }
+            )
+        )
 
 
 def run(cmd: list, threads: int) -> None:
@@ -187,26 +200,76 @@ def main() -> None:
         vocab = _json.loads((Path(model) / "config.json").read_text())["vocab_size"]
         tokens = torch.randint(0, vocab, (args.rows, args.seq), generator=torch.Generator().manual_seed(0))
         torch.save(tokens, tmp / "tokens.pt")
-        common = [__file__, "--worker", "--model", model, "--tokens", str(tmp / "tokens.pt"),
-                  "--batch-size", str(args.batch_size), "--repeats", str(args.repeats)]
+        common = [
+            __file__,
+            "--worker",
+            "--model",
+            model,
+            "--tokens",
+            str(tmp / "tokens.pt"),
+            "--batch-size",
+            str(args.batch_size),
+            "--repeats",
+            str(args.repeats),
+        ]
         if args.only != "train":
             run([sys.executable, *common, "--threads", "2", "--result", str(tmp / "single.json")], threads=2)
             run([sys.executable, *common, "--threads", "1", "--result", str(tmp / "one.json")], threads=1)
-            run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *common,
-                 "--threads", "1", "--result", str(tmp / "dist.json")], threads=1)
+            run(
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    "--nproc-per-node",
+                    "2",
+                    *common,
+                    "--threads",
+                    "1",
+                    "--result",
+                    str(tmp / "dist.json"),
+                ],
+                threads=1,
+            )
             single = json.loads((tmp / "single.json").read_text())
             dist = json.loads((tmp / "dist.json").read_text())
             one = json.loads((tmp / "one.json").read_text())
         if args.only != "eval":
-            train_cmd = [__file__, "--train-worker", "--model", model, "--tokens", str(tmp / "tokens.pt"),
-                         "--batch-size", str(args.batch_size), "--train-steps", str(args.train_steps)]
-            run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *train_cmd,
-                 "--threads", "1", "--result", str(tmp / "train.json")], threads=1)
+            train_cmd = [
+                __file__,
+                "--train-worker",
+                "--model",
+                model,
+                "--tokens",
+                str(tmp / "tokens.pt"),
+                "--batch-size",
+                str(args.batch_size),
+                "--train-steps",
+                str(args.train_steps),
+            ]
+            run(
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    "--nproc-per-node",
+                    "2",
+                    *train_cmd,
+                    "--threads",
+                    "1",
+                    "--result",
+                    str(tmp / "train.json"),
+                ],
+                threads=1,
+            )
             train = json.loads((tmp / "train.json").read_text())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"processor: {processor()} ({os.cpu_count()} logical CPUs; load average before {load[0]:.1f}, "
-          f"after {os.getloadavg()[0]:.1f}: other work on the machine skews the timings)")
+    print(
+        f"processor: {processor()} ({os.cpu_count()} logical CPUs; load average before {load[0]:.1f}, "
+        f"after {os.getloadavg()[0]:.1f}: other work on the machine skews the timings)"
+    )
     results = {"processor": processor(), "cpus": os.cpu_count()}
     if args.only != "eval":
         results["training"] = report_training(train, described)
@@ -222,13 +285,19 @@ def report_training(train: dict, described: str) -> dict:
     grads = n * (d * d + d) * 4
     payload = train["all_reduce_bytes_per_step"]
     wire = 2 * (world - 1) / world * payload
-    print(f"training on {world} ranks ({described}; {train['steps']} steps of {train['tokens_per_step']} tokens, "
-          f"{train['seconds_per_step']:.2f} s a step):")
-    print(f"  all-reduce payload per step and rank: {payload:,.0f} bytes = the translators' gradients "
-          f"{n} x ({d}^2 + {d}) x 4 = {grads:,} bytes + {payload - grads:,.0f} (the step's loss)")
+    print(
+        f"training on {world} ranks ({described}; {train['steps']} steps of {train['tokens_per_step']} tokens, "
+        f"{train['seconds_per_step']:.2f} s a step):"
+    )
+    print(
+        f"  all-reduce payload per step and rank: {payload:,.0f} bytes = the translators' gradients "
+        f"{n} x ({d}^2 + {d}) x 4 = {grads:,} bytes + {payload - grads:,.0f} (the step's loss)"
+    )
     print(f"  on the wire per rank (ring all-reduce, x 2(W-1)/W = {2 * (world - 1) / world:.2f}): {wire:,.0f} bytes")
-    print(f"  per-step check (failures, data fingerprint; pickled): {train['check_bytes_per_step']:,.0f} bytes; "
-          f"once at the start, rank 0's lens broadcast: {train['broadcast_bytes_once']:,} bytes; no activations")
+    print(
+        f"  per-step check (failures, data fingerprint; pickled): {train['check_bytes_per_step']:,.0f} bytes; "
+        f"once at the start, rank 0's lens broadcast: {train['broadcast_bytes_once']:,} bytes; no activations"
+    )
     return dict(train, gradient_bytes=grads, wire_bytes_per_step=wire)
 
 
@@ -239,11 +308,23 @@ def report_eval(args: argparse.Namespace, single: dict, dist: dict, one: dict, d
     rate_0 = one["n_tokens"] / one["seconds"]
     ratio = rate_2 / rate_1
     results = {
-        "load_before": load[0], "load_after": os.getloadavg()[0],
-        "processor": processor(), "cpus": os.cpu_count(), "model": described, "tokens": single["n_tokens"],
-        "rows": args.rows, "seq": args.seq, "batch_size": args.batch_size,
-        "single_2_threads_tok_s": rate_1, "torchrun_2x1_tok_s": rate_2, "single_1_thread_tok_s": rate_0, "ratio": ratio, "target": 0.85,
-        "max_mean_kl_rel_diff": max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(dist["kl_mean"], single["kl_mean"])),
+        "load_before": load[0],
+        "load_after": os.getloadavg()[0],
+        "processor": processor(),
+        "cpus": os.cpu_count(),
+        "model": described,
+        "tokens": single["n_tokens"],
+        "rows": args.rows,
+        "seq": args.seq,
+        "batch_size": args.batch_size,
+        "single_2_threads_tok_s": rate_1,
+        "torchrun_2x1_tok_s": rate_2,
+        "single_1_thread_tok_s": rate_0,
+        "ratio": ratio,
+        "target": 0.85,
+        "max_mean_kl_rel_diff": max(
+            abs(a - b) / max(abs(b), 1e-12) for a, b in zip(dist["kl_mean"], single["kl_mean"])
+        ),
     }
     print(f"model: {described}; {results['tokens']} scored tokens ({args.rows} x {args.seq}), batch {args.batch_size}")
     print(f"1 process x 2 threads : {rate_1:10.0f} tokens/s")

@@ -141,7 +141,7 @@ class PeakMemory:
     """Peak memory added while the block runs, in bytes (``.added``): the RSS on the CPU, the
     allocator's high-water mark on ``--device cuda`` (what lives on the GPU)."""
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         settle()
         if DEVICE.type == "cuda":
             torch.cuda.synchronize(DEVICE)
@@ -205,6 +205,7 @@ def run_method(fn: Callable[[], Any], runs: int, warmup: bool) -> Dict[str, Any]
     The first run measures memory; with ``warmup`` it is not timed (a warm-up) and ``runs``
     more follow. Returns ``{"seconds": median, "best": min, "runs": [...], "memory_mib": ...}``.
     """
+
     def once() -> float:
         sync()
         start = CLOCK()
@@ -231,8 +232,17 @@ def build_model() -> Tuple[Any, str]:
         HookedTransformer = None
     if HookedTransformer is not None:
         cfg = HookedTransformerConfig(
-            n_layers=N_LAYERS, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=D_VOCAB,
-            n_ctx=1024, act_fn="gelu_new", normalization_type="LN", seed=0, device=DEVICE,
+            n_layers=N_LAYERS,
+            d_model=768,
+            n_heads=12,
+            d_head=64,
+            d_mlp=3072,
+            d_vocab=D_VOCAB,
+            n_ctx=1024,
+            act_fn="gelu_new",
+            normalization_type="LN",
+            seed=0,
+            device=DEVICE,
         )
         model = HookedTransformer(cfg)
         model.process_weights_(fold_ln=True, center_writing_weights=True, center_unembed=True)
@@ -282,8 +292,9 @@ def stack_vectors(cache: Any) -> torch.Tensor:
 
 
 # -- methods ----------------------------------------------------------------------------------
-def floor_fn(W_U: torch.Tensor, vectors: torch.Tensor, chunk: int, columns: Optional[int] = None,
-             layout: str = "W") -> Callable[[], float]:
+def floor_fn(
+    W_U: torch.Tensor, vectors: torch.Tensor, chunk: int, columns: Optional[int] = None, layout: str = "W"
+) -> Callable[[], float]:
     """``vectors @ W_U`` ``chunk`` rows (and ``columns`` vocabulary columns) at a time into one
     preallocated buffer; returns the seconds spent in the matrix products only.
 
@@ -350,7 +361,9 @@ def textbook_fn(model: Any, cache: Any) -> Callable[[], Any]:
     return run
 
 
-def head_results_route(model: Any, cache: Any, answers: torch.Tensor, wrong: torch.Tensor) -> Tuple[Callable[[], Any], str]:
+def head_results_route(
+    model: Any, cache: Any, answers: torch.Tensor, wrong: torch.Tensor
+) -> Tuple[Callable[[], Any], str]:
     """The stack-then-attribute route: TransformerLens's helpers where they exist, else written out."""
     n_layers = model.cfg.n_layers
     result_keys = [f"blocks.{layer}.attn.hook_result" for layer in range(n_layers)]
@@ -395,8 +408,15 @@ def head_results_route(model: Any, cache: Any, answers: torch.Tensor, wrong: tor
 
 
 # -- sections ---------------------------------------------------------------------------------
-def lens_section(model: Any, batch: int, seq: int, args: argparse.Namespace, floor_chunk: Optional[int],
-                 big: bool, extra_hooks: List[str]) -> Dict[str, Any]:
+def lens_section(
+    model: Any,
+    batch: int,
+    seq: int,
+    args: argparse.Namespace,
+    floor_chunk: Optional[int],
+    big: bool,
+    extra_hooks: List[str],
+) -> Dict[str, Any]:
     gen = torch.Generator().manual_seed(batch * 1000 + seq)
     tokens = torch.randint(0, D_VOCAB, (batch, seq), generator=gen).to(DEVICE)
     t0 = time.perf_counter()
@@ -406,8 +426,14 @@ def lens_section(model: Any, batch: int, seq: int, args: argparse.Namespace, flo
     W_U = model.W_U.detach().to(args.compute_dtype)
     vectors = stack_vectors(cache).to(args.compute_dtype)
     n_tokens = batch * seq
-    out: Dict[str, Any] = {"tokens": n_tokens, "shape": [batch, seq], "rows": vectors.shape[0],
-                           "cache_forward_seconds": forward_seconds, "methods": {}, "notes": []}
+    out: Dict[str, Any] = {
+        "tokens": n_tokens,
+        "shape": [batch, seq],
+        "rows": vectors.shape[0],
+        "cache_forward_seconds": forward_seconds,
+        "methods": {},
+        "notes": [],
+    }
     runs = args.big_repeats if big else args.repeats
     warm = not big  # the big workload is warmed up by the small one
 
@@ -418,7 +444,10 @@ def lens_section(model: Any, batch: int, seq: int, args: argparse.Namespace, flo
         sweep = {}
         for layout, chunk in floor_candidates(vectors.shape[0]):
             sweep[(layout, chunk)] = run_method(floor_fn(W_U, vectors, chunk, layout=layout), runs, True)
-            print(f"  floor candidate {layout:>3} x {chunk:>5} rows: best {sweep[(layout, chunk)]['best']:.3f} s", flush=True)
+            print(
+                f"  floor candidate {layout:>3} x {chunk:>5} rows: best {sweep[(layout, chunk)]['best']:.3f} s",
+                flush=True,
+            )
         floor_chunk = min(sweep, key=lambda k: sweep[k]["best"])
         out["floor_sweep"] = {f"{k[0]} x {k[1]}": v for k, v in sweep.items()}
         methods["floor"] = sweep[floor_chunk]
@@ -477,6 +506,7 @@ def agreement(model: Any, cache: Any, tokens: torch.Tensor) -> Dict[str, Any]:
     worst = {"entropy": 0.0, "kl_to_final": 0.0, "next_token_loss": 0.0, "top_logits": 0.0}
     same_top1 = 0
     with torch.no_grad():
+
         def logits_of(name: str) -> torch.Tensor:
             return (model.ln_final(cache[name]) @ W_U + b_U).double()
 
@@ -487,7 +517,10 @@ def agreement(model: Any, cache: Any, tokens: torch.Tensor) -> Dict[str, Any]:
             ours = {
                 "entropy": (result.entropy[entry], -(logp.exp() * logp).sum(-1)),
                 "kl_to_final": (result.kl_to_final[entry], (final.exp() * (final - logp)).sum(-1)),
-                "next_token_loss": (result.next_token_loss[entry][:, :-1], -logp[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]),
+                "next_token_loss": (
+                    result.next_token_loss[entry][:, :-1],
+                    -logp[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0],
+                ),
                 "top_logits": (result.top_logits[entry], logits.topk(5, dim=-1).values),
             }
             for key, (mine, theirs) in ours.items():
@@ -543,7 +576,10 @@ def budget_sweep(model: Any, budgets_mib: List[int], args: argparse.Namespace) -
             m = run_method(lambda: tll.logit_lens(model, cache=cache, input=tokens, top_k=5, targets="next"), 2, True)
             m["ratio_to_floor"] = m["seconds"] / out["floor"]["seconds"]
             out["budgets"][str(mib)] = m
-            print(f"  budget {mib:>5} MiB: {m['seconds']:.2f} s, x floor {m['ratio_to_floor']:.3f}, {m['memory_mib']:.0f} MiB", flush=True)
+            print(
+                f"  budget {mib:>5} MiB: {m['seconds']:.2f} s, x floor {m['ratio_to_floor']:.3f}, {m['memory_mib']:.0f} MiB",
+                flush=True,
+            )
     finally:
         tuning.set_chunk_budget(None)
     return out
@@ -576,11 +612,15 @@ def evaluate_section(model: Any, args: argparse.Namespace, floor_chunk: Tuple[st
     out: Dict[str, Any] = {"shape": [n_seq, seq], "batch_size": bs, "scored_tokens": scored, "methods": {}}
     out["methods"]["evaluate_lens"] = run_method(evaluate, args.eval_repeats, False)
     out["methods"]["forward"] = run_method(forwards, args.eval_repeats, False)
-    out["methods"]["floor"] = run_method(floor_fn(W_U, vectors, floor_chunk[1], layout=floor_chunk[0]), args.eval_repeats, False)
+    out["methods"]["floor"] = run_method(
+        floor_fn(W_U, vectors, floor_chunk[1], layout=floor_chunk[0]), args.eval_repeats, False
+    )
     # Best of the runs (a shared machine is noisy); the medians' ratio beside it.
     ms = out["methods"]
     out["ratio_to_forward_plus_floor"] = ms["evaluate_lens"]["best"] / (ms["forward"]["best"] + ms["floor"]["best"])
-    out["ratio_to_forward_plus_floor_median"] = ms["evaluate_lens"]["seconds"] / (ms["forward"]["seconds"] + ms["floor"]["seconds"])
+    out["ratio_to_forward_plus_floor_median"] = ms["evaluate_lens"]["seconds"] / (
+        ms["forward"]["seconds"] + ms["floor"]["seconds"]
+    )
     return out
 
 
@@ -595,7 +635,9 @@ def compare_section(model: Any, args: argparse.Namespace, evaluated: Dict[str, A
     gen = torch.Generator().manual_seed(13)
     with torch.no_grad():
         for layer in tuned.translators.values():
-            layer.weight.copy_((0.1 * torch.randn(layer.weight.shape, generator=gen) / 768 ** 0.5).to(layer.weight.device))
+            layer.weight.copy_(
+                (0.1 * torch.randn(layer.weight.shape, generator=gen) / 768**0.5).to(layer.weight.device)
+            )
             layer.bias.copy_((0.1 * torch.randn(layer.bias.shape, generator=gen)).to(layer.bias.device))
     lenses = {"logit": None, "tuned": tuned}
     tll.compare_lenses(model, tokens[:1, :32], lenses, progress=False)  # warm-up
@@ -615,10 +657,37 @@ def compare_section(model: Any, args: argparse.Namespace, evaluated: Dict[str, A
 PROFILE_GROUPS = {
     "product": ("aten::mm", "aten::addmm", "aten::matmul", "aten::bmm", "aten::einsum"),
     "exponentials": ("aten::exp", "aten::exp2", "aten::log"),
-    "top-k and picks": ("aten::topk", "aten::amax", "aten::max", "aten::index", "aten::index_put_", "aten::_index_put_impl_",
-                        "aten::nonzero", "aten::gather", "aten::gt", "aten::any", "aten::cat", "aten::sort"),
-    "sums and shifts": ("aten::sum", "aten::mul", "aten::mul_", "aten::add", "aten::add_", "aten::sub_", "aten::maximum"),
-    "transfers and copies": ("aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::contiguous", "aten::stack"),
+    "top-k and picks": (
+        "aten::topk",
+        "aten::amax",
+        "aten::max",
+        "aten::index",
+        "aten::index_put_",
+        "aten::_index_put_impl_",
+        "aten::nonzero",
+        "aten::gather",
+        "aten::gt",
+        "aten::any",
+        "aten::cat",
+        "aten::sort",
+    ),
+    "sums and shifts": (
+        "aten::sum",
+        "aten::mul",
+        "aten::mul_",
+        "aten::add",
+        "aten::add_",
+        "aten::sub_",
+        "aten::maximum",
+    ),
+    "transfers and copies": (
+        "aten::copy_",
+        "aten::to",
+        "aten::_to_copy",
+        "aten::clone",
+        "aten::contiguous",
+        "aten::stack",
+    ),
 }
 
 
@@ -641,8 +710,12 @@ def profile_section(model: Any, args: argparse.Namespace) -> Dict[str, Any]:
         group = next((g for g, names in PROFILE_GROUPS.items() if event.key in names), "other")
         groups[group] += seconds
     total = sum(groups.values()) or 1.0
-    return {"seconds": groups, "fractions": {k: v / total for k, v in groups.items()}, "total_seconds": total,
-            "clock": attr}
+    return {
+        "seconds": groups,
+        "fractions": {k: v / total for k, v in groups.items()},
+        "total_seconds": total,
+        "clock": attr,
+    }
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -654,25 +727,37 @@ def target(name: str, value: Optional[float], threshold: float, op: str) -> Dict
 def print_table(results: Dict[str, Any]) -> None:
     print()
     print(f"tl_logitlens benchmark: {results['meta']['model']}")
-    print(f"processor: {results['meta']['processor']}; caches {results['meta']['caches']}; device {results['meta']['device']}, "
-          f"{results['meta']['dtype']}; the kernel's products: {results['meta'].get('products', 'float32')}")
-    print(f"transformer-lens {results['meta']['transformer_lens']}, torch {results['meta']['torch']}, "
-          f"{results['meta']['threads']} threads, {results['meta']['clock']} clock, load before {results['meta']['load_before']}, "
-          f"after {results['meta']['load_after']}")
+    print(
+        f"processor: {results['meta']['processor']}; caches {results['meta']['caches']}; device {results['meta']['device']}, "
+        f"{results['meta']['dtype']}; the kernel's products: {results['meta'].get('products', 'float32')}"
+    )
+    print(
+        f"transformer-lens {results['meta']['transformer_lens']}, torch {results['meta']['torch']}, "
+        f"{results['meta']['threads']} threads, {results['meta']['clock']} clock, load before {results['meta']['load_before']}, "
+        f"after {results['meta']['load_after']}"
+    )
     for key, w in results["lens"].items():
         layout, chunk = w["floor_chunk"]
         print(f"\nLogit lens, {key} tokens ({w['rows']} vectors; floor: {layout} layout, {chunk} rows per product)")
         for t in w.get("tile_shapes", []):
-            print(f"  kernel shape: {t['rows']} rows x {t['width']} columns, {t['strategy']} ({t['source']}, "
-                  f"measured in {t['seconds']:.2f} s)")
-        print(f"  {'method':<26}{'best s':>9}{'median s':>10}{'x floor':>9}{'(median)':>10}{'x tiles':>9}{'peak MiB':>10}{'runs':>6}")
+            print(
+                f"  kernel shape: {t['rows']} rows x {t['width']} columns, {t['strategy']} ({t['source']}, "
+                f"measured in {t['seconds']:.2f} s)"
+            )
+        print(
+            f"  {'method':<26}{'best s':>9}{'median s':>10}{'x floor':>9}{'(median)':>10}{'x tiles':>9}{'peak MiB':>10}{'runs':>6}"
+        )
         for name, m in w["methods"].items():
-            print(f"  {name:<26}{m['best']:>9.3f}{m['seconds']:>10.3f}{m['ratio_to_floor']:>9.3f}{m['ratio_to_floor_median']:>10.3f}"
-                  f"{m['ratio_to_cache_tiles']:>9.3f}{m['memory_mib']:>10.0f}{len(m['runs']):>6}")
+            print(
+                f"  {name:<26}{m['best']:>9.3f}{m['seconds']:>10.3f}{m['ratio_to_floor']:>9.3f}{m['ratio_to_floor_median']:>10.3f}"
+                f"{m['ratio_to_cache_tiles']:>9.3f}{m['memory_mib']:>10.0f}{len(m['runs']):>6}"
+            )
         if "agreement" in w:
             g = w["agreement"]
-            print(f"  agreement with full float64 logits: max |diff| entropy {g['entropy']:.1e}, KL {g['kl_to_final']:.1e}, "
-                  f"loss {g['next_token_loss']:.1e}, top logits {g['top_logits']:.1e}; same top-1 {g['top1_id_agreement']:.4f}")
+            print(
+                f"  agreement with full float64 logits: max |diff| entropy {g['entropy']:.1e}, KL {g['kl_to_final']:.1e}, "
+                f"loss {g['next_token_loss']:.1e}, top logits {g['top_logits']:.1e}; same top-1 {g['top1_id_agreement']:.4f}"
+            )
         for note in w["notes"]:
             print(f"  note: {note}")
     d = results.get("dla")
@@ -681,7 +766,9 @@ def print_table(results: Dict[str, Any]) -> None:
         print(f"  {'method':<26}{'seconds':>10}{'peak MiB':>11}{'runs':>6}")
         for name, m in d["methods"].items():
             print(f"  {name:<26}{m['seconds']:>10.2f}{m['memory_mib']:>11.0f}{len(m['runs']):>6}")
-        print(f"  max |difference| between the two: {d['max_abs_difference']:.2e}; residual error {d['residual_error']:.2e}")
+        print(
+            f"  max |difference| between the two: {d['max_abs_difference']:.2e}; residual error {d['residual_error']:.2e}"
+        )
     pr = results.get("profile")
     if pr:
         print(f"\nWhere tll.logit_lens's time goes, 1x256 ({pr['clock']}, {pr['total_seconds']:.2f} s in operators)")
@@ -692,15 +779,23 @@ def print_table(results: Dict[str, Any]) -> None:
         print(f"\nStreaming evaluation, {e['shape'][0]}x{e['shape'][1]} tokens, batch {e['batch_size']}")
         for name, m in e["methods"].items():
             print(f"  {name:<26} best {m['best']:>8.3f} s, median {m['seconds']:>8.3f} s{m['memory_mib']:>8.0f} MiB")
-        print(f"  evaluate_lens / (forward + floor) = {e['ratio_to_forward_plus_floor']:.3f} (best of runs), "
-              f"{e['ratio_to_forward_plus_floor_median']:.3f} (medians)")
+        print(
+            f"  evaluate_lens / (forward + floor) = {e['ratio_to_forward_plus_floor']:.3f} (best of runs), "
+            f"{e['ratio_to_forward_plus_floor_median']:.3f} (medians)"
+        )
     c = results.get("compare")
     if c:
         m = c["methods"]["compare_lenses"]
-        print(f"\ncompare_lenses ({' + '.join(c['lenses'])}), {c['shape'][0]}x{c['shape'][1]} tokens, batch {c['batch_size']}, "
-              f"on {results['meta']['processor']}")
-        print(f"  {'compare_lenses':<26} best {m['best']:>8.3f} s, median {m['seconds']:>8.3f} s{m['memory_mib']:>8.0f} MiB")
-        print(f"  compare_lenses / (evaluate_lens + floor) = {c['ratio']:.3f} (best of runs), {c['ratio_median']:.3f} (medians)")
+        print(
+            f"\ncompare_lenses ({' + '.join(c['lenses'])}), {c['shape'][0]}x{c['shape'][1]} tokens, batch {c['batch_size']}, "
+            f"on {results['meta']['processor']}"
+        )
+        print(
+            f"  {'compare_lenses':<26} best {m['best']:>8.3f} s, median {m['seconds']:>8.3f} s{m['memory_mib']:>8.0f} MiB"
+        )
+        print(
+            f"  compare_lenses / (evaluate_lens + floor) = {c['ratio']:.3f} (best of runs), {c['ratio_median']:.3f} (medians)"
+        )
     print("\nTargets")
     for t in results["targets"]:
         value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
@@ -717,18 +812,34 @@ def main() -> None:
     parser.add_argument("--big-repeats", type=int, default=2, help="runs on the 8x512 lens workload")
     parser.add_argument("--eval-repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu or cuda: where the model, the kernel and the floor run")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                        help="the model's dtype; the floor reads W_U in it (on cuda: the cuBLAS product in that dtype)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="the model's dtype; the floor reads W_U in it (on cuda: the cuBLAS product in that dtype)",
+    )
     parser.add_argument("--eval-shape", type=int, nargs=3, default=(8, 256, 4), metavar=("N", "SEQ", "BATCH"))
     parser.add_argument("--textbook-budget-gib", type=float, default=8.0)
     parser.add_argument("--all-big", action="store_true", help="also run the top-k+entropy variant at 8x512")
     parser.add_argument("--quick", action="store_true", help="skip the 8x512 workload and the DLA section")
-    parser.add_argument("--profile", action="store_true",
-                        help="also profile one 1x256 lens: time in products, exponentials, top-k, sums, transfers")
-    parser.add_argument("--sweep-budgets", type=int, nargs="*", metavar="MIB",
-                        help="only sweep the kernel's memory budget (MiB) on 2x512 tokens, e.g. 4 8 16 32 64")
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="wall time, or this process's CPU time (steadier on a shared machine; use with --threads 1)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one 1x256 lens: time in products, exponentials, top-k, sums, transfers",
+    )
+    parser.add_argument(
+        "--sweep-budgets",
+        type=int,
+        nargs="*",
+        metavar="MIB",
+        help="only sweep the kernel's memory budget (MiB) on 2x512 tokens, e.g. 4 8 16 32 64",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall time, or this process's CPU time (steadier on a shared machine; use with --threads 1)",
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     args = parser.parse_args()
     global CLOCK, DEVICE
@@ -805,22 +916,61 @@ def main() -> None:
             # The same request (top-k + entropy) where measured; else the full-statistics
             # call, which does strictly more (a conservative stand-in).
             ours = "tll_topk_entropy" if "tll_topk_entropy" in m else "tll"
-            targets.append(target(f"{key}: transformer-lens lens / {ours} (speed-up)",
-                                  m["transformer_lens"]["best"] / m[ours]["best"], TARGET_TL_SPEEDUP, ">="))
+            targets.append(
+                target(
+                    f"{key}: transformer-lens lens / {ours} (speed-up)",
+                    m["transformer_lens"]["best"] / m[ours]["best"],
+                    TARGET_TL_SPEEDUP,
+                    ">=",
+                )
+            )
         if "textbook" in m:
-            targets.append(target(f"{key}: tll.logit_lens / textbook", m["tll"]["best"] / m["textbook"]["best"], 1.0, "<="))
+            targets.append(
+                target(f"{key}: tll.logit_lens / textbook", m["tll"]["best"] / m["textbook"]["best"], 1.0, "<=")
+            )
     if "8x512" in results["lens"]:
-        targets.append(target("8x512: peak memory added by tll.logit_lens (MiB)",
-                              results["lens"]["8x512"]["methods"]["tll"]["memory_mib"], TARGET_LENS_MEMORY_MIB, "<="))
+        targets.append(
+            target(
+                "8x512: peak memory added by tll.logit_lens (MiB)",
+                results["lens"]["8x512"]["methods"]["tll"]["memory_mib"],
+                TARGET_LENS_MEMORY_MIB,
+                "<=",
+            )
+        )
     if "dla" in results:
         dm = results["dla"]["methods"]
-        targets.append(target("8x512 DLA: tll memory / stack-then-attribute memory",
-                              dm["tll"]["memory_mib"] / max(dm["stack_then_attribute"]["memory_mib"], 1e-9), TARGET_DLA_MEMORY_FRACTION, "<="))
-        targets.append(target("8x512 DLA: tll time / stack-then-attribute time",
-                              dm["tll"]["seconds"] / dm["stack_then_attribute"]["seconds"], 1.0, "<="))
-    targets.append(target("evaluate_lens / (forward + floor)", results["evaluate"]["ratio_to_forward_plus_floor"], TARGET_EVAL_RATIO, "<="))
-    targets.append(target("compare_lenses (2 lenses) / (evaluate_lens + floor)", results["compare"]["ratio"],
-                          TARGET_COMPARE_RATIO, "<="))
+        targets.append(
+            target(
+                "8x512 DLA: tll memory / stack-then-attribute memory",
+                dm["tll"]["memory_mib"] / max(dm["stack_then_attribute"]["memory_mib"], 1e-9),
+                TARGET_DLA_MEMORY_FRACTION,
+                "<=",
+            )
+        )
+        targets.append(
+            target(
+                "8x512 DLA: tll time / stack-then-attribute time",
+                dm["tll"]["seconds"] / dm["stack_then_attribute"]["seconds"],
+                1.0,
+                "<=",
+            )
+        )
+    targets.append(
+        target(
+            "evaluate_lens / (forward + floor)",
+            results["evaluate"]["ratio_to_forward_plus_floor"],
+            TARGET_EVAL_RATIO,
+            "<=",
+        )
+    )
+    targets.append(
+        target(
+            "compare_lenses (2 lenses) / (evaluate_lens + floor)",
+            results["compare"]["ratio"],
+            TARGET_COMPARE_RATIO,
+            "<=",
+        )
+    )
     results["targets"] = targets
     meta["load_after"] = [round(x, 2) for x in os.getloadavg()]
     meta["total_seconds"] = time.perf_counter() - started

@@ -49,8 +49,18 @@ def build_model() -> Tuple[Any, str]:
     except ImportError:
         HookedTransformer = None
     if HookedTransformer is not None:
-        cfg = HookedTransformerConfig(n_layers=4, d_model=64, n_heads=4, d_head=16, d_mlp=212, d_vocab=512,
-                                      n_ctx=256, act_fn="gelu_new", normalization_type="LN", seed=0)
+        cfg = HookedTransformerConfig(
+            n_layers=4,
+            d_model=64,
+            n_heads=4,
+            d_head=16,
+            d_mlp=212,
+            d_vocab=512,
+            n_ctx=256,
+            act_fn="gelu_new",
+            normalization_type="LN",
+            seed=0,
+        )
         return HookedTransformer(cfg).eval(), "random HookedTransformer (4 layers, d_mlp 212)"
     import tempfile
 
@@ -64,8 +74,9 @@ def build_model() -> Tuple[Any, str]:
 
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(512)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", bos_token="w1", eos_token="w1",
-                                         pad_token="w2").save_pretrained(path)
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="w0", bos_token="w1", eos_token="w1", pad_token="w2"
+    ).save_pretrained(path)
     model = TransformerBridge.boot_transformers(path, device="cpu")
     shutil.rmtree(path, ignore_errors=True)  # the weights are in memory now
     return model.eval(), "random GPT-2 bridge (4 layers, d_mlp 212)"
@@ -80,17 +91,27 @@ def old_attribution_table(att: Any) -> pd.DataFrame:
     for c, label in enumerate(att.labels):
         for b in range(values.shape[1]):
             for j in range(values.shape[2]):
-                records.append({"component": label, "batch": b, "pos": int(att.positions[b, j]),
-                                "value": float(values[c, b, j]), "model_value": float(model_value[b, j]),
-                                "constant": float(constant[b, j])})
+                records.append(
+                    {
+                        "component": label,
+                        "batch": b,
+                        "pos": int(att.positions[b, j]),
+                        "value": float(values[c, b, j]),
+                        "model_value": float(model_value[b, j]),
+                        "constant": float(constant[b, j]),
+                    }
+                )
     return pd.DataFrame.from_records(records)
 
 
 def old_lens_table(result: Any) -> pd.DataFrame:
     expand = (lambda t: t) if result.has_pos_axis else (lambda t: t.unsqueeze(2))  # noqa: E731
     top_ids, top_probs, top_logits = expand(result.top_ids), expand(result.top_probs), expand(result.top_logits)
-    metrics = {"entropy": expand(result.entropy), "kl_to_final": expand(result.kl_to_final),
-               "next_token_loss": expand(result.next_token_loss)}
+    metrics = {
+        "entropy": expand(result.entropy),
+        "kl_to_final": expand(result.kl_to_final),
+        "next_token_loss": expand(result.next_token_loss),
+    }
     if result.target_ids is not None:
         metrics["target_id"] = expand(result.target_ids)[..., 0]
         metrics["target_prob"] = expand(result.target_probs)[..., 0]
@@ -107,11 +128,20 @@ def old_lens_table(result: Any) -> pd.DataFrame:
                 cell = {name: value[li, b, j].item() for name, value in metrics.items()}
                 for r in range(k):
                     token_id = int(top_ids[li, b, j, r])
-                    records.append({"layer": label, "batch": b, "pos": pos,
-                                    "input_token": None if tokens is None else tokens[b][j], "rank": r,
-                                    "token_id": token_id, "token": result.decode(token_id),
-                                    "prob": float(top_probs[li, b, j, r]), "logit": float(top_logits[li, b, j, r]),
-                                    **cell})
+                    records.append(
+                        {
+                            "layer": label,
+                            "batch": b,
+                            "pos": pos,
+                            "input_token": None if tokens is None else tokens[b][j],
+                            "rank": r,
+                            "token_id": token_id,
+                            "token": result.decode(token_id),
+                            "prob": float(top_probs[li, b, j, r]),
+                            "logit": float(top_logits[li, b, j, r]),
+                            **cell,
+                        }
+                    )
     return pd.DataFrame.from_records(records)
 
 
@@ -135,20 +165,27 @@ def main() -> None:
     model, description = build_model()
     d_vocab = int(model.cfg.d_vocab)
     tokens = torch.randint(3, d_vocab, (4, 128), generator=torch.Generator().manual_seed(0))
-    att = tll.direct_logit_attribution(model, tokens, answers=int(tokens[0, 1]), wrong=int(tokens[0, 2]),
-                                       by="neuron", positions=None)
+    att = tll.direct_logit_attribution(
+        model, tokens, answers=int(tokens[0, 1]), wrong=int(tokens[0, 2]), by="neuron", positions=None
+    )
     lens = tll.logit_lens(model, tokens, top_k=min(100, d_vocab), targets="next")
 
-    print(f"processor: {processor_name()}  threads: {torch.get_num_threads()}  torch {torch.__version__}  "
-          f"pandas {pd.__version__}")
+    print(
+        f"processor: {processor_name()}  threads: {torch.get_num_threads()}  torch {torch.__version__}  "
+        f"pandas {pd.__version__}"
+    )
     print(f"model: {description}; tokens 4 x 128")
-    for name, result, old in (("attribution by neuron", att, old_attribution_table),
-                              (f"logit lens top_k={lens.top_ids.shape[-1]}", lens, old_lens_table)):
+    for name, result, old in (
+        ("attribution by neuron", att, old_attribution_table),
+        (f"logit lens top_k={lens.top_ids.shape[-1]}", lens, old_lens_table),
+    ):
         new_frame, new_s = timed(result.to_dataframe, args.repeats)
         old_frame, old_s = timed(lambda: old(result), 1)
         pd.testing.assert_frame_equal(new_frame, old_frame, check_dtype=False, check_exact=True)
-        print(f"{name:>26}: {len(new_frame):>8,} rows  old (row loop) {old_s:7.2f} s  new {new_s:7.3f} s  "
-              f"ratio {old_s / new_s:6.1f} x")
+        print(
+            f"{name:>26}: {len(new_frame):>8,} rows  old (row loop) {old_s:7.2f} s  new {new_s:7.3f} s  "
+            f"ratio {old_s / new_s:6.1f} x"
+        )
 
 
 if __name__ == "__main__":

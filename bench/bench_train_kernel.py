@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import bench_lens  # noqa: E402
+
 from tl_logitlens.kernel import loss as tk  # noqa: E402
 from tl_logitlens.kernel import tuning  # noqa: E402
 
@@ -42,6 +43,7 @@ MiB = 2**20
 
 def measure(fn, device, runs):
     """(best seconds, peak bytes added by the first run) of ``fn``."""
+
     def once():
         bench_lens.sync()
         t0 = time.perf_counter()
@@ -76,7 +78,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2, help="timed runs per method (the first also measures memory)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-reference", action="store_true")
-    parser.add_argument("--full-step", action="store_true", help="time one whole train_tuned_lens step on the benchmark model")
+    parser.add_argument(
+        "--full-step", action="store_true", help="time one whole train_tuned_lens step on the benchmark model"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     bench_lens.DEVICE = device
@@ -123,7 +127,9 @@ def main() -> None:
     t_kernel, m_kernel = measure(kernel, device, args.runs)
     floor = min(min(f() for _ in range(args.runs)) for f in floors)
     print(f"floor (x @ W, {args.layers * args.tokens} rows): {floor:.3f} s")
-    print(f"kernel step:    {t_kernel:.3f} s = {t_kernel / floor:.2f} x floor; peak memory added {m_kernel / MiB:.0f} MiB")
+    print(
+        f"kernel step:    {t_kernel:.3f} s = {t_kernel / floor:.2f} x floor; peak memory added {m_kernel / MiB:.0f} MiB"
+    )
     if not args.skip_reference:
         t_ref, m_ref = measure(reference, device, args.runs)
         print(f"reference step: {t_ref:.3f} s = {t_ref / floor:.2f} x floor; peak memory added {m_ref / MiB:.0f} MiB")
@@ -135,8 +141,8 @@ def main() -> None:
 
 def full_step(device, runs):
     """One ``train_tuned_lens`` step of 2048 tokens on the benchmark model, against its parts."""
-    from tl_logitlens.model_access import capture
     from tl_logitlens.lenses import train_tuned_lens
+    from tl_logitlens.model_access import capture
 
     model, description = bench_lens.build_model()
     g = torch.Generator().manual_seed(0)
@@ -161,9 +167,13 @@ def full_step(device, runs):
     del store
     floor = bench_lens.floor_fn(model.W_U.detach(), vectors, 2048)
     t_floor = min(floor() for _ in range(runs))
-    print(f"floor (x @ W_U, {vectors.shape[0]} rows): {t_floor:.3f} s; model forward (residual stream only): {t_fwd:.3f} s")
-    print(f"train step: {t_step:.3f} s; without the forward {t_step - t_fwd:.3f} s = {(t_step - t_fwd) / t_floor:.2f} x floor; "
-          f"peak memory added {m_step / MiB:.0f} MiB (the forward pass alone, measured first: {m_fwd / MiB:.0f} MiB)")
+    print(
+        f"floor (x @ W_U, {vectors.shape[0]} rows): {t_floor:.3f} s; model forward (residual stream only): {t_fwd:.3f} s"
+    )
+    print(
+        f"train step: {t_step:.3f} s; without the forward {t_step - t_fwd:.3f} s = {(t_step - t_fwd) / t_floor:.2f} x floor; "
+        f"peak memory added {m_step / MiB:.0f} MiB (the forward pass alone, measured first: {m_fwd / MiB:.0f} MiB)"
+    )
 
 
 if __name__ == "__main__":

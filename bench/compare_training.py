@@ -57,30 +57,41 @@ def _ref(python, *args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=os.environ.get("TL_LOGITLENS_MODELS"),
-                        help="folder of real models (default: $TL_LOGITLENS_MODELS)")
+    parser.add_argument(
+        "--models",
+        default=os.environ.get("TL_LOGITLENS_MODELS"),
+        help="folder of real models (default: $TL_LOGITLENS_MODELS)",
+    )
     parser.add_argument("--model", default="stories260k")
-    parser.add_argument("--ref-python", default=os.environ.get("TL_LOGITLENS_TUNED_LENS_PYTHON"),
-                        help="python of the tuned-lens 0.2.0 venv (default: $TL_LOGITLENS_TUNED_LENS_PYTHON)")
+    parser.add_argument(
+        "--ref-python",
+        default=os.environ.get("TL_LOGITLENS_TUNED_LENS_PYTHON"),
+        help="python of the tuned-lens 0.2.0 venv (default: $TL_LOGITLENS_TUNED_LENS_PYTHON)",
+    )
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--tokens-per-step", type=int, default=2 ** 14)
+    parser.add_argument("--tokens-per-step", type=int, default=2**14)
     parser.add_argument("--seq", type=int, default=128, help="tokens per generated sequence")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (both sides)")
     parser.add_argument("--heldout", type=int, default=64, help="held-out sequences")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--slack", type=float, default=0.02,
-                        help="relative excess of our KL over the reference's tolerated per layer")
+    parser.add_argument(
+        "--slack", type=float, default=0.02, help="relative excess of our KL over the reference's tolerated per layer"
+    )
     parser.add_argument("--work", default=None, help="folder for data and lenses (default: a temporary one)")
     parser.add_argument("--out", default=None, help="write the comparison as JSON here")
     args = parser.parse_args(argv)
     if not args.models:
         sys.exit("--models (or TL_LOGITLENS_MODELS) must name the folder of real models")
     if not args.ref_python:
-        sys.exit("--ref-python (or TL_LOGITLENS_TUNED_LENS_PYTHON) must name the python of a venv with "
-                 "tuned-lens==0.2.0 and torchdata==0.8.0")
+        sys.exit(
+            "--ref-python (or TL_LOGITLENS_TUNED_LENS_PYTHON) must name the python of a venv with "
+            "tuned-lens==0.2.0 and torchdata==0.8.0"
+        )
     if args.tokens_per_step % args.seq:
-        sys.exit(f"--tokens-per-step {args.tokens_per_step} must be a multiple of --seq {args.seq} "
-                 "(tuned-lens's loop requires it)")
+        sys.exit(
+            f"--tokens-per-step {args.tokens_per_step} must be a multiple of --seq {args.seq} "
+            "(tuned-lens's loop requires it)"
+        )
     folder = Path(args.models) / args.model
     work = Path(args.work or tempfile.mkdtemp(prefix="compare_training_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -90,11 +101,35 @@ def main(argv=None):
     # 1. The data: text the model writes itself, generated once on the reference side.
     train_pt, held_pt = work / "train.pt", work / "heldout.pt"
     if not train_pt.is_file():
-        timings["generate_train_s"] = _ref(args.ref_python, "generate", "--model", folder, "--out", train_pt,
-                                           "--n", n_train, "--seq", args.seq, "--seed", args.seed)
+        timings["generate_train_s"] = _ref(
+            args.ref_python,
+            "generate",
+            "--model",
+            folder,
+            "--out",
+            train_pt,
+            "--n",
+            n_train,
+            "--seq",
+            args.seq,
+            "--seed",
+            args.seed,
+        )
     if not held_pt.is_file():
-        timings["generate_heldout_s"] = _ref(args.ref_python, "generate", "--model", folder, "--out", held_pt,
-                                             "--n", args.heldout, "--seq", args.seq, "--seed", args.seed + 1)
+        timings["generate_heldout_s"] = _ref(
+            args.ref_python,
+            "generate",
+            "--model",
+            folder,
+            "--out",
+            held_pt,
+            "--n",
+            args.heldout,
+            "--seq",
+            args.seq,
+            "--seed",
+            args.seed + 1,
+        )
     train_tokens = torch.load(train_pt, weights_only=True)["tokens"]
     heldout = torch.load(held_pt, weights_only=True)["tokens"]
     print(f"data: {tuple(train_tokens.shape)} train, {tuple(heldout.shape)} held-out tokens ({work})")
@@ -102,21 +137,41 @@ def main(argv=None):
     # 2. The reference: tuned-lens's own loop.
     ref_json, ref_lens = work / "reference.json", work / "reference_lens"
     timings["reference_total_s"] = _ref(
-        args.ref_python, "train", "--model", folder, "--data", train_pt, "--heldout", held_pt, "--out", ref_lens,
-        "--json", ref_json, "--steps", args.steps, "--tokens-per-step", args.tokens_per_step,
-        "--batch-size", args.batch_size, "--seed", args.seed)
+        args.ref_python,
+        "train",
+        "--model",
+        folder,
+        "--data",
+        train_pt,
+        "--heldout",
+        held_pt,
+        "--out",
+        ref_lens,
+        "--json",
+        ref_json,
+        "--steps",
+        args.steps,
+        "--tokens-per-step",
+        args.tokens_per_step,
+        "--batch-size",
+        args.batch_size,
+        "--seed",
+        args.seed,
+    )
     ref = json.loads(ref_json.read_text())
     if ref["steps_done"] != args.steps:
         print(f"WARNING: the reference did {ref['steps_done']} of {args.steps} steps (its data ran out)")
 
     # 3. Ours.
-    import tl_logitlens as tll
     from transformer_lens.model_bridge import TransformerBridge
+
+    import tl_logitlens as tll
 
     model = TransformerBridge.boot_transformers(str(folder), device="cpu").eval()
     ev_logit = tll.evaluate_lens(model, heldout, batch_size=args.batch_size, progress=False)
-    ref_here = tll.evaluate_lens(model, heldout, lens=tll.TunedLens.load(ref_lens, model),
-                                 batch_size=args.batch_size, progress=False)
+    ref_here = tll.evaluate_lens(
+        model, heldout, lens=tll.TunedLens.load(ref_lens, model), batch_size=args.batch_size, progress=False
+    )
     layers = ref["layers"]
     n = len(layers)
     assert ev_logit.labels[:n] == layers, (ev_logit.labels, layers)
@@ -130,37 +185,64 @@ def main(argv=None):
         print("tl_logitlens.train_tuned_lens is not available in this checkout: only the reference is shown")
     else:
         started = time.perf_counter()
-        lens = train(model, train_tokens, steps=args.steps, tokens_per_step=args.tokens_per_step,
-                     batch_size=args.batch_size, seed=args.seed, progress=True)
+        lens = train(
+            model,
+            train_tokens,
+            steps=args.steps,
+            tokens_per_step=args.tokens_per_step,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            progress=True,
+        )
         ours_seconds = time.perf_counter() - started
         lens.save(work / "our_lens")
         ev_ours = tll.evaluate_lens(model, heldout, lens=lens, batch_size=args.batch_size, progress=False)
         kl_ours = ev_ours.mean("kl_to_final")[:n].tolist()
 
     # 4. Side by side.
-    print(f"\nheld-out KL(final || lens), nats, mean over {ev_logit.n_tokens} tokens; "
-          f"{args.steps} steps x {args.tokens_per_step} tokens")
+    print(
+        f"\nheld-out KL(final || lens), nats, mean over {ev_logit.n_tokens} tokens; "
+        f"{args.steps} steps x {args.tokens_per_step} tokens"
+    )
     head = f"{'layer':>7} {'logit':>9} {'logit(ref)':>10} {'ref tuned':>10} {'ref(ours ev)':>12} {'ours tuned':>10} {'ours-ref':>9}"
     print(head)
     worse = []
     for i, label in enumerate(layers):
         ours = f"{kl_ours[i]:10.4f}" if kl_ours else f"{'-':>10}"
         delta = f"{kl_ours[i] - ref['kl_tuned'][i]:+9.4f}" if kl_ours else f"{'-':>9}"
-        print(f"{label:>7} {kl_logit[i]:9.4f} {ref['kl_logit'][i]:10.4f} {ref['kl_tuned'][i]:10.4f} "
-              f"{kl_ref_here[i]:12.4f} {ours} {delta}")
+        print(
+            f"{label:>7} {kl_logit[i]:9.4f} {ref['kl_logit'][i]:10.4f} {ref['kl_tuned'][i]:10.4f} "
+            f"{kl_ref_here[i]:12.4f} {ours} {delta}"
+        )
         if kl_ours and kl_ours[i] > ref["kl_tuned"][i] * (1 + args.slack):
             worse.append(label)
-    cross = max(max(abs(a - b) / max(abs(b), 1e-9) for a, b in zip(kl_logit, ref["kl_logit"])),
-                max(abs(a - b) / max(abs(b), 1e-9) for a, b in zip(kl_ref_here, ref["kl_tuned"])))
+    cross = max(
+        max(abs(a - b) / max(abs(b), 1e-9) for a, b in zip(kl_logit, ref["kl_logit"])),
+        max(abs(a - b) / max(abs(b), 1e-9) for a, b in zip(kl_ref_here, ref["kl_tuned"])),
+    )
     print(f"\ncross-check (same data read the same way on both sides): max relative difference {cross:.2e}")
-    print(f"reference training {ref['train_seconds']:.1f} s"
-          + (f", ours {ours_seconds:.1f} s" if ours_seconds is not None else ""))
+    print(
+        f"reference training {ref['train_seconds']:.1f} s"
+        + (f", ours {ours_seconds:.1f} s" if ours_seconds is not None else "")
+    )
     result = {
-        "model": args.model, "steps": args.steps, "tokens_per_step": args.tokens_per_step, "seq": args.seq,
-        "batch_size": args.batch_size, "seed": args.seed, "heldout_tokens": ev_logit.n_tokens, "layers": layers,
-        "kl_logit": kl_logit, "kl_logit_reference": ref["kl_logit"], "kl_tuned_reference": ref["kl_tuned"],
-        "kl_tuned_reference_scored_here": kl_ref_here, "kl_tuned_ours": kl_ours,
-        "cross_check_max_rel": cross, "reference": ref, "ours_train_seconds": ours_seconds, "timings": timings,
+        "model": args.model,
+        "steps": args.steps,
+        "tokens_per_step": args.tokens_per_step,
+        "seq": args.seq,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "heldout_tokens": ev_logit.n_tokens,
+        "layers": layers,
+        "kl_logit": kl_logit,
+        "kl_logit_reference": ref["kl_logit"],
+        "kl_tuned_reference": ref["kl_tuned"],
+        "kl_tuned_reference_scored_here": kl_ref_here,
+        "kl_tuned_ours": kl_ours,
+        "cross_check_max_rel": cross,
+        "reference": ref,
+        "ours_train_seconds": ours_seconds,
+        "timings": timings,
         "worse_layers": worse,
     }
     if args.out:

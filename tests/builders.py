@@ -75,15 +75,39 @@ def word_tokenizer(vocab_size: int) -> Any:
 
 
 # -- HookedTransformer (2.x, 3.x) ---------------------------------------------------------
-def hooked(normalization="LN", fold=False, attn_only=False, gated=False, rotary=False,
-           n_kv=None, tied=False, seed=0, tokenizer=False, dtype=torch.float32, device="cpu", n_devices=1) -> Any:
+def hooked(
+    normalization="LN",
+    fold=False,
+    attn_only=False,
+    gated=False,
+    rotary=False,
+    n_kv=None,
+    tied=False,
+    seed=0,
+    tokenizer=False,
+    dtype=torch.float32,
+    device="cpu",
+    n_devices=1,
+) -> Any:
     cfg = HookedTransformerConfig(
-        dtype=dtype, device=device, n_devices=n_devices,
-        n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=None if attn_only else 48,
-        d_vocab=D_VOCAB, n_ctx=N_CTX, act_fn="silu" if gated else "gelu",
-        normalization_type=normalization, attn_only=attn_only, gated_mlp=gated,
+        dtype=dtype,
+        device=device,
+        n_devices=n_devices,
+        n_layers=2,
+        d_model=32,
+        n_heads=4,
+        d_head=8,
+        d_mlp=None if attn_only else 48,
+        d_vocab=D_VOCAB,
+        n_ctx=N_CTX,
+        act_fn="silu" if gated else "gelu",
+        normalization_type=normalization,
+        attn_only=attn_only,
+        gated_mlp=gated,
         positional_embedding_type="rotary" if rotary else "standard",
-        rotary_dim=8 if rotary else None, n_key_value_heads=n_kv, seed=seed,
+        rotary_dim=8 if rotary else None,
+        n_key_value_heads=n_kv,
+        seed=seed,
         default_prepend_bos=True,
     )
     model = HookedTransformer(cfg, tokenizer=word_tokenizer(D_VOCAB) if tokenizer else None)
@@ -103,8 +127,16 @@ def native_bridge(normalization="LN", compat=False, seed=0) -> Any:
     from transformer_lens.config import TransformerBridgeConfig
 
     cfg = TransformerBridgeConfig(
-        d_model=32, n_layers=2, n_heads=4, d_head=8, d_mlp=48, d_vocab=D_VOCAB, n_ctx=N_CTX,
-        act_fn="gelu", normalization_type=normalization, seed=seed,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        d_head=8,
+        d_mlp=48,
+        d_vocab=D_VOCAB,
+        n_ctx=N_CTX,
+        act_fn="gelu",
+        normalization_type=normalization,
+        seed=seed,
     )
     bridge = TransformerBridge.boot_native(cfg, tokenizer=word_tokenizer(D_VOCAB))
     perturb_(bridge, seed)
@@ -119,19 +151,48 @@ def hf_dir(kind: str, seed: int = 0, tied: bool = False) -> str:
 
     torch.manual_seed(seed)
     if kind == "gpt2":
-        model = tf.GPT2LMHeadModel(tf.GPT2Config(
-            n_layer=2, n_embd=32, n_head=4, vocab_size=D_VOCAB, n_positions=N_CTX,
-            bos_token_id=1, eos_token_id=1, tie_word_embeddings=tied))
+        model = tf.GPT2LMHeadModel(
+            tf.GPT2Config(
+                n_layer=2,
+                n_embd=32,
+                n_head=4,
+                vocab_size=D_VOCAB,
+                n_positions=N_CTX,
+                bos_token_id=1,
+                eos_token_id=1,
+                tie_word_embeddings=tied,
+            )
+        )
     elif kind == "llama":
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(
-            num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=48, vocab_size=D_VOCAB, max_position_embeddings=N_CTX,
-            tie_word_embeddings=tied, bos_token_id=1, eos_token_id=1, pad_token_id=2))
+        model = tf.LlamaForCausalLM(
+            tf.LlamaConfig(
+                num_hidden_layers=2,
+                hidden_size=32,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                intermediate_size=48,
+                vocab_size=D_VOCAB,
+                max_position_embeddings=N_CTX,
+                tie_word_embeddings=tied,
+                bos_token_id=1,
+                eos_token_id=1,
+                pad_token_id=2,
+            )
+        )
     elif kind == "neox":
-        model = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(
-            num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=48,
-            vocab_size=D_VOCAB, max_position_embeddings=N_CTX, bos_token_id=1, eos_token_id=1,
-            tie_word_embeddings=tied))
+        model = tf.GPTNeoXForCausalLM(
+            tf.GPTNeoXConfig(
+                num_hidden_layers=2,
+                hidden_size=32,
+                num_attention_heads=4,
+                intermediate_size=48,
+                vocab_size=D_VOCAB,
+                max_position_embeddings=N_CTX,
+                bos_token_id=1,
+                eos_token_id=1,
+                tie_word_embeddings=tied,
+            )
+        )
     else:
         raise ValueError(kind)
     perturb_(model, seed)
@@ -142,8 +203,14 @@ def hf_dir(kind: str, seed: int = 0, tied: bool = False) -> str:
 
 
 #: A two-layer Llama split over two GPUs: embeddings and layer 0 on the first, the rest on the second.
-LLAMA_SPLIT = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0,
-               "model.layers.1": 1, "model.norm": 1, "lm_head": 1}
+LLAMA_SPLIT = {
+    "model.embed_tokens": 0,
+    "model.rotary_emb": 0,
+    "model.layers.0": 0,
+    "model.layers.1": 1,
+    "model.norm": 1,
+    "lm_head": 1,
+}
 
 
 def hf_bridge(kind: str, compat=False, tied=False, seed=0, dtype=torch.float32, device="cpu", device_map=None) -> Any:
@@ -209,10 +276,21 @@ def precision_cases(dtypes=(torch.bfloat16, torch.float16), device="cpu") -> Lis
     for dtype in dtypes:
         tag = _SHORT[dtype] + ("" if device == "cpu" else f"-{device}")
         if HookedTransformer is not None:
-            out.append(Case(f"ht-ln-folded-{tag}", lambda d=dtype: hooked("LN", fold=True, dtype=d, device=device),
-                            folded=True, hooked=True))
-            out.append(Case(f"ht-rms-gqa-{tag}", lambda d=dtype: hooked("RMS", gated=True, rotary=True, n_kv=2,
-                                                                         dtype=d, device=device), hooked=True))
+            out.append(
+                Case(
+                    f"ht-ln-folded-{tag}",
+                    lambda d=dtype: hooked("LN", fold=True, dtype=d, device=device),
+                    folded=True,
+                    hooked=True,
+                )
+            )
+            out.append(
+                Case(
+                    f"ht-rms-gqa-{tag}",
+                    lambda d=dtype: hooked("RMS", gated=True, rotary=True, n_kv=2, dtype=d, device=device),
+                    hooked=True,
+                )
+            )
         if TransformerBridge is not None:
             out.append(Case(f"gpt2-{tag}", lambda d=dtype: hf_bridge("gpt2", dtype=d, device=device)))
             out.append(Case(f"llama-gqa-{tag}", lambda d=dtype: hf_bridge("llama", dtype=d, device=device)))
@@ -291,8 +369,14 @@ def sampled_tokens(model, n: int, length: int, seed: int = 0) -> torch.Tensor:
         torch.manual_seed(seed)
         if hf is not None and hasattr(hf, "generate"):
             pad = getattr(tokenizer, "pad_token_id", None)
-            out = hf.generate(ids, do_sample=True, top_k=0, max_length=length, min_length=length,
-                              pad_token_id=0 if pad is None else pad)
+            out = hf.generate(
+                ids,
+                do_sample=True,
+                top_k=0,
+                max_length=length,
+                min_length=length,
+                pad_token_id=0 if pad is None else pad,
+            )
             return out.cpu()
         for _ in range(length - 1):
             probs = torch.softmax(model(ids)[:, -1].float(), -1)
@@ -306,6 +390,6 @@ def randomise_lens(lens: Any, seed: int = 0, scale: float = 0.3) -> Any:
     d = lens.d_model
     with torch.no_grad():
         for layer in lens.translators.values():
-            layer.weight.copy_(scale * torch.randn(d, d, generator=g) / d ** 0.5)
+            layer.weight.copy_(scale * torch.randn(d, d, generator=g) / d**0.5)
             layer.bias.copy_(scale * torch.randn(d, generator=g))
     return lens

@@ -64,8 +64,9 @@ def normalise(model: Any, stack: torch.Tensor, cache: Any, mode: str) -> torch.T
     return x
 
 
-def lens_reference(model: Any, tokens: torch.Tensor, *, norm: str = "recompute", unembed: str = "W_U",
-                   incl_mid: bool = False) -> Dict[str, torch.Tensor]:
+def lens_reference(
+    model: Any, tokens: torch.Tensor, *, norm: str = "recompute", unembed: str = "W_U", incl_mid: bool = False
+) -> Dict[str, torch.Tensor]:
     """Full-logit lens statistics ``[layer, batch, pos, ...]`` computed directly."""
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens)
@@ -120,7 +121,7 @@ def dla_reference(model: Any, cache: Any, answers: torch.Tensor, wrong: torch.Te
         if f"blocks.{layer}.hook_mlp_out" in cache.cache_dict:
             names.append(f"blocks.{layer}.hook_mlp_out")
     values = torch.stack([contrib(cache[name]) for name in names])
-    constant = (model.b_U[answers] - model.b_U[wrong])
+    constant = model.b_U[answers] - model.b_U[wrong]
     if bias is not None and has_norm(model):
         constant = constant + (u * bias).sum(-1)
     return {"names": names, "values": values, "constant": constant}
@@ -159,7 +160,9 @@ def neuron_pieces(model: Any, cache: Any, layer: int, pos: int = -1) -> torch.Te
     return torch.stack([post[:, n : n + 1] * W_out[n] for n in range(W_out.shape[0])])
 
 
-def project_cached(model: Any, cache: Any, pieces: torch.Tensor, answers: torch.Tensor, wrong: torch.Tensor) -> torch.Tensor:
+def project_cached(
+    model: Any, cache: Any, pieces: torch.Tensor, answers: torch.Tensor, wrong: torch.Tensor
+) -> torch.Tensor:
     """Pieces ``[n, batch, d_model]`` at the last position read along ``W_U[answer] - W_U[wrong]``
     through the final norm with the forward pass's own scale (no bias): ``[n, batch]``."""
     u = (model.W_U[:, answers] - model.W_U[:, wrong]).T
@@ -204,8 +207,14 @@ def final_norm64(model: Any, x: torch.Tensor) -> torch.Tensor:
         return x.double()
     ln = model.ln_final
     inner = getattr(ln, "original_component", None) or ln
-    eps = next((float(getattr(inner, n)) for n in ("eps", "variance_epsilon") if isinstance(getattr(inner, n, None), (int, float))),
-               float(model.cfg.eps))
+    eps = next(
+        (
+            float(getattr(inner, n))
+            for n in ("eps", "variance_epsilon")
+            if isinstance(getattr(inner, n, None), (int, float))
+        ),
+        float(model.cfg.eps),
+    )
     x = x.double()
     if str(kind).startswith("LN"):
         x = x - x.mean(-1, keepdim=True)

@@ -33,13 +33,21 @@ def driver():
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1500,1100"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1500,1100",
+    ):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     drv = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     drv.execute_cdp_cmd("Network.enable", {})
-    drv.execute_cdp_cmd("Network.emulateNetworkConditions",
-                        {"offline": True, "latency": 0, "downloadThroughput": 0, "uploadThroughput": 0})
+    drv.execute_cdp_cmd(
+        "Network.emulateNetworkConditions",
+        {"offline": True, "latency": 0, "downloadThroughput": 0, "uploadThroughput": 0},
+    )
     yield drv
     drv.quit()
 
@@ -51,7 +59,9 @@ def open_page(drv, path):
         if drv.execute_script("const g = document.getElementById('tll-plot'); return g && g.dataset.ready === '1';"):
             return
         time.sleep(0.05)
-    raise AssertionError(f"the page never drew: {drv.find_element('id', 'tll-plot').text!r}, log {drv.get_log('browser')}")
+    raise AssertionError(
+        f"the page never drew: {drv.find_element('id', 'tll-plot').text!r}, log {drv.get_log('browser')}"
+    )
 
 
 def hover(drv, xval, yval, trace_axes=("xaxis", "yaxis")):
@@ -62,7 +72,10 @@ def hover(drv, xval, yval, trace_axes=("xaxis", "yaxis")):
         "const gd = document.getElementById('tll-plot'), fl = gd._fullLayout, r = gd.getBoundingClientRect();"
         "const xa = fl[arguments[2]], ya = fl[arguments[3]];"
         "return [r.left + xa._offset + xa.l2p(arguments[0]), r.top + ya._offset + ya.l2p(arguments[1])];",
-        xval, yval, *trace_axes)
+        xval,
+        yval,
+        *trace_axes,
+    )
     drv.execute_script("Plotly.Fx.unhover(document.getElementById('tll-plot'));")  # no stale tooltip to read
     action = ActionBuilder(drv, duration=10)  # ms per move (the default 250 only slows the test)
     action.pointer_action.move_to_location(1, 1)  # leave first so the same cell hovers anew
@@ -74,7 +87,8 @@ def hover(drv, xval, yval, trace_axes=("xaxis", "yaxis")):
             "const t = document.querySelector('.hoverlayer .hovertext text.nums');"
             "if (!t) return null;"
             "const spans = t.querySelectorAll('tspan.line');"
-            "return spans.length ? Array.from(spans, s => s.textContent) : [t.textContent];")
+            "return spans.length ? Array.from(spans, s => s.textContent) : [t.textContent];"
+        )
         if lines:
             return lines
         time.sleep(0.05)
@@ -116,8 +130,10 @@ def expected_lens_lines(result, layer, b, j, k):
     if tid < 0:
         lines.append("next: none")
     else:
-        lines.append(f"next {tok(result, tid)}  p {g4(result.target_probs[layer, b, j, 0])}"
-                     f"  rank {int(result.target_ranks[layer, b, j, 0])}")
+        lines.append(
+            f"next {tok(result, tid)}  p {g4(result.target_probs[layer, b, j, 0])}"
+            f"  rank {int(result.target_ranks[layer, b, j, 0])}"
+        )
     lines.append(f"entropy {g4(result.entropy[layer, b, j])} · KL {g4(result.kl_to_final[layer, b, j])} nats")
     return lines
 
@@ -141,11 +157,12 @@ def test_lens_tooltips_menus_and_console(driver, lens_page):
         assert hover(driver, j, layer) == expected_lens_lines(result, layer, 0, j, 3), (layer, j)
 
     def z():
-        return driver.execute_script("const gd = document.getElementById('tll-plot');"
-                                     "return gd.data.map(t => t.z);")
+        return driver.execute_script("const gd = document.getElementById('tll-plot');return gd.data.map(t => t.z);")
 
     def image():
-        return driver.execute_script("return Array.from(document.querySelectorAll('.hm image'), i => i.getAttribute('href'));")
+        return driver.execute_script(
+            "return Array.from(document.querySelectorAll('.hm image'), i => i.getAttribute('href'));"
+        )
 
     z_prob, img_prob = z(), image()
     assert z_prob[0][2][7] == float(g4(result.top_probs[2, 0, 7, 0]))
@@ -187,8 +204,10 @@ def test_attribution_heads_and_evaluation_curves(driver, tmp_path):
         assert hover(driver, head, layer) == [f"L{layer}H{head}: {float(mean):+.4g}", "mean over 3 cells"]
     click_menu(driver, 0, f"prompt 2 pos {int(att.positions[2, 0])}")
     b = 2
-    assert hover(driver, 1, 1) == [f"L1H1: {float(heads[1, 1, b]):+.4g}",
-                                   f"model {float(att.model_value[b]):+.4g} · constant {float(att.constant[b]):+.4g}"]
+    assert hover(driver, 1, 1) == [
+        f"L1H1: {float(heads[1, 1, b]):+.4g}",
+        f"model {float(att.model_value[b]):+.4g} · constant {float(att.constant[b]):+.4g}",
+    ]
 
     from tl_logitlens.evaluate import evaluate_lens
 
@@ -198,6 +217,9 @@ def test_attribution_heads_and_evaluation_curves(driver, tmp_path):
     layer = 1
     mean = float(ev.mean("entropy")[layer])
     lines = hover(driver, layer, mean)
-    assert lines == [f"entropy · {ev.labels[layer]}", f"mean {mean:.4g}",
-                     f"q25 {float(ev.quantile('entropy', 0.25)[layer]):.4g} · q75 {float(ev.quantile('entropy', 0.75)[layer]):.4g}"]
+    assert lines == [
+        f"entropy · {ev.labels[layer]}",
+        f"mean {mean:.4g}",
+        f"q25 {float(ev.quantile('entropy', 0.25)[layer]):.4g} · q75 {float(ev.quantile('entropy', 0.75)[layer]):.4g}",
+    ]
     assert console_errors(driver) == []

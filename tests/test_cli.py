@@ -4,10 +4,10 @@ import json
 import subprocess
 import sys
 
+import builders
 import pytest
 import torch
 
-import builders
 import tl_logitlens as tll
 from tl_logitlens.cli import build_parser, main
 from tl_logitlens.model_access import TransformerBridge
@@ -31,8 +31,17 @@ def run(capsys, *argv):
 def test_demo_writes_every_figure_table_and_summary(tmp_path, capsys):
     code, out, err = run(capsys, "demo", "--out", str(tmp_path))
     assert code == 0, err
-    for name in ("lens_heatmap.png", "trajectory.png", "lens_metrics.png", "attribution_components.png",
-                 "attribution_heads.png", "attribution_neurons.png", "lens.csv", "attribution_heads.csv", "summary.json"):
+    for name in (
+        "lens_heatmap.png",
+        "trajectory.png",
+        "lens_metrics.png",
+        "attribution_components.png",
+        "attribution_heads.png",
+        "attribution_neurons.png",
+        "lens.csv",
+        "attribution_heads.csv",
+        "summary.json",
+    ):
         assert (tmp_path / name).stat().st_size > 0, name
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["residual_error"] < 1e-4
@@ -46,13 +55,39 @@ def test_demo_writes_every_figure_table_and_summary(tmp_path, capsys):
 
 def test_lens_and_dla_on_the_demo_model(tmp_path, capsys, words):
     prompt, answer, first = words
-    code, out, err = run(capsys, "lens", "--model", "demo", "--prompt", prompt, "--target", answer,
-                         "--metric", "rank", "--out", str(tmp_path / "lens"))
+    code, out, err = run(
+        capsys,
+        "lens",
+        "--model",
+        "demo",
+        "--prompt",
+        prompt,
+        "--target",
+        answer,
+        "--metric",
+        "rank",
+        "--out",
+        str(tmp_path / "lens"),
+    )
     assert code == 0, err
     assert (tmp_path / "lens" / "trajectory.png").exists() and (tmp_path / "lens" / "lens.csv").exists()
     assert f"'{answer}': p=" in out
-    code, out, err = run(capsys, "dla", "--model", "demo", "--prompt", prompt, "--answer", answer,
-                         "--wrong", first, "--by", "head", "--out", str(tmp_path / "dla"))
+    code, out, err = run(
+        capsys,
+        "dla",
+        "--model",
+        "demo",
+        "--prompt",
+        prompt,
+        "--answer",
+        answer,
+        "--wrong",
+        first,
+        "--by",
+        "head",
+        "--out",
+        str(tmp_path / "dla"),
+    )
     assert code == 0, err
     summary = json.loads((tmp_path / "dla" / "summary.json").read_text())
     assert summary["residual_error"] < 1e-4 and "logit difference" in out
@@ -66,12 +101,15 @@ def test_local_hugging_face_folder(capsys):
     assert "residual error" in out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["lens", "--model", "./no/such/folder", "--prompt", "x"], "no model directory at './no/such/folder'"),
-    (["lens", "--model", "demo", "--prompt", "red", "--metric", "colour"], "invalid choice: 'colour'"),
-    (["dla", "--model", "demo", "--prompt", "red", "--answer", "red blue"], "is not a single token"),
-    (["dla", "--model", "demo", "--prompt", "red"], "the following arguments are required: --answer"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["lens", "--model", "./no/such/folder", "--prompt", "x"], "no model directory at './no/such/folder'"),
+        (["lens", "--model", "demo", "--prompt", "red", "--metric", "colour"], "invalid choice: 'colour'"),
+        (["dla", "--model", "demo", "--prompt", "red", "--answer", "red blue"], "is not a single token"),
+        (["dla", "--model", "demo", "--prompt", "red"], "the following arguments are required: --answer"),
+    ],
+)
 def test_usage_errors_exit_2_with_one_line(capsys, argv, message):
     code, out, err = run(capsys, *argv)
     assert code == 2
@@ -107,7 +145,9 @@ def test_eval_on_a_text_file(tmp_path, capsys, words):
     prompt, _, _ = words
     data = tmp_path / "docs.txt"
     data.write_text("\n".join([prompt, prompt + " " + prompt.split()[0], ""]))
-    code, out, err = run(capsys, "eval", "--model", "demo", "--data", str(data), "--quiet", "--out", str(tmp_path / "ev"))
+    code, out, err = run(
+        capsys, "eval", "--model", "demo", "--data", str(data), "--quiet", "--out", str(tmp_path / "ev")
+    )
     assert code == 0, err
     for name in ("lens_eval.csv", "lens_eval.json", "lens_eval.png"):
         assert (tmp_path / "ev" / name).stat().st_size > 0
@@ -129,8 +169,20 @@ def test_tokens_and_id_answers_match_the_models_own_logits(tmp_path, capsys, dem
     model, tokens, answer = demo_tokens
     ids = ",".join(str(int(t)) for t in tokens[0])
     wrong = int(tokens[0, 1])
-    code, out, err = run(capsys, "dla", "--model", "demo", "--tokens", ids, "--answer", f"id:{answer}",
-                         "--wrong", f"id:{wrong}", "--out", str(tmp_path))
+    code, out, err = run(
+        capsys,
+        "dla",
+        "--model",
+        "demo",
+        "--tokens",
+        ids,
+        "--answer",
+        f"id:{answer}",
+        "--wrong",
+        f"id:{wrong}",
+        "--out",
+        str(tmp_path),
+    )
     assert code == 0, err
     summary = json.loads((tmp_path / "summary.json").read_text())
     logits = model(tokens)[0, -1].detach()
@@ -145,8 +197,20 @@ def test_several_prompts_text_file_and_repeated_tokens(tmp_path, capsys, words, 
     assert out.count("What each layer predicts") == 2 and "(prompt 1, position" in out
     file = tmp_path / "prompts.txt"
     file.write_text(f"{prompt}\n\nred cat sun red cat\n")
-    code, out, err = run(capsys, "dla", "--model", "demo", "--prompts", str(file), "--answer", answer,
-                         "--answer", "sun", "--out", str(tmp_path / "dla"))
+    code, out, err = run(
+        capsys,
+        "dla",
+        "--model",
+        "demo",
+        "--prompts",
+        str(file),
+        "--answer",
+        answer,
+        "--answer",
+        "sun",
+        "--out",
+        str(tmp_path / "dla"),
+    )
     assert code == 0, err
     assert len(json.loads((tmp_path / "dla" / "summary.json").read_text())["model_values"]) == 2
     _, tokens, _ = demo_tokens
@@ -158,23 +222,50 @@ def test_several_prompts_text_file_and_repeated_tokens(tmp_path, capsys, words, 
 
 def test_position_layers_format_dpi_and_dtype(tmp_path, capsys, words):
     prompt, answer, _ = words
-    code, out, err = run(capsys, "lens", "--model", "demo", "--prompt", prompt, "--position", "2", "--layers", "0,final_post",
-                         "--dtype", "float64", "--format", "svg", "--dpi", "40", "--target", answer, "--out", str(tmp_path))
+    code, out, err = run(
+        capsys,
+        "lens",
+        "--model",
+        "demo",
+        "--prompt",
+        prompt,
+        "--position",
+        "2",
+        "--layers",
+        "0,final_post",
+        "--dtype",
+        "float64",
+        "--format",
+        "svg",
+        "--dpi",
+        "40",
+        "--target",
+        answer,
+        "--out",
+        str(tmp_path),
+    )
     assert code == 0, err
     assert "position 2)" in out and "0_pre" in out and "1_pre" not in out
     assert (tmp_path / "lens_heatmap.svg").read_text().lstrip().startswith("<?xml")
     assert (tmp_path / "trajectory.svg").exists() and not list(tmp_path.glob("*.png"))
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["dtype"] == "float64" and [r["layer"] for r in summary["lens_at_position"][0]] == ["0_pre", "final_post"]
+    assert summary["dtype"] == "float64" and [r["layer"] for r in summary["lens_at_position"][0]] == [
+        "0_pre",
+        "final_post",
+    ]
 
 
 def test_accumulated_prints_in_layer_order_and_head_lists_heads(capsys, words):
     prompt, answer, first = words
-    code, out, err = run(capsys, "dla", "--model", "demo", "--prompt", prompt, "--answer", answer, "--by", "accumulated")
+    code, out, err = run(
+        capsys, "dla", "--model", "demo", "--prompt", prompt, "--answer", answer, "--by", "accumulated"
+    )
     assert code == 0, err
     printed = [line.split()[0] for line in out.splitlines()[1:] if line.strip()]
     assert printed == ["0_pre", "1_pre", "final_post"]
-    code, out, err = run(capsys, "dla", "--model", "demo", "--prompt", prompt, "--answer", answer, "--by", "head", "--top", "20")
+    code, out, err = run(
+        capsys, "dla", "--model", "demo", "--prompt", prompt, "--answer", answer, "--by", "head", "--top", "20"
+    )
     assert code == 0, err
     printed = [line.split()[0] for line in out.splitlines()[1:] if line.strip()]
     assert printed and all(label.startswith("L") and "H" in label for label in printed)
@@ -185,7 +276,9 @@ def test_eval_on_a_token_file(tmp_path, capsys, demo_tokens):
     data = tmp_path / "tokens.pt"
     batch = tokens.repeat(3, 1)
     torch.save(batch, data)
-    code, out, err = run(capsys, "eval", "--model", "demo", "--data", str(data), "--quiet", "--out", str(tmp_path / "ev"))
+    code, out, err = run(
+        capsys, "eval", "--model", "demo", "--data", str(data), "--quiet", "--out", str(tmp_path / "ev")
+    )
     assert code == 0, err
     n_tokens = batch.shape[0] * (batch.shape[1] - 1)
     assert out.startswith(f"{n_tokens} tokens")
@@ -239,7 +332,17 @@ def test_real_model_tokens(models_dir, capsys):
     if TransformerBridge is None:
         pytest.skip("needs TransformerBridge")
     # capp-gpt2 splits text on '|': a space-separated prompt would not mean these tokens.
-    code, out, err = run(capsys, "dla", "--model", str(models_dir / "capp-gpt2"), "--tokens", "49,12,7,50",
-                         "--answer", "id:14", "--by", "accumulated")
+    code, out, err = run(
+        capsys,
+        "dla",
+        "--model",
+        str(models_dir / "capp-gpt2"),
+        "--tokens",
+        "49,12,7,50",
+        "--answer",
+        "id:14",
+        "--by",
+        "accumulated",
+    )
     assert code == 0, err
     assert [line.split()[0] for line in out.splitlines()[1:]][-1] == "final_post"

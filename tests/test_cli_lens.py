@@ -3,14 +3,13 @@ with the logit lens; a missing folder or a lens for another model is one line, e
 
 import json
 
+import builders
 import pytest
 import torch
 
-import builders
 import tl_logitlens as tll
 from tl_logitlens.cli import main
-from tl_logitlens.evaluate import LensComparison
-from tl_logitlens.evaluate import STATISTICS, evaluate_lens
+from tl_logitlens.evaluate import STATISTICS, LensComparison, evaluate_lens
 from tl_logitlens.model_access import HookedTransformer
 
 
@@ -28,7 +27,7 @@ def demo():
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for layer in lens.translators.values():
-            layer.weight.copy_(0.4 * torch.randn(layer.weight.shape, generator=g) / model.cfg.d_model ** 0.5)
+            layer.weight.copy_(0.4 * torch.randn(layer.weight.shape, generator=g) / model.cfg.d_model**0.5)
             layer.bias.copy_(0.4 * torch.randn(layer.bias.shape, generator=g))
     folder = builders.temp_dir("tll-cli-lens-")
     lens.save(folder)
@@ -63,8 +62,9 @@ def test_eval_compares_the_logit_and_the_tuned_lens(demo, tmp_path, capsys):
     data = tmp_path / "docs.txt"
     data.write_text("\n".join([words, " ".join(words.split()[2:]), words.split()[0] + " " + words]))
     out_dir = tmp_path / "cmp"
-    code, out, err = run(capsys, "eval", "--model", "demo", "--data", str(data), "--lens", folder, "--quiet",
-                         "--out", str(out_dir))
+    code, out, err = run(
+        capsys, "eval", "--model", "demo", "--data", str(data), "--lens", folder, "--quiet", "--out", str(out_dir)
+    )
     assert code == 0, err
     assert "logit" in out and "tuned" in out and "final_post" in out
     for name in ("lens_compare.csv", "lens_compare.json", "lens_compare.png"):
@@ -99,8 +99,14 @@ def test_lens_errors_are_one_line_exit_2(demo, tmp_path, capsys):
         (["lens", "--model", "demo", "--prompt", "red", "--lens", str(tmp_path / "missing")], "no such folder"),
         (["eval", "--model", "demo", "--data", str(data), "--lens", str(tmp_path / "missing")], "no such folder"),
         (["lens", "--model", "demo", "--prompt", "red", "--lens", str(empty)], "holds no config.json"),
-        (["lens", "--model", "demo", "--prompt", "red", "--lens", str(foreign)], "the lens has d_model=32 but the model has d_model=64"),
-        (["eval", "--model", "demo", "--data", str(data), "--quiet", "--lens", str(foreign)], "the lens has d_model=32"),
+        (
+            ["lens", "--model", "demo", "--prompt", "red", "--lens", str(foreign)],
+            "the lens has d_model=32 but the model has d_model=64",
+        ),
+        (
+            ["eval", "--model", "demo", "--data", str(data), "--quiet", "--lens", str(foreign)],
+            "the lens has d_model=32",
+        ),
         (["lens", "--model", "demo", "--prompt", "red", "--lens", str(damaged)], "cannot be read as a tensor file"),
     ]
     for argv, message in cases:

@@ -27,8 +27,23 @@ def token_file(tmp_path_factory):
 def test_train_lens_writes_the_lens_the_api_trains(tmp_path, capsys, token_file):
     path, tokens = token_file
     out_dir = tmp_path / "lens"
-    code, out, err = run(capsys, "train-lens", "--model", "demo", "--data", str(path), "--steps", "4",
-                         "--tokens-per-step", "24", "--batch-size", "2", "--out", str(out_dir), "--quiet")
+    code, out, err = run(
+        capsys,
+        "train-lens",
+        "--model",
+        "demo",
+        "--data",
+        str(path),
+        "--steps",
+        "4",
+        "--tokens-per-step",
+        "24",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out_dir),
+        "--quiet",
+    )
     assert code == 0, err
     assert "Trained 2 translators for 4 steps on 96 tokens" in out
     assert json.loads((out_dir / "config.json").read_text())["lens_type"] == "linear_tuned_lens"
@@ -38,22 +53,81 @@ def test_train_lens_writes_the_lens_the_api_trains(tmp_path, capsys, token_file)
     for (k, a), (_, b) in zip(loaded.state_dict().items(), expected.state_dict().items()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
     # Again without --resume: refused, the checkpoint untouched; with it, the finished run is kept.
-    code, out, err = run(capsys, "train-lens", "--model", "demo", "--data", str(path), "--steps", "4",
-                         "--tokens-per-step", "24", "--batch-size", "2", "--out", str(out_dir), "--quiet")
+    code, out, err = run(
+        capsys,
+        "train-lens",
+        "--model",
+        "demo",
+        "--data",
+        str(path),
+        "--steps",
+        "4",
+        "--tokens-per-step",
+        "24",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out_dir),
+        "--quiet",
+    )
     assert code == 2 and "holds a training checkpoint; pass --resume" in err and len(err.strip().splitlines()) == 1
-    code, out, err = run(capsys, "train-lens", "--model", "demo", "--data", str(path), "--steps", "4",
-                         "--tokens-per-step", "24", "--batch-size", "2", "--out", str(out_dir), "--quiet", "--resume")
+    code, out, err = run(
+        capsys,
+        "train-lens",
+        "--model",
+        "demo",
+        "--data",
+        str(path),
+        "--steps",
+        "4",
+        "--tokens-per-step",
+        "24",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out_dir),
+        "--quiet",
+        "--resume",
+    )
     assert code == 0 and "for 4 steps on 96 tokens" in out
-    code, out, err = run(capsys, "train-lens", "--model", "demo", "--data", str(path), "--steps", "5",
-                         "--tokens-per-step", "24", "--out", str(out_dir), "--quiet", "--resume")
+    code, out, err = run(
+        capsys,
+        "train-lens",
+        "--model",
+        "demo",
+        "--data",
+        str(path),
+        "--steps",
+        "5",
+        "--tokens-per-step",
+        "24",
+        "--out",
+        str(out_dir),
+        "--quiet",
+        "--resume",
+    )
     assert code == 2 and "other settings" in err and "steps: checkpoint 4, now 5" in err
     assert len(err.strip().splitlines()) == 1
 
 
 def test_train_lens_shows_a_progress_bar_with_tokens_per_second_and_loss(tmp_path, capsys, token_file):
     path, _ = token_file
-    code, out, err = run(capsys, "train-lens", "--model", "demo", "--data", str(path), "--steps", "2",
-                         "--tokens-per-step", "24", "--out", str(tmp_path / "lens"), "--loss", "ce")
+    code, out, err = run(
+        capsys,
+        "train-lens",
+        "--model",
+        "demo",
+        "--data",
+        str(path),
+        "--steps",
+        "2",
+        "--tokens-per-step",
+        "24",
+        "--out",
+        str(tmp_path / "lens"),
+        "--loss",
+        "ce",
+    )
     assert code == 0, err
     assert "tok/s" in err and "loss" in err and "step 2/2" in err
 

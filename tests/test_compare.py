@@ -8,17 +8,15 @@ run separately shows that sharing the pass, the stream and the reference changes
 import json
 import warnings
 
+import builders
 import pytest
+import reference
 import torch
 
-import builders
-import reference
 import tl_logitlens as tll
-from tl_logitlens.evaluate import LensComparison, compare_lenses
 from tl_logitlens.errors import LensInputError
-from tl_logitlens.evaluate import STATISTICS, evaluate_lens
+from tl_logitlens.evaluate import STATISTICS, LensComparison, compare_lenses, evaluate_lens
 from tl_logitlens.model_access import HookedTransformer
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
@@ -73,7 +71,10 @@ def test_tuned_lens_statistics_match_full_float64_logits(model):
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens)
         labels, stack = reference.accumulated(model, cache)
-        final = reference.normalise(model, stack[-1:], cache, "recompute").double() @ model.W_U.double() + model.b_U.double()
+        final = (
+            reference.normalise(model, stack[-1:], cache, "recompute").double() @ model.W_U.double()
+            + model.b_U.double()
+        )
         final = torch.log_softmax(final[0], -1)[:, :-1]
         for name in ("logit", "tuned"):
             moved = []
@@ -141,15 +142,26 @@ def test_errors_come_before_any_forward_pass(model):
         ({3: None}, "lens names must be non-empty strings"),
         ({"": None}, "lens names must be non-empty strings"),
         ({"logit": None, "bad": 3}, "lens 'bad': lens must be a callable"),
-        ({"logit": None, "foreign": foreign}, r"lens 'foreign' is a TunedLens for another model: it has d_model=64 .* the model has d_model=32"),
+        (
+            {"logit": None, "foreign": foreign},
+            r"lens 'foreign' is a TunedLens for another model: it has d_model=64 .* the model has d_model=32",
+        ),
     ]
     for lenses, match in cases:
-        builders.raises_before_forward(model, LensInputError, match,
-                                       lambda lenses=lenses: compare_lenses(model, tokens, lenses, progress=False))
-    for kwargs, match in (({"norm": "bogus"}, "norm must be one of"), ({"batch_size": 0}, "batch_size must be"),
-                          ({"max_tokens": -1}, "max_tokens must be")):
-        builders.raises_before_forward(model, LensInputError, match,
-                                       lambda kwargs=kwargs: compare_lenses(model, tokens, {"logit": None}, progress=False, **kwargs))
+        builders.raises_before_forward(
+            model, LensInputError, match, lambda lenses=lenses: compare_lenses(model, tokens, lenses, progress=False)
+        )
+    for kwargs, match in (
+        ({"norm": "bogus"}, "norm must be one of"),
+        ({"batch_size": 0}, "batch_size must be"),
+        ({"max_tokens": -1}, "max_tokens must be"),
+    ):
+        builders.raises_before_forward(
+            model,
+            LensInputError,
+            match,
+            lambda kwargs=kwargs: compare_lenses(model, tokens, {"logit": None}, progress=False, **kwargs),
+        )
     with pytest.raises(LensInputError, match="data is empty"):
         compare_lenses(model, torch.zeros(0, 5, dtype=torch.long), {"logit": None}, progress=False)
 
@@ -187,13 +199,17 @@ def test_dataframe_plot_save_load_and_repr(model, tmp_path):
     # Colour per statistic, line style per lens; the legend names every lens's curves.
     assert by_label["logit: entropy"].get_color() == by_label["tuned: entropy"].get_color()
     assert by_label["logit: entropy"].get_linestyle() != by_label["tuned: entropy"].get_linestyle()
-    assert by_label["tuned: kl_to_final"].get_ydata().tolist() == pytest.approx(cmp["tuned"].mean("kl_to_final").tolist(), rel=1e-6)
+    assert by_label["tuned: kl_to_final"].get_ydata().tolist() == pytest.approx(
+        cmp["tuned"].mean("kl_to_final").tolist(), rel=1e-6
+    )
     legend = [t.get_text() for t in nats.get_legend().get_texts()]
     assert "tuned: top1_agreement" in legend and "logit: kl_to_final" in legend
     # Same colours per metric as LensEvaluation.plot.
     single = cmp["logit"].plot()
     rgba = matplotlib.colors.to_rgba
-    assert [rgba(line.get_color()) for line in single.axes[0].lines] == [rgba(by_label[f"logit: {s}"].get_color()) for s in STATISTICS]
+    assert [rgba(line.get_color()) for line in single.axes[0].lines] == [
+        rgba(by_label[f"logit: {s}"].get_color()) for s in STATISTICS
+    ]
     assert len(cmp.plot(statistics=("top1_accuracy",)).axes[0].lines) == 2
     with pytest.raises(LensInputError, match="statistics must be"):
         cmp.plot(statistics=("perplexity",))
@@ -239,7 +255,9 @@ def test_stories260k_with_a_perturbed_tuned_lens(models_dir):
         _assert_same(cmp[name], evaluate_lens(model, tokens, lens=lens, batch_size=4, progress=False))
     with torch.no_grad():
         logits = model(tokens)
-    own = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).double(), tokens[:, 1:].reshape(-1))
+    own = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).double(), tokens[:, 1:].reshape(-1)
+    )
     for name in cmp.lenses:  # both lenses read final_post as the model does
         assert abs(float(cmp[name].mean("next_token_loss")[-1]) - float(own)) <= 1e-4
         assert float(cmp[name].mean("kl_to_final")[-1]) <= 1e-5

@@ -34,7 +34,7 @@ def test_predicts_the_second_repeat_and_not_the_first(model, prompts):
         probs = torch.softmax(model(prompts), -1)
     nxt = prompts[:, 1:]
     p_next = probs[:, :-1].gather(-1, nxt.unsqueeze(-1))[..., 0]  # [batch, pos]
-    second = p_next[:, N + 1 :]   # predicting words 2..n of the second copy
+    second = p_next[:, N + 1 :]  # predicting words 2..n of the second copy
     first = p_next[:, 1 : N - 1]  # predicting words of the first copy
     assert second.mean() > 0.9
     assert first.mean() < 0.05  # chance is 1/80 words

@@ -81,7 +81,9 @@ def test_a_loader_with_a_distributed_sampler_is_not_sharded_again():
         shard_data(loader, 0, 2)
 
 
-@pytest.mark.parametrize("n_rows,seq,max_tokens,world", [(7, 12, 25, 3), (7, 12, 77, 2), (7, 12, 500, 3), (4, 2, 3, 4), (5, 9, 8, 2)])
+@pytest.mark.parametrize(
+    "n_rows,seq,max_tokens,world", [(7, 12, 25, 3), (7, 12, 77, 2), (7, 12, 500, 3), (4, 2, 3, 4), (5, 9, 8, 2)]
+)
 def test_tensor_budget_scores_the_tokens_one_process_would(n_rows, seq, max_tokens, world):
     """Each rank's budget is its rows' share of the first max_tokens scored tokens (seq - 1 per row)."""
     per_row = seq - 1
@@ -105,7 +107,11 @@ def test_split_budget_adds_up(max_tokens, world):
 # -- the merge ------------------------------------------------------------------------------
 def _random_running(n_layer, n, seed):
     g = torch.Generator().manual_seed(seed)
-    values = {s: torch.rand(n_layer, n, generator=g, dtype=torch.float64) ** 8 * 10 ** float(torch.randint(-7, 5, (1,), generator=g)) for s in STATISTICS}
+    values = {
+        s: torch.rand(n_layer, n, generator=g, dtype=torch.float64) ** 8
+        * 10 ** float(torch.randint(-7, 5, (1,), generator=g))
+        for s in STATISTICS
+    }
     top1 = torch.randint(0, 4, (n_layer, n), generator=g)
     nxt = torch.randint(0, 4, (n,), generator=g)
     return values, top1, nxt
@@ -212,7 +218,9 @@ def _assert_matches_one_process(got: LensEvaluation, ref: LensEvaluation, exact:
             # A token whose value moved by float32 rounding across a bin edge moves a quantile by at most a bin.
             assert bool(((a - b).abs() <= (BIN - 1) * b.abs() + 1e-6).all()), (s, q, a, b)
     if "split_sequences" in ref.meta:
-        assert {k: got.meta[k] for k in ("split_sequences", "windows")} == {k: ref.meta[k] for k in ("split_sequences", "windows")}
+        assert {k: got.meta[k] for k in ("split_sequences", "windows")} == {
+            k: ref.meta[k] for k in ("split_sequences", "windows")
+        }
 
 
 @pytest.mark.distributed
@@ -235,9 +243,12 @@ def test_three_ranks_equal_one_process_on_every_kind_of_data(tmp_path):
         _assert_matches_one_process(got, ref, exact=kwargs.get("batch_size") == 1)
     # compare_lenses: every lens's statistics merged over the ranks equal one process's.
     from cases import compare_case
+
     from tl_logitlens.evaluate import LensComparison
 
-    assert [dict(r["compare_lenses"], seconds=0.0) for r in ranks[1:]] == [dict(ranks[0]["compare_lenses"], seconds=0.0)] * 2
+    assert [dict(r["compare_lenses"], seconds=0.0) for r in ranks[1:]] == [
+        dict(ranks[0]["compare_lenses"], seconds=0.0)
+    ] * 2
     got = LensComparison.from_dict(ranks[0]["compare_lenses"])
     data, lenses = compare_case(model, False)
     ref = tll.compare_lenses(model, data, lenses, progress=False)
@@ -249,8 +260,20 @@ def test_three_ranks_equal_one_process_on_every_kind_of_data(tmp_path):
 
 def _cli_eval_two_ranks(tmp_path, model_arg, data_path, *extra):
     out = tmp_path / "out"
-    proc, seconds = launch.run(2, "-m", "tl_logitlens", "eval", "--model", model_arg, "--data", str(data_path),
-                              "--out", str(out), "--quiet", *extra)
+    proc, seconds = launch.run(
+        2,
+        "-m",
+        "tl_logitlens",
+        "eval",
+        "--model",
+        model_arg,
+        "--data",
+        str(data_path),
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # Rank 0 alone prints: the report's header line appears once.
     assert proc.stdout.count(" tokens\n") == 1, proc.stdout
@@ -287,7 +310,9 @@ def test_a_failing_rank_ends_the_job_naming_rank_and_error(tmp_path):
     tokens = torch.randint(5, model.cfg.d_vocab, (5, 10), generator=torch.Generator().manual_seed(12))
     tokens[3, 4] = model.cfg.d_vocab + 7
     torch.save(tokens, tmp_path / "bad.pt")
-    proc, seconds = launch.run(2, "-m", "tl_logitlens", "eval", "--model", "demo", "--data", str(tmp_path / "bad.pt"), "--quiet")
+    proc, seconds = launch.run(
+        2, "-m", "tl_logitlens", "eval", "--model", "demo", "--data", str(tmp_path / "bad.pt"), "--quiet"
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output
     assert seconds < 60, f"the failing job took {seconds:.0f} s"

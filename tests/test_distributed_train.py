@@ -149,8 +149,19 @@ def test_fault_ends_the_job_then_three_ranks_resume_and_match_one_process(tmp_pa
 
 def _cli_train(tmp_path, nproc, model_arg, data_path, *extra):
     out = tmp_path / "lens"
-    args = ["-m", "tl_logitlens", "train-lens", "--model", model_arg, "--data", str(data_path), "--out", str(out),
-            "--quiet", *extra]
+    args = [
+        "-m",
+        "tl_logitlens",
+        "train-lens",
+        "--model",
+        model_arg,
+        "--data",
+        str(data_path),
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
     proc, seconds = launch.run(nproc, *args)
     return proc, seconds, out
 
@@ -160,8 +171,9 @@ def test_cli_train_lens_two_ranks_demo(tmp_path):
     model = tll.demo_model()
     tokens = CASES["ragged"][0](model)
     torch.save(tokens, tmp_path / "tokens.pt")
-    proc, _, out = _cli_train(tmp_path, 2, "demo", tmp_path / "tokens.pt", "--steps", "3", "--tokens-per-step", "40",
-                              "--batch-size", "1")
+    proc, _, out = _cli_train(
+        tmp_path, 2, "demo", tmp_path / "tokens.pt", "--steps", "3", "--tokens-per-step", "40", "--batch-size", "1"
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("Trained 2 translators for 3 steps on 120 tokens") == 1, proc.stdout  # rank 0 alone
     got = tll.TunedLens.load(out, model).state_dict()
@@ -188,8 +200,9 @@ def test_cli_train_lens_two_ranks_stories260k(tmp_path, models_dir):
 
     path, text = launch.stories260k(models_dir, tmp_path, lines=6)
     settings = dict(steps=3, tokens_per_step=30, batch_size=1)
-    proc, _, out = _cli_train(tmp_path, 2, str(path), text, "--steps", "3",
-                              "--tokens-per-step", "30", "--batch-size", "1")
+    proc, _, out = _cli_train(
+        tmp_path, 2, str(path), text, "--steps", "3", "--tokens-per-step", "30", "--batch-size", "1"
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     model = load_model(str(path))
     got = tll.TunedLens.load(out, model).state_dict()

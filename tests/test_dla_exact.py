@@ -1,10 +1,10 @@
 """Direct logit attribution and residual stacks: the pieces add up, and agree with independent references."""
 
+import builders
 import pytest
+import reference
 import torch
 
-import builders
-import reference
 import tl_logitlens as tll
 from tl_logitlens.model_access import HookedTransformer
 
@@ -68,14 +68,22 @@ def test_heads_and_neurons_add_up_to_their_layer(case):
     for stack in (comp, heads):
         torch.testing.assert_close(stack.values.sum(0), final, atol=1e-4, rtol=1e-4)
     for layer in range(model.cfg.n_layers):
-        rows = [i for i, label in enumerate(heads.labels) if label.startswith(f"L{layer}H") or label == f"{layer}_attn_bias"]
+        rows = [
+            i for i, label in enumerate(heads.labels) if label.startswith(f"L{layer}H") or label == f"{layer}_attn_bias"
+        ]
         assert len(rows) >= model.cfg.n_heads
-        torch.testing.assert_close(heads.values[rows].sum(0), cache[f"blocks.{layer}.hook_attn_out"], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            heads.values[rows].sum(0), cache[f"blocks.{layer}.hook_attn_out"], atol=1e-5, rtol=1e-4
+        )
     if getattr(model.cfg, "attn_only", False):
         return
     neurons = tll.residual_stack(cache, by="neuron", positions=[0, -1])
     for layer in range(model.cfg.n_layers):
-        rows = [i for i, label in enumerate(neurons.labels) if label.startswith(f"L{layer}N") or label == f"{layer}_mlp_bias"]
+        rows = [
+            i
+            for i, label in enumerate(neurons.labels)
+            if label.startswith(f"L{layer}N") or label == f"{layer}_mlp_bias"
+        ]
         expected = cache[f"blocks.{layer}.hook_mlp_out"][:, [0, -1]]
         torch.testing.assert_close(neurons.values[rows].sum(0), expected, atol=1e-5, rtol=1e-4)
 
@@ -101,7 +109,9 @@ def test_neuron_attribution_matches_the_reference_neuron_pieces(case):
     att = tll.direct_logit_attribution(cache=cache, answers=ANSWERS, wrong=WRONG, by="neuron")
     for layer in range(model.cfg.n_layers):
         with torch.no_grad():
-            expected = reference.project_cached(model, cache, reference.neuron_pieces(model, cache, layer), ANSWERS, WRONG)
+            expected = reference.project_cached(
+                model, cache, reference.neuron_pieces(model, cache, layer), ANSWERS, WRONG
+            )
         index = [att.labels.index(f"L{layer}N{n}") for n in range(expected.shape[0])]
         torch.testing.assert_close(att.values[index], expected.float(), atol=1e-4, rtol=1e-4)
 

@@ -1,9 +1,9 @@
 """Bad input gets a clear error that names the problem, before any forward pass."""
 
+import builders
 import pytest
 import torch
 
-import builders
 import tl_logitlens as tll
 from tl_logitlens.model_access import HookedTransformer, TransformerBridge
 
@@ -24,8 +24,18 @@ def bare():
         return builders.hooked("LN")
     from transformer_lens.config import TransformerBridgeConfig
 
-    cfg = TransformerBridgeConfig(d_model=32, n_layers=2, n_heads=4, d_head=8, d_mlp=48,
-                                  d_vocab=builders.D_VOCAB, n_ctx=24, act_fn="gelu", normalization_type="LN", seed=0)
+    cfg = TransformerBridgeConfig(
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        d_head=8,
+        d_mlp=48,
+        d_vocab=builders.D_VOCAB,
+        n_ctx=24,
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=0,
+    )
     return TransformerBridge.boot_native(cfg).eval()
 
 
@@ -35,11 +45,15 @@ raises_before_forward = builders.raises_before_forward
 
 def test_answer_that_is_not_one_token_shows_its_tokenisation(model):
     raises_before_forward(
-        model, tll.LensInputError, r"not a single token: it tokenises to 2 tokens \['w5', 'w6'\]",
+        model,
+        tll.LensInputError,
+        r"not a single token: it tokenises to 2 tokens \['w5', 'w6'\]",
         lambda: tll.direct_logit_attribution(model, "w3 w4", answers="w5 w6"),
     )
     raises_before_forward(
-        model, tll.LensInputError, "target 'w7 w8' is not a single token",
+        model,
+        tll.LensInputError,
+        "target 'w7 w8' is not a single token",
         lambda: tll.logit_lens(model, "w3 w4", targets=["w3", "w7 w8"]),
     )
 
@@ -47,52 +61,72 @@ def test_answer_that_is_not_one_token_shows_its_tokenisation(model):
 def test_answers_and_wrong_of_different_lengths(model):
     prompts = ["w3 w4", "w5 w6"]
     raises_before_forward(
-        model, tll.LensInputError, "wrong lists 3 tokens but there are 2 prompts",
+        model,
+        tll.LensInputError,
+        "wrong lists 3 tokens but there are 2 prompts",
         lambda: tll.direct_logit_attribution(model, prompts, answers=["w3", "w4"], wrong=["w3", "w4", "w5"]),
     )
     raises_before_forward(
-        model, tll.LensInputError, r"answer has shape \(3,\) but there are 2 prompts",
+        model,
+        tll.LensInputError,
+        r"answer has shape \(3,\) but there are 2 prompts",
         lambda: tll.direct_logit_attribution(model, prompts, answers=torch.tensor([3, 4, 5])),
     )
 
 
 def test_targets_out_of_vocabulary(model):
     raises_before_forward(
-        model, tll.LensInputError, r"target id 999 is outside the vocabulary \[0, 61\)",
+        model,
+        tll.LensInputError,
+        r"target id 999 is outside the vocabulary \[0, 61\)",
         lambda: tll.logit_lens(model, "w3 w4", targets=999),
     )
     raises_before_forward(
-        model, tll.LensInputError, r"targets ids must lie in \[0, 61\)",
+        model,
+        tll.LensInputError,
+        r"targets ids must lie in \[0, 61\)",
         lambda: tll.logit_lens(model, "w3 w4", targets=torch.tensor([70])),
     )
     raises_before_forward(
-        model, tll.LensInputError, r"answer id -1 is outside the vocabulary",
+        model,
+        tll.LensInputError,
+        r"answer id -1 is outside the vocabulary",
         lambda: tll.direct_logit_attribution(model, "w3 w4", answers=-1),
     )
 
 
 def test_positions_out_of_range(model):
     raises_before_forward(
-        model, tll.LensInputError, "position 5 is out of range for prompt 0, which has 3 tokens",
+        model,
+        tll.LensInputError,
+        "position 5 is out of range for prompt 0, which has 3 tokens",
         lambda: tll.logit_lens(model, "w3 w4", positions=5),
     )
     raises_before_forward(
-        model, tll.LensInputError, "position -4 is out of range for prompt 1, which has 2 tokens",
+        model,
+        tll.LensInputError,
+        "position -4 is out of range for prompt 1, which has 2 tokens",
         lambda: tll.direct_logit_attribution(model, ["w3 w4 w5", "w3"], answers="w3", positions=-4),
     )
     raises_before_forward(
-        model, tll.LensInputError, "layer 7 is out of range",
+        model,
+        tll.LensInputError,
+        "layer 7 is out of range",
         lambda: tll.logit_lens(model, "w3 w4", layers=[7]),
     )
 
 
 def test_text_input_to_a_model_without_tokenizer(bare):
     raises_before_forward(
-        bare, tll.LensInputError, "no tokenizer; pass token ids instead",
+        bare,
+        tll.LensInputError,
+        "no tokenizer; pass token ids instead",
         lambda: tll.logit_lens(bare, "hello there"),
     )
     raises_before_forward(
-        bare, tll.LensInputError, "no tokenizer",
+        bare,
+        tll.LensInputError,
+        "no tokenizer",
         lambda: tll.direct_logit_attribution(bare, builders.tokens(), answers="hello"),
     )
     # ids work, and tokens decode as #id
@@ -116,10 +150,15 @@ def test_cache_missing_hooks_names_them_and_the_fix(model):
 def test_model_in_training_mode(model):
     model.train()
     try:
-        raises_before_forward(model, tll.ModelStateError, r"training mode.*model\.eval\(\)",
-                              lambda: tll.logit_lens(model, "w3 w4"))
-        raises_before_forward(model, tll.ModelStateError, "training mode",
-                              lambda: tll.direct_logit_attribution(model, "w3 w4", answers="w5"))
+        raises_before_forward(
+            model, tll.ModelStateError, r"training mode.*model\.eval\(\)", lambda: tll.logit_lens(model, "w3 w4")
+        )
+        raises_before_forward(
+            model,
+            tll.ModelStateError,
+            "training mode",
+            lambda: tll.direct_logit_attribution(model, "w3 w4", answers="w5"),
+        )
     finally:
         model.eval()
 
@@ -128,7 +167,9 @@ def test_non_finite_activations_are_refused():
     model = builders.hooked("LN", seed=5) if HookedTransformer is not None else builders.native_bridge("LN", seed=5)
     with torch.no_grad():
         model.blocks[1].attn.W_O[0, 0, 0] = float("nan")
-    with pytest.raises(tll.NonFiniteActivationError, match=r"blocks\.1\.hook_resid_pre|blocks\.1\.hook_resid_post|NaN or inf"):
+    with pytest.raises(
+        tll.NonFiniteActivationError, match=r"blocks\.1\.hook_resid_pre|blocks\.1\.hook_resid_post|NaN or inf"
+    ):
         tll.logit_lens(model, builders.tokens())
     with pytest.raises(tll.NonFiniteActivationError, match="NaN or inf"):
         tll.direct_logit_attribution(model, builders.tokens(), answers=3, by="head")
@@ -154,8 +195,12 @@ def test_bad_modes_and_arguments(model):
     ]:
         kwargs.setdefault("input", "w3 w4")
         raises_before_forward(model, tll.LensInputError, match, lambda: tll.logit_lens(model, **kwargs))
-    raises_before_forward(model, tll.LensInputError, "by must be one of",
-                          lambda: tll.direct_logit_attribution(model, "w3", answers="w3", by="layers"))
+    raises_before_forward(
+        model,
+        tll.LensInputError,
+        "by must be one of",
+        lambda: tll.direct_logit_attribution(model, "w3", answers="w3", by="layers"),
+    )
     with pytest.raises(tll.LensInputError, match="expected a transformer_lens HookedTransformer or TransformerBridge"):
         tll.logit_lens(torch.nn.Linear(2, 2), torch.tensor([[1, 2]]))
     with pytest.raises(tll.LensInputError, match=r"norm='cached' takes the scale from reference="):
@@ -175,29 +220,66 @@ def _boot(hf_model):
 def test_encoder_decoder_is_refused():
     import transformers as tf
 
-    t5 = _boot(tf.T5ForConditionalGeneration(tf.T5Config(
-        vocab_size=builders.D_VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=4, decoder_start_token_id=0)))
-    raises_before_forward(t5, tll.UnsupportedModelError, "encoder-decoder", lambda: tll.logit_lens(t5, builders.tokens()))
+    t5 = _boot(
+        tf.T5ForConditionalGeneration(
+            tf.T5Config(
+                vocab_size=builders.D_VOCAB,
+                d_model=32,
+                d_kv=8,
+                d_ff=48,
+                num_layers=1,
+                num_heads=4,
+                decoder_start_token_id=0,
+            )
+        )
+    )
+    raises_before_forward(
+        t5, tll.UnsupportedModelError, "encoder-decoder", lambda: tll.logit_lens(t5, builders.tokens())
+    )
 
 
 @needs_bridge
 def test_state_space_blocks_are_refused():
     import transformers as tf
 
-    mamba = _boot(tf.MambaForCausalLM(tf.MambaConfig(vocab_size=builders.D_VOCAB, hidden_size=32, num_hidden_layers=2, state_size=4)))
-    raises_before_forward(mamba, tll.UnsupportedModelError, "not an attention block",
-                          lambda: tll.direct_logit_attribution(mamba, builders.tokens(), answers=3))
+    mamba = _boot(
+        tf.MambaForCausalLM(
+            tf.MambaConfig(vocab_size=builders.D_VOCAB, hidden_size=32, num_hidden_layers=2, state_size=4)
+        )
+    )
+    raises_before_forward(
+        mamba,
+        tll.UnsupportedModelError,
+        "not an attention block",
+        lambda: tll.direct_logit_attribution(mamba, builders.tokens(), answers=3),
+    )
 
 
 @needs_bridge
 def test_soft_capped_logits_refuse_dla_but_the_lens_applies_the_cap():
     import transformers as tf
 
-    gemma = _boot(tf.Gemma2ForCausalLM(tf.Gemma2Config(
-        vocab_size=builders.D_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, final_logit_softcapping=5.0, max_position_embeddings=24)))
-    raises_before_forward(gemma, tll.UnsupportedModelError, "soft-cap",
-                          lambda: tll.direct_logit_attribution(gemma, builders.tokens(), answers=3))
+    gemma = _boot(
+        tf.Gemma2ForCausalLM(
+            tf.Gemma2Config(
+                vocab_size=builders.D_VOCAB,
+                hidden_size=32,
+                intermediate_size=48,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=8,
+                final_logit_softcapping=5.0,
+                max_position_embeddings=24,
+            )
+        )
+    )
+    raises_before_forward(
+        gemma,
+        tll.UnsupportedModelError,
+        "soft-cap",
+        lambda: tll.direct_logit_attribution(gemma, builders.tokens(), answers=3),
+    )
     tokens = builders.tokens()
     result = tll.logit_lens(gemma, tokens, top_k=3)  # checks the final entry against the model itself
     with torch.no_grad():
@@ -209,9 +291,24 @@ def test_soft_capped_logits_refuse_dla_but_the_lens_applies_the_cap():
 def test_soft_capped_hooked_transformer():
     from transformer_lens import HookedTransformerConfig
 
-    cfg = HookedTransformerConfig(n_layers=1, d_model=32, n_heads=4, d_head=8, d_mlp=48, d_vocab=builders.D_VOCAB,
-                                  n_ctx=24, act_fn="gelu", normalization_type="LN", output_logits_soft_cap=3.0, seed=0)
+    cfg = HookedTransformerConfig(
+        n_layers=1,
+        d_model=32,
+        n_heads=4,
+        d_head=8,
+        d_mlp=48,
+        d_vocab=builders.D_VOCAB,
+        n_ctx=24,
+        act_fn="gelu",
+        normalization_type="LN",
+        output_logits_soft_cap=3.0,
+        seed=0,
+    )
     capped = HookedTransformer(cfg).eval()
-    raises_before_forward(capped, tll.UnsupportedModelError, "soft-cap",
-                          lambda: tll.direct_logit_attribution(capped, builders.tokens(), answers=3))
+    raises_before_forward(
+        capped,
+        tll.UnsupportedModelError,
+        "soft-cap",
+        lambda: tll.direct_logit_attribution(capped, builders.tokens(), answers=3),
+    )
     tll.logit_lens(capped, builders.tokens())  # the final-entry check passes with the cap applied

@@ -2,17 +2,17 @@
 
 import json
 import os
-from collections import UserDict
 import subprocess
 import sys
 import textwrap
+from collections import UserDict
 from pathlib import Path
 
+import builders
 import pytest
+import reference
 import torch
 
-import builders
-import reference
 import tl_logitlens as tll
 from tl_logitlens.errors import LensInputError
 from tl_logitlens.evaluate import HIST_BINS_PER_DECADE, STATISTICS, LensEvaluation, evaluate_lens
@@ -46,8 +46,10 @@ def _reference(model, input, norm="recompute"):
         parts["entropy"].append(ref["entropy"][:, :, :-1].reshape(n_layer, -1))
         parts["top1"].append(ref["logits"][:, :, :-1].argmax(-1).reshape(n_layer, -1))
         parts["next"].append(ids[:, 1:].reshape(-1))
-    return {name: torch.cat(values, dim=-1).double() if name in STATISTICS else torch.cat(values, dim=-1)
-            for name, values in parts.items()}
+    return {
+        name: torch.cat(values, dim=-1).double() if name in STATISTICS else torch.cat(values, dim=-1)
+        for name, values in parts.items()
+    }
 
 
 def _assert_matches(ev, ref):
@@ -312,7 +314,9 @@ def test_stories260k_final_entry_is_the_model_itself(models_dir):
     ev = evaluate_lens(model, tokens, batch_size=4, progress=False)
     with torch.no_grad():
         logits = model(tokens)
-    own = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).double(), tokens[:, 1:].reshape(-1))
+    own = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).double(), tokens[:, 1:].reshape(-1)
+    )
     assert ev.mean("kl_to_final")[-1] <= 1e-5
     assert abs(float(ev.mean("next_token_loss")[-1]) - float(own)) <= 1e-4
     assert ev.top1_agreement[-1] == 1.0
@@ -323,8 +327,8 @@ def test_stories260k_final_entry_is_the_model_itself(models_dir):
     ev_text = evaluate_lens(model, texts, batch_size=4, progress=False)
     tok = tll.logit_lens(model, texts[:1], top_k=1)  # tokenisation check: same path as evaluate_lens
     assert tok.input_ids.shape[0] == 1
-    from tl_logitlens.model_access import view
     from tl_logitlens.inputs import tokenize
+    from tl_logitlens.model_access import view
 
     batch = tokenize(view(model), texts)
     with torch.no_grad():

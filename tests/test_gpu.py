@@ -5,16 +5,16 @@ skip without a second device. The references are the float64 ones of test_precis
 (no tl_logitlens), computed on the model's own devices and brought to the CPU.
 """
 
-import pytest
-import torch
-
 import builders
-import tl_logitlens as tll
+import pytest
 import reference
-from test_whole_strategy import _reading, _stats64, _worst
+import torch
 from test_precision import ANSWERS, TOKENS, WRONG, dla64, lens64
-from tl_logitlens.kernel import tuning
+from test_whole_strategy import _reading, _stats64, _worst
+
+import tl_logitlens as tll
 from tl_logitlens.evaluate import evaluate_lens
+from tl_logitlens.kernel import tuning
 from tl_logitlens.model_access import HookedTransformer, TransformerBridge
 
 CUDA = torch.cuda.is_available()
@@ -27,14 +27,28 @@ GRID = builders.precision_cases((torch.float32, torch.bfloat16), device="cuda")
 def _split_cases():
     out = []
     if HookedTransformer is not None:
-        out.append(builders.Case("ht-rms-gqa-split", lambda: builders.hooked(
-            "RMS", gated=True, rotary=True, n_kv=2, device="cuda", n_devices=2), hooked=True))
-        out.append(builders.Case("ht-ln-split-bf16", lambda: builders.hooked(
-            "LN", device="cuda", n_devices=2, dtype=torch.bfloat16), hooked=True))
+        out.append(
+            builders.Case(
+                "ht-rms-gqa-split",
+                lambda: builders.hooked("RMS", gated=True, rotary=True, n_kv=2, device="cuda", n_devices=2),
+                hooked=True,
+            )
+        )
+        out.append(
+            builders.Case(
+                "ht-ln-split-bf16",
+                lambda: builders.hooked("LN", device="cuda", n_devices=2, dtype=torch.bfloat16),
+                hooked=True,
+            )
+        )
     if TransformerBridge is not None:
         out.append(builders.Case("llama-split", lambda: builders.hf_bridge("llama", device_map=builders.LLAMA_SPLIT)))
-        out.append(builders.Case("llama-split-bf16", lambda: builders.hf_bridge(
-            "llama", device_map=builders.LLAMA_SPLIT, dtype=torch.bfloat16)))
+        out.append(
+            builders.Case(
+                "llama-split-bf16",
+                lambda: builders.hf_bridge("llama", device_map=builders.LLAMA_SPLIT, dtype=torch.bfloat16),
+            )
+        )
     return out
 
 

@@ -1,11 +1,11 @@
 """Token groups in the logit lens: each group's summed probability and log-sum-exp logit, read
 inside the kernel's tiles, against full float64 logits (tests/reference.py) in three tilings."""
 
+import builders
 import pytest
+import reference
 import torch
 
-import builders
-import reference
 import tl_logitlens as tll
 from tl_logitlens.kernel import tuning
 from tl_logitlens.model_access import TransformerBridge
@@ -73,7 +73,9 @@ def test_groups_name_tokens_as_elsewhere_and_make_a_table():
 def stories_bf16(models_dir):
     if TransformerBridge is None:
         pytest.skip("the real models boot through TransformerBridge (3.x/4.x)")
-    return TransformerBridge.boot_transformers(str(models_dir / "stories260k"), device="cpu", dtype=torch.bfloat16).eval()
+    return TransformerBridge.boot_transformers(
+        str(models_dir / "stories260k"), device="cpu", dtype=torch.bfloat16
+    ).eval()
 
 
 @pytest.mark.parametrize("tiling", list(REAL_TILINGS))
@@ -103,7 +105,9 @@ def test_bad_groups_are_refused_before_the_forward_pass():
         ({"a": ["w5", 5]}, "more than once"),
         ({"a": {"w5": 1}}, "must list at least one token"),
     ]:
-        builders.raises_before_forward(model, tll.LensInputError, match, lambda: tll.logit_lens(model, prompts, targets=bad))
+        builders.raises_before_forward(
+            model, tll.LensInputError, match, lambda: tll.logit_lens(model, prompts, targets=bad)
+        )
 
 
 def test_group_trajectory_draws_one_line_per_group():
@@ -120,7 +124,9 @@ def test_group_trajectory_draws_one_line_per_group():
     assert [line.get_label() for line in lines] == ["odds", "evens"]
     assert list(lines[0].get_ydata()) == pytest.approx(result.group_probs[:, 1, 1, 1].tolist())
     mean = plot_group_trajectory(result, batch=None, position=0, metric="logit")
-    assert list(mean.axes[0].lines[2].get_ydata()) == pytest.approx(result.group_logits[:, :, 0, 2].mean(1).tolist(), rel=1e-6)
+    assert list(mean.axes[0].lines[2].get_ydata()) == pytest.approx(
+        result.group_logits[:, :, 0, 2].mean(1).tolist(), rel=1e-6
+    )
     with pytest.raises(ValueError, match="padding"):
         plot_group_trajectory(result, batch=1, position=4)
     with pytest.raises(ValueError, match="unknown group"):
@@ -136,14 +142,17 @@ def test_groups_on_cuda_match_full_float64_logits(strategy):
     for pcase in builders.precision_cases((torch.float32, torch.bfloat16), device="cuda"):
         model = builders.build(pcase)
         tokens = TOKENS.cuda()
-        ref_probs, ref_logits = reference.group_stats(reference.lens_logits64(model, tokens).cpu(), list(GROUPS.values()))
+        ref_probs, ref_logits = reference.group_stats(
+            reference.lens_logits64(model, tokens).cpu(), list(GROUPS.values())
+        )
         with tuning.force(strategy=strategy, width=16 if strategy == "tiled" else None, half_products=False):
             result = tll.logit_lens(model, tokens, targets=GROUPS)
         torch.testing.assert_close(result.group_probs.double(), ref_probs, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(result.group_logits.double(), ref_logits, atol=1e-5, rtol=1e-5)
         if model.W_U.dtype == torch.bfloat16:  # the CUDA default: products of the rounded vectors
             ref_probs, ref_logits = reference.group_stats(
-                reference.lens_logits64(model, tokens, round_to=torch.bfloat16).cpu(), list(GROUPS.values()))
+                reference.lens_logits64(model, tokens, round_to=torch.bfloat16).cpu(), list(GROUPS.values())
+            )
             with tuning.force(strategy=strategy, width=16 if strategy == "tiled" else None):
                 result = tll.logit_lens(model, tokens, targets=GROUPS)
             torch.testing.assert_close(result.group_probs.double(), ref_probs, atol=1e-4, rtol=1e-4)

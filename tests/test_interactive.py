@@ -13,10 +13,10 @@ import json
 import re
 import sys
 
+import builders
 import pytest
 import torch
 
-import builders
 import tl_logitlens as tll
 from tl_logitlens.errors import LensInputError
 from tl_logitlens.tokentext import display_token, token_text
@@ -59,19 +59,30 @@ def test_page_carries_plotlyjs_and_the_figure(demo, tmp_path):
     layer, b, j = 1, 1, 14
 
     def tok(i):
-        return display_token(token_text(result.tokenizer, int(i))).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        return (
+            display_token(token_text(result.tokenizer, int(i)))
+            .replace("&", "&amp;")
+            .replace("<", "&lt;")
+            .replace(">", "&gt;")
+        )
 
     want = [f"{result.labels[layer]} · pos {j} · {tok(tokens[b, j])}"]
     want += [f"{tok(result.top_ids[layer, b, j, i])}  {float(result.top_probs[layer, b, j, i]):.4g}" for i in range(2)]
-    want.append(f"next {tok(tokens[b, j + 1])}  p {float(result.target_probs[layer, b, j, 0]):.4g}  "
-                f"rank {int(result.target_ranks[layer, b, j, 0])}")
-    want.append(f"entropy {float(result.entropy[layer, b, j]):.4g} · KL {float(result.kl_to_final[layer, b, j]):.4g} nats")
+    want.append(
+        f"next {tok(tokens[b, j + 1])}  p {float(result.target_probs[layer, b, j, 0]):.4g}  "
+        f"rank {int(result.target_ranks[layer, b, j, 0])}"
+    )
+    want.append(
+        f"entropy {float(result.entropy[layer, b, j]):.4g} · KL {float(result.kl_to_final[layer, b, j]):.4g} nats"
+    )
     assert fig["data"][b]["text"][layer][j].split("<br>") == want
     assert tok(tokens[0, 0]) == "&lt;bos&gt;" and fig["layout"]["xaxis"]["ticktext"][0] == "&lt;bos&gt;"
     # Colours: 4 significant digits of the metric; the last position has no next token.
     assert fig["data"][0]["z"][2][3] == float(f"{float(result.top_probs[2, 0, 3, 0]):.4g}")
     ranks = next(btn for btn in fig["layout"]["updatemenus"][0]["buttons"] if btn["label"] == "next-token rank")
-    assert ranks["args"][0]["z"][0][1][-1] is None and ranks["args"][0]["z"][0][1][0] == float(result.target_ranks[1, 0, 0, 0])
+    assert ranks["args"][0]["z"][0][1][-1] is None and ranks["args"][0]["z"][0][1][0] == float(
+        result.target_ranks[1, 0, 0, 0]
+    )
     assert not list(tmp_path.glob(".*tmp")), "the atomic write left its temporary file"
 
 
@@ -79,7 +90,11 @@ def test_lens_without_targets_or_position_axis(demo):
     model, tokens = demo
     result = tll.logit_lens(model, tokens, positions=-1)
     fig = interactive.lens_figure(result)
-    assert [b["label"] for b in fig.layout.updatemenus[0].buttons] == ["top-token probability", "entropy", "KL to final"]
+    assert [b["label"] for b in fig.layout.updatemenus[0].buttons] == [
+        "top-token probability",
+        "entropy",
+        "KL to final",
+    ]
     assert len(fig.data[0].z[0]) == 1 and "next" not in fig.data[0].text[0][0]
     with pytest.raises(LensInputError, match="target metrics need logit_lens"):
         interactive.lens_figure(result, metric="rank")
@@ -106,7 +121,11 @@ def test_attribution_views(demo):
     by_head = heads.by_head().double()  # [layer, head, batch]
     assert fig.data[0].z[1][2] == float(f"{float(by_head[1, 2].mean()):.4g}")
     assert fig.data[2].text[1][2].split("<br>")[0] == f"L1H2: {float(by_head[1, 2, 1]):+.4g}"
-    assert [b.label for b in fig.layout.updatemenus[0].buttons] == ["mean over prompts", "prompt 0 pos 23", "prompt 1 pos 23"]
+    assert [b.label for b in fig.layout.updatemenus[0].buttons] == [
+        "mean over prompts",
+        "prompt 0 pos 23",
+        "prompt 1 pos 23",
+    ]
     neurons = tll.direct_logit_attribution(model, tokens[:, :-1], answers=tokens[:, -1].tolist(), by="neuron")
     fig = interactive.attribution_figure(neurons, top=7)
     mean = neurons.values.double().mean(1)
@@ -178,11 +197,31 @@ def _twelve_layers(n_ctx: int, d_vocab: int):
     if builders.TransformerBridge is not None:
         from transformer_lens.config import TransformerBridgeConfig
 
-        cfg = TransformerBridgeConfig(d_model=16, n_layers=12, n_heads=2, d_head=8, d_mlp=32, d_vocab=d_vocab,
-                                      n_ctx=n_ctx, act_fn="gelu", normalization_type="LN", seed=0)
+        cfg = TransformerBridgeConfig(
+            d_model=16,
+            n_layers=12,
+            n_heads=2,
+            d_head=8,
+            d_mlp=32,
+            d_vocab=d_vocab,
+            n_ctx=n_ctx,
+            act_fn="gelu",
+            normalization_type="LN",
+            seed=0,
+        )
         return builders.TransformerBridge.boot_native(cfg).eval()
-    cfg = builders.HookedTransformerConfig(d_model=16, n_layers=12, n_heads=2, d_head=8, d_mlp=32, d_vocab=d_vocab,
-                                           n_ctx=n_ctx, act_fn="gelu", normalization_type="LN", seed=0)
+    cfg = builders.HookedTransformerConfig(
+        d_model=16,
+        n_layers=12,
+        n_heads=2,
+        d_head=8,
+        d_mlp=32,
+        d_vocab=d_vocab,
+        n_ctx=n_ctx,
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=0,
+    )
     return builders.HookedTransformer(cfg).eval()
 
 
@@ -215,23 +254,41 @@ def test_cli_html_pages(demo, tmp_path, capsys):
     fig = figure_json((tmp_path / "lens.html").read_text(encoding="utf-8"))
     direct = tll.logit_lens(model, prompt, targets="next")
     assert fig["data"][0]["text"][-1][3].split("<br>")[-1] == (
-        f"entropy {float(direct.entropy[-1, 0, 3]):.4g} · KL {float(direct.kl_to_final[-1, 0, 3]):.4g} nats")
+        f"entropy {float(direct.entropy[-1, 0, 3]):.4g} · KL {float(direct.kl_to_final[-1, 0, 3]):.4g} nats"
+    )
     assert f"rank {int(direct.target_ranks[0, 0, 3, 0])}" in fig["data"][0]["text"][0][3]
-    code, out, err = _cli(capsys, "dla", "--model", "demo", "--prompt", prompt, "--answer", words[0], "--by", "head",
-                          "--html", str(tmp_path / "dla.html"))
+    code, out, err = _cli(
+        capsys,
+        "dla",
+        "--model",
+        "demo",
+        "--prompt",
+        prompt,
+        "--answer",
+        words[0],
+        "--by",
+        "head",
+        "--html",
+        str(tmp_path / "dla.html"),
+    )
     assert code == 0, err
     assert figure_json((tmp_path / "dla.html").read_text(encoding="utf-8"))["layout"]["meta"]["by"] == "head"
     data = tmp_path / "docs.txt"
     data.write_text(prompt + "\n" + prompt)
-    code, out, err = _cli(capsys, "eval", "--model", "demo", "--data", str(data), "--quiet", "--html", str(tmp_path / "ev.html"))
+    code, out, err = _cli(
+        capsys, "eval", "--model", "demo", "--data", str(data), "--quiet", "--html", str(tmp_path / "ev.html")
+    )
     assert code == 0, err
     assert figure_json((tmp_path / "ev.html").read_text(encoding="utf-8"))["layout"]["meta"]["view"] == "evaluation"
 
 
-@pytest.mark.parametrize("where, message", [
-    ("", "is a folder; name the page's file"),
-    ("missing/page.html", "does not exist; create it first"),
-])
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        ("", "is a folder; name the page's file"),
+        ("missing/page.html", "does not exist; create it first"),
+    ],
+)
 def test_cli_html_refused_before_any_work(tmp_path, capsys, monkeypatch, where, message):
     import tl_logitlens.cli.commands as commands
 

@@ -28,10 +28,10 @@ import subprocess
 import warnings
 from pathlib import Path
 
+import builders
 import pytest
 import torch
 
-import builders
 import tl_logitlens as tll
 from tl_logitlens.model_access import unembed_hash
 
@@ -56,11 +56,15 @@ def ref_python():
     """The reference venv's python, or skip when ``TL_LOGITLENS_TUNED_LENS_PYTHON`` is unset."""
     path = os.environ.get(ENV)
     if not path:
-        pytest.skip(f"{ENV} is not set to the python of a venv with tuned-lens==0.2.0 "
-                    "(see `make test-interop`)")
+        pytest.skip(f"{ENV} is not set to the python of a venv with tuned-lens==0.2.0 (see `make test-interop`)")
     # Set but unusable is a broken setup, not a reason to skip: fail and say why.
-    probe = subprocess.run([path, "-c", "import importlib.metadata as m, tuned_lens, transformers; print(m.version('tuned-lens'))"],
-                           capture_output=True, text=True, env=_clean_env(), timeout=120)
+    probe = subprocess.run(
+        [path, "-c", "import importlib.metadata as m, tuned_lens, transformers; print(m.version('tuned-lens'))"],
+        capture_output=True,
+        text=True,
+        env=_clean_env(),
+        timeout=120,
+    )
     if probe.returncode != 0:
         pytest.fail(f"{ENV}={path} cannot import tuned_lens: {probe.stderr.strip()[-800:]}")
     version = probe.stdout.strip().splitlines()[-1] if probe.stdout.strip() else "?"
@@ -78,9 +82,26 @@ def _clean_env():
 
 def _side(ref_python, command, model_dir, lens_dir, readings, tokens, seed=0):
     proc = subprocess.run(
-        [ref_python, str(SIDE), command, "--model", str(model_dir), "--lens", str(lens_dir),
-         "--readings", str(readings), "--tokens", json.dumps(tokens), "--seed", str(seed)],
-        capture_output=True, text=True, env=_clean_env(), timeout=600)
+        [
+            ref_python,
+            str(SIDE),
+            command,
+            "--model",
+            str(model_dir),
+            "--lens",
+            str(lens_dir),
+            "--readings",
+            str(readings),
+            "--tokens",
+            json.dumps(tokens),
+            "--seed",
+            str(seed),
+        ],
+        capture_output=True,
+        text=True,
+        env=_clean_env(),
+        timeout=600,
+    )
     if proc.returncode != 0:
         pytest.fail(f"the tuned-lens side failed ({command}):\n{proc.stderr[-3000:]}")
     return torch.load(readings, weights_only=True)
@@ -113,11 +134,15 @@ def _ours(bridge, tokens, lens):
 def _agree(ours, theirs, gap, what):
     """Per-entry log-probs within tolerance; top-1 tokens equal wherever the reference's is clear."""
     assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
-    assert gap < LOGP_ATOL / 2, (f"{what}: sdpa and eager attention differ by {gap:.1e} here, more than the "
-                                 "note's ~1e-5: the float32 noise floor no longer justifies LOGP_ATOL")
+    assert gap < LOGP_ATOL / 2, (
+        f"{what}: sdpa and eager attention differ by {gap:.1e} here, more than the "
+        "note's ~1e-5: the float32 noise floor no longer justifies LOGP_ATOL"
+    )
     atol = LOGP_ATOL
     diff = (ours - theirs).abs().amax(dim=(1, 2, 3))
-    print(f"{what}: max |d log p| per entry {[f'{d:.1e}' for d in diff.tolist()]} (tolerance {atol:g}, sdpa gap {gap:.1e})")
+    print(
+        f"{what}: max |d log p| per entry {[f'{d:.1e}' for d in diff.tolist()]} (tolerance {atol:g}, sdpa gap {gap:.1e})"
+    )
     assert bool((diff <= atol).all()), f"{what}: per-entry max |log p| difference {diff.tolist()} > {atol:g}"
     top2 = theirs.topk(2, dim=-1)
     clear = (top2.values[..., 0] - top2.values[..., 1]) > 2 * atol

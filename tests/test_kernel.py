@@ -9,13 +9,12 @@ here on the CPU through the same code.
 import importlib
 import json
 
+import builders
 import pytest
+import reference
 import torch
 
-import builders
-import reference
 import tl_logitlens as tll
-
 from tl_logitlens.kernel import tiles, tuning
 
 readout_module = importlib.import_module("tl_logitlens.kernel.read")
@@ -175,14 +174,18 @@ def test_cuda_whole_strategy_matches_cpu_tiles(dtype):
     cpu = tiles.read_product(x, 2, W.float(), None, None, [torch.empty(40 * 1024) for _ in range(3)], width=1024, **kw)
     cu = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
     assert tuning.default_strategy(torch.device("cuda")) == "whole"
-    gpu = tiles.read_whole(x.cuda(), 2, W.cuda(), None, None, [torch.empty(40 * 30000, device="cuda") for _ in range(3)], **cu)
+    gpu = tiles.read_whole(
+        x.cuda(), 2, W.cuda(), None, None, [torch.empty(40 * 30000, device="cuda") for _ in range(3)], **cu
+    )
     for name in ("log_z", "entropy", "top_logits", "kl_to_reference", "next_logit", "target_logits"):
         torch.testing.assert_close(getattr(gpu, name).cpu(), getattr(cpu, name), atol=2e-4, rtol=1e-4)
     assert torch.equal(gpu.top_ids.cpu(), cpu.top_ids)
     if dtype == torch.bfloat16:  # tensor-core products of rounded vectors (torch.mm out_dtype=float32)
         xh = x.to(dtype)
         want = _direct_stats(xh, W, torch.zeros(30000), 0.0, 2, nxt, targets)
-        half = tiles.read_whole(xh.cuda(), 2, W.cuda(), None, None, [torch.empty(40 * 30000, device="cuda") for _ in range(3)], **cu)
+        half = tiles.read_whole(
+            xh.cuda(), 2, W.cuda(), None, None, [torch.empty(40 * 30000, device="cuda") for _ in range(3)], **cu
+        )
         for name in ("log_z", "entropy", "kl_to_reference", "next_logit", "target_logits", "target_ranks"):
             torch.testing.assert_close(getattr(half, name).cpu().double(), want[name], atol=2e-4, rtol=1e-5, msg=name)
         assert not tiles._mm_out_dtype  # the tensor-core product ran, not the float32 fallback
@@ -212,7 +215,9 @@ def _direct_stats(x, W, b, cap, g, next_tokens, target_ids):
         "entropy": -(logp.exp() * logp).sum(-1),
         "kl_to_reference": (ref.exp() * (ref - logp)).sum(-1),
         "top_logits": logits3.topk(4, dim=-1).values,
-        "next_logit": torch.where(next_tokens >= 0, logits3.gather(2, next_tokens.clamp_min(0).view(1, n, 1).expand(g, n, 1))[..., 0], 0.0),
+        "next_logit": torch.where(
+            next_tokens >= 0, logits3.gather(2, next_tokens.clamp_min(0).view(1, n, 1).expand(g, n, 1))[..., 0], 0.0
+        ),
         "target_logits": t,
         "target_ranks": torch.stack([(logits3 > t[..., j : j + 1]).sum(-1) for j in range(t.shape[-1])], -1).double(),
     }

@@ -1,10 +1,10 @@
 """The logit lens against the model's own forward pass and an independent reference, on every configuration."""
 
+import builders
 import pytest
+import reference
 import torch
 
-import builders
-import reference
 import tl_logitlens as tll
 from tl_logitlens.kernel import tiles, tuning
 from tl_logitlens.model_access import TL_MAJOR
@@ -125,7 +125,9 @@ def test_lens_transform_is_applied_before_the_norm(case):
     targets = [3, 17, 40]
     plain = tll.logit_lens(model, TOKENS, norm="none", layers=[1, 2], targets=targets)
     doubled = tll.logit_lens(model, TOKENS, norm="none", layers=[1, 2], targets=targets, lens=double)
-    assert seen == plain.labels == ["1_pre", "final_post" if model.cfg.n_layers == 2 else "2_pre"]  # labels, not stack indices
+    assert (
+        seen == plain.labels == ["1_pre", "final_post" if model.cfg.n_layers == 2 else "2_pre"]
+    )  # labels, not stack indices
     # Raw logits are affine in the vector: doubling it doubles (logits - b_U).
     b_U = model.b_U.detach()[targets]
     torch.testing.assert_close(doubled.target_logits, 2 * (plain.target_logits - b_U) + b_U, atol=1e-4, rtol=1e-4)
@@ -166,7 +168,9 @@ def test_readout_chunking_does_not_change_results(case):
         _, cache = model.run_with_cache(TOKENS)
     vectors = torch.stack([cache["blocks.0.hook_resid_pre"], cache["blocks.1.hook_resid_pre"]])
     final = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
-    one = tll.readout(model, vectors, reference=final, next_tokens=torch.full(final.shape[:2], 4), chunk_size=1, targets=[5, 6])
+    one = tll.readout(
+        model, vectors, reference=final, next_tokens=torch.full(final.shape[:2], 4), chunk_size=1, targets=[5, 6]
+    )
     big = tll.readout(model, vectors, reference=final, next_tokens=torch.full(final.shape[:2], 4), targets=[5, 6])
     for name in ("top_ids", "target_ranks"):
         assert torch.equal(getattr(one, name), getattr(big, name))
@@ -180,17 +184,36 @@ def _large_vocabulary_model(d_vocab: int, soft_cap: float):
     Gemma 2 ``TransformerBridge`` (whose final soft cap the bridge applies itself)."""
     if builders.HookedTransformer is not None:
         cfg = builders.HookedTransformerConfig(
-            n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=48, d_vocab=d_vocab, n_ctx=24,
-            act_fn="gelu", normalization_type="LN", output_logits_soft_cap=soft_cap, seed=3,
+            n_layers=2,
+            d_model=32,
+            n_heads=4,
+            d_head=8,
+            d_mlp=48,
+            d_vocab=d_vocab,
+            n_ctx=24,
+            act_fn="gelu",
+            normalization_type="LN",
+            output_logits_soft_cap=soft_cap,
+            seed=3,
         )
         model = builders.HookedTransformer(cfg)
     else:
         import transformers as tf
 
         torch.manual_seed(3)
-        hf = tf.Gemma2ForCausalLM(tf.Gemma2Config(
-            vocab_size=d_vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=8, final_logit_softcapping=soft_cap or None, max_position_embeddings=24))
+        hf = tf.Gemma2ForCausalLM(
+            tf.Gemma2Config(
+                vocab_size=d_vocab,
+                hidden_size=32,
+                intermediate_size=48,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=8,
+                final_logit_softcapping=soft_cap or None,
+                max_position_embeddings=24,
+            )
+        )
         path = builders.temp_dir("large-vocab-")
         hf.save_pretrained(path)
         builders.word_tokenizer(d_vocab).save_pretrained(path)

@@ -8,12 +8,12 @@ import hashlib
 import json
 import warnings
 
+import builders
 import numpy as np
 import pytest
+import reference
 import torch
 
-import builders
-import reference
 import tl_logitlens as tll
 from tl_logitlens.errors import LensInputError, ModelStateError, NonFiniteActivationError
 from tl_logitlens.evaluate import LensEvaluation, evaluate_lens
@@ -29,7 +29,9 @@ def _plain():
 
 def _centred():
     # LayerNorm with centred writing weights: the stream differs from Hugging Face hidden states.
-    return builders.hooked("LN", fold=True) if HookedTransformer is not None else builders.native_bridge("LN", compat=True)
+    return (
+        builders.hooked("LN", fold=True) if HookedTransformer is not None else builders.native_bridge("LN", compat=True)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +53,13 @@ def _reference(model, tokens, params, incl_mid):
             moved.append(h)
         x = reference.normalise(model, torch.stack(moved), cache, "recompute")
         logits = x.double() @ model.W_U.double() + model.b_U.double()
-        final = torch.log_softmax((reference.normalise(model, stack[-1:], cache, "recompute").double()
-                                   @ model.W_U.double() + model.b_U.double())[0], -1)
+        final = torch.log_softmax(
+            (
+                reference.normalise(model, stack[-1:], cache, "recompute").double() @ model.W_U.double()
+                + model.b_U.double()
+            )[0],
+            -1,
+        )
         logp = torch.log_softmax(logits, -1)
     return labels, {
         "entropy": -(logp.exp() * logp).sum(-1),
@@ -62,8 +69,10 @@ def _reference(model, tokens, params, incl_mid):
 
 
 def _params(lens):
-    return {label: (layer.weight.detach().double(), layer.bias.detach().double())
-            for label, layer in lens.translators.items()}
+    return {
+        label: (layer.weight.detach().double(), layer.bias.detach().double())
+        for label, layer in lens.translators.items()
+    }
 
 
 # -- the interface ---------------------------------------------------------------------------
@@ -140,8 +149,9 @@ def test_evaluate_lens_with_a_tuned_lens(model):
     del old["lens_name"]  # a file saved before lenses had names
     assert LensEvaluation.from_dict(old).lens_name == "logit"
     plain = evaluate_lens(model, TOKENS, progress=False, lens=tll.TunedLens(model))
-    torch.testing.assert_close(plain.mean("kl_to_final"), evaluate_lens(model, TOKENS, progress=False).mean("kl_to_final"),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        plain.mean("kl_to_final"), evaluate_lens(model, TOKENS, progress=False).mean("kl_to_final"), atol=1e-6, rtol=0
+    )
 
 
 def test_figures_name_the_lens(model):
@@ -170,7 +180,8 @@ def test_save_writes_the_tuned_lens_format_and_loads_back(model, tmp_path):
     assert config["bias"] is True and "base_model_revision" in config and "base_model_name_or_path" in config
     # tuned-lens's fingerprint: sha256 of array_str(lm_head.weight [d_vocab, d_model], precision=1)
     expected_hash = hashlib.sha256(
-        np.array_str(model.W_U.detach().T.float().numpy(), precision=1).encode("utf-8")).hexdigest()
+        np.array_str(model.W_U.detach().T.float().numpy(), precision=1).encode("utf-8")
+    ).hexdigest()
     assert config["unembed_hash"] == expected_hash
     params = torch.load(tmp_path / "params.pt", weights_only=True)
     d, n = model.cfg.d_model, model.cfg.n_layers
@@ -199,9 +210,15 @@ def test_load_reads_a_plain_tuned_lens_folder(model, tmp_path):
     params = {f"{i}.weight": torch.full((d, d), 0.01 * (i + 1)) for i in range(n)}
     params.update({f"{i}.bias": torch.full((d,), -0.5 * i) for i in range(n)})
     torch.save(params, tmp_path / "params.pt")
-    config = {"base_model_name_or_path": "x", "d_model": d, "num_hidden_layers": n, "bias": True,
-              "base_model_revision": None, "unembed_hash": tll.TunedLens(model).unembed_hash,
-              "lens_type": "linear_tuned_lens"}
+    config = {
+        "base_model_name_or_path": "x",
+        "d_model": d,
+        "num_hidden_layers": n,
+        "bias": True,
+        "base_model_revision": None,
+        "unembed_hash": tll.TunedLens(model).unembed_hash,
+        "lens_type": "linear_tuned_lens",
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     lens = tll.TunedLens.load(tmp_path, model)
     assert not lens.incl_mid
@@ -281,7 +298,9 @@ def test_readout_applies_a_lens_per_entry(model):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_models_take_a_float32_lens(dtype):
-    half = builders.hooked("LN", dtype=dtype) if HookedTransformer is not None else builders.hf_bridge("gpt2", dtype=dtype)
+    half = (
+        builders.hooked("LN", dtype=dtype) if HookedTransformer is not None else builders.hf_bridge("gpt2", dtype=dtype)
+    )
     lens = tll.TunedLens(half)
     assert all(p.dtype == torch.float32 for p in lens.parameters())
     assert lens.transform(torch.ones(2, lens.d_model, dtype=dtype), "0_pre").dtype == torch.float32

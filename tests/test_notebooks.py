@@ -9,8 +9,12 @@ TUTORIALS = sorted((Path(__file__).parent.parent / "tutorials").glob("*.ipynb"))
 
 def test_the_tutorials_are_committed_with_outputs():
     names = [path.name for path in TUTORIALS]
-    assert names == ["01_logit_lens.ipynb", "02_direct_logit_attribution.ipynb", "03_with_your_own_code.ipynb",
-                     "04_tuned_lens.ipynb"]
+    assert names == [
+        "01_logit_lens.ipynb",
+        "02_direct_logit_attribution.ipynb",
+        "03_with_your_own_code.ipynb",
+        "04_tuned_lens.ipynb",
+    ]
     import json
 
     for path in TUTORIALS:
@@ -28,6 +32,7 @@ def test_tutorial_executes(path, tmp_path, monkeypatch):
     nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("MPLBACKEND", "Agg")
     notebook = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()  # raises CellExecutionError with the failing cell's traceback

@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import builders  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -21,11 +22,10 @@ from matplotlib.colors import SymLogNorm  # noqa: E402
 from matplotlib.container import BarContainer  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-import builders  # noqa: E402
 import tl_logitlens as tll  # noqa: E402
 from tl_logitlens.attribution import Attribution  # noqa: E402
-from tl_logitlens.lens import LensResult  # noqa: E402
 from tl_logitlens.kernel import Readout  # noqa: E402
+from tl_logitlens.lens import LensResult  # noqa: E402
 from tl_logitlens.plots import (  # noqa: E402
     LENS_METRICS,
     plot_attribution,
@@ -110,14 +110,16 @@ def cell_texts(ax):
     """``{(col, row): Text}`` of the top-1 annotations."""
     return {
         (int(round(t.get_position()[0])), int(round(t.get_position()[1]))): t
-        for t in ax.texts if t.get_gid() == "tll-top1"
+        for t in ax.texts
+        if t.get_gid() == "tll-top1"
     }
 
 
 def marked_cells(ax):
     return {
         (int(round(p.get_x() + p.get_width() / 2)), int(round(p.get_y() + p.get_height() / 2)))
-        for p in ax.patches if isinstance(p, Rectangle) and p.get_gid() == "tll-next-marker"
+        for p in ax.patches
+        if isinstance(p, Rectangle) and p.get_gid() == "tll-next-marker"
     }
 
 
@@ -126,22 +128,25 @@ def filled(image):
 
 
 # -- display_token ----------------------------------------------------------------------------
-@pytest.mark.parametrize("text, shown", [
-    (" the", "\u2423the"),
-    ("\n", "\u23ce"),
-    ("$x$", "$x$"),
-    ("a_b", "a_b"),
-    ("\\alpha", "\\alpha"),
-    ("the ", "the\u2423"),
-    ("  ", "\u2423\u2423"),
-    ("\tif", "\u21e5if"),
-    ("New York", "New York"),
-    ("\r\n", "\\r\u23ce"),
-    ("\x00", "\\x00"),
-    ("\u00a0x", "\u237dx"),
-    ("", "\u2205"),
-    ("{^}", "{^}"),
-])
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        (" the", "\u2423the"),
+        ("\n", "\u23ce"),
+        ("$x$", "$x$"),
+        ("a_b", "a_b"),
+        ("\\alpha", "\\alpha"),
+        ("the ", "the\u2423"),
+        ("  ", "\u2423\u2423"),
+        ("\tif", "\u21e5if"),
+        ("New York", "New York"),
+        ("\r\n", "\\r\u23ce"),
+        ("\x00", "\\x00"),
+        ("\u00a0x", "\u237dx"),
+        ("", "\u2205"),
+        ("{^}", "{^}"),
+    ],
+)
 def test_display_token(text, shown):
     assert display_token(text) == shown
 
@@ -197,12 +202,15 @@ def test_lens_markers_where_top1_is_next(lens):
     assert (n_pos - 1, n_layer - 1) not in marked_cells(ax)  # the last token has no next token
 
 
-@pytest.mark.parametrize("metric, field", [
-    ("logit", lambda r: r.top_logits[..., 0]),
-    ("entropy", lambda r: r.entropy),
-    ("kl", lambda r: r.kl_to_final),
-    ("loss", lambda r: r.next_token_loss),
-])
+@pytest.mark.parametrize(
+    "metric, field",
+    [
+        ("logit", lambda r: r.top_logits[..., 0]),
+        ("entropy", lambda r: r.entropy),
+        ("kl", lambda r: r.kl_to_final),
+        ("loss", lambda r: r.next_token_loss),
+    ],
+)
 def test_lens_metric_values(lens, metric, field):
     fig = render(plot_lens(lens, metric=metric, batch=0, annotate=False))
     (image,) = fig.axes[0].images
@@ -292,13 +300,21 @@ def weird_lens():
     top_ids[1, 0, :5, 0] = input_ids[0, 1:]  # the last layer gets the next token right
     cell = torch.rand(n_layer, 1, n_pos, generator=torch.Generator().manual_seed(0))
     readout = Readout(
-        top_ids=top_ids, top_probs=torch.rand(n_layer, 1, n_pos, k).sort(-1, descending=True).values,
-        top_logits=torch.randn(n_layer, 1, n_pos, k), entropy=cell, kl_to_reference=cell, next_token_loss=cell,
+        top_ids=top_ids,
+        top_probs=torch.rand(n_layer, 1, n_pos, k).sort(-1, descending=True).values,
+        top_logits=torch.randn(n_layer, 1, n_pos, k),
+        entropy=cell,
+        kl_to_reference=cell,
+        next_token_loss=cell,
     )
     return LensResult(
-        labels=["0_pre", "final_post"], input_ids=input_ids, lengths=torch.tensor([n_pos]),
-        positions=torch.arange(n_pos).unsqueeze(0), readout=readout,
-        next_ids=torch.tensor([[1, 2, 3, 4, 5, -1]]), tokenizer=FakeTokenizer(),
+        labels=["0_pre", "final_post"],
+        input_ids=input_ids,
+        lengths=torch.tensor([n_pos]),
+        positions=torch.arange(n_pos).unsqueeze(0),
+        readout=readout,
+        next_ids=torch.tensor([[1, 2, 3, 4, 5, -1]]),
+        tokenizer=FakeTokenizer(),
     )
 
 
@@ -319,10 +335,17 @@ def test_token_text_is_shown_literally():
 
 def test_attribution_title_shows_tokens_literally():
     att = Attribution(
-        values=torch.randn(3, 2), labels=["embed", "0_attn_out", "0_mlp_out"],
-        model_value=torch.tensor([1.0, 2.0]), constant=torch.zeros(2), by="component",
-        answer_ids=torch.tensor([2, 2]), wrong_ids=torch.tensor([4, 4]),
-        positions=torch.tensor([[5], [5]]), n_layers=1, n_heads=1, tokenizer=FakeTokenizer(),
+        values=torch.randn(3, 2),
+        labels=["embed", "0_attn_out", "0_mlp_out"],
+        model_value=torch.tensor([1.0, 2.0]),
+        constant=torch.zeros(2),
+        by="component",
+        answer_ids=torch.tensor([2, 2]),
+        wrong_ids=torch.tensor([4, 4]),
+        positions=torch.tensor([[5], [5]]),
+        n_layers=1,
+        n_heads=1,
+        tokenizer=FakeTokenizer(),
     )
     ax = render(plot_attribution(att)).axes[0]
     assert "logit($x$) \u2212 logit(\\alpha)" in ax.get_title()
@@ -403,8 +426,11 @@ def test_lens_metrics_skip_all_nan_loss(model, ids):
 def test_layer_curves_public_helper():
     labels = ["0_pre", "1_pre", "final_post"]
     mean, low, high = np.array([3.0, 2.0, 0.5]), np.array([2.0, 1.0, 0.2]), np.array([4.0, 3.0, 1.0])
-    fig = render(plot_layer_curves(labels, {"loss": (mean, low, high), "acc": (torch.tensor([0.1, 0.5, 0.9]),)},
-                                   title="eval", ylabel="nats"))
+    fig = render(
+        plot_layer_curves(
+            labels, {"loss": (mean, low, high), "acc": (torch.tensor([0.1, 0.5, 0.9]),)}, title="eval", ylabel="nats"
+        )
+    )
     ax = fig.axes[0]
     np.testing.assert_allclose(ax.lines[0].get_ydata(), mean)
     assert len(ax.collections) == 1 and ax.get_title() == "eval" and tick_texts(ax.xaxis) == labels
@@ -531,4 +557,7 @@ def test_every_plot_function_takes_ax_as_its_first_keyword():
         keyword_only = [p for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
         positional = [p for p in params if p.kind is not inspect.Parameter.KEYWORD_ONLY]
         assert keyword_only and keyword_only[0].name == "ax", name
-        assert len(positional) <= 2, (name, [p.name for p in positional])  # the result (plot_layer_curves: labels, curves)
+        assert len(positional) <= 2, (
+            name,
+            [p.name for p in positional],
+        )  # the result (plot_layer_curves: labels, curves)

@@ -20,13 +20,21 @@ import torch  # noqa: E402
 from matplotlib.colors import to_hex  # noqa: E402
 
 import tl_logitlens as tll  # noqa: E402
+from tl_logitlens.kernel import Readout  # noqa: E402
 from tl_logitlens.lens import LensResult  # noqa: E402
 from tl_logitlens.plots import METRIC_STYLE, WIDTHS, plot_attribution, plot_lens, plot_lens_metrics, save_figure  # noqa: E402
-from tl_logitlens.kernel import Readout  # noqa: E402
 
 PAGE, COLUMN = 6.9, 3.3  # inches: a two-column paper's text width and column (independent of WIDTHS)
-LONG = ["High Pressure Die Casting", "5-axis Milling Secondary", "Special Finishing", "Turning", "Tap",
-        "geometry_prismatic_with_axisymmetric_features", "holes_normal_threaded", "<EOC>"]
+LONG = [
+    "High Pressure Die Casting",
+    "5-axis Milling Secondary",
+    "Special Finishing",
+    "Turning",
+    "Tap",
+    "geometry_prismatic_with_axisymmetric_features",
+    "holes_normal_threaded",
+    "<EOC>",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -51,15 +59,22 @@ def long_lens(n_layer=4, n_pos=128, n_batch=1, seed=0):
     top_ids[-1, :, :-1, 0] = input_ids[:, 1:]  # the last layer gets the next token right
     cell = torch.rand(n_layer, n_batch, n_pos, generator=g)
     readout = Readout(
-        top_ids=top_ids, top_probs=torch.rand(n_layer, n_batch, n_pos, k, generator=g).sort(-1, descending=True).values,
-        top_logits=torch.randn(n_layer, n_batch, n_pos, k, generator=g), entropy=cell, kl_to_reference=cell,
+        top_ids=top_ids,
+        top_probs=torch.rand(n_layer, n_batch, n_pos, k, generator=g).sort(-1, descending=True).values,
+        top_logits=torch.randn(n_layer, n_batch, n_pos, k, generator=g),
+        entropy=cell,
+        kl_to_reference=cell,
         next_token_loss=cell,
     )
     next_ids = torch.cat([input_ids[:, 1:], torch.full((n_batch, 1), -1)], 1)
     return LensResult(
-        labels=[f"{i}_pre" for i in range(n_layer - 1)] + ["final_post"], input_ids=input_ids,
-        lengths=torch.full((n_batch,), n_pos), positions=torch.arange(n_pos).expand(n_batch, n_pos).clone(),
-        readout=readout, next_ids=next_ids, tokenizer=LongTokenizer(),
+        labels=[f"{i}_pre" for i in range(n_layer - 1)] + ["final_post"],
+        input_ids=input_ids,
+        lengths=torch.full((n_batch,), n_pos),
+        positions=torch.arange(n_pos).expand(n_batch, n_pos).clone(),
+        readout=readout,
+        next_ids=next_ids,
+        tokenizer=LongTokenizer(),
     )
 
 
@@ -86,8 +101,11 @@ def check_inside(fig, renderer):
     box = fig.bbox
     for t in every_text(fig):
         ext = t.get_window_extent(renderer)
-        assert ext.x0 >= box.x0 - 1 and ext.x1 <= box.x1 + 1 and ext.y0 >= box.y0 - 1 and ext.y1 <= box.y1 + 1, \
-            (t.get_text(), ext, box)
+        assert ext.x0 >= box.x0 - 1 and ext.x1 <= box.x1 + 1 and ext.y0 >= box.y0 - 1 and ext.y1 <= box.y1 + 1, (
+            t.get_text(),
+            ext,
+            box,
+        )
 
 
 def check_cells_fit(ax, renderer, n_cols):
@@ -215,7 +233,11 @@ def test_same_metric_same_name_and_colour_in_every_figure():
     eval_fig = evaluation.plot()
 
     def styles(fig):
-        return {line.get_label(): to_hex(line.get_color()) for line in fig.axes[0].lines if not line.get_label().startswith("_")}
+        return {
+            line.get_label(): to_hex(line.get_color())
+            for line in fig.axes[0].lines
+            if not line.get_label().startswith("_")
+        }
 
     in_lens, in_eval = styles(lens_fig), styles(eval_fig)
     assert set(in_lens) == set(in_eval) == {"entropy", "KL to final", "next-token loss"}

@@ -10,15 +10,15 @@ independently: the model rounds its normalised stream ``n`` and its logits ``l``
 to its dtype, so a logit moves by at most ``delta = 2 * eps * (|l| + |n| @ |W_U[:, j]|)``.
 """
 
+import builders
 import pytest
+import reference
 import torch
 
-import builders
-import reference
 import tl_logitlens as tll
-from tl_logitlens.kernel import tiles
 from tl_logitlens.errors import UnsupportedModelError
 from tl_logitlens.evaluate import evaluate_lens
+from tl_logitlens.kernel import tiles
 from tl_logitlens.model_access import TransformerBridge
 
 GRID = builders.precision_cases((torch.bfloat16, torch.float16, torch.float64))
@@ -134,8 +134,12 @@ def dla64(model, cache, answers, wrong, pos=-1):
     model_value = (_norm64(model, final) * u).sum(-1) + b_diff
     normed = _norm64(model, final)
     sizes = normed.abs() @ W_U.abs()  # [batch, vocab]: sum_i |n_i W_ij|
-    return {"values": torch.stack([contrib(p) for p in pieces]).cpu(), "constant": constant.cpu(),
-            "model_value": model_value.cpu(), "sizes": sizes.cpu()}
+    return {
+        "values": torch.stack([contrib(p) for p in pieces]).cpu(),
+        "constant": constant.cpu(),
+        "model_value": model_value.cpu(),
+        "sizes": sizes.cpu(),
+    }
 
 
 # -- the grid -------------------------------------------------------------------------------
@@ -267,6 +271,7 @@ def test_rounding_guard_refuses_a_stream_the_pieces_do_not_explain(half_model):
 
 def _bump_logits(model):
     """A forward hook that adds 4 to token 3's logit: an extra head module the package cannot see."""
+
     def hook(module, inputs, output):
         output = output.clone()
         output[..., 3] += 4
@@ -307,7 +312,9 @@ STORY = "Once upon a time, there was a little girl named Lily. She loved to play
 def real(request, models_dir):
     if TransformerBridge is None:
         pytest.skip("the real models boot through TransformerBridge (3.x/4.x)")
-    stories = TransformerBridge.boot_transformers(str(models_dir / "stories260k"), device="cpu", dtype=request.param).eval()
+    stories = TransformerBridge.boot_transformers(
+        str(models_dir / "stories260k"), device="cpu", dtype=request.param
+    ).eval()
     capp = TransformerBridge.boot_transformers(str(models_dir / "capp-gpt2"), device="cpu", dtype=request.param).eval()
     capp_tokens = torch.tensor([[49, 3, 7, 12, 20, 50, 30, 31], [49, 4, 8, 15, 50, 33, 34, 35]])
     return [(stories, stories.to_tokens(STORY)), (capp, capp_tokens)]

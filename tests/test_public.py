@@ -3,11 +3,11 @@
 Each compares with the independent full-logit reference in tests/reference.py.
 """
 
+import builders
 import pytest
+import reference
 import torch
 
-import builders
-import reference
 import tl_logitlens as tll
 
 TOKENS = builders.tokens(batch=2, seq=7, seed=4)
@@ -27,7 +27,11 @@ def test_residual_stack_accumulated_is_the_cached_stream(model):
     assert stack.labels == labels
     torch.testing.assert_close(stack.values, expected.float(), atol=0, rtol=0)
     last = tll.residual_stack(cache, by="accumulated", positions=-1)
-    assert last.labels[-1] == "final_post" and tuple(last.values.shape) == (model.cfg.n_layers + 1, 2, model.cfg.d_model)
+    assert last.labels[-1] == "final_post" and tuple(last.values.shape) == (
+        model.cfg.n_layers + 1,
+        2,
+        model.cfg.d_model,
+    )
     torch.testing.assert_close(last.values[-1], expected[-1][:, -1].float(), atol=0, rtol=0)
 
 
@@ -47,8 +51,14 @@ def test_readout_through_the_embedding_matches_the_reference(model):
     ref = reference.lens_reference(model, TOKENS, norm="none", unembed="W_E")
     with torch.no_grad():
         _, stack = reference.accumulated(model, ref["cache"])
-    r = tll.readout(model, stack, norm="none", unembed="W_E", top_k=2, next_tokens=torch.cat(
-        [TOKENS[:, 1:], torch.full((2, 1), -1)], 1))
+    r = tll.readout(
+        model,
+        stack,
+        norm="none",
+        unembed="W_E",
+        top_k=2,
+        next_tokens=torch.cat([TOKENS[:, 1:], torch.full((2, 1), -1)], 1),
+    )
     torch.testing.assert_close(r.entropy.double(), ref["entropy"], atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(r.top_logits.double(), ref["logits"].double().topk(2, -1).values, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(r.next_token_loss[..., :-1].double(), ref["loss"], atol=2e-5, rtol=1e-5)

@@ -6,7 +6,9 @@ import torch
 import tl_logitlens as tll
 from tl_logitlens.model_access import TransformerBridge
 
-pytestmark = pytest.mark.skipif(TransformerBridge is None, reason="local HF models boot through TransformerBridge (3.x/4.x)")
+pytestmark = pytest.mark.skipif(
+    TransformerBridge is None, reason="local HF models boot through TransformerBridge (3.x/4.x)"
+)
 
 STORY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
 
@@ -53,7 +55,9 @@ def test_stories_dla_adds_up_by_neuron_and_head(stories):
     tokens = stories.to_tokens(STORY)
     answer = int(tokens[0, -1])
     for by in ("neuron", "head", "component"):
-        att = tll.direct_logit_attribution(stories, tokens, answers=answer, wrong=int(tokens[0, 5]), by=by, positions=-2)
+        att = tll.direct_logit_attribution(
+            stories, tokens, answers=answer, wrong=int(tokens[0, 5]), by=by, positions=-2
+        )
         assert att.residual_error() <= 1e-4
 
 

@@ -4,15 +4,14 @@ clearly or answered correctly, never answered with a quietly wrong number."""
 import json
 import warnings
 
+import builders
 import numpy as np
 import pytest
 import torch
 
-import builders
 import tl_logitlens as tll
 from tl_logitlens.evaluate import LensEvaluation, evaluate_lens
 from tl_logitlens.model_access import ActivationCache
-
 
 raises_before_forward = builders.raises_before_forward
 
@@ -63,9 +62,7 @@ def test_dla_padding_cells_are_nan_and_left_out_of_mean_and_top(model):
     assert att.residual_error() < 1e-4
     # Reference: each prompt alone (no padding anywhere), averaged over the prompts that have the position.
     alone = [tll.direct_logit_attribution(model, p, answers="w5", positions=None).values[:, 0] for p in PROMPTS]
-    expected = torch.stack([
-        torch.stack([a[:, j] for a in alone if j < a.shape[1]]).mean(0) for j in range(6)
-    ], dim=1)
+    expected = torch.stack([torch.stack([a[:, j] for a in alone if j < a.shape[1]]).mean(0) for j in range(6)], dim=1)
     assert torch.allclose(att.mean(), expected, atol=1e-5)
     cells = torch.cat([alone[0], alone[1]], dim=1)  # every real (prompt, position) cell
     overall = cells.mean(1)
@@ -90,10 +87,27 @@ def test_top_takes_a_positive_int(model):
 
 # -- positions ---------------------------------------------------------------------------------
 def test_positions_are_refused_unless_they_are_integers(model):
-    for bad in (True, False, [True, 1], 1.0, [1.5], torch.tensor([1.0]), torch.tensor([True]),
-                torch.zeros(2, 2, 2, dtype=torch.long), torch.tensor([[0, 1], [0, 1], [0, 1]]), slice(0.5, 2)):
-        raises_before_forward(model, tll.LensInputError, "positions", lambda: tll.logit_lens(model, PROMPTS, positions=bad))
-    raises_before_forward(model, tll.LensInputError, "positions", lambda: tll.direct_logit_attribution(model, PROMPTS, answers="w5", positions=True))
+    for bad in (
+        True,
+        False,
+        [True, 1],
+        1.0,
+        [1.5],
+        torch.tensor([1.0]),
+        torch.tensor([True]),
+        torch.zeros(2, 2, 2, dtype=torch.long),
+        torch.tensor([[0, 1], [0, 1], [0, 1]]),
+        slice(0.5, 2),
+    ):
+        raises_before_forward(
+            model, tll.LensInputError, "positions", lambda: tll.logit_lens(model, PROMPTS, positions=bad)
+        )
+    raises_before_forward(
+        model,
+        tll.LensInputError,
+        "positions",
+        lambda: tll.direct_logit_attribution(model, PROMPTS, answers="w5", positions=True),
+    )
 
 
 def test_a_two_dimensional_positions_tensor_is_per_prompt(model):
@@ -117,8 +131,12 @@ def test_targets_that_are_not_tokens_are_refused(model):
         (torch.tensor([5.0, 6.0]), "integer token ids"),
     ]:
         raises_before_forward(model, tll.LensInputError, match, lambda: tll.logit_lens(model, PROMPTS, targets=bad))
-    raises_before_forward(model, tll.LensInputError, "is a float", lambda: tll.direct_logit_attribution(model, PROMPTS, answers=5.0))
-    raises_before_forward(model, tll.LensInputError, "mapping", lambda: tll.direct_logit_attribution(model, PROMPTS, answers={"w5": 0}))
+    raises_before_forward(
+        model, tll.LensInputError, "is a float", lambda: tll.direct_logit_attribution(model, PROMPTS, answers=5.0)
+    )
+    raises_before_forward(
+        model, tll.LensInputError, "mapping", lambda: tll.direct_logit_attribution(model, PROMPTS, answers={"w5": 0})
+    )
 
 
 def test_top_k_takes_numpy_integers_but_not_bool(model):
@@ -132,18 +150,31 @@ def test_a_cache_of_another_model_is_refused(model, twin):
     tokens = builders.tokens()
     with torch.no_grad():
         _, cache = twin.run_with_cache(tokens)
-    raises_before_forward(model, tll.LensInputError, "another model", lambda: tll.logit_lens(model, tokens, cache=cache))
-    raises_before_forward(model, tll.LensInputError, "another model",
-                          lambda: tll.direct_logit_attribution(model, cache=cache, answers=5))
+    raises_before_forward(
+        model, tll.LensInputError, "another model", lambda: tll.logit_lens(model, tokens, cache=cache)
+    )
+    raises_before_forward(
+        model, tll.LensInputError, "another model", lambda: tll.direct_logit_attribution(model, cache=cache, answers=5)
+    )
     with torch.no_grad():
         _, own = model.run_with_cache(tokens)
     deeper = dict(own.cache_dict)
-    deeper[f"blocks.{model.cfg.n_layers + 1}.hook_resid_post"] = deeper[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
-    raises_before_forward(model, tll.LensInputError, rf"block {model.cfg.n_layers + 1}, but this model has {model.cfg.n_layers} layers",
-                          lambda: tll.logit_lens(model, cache=ActivationCache(deeper, model)))
+    deeper[f"blocks.{model.cfg.n_layers + 1}.hook_resid_post"] = deeper[
+        f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    ]
+    raises_before_forward(
+        model,
+        tll.LensInputError,
+        rf"block {model.cfg.n_layers + 1}, but this model has {model.cfg.n_layers} layers",
+        lambda: tll.logit_lens(model, cache=ActivationCache(deeper, model)),
+    )
     wide = {name: (torch.cat([t, t], -1) if "hook_resid_" in name else t) for name, t in own.cache_dict.items()}
-    raises_before_forward(model, tll.LensInputError, "wide, but this model's d_model",
-                          lambda: tll.logit_lens(model, cache=ActivationCache(wide, model)))
+    raises_before_forward(
+        model,
+        tll.LensInputError,
+        "wide, but this model's d_model",
+        lambda: tll.logit_lens(model, cache=ActivationCache(wide, model)),
+    )
     # The model's own cache still reads.
     assert tll.logit_lens(model, tokens, cache=own).labels[-1] == "final_post"
 
@@ -163,7 +194,10 @@ def test_a_lens_that_returns_nan_is_refused(model):
 def test_evaluate_splits_long_sequences_into_windows_and_says_so(model):
     n_ctx = model.cfg.n_ctx
     ids = builders.tokens(batch=2, seq=2 * n_ctx + 3, seed=4)
-    with pytest.warns(UserWarning, match=rf"2 sequence\(s\) longer than the model's context of {n_ctx} tokens were split into 6 windows"):
+    with pytest.warns(
+        UserWarning,
+        match=rf"2 sequence\(s\) longer than the model's context of {n_ctx} tokens were split into 6 windows",
+    ):
         ev = evaluate_lens(model, ids, batch_size=2, progress=False)
     assert ev.n_tokens == ids.shape[0] * (ids.shape[1] - 1)  # every token scored once
     assert ev.n_sequences == 2
@@ -193,7 +227,10 @@ def test_layers_and_counts_take_any_integer_and_refuse_the_rest(model):
     assert tll.logit_lens(model, PROMPTS, layers=np.array([0, -1]), positions=-1).labels == ["0_pre", "final_post"]
     for bad in (2.5, {"0_pre": 1}, [0.0], True):
         raises_before_forward(model, tll.LensInputError, "layer", lambda: tll.logit_lens(model, PROMPTS, layers=bad))
-    assert evaluate_lens(model, builders.tokens(), batch_size=np.int64(1), max_tokens=np.int32(5), progress=False).n_tokens == 5
+    assert (
+        evaluate_lens(model, builders.tokens(), batch_size=np.int64(1), max_tokens=np.int32(5), progress=False).n_tokens
+        == 5
+    )
 
 
 def test_evaluate_finds_an_out_of_range_id_before_the_first_batch(model):
@@ -235,7 +272,9 @@ def test_a_malformed_saved_evaluation_names_the_file_and_the_field(model, tmp_pa
         damage(broken)
         path = tmp_path / f"broken-{field}.json"
         path.write_text(json.dumps(broken))
-        with pytest.raises(tll.LensInputError, match=rf"broken-{field}\.json: malformed saved LensEvaluation: field '{field}'"):
+        with pytest.raises(
+            tll.LensInputError, match=rf"broken-{field}\.json: malformed saved LensEvaluation: field '{field}'"
+        ):
             LensEvaluation.load(path)
     binary = tmp_path / "model.bin"
     binary.write_bytes(bytes(range(256)))

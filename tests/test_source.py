@@ -2,11 +2,11 @@
 agree with an independent float64 reference, and show the demo model's induction head reading
 the earlier copy of the prompt."""
 
+import builders
 import pytest
+import reference
 import torch
 
-import builders
-import reference
 import tl_logitlens as tll
 from tl_logitlens.demo import INDUCTION_HEAD, PREV_TOKEN_HEAD, induction_prompt
 from tl_logitlens.errors import LensInputError, UnsupportedModelError
@@ -54,8 +54,9 @@ def test_source_pieces_match_an_independent_reference(case):
 @pytest.mark.parametrize("pcase", PRECISION, ids=[c.name for c in PRECISION])
 def test_half_precision_pieces_add_up_with_their_rounding(pcase):
     model = builders.build(pcase)
-    att = tll.direct_logit_attribution(model, TOKENS.to(model.W_E.device), answers=ANSWERS, wrong=WRONG,
-                                       by="head", by_source=True)
+    att = tll.direct_logit_attribution(
+        model, TOKENS.to(model.W_E.device), answers=ANSWERS, wrong=WRONG, by="head", by_source=True
+    )
     assert att.source_rounding is not None and att.source_rounding.shape == att.by_head().shape
     total = att.by_source().sum(2) + att.source_rounding
     torch.testing.assert_close(total, att.by_head(), atol=1e-5, rtol=0)
@@ -80,8 +81,9 @@ def test_cache_only_gives_the_same_split_and_no_source_text():
 
 def test_source_tokens_name_the_input():
     model = builders.word_model()
-    att = tll.direct_logit_attribution(model, ["w5 w6 w7 w8", "w9 w10"], answers="w11", by="head", by_source=True,
-                                       positions=None)
+    att = tll.direct_logit_attribution(
+        model, ["w5 w6 w7 w8", "w9 w10"], answers="w11", by="head", by_source=True, positions=None
+    )
     texts = att.source_tokens()
     assert len(texts) == 2 and len(texts[0]) == att.by_source().shape[2]
     assert [t.strip() for t in texts[0][-4:]] == ["w5", "w6", "w7", "w8"]
@@ -108,8 +110,9 @@ def test_demo_induction_head_reads_the_earlier_copy():
             _, cache = model.run_with_cache(tokens)
         prev_head = cache[f"blocks.{PREV_TOKEN_HEAD[0]}.attn.hook_pattern"][0, PREV_TOKEN_HEAD[1]]
         for dest in range(n + 2, 2 * n):  # second copy, predicting tokens[dest + 1]
-            att = tll.direct_logit_attribution(model, tokens[:, : dest + 1], answers=int(tokens[0, dest + 1]),
-                                               by="head", by_source=True)
+            att = tll.direct_logit_attribution(
+                model, tokens[:, : dest + 1], answers=int(tokens[0, dest + 1]), by="head", by_source=True
+            )
             layer, head = INDUCTION_HEAD
             top = int(att.by_source()[layer, head, :, 0].argmax())
             prev = dest - n  # the earlier occurrence of the current token
@@ -134,11 +137,18 @@ def test_a_pattern_that_does_not_make_the_heads_output_is_refused():
 
 def test_by_source_is_refused_clearly():
     model = builders.build(builders.cases()[0])
-    builders.raises_before_forward(model, LensInputError, "needs by='head'",
-                                   lambda: tll.direct_logit_attribution(model, TOKENS, answers=ANSWERS, by_source=True))
-    builders.raises_before_forward(model, LensInputError, "by_source must be True or False",
-                                   lambda: tll.direct_logit_attribution(model, TOKENS, answers=ANSWERS, by="head",
-                                                                         by_source="yes"))
+    builders.raises_before_forward(
+        model,
+        LensInputError,
+        "needs by='head'",
+        lambda: tll.direct_logit_attribution(model, TOKENS, answers=ANSWERS, by_source=True),
+    )
+    builders.raises_before_forward(
+        model,
+        LensInputError,
+        "by_source must be True or False",
+        lambda: tll.direct_logit_attribution(model, TOKENS, answers=ANSWERS, by="head", by_source="yes"),
+    )
     plain = tll.direct_logit_attribution(model, TOKENS, answers=ANSWERS, by="head")
     with pytest.raises(LensInputError, match="by_source=True"):
         plain.by_source()
@@ -151,8 +161,9 @@ def test_source_figure_shows_the_top_heads_by_source():
     from tl_logitlens.plots import plot_source_attribution
 
     model = builders.word_model()
-    att = tll.direct_logit_attribution(model, ["w5 w6 w7 w8 w9", "w10 w11 w12"], answers="w11", by="head",
-                                       by_source=True, positions=None)
+    att = tll.direct_logit_attribution(
+        model, ["w5 w6 w7 w8 w9", "w10 w11 w12"], answers="w11", by="head", by_source=True, positions=None
+    )
     fig = plot_source_attribution(att, top=3, batch=1, position=2)
     grid = fig.axes[0].images[0].get_array()
     dest = int(att.positions[1, 2])
@@ -178,7 +189,9 @@ def test_source_figure_shows_the_top_heads_by_source():
 def test_source_split_on_cuda_adds_up_and_matches_the_cpu(dtype):
     for pcase in builders.precision_cases((dtype,), device="cuda"):
         model = builders.build(pcase)
-        att = tll.direct_logit_attribution(model, TOKENS.cuda(), answers=ANSWERS, wrong=WRONG, by="head", by_source=True)
+        att = tll.direct_logit_attribution(
+            model, TOKENS.cuda(), answers=ANSWERS, wrong=WRONG, by="head", by_source=True
+        )
         assert att.by_source().device.type == "cpu"
         total = att.by_source().sum(2) + (0 if att.source_rounding is None else att.source_rounding)
         torch.testing.assert_close(total, att.by_head(), atol=1e-5, rtol=0)

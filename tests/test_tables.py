@@ -50,13 +50,22 @@ def lens_rows(result):
                     metrics["target_rank"] = int(result.target_ranks[cell][0])
                 for r in range(result.top_ids.shape[-1]):
                     token_id = int(result.top_ids[cell][r])
-                    rows.append({
-                        "layer": label, "batch": b, "pos": pos,
-                        "input_token": None if result.input_ids is None else result.decode(int(result.input_ids[b, pos])),
-                        "rank": r, "token_id": token_id, "token": result.decode(token_id),
-                        "prob": float(result.top_probs[cell][r]), "logit": float(result.top_logits[cell][r]),
-                        **metrics,
-                    })
+                    rows.append(
+                        {
+                            "layer": label,
+                            "batch": b,
+                            "pos": pos,
+                            "input_token": None
+                            if result.input_ids is None
+                            else result.decode(int(result.input_ids[b, pos])),
+                            "rank": r,
+                            "token_id": token_id,
+                            "token": result.decode(token_id),
+                            "prob": float(result.top_probs[cell][r]),
+                            "logit": float(result.top_logits[cell][r]),
+                            **metrics,
+                        }
+                    )
     return pd.DataFrame.from_records(rows)
 
 
@@ -68,9 +77,16 @@ def attribution_rows(att):
     for c, label in enumerate(att.labels):
         for b in range(values.shape[1]):
             for j in range(values.shape[2]):
-                rows.append({"component": label, "batch": b, "pos": int(att.positions[b, j]),
-                             "value": float(values[c, b, j]), "model_value": float(mv[b, j]),
-                             "constant": float(const[b, j])})
+                rows.append(
+                    {
+                        "component": label,
+                        "batch": b,
+                        "pos": int(att.positions[b, j]),
+                        "value": float(values[c, b, j]),
+                        "model_value": float(mv[b, j]),
+                        "constant": float(const[b, j]),
+                    }
+                )
     return pd.DataFrame.from_records(rows)
 
 
@@ -108,8 +124,14 @@ def test_lens_table_from_a_cache_has_no_input_tokens(model):
 @pytest.mark.parametrize("by, positions", [("neuron", None), ("head", -1), ("accumulated", [1, 3])])
 def test_attribution_table(model, by, positions):
     tokens = torch.cat([tll.demo.induction_prompt(model, n=5, seed=s) for s in range(2)])
-    att = tll.direct_logit_attribution(model, tokens, answers=[int(tokens[0, 1]), int(tokens[1, 2])],
-                                       wrong=int(tokens[0, 3]), by=by, positions=positions)
+    att = tll.direct_logit_attribution(
+        model,
+        tokens,
+        answers=[int(tokens[0, 1]), int(tokens[1, 2])],
+        wrong=int(tokens[0, 3]),
+        by=by,
+        positions=positions,
+    )
     same_table(att.to_dataframe(), attribution_rows(att))
 
 
@@ -151,25 +173,38 @@ HEAVY = ("torch", "transformer_lens", "matplotlib", "pandas")
 
 
 def test_import_is_lazy():
-    loaded = _python(f"import json, sys; import tl_logitlens as tll; print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))")
+    loaded = _python(
+        f"import json, sys; import tl_logitlens as tll; print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+    )
     assert loaded == []  # neither matplotlib nor pandas (nor torch) until an analysis is used
 
 
 def test_every_public_name_resolves_without_plotting_imports():
-    code = ("import json, sys, tl_logitlens as tll; from tl_logitlens import logit_lens, readout, demo, Attribution; "
-            "names = {n: type(getattr(tll, n)).__name__ for n in tll.__all__}; "
-            "print(json.dumps([callable(readout), type(tll.readout).__name__, names['demo'], "
-            "sorted(set(tll.__all__) - set(dir(tll)))]))")
+    code = (
+        "import json, sys, tl_logitlens as tll; from tl_logitlens import logit_lens, readout, demo, Attribution; "
+        "names = {n: type(getattr(tll, n)).__name__ for n in tll.__all__}; "
+        "print(json.dumps([callable(readout), type(tll.readout).__name__, names['demo'], "
+        "sorted(set(tll.__all__) - set(dir(tll)))]))"
+    )
     is_callable, readout_type, demo_type, missing = _python(code)
     assert is_callable and readout_type == "function" and demo_type == "module" and missing == []
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["lens", "--help"], ["dla", "--model", "./no/such/folder", "--prompt", "x", "--answer", "y"],
-                                  ["lens", "--model", "demo", "--prompt", "x", "--metric", "colour"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["lens", "--help"],
+        ["dla", "--model", "./no/such/folder", "--prompt", "x", "--answer", "y"],
+        ["lens", "--model", "demo", "--prompt", "x", "--metric", "colour"],
+    ],
+)
 def test_help_and_usage_errors_import_nothing_heavy(argv):
-    code = ("import contextlib, io, json, sys\nfrom tl_logitlens import cli\n"
-            "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
-            "    try:\n        code = cli.main(%r)\n    except SystemExit as e:\n        code = e.code\n"
-            "print(json.dumps([code, [m for m in %r if m in sys.modules]]))" % (argv, HEAVY))
+    code = (
+        "import contextlib, io, json, sys\nfrom tl_logitlens import cli\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+        "    try:\n        code = cli.main(%r)\n    except SystemExit as e:\n        code = e.code\n"
+        "print(json.dumps([code, [m for m in %r if m in sys.modules]]))" % (argv, HEAVY)
+    )
     code, loaded = _python(code)
     assert code in (0, 2) and loaded == []

@@ -10,20 +10,21 @@ Expected ids come from the tokenizer's own tables (``convert_tokens_to_ids``,
 import io
 import warnings
 
+import builders
 import numpy as np
 import pytest
 import torch
 
-import builders
 import tl_logitlens as tll
-from tl_logitlens.model_access import TransformerBridge, view
 from tl_logitlens.inputs import single_token_id
+from tl_logitlens.model_access import TransformerBridge, view
 from tl_logitlens.tokentext import token_text
-
 
 raises_before_forward = builders.raises_before_forward
 
-needs_bridge = pytest.mark.skipif(TransformerBridge is None, reason="local HF models boot through TransformerBridge (3.x/4.x)")
+needs_bridge = pytest.mark.skipif(
+    TransformerBridge is None, reason="local HF models boot through TransformerBridge (3.x/4.x)"
+)
 STORY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
 
 
@@ -100,8 +101,12 @@ def test_text_longer_than_the_context_is_refused_with_both_lengths(model):
         lambda: tll.direct_logit_attribution(model, words, answers="w5"),
         lambda: tll.logit_lens(model, builders.tokens(1, n_ctx + 1)),
     ):
-        raises_before_forward(model, tll.LensInputError,
-                              rf"(is {length}|is {n_ctx + 1}) tokens long, longer than the model's context of {n_ctx}", call)
+        raises_before_forward(
+            model,
+            tll.LensInputError,
+            rf"(is {length}|is {n_ctx + 1}) tokens long, longer than the model's context of {n_ctx}",
+            call,
+        )
 
 
 def test_token_ids_as_numbers_and_specs_that_are_not_tokens(model):
@@ -126,7 +131,9 @@ def test_token_ids_as_numbers_and_specs_that_are_not_tokens(model):
 def test_demo_model_refuses_an_answer_it_cannot_spell():
     model = tll.demo_model()
     raises_before_forward(
-        model, tll.LensInputError, r"'zebra' is not in the vocabulary",
+        model,
+        tll.LensInputError,
+        r"'zebra' is not in the vocabulary",
         lambda: tll.direct_logit_attribution(model, "red cat sun red cat", answers="zebra"),
     )
     n_ctx = model.cfg.n_ctx
@@ -134,7 +141,9 @@ def test_demo_model_refuses_an_answer_it_cannot_spell():
     length = model.to_tokens(prompt, truncate=False).shape[1]
     assert length > n_ctx
     raises_before_forward(
-        model, tll.LensInputError, rf"is {length} tokens long, longer than the model's context of {n_ctx}",
+        model,
+        tll.LensInputError,
+        rf"is {length} tokens long, longer than the model's context of {n_ctx}",
         lambda: tll.logit_lens(model, prompt),
     )
 
@@ -199,7 +208,9 @@ def test_stories_story_longer_than_the_context_is_refused(stories):
     length = stories.to_tokens(text, truncate=False).shape[1]
     assert length > stories.cfg.n_ctx
     raises_before_forward(
-        stories, tll.LensInputError, rf"is {length} tokens long, longer than the model's context of 512",
+        stories,
+        tll.LensInputError,
+        rf"is {length} tokens long, longer than the model's context of 512",
         lambda: tll.direct_logit_attribution(stories, text, answers=","),
     )
 
@@ -232,14 +243,27 @@ def test_a_bos_that_shares_the_unknown_id_is_not_an_unknown_word():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["the cat sat on the mat"] * 10, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        ["the cat sat on the mat"] * 10,
+        trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     eot = "<|endoftext|>"
     fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=eot, bos_token=eot, eos_token=eot)
     path = builders.temp_dir("bpe-")
     fast.save_pretrained(path)
-    tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=len(fast), n_positions=32,
-                                     bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)).save_pretrained(path)
+    tf.GPT2LMHeadModel(
+        tf.GPT2Config(
+            n_layer=1,
+            n_embd=16,
+            n_head=2,
+            vocab_size=len(fast),
+            n_positions=32,
+            bos_token_id=fast.bos_token_id,
+            eos_token_id=fast.eos_token_id,
+        )
+    ).save_pretrained(path)
     model = TransformerBridge.boot_transformers(path, device="cpu").eval()
     assert model.tokenizer.unk_token_id == model.to_tokens("the")[0, 0]  # the prepended BOS is the "unknown" id
     v = view(model)

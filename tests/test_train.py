@@ -9,11 +9,11 @@ import textwrap
 import time
 from pathlib import Path
 
+import builders
 import pytest
+import reference
 import torch
 
-import builders
-import reference
 import tl_logitlens as tll
 from tl_logitlens.errors import LensInputError, NonFiniteActivationError
 from tl_logitlens.lenses.training import CHECKPOINT
@@ -84,7 +84,7 @@ def _reference_step(model, tokens, start, loss, lr=1.0, weight_decay=1e-3):
         total = total + per_token.mean()
     total.backward()
     grads = {k: p.grad for k, p in params.items()}
-    grad_norm = torch.sqrt(sum((g ** 2).sum() for g in grads.values()))
+    grad_norm = torch.sqrt(sum((g**2).sum() for g in grads.values()))
     coef = min(1.0, 1.0 / (float(grad_norm) + 1e-6))
     momentum = 0.9
     out = {}
@@ -104,8 +104,9 @@ def test_one_step_equals_plain_autograd_in_float64(case, loss):
     start = {k: v.detach().clone() for k, v in _random_lens(model).state_dict().items()}
     expected = _reference_step(model, tokens, start, loss)
     lens = _random_lens(model)
-    trained = tll.train_tuned_lens(model, tokens, steps=1, tokens_per_step=3 * 8, batch_size=2, loss=loss,
-                                   lens=lens, progress=False)
+    trained = tll.train_tuned_lens(
+        model, tokens, steps=1, tokens_per_step=3 * 8, batch_size=2, loss=loss, lens=lens, progress=False
+    )
     assert trained is lens
     worst = moved = 0.0
     for k, v in trained.state_dict().items():
@@ -145,8 +146,12 @@ def test_micro_batching_does_not_change_the_lens():
 def test_running_out_of_data_warns_with_steps_and_tokens(tmp_path):
     model = tll.demo_model()
     tokens = torch.cat([tll.demo.induction_prompt(model, n=5, seed=s) for s in range(5)])  # 50 scored tokens
-    with pytest.warns(UserWarning, match=r"ran out after 3 of 10 steps \(50 tokens of the 200 planned; the last step was partial\)"):
-        lens = tll.train_tuned_lens(model, tokens, steps=10, tokens_per_step=20, progress=False, checkpoint_dir=tmp_path)
+    with pytest.warns(
+        UserWarning, match=r"ran out after 3 of 10 steps \(50 tokens of the 200 planned; the last step was partial\)"
+    ):
+        lens = tll.train_tuned_lens(
+            model, tokens, steps=10, tokens_per_step=20, progress=False, checkpoint_dir=tmp_path
+        )
     saved = torch.load(tmp_path / CHECKPOINT, weights_only=True)
     assert (saved["step"], saved["tokens_seen"]) == (3, 50)
     loaded = tll.TunedLens.load(tmp_path, model)
@@ -181,8 +186,12 @@ def demo_data():
 def test_a_killed_run_resumes_to_the_uninterrupted_lens(tmp_path):
     folder = tmp_path / "ckpt"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-c", _SCRIPT.format(tests=str(ROOT / "tests"), folder=str(folder))],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SCRIPT.format(tests=str(ROOT / "tests"), folder=str(folder))],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     killed_at = None
     try:
         deadline = time.time() + 240
@@ -205,8 +214,16 @@ def test_a_killed_run_resumes_to_the_uninterrupted_lens(tmp_path):
 
     model = tll.demo_model()
     with builders.CountForwards(model) as counter:
-        resumed = tll.train_tuned_lens(model, demo_data(), steps=12, tokens_per_step=30, batch_size=2,
-                                       checkpoint_dir=folder, checkpoint_every=2, progress=False)
+        resumed = tll.train_tuned_lens(
+            model,
+            demo_data(),
+            steps=12,
+            tokens_per_step=30,
+            batch_size=2,
+            checkpoint_dir=folder,
+            checkpoint_every=2,
+            progress=False,
+        )
     with builders.CountForwards(model) as full:
         whole = tll.train_tuned_lens(model, demo_data(), steps=12, tokens_per_step=30, batch_size=2, progress=False)
     assert 0 < counter.calls < full.calls  # it continued, it did not start again
@@ -215,8 +232,16 @@ def test_a_killed_run_resumes_to_the_uninterrupted_lens(tmp_path):
     assert torch.load(folder / CHECKPOINT, weights_only=True)["step"] == 12
     # A finished run resumed again returns its lens without a forward pass.
     with builders.CountForwards(model) as counter:
-        again = tll.train_tuned_lens(model, demo_data(), steps=12, tokens_per_step=30, batch_size=2,
-                                     checkpoint_dir=folder, checkpoint_every=2, progress=False)
+        again = tll.train_tuned_lens(
+            model,
+            demo_data(),
+            steps=12,
+            tokens_per_step=30,
+            batch_size=2,
+            checkpoint_dir=folder,
+            checkpoint_every=2,
+            progress=False,
+        )
     assert counter.calls == 0
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), resumed.state_dict().values()))
 
@@ -225,31 +250,56 @@ def test_resuming_with_other_settings_is_refused_before_any_forward(tmp_path):
     model = tll.demo_model()
     tokens = torch.cat([tll.demo.induction_prompt(model, n=5, seed=s) for s in range(4)])
     tll.train_tuned_lens(model, tokens, steps=2, tokens_per_step=20, progress=False, checkpoint_dir=tmp_path)
-    for change, name in (({"tokens_per_step": 10}, "tokens_per_step"), ({"loss": "ce"}, "loss"), ({"steps": 3}, "steps")):
+    for change, name in (
+        ({"tokens_per_step": 10}, "tokens_per_step"),
+        ({"loss": "ce"}, "loss"),
+        ({"steps": 3}, "steps"),
+    ):
         kwargs = dict(steps=2, tokens_per_step=20, progress=False, checkpoint_dir=tmp_path)
         kwargs.update(change)
-        builders.raises_before_forward(model, LensInputError, f"other settings.*{name}: checkpoint",
-                                       lambda: tll.train_tuned_lens(model, tokens, **kwargs))
+        builders.raises_before_forward(
+            model,
+            LensInputError,
+            f"other settings.*{name}: checkpoint",
+            lambda: tll.train_tuned_lens(model, tokens, **kwargs),
+        )
     other = builders.build(_STEP_KINDS[0])  # another model shape: d_model 32, not 64
-    builders.raises_before_forward(other, LensInputError, "d_model: checkpoint 64, now 32", lambda: tll.train_tuned_lens(
-        other, builders.tokens(), steps=2, tokens_per_step=20, progress=False, checkpoint_dir=tmp_path))
+    builders.raises_before_forward(
+        other,
+        LensInputError,
+        "d_model: checkpoint 64, now 32",
+        lambda: tll.train_tuned_lens(
+            other, builders.tokens(), steps=2, tokens_per_step=20, progress=False, checkpoint_dir=tmp_path
+        ),
+    )
     (tmp_path / CHECKPOINT).write_bytes(b"not a checkpoint")
-    builders.raises_before_forward(model, LensInputError, "not a readable training checkpoint", lambda: tll.train_tuned_lens(
-        model, tokens, steps=2, tokens_per_step=20, progress=False, checkpoint_dir=tmp_path))
+    builders.raises_before_forward(
+        model,
+        LensInputError,
+        "not a readable training checkpoint",
+        lambda: tll.train_tuned_lens(
+            model, tokens, steps=2, tokens_per_step=20, progress=False, checkpoint_dir=tmp_path
+        ),
+    )
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"steps": 0}, "steps must be a positive int"),
-    ({"tokens_per_step": 2.5}, "tokens_per_step must be a positive int"),
-    ({"optimizer": "lbfgs"}, "optimizer must be"),
-    ({"loss": "mse"}, "loss must be"),
-    ({"lr": float("nan")}, "lr must be a positive finite number"),
-    ({"lens": tll.LogitLens()}, "lens must be a TunedLens"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"steps": 0}, "steps must be a positive int"),
+        ({"tokens_per_step": 2.5}, "tokens_per_step must be a positive int"),
+        ({"optimizer": "lbfgs"}, "optimizer must be"),
+        ({"loss": "mse"}, "loss must be"),
+        ({"lr": float("nan")}, "lr must be a positive finite number"),
+        ({"lens": tll.LogitLens()}, "lens must be a TunedLens"),
+    ],
+)
 def test_bad_arguments_are_refused_before_any_forward(kwargs, match):
     model = tll.demo_model()
     tokens = tll.demo.induction_prompt(model)
-    builders.raises_before_forward(model, LensInputError, match, lambda: tll.train_tuned_lens(model, tokens, progress=False, **kwargs))
+    builders.raises_before_forward(
+        model, LensInputError, match, lambda: tll.train_tuned_lens(model, tokens, progress=False, **kwargs)
+    )
 
 
 class _Poisoned(tll.TunedLens):
@@ -273,8 +323,17 @@ def test_a_non_finite_loss_stops_naming_the_entry_and_step_and_keeps_the_checkpo
     tokens = torch.cat([tll.demo.induction_prompt(model, n=5, seed=s) for s in range(8)])  # 10 scored tokens each
     lens = _Poisoned(model, after=4)  # steps of 20 tokens, one sequence per micro-batch: step 3 goes NaN
     with pytest.raises(NonFiniteActivationError, match=r"loss at 1_pre is not finite at step 3 \(after 40 tokens"):
-        tll.train_tuned_lens(model, tokens, steps=4, tokens_per_step=20, batch_size=1, checkpoint_every=1,
-                             checkpoint_dir=tmp_path, lens=lens, progress=False)
+        tll.train_tuned_lens(
+            model,
+            tokens,
+            steps=4,
+            tokens_per_step=20,
+            batch_size=1,
+            checkpoint_every=1,
+            checkpoint_dir=tmp_path,
+            lens=lens,
+            progress=False,
+        )
     saved = torch.load(tmp_path / CHECKPOINT, weights_only=True)
     assert saved["step"] == 2 and all(bool(torch.isfinite(v).all()) for v in saved["lens"].values())
     assert not (tmp_path / "params.pt").exists()
@@ -317,12 +376,15 @@ def test_stories_tuned_lens_beats_the_logit_lens_on_held_out_text(models_dir):
 def test_incl_mid_trains_the_mid_entries_and_saves_them(tmp_path):
     model = tll.demo_model()
     tokens = torch.cat([tll.demo.induction_prompt(model, n=5, seed=s) for s in range(4)])
-    lens = tll.train_tuned_lens(model, tokens, steps=2, tokens_per_step=20, incl_mid=True, checkpoint_dir=tmp_path,
-                                progress=False)
+    lens = tll.train_tuned_lens(
+        model, tokens, steps=2, tokens_per_step=20, incl_mid=True, checkpoint_dir=tmp_path, progress=False
+    )
     assert lens.labels == ["0_pre", "0_mid", "1_pre", "1_mid"]
     assert all(float(lens.translators[label].bias.detach().abs().max()) > 0 for label in lens.labels)
     loaded = tll.TunedLens.load(tmp_path, model)
-    assert loaded.incl_mid and all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), lens.state_dict().values()))
+    assert loaded.incl_mid and all(
+        torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), lens.state_dict().values())
+    )
 
 
 def test_adam_takes_tuned_lens_first_step():

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tl_logitlens.kernel import loss as tk
 from tl_logitlens.errors import LensInputError
+from tl_logitlens.kernel import loss as tk
 
 # (d_vocab, width): ragged tiles (7 and 13 do not divide 61), one tile, a width beyond the vocabulary.
 TILINGS = [(61, 7), (61, 13), (61, 61), (61, 100), (50, 8)]
@@ -194,7 +194,9 @@ def test_real_model_unembedding(models_dir):
         ours, g_ours = _loss_and_grad(lambda v: tk.lens_loss(v, W, b, final=x_final, width=width), x.double(), weights)
         ref, g_ref = _loss_and_grad(lambda v: _reference_kl(v, W, b, x_final), x.double(), weights)
         assert _rel(ours, ref) <= 1e-6 and _rel(g_ours, g_ref) <= 1e-6
-        ce, g_ce = _loss_and_grad(lambda v: tk.lens_loss(v, W, b, next_tokens=t, loss="ce", width=width), x.double(), weights)
+        ce, g_ce = _loss_and_grad(
+            lambda v: tk.lens_loss(v, W, b, next_tokens=t, loss="ce", width=width), x.double(), weights
+        )
         ref_ce, g_ref_ce = _loss_and_grad(lambda v: _reference_ce(v, W, b, t), x.double(), weights)
         assert _rel(ce, ref_ce) <= 1e-6 and _rel(g_ce, g_ref_ce) <= 1e-6
 
@@ -234,8 +236,16 @@ def test_cuda_matches_float64_autograd(w_dtype):
         (lambda W, b, xf, x: tk.lens_loss(x, W, b, final=xf[:-1]), "same 10 rows"),
         (lambda W, b, xf, x: tk.lens_loss(x, W, b, loss="mse", final=xf), 'loss must be "kl" or "ce"'),
         (lambda W, b, xf, x: tk.lens_loss(x, W, b, loss="ce", next_tokens=torch.full((10,), 61)), r"lie in \[0, 61\)"),
-        (lambda W, b, xf, x: tk.lens_loss(x, W, b, loss="ce", next_tokens=torch.zeros(9, dtype=torch.long)), r"next_tokens as an integer tensor \[rows\]"),
-        (lambda W, b, xf, x: tk.lens_loss(x, W, b, loss="ce", final=xf, next_tokens=torch.zeros(10, dtype=torch.long)), "final= is for"),
+        (
+            lambda W, b, xf, x: tk.lens_loss(x, W, b, loss="ce", next_tokens=torch.zeros(9, dtype=torch.long)),
+            r"next_tokens as an integer tensor \[rows\]",
+        ),
+        (
+            lambda W, b, xf, x: tk.lens_loss(
+                x, W, b, loss="ce", final=xf, next_tokens=torch.zeros(10, dtype=torch.long)
+            ),
+            "final= is for",
+        ),
         (lambda W, b, xf, x: tk.lens_loss(x, W, b, final=xf, width=0), "width must be a positive int"),
         (lambda W, b, xf, x: tk.lens_loss(x.long(), W, b, final=xf), "floating-point"),
     ],

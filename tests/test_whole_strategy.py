@@ -12,13 +12,13 @@ On CUDA the kernel takes one product over the whole vocabulary (:func:`tl_logitl
 - top-k comes from block maxima (:func:`tl_logitlens.kernel.tiles.block_top_k`).
 """
 
-import pytest
-import torch
-
 import builders
+import pytest
 import reference
-import tl_logitlens as tll
+import torch
 from test_kernel import _direct_stats
+
+import tl_logitlens as tll
 from tl_logitlens.kernel import tiles, tuning
 
 HALF = [torch.bfloat16, torch.float16]
@@ -82,8 +82,9 @@ def test_read_whole_on_half_vectors_is_exact_for_the_rounded_vectors(dtype, cap)
 
     transform.elementwise = True
     bufs = [torch.empty(g * n * V) for _ in range(3)]
-    got = tiles.read_whole(x, g, W, b, transform if cap else None, bufs, top_k=4, with_reference=True,
-                           next_tokens=nxt, target_ids=tid)
+    got = tiles.read_whole(
+        x, g, W, b, transform if cap else None, bufs, top_k=4, with_reference=True, next_tokens=nxt, target_ids=tid
+    )
     assert got.entropy.dtype == torch.float32
     want = _direct_stats(x, W, b, cap, g, nxt, tid)
     for name, value in want.items():
@@ -167,7 +168,9 @@ def test_half_products_read_the_rounded_vectors_through_every_entry_point(case, 
     assert _worst(full, exact) <= 1e-5, _worst(full, exact)
     # The rounding is real (9.6e-5 in float16, 6.6e-4 in bfloat16): a path that skipped it fails.
     assert _worst(half, full) > 5e-5, _worst(half, full)
-    torch.testing.assert_close(ev.mean("kl_to_final").double(), rounded["kl_to_final"][..., :-1].mean((1, 2)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        ev.mean("kl_to_final").double(), rounded["kl_to_final"][..., :-1].mean((1, 2)), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_compiled_sums_equal_eager_ones():

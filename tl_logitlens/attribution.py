@@ -36,7 +36,15 @@ from typing import Any, List, Optional, Tuple
 import torch
 
 from .errors import LensInputError, UnsupportedModelError
-from .inputs import PositionSpec, activation_shape, gather_positions, per_prompt_ids, position_index, resolve_inputs, run_or_read
+from .inputs import (
+    PositionSpec,
+    activation_shape,
+    gather_positions,
+    per_prompt_ids,
+    position_index,
+    resolve_inputs,
+    run_or_read,
+)
 from .kernel import is_half
 from .model_access import cache_tensor, compute_device
 from .stacks import STACK_KINDS, head_source_values, piece_groups, required_hooks, source_hooks
@@ -141,7 +149,9 @@ class Attribution:
         real = self.real().reshape(-1)
         mean = self.values.reshape(self.values.shape[0], -1)[:, real].mean(1)
         pattern = _KIND_LABEL.get(self.by)
-        keep = [i for i, label in enumerate(self.labels) if include_other or pattern is None or pattern.fullmatch(label)]
+        keep = [
+            i for i, label in enumerate(self.labels) if include_other or pattern is None or pattern.fullmatch(label)
+        ]
         picked = torch.tensor(keep, dtype=torch.long)
         order = picked[mean[picked].abs().argsort(descending=True)[: int(k)]]
         return [(self.labels[i], float(mean[i])) for i in order.tolist()]
@@ -222,21 +232,26 @@ class Attribution:
         n_comp, batch, n_pos = values.shape
         cells = batch * n_pos
         real = np.tile(self.real().reshape(-1).numpy(), n_comp)  # padding cells are left out
-        return pd.DataFrame({
-            "component": np.repeat(np.array(self.labels, dtype=object), cells)[real],
-            "batch": np.tile(np.repeat(np.arange(batch, dtype=np.int64), n_pos), n_comp)[real],
-            "pos": np.tile(self.positions.reshape(batch, n_pos).numpy().astype(np.int64).reshape(-1), n_comp)[real],
-            "value": values.numpy().astype(np.float64).reshape(-1)[real],
-            "model_value": np.tile(model_value.numpy().astype(np.float64).reshape(-1), n_comp)[real],
-            "constant": np.tile(constant.numpy().astype(np.float64).reshape(-1), n_comp)[real],
-        })
+        return pd.DataFrame(
+            {
+                "component": np.repeat(np.array(self.labels, dtype=object), cells)[real],
+                "batch": np.tile(np.repeat(np.arange(batch, dtype=np.int64), n_pos), n_comp)[real],
+                "pos": np.tile(self.positions.reshape(batch, n_pos).numpy().astype(np.int64).reshape(-1), n_comp)[real],
+                "value": values.numpy().astype(np.float64).reshape(-1)[real],
+                "model_value": np.tile(model_value.numpy().astype(np.float64).reshape(-1), n_comp)[real],
+                "constant": np.tile(constant.numpy().astype(np.float64).reshape(-1), n_comp)[real],
+            }
+        )
+
     def __repr__(self) -> str:
         labels = self.labels if len(self.labels) <= 2 else [self.labels[0], "...", self.labels[-1]]
         shown = "[" + ", ".join(x if x == "..." else repr(x) for x in labels) + "]"
         pos = self.values.shape[2] if self.values.ndim == 3 else None
         what = "logit difference" if self.wrong_ids is not None else "logit"
-        return (f"Attribution(by={self.by!r}, labels={shown} ({len(self.labels)}), batch={self.values.shape[1]}, "
-                f"pos={pos}, of={what!r}, residual_error={self.residual_error():.2g})")
+        return (
+            f"Attribution(by={self.by!r}, labels={shown} ({len(self.labels)}), batch={self.values.shape[1]}, "
+            f"pos={pos}, of={what!r}, residual_error={self.residual_error():.2g})"
+        )
 
     def plot(self, **kwargs: Any) -> Any:
         """:func:`tl_logitlens.plot_attribution` on this result."""
@@ -322,7 +337,8 @@ def direct_logit_attribution(
         why = (
             ": each piece normalised by its own statistics is not linear, so the pieces would not add "
             "up; tll.logit_lens(norm='recompute') reads the stream that way"
-            if norm == "recompute" else ""
+            if norm == "recompute"
+            else ""
         )
         raise LensInputError(f"norm must be one of {ATTRIBUTION_NORMS} for direct logit attribution, got {norm!r}{why}")
     view, tokens, cache = resolve_inputs(model, input, cache)
@@ -423,8 +439,13 @@ def direct_logit_attribution(
 
 
 def _split_heads(
-    view: Any, cache: Any, index: torch.Tensor, direction: torch.Tensor, scale: torch.Tensor,
-    values: torch.Tensor, labels: List[str],
+    view: Any,
+    cache: Any,
+    index: torch.Tensor,
+    direction: torch.Tensor,
+    scale: torch.Tensor,
+    values: torch.Tensor,
+    labels: List[str],
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(pieces [layer, head, src, batch, n], rounding [layer, head, batch, n] or None)``: each
     head's value ``values [component, batch, n]`` split over its sources.

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from numbers import Integral
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -111,7 +110,9 @@ class LensResult:
     top_logits = property(lambda self: self.readout.top_logits, doc="``[layer, batch, pos, k]``.")
     entropy = property(lambda self: self.readout.entropy, doc="``[layer, batch, pos]`` nats.")
     kl_to_final = property(lambda self: self.readout.kl_to_reference, doc="``[layer, batch, pos]`` KL(final || layer).")
-    next_token_loss = property(lambda self: self.readout.next_token_loss, doc="``[layer, batch, pos]`` nats, NaN where no next token.")
+    next_token_loss = property(
+        lambda self: self.readout.next_token_loss, doc="``[layer, batch, pos]`` nats, NaN where no next token."
+    )
     target_ids = property(lambda self: self.readout.target_ids, doc="``[layer, batch, pos, t]`` or ``None``.")
     target_logits = property(lambda self: self.readout.target_logits, doc="``[layer, batch, pos, t]`` or ``None``.")
     target_probs = property(lambda self: self.readout.target_probs, doc="``[layer, batch, pos, t]`` or ``None``.")
@@ -136,6 +137,7 @@ class LensResult:
 
     def top_tokens(self) -> list:
         """Top-k tokens as :meth:`decode` spells them, nested like ``top_ids``: ``[layer][batch][pos][k]``."""
+
         def walk(ids: torch.Tensor) -> Any:
             if ids.ndim == 1:
                 return [self.decode(i) for i in ids.tolist()]
@@ -165,12 +167,16 @@ class LensResult:
             cell_tokens = np.empty(n_cells, dtype=object)
             cell_tokens[:] = [tokens[b][j] for b, j in zip(b_idx.tolist(), j_idx.tolist())]
             input_token = np.tile(np.repeat(cell_tokens, per_cell), n_layer)
-        return b_idx, j_idx, {
-            "layer": np.repeat(np.array(self.labels, dtype=object), n_cells * per_cell),
-            "batch": np.tile(np.repeat(b_idx.astype(np.int64), per_cell), n_layer),
-            "pos": np.tile(np.repeat(self.positions.numpy()[b_idx, j_idx].astype(np.int64), per_cell), n_layer),
-            "input_token": input_token,
-        }
+        return (
+            b_idx,
+            j_idx,
+            {
+                "layer": np.repeat(np.array(self.labels, dtype=object), n_cells * per_cell),
+                "batch": np.tile(np.repeat(b_idx.astype(np.int64), per_cell), n_layer),
+                "pos": np.tile(np.repeat(self.positions.numpy()[b_idx, j_idx].astype(np.int64), per_cell), n_layer),
+                "input_token": input_token,
+            },
+        )
 
     def to_dataframe(self) -> Any:
         """One row per (layer, batch, position, top-k rank) as a pandas DataFrame.
@@ -259,22 +265,27 @@ class LensResult:
         n_layer, _, _, n_group = probs.shape
         b_idx, j_idx, cell_columns = self._cell_columns(n_layer, n_group)
         n_cells = len(b_idx)
-        return pd.DataFrame({
-            **cell_columns,
-            "group": np.tile(np.array(self.group_names, dtype=object), n_layer * n_cells),
-            "prob": probs.numpy()[:, b_idx, j_idx].reshape(-1).astype(np.float64),
-            "logit": logits.numpy()[:, b_idx, j_idx].reshape(-1).astype(np.float64),
-        })
+        return pd.DataFrame(
+            {
+                **cell_columns,
+                "group": np.tile(np.array(self.group_names, dtype=object), n_layer * n_cells),
+                "prob": probs.numpy()[:, b_idx, j_idx].reshape(-1).astype(np.float64),
+                "logit": logits.numpy()[:, b_idx, j_idx].reshape(-1).astype(np.float64),
+            }
+        )
 
     def __repr__(self) -> str:
         labels = self.labels if len(self.labels) <= 2 else [self.labels[0], "...", self.labels[-1]]
         shown = "[" + ", ".join(x if x == "..." else repr(x) for x in labels) + "]"
         pos = self.positions.shape[1] if self.has_pos_axis else None
         targets = 0 if self.target_ids is None else self.target_ids.shape[-1]
-        return (f"LensResult(labels={shown} ({len(self.labels)}), batch={self.lengths.shape[0]}, pos={pos}, "
-                f"top_k={self.top_ids.shape[-1]}, targets={targets}, norm={self.norm!r}, unembed={self.unembed!r}"
-                + ("" if self.group_names is None else f", groups={self.group_names!r}")
-                + ("" if self.lens_name == "logit" else f", lens={self.lens_name!r}") + ")")
+        return (
+            f"LensResult(labels={shown} ({len(self.labels)}), batch={self.lengths.shape[0]}, pos={pos}, "
+            f"top_k={self.top_ids.shape[-1]}, targets={targets}, norm={self.norm!r}, unembed={self.unembed!r}"
+            + ("" if self.group_names is None else f", groups={self.group_names!r}")
+            + ("" if self.lens_name == "logit" else f", lens={self.lens_name!r}")
+            + ")"
+        )
 
     def plot(self, **kwargs: Any) -> Any:
         """:func:`tl_logitlens.plot_lens` on this result."""
@@ -306,10 +317,12 @@ def _token_groups(view: ModelView, targets: Any) -> tuple:
     for name, members in targets.items():
         if not isinstance(name, str) or not name:
             raise LensInputError(
-                f"token group names must be non-empty strings, got {name!r}; pass targets={{\"name\": [tokens...], ...}}"
+                f'token group names must be non-empty strings, got {name!r}; pass targets={{"name": [tokens...], ...}}'
             )
         if isinstance(members, Mapping) or (token_items(members, f"token group {name!r}") == []):
-            raise LensInputError(f"token group {name!r} must list at least one token (text, vocabulary piece or id), got {members!r}")
+            raise LensInputError(
+                f"token group {name!r} must list at least one token (text, vocabulary piece or id), got {members!r}"
+            )
         ids = token_list(view, members, f"token in group {name!r}")
         if len(set(ids)) != len(ids):
             twice = sorted({i for i in ids if ids.count(i) > 1})
@@ -322,7 +335,9 @@ def _token_groups(view: ModelView, targets: Any) -> tuple:
     return names, groups
 
 
-def _row_targets(view: ModelView, targets: Any, tokens: Optional[Tokens], index: torch.Tensor) -> Optional[torch.Tensor]:
+def _row_targets(
+    view: ModelView, targets: Any, tokens: Optional[Tokens], index: torch.Tensor
+) -> Optional[torch.Tensor]:
     """Targets as ``[batch, n_pos, t]`` ids, validated before any forward pass (token groups: ``None``)."""
     if targets is None or isinstance(targets, Mapping):
         return None
@@ -471,9 +486,9 @@ def logit_lens(
 
     shaped = reshape_readout(flat, (len(keep), batch, index.shape[1]))
     if drop:
-        shaped = dataclasses.replace(shaped, **{
-            name: None if value is None else value[:, :, 0] for name, value in vars(shaped).items()
-        })
+        shaped = dataclasses.replace(
+            shaped, **{name: None if value is None else value[:, :, 0] for name, value in vars(shaped).items()}
+        )
     result = LensResult(
         labels=[labels[k] for k in keep],
         input_ids=None if tokens is None else tokens.ids,
@@ -492,7 +507,9 @@ def logit_lens(
     return result
 
 
-def reproduce_tolerance(view: ModelView, logits: torch.Tensor, final: torch.Tensor, top_ids: torch.Tensor) -> torch.Tensor:
+def reproduce_tolerance(
+    view: ModelView, logits: torch.Tensor, final: torch.Tensor, top_ids: torch.Tensor
+) -> torch.Tensor:
     """Relative tolerance ``[rows, k]`` of each top token's probability: ``|p_ours - p_model| <= p * tolerance``.
 
     ``logits [rows, d_vocab]`` the model's own at the rows read, ``final [rows, d_model]``
@@ -527,8 +544,14 @@ def reproduce_tolerance(view: ModelView, logits: torch.Tensor, final: torch.Tens
     return out
 
 
-def _check_reproduces_model(logits: torch.Tensor, index: torch.Tensor, top_ids: torch.Tensor, top_probs: torch.Tensor,
-                            view: ModelView, final: torch.Tensor) -> None:
+def _check_reproduces_model(
+    logits: torch.Tensor,
+    index: torch.Tensor,
+    top_ids: torch.Tensor,
+    top_probs: torch.Tensor,
+    view: ModelView,
+    final: torch.Tensor,
+) -> None:
     """The final entry must be the model's own prediction; refuse loudly if it is not.
 
     ``final [batch, n, d_model]`` is the stored final stream at the rows read; the
@@ -537,10 +560,14 @@ def _check_reproduces_model(logits: torch.Tensor, index: torch.Tensor, top_ids: 
     picked = gather_positions(logits.detach(), index)  # [batch, n, d_vocab]
     picked = picked.reshape(-1, picked.shape[-1])
     # The model's probabilities of our top tokens, a block of rows at a time (bounded memory).
-    theirs = torch.cat([
-        torch.exp(block.float().gather(1, ids.to(block.device)) - torch.logsumexp(block.float(), -1, keepdim=True)).cpu()
-        for block, ids in zip(picked.split(1024), top_ids.split(1024))
-    ])
+    theirs = torch.cat(
+        [
+            torch.exp(
+                block.float().gather(1, ids.to(block.device)) - torch.logsumexp(block.float(), -1, keepdim=True)
+            ).cpu()
+            for block, ids in zip(picked.split(1024), top_ids.split(1024))
+        ]
+    )
     gaps = (theirs - top_probs).abs()  # [rows, k]
     relative = reproduce_tolerance(view, picked, final.reshape(-1, final.shape[-1]), top_ids)
     tol = (torch.maximum(theirs, top_probs) * relative).clamp_min(_REPRODUCE_ATOL)

@@ -17,7 +17,8 @@ from .errors import LensInputError
 from .inputs import check_modes, token_list
 from .kernel import Readout, read_rows, require_finite, reshape_readout
 from .lenses import apply_lens, check_lens, is_identity
-from .model_access import ModelView, view as view_model
+from .model_access import ModelView
+from .model_access import view as view_model
 
 __all__ = ["Readout", "readout"]
 
@@ -156,8 +157,12 @@ def _lens_vectors(lens: Any, labels: Any, vectors: torch.Tensor) -> torch.Tensor
     check_lens(lens)
     if isinstance(labels, str):
         return vectors if is_identity(lens) else apply_lens(lens, vectors, labels)
-    if not isinstance(labels, (list, tuple)) or vectors.ndim < 2 or len(labels) != vectors.shape[0] \
-            or not all(isinstance(x, str) for x in labels):
+    if (
+        not isinstance(labels, (list, tuple))
+        or vectors.ndim < 2
+        or len(labels) != vectors.shape[0]
+        or not all(isinstance(x, str) for x in labels)
+    ):
         raise LensInputError(
             "with lens=, labels= must be one stack entry label (e.g. '3_pre') or a list of labels, one per "
             f"leading entry of vectors (shape {tuple(vectors.shape)}); got {labels!r}"

@@ -46,7 +46,8 @@ import torch
 from .errors import LensInputError, UnsupportedModelError
 from .inputs import PositionSpec, check_cache, gather_positions, position_index
 from .kernel import compute_dtype, is_half, require_finite
-from .model_access import ModelView, cache_tensor, compute_device, model_from_cache, view as view_model
+from .model_access import ModelView, cache_tensor, compute_device, model_from_cache
+from .model_access import view as view_model
 
 STACK_KINDS = ("accumulated", "component", "head", "neuron")
 
@@ -252,7 +253,9 @@ def rounding_bound(groups: List[PieceGroup], final: torch.Tensor, dtype: torch.d
     return eps * (streams + 4 * products) + floor
 
 
-def _check_sum(groups: List[PieceGroup], final: torch.Tensor, by: str, stored_dtype: torch.dtype) -> Optional[PieceGroup]:
+def _check_sum(
+    groups: List[PieceGroup], final: torch.Tensor, by: str, stored_dtype: torch.dtype
+) -> Optional[PieceGroup]:
     """The pieces must add up to the final stream, or the decomposition is not the model's.
 
     Returns the ``rounding`` group for a half-precision model (``None`` otherwise).
@@ -366,7 +369,11 @@ def source_hooks(view: ModelView) -> List[str]:
 
 
 def head_source_values(
-    view: ModelView, cache: Any, index: torch.Tensor, direction: torch.Tensor, scale: torch.Tensor,
+    view: ModelView,
+    cache: Any,
+    index: torch.Tensor,
+    direction: torch.Tensor,
+    scale: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Each head's write at the positions ``index [batch, n]`` split over the source positions, read along one direction.
 

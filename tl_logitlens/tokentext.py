@@ -96,11 +96,7 @@ def display_token(text: str) -> str:
     else:
         head, body, tail = text[:start], text[start:stop], text[stop:]
     visible = {" ": SPACE, "\u00a0": NBSP}
-    return (
-        "".join(visible[c] for c in head)
-        + "".join(_char(c) for c in body)
-        + "".join(visible[c] for c in tail)
-    )
+    return "".join(visible[c] for c in head) + "".join(_char(c) for c in body) + "".join(visible[c] for c in tail)
 
 
 def _piece(tokenizer: Any, token_id: int) -> Optional[str]:

@@ -36,8 +36,7 @@ from tuned_lens.nn import TunedLens
 
 
 def load_model(path, attn):
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        path, attn_implementation=attn, dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32).eval()
 
 
 def randomise(lens, seed, scale):
@@ -47,7 +46,7 @@ def randomise(lens, seed, scale):
     d = lens.config.d_model
     with torch.no_grad():
         for translator in lens:
-            translator.weight.copy_(scale * torch.randn(d, d, generator=g) / d ** 0.5)
+            translator.weight.copy_(scale * torch.randn(d, d, generator=g) / d**0.5)
             translator.bias.copy_(scale * torch.randn(d, generator=g))
 
 
@@ -96,15 +95,18 @@ def main(argv=None):
     sdpa = load_model(args.model, "sdpa")
     with torch.no_grad():
         sdpa_final = torch.log_softmax(sdpa(tokens).logits.double(), -1)
-    torch.save({
-        "log_probs": log_probs,
-        "unembed_hash": lens.unembed.unembedding_hash(),
-        "config": lens.config.to_dict(),
-        "warnings": catch.messages,
-        "sdpa_gap": float((sdpa_final - log_probs[-1]).abs().max()),
-        "n_translators": len(lens),
-        "versions": {"torch": str(torch.__version__), "transformers": str(transformers.__version__)},
-    }, args.readings)
+    torch.save(
+        {
+            "log_probs": log_probs,
+            "unembed_hash": lens.unembed.unembedding_hash(),
+            "config": lens.config.to_dict(),
+            "warnings": catch.messages,
+            "sdpa_gap": float((sdpa_final - log_probs[-1]).abs().max()),
+            "n_translators": len(lens),
+            "versions": {"torch": str(torch.__version__), "transformers": str(transformers.__version__)},
+        },
+        args.readings,
+    )
     return 0
 
 

@@ -41,7 +41,8 @@ import transformers
 
 def load_model(path):
     return transformers.AutoModelForCausalLM.from_pretrained(
-        path, attn_implementation="eager", dtype=torch.float32).eval()
+        path, attn_implementation="eager", dtype=torch.float32
+    ).eval()
 
 
 def generate(args):
@@ -54,9 +55,17 @@ def generate(args):
         for start in range(0, args.n, args.gen_batch):
             b = min(args.gen_batch, args.n - start)
             prompt = torch.full((b, 1), bos, dtype=torch.long)
-            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0,
-                                 top_k=0, top_p=1.0, max_new_tokens=args.seq - 1, min_new_tokens=args.seq - 1,
-                                 pad_token_id=cfg.eos_token_id if cfg.eos_token_id is not None else 0)
+            out = model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=args.seq - 1,
+                min_new_tokens=args.seq - 1,
+                pad_token_id=cfg.eos_token_id if cfg.eos_token_id is not None else 0,
+            )
             assert out.shape == (b, args.seq), out.shape
             rows.append(out)
     torch.save({"tokens": torch.cat(rows)}, args.out)
@@ -67,7 +76,7 @@ def heldout_kl(model, lens, tokens, batch_size, identity):
     sums, count = None, 0
     with torch.no_grad():
         for start in range(0, len(tokens), batch_size):
-            batch = tokens[start:start + batch_size]
+            batch = tokens[start : start + batch_size]
             out = model(batch, output_hidden_states=True)
             final = torch.log_softmax(out.logits.double(), -1)[:, :-1]
             kls = []
@@ -90,10 +99,17 @@ def train(args):
     tokens = torch.load(args.data, weights_only=True)["tokens"]
     heldout = torch.load(args.heldout, weights_only=True)["tokens"]
     seq = tokens.shape[1]
-    trainer = Train(model=ing.Model(name=args.model), data=ing.Data(), opt=ing.Optimizer(),
-                    dist=ing.Distributed(per_gpu_batch_size=args.batch_size), output=Path(args.out),
-                    seed=args.seed, num_steps=args.steps, tokens_per_step=args.tokens_per_step,
-                    loss=LossChoice.KL)
+    trainer = Train(
+        model=ing.Model(name=args.model),
+        data=ing.Data(),
+        opt=ing.Optimizer(),
+        dist=ing.Distributed(per_gpu_batch_size=args.batch_size),
+        output=Path(args.out),
+        seed=args.seed,
+        num_steps=args.steps,
+        tokens_per_step=args.tokens_per_step,
+        loss=LossChoice.KL,
+    )
 
     def setup(self):
         # Train.setup with the hub and dataset download replaced by the local model and tokens.
@@ -102,8 +118,14 @@ def train(args):
         dl.seed(self.seed)
         opt = self.opt.create_optim([p for p in lens.parameters() if p.requires_grad])
         scheduler = self.opt.create_scheduler(opt, self.num_steps)
-        state = State(dataloader=dl, lens=self.dist.distribute_lens(lens), opt=opt, scheduler=scheduler,
-                      wandb_id=None, nats_to_bpb=1.0)
+        state = State(
+            dataloader=dl,
+            lens=self.dist.distribute_lens(lens),
+            opt=opt,
+            scheduler=scheduler,
+            wandb_id=None,
+            nats_to_bpb=1.0,
+        )
         self._state = state
         return state, model, self.calculate_gradient_accumulation_steps(seq)
 

@@ -11,8 +11,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import tl_logitlens as tll  # noqa: E402
 from cases import CASES  # noqa: E402
+
+import tl_logitlens as tll  # noqa: E402
 from tl_logitlens.distributed import init_from_env, rank_and_world  # noqa: E402
 
 torch.set_num_threads(1)

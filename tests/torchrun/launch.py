@@ -26,9 +26,14 @@ def run(nproc, *args, timeout=240):
 
 
 #: Text for the stories260k jobs: short lines, each a sequence of its own.
-STORY_LINES = ["Once upon a time, there was a little girl named Lily.", "She loved to play outside in the park.",
-               "One day, she saw a big red ball.", "Tom and his mom went to the store to buy some food.",
-               "The sun was warm and the sky was blue.", "Lily and Tom played with the ball all day."]
+STORY_LINES = [
+    "Once upon a time, there was a little girl named Lily.",
+    "She loved to play outside in the park.",
+    "One day, she saw a big red ball.",
+    "Tom and his mom went to the store to buy some food.",
+    "The sun was warm and the sky was blue.",
+    "Lily and Tom played with the ball all day.",
+]
 
 
 def stories260k(models_dir, tmp_path, lines):

@@ -22,7 +22,10 @@ CASES = {
     # Three steps of 4 micro-batches: on 3 ranks one rank runs two per step (which one rotates).
     "ragged": (lambda m: ids(m, 12, 12, 20), dict(COMMON, steps=3)),
     # Rows of 2 and the last micro-batch cut: batch size 2 and SGD's Adam sibling.
-    "adam_batches": (lambda m: ids(m, 9, 9, 21), dict(COMMON, steps=3, batch_size=2, optimizer="adam", tokens_per_step=30)),
+    "adam_batches": (
+        lambda m: ids(m, 9, 9, 21),
+        dict(COMMON, steps=3, batch_size=2, optimizer="adam", tokens_per_step=30),
+    ),
     # Four steps of 40 planned, 132 tokens held: the last step is partial (12 tokens), averaged over them.
     "ran_out": (lambda m: ids(m, 12, 12, 22), dict(COMMON, steps=4)),
 }

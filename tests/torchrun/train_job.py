@@ -14,10 +14,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from train_cases import CASES, FAIL_AT_STEP, RESUME  # noqa: E402
+
 import tl_logitlens as tll  # noqa: E402
 import tl_logitlens.lenses.training.tuned as train  # noqa: E402
 from tl_logitlens.distributed import init_from_env, rank_and_world  # noqa: E402
-from train_cases import CASES, FAIL_AT_STEP, RESUME  # noqa: E402
 
 torch.set_num_threads(1)
 assert init_from_env(timeout=180)

@@ -52,7 +52,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except (LensInputError, ModelStateError, UnsupportedModelError, NonFiniteActivationError) as err:
         # The package's messages name the problem and the mend; one line here, whatever their layout.
-        print(f"tl-logitlens: error: {_rank_prefix()}{' '.join(str(err).split()) or type(err).__name__}", file=sys.stderr)
+        print(
+            f"tl-logitlens: error: {_rank_prefix()}{' '.join(str(err).split()) or type(err).__name__}", file=sys.stderr
+        )
         return 2
     except RankFailedError as err:  # under torchrun: another rank failed; rank 0 says which, the rest stay silent
         if not _rank_prefix() or _rank_prefix() == "rank 0: ":

@@ -49,11 +49,15 @@ def parse_tokens(values: Sequence[str]) -> List[List[int]]:
     for value in values:
         for part in value.split(";"):
             if not part.strip():
-                raise UsageError(f"--tokens {value!r} holds an empty prompt; give ids like 49,12,7,50 (prompts split by ';')")
+                raise UsageError(
+                    f"--tokens {value!r} holds an empty prompt; give ids like 49,12,7,50 (prompts split by ';')"
+                )
             pieces = [p for p in re.split(r"[,\s]+", part.strip()) if p]
             bad = [p for p in pieces if not p.isdigit()]
             if bad:
-                raise UsageError(f"--tokens {value!r}: {bad[0]!r} is not a token id; give non-negative integers like 49,12,7,50")
+                raise UsageError(
+                    f"--tokens {value!r}: {bad[0]!r} is not a token id; give non-negative integers like 49,12,7,50"
+                )
             prompts.append([int(p) for p in pieces])
     return prompts
 
@@ -71,7 +75,11 @@ def parse_layers(spec: Optional[str]) -> Optional[List[Union[int, str]]]:
 def _read_text(path: str, what: str, option: str) -> str:
     file = Path(path)
     if not file.is_file():
-        kind = "is a folder, not a file" if file.is_dir() else ("is not a regular file" if file.exists() else "does not exist")
+        kind = (
+            "is a folder, not a file"
+            if file.is_dir()
+            else ("is not a regular file" if file.exists() else "does not exist")
+        )
         raise UsageError(f"{option}: {path!r} {kind}; pass {what}")
     raw = file.read_bytes()
     if b"\x00" in raw:
@@ -134,7 +142,9 @@ def _check_model_spec(spec: str) -> None:
     path = Path(spec).expanduser()
     looks_local = spec.startswith((".", "/", "~")) or path.exists()
     if spec != "demo" and looks_local and not path.is_dir():
-        raise UsageError(f"no model directory at {spec!r}; pass 'demo', a local Hugging Face model folder, or a hub name")
+        raise UsageError(
+            f"no model directory at {spec!r}; pass 'demo', a local Hugging Face model folder, or a hub name"
+        )
 
 
 def check_common(args: argparse.Namespace) -> None:
@@ -156,11 +166,15 @@ def resolve_device(spec: str) -> Any:
     device = torch.device(spec)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {spec}: CUDA is not available on this machine (torch {torch.__version__} "
-                             "sees no CUDA device); use --device cpu")
+            raise UsageError(
+                f"--device {spec}: CUDA is not available on this machine (torch {torch.__version__} "
+                "sees no CUDA device); use --device cpu"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                             f"numbered 0..{torch.cuda.device_count() - 1}")
+            raise UsageError(
+                f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                f"numbered 0..{torch.cuda.device_count() - 1}"
+            )
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"--device {spec}: MPS (Apple GPU) is not available on this machine; use --device cpu")
     elif device.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
@@ -188,7 +202,6 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32") -> Any:
     torch_dtype = resolve_dtype(dtype)
     if spec == "demo":
         from ..demo import demo_model
-
         from ..model_access import prepare_model
 
         with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints what it moves and casts
@@ -204,11 +217,14 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32") -> Any:
         )
     silence_loaded_libraries()
     try:
-        model = TransformerBridge.boot_transformers(str(path) if looks_local else spec, device=str(torch_device),
-                                                    dtype=torch_dtype)
+        model = TransformerBridge.boot_transformers(
+            str(path) if looks_local else spec, device=str(torch_device), dtype=torch_dtype
+        )
     except Exception as err:  # noqa: BLE001 - any loader failure is reported in one line
         where = f"the folder {spec!r}" if looks_local else f"the hub name {spec!r} (is the hub reachable?)"
-        raise UsageError(f"could not load a model from {where}: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}") from None
+        raise UsageError(
+            f"could not load a model from {where}: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        ) from None
     return model.eval()
 
 
@@ -244,12 +260,16 @@ def read_data(path: str) -> Any:
         try:
             data = torch.load(file, weights_only=True, map_location="cpu")
         except Exception as err:  # noqa: BLE001 - a damaged or foreign file, in one line
-            raise UsageError(f"--data {path!r} is not a readable torch file ({type(err).__name__}); pass {what}") from None
+            raise UsageError(
+                f"--data {path!r} is not a readable torch file ({type(err).__name__}); pass {what}"
+            ) from None
         if not isinstance(data, torch.Tensor):
             raise UsageError(f"--data {path!r} holds a {type(data).__name__}, not a token tensor [n, seq]")
         if data.dtype.is_floating_point or data.dtype.is_complex or data.dtype == torch.bool or data.ndim not in (1, 2):
-            raise UsageError(f"--data {path!r} holds a {data.dtype} tensor of shape {tuple(data.shape)}; "
-                             "expected integer token ids [n, seq]")
+            raise UsageError(
+                f"--data {path!r} holds a {data.dtype} tensor of shape {tuple(data.shape)}; "
+                "expected integer token ids [n, seq]"
+            )
         if data.numel() == 0:
             raise UsageError(f"--data {path!r} holds an empty tensor")
         return data if data.ndim == 2 else data.unsqueeze(0)

@@ -8,13 +8,29 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .arguments import (
-    DEMO_CONFIG, UsageError, check_html, check_out, make_out, prompt_input, prompt_spec, read_data, tokens_arg, load_model,
-    parse_layers, parse_token,
+    DEMO_CONFIG,
+    UsageError,
+    check_html,
+    check_out,
+    load_model,
+    make_out,
+    parse_layers,
+    parse_token,
+    prompt_input,
+    prompt_spec,
+    read_data,
+    tokens_arg,
 )
 from .output import (
-    print_attribution, print_lens, save_figure, write_page, write_summary, write_table, attribution_rows, lens_summary,
+    attribution_rows,
+    lens_summary,
+    print_attribution,
+    print_lens,
+    save_figure,
+    write_page,
+    write_summary,
+    write_table,
 )
-
 
 # -- commands -------------------------------------------------------------------------------
 GRAD_STATE: List[bool] = []
@@ -34,11 +50,15 @@ def _lens_dir(spec: Optional[str]) -> Optional[Path]:
         return None
     path = Path(spec).expanduser()
     if not path.is_dir():
-        raise UsageError(f"--lens {spec!r}: no such folder; pass a folder written by TunedLens.save or tuned-lens "
-                         "(config.json and params.pt)")
+        raise UsageError(
+            f"--lens {spec!r}: no such folder; pass a folder written by TunedLens.save or tuned-lens "
+            "(config.json and params.pt)"
+        )
     if not (path / "config.json").is_file():
-        raise UsageError(f"--lens {spec!r} holds no config.json; pass a folder written by TunedLens.save or "
-                         "tuned-lens (config.json and params.pt)")
+        raise UsageError(
+            f"--lens {spec!r} holds no config.json; pass a folder written by TunedLens.save or "
+            "tuned-lens (config.json and params.pt)"
+        )
     return path
 
 
@@ -56,11 +76,14 @@ def cmd_demo(args: argparse.Namespace) -> Dict[str, Any]:
     n_ctx = json.loads(DEMO_CONFIG.read_text())["model"]["n_ctx"]
     most = (n_ctx - 1) // 2
     if not 2 <= args.n <= most:
-        raise UsageError(f"--n {args.n}: the prompt <bos> + n words + n words must fit the demo model's context of "
-                         f"{n_ctx} tokens and hold two different words; give 2 <= n <= {most}")
+        raise UsageError(
+            f"--n {args.n}: the prompt <bos> + n words + n words must fit the demo model's context of "
+            f"{n_ctx} tokens and hold two different words; give 2 <= n <= {most}"
+        )
     out = check_out(args.out)
     _start_torch()
     import tl_logitlens as tll
+
     from ..demo import INDUCTION_HEAD, induction_prompt
 
     model = load_model("demo", args.device, args.dtype)
@@ -83,8 +106,10 @@ def cmd_demo(args: argparse.Namespace) -> Dict[str, Any]:
     head_top = sorted(heads.top(len(heads.labels)), key=lambda item: -item[1])[:3]
     for label, v in head_top:
         print(f"  {label:>6}  {v:+.3f}")
-    print(f"(layer {INDUCTION_HEAD[0]} is the induction layer; its heads share the copying, and averaged "
-          f"over prompts L{INDUCTION_HEAD[0]}H{INDUCTION_HEAD[1]} writes the most)")
+    print(
+        f"(layer {INDUCTION_HEAD[0]} is the induction layer; its heads share the copying, and averaged "
+        f"over prompts L{INDUCTION_HEAD[0]}H{INDUCTION_HEAD[1]} writes the most)"
+    )
 
     summary = {
         "prompt": [lens.decode(int(t)) for t in tokens[0]],
@@ -109,8 +134,12 @@ def cmd_demo(args: argparse.Namespace) -> Dict[str, Any]:
         save_figure(plots.plot_attribution(components), out, "attribution_components", args, written)
         save_figure(plots.plot_attribution(heads), out, "attribution_heads", args, written)
         save_figure(plots.plot_attribution(neurons), out, "attribution_neurons", args, written)
-        for name, result in (("lens.csv", lens), ("attribution_components.csv", components),
-                             ("attribution_heads.csv", heads), ("attribution_neurons.csv", neurons)):
+        for name, result in (
+            ("lens.csv", lens),
+            ("attribution_components.csv", components),
+            ("attribution_heads.csv", heads),
+            ("attribution_neurons.csv", neurons),
+        ):
             write_table(result.to_dataframe(), out, name, written)
         _demo_pages(out, written, lens, components, heads)
         write_summary(summary, out, written)
@@ -127,8 +156,11 @@ def _demo_pages(out: Path, written: List[str], lens: Any, components: Any, heads
     if importlib.util.find_spec("plotly") is not None:
         from ..plots.interactive import to_html
 
-        for name, result in (("lens.html", lens), ("attribution_heads.html", heads),
-                             ("attribution_components.html", components)):
+        for name, result in (
+            ("lens.html", lens),
+            ("attribution_heads.html", heads),
+            ("attribution_components.html", components),
+        ):
             written.append(str(to_html(result, out / name)))
     else:
         notes.append("Interactive pages need plotly: pip install tl-logitlens[interactive]")
@@ -163,9 +195,16 @@ def cmd_lens(args: argparse.Namespace) -> Dict[str, Any]:
             print()
         print_lens(rows, token, where)
         tables.append(rows)
-    summary = {"model": args.model, "prompts": prompts.get("text", prompts.get("tokens")), "norm": args.norm,
-               "position": args.position, "dtype": args.dtype, "device": args.device,
-               "lens_at_position": tables, "lens_at_last_position": tables[0]}
+    summary = {
+        "model": args.model,
+        "prompts": prompts.get("text", prompts.get("tokens")),
+        "norm": args.norm,
+        "position": args.position,
+        "dtype": args.dtype,
+        "device": args.device,
+        "lens_at_position": tables,
+        "lens_at_last_position": tables[0],
+    }
     if lens is not None:
         summary["lens"] = {"name": lens.name, "dir": str(lens_dir)}
     out = make_out(out)
@@ -202,16 +241,25 @@ def cmd_dla(args: argparse.Namespace) -> Dict[str, Any]:
 
     model = load_model(args.model, args.device, args.dtype)
     prompt = prompt_input(model, prompts)
-    att = tll.direct_logit_attribution(model, prompt, answers=answers, wrong=wrong, by=args.by,
-                                       positions=args.position, norm=args.norm)
+    att = tll.direct_logit_attribution(
+        model, prompt, answers=answers, wrong=wrong, by=args.by, positions=args.position, norm=args.norm
+    )
     print_attribution(att, args.top)
     summary = {
-        "model": args.model, "prompts": prompts.get("text", prompts.get("tokens")),
-        "answer": answers, "wrong": wrong, "by": args.by, "position": args.position, "norm": args.norm,
-        "dtype": args.dtype, "device": args.device,
-        "model_value": float(att.model_value.mean()), "constant": float(att.constant.mean()),
+        "model": args.model,
+        "prompts": prompts.get("text", prompts.get("tokens")),
+        "answer": answers,
+        "wrong": wrong,
+        "by": args.by,
+        "position": args.position,
+        "norm": args.norm,
+        "dtype": args.dtype,
+        "device": args.device,
+        "model_value": float(att.model_value.mean()),
+        "constant": float(att.constant.mean()),
         "model_values": att.model_value.reshape(-1).tolist(),
-        "residual_error": att.residual_error(), "top": dict(attribution_rows(att, args.top)),
+        "residual_error": att.residual_error(),
+        "top": dict(attribution_rows(att, args.top)),
     }
     out = make_out(out)
     if out is not None:
@@ -231,8 +279,10 @@ def cmd_eval(args: argparse.Namespace) -> Dict[str, Any]:
     out = check_out(args.out)
     html = check_html(args.html)
     if not Path(args.data).is_file():
-        raise UsageError(f"no data file at {args.data!r}; pass a UTF-8 text file (one document per line) "
-                         "or a .pt token tensor [n, seq]")
+        raise UsageError(
+            f"no data file at {args.data!r}; pass a UTF-8 text file (one document per line) "
+            "or a .pt token tensor [n, seq]"
+        )
     lens_dir = _lens_dir(args.lens)
     _start_torch()
     import tl_logitlens as tll
@@ -249,8 +299,9 @@ def cmd_eval(args: argparse.Namespace) -> Dict[str, Any]:
     model = load_model(args.model, device, args.dtype)
     if lens_dir is not None:
         return _compare(args, model, data, _load_lens(lens_dir, model), out, html)
-    evaluation = tll.evaluate_lens(model, data, batch_size=args.batch_size, max_tokens=args.max_tokens,
-                                   progress=not args.quiet)
+    evaluation = tll.evaluate_lens(
+        model, data, batch_size=args.batch_size, max_tokens=args.max_tokens, progress=not args.quiet
+    )
     if not is_main_process():
         return {"tokens": evaluation.n_tokens}
     _report(evaluation, f"{evaluation.n_tokens} tokens", ["layer"], "lens_eval", args, out, html)
@@ -261,7 +312,9 @@ def cmd_eval(args: argparse.Namespace) -> Dict[str, Any]:
 _SHOWN = ["kl_to_final_mean", "next_token_loss_mean", "perplexity", "entropy_mean", "top1_agreement", "top1_accuracy"]
 
 
-def _report(result: Any, header: str, keys: List[str], stem: str, args: argparse.Namespace, out: Any, html: Any) -> None:
+def _report(
+    result: Any, header: str, keys: List[str], stem: str, args: argparse.Namespace, out: Any, html: Any
+) -> None:
     """Print a LensEvaluation's or LensComparison's table; write ``<stem>.csv``, ``.json``, the figure and the page."""
     frame = result.to_dataframe()
     print(header)
@@ -288,8 +341,9 @@ def cmd_train_lens(args: argparse.Namespace) -> Dict[str, Any]:
             raise UsageError(f"--{name.replace('_', '-')} {value}: give a positive number")
     out = check_out(args.out)
     if (out / CHECKPOINT).is_file() and not args.resume:
-        raise UsageError(f"--out {str(out)!r} holds a training checkpoint; pass --resume to continue it, "
-                         "or name another folder")
+        raise UsageError(
+            f"--out {str(out)!r} holds a training checkpoint; pass --resume to continue it, or name another folder"
+        )
     data = read_data(args.data)
     _start_torch()
     import tl_logitlens as tll
@@ -304,17 +358,28 @@ def cmd_train_lens(args: argparse.Namespace) -> Dict[str, Any]:
     model = load_model(args.model, device, args.dtype)
     if is_main_process():  # rank 0 alone writes (train_tuned_lens writes the checkpoints from rank 0 too)
         out = make_out(out)
-    lens = tll.train_tuned_lens(model, data, steps=args.steps, tokens_per_step=args.tokens_per_step,
-                                batch_size=args.batch_size, loss=args.loss, incl_mid=args.incl_mid,
-                                checkpoint_dir=out, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                                progress=not args.quiet)
+    lens = tll.train_tuned_lens(
+        model,
+        data,
+        steps=args.steps,
+        tokens_per_step=args.tokens_per_step,
+        batch_size=args.batch_size,
+        loss=args.loss,
+        incl_mid=args.incl_mid,
+        checkpoint_dir=out,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        progress=not args.quiet,
+    )
     if not is_main_process():
         return {"translators": len(lens.labels)}
     import torch
 
     saved = torch.load(out / CHECKPOINT, weights_only=True)
-    print(f"Trained {len(lens.labels)} translators for {saved['step']} steps on {saved['tokens_seen']:,} tokens "
-          f"(loss={args.loss}).")
+    print(
+        f"Trained {len(lens.labels)} translators for {saved['step']} steps on {saved['tokens_seen']:,} tokens "
+        f"(loss={args.loss})."
+    )
     print(f"Wrote the lens (tuned-lens format) and its checkpoint to {out}")
     return {"steps": int(saved["step"]), "tokens": int(saved["tokens_seen"]), "out": str(out)}
 
@@ -326,10 +391,23 @@ def _compare(args: argparse.Namespace, model: Any, data: Any, lens: Any, out: An
     from ..distributed import is_main_process
 
     name = lens.name if lens.name != "logit" else "tuned"
-    comparison = tll.compare_lenses(model, data, {"logit": None, name: lens}, batch_size=args.batch_size,
-                                    max_tokens=args.max_tokens, progress=not args.quiet)
+    comparison = tll.compare_lenses(
+        model,
+        data,
+        {"logit": None, name: lens},
+        batch_size=args.batch_size,
+        max_tokens=args.max_tokens,
+        progress=not args.quiet,
+    )
     if not is_main_process():  # under torchrun every rank holds the merged result; rank 0 reports
         return {"tokens": comparison.n_tokens}
-    _report(comparison, f"{comparison.n_tokens} tokens, lenses {', '.join(comparison.lenses)}", ["lens", "layer"],
-            "lens_compare", args, out, html)
+    _report(
+        comparison,
+        f"{comparison.n_tokens} tokens, lenses {', '.join(comparison.lenses)}",
+        ["lens", "layer"],
+        "lens_compare",
+        args,
+        out,
+        html,
+    )
     return {"tokens": comparison.n_tokens, "lenses": comparison.lenses}

@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
 # -- quiet output -------------------------------------------------------------------------
-_QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-              "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+_QUIET_ENV = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+}
 
 
 def silence_loaded_libraries() -> None:
@@ -55,7 +58,9 @@ def output_policy(verbose: bool) -> Iterator[None]:
             warnings.simplefilter("ignore")
             warnings.filterwarnings("always", module=r"tl_logitlens(\.|$)")
 
-            def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+            def show(
+                message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None
+            ) -> None:
                 print(f"tl-logitlens: warning: {message}", file=sys.stderr)
 
             warnings.showwarning = show
@@ -146,8 +151,10 @@ def attribution_rows(att: Any, k: int) -> List[Any]:
 def print_attribution(att: Any, k: int) -> None:
     value = float(att.model_value.mean())
     what = "logit difference" if att.wrong_ids is not None else "logit"
-    print(f"Direct logit attribution (by={att.by}) of the {what} {value:.3f}; "
-          f"constant terms {float(att.constant.mean()):.3f}; residual error {att.residual_error():.2e}")
+    print(
+        f"Direct logit attribution (by={att.by}) of the {what} {value:.3f}; "
+        f"constant terms {float(att.constant.mean()):.3f}; residual error {att.residual_error():.2e}"
+    )
     for label, v in attribution_rows(att, k):
         print(f"  {label:>14}  {v:+.3f}")
 

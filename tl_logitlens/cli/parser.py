@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
+
 from .arguments import DTYPES, FORMATS, METRICS, Parser
 from .commands import cmd_demo, cmd_dla, cmd_eval, cmd_lens, cmd_train_lens
-
 
 # -- parser -----------------------------------------------------------------------------------
 MODEL_HELP = "'demo' (built in), a local Hugging Face model folder, or a hub name (needs the hub)"
@@ -16,140 +16,260 @@ def _common(sub: argparse.ArgumentParser, model: bool = True) -> None:
     if model:
         sub.add_argument("--model", required=True, help=MODEL_HELP)
     sub.add_argument("--device", default="cpu", help="where to run: cpu (default), cuda, cuda:N or mps")
-    sub.add_argument("--dtype", choices=DTYPES, default="float32",
-                     help="model precision (default float32); an HF folder is loaded in it, the demo model cast to it")
+    sub.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="model precision (default float32); an HF folder is loaded in it, the demo model cast to it",
+    )
     sub.add_argument("--format", choices=FORMATS, default="png", help="figure file format (default png)")
-    sub.add_argument("--dpi", type=float, default=200, help="figure resolution in dots per inch (default 200: print quality)")
-    sub.add_argument("--verbose", action="store_true",
-                     help="let third-party warnings, logs and progress bars through (hidden by default)")
+    sub.add_argument(
+        "--dpi", type=float, default=200, help="figure resolution in dots per inch (default 200: print quality)"
+    )
+    sub.add_argument(
+        "--verbose",
+        action="store_true",
+        help="let third-party warnings, logs and progress bars through (hidden by default)",
+    )
 
 
 def _html(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--html", metavar="PATH", help="also write an interactive page (self-contained HTML: hover for "
-                                                    "values; needs plotly, pip install tl-logitlens[interactive])")
+    sub.add_argument(
+        "--html",
+        metavar="PATH",
+        help="also write an interactive page (self-contained HTML: hover for "
+        "values; needs plotly, pip install tl-logitlens[interactive])",
+    )
 
 
 def _prompts(sub: argparse.ArgumentParser) -> None:
     group = sub.add_mutually_exclusive_group(required=True)
-    group.add_argument("--prompt", action="append", metavar="TEXT",
-                       help="a prompt as text; repeat for several prompts (right-padded, each keeps its own length)")
+    group.add_argument(
+        "--prompt",
+        action="append",
+        metavar="TEXT",
+        help="a prompt as text; repeat for several prompts (right-padded, each keeps its own length)",
+    )
     group.add_argument("--prompts", metavar="FILE", help="a UTF-8 text file with one prompt per line")
-    group.add_argument("--tokens", action="append", metavar="IDS",
-                       help="a prompt as token ids, e.g. 49,12,7,50 (commas or spaces); repeat it or separate prompts "
-                            "with ';' for several prompts, which must then have equal lengths")
-    sub.add_argument("--position", type=int, default=-1,
-                     help="the position read: 0-based, negative counts back from each prompt's last token (default -1)")
+    group.add_argument(
+        "--tokens",
+        action="append",
+        metavar="IDS",
+        help="a prompt as token ids, e.g. 49,12,7,50 (commas or spaces); repeat it or separate prompts "
+        "with ';' for several prompts, which must then have equal lengths",
+    )
+    sub.add_argument(
+        "--position",
+        type=int,
+        default=-1,
+        help="the position read: 0-based, negative counts back from each prompt's last token (default -1)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command (imports nothing heavy)."""
     fmt = argparse.RawDescriptionHelpFormatter
     parser = Parser(
-        prog="tl-logitlens", formatter_class=fmt,
+        prog="tl-logitlens",
+        formatter_class=fmt,
         description="The logit lens and direct logit attribution for TransformerLens models.",
         epilog="examples:\n  tl-logitlens demo --out logitlens-demo\n"
-               "  tl-logitlens lens --model demo --prompt 'red cat sun red cat' --target sun\n"
-               "  tl-logitlens dla --model ./my-hf-model --prompt 'The capital of France is' --answer ' Paris' --wrong ' Rome' --by head\n"
-               "  tl-logitlens lens --model ./capp-gpt2 --tokens 49,12,7,50 --target id:14\n"
-               "  tl-logitlens eval --model ./stories260k --data stories.txt --out eval-out\n"
-               "  tl-logitlens train-lens --model ./stories260k --data stories.txt --steps 50 --out stories-lens",
+        "  tl-logitlens lens --model demo --prompt 'red cat sun red cat' --target sun\n"
+        "  tl-logitlens dla --model ./my-hf-model --prompt 'The capital of France is' --answer ' Paris' --wrong ' Rome' --by head\n"
+        "  tl-logitlens lens --model ./capp-gpt2 --tokens 49,12,7,50 --target id:14\n"
+        "  tl-logitlens eval --model ./stories260k --data stories.txt --out eval-out\n"
+        "  tl-logitlens train-lens --model ./stories260k --data stories.txt --steps 50 --out stories-lens",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", formatter_class=fmt, help="run the built-in induction model and write every figure",
-                          description="Run the built-in model on a repeated random word sequence, print what each layer "
-                                      "predicts and which heads write the answer, and write figures, tables and summary.json.",
-                          epilog="example:\n  tl-logitlens demo --n 12 --seed 0 --format svg --out logitlens-demo")
-    demo.add_argument("--out", metavar="DIR", help="folder for figures, CSV tables and summary.json (created if missing)")
+    demo = sub.add_parser(
+        "demo",
+        formatter_class=fmt,
+        help="run the built-in induction model and write every figure",
+        description="Run the built-in model on a repeated random word sequence, print what each layer "
+        "predicts and which heads write the answer, and write figures, tables and summary.json.",
+        epilog="example:\n  tl-logitlens demo --n 12 --seed 0 --format svg --out logitlens-demo",
+    )
+    demo.add_argument(
+        "--out", metavar="DIR", help="folder for figures, CSV tables and summary.json (created if missing)"
+    )
     demo.add_argument("--n", type=int, default=12, help="words in the repeated sequence, 2..31 (default 12)")
     demo.add_argument("--seed", type=int, default=0, help="seed for the random words (default 0)")
     _common(demo, model=False)
     demo.set_defaults(func=cmd_demo)
 
-    lens = sub.add_parser("lens", formatter_class=fmt, help="what each layer predicts (the logit lens)",
-                          description="Read every layer's residual stream through the final norm and unembedding; "
-                                      "print each layer's top token (and targets) at --position of every prompt.",
-                          epilog="example:\n  tl-logitlens lens --model demo --prompt 'red cat sun red cat' --target sun "
-                                 "--layers 0,-1 --out lens-out\n"
-                                 "  tl-logitlens lens --model ./capp-gpt2 --tokens '49,12,7;49,12,8' --target id:50 --position 2\n"
-                                 "  tl-logitlens lens --model ./stories260k --prompt 'Once upon a time' --lens tuned-lens-dir")
+    lens = sub.add_parser(
+        "lens",
+        formatter_class=fmt,
+        help="what each layer predicts (the logit lens)",
+        description="Read every layer's residual stream through the final norm and unembedding; "
+        "print each layer's top token (and targets) at --position of every prompt.",
+        epilog="example:\n  tl-logitlens lens --model demo --prompt 'red cat sun red cat' --target sun "
+        "--layers 0,-1 --out lens-out\n"
+        "  tl-logitlens lens --model ./capp-gpt2 --tokens '49,12,7;49,12,8' --target id:50 --position 2\n"
+        "  tl-logitlens lens --model ./stories260k --prompt 'Once upon a time' --lens tuned-lens-dir",
+    )
     _prompts(lens)
-    lens.add_argument("--layers", metavar="L,..", help="stack entries to read, by index (negative from the end) or "
-                                                       "label, comma-separated, e.g. 0,2,final_post (default all)")
-    lens.add_argument("--metric", choices=METRICS, default="prob",
-                      help="heatmap colour: top-1 prob, top-1 logit, rank of the true next token, entropy, KL to final, or next-token loss")
+    lens.add_argument(
+        "--layers",
+        metavar="L,..",
+        help="stack entries to read, by index (negative from the end) or "
+        "label, comma-separated, e.g. 0,2,final_post (default all)",
+    )
+    lens.add_argument(
+        "--metric",
+        choices=METRICS,
+        default="prob",
+        help="heatmap colour: top-1 prob, top-1 logit, rank of the true next token, entropy, KL to final, or next-token loss",
+    )
     lens.add_argument("--top-k", type=int, default=5, help="top tokens kept per cell (default 5)")
-    lens.add_argument("--target", action="append", metavar="TOKEN",
-                      help=f"a token to follow across layers (probability and rank): {TOKEN_HELP}; repeat for several")
-    lens.add_argument("--norm", choices=("recompute", "cached", "none"), default="recompute",
-                      help="final norm: own statistics (default), the final stream's scale, or none")
+    lens.add_argument(
+        "--target",
+        action="append",
+        metavar="TOKEN",
+        help=f"a token to follow across layers (probability and rank): {TOKEN_HELP}; repeat for several",
+    )
+    lens.add_argument(
+        "--norm",
+        choices=("recompute", "cached", "none"),
+        default="recompute",
+        help="final norm: own statistics (default), the final stream's scale, or none",
+    )
     lens.add_argument("--out", metavar="DIR", help="folder for the heatmap, curves, lens.csv and summary.json")
-    lens.add_argument("--lens", metavar="DIR", help="read through a tuned lens: a folder written by TunedLens.save or "
-                                                    "tuned-lens (config.json, params.pt) for this model")
+    lens.add_argument(
+        "--lens",
+        metavar="DIR",
+        help="read through a tuned lens: a folder written by TunedLens.save or "
+        "tuned-lens (config.json, params.pt) for this model",
+    )
     _html(lens)
     _common(lens)
     lens.set_defaults(func=cmd_lens)
 
-    dla = sub.add_parser("dla", formatter_class=fmt, help="which components write the answer (direct logit attribution)",
-                         description="Attribute the answer's logit (or answer - wrong) at --position to components; "
-                                     "several prompts are averaged. By default the final norm's scale is the forward "
-                                     "pass's own (cached), which keeps the pieces adding up to the model's logit exactly.",
-                         epilog="example:\n  tl-logitlens dla --model demo --prompt 'red cat sun red cat' --answer sun --wrong red --by head\n"
-                                "  tl-logitlens dla --model ./capp-gpt2 --tokens 49,12,7,50 --answer id:14 --by accumulated")
+    dla = sub.add_parser(
+        "dla",
+        formatter_class=fmt,
+        help="which components write the answer (direct logit attribution)",
+        description="Attribute the answer's logit (or answer - wrong) at --position to components; "
+        "several prompts are averaged. By default the final norm's scale is the forward "
+        "pass's own (cached), which keeps the pieces adding up to the model's logit exactly.",
+        epilog="example:\n  tl-logitlens dla --model demo --prompt 'red cat sun red cat' --answer sun --wrong red --by head\n"
+        "  tl-logitlens dla --model ./capp-gpt2 --tokens 49,12,7,50 --answer id:14 --by accumulated",
+    )
     _prompts(dla)
-    dla.add_argument("--answer", required=True, action="append", metavar="TOKEN",
-                     help=f"the correct next token: {TOKEN_HELP}; repeat once per prompt for different answers")
-    dla.add_argument("--wrong", action="append", metavar="TOKEN",
-                     help="a wrong token (same forms): attribute the logit difference answer - wrong")
-    dla.add_argument("--by", choices=("component", "head", "neuron", "accumulated"), default="component",
-                     help="split by component (default), head, neuron, or accumulated layer (printed in layer order)")
-    dla.add_argument("--norm", choices=("cached", "none"), default="cached",
-                     help="final norm: the forward pass's own scale (default; the pieces add up to the model's "
-                          "logit), or none (raw stream @ W_U, the pieces add up to the unnormalised value)")
-    dla.add_argument("--top", type=int, default=10,
-                     help="how many pieces to print, largest first; by head or neuron only heads or neurons (default 10)")
+    dla.add_argument(
+        "--answer",
+        required=True,
+        action="append",
+        metavar="TOKEN",
+        help=f"the correct next token: {TOKEN_HELP}; repeat once per prompt for different answers",
+    )
+    dla.add_argument(
+        "--wrong",
+        action="append",
+        metavar="TOKEN",
+        help="a wrong token (same forms): attribute the logit difference answer - wrong",
+    )
+    dla.add_argument(
+        "--by",
+        choices=("component", "head", "neuron", "accumulated"),
+        default="component",
+        help="split by component (default), head, neuron, or accumulated layer (printed in layer order)",
+    )
+    dla.add_argument(
+        "--norm",
+        choices=("cached", "none"),
+        default="cached",
+        help="final norm: the forward pass's own scale (default; the pieces add up to the model's "
+        "logit), or none (raw stream @ W_U, the pieces add up to the unnormalised value)",
+    )
+    dla.add_argument(
+        "--top",
+        type=int,
+        default=10,
+        help="how many pieces to print, largest first; by head or neuron only heads or neurons (default 10)",
+    )
     dla.add_argument("--out", metavar="DIR", help="folder for the figure, CSV and summary.json")
     _html(dla)
     _common(dla)
     dla.set_defaults(func=cmd_dla)
 
-    ev = sub.add_parser("eval", formatter_class=fmt, help="lens statistics over a dataset, streamed",
-                        description="Per-layer KL to final, loss, entropy and accuracy over a dataset, in bounded memory.",
-                        epilog="example:\n  tl-logitlens eval --model ./stories260k --data stories.txt --max-tokens 20000 --out eval-out\n"
-                               "  tl-logitlens eval --model demo --data tokens.pt --quiet\n"
-                               "  tl-logitlens eval --model ./stories260k --data stories.txt --lens tuned-lens-dir --out cmp-out")
-    ev.add_argument("--data", required=True, metavar="FILE", help="a UTF-8 text file (one document per line) or a .pt token tensor [n, seq]")
+    ev = sub.add_parser(
+        "eval",
+        formatter_class=fmt,
+        help="lens statistics over a dataset, streamed",
+        description="Per-layer KL to final, loss, entropy and accuracy over a dataset, in bounded memory.",
+        epilog="example:\n  tl-logitlens eval --model ./stories260k --data stories.txt --max-tokens 20000 --out eval-out\n"
+        "  tl-logitlens eval --model demo --data tokens.pt --quiet\n"
+        "  tl-logitlens eval --model ./stories260k --data stories.txt --lens tuned-lens-dir --out cmp-out",
+    )
+    ev.add_argument(
+        "--data",
+        required=True,
+        metavar="FILE",
+        help="a UTF-8 text file (one document per line) or a .pt token tensor [n, seq]",
+    )
     ev.add_argument("--max-tokens", type=int, help="stop after this many tokens")
     ev.add_argument("--batch-size", type=int, default=8, help="documents per forward pass (default 8)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
-    ev.add_argument("--out", metavar="DIR", help="folder for lens_eval.csv, lens_eval.json and the lens_eval figure "
-                                                 "(with --lens: lens_compare.csv, lens_compare.json and its figure)")
-    ev.add_argument("--lens", metavar="DIR", help="also evaluate this tuned lens (a TunedLens.save or tuned-lens folder) "
-                                                  "and compare it with the logit lens, in the same pass")
+    ev.add_argument(
+        "--out",
+        metavar="DIR",
+        help="folder for lens_eval.csv, lens_eval.json and the lens_eval figure "
+        "(with --lens: lens_compare.csv, lens_compare.json and its figure)",
+    )
+    ev.add_argument(
+        "--lens",
+        metavar="DIR",
+        help="also evaluate this tuned lens (a TunedLens.save or tuned-lens folder) "
+        "and compare it with the logit lens, in the same pass",
+    )
     _html(ev)
     _common(ev)
     ev.set_defaults(func=cmd_eval)
 
-    tr = sub.add_parser("train-lens", formatter_class=fmt, help="train a tuned lens on a dataset",
-                        description="Train one affine translator per layer (the tuned lens) so that each layer's reading "
-                                    "matches the final distribution; write it in the tuned-lens format with a checkpoint "
-                                    "that --resume continues.",
-                        epilog="example:\n  tl-logitlens train-lens --model ./stories260k --data stories.txt --steps 50 "
-                               "--tokens-per-step 4096 --out stories-lens\n"
-                               "  tl-logitlens train-lens --model ./stories260k --data stories.txt --steps 50 "
-                               "--tokens-per-step 4096 --out stories-lens --resume")
-    tr.add_argument("--data", required=True, metavar="FILE", help="a UTF-8 text file (one document per line) or a .pt token tensor [n, seq]")
+    tr = sub.add_parser(
+        "train-lens",
+        formatter_class=fmt,
+        help="train a tuned lens on a dataset",
+        description="Train one affine translator per layer (the tuned lens) so that each layer's reading "
+        "matches the final distribution; write it in the tuned-lens format with a checkpoint "
+        "that --resume continues.",
+        epilog="example:\n  tl-logitlens train-lens --model ./stories260k --data stories.txt --steps 50 "
+        "--tokens-per-step 4096 --out stories-lens\n"
+        "  tl-logitlens train-lens --model ./stories260k --data stories.txt --steps 50 "
+        "--tokens-per-step 4096 --out stories-lens --resume",
+    )
+    tr.add_argument(
+        "--data",
+        required=True,
+        metavar="FILE",
+        help="a UTF-8 text file (one document per line) or a .pt token tensor [n, seq]",
+    )
     tr.add_argument("--steps", type=int, default=250, help="optimiser steps (default 250, as tuned-lens)")
-    tr.add_argument("--tokens-per-step", type=int, default=2**18, help="tokens per step (default 262144, as tuned-lens)")
+    tr.add_argument(
+        "--tokens-per-step", type=int, default=2**18, help="tokens per step (default 262144, as tuned-lens)"
+    )
     tr.add_argument("--batch-size", type=int, default=8, help="documents per forward pass (default 8)")
-    tr.add_argument("--loss", choices=("kl", "ce"), default="kl",
-                    help="kl: KL from the final distribution (default); ce: next-token cross-entropy")
+    tr.add_argument(
+        "--loss",
+        choices=("kl", "ce"),
+        default="kl",
+        help="kl: KL from the final distribution (default); ce: next-token cross-entropy",
+    )
     tr.add_argument("--incl-mid", action="store_true", help="also train translators for the L_mid entries")
     tr.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default min(50, steps // 5))")
-    tr.add_argument("--out", metavar="DIR", default="tuned-lens",
-                    help="folder for the lens (config.json, params.pt) and checkpoint.pt (default ./tuned-lens)")
-    tr.add_argument("--resume", action="store_true",
-                    help="continue from the checkpoint in --out (same settings and data); without it an existing checkpoint is refused")
+    tr.add_argument(
+        "--out",
+        metavar="DIR",
+        default="tuned-lens",
+        help="folder for the lens (config.json, params.pt) and checkpoint.pt (default ./tuned-lens)",
+    )
+    tr.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoint in --out (same settings and data); without it an existing checkpoint is refused",
+    )
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     _common(tr)
     tr.set_defaults(func=cmd_train_lens)

@@ -28,8 +28,12 @@ _SHOWN = (".png", ".svg")
 _KINDS = {".html": "interactive pages (open in a browser; hover for values)", ".csv": "tables", ".json": "summary"}
 
 
-def write_index(out: Union[str, Path], files: Sequence[Union[str, Path]], title: str = "tl_logitlens demo",
-                notes: Sequence[str] = ()) -> Path:
+def write_index(
+    out: Union[str, Path],
+    files: Sequence[Union[str, Path]],
+    title: str = "tl_logitlens demo",
+    notes: Sequence[str] = (),
+) -> Path:
     """Write ``out/index.html`` listing ``files`` (paths inside ``out``); returns its path."""
     out = Path(out)
     names = [Path(f).name for f in files if Path(f).name != "index.html"]
@@ -38,10 +42,12 @@ def write_index(out: Union[str, Path], files: Sequence[Union[str, Path]], title:
         suffix = Path(name).suffix.lower()
         kind = "figures" if suffix in _SHOWN or suffix == ".pdf" else _KINDS.get(suffix, "other files")
         groups.setdefault(kind, []).append(name)
-    parts = [f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}img{max-width:100%;"
-             "border:1px solid #ddd}figure{margin:1.5em 0}</style></head><body>",
-             f"<h1>{html.escape(title)}</h1>"]
+    parts = [
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>',
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}img{max-width:100%;"
+        "border:1px solid #ddd}figure{margin:1.5em 0}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
     parts += [f"<p>{html.escape(note)}</p>" for note in notes]
     order = [_KINDS[".html"], "figures", _KINDS[".csv"], _KINDS[".json"], "other files"]
     for kind in order:
@@ -52,9 +58,13 @@ def write_index(out: Union[str, Path], files: Sequence[Union[str, Path]], title:
             for name in groups[kind]:
                 link = html.escape(name, quote=True)
                 shown = f'<img src="{link}" alt="{link}">' if Path(name).suffix.lower() in _SHOWN else ""
-                parts.append(f'<figure>{shown}<figcaption><a href="{link}">{html.escape(name)}</a></figcaption></figure>')
+                parts.append(
+                    f'<figure>{shown}<figcaption><a href="{link}">{html.escape(name)}</a></figcaption></figure>'
+                )
         else:
-            items = "".join(f'<li><a href="{html.escape(n, quote=True)}">{html.escape(n)}</a></li>' for n in groups[kind])
+            items = "".join(
+                f'<li><a href="{html.escape(n, quote=True)}">{html.escape(n)}</a></li>' for n in groups[kind]
+            )
             parts.append(f"<ul>{items}</ul>")
     parts.append("</body></html>\n")
     path = out / "index.html"

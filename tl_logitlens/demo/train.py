@@ -166,9 +166,7 @@ def measure(model, word_ids: torch.Tensor, bos_id: int) -> dict:
 
     mean = lambda xs: float(torch.stack(xs).mean())  # noqa: E731
     clean_ld = mean(stats["ld"])
-    ablation_drop = {
-        f"{layer}.{head}": 1 - mean(v) / clean_ld for (layer, head), v in ablated.items()
-    }
+    ablation_drop = {f"{layer}.{head}": 1 - mean(v) / clean_ld for (layer, head), v in ablated.items()}
     l1_drop = {h: ablation_drop[f"{n_layers - 1}.{h}"] for h in range(n_heads)}
     induction_head = (n_layers - 1, max(l1_drop, key=l1_drop.get))
     prev_scores = {h: mean(v) for h, v in attn_prev.items()}
@@ -215,9 +213,7 @@ def train(
     tokenizer = build_tokenizer(VOCAB, SPECIAL_TOKENS)
     word_ids = word_token_ids(tokenizer)
     bos_id = tokenizer.bos_token_id
-    cfg = TransformerBridgeConfig(
-        **MODEL_CONFIG, architecture="TransformerLensNative", seed=seed, device="cpu"
-    )
+    cfg = TransformerBridgeConfig(**MODEL_CONFIG, architecture="TransformerLensNative", seed=seed, device="cpu")
     model = TransformerBridge.boot_native(cfg, tokenizer=tokenizer)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -230,9 +226,7 @@ def train(
         lr=lr,
         betas=(0.9, 0.98),
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: _lr_factor(s, steps, DEFAULTS["warmup_steps"])
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps, DEFAULTS["warmup_steps"]))
     data_gen = torch.Generator().manual_seed(seed + 1)
 
     start = time.time()

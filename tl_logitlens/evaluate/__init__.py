@@ -24,6 +24,14 @@ from .evaluation import LensEvaluation, evaluate_lens
 from .running import HIST_BINS_PER_DECADE, HIST_HIGH, HIST_LOW, N_BINS, STATISTICS, RunningStats
 
 __all__ = [
-    "LensComparison", "compare_lenses", "LensEvaluation", "evaluate_lens", "HIST_BINS_PER_DECADE", "HIST_HIGH",
-    "HIST_LOW", "N_BINS", "STATISTICS", "RunningStats",
+    "LensComparison",
+    "compare_lenses",
+    "LensEvaluation",
+    "evaluate_lens",
+    "HIST_BINS_PER_DECADE",
+    "HIST_HIGH",
+    "HIST_LOW",
+    "N_BINS",
+    "STATISTICS",
+    "RunningStats",
 ]

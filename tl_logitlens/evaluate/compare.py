@@ -167,8 +167,10 @@ class LensComparison(SavedAsJson):
         lines_before = 0 if ax is None else len(ax.lines)
         bands_before = 0 if ax is None else len(ax.collections)
         fig = plot_layer_curves(
-            self.labels, {f"{name}: {stat}": curve(ev, stat) for name, ev in self.evaluations.items() for stat in first},
-            ax=ax, ylabel="nats" if nats else "top-1 rate",
+            self.labels,
+            {f"{name}: {stat}": curve(ev, stat) for name, ev in self.evaluations.items() for stat in first},
+            ax=ax,
+            ylabel="nats" if nats else "top-1 rate",
         )
         ax = ax if ax is not None else fig.axes[0]
         drawn = list(ax.lines[lines_before:])
@@ -179,8 +181,11 @@ class LensComparison(SavedAsJson):
         if nats and rates:
             twin = ax.twinx()
             x = list(range(len(self.labels)))
-            extra = [twin.plot(x, curve(ev, stat)[0].tolist(), markersize=4, label=f"{name}: {stat}")[0]
-                     for name, ev in self.evaluations.items() for stat in rates]
+            extra = [
+                twin.plot(x, curve(ev, stat)[0].tolist(), markersize=4, label=f"{name}: {stat}")[0]
+                for name, ev in self.evaluations.items()
+                for stat in rates
+            ]
             restyle(extra, rates)
             twin.set_ylim(-0.02, 1.02)
             twin.set_ylabel("top-1 rate")
@@ -188,8 +193,14 @@ class LensComparison(SavedAsJson):
             legend_x = 1.13
         if ax.get_legend() is not None:
             ax.get_legend().remove()
-        ax.legend(drawn, [line.get_label() for line in drawn], frameon=False, fontsize=8, loc="upper left",
-                  bbox_to_anchor=(legend_x, 1.0))
+        ax.legend(
+            drawn,
+            [line.get_label() for line in drawn],
+            frameon=False,
+            fontsize=8,
+            loc="upper left",
+            bbox_to_anchor=(legend_x, 1.0),
+        )
         ax.set_title(title if title is not None else f"{' vs '.join(self.lenses)} lens over {self.n_tokens:,} tokens")
         return fig
 
@@ -198,8 +209,10 @@ class LensComparison(SavedAsJson):
         for name, ev in self.evaluations.items():
             kl = ", ".join(f"{v:.3g}" for v in ev.mean("kl_to_final").tolist())
             parts.append(f"{name}: [{kl}]")
-        return (f"LensComparison({len(self.evaluations)} lenses, {len(self.labels)} entries, {self.n_tokens} tokens, "
-                f"mean KL to final {'; '.join(parts)})")
+        return (
+            f"LensComparison({len(self.evaluations)} lenses, {len(self.labels)} entries, {self.n_tokens} tokens, "
+            f"mean KL to final {'; '.join(parts)})"
+        )
 
     # -- persistence ---------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
@@ -213,7 +226,7 @@ class LensComparison(SavedAsJson):
         }
 
     @classmethod
-    def from_dict(cls, data: Any) -> "LensComparison":
+    def from_dict(cls, data: Any) -> LensComparison:
         """Inverse of :meth:`to_dict`; a malformed dict is refused naming the field."""
         if not isinstance(data, Mapping):
             raise LensInputError(f"not a saved LensComparison: expected a JSON object, got {type(data).__name__}")
@@ -224,7 +237,9 @@ class LensComparison(SavedAsJson):
             raise LensInputError("malformed saved LensComparison: field 'lenses' must be a non-empty list of names")
         saved = data.get("evaluations")
         if not isinstance(saved, Mapping):
-            raise LensInputError("malformed saved LensComparison: field 'evaluations' must be an object, one entry per lens")
+            raise LensInputError(
+                "malformed saved LensComparison: field 'evaluations' must be an object, one entry per lens"
+            )
         evaluations = {}
         for name in names:
             if name not in saved:
@@ -235,7 +250,9 @@ class LensComparison(SavedAsJson):
                 raise LensInputError(f"malformed saved LensComparison: field 'evaluations.{name}': {err}") from None
         labels = {tuple(ev.labels) for ev in evaluations.values()}
         if len(labels) != 1:
-            raise LensInputError("malformed saved LensComparison: field 'evaluations' holds lenses with different labels")
+            raise LensInputError(
+                "malformed saved LensComparison: field 'evaluations' holds lenses with different labels"
+            )
         try:
             seconds = float(data.get("seconds", 0.0))
             meta = dict(data.get("meta", {}))
@@ -322,10 +339,21 @@ def compare_lenses(
     view = resolve_model(model)
     batch_size, max_tokens = check_stream_args(norm, batch_size, max_tokens)
     named = _check_lenses(view, {"logit": None} if lenses is None else lenses)
-    run = stream_lenses(view, data, list(named.values()), norm=norm, batch_size=batch_size, max_tokens=max_tokens,
-                         progress=progress, desc="compare_lenses", distributed=distributed)
+    run = stream_lenses(
+        view,
+        data,
+        list(named.values()),
+        norm=norm,
+        batch_size=batch_size,
+        max_tokens=max_tokens,
+        progress=progress,
+        desc="compare_lenses",
+        distributed=distributed,
+    )
     _finish(run, "compare_lenses")
-    evaluations = {name: _evaluation(run, i, norm, name, lens is not None) for i, (name, lens) in enumerate(named.items())}
+    evaluations = {
+        name: _evaluation(run, i, norm, name, lens is not None) for i, (name, lens) in enumerate(named.items())
+    }
     meta = dict(next(iter(evaluations.values())).meta)
     meta.pop("lens", None)
     return LensComparison(evaluations=evaluations, seconds=run.seconds, meta=meta)

@@ -43,7 +43,6 @@ from ..lenses import check_lens, is_identity, lens_name
 from .running import HIST_BINS_PER_DECADE, HIST_HIGH, HIST_LOW, N_BINS, STATISTICS, bin_edges
 from .stream import Run, stream_lenses
 
-
 _FORMAT = "tl_logitlens.LensEvaluation/1"
 
 
@@ -221,6 +220,7 @@ class LensEvaluation(SavedAsJson):
     # -- persistence ---------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
         """Everything stored, as JSON-ready Python values (histograms sparse: ``[[bin, count], ...]``)."""
+
         def sparse(h: torch.Tensor) -> List[List[List[int]]]:
             return [[[int(i), int(row[i])] for i in torch.nonzero(row).flatten().tolist()] for row in h]
 
@@ -248,7 +248,7 @@ class LensEvaluation(SavedAsJson):
         }
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "LensEvaluation":
+    def from_dict(cls, data: Dict[str, Any]) -> LensEvaluation:
         """Inverse of :meth:`to_dict`; a malformed dict is refused naming the field."""
         if not isinstance(data, Mapping):
             raise LensInputError(f"not a saved LensEvaluation: expected a JSON object, got {type(data).__name__}")
@@ -398,8 +398,17 @@ def evaluate_lens(
     if is_identity(lens):
         lens = None
 
-    run = stream_lenses(view, data, [lens], norm=norm, batch_size=batch_size, max_tokens=max_tokens,
-                         progress=progress, desc="evaluate_lens", distributed=distributed)
+    run = stream_lenses(
+        view,
+        data,
+        [lens],
+        norm=norm,
+        batch_size=batch_size,
+        max_tokens=max_tokens,
+        progress=progress,
+        desc="evaluate_lens",
+        distributed=distributed,
+    )
     _finish(run, "evaluate_lens")
     return _evaluation(run, 0, norm, named, lens is not None)
 

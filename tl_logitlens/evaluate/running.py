@@ -25,7 +25,16 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
-__all__ = ["STATISTICS", "HIST_LOW", "HIST_HIGH", "HIST_BINS_PER_DECADE", "N_BINS", "bin_index", "bin_edges", "RunningStats"]
+__all__ = [
+    "STATISTICS",
+    "HIST_LOW",
+    "HIST_HIGH",
+    "HIST_BINS_PER_DECADE",
+    "N_BINS",
+    "bin_index",
+    "bin_edges",
+    "RunningStats",
+]
 
 #: The per-token statistics summarised with a mean and quantiles.
 STATISTICS = ("kl_to_final", "next_token_loss", "entropy")
@@ -108,7 +117,7 @@ class RunningStats:
             self.minima[s] = minima[k * n_layer : (k + 1) * n_layer].clone()
             self.maxima[s] = maxima[k * n_layer : (k + 1) * n_layer].clone()
 
-    def merge(self, other: "RunningStats") -> None:
+    def merge(self, other: RunningStats) -> None:
         """Fold in another shard's statistics: sums and counts add, minima and maxima combine."""
         combine = {"sum": torch.add, "min": torch.minimum, "max": torch.maximum}
         self._unpack(*(combine[op](a, b) for (a, op), (b, _) in zip(self._packed(), other._packed())))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -76,8 +76,13 @@ def stream_lenses(
     last = len(names) - 1
     # Which vectors each lens reads, as keys shared between lenses that read the same thing:
     # ("stream", k) is entry k untouched, (i, k) lens i's own transform of it.
-    keys = [[("stream", k) if lens is None or (k == last and reads_final_untouched(lens)) else (i, k)
-             for k in range(len(names))] for i, lens in enumerate(lenses)]
+    keys = [
+        [
+            ("stream", k) if lens is None or (k == last and reads_final_untouched(lens)) else (i, k)
+            for k in range(len(names))
+        ]
+        for i, lens in enumerate(lenses)
+    ]
     unique = list(dict.fromkeys(key for lens_keys in keys for key in lens_keys))
     where = {key: j for j, key in enumerate(unique)}
     picks = [torch.tensor([where[key] for key in lens_keys]) for lens_keys in keys]
@@ -90,8 +95,20 @@ def stream_lenses(
         if max_tokens is not None:
             total = max_tokens if total is None else min(total, max_tokens)
         plan = _Plan(lenses, names, labels, unique, picks, reference_entry, device)
-        _fold(view, plan, stream, runs, counts, total=total, norm=norm, max_tokens=max_tokens, n_ctx=n_ctx,
-              batch_size=batch_size, progress=progress and main, desc=desc)
+        _fold(
+            view,
+            plan,
+            stream,
+            runs,
+            counts,
+            total=total,
+            norm=norm,
+            max_tokens=max_tokens,
+            n_ctx=n_ctx,
+            batch_size=batch_size,
+            progress=progress and main,
+            desc=desc,
+        )
     if group is not None:  # every rank's statistics, merged exactly: the same result on every rank
         group.check()
         for r in runs:
@@ -101,8 +118,16 @@ def stream_lenses(
     seconds = time.perf_counter() - started
     if group is not None:
         seconds = float(group.reduce(torch.tensor([seconds], dtype=torch.float64), "max")[0])
-    return Run(view=view, labels=labels, running=runs, counts=counts, n_ctx=n_ctx, seconds=seconds,
-                ranks=None if group is None else group.world, main=main)
+    return Run(
+        view=view,
+        labels=labels,
+        running=runs,
+        counts=counts,
+        n_ctx=n_ctx,
+        seconds=seconds,
+        ranks=None if group is None else group.world,
+        main=main,
+    )
 
 
 @dataclass
@@ -119,8 +144,21 @@ class _Plan:
     device: Any
 
 
-def _fold(view: Any, plan: _Plan, stream: Any, runs: List[RunningStats], counts: Dict[str, int], *, total: Optional[int],
-          norm: str, max_tokens: Optional[int], n_ctx: Optional[int], batch_size: int, progress: bool, desc: str) -> None:
+def _fold(
+    view: Any,
+    plan: _Plan,
+    stream: Any,
+    runs: List[RunningStats],
+    counts: Dict[str, int],
+    *,
+    total: Optional[int],
+    norm: str,
+    max_tokens: Optional[int],
+    n_ctx: Optional[int],
+    batch_size: int,
+    progress: bool,
+    desc: str,
+) -> None:
     """Fold this process's batches into ``runs`` (one running statistic per lens)."""
     lenses, names, labels, unique, device = plan.lenses, plan.names, plan.labels, plan.unique, plan.device
 

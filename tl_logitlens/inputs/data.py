@@ -83,11 +83,15 @@ def batches(view: ModelView, data: Any, batch_size: int) -> Tuple[Iterator[Token
             raise LensInputError("data is empty: the token tensor holds no tokens")
         tokenize(view, ids, check_context=False)  # every id's range, before the first batch runs
         total = ids.shape[0] * max(0, ids.shape[1] - 1)
-        return (tokenize(view, ids[i : i + batch_size], check_context=False) for i in range(0, ids.shape[0], batch_size)), total
+        return (
+            tokenize(view, ids[i : i + batch_size], check_context=False) for i in range(0, ids.shape[0], batch_size)
+        ), total
     if isinstance(data, (list, tuple)) and data and all(isinstance(s, str) for s in data):
         if view.tokenizer is None:
             tokenize(view, data[:1])  # raises the package's "no tokenizer" error
-        return (tokenize(view, list(data[i : i + batch_size]), check_context=False) for i in range(0, len(data), batch_size)), None
+        return (
+            tokenize(view, list(data[i : i + batch_size]), check_context=False) for i in range(0, len(data), batch_size)
+        ), None
     try:
         iterator = iter(data)
     except TypeError:
@@ -165,7 +169,9 @@ def trim(tokens: Tokens, budget: int) -> Tokens:
     return Tokens(tokens.ids[:keep, : int(lengths.max())], lengths)
 
 
-def split_long(batches: Iterable[Tokens], n_ctx: Optional[int], batch_size: int, counts: Dict[str, int]) -> Iterator[Tokens]:
+def split_long(
+    batches: Iterable[Tokens], n_ctx: Optional[int], batch_size: int, counts: Dict[str, int]
+) -> Iterator[Tokens]:
     """Each batch as it comes, or, when it holds sequences longer than ``n_ctx``, as windows (:func:`windows`).
 
     Every yielded batch carries ``sequences``: how many of the data's sequences it begins.

@@ -40,6 +40,8 @@ def check_stream_args(norm: str, batch_size: Any, max_tokens: Any) -> Tuple[int,
     check_norm(norm)
     if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
         raise LensInputError(f"batch_size must be a positive int, got {batch_size!r}")
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, Integral) or max_tokens < 1):
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, Integral) or max_tokens < 1
+    ):
         raise LensInputError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
     return int(batch_size), None if max_tokens is None else int(max_tokens)

@@ -15,7 +15,16 @@ import torch
 
 from ..errors import LensInputError, MissingHooksError
 from ..model_access import (
-    ActivationCache, ModelView, cache_has, cache_tensor, input_device, model_from_cache, run_with_cache, view as view_model,
+    ActivationCache,
+    ModelView,
+    cache_has,
+    cache_tensor,
+    input_device,
+    model_from_cache,
+    run_with_cache,
+)
+from ..model_access import (
+    view as view_model,
 )
 from .tokens import Tokens, tokenize
 
@@ -109,7 +118,9 @@ def check_cache(cache: Any, names: List[str], what: str) -> None:
         )
 
 
-def activation_shape(view: ModelView, cache: Any, tokens: Optional[Tokens], names: List[str], what: str) -> Tuple[int, int]:
+def activation_shape(
+    view: ModelView, cache: Any, tokens: Optional[Tokens], names: List[str], what: str
+) -> Tuple[int, int]:
     """``(batch, seq)`` of the activations about to be read; a given cache must hold ``names``."""
     if cache is not None:
         check_cache(cache, names, what)
@@ -119,9 +130,10 @@ def activation_shape(view: ModelView, cache: Any, tokens: Optional[Tokens], name
     return final.shape[0], final.shape[1]
 
 
-def run_or_read(view: ModelView, tokens: Optional[Tokens], cache: Any, names: List[str]) -> Tuple[Optional[torch.Tensor], Any]:
+def run_or_read(
+    view: ModelView, tokens: Optional[Tokens], cache: Any, names: List[str]
+) -> Tuple[Optional[torch.Tensor], Any]:
     """``(logits, cache)``: the model run once caching ``names``, or ``(None, cache)`` as given."""
     if cache is not None:
         return None, cache
     return run_with_cache(view.model, tokens.ids.to(input_device(view)), names)
-

@@ -127,7 +127,11 @@ def tokenize(view: ModelView, input: Any, check_context: bool = True) -> Tokens:
         for i, row in enumerate(rows):
             ids[i, : len(row)] = row
         return Tokens(ids, lengths)
-    if isinstance(input, (list, tuple)) and input and all(isinstance(s, Integral) and not isinstance(s, bool) for s in input):
+    if (
+        isinstance(input, (list, tuple))
+        and input
+        and all(isinstance(s, Integral) and not isinstance(s, bool) for s in input)
+    ):
         input = torch.tensor([int(s) for s in input])
     if isinstance(input, torch.Tensor):
         if input.dtype.is_floating_point or input.dtype.is_complex or input.dtype == torch.bool:
@@ -282,7 +286,9 @@ def token_items(tokens: Any, what: str) -> Optional[list]:
         if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
             raise LensInputError(f"{what} must hold integer token ids, got dtype {tokens.dtype}")
         if tokens.ndim != 1:
-            raise LensInputError(f"{what} must be one token or a list of them, got a tensor of shape {tuple(tokens.shape)}")
+            raise LensInputError(
+                f"{what} must be one token or a list of them, got a tensor of shape {tuple(tokens.shape)}"
+            )
         return tokens.tolist()
     if isinstance(tokens, (list, tuple)):
         return list(tokens)
@@ -352,7 +358,9 @@ def position_index(positions: PositionSpec, lengths: torch.Tensor, seq_len: int)
         positions = torch.as_tensor(positions)
     if isinstance(positions, (list, tuple)) and positions and all(isinstance(p, (list, tuple)) for p in positions):
         if not all(_is_int(p) for row in positions for p in row) or len({len(r) for r in positions}) != 1:
-            raise LensInputError("positions given per prompt must be a [batch, n] list of lists of ints, all rows of one length")
+            raise LensInputError(
+                "positions given per prompt must be a [batch, n] list of lists of ints, all rows of one length"
+            )
         positions = torch.tensor(positions)
     if isinstance(positions, torch.Tensor):
         if positions.dtype.is_floating_point or positions.dtype.is_complex or positions.dtype == torch.bool:

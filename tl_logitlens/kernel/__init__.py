@@ -42,7 +42,21 @@ from .read import (
 )
 
 __all__ = [
-    "FinalStats", "final_stats", "lens_loss", "NORM_MODES", "FinalNorm", "HALF_DTYPES", "compute_dtype", "is_half",
-    "require_finite", "DEFAULT_CHUNK_BUDGET_BYTES", "GroupMembers", "Readout", "Unembedding", "check_chunk_size",
-    "group_statistics", "read_rows", "reshape_readout",
+    "FinalStats",
+    "final_stats",
+    "lens_loss",
+    "NORM_MODES",
+    "FinalNorm",
+    "HALF_DTYPES",
+    "compute_dtype",
+    "is_half",
+    "require_finite",
+    "DEFAULT_CHUNK_BUDGET_BYTES",
+    "GroupMembers",
+    "Readout",
+    "Unembedding",
+    "check_chunk_size",
+    "group_statistics",
+    "read_rows",
+    "reshape_readout",
 ]

@@ -62,14 +62,18 @@ class FinalStats:
 
 def _check_unembedding(W: torch.Tensor, b: Optional[torch.Tensor], d_model: int, what: str) -> None:
     if not isinstance(W, torch.Tensor) or W.ndim != 2:
-        raise LensInputError(f"W must be the unembedding as a [d_model, d_vocab] tensor; got {getattr(W, 'shape', type(W))}.")
+        raise LensInputError(
+            f"W must be the unembedding as a [d_model, d_vocab] tensor; got {getattr(W, 'shape', type(W))}."
+        )
     if W.shape[0] != d_model:
         raise LensInputError(
             f"{what} has d_model {d_model} but W is {tuple(W.shape)} ([d_model, d_vocab] expected); "
             "pass model.W_U, not its transpose."
         )
     if b is not None and (not isinstance(b, torch.Tensor) or tuple(b.shape) != (W.shape[1],)):
-        raise LensInputError(f"b must be [d_vocab] = [{W.shape[1]}]; got {getattr(b, 'shape', type(b))}. Pass model.b_U or None.")
+        raise LensInputError(
+            f"b must be [d_vocab] = [{W.shape[1]}]; got {getattr(b, 'shape', type(b))}. Pass model.b_U or None."
+        )
 
 
 def _width(width: Optional[int], W: torch.Tensor, dtype: torch.dtype) -> int:
@@ -150,7 +154,9 @@ def _online_pass(
     return peak, acc[:, d], acc[:, :d], (acc[:, d + 1] if b is not None else None)
 
 
-def final_stats(x_final: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor] = None, *, width: Optional[int] = None) -> FinalStats:
+def final_stats(
+    x_final: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor] = None, *, width: Optional[int] = None
+) -> FinalStats:
     """The final layer's distribution's statistics, computed once per batch and shared by every layer.
 
     ``x_final [rows, d_model]``: the normalised final residual stream (what the model
@@ -163,7 +169,9 @@ def final_stats(x_final: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor
     (True, True)
     """
     if not isinstance(x_final, torch.Tensor) or x_final.ndim != 2:
-        raise LensInputError(f"x_final must be [rows, d_model] normalised final-stream vectors; got {getattr(x_final, 'shape', type(x_final))}.")
+        raise LensInputError(
+            f"x_final must be [rows, d_model] normalised final-stream vectors; got {getattr(x_final, 'shape', type(x_final))}."
+        )
     _check_unembedding(W, b, x_final.shape[1], "x_final")
     dtype = compute_dtype(x_final.dtype)
     width = _width(width, W, dtype)
@@ -236,7 +244,9 @@ def lens_loss(
     torch.Size([2, 3, 4])
     """
     if not isinstance(x, torch.Tensor) or x.ndim < 2:
-        raise LensInputError(f"x must be [..., rows, d_model] normalised lens vectors; got {getattr(x, 'shape', type(x))}.")
+        raise LensInputError(
+            f"x must be [..., rows, d_model] normalised lens vectors; got {getattr(x, 'shape', type(x))}."
+        )
     if not x.is_floating_point():
         raise LensInputError(f"x must be a floating-point tensor; got {x.dtype}.")
     _check_unembedding(W, b, x.shape[-1], "x")
@@ -254,7 +264,9 @@ def lens_loss(
         if next_tokens is not None:
             raise LensInputError('next_tokens is for loss="ce"; loss="kl" reads the final distribution (pass final=).')
         if final is None:
-            raise LensInputError('loss="kl" needs final=: final_stats(x_final, W, b) or the final-stream vectors [rows, d_model].')
+            raise LensInputError(
+                'loss="kl" needs final=: final_stats(x_final, W, b) or the final-stream vectors [rows, d_model].'
+            )
         if isinstance(final, torch.Tensor):  # read in the lens vectors' precision
             final = final_stats(final.to(dtype) if final.is_floating_point() else final, W, b, width=width)
         if not isinstance(final, FinalStats) or tuple(final.p_w.shape) != (rows, d_model):
@@ -265,12 +277,20 @@ def lens_loss(
     elif loss == "ce":
         if final is not None:
             raise LensInputError('final= is for loss="kl"; loss="ce" reads next_tokens.')
-        if not isinstance(next_tokens, torch.Tensor) or next_tokens.dtype not in (torch.int64, torch.int32) or tuple(next_tokens.shape) != (rows,):
-            raise LensInputError(f'loss="ce" needs next_tokens as an integer tensor [rows] = [{rows}] (-1: ignored); got {getattr(next_tokens, "shape", type(next_tokens))}.')
+        if (
+            not isinstance(next_tokens, torch.Tensor)
+            or next_tokens.dtype not in (torch.int64, torch.int32)
+            or tuple(next_tokens.shape) != (rows,)
+        ):
+            raise LensInputError(
+                f'loss="ce" needs next_tokens as an integer tensor [rows] = [{rows}] (-1: ignored); got {getattr(next_tokens, "shape", type(next_tokens))}.'
+            )
         t = next_tokens.to(device=x.device, dtype=torch.long)
         bad = (t < -1) | (t >= d_vocab)
         if bad.any():
-            raise LensInputError(f"next_tokens must lie in [0, {d_vocab}) or be -1 (ignored); got {t[bad][:5].tolist()}.")
+            raise LensInputError(
+                f"next_tokens must lie in [0, {d_vocab}) or be -1 (ignored); got {t[bad][:5].tolist()}."
+            )
         valid = t >= 0
         safe = t.clamp(min=0)
         target_w = W[:, safe].t().to(dtype)  # [rows, d_model]: only the rows' own columns

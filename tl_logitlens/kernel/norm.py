@@ -71,9 +71,7 @@ class FinalNorm:
             x = x * self.weight.to(x.dtype)
         return x
 
-    def apply(
-        self, x: torch.Tensor, mode: str, scale: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, mode: str, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Normalise ``x [..., d_model]`` in ``mode``; ``"cached"`` needs ``scale [..., 1]``."""
         if mode == "none" or self.kind is None:
             return x
@@ -107,7 +105,7 @@ class FinalNorm:
             return torch.zeros(u.shape[:-1], dtype=u.dtype, device=u.device)
         return u @ self.bias.to(u.dtype)
 
-    def to(self, dtype: torch.dtype, device: Optional[torch.device] = None) -> "FinalNorm":
+    def to(self, dtype: torch.dtype, device: Optional[torch.device] = None) -> FinalNorm:
         """The same norm with parameters in ``dtype`` (and on ``device`` when given)."""
-        cast = (lambda t: None if t is None else t.detach().to(device=device or t.device, dtype=dtype))  # noqa: E731
+        cast = lambda t: None if t is None else t.detach().to(device=device or t.device, dtype=dtype)  # noqa: E731
         return FinalNorm(self.kind, cast(self.weight), cast(self.bias), self.eps)

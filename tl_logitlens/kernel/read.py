@@ -122,10 +122,14 @@ class GroupMembers:
         self.slots = [torch.tensor([i for i, (_, j) in enumerate(pairs) if j == g]) for g in range(len(groups))]
 
 
-def group_statistics(member_logits: torch.Tensor, log_z: torch.Tensor, members: GroupMembers) -> Tuple[torch.Tensor, torch.Tensor]:
+def group_statistics(
+    member_logits: torch.Tensor, log_z: torch.Tensor, members: GroupMembers
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(group_logits, group_probs)`` ``[..., group]`` from the members' logits ``[..., members]``
     and ``log Z [...]``: ``logit_G = logsumexp(l[G])``, ``p_G = exp(logit_G - log Z)``."""
-    logits = torch.stack([torch.logsumexp(member_logits[..., s.to(member_logits.device)], -1) for s in members.slots], -1)
+    logits = torch.stack(
+        [torch.logsumexp(member_logits[..., s.to(member_logits.device)], -1) for s in members.slots], -1
+    )
     return logits, torch.exp(logits - log_z.unsqueeze(-1))
 
 
@@ -203,8 +207,9 @@ def read_rows(
         raise LensInputError("norm='cached' takes the scale from reference=, the final residual stream at each row")
     dtype = compute_dtype(unembed.W.dtype)
     plan = _plan(unembed, vectors, reference, reference_entry, chunk_size, dtype)
-    results = _allocate(outer, rows, top_k, unembed.d_vocab, target_ids, reference, next_tokens, token_groups,
-                        return_logits)
+    results = _allocate(
+        outer, rows, top_k, unembed.d_vocab, target_ids, reference, next_tokens, token_groups, return_logits
+    )
     reader = _Reader(unembed, plan, norm, top_k, dtype, results, token_groups)
     with torch.no_grad():
         for start in range(0, rows, plan.step):
@@ -236,8 +241,14 @@ class _Plan:
     half: bool
 
 
-def _plan(unembed: Unembedding, vectors: torch.Tensor, reference: Optional[torch.Tensor], reference_entry: Optional[int],
-          chunk_size: Optional[int], dtype: torch.dtype) -> _Plan:
+def _plan(
+    unembed: Unembedding,
+    vectors: torch.Tensor,
+    reference: Optional[torch.Tensor],
+    reference_entry: Optional[int],
+    chunk_size: Optional[int],
+    dtype: torch.dtype,
+) -> _Plan:
     outer, rows, _ = vectors.shape
     if reference_entry is not None and (reference is None or not 0 <= reference_entry < outer):
         raise ValueError(f"reference_entry {reference_entry} needs reference= and must index one of {outer} entries")
@@ -256,21 +267,33 @@ def _plan(unembed: Unembedding, vectors: torch.Tensor, reference: Optional[torch
     step = max(1, min(rows, shape.rows // len(sources)))
     per_group = max(1, shape.rows // step - len(lead))
     groups = [lead + others[i : i + per_group] for i in range(0, len(others), per_group)] or [lead]
-    return _Plan(sources, ref_source, groups, step, read_whole if whole else read_product, width,
-                 tuning.half_products(unembed.W))
+    return _Plan(
+        sources, ref_source, groups, step, read_whole if whole else read_product, width, tuning.half_products(unembed.W)
+    )
 
 
-def _allocate(outer: int, rows: int, top_k: int, d_vocab: int, target_ids: Optional[torch.Tensor],
-              reference: Optional[torch.Tensor], next_tokens: Optional[torch.Tensor],
-              token_groups: Optional[List[List[int]]], return_logits: bool) -> Dict[str, Optional[torch.Tensor]]:
+def _allocate(
+    outer: int,
+    rows: int,
+    top_k: int,
+    d_vocab: int,
+    target_ids: Optional[torch.Tensor],
+    reference: Optional[torch.Tensor],
+    next_tokens: Optional[torch.Tensor],
+    token_groups: Optional[List[List[int]]],
+    return_logits: bool,
+) -> Dict[str, Optional[torch.Tensor]]:
     """Where each statistic lands, by its :class:`Readout` field: ``[outer, rows, ...]`` on the CPU."""
+
     def empty(*tail: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.empty(outer, rows, *tail, dtype=dtype)
 
     n_targets = None if target_ids is None else target_ids.shape[1]
     n_groups = None if token_groups is None else len(token_groups)
     return {
-        "top_ids": empty(top_k, dtype=torch.long), "top_logits": empty(top_k), "top_probs": empty(top_k),
+        "top_ids": empty(top_k, dtype=torch.long),
+        "top_logits": empty(top_k),
+        "top_probs": empty(top_k),
         "entropy": empty(),
         "kl_to_reference": None if reference is None else empty(),
         "next_token_loss": None if next_tokens is None else empty(),
@@ -287,8 +310,16 @@ class _Reader:
     """The state of one :func:`read_rows` call: the unembedding on its device, the reused buffers,
     and where results land; :meth:`chunk` reads every entry of a range of rows."""
 
-    def __init__(self, unembed: Unembedding, plan: _Plan, norm: str, top_k: int, dtype: torch.dtype,
-                 results: Dict[str, Optional[torch.Tensor]], token_groups: Optional[List[List[int]]]) -> None:
+    def __init__(
+        self,
+        unembed: Unembedding,
+        plan: _Plan,
+        norm: str,
+        top_k: int,
+        dtype: torch.dtype,
+        results: Dict[str, Optional[torch.Tensor]],
+        token_groups: Optional[List[List[int]]],
+    ) -> None:
         W = unembed.W
         self.plan, self.norm, self.top_k, self.dtype, self.results = plan, norm, top_k, dtype, results
         self.W, self.device = W, W.device
@@ -298,15 +329,26 @@ class _Reader:
         self.transform = unembed.transform
         self.fnorm = unembed.final_norm.to(dtype, W.device)
         rows_per_product = max(map(len, plan.groups)) * plan.step
-        self.buffers = [torch.empty(rows_per_product * plan.width, dtype=dtype, device=W.device) for _ in range(BUFFERS)]
+        self.buffers = [
+            torch.empty(rows_per_product * plan.width, dtype=dtype, device=W.device) for _ in range(BUFFERS)
+        ]
         # The tiled kernel casts a half-precision W a tile at a time into this one buffer.
-        self.w_tile = (torch.empty(unembed.d_model * plan.width, dtype=dtype, device=W.device)
-                       if W.dtype != dtype and plan.read is read_product else None)
+        self.w_tile = (
+            torch.empty(unembed.d_model * plan.width, dtype=dtype, device=W.device)
+            if W.dtype != dtype and plan.read is read_product
+            else None
+        )
         self.members = None if token_groups is None else GroupMembers(token_groups)
         self.member_ids = None if self.members is None else self.members.ids.to(W.device)
 
-    def chunk(self, start: int, stop: int, reference: Optional[torch.Tensor], target_ids: Optional[torch.Tensor],
-              next_tokens: Optional[torch.Tensor]) -> None:
+    def chunk(
+        self,
+        start: int,
+        stop: int,
+        reference: Optional[torch.Tensor],
+        target_ids: Optional[torch.Tensor],
+        next_tokens: Optional[torch.Tensor],
+    ) -> None:
         """Read rows ``start:stop`` of every entry, one product per group of entries."""
         scale = None
         if self.norm == "cached":
@@ -318,8 +360,16 @@ class _Reader:
             outs = [self.plan.sources[i][1] if (number == 0 or i != self.plan.ref_source) else None for i in group]
             self._product(group, outs, start, stop, scale, tid, nxt)
 
-    def _product(self, group: List[int], outs: List[Optional[int]], start: int, stop: int,
-                 scale: Optional[torch.Tensor], tid: Optional[torch.Tensor], nxt: Optional[torch.Tensor]) -> None:
+    def _product(
+        self,
+        group: List[int],
+        outs: List[Optional[int]],
+        start: int,
+        stop: int,
+        scale: Optional[torch.Tensor],
+        tid: Optional[torch.Tensor],
+        nxt: Optional[torch.Tensor],
+    ) -> None:
         plan, all_logits = self.plan, self.results["logits"]
 
         def keep(a: int, z: int, logits: torch.Tensor) -> None:
@@ -333,9 +383,18 @@ class _Reader:
         if plan.half:  # rounded to W's dtype; the tiles read it back in float32: the same products
             x = x.to(self.W.dtype) if plan.read is read_whole else x.to(self.W.dtype).to(self.dtype)
         st = plan.read(
-            x, len(group), self.W, self.b, self.transform, self.buffers, top_k=self.top_k,
-            with_reference=plan.ref_source is not None, next_tokens=nxt, target_ids=tid,
-            keep_logits=keep if all_logits is not None else None, member_ids=self.member_ids,
+            x,
+            len(group),
+            self.W,
+            self.b,
+            self.transform,
+            self.buffers,
+            top_k=self.top_k,
+            with_reference=plan.ref_source is not None,
+            next_tokens=nxt,
+            target_ids=tid,
+            keep_logits=keep if all_logits is not None else None,
+            member_ids=self.member_ids,
             **({} if plan.read is read_whole else {"width": plan.width, "w_tile": self.w_tile}),
         )
         kept = [j for j, o in enumerate(outs) if o is not None]
@@ -346,8 +405,9 @@ class _Reader:
             self.results[name][rows_at] = value
 
 
-def _entries_to_host(st: Any, kept: List[int], next_tokens: Optional[torch.Tensor],
-                     members: Optional[GroupMembers]) -> Dict[str, torch.Tensor]:
+def _entries_to_host(
+    st: Any, kept: List[int], next_tokens: Optional[torch.Tensor], members: Optional[GroupMembers]
+) -> Dict[str, torch.Tensor]:
     """The statistics of entries ``kept`` of one product (:class:`tl_logitlens.tiles.ProductStats`),
     finished where the product ran and brought to the CPU in two copies, one of floats and one
     of integers: on a GPU each copy waits for the device, and one per statistic and entry
@@ -359,8 +419,11 @@ def _entries_to_host(st: Any, kept: List[int], next_tokens: Optional[torch.Tenso
 
     log_z = pick(st.log_z)
     top_logits = pick(st.top_logits)
-    floats = {"entropy": pick(st.entropy), "top_logits": top_logits,
-              "top_probs": torch.exp(top_logits - log_z.unsqueeze(-1))}
+    floats = {
+        "entropy": pick(st.entropy),
+        "top_logits": top_logits,
+        "top_probs": torch.exp(top_logits - log_z.unsqueeze(-1)),
+    }
     ints = {"top_ids": pick(st.top_ids)}
     if st.kl_to_reference is not None:
         floats["kl_to_reference"] = pick(st.kl_to_reference)
@@ -391,11 +454,10 @@ def _packed_to_host(fields: Dict[str, torch.Tensor], dtype: torch.dtype) -> Dict
 
 def reshape_readout(result: Readout, lead: Tuple[int, ...]) -> Readout:
     """Give every field of a flat ``[outer, rows, ...]`` readout the leading shape ``lead``."""
+
     def fix(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         if t is None:
             return None
         return t.reshape(*lead, *t.shape[2:])
 
     return Readout(**{name: fix(getattr(result, name)) for name in result.__dataclass_fields__})
-
-

@@ -66,7 +66,9 @@ def needs_whole_rows(transform: Optional[Callable[[torch.Tensor], torch.Tensor]]
     return transform is not None and not getattr(transform, "elementwise", False)
 
 
-def tile_width(d_vocab: int, transform: Optional[Callable[[torch.Tensor], torch.Tensor]], width: Optional[int] = None) -> int:
+def tile_width(
+    d_vocab: int, transform: Optional[Callable[[torch.Tensor], torch.Tensor]], width: Optional[int] = None
+) -> int:
     """Columns per tile: :data:`TILE_COLUMNS` if set, else ``width`` (the measured one), else 1024;
     the whole vocabulary for a transform that needs whole rows."""
     if needs_whole_rows(transform):
@@ -74,7 +76,9 @@ def tile_width(d_vocab: int, transform: Optional[Callable[[torch.Tensor], torch.
     return min(d_vocab, TILE_COLUMNS or width or _FALLBACK_COLUMNS)
 
 
-def _update_top_k(tile: torch.Tensor, k: int, top_values: torch.Tensor, top_ids: torch.Tensor, offset: int, first: bool) -> torch.Tensor:
+def _update_top_k(
+    tile: torch.Tensor, k: int, top_values: torch.Tensor, top_ids: torch.Tensor, offset: int, first: bool
+) -> torch.Tensor:
     """Fold one tile of raw logits ``[m, w]`` into the running top-k ``[m, k]`` (in place); returns the tile's row maxima.
 
     After the first tile a column can enter the top k only if it beats the row's running
@@ -104,7 +108,13 @@ def _update_top_k(tile: torch.Tensor, k: int, top_values: torch.Tensor, top_ids:
     return block_max.amax(-1)
 
 
-def _merge(top_values: torch.Tensor, top_ids: torch.Tensor, rows: Optional[torch.Tensor], values: torch.Tensor, ids: torch.Tensor) -> None:
+def _merge(
+    top_values: torch.Tensor,
+    top_ids: torch.Tensor,
+    rows: Optional[torch.Tensor],
+    values: torch.Tensor,
+    ids: torch.Tensor,
+) -> None:
     """Fold candidates ``values``/``ids`` for ``rows`` (all rows if ``None``) into the running top-k, in place."""
     k = top_values.shape[1]
     old_values = top_values if rows is None else top_values[rows]
@@ -271,8 +281,9 @@ def read_product(
     )
 
 
-def whole_sums(logits: torch.Tensor, peak: torch.Tensor, with_reference: bool,
-               thresholds: Optional[torch.Tensor] = None) -> Tuple[Optional[torch.Tensor], ...]:
+def whole_sums(
+    logits: torch.Tensor, peak: torch.Tensor, with_reference: bool, thresholds: Optional[torch.Tensor] = None
+) -> Tuple[Optional[torch.Tensor], ...]:
     """The reductions of :func:`read_whole` over raw ``logits [g, n, V]``, shifted by ``peak [g, n]``.
 
     ``s = l - peak``: returns ``(Z, A, D, above)`` with ``Z = sum exp(s)``,
@@ -292,15 +303,21 @@ def whole_sums(logits: torch.Tensor, peak: torch.Tensor, with_reference: bool,
     return total, spread, cross, above
 
 
-def _eager_sums(logits: torch.Tensor, peak: torch.Tensor, with_reference: bool, thresholds: Optional[torch.Tensor],
-                buffers: List[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
+def _eager_sums(
+    logits: torch.Tensor,
+    peak: torch.Tensor,
+    with_reference: bool,
+    thresholds: Optional[torch.Tensor],
+    buffers: List[torch.Tensor],
+) -> Tuple[Optional[torch.Tensor], ...]:
     """:func:`whole_sums` in the kernel's buffers (``logits`` is shifted in place): no ``[g, n, V]`` allocation."""
     g, n, V = logits.shape
     scratch = buffers[2][: g * n * V].view(g, n, V)
     above = None
     if thresholds is not None:  # on the raw logits, before the shift
-        above = torch.stack([torch.gt(logits, thresholds[..., j : j + 1], out=scratch).sum(-1)
-                             for j in range(thresholds.shape[-1])], -1)
+        above = torch.stack(
+            [torch.gt(logits, thresholds[..., j : j + 1], out=scratch).sum(-1) for j in range(thresholds.shape[-1])], -1
+        )
     shifted = logits.sub_(peak.unsqueeze(-1))
     exps = torch.exp(shifted, out=buffers[1][: g * n * V].view(g, n, V))
     total, spread = exps.sum(-1), torch.mul(exps, shifted, out=scratch).sum(-1)
@@ -311,8 +328,13 @@ def _eager_sums(logits: torch.Tensor, peak: torch.Tensor, with_reference: bool, 
 _compiled_sums: Any = None
 
 
-def _fused_sums(logits: torch.Tensor, peak: torch.Tensor, with_reference: bool, thresholds: Optional[torch.Tensor],
-                buffers: List[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
+def _fused_sums(
+    logits: torch.Tensor,
+    peak: torch.Tensor,
+    with_reference: bool,
+    thresholds: Optional[torch.Tensor],
+    buffers: List[torch.Tensor],
+) -> Tuple[Optional[torch.Tensor], ...]:
     """:func:`whole_sums` fused by ``torch.compile`` on CUDA where it works (one pass over the
     logits, no ``[g, n, V]`` intermediates), else eager in the buffers.
     ``TL_LOGITLENS_COMPILE=0`` keeps it eager."""
@@ -398,8 +420,11 @@ def whole_product(x: torch.Tensor, W: torch.Tensor, out: torch.Tensor) -> torch.
             _mm_out_dtype[x.device] = False
             import warnings
 
-            warnings.warn(f"tl_logitlens: torch.mm(out_dtype=) is unavailable here ({err}); half-precision "
-                          "products run in float32 (exact, slower)", stacklevel=2)
+            warnings.warn(
+                f"tl_logitlens: torch.mm(out_dtype=) is unavailable here ({err}); half-precision "
+                "products run in float32 (exact, slower)",
+                stacklevel=2,
+            )
     xs = x.to(out.dtype)
     for a in range(0, W.shape[1], WHOLE_CAST_COLUMNS):
         z = min(W.shape[1], a + WHOLE_CAST_COLUMNS)

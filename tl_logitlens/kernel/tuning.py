@@ -48,7 +48,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-from numbers import Integral
 import functools
 import json
 import os
@@ -56,6 +55,7 @@ import platform
 import threading
 import time
 import warnings
+from numbers import Integral
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
@@ -129,8 +129,13 @@ def chunk_budget() -> Optional[int]:
 
 
 @contextlib.contextmanager
-def force(*, rows: Optional[int] = None, width: Optional[int] = None, strategy: Optional[str] = None,
-          half_products: Optional[bool] = None) -> Iterator[None]:
+def force(
+    *,
+    rows: Optional[int] = None,
+    width: Optional[int] = None,
+    strategy: Optional[str] = None,
+    half_products: Optional[bool] = None,
+) -> Iterator[None]:
     """Use this shape (any part left ``None`` is chosen as usual) inside the block;
     ``half_products``: read a half-precision unembedding in its own dtype (see :func:`half_products`)."""
     if strategy is not None and strategy not in STRATEGIES:
@@ -138,8 +143,13 @@ def force(*, rows: Optional[int] = None, width: Optional[int] = None, strategy: 
     if half_products is not None and not isinstance(half_products, bool):
         raise ValueError(f"half_products must be True, False or None, got {half_products!r}")
     saved = dict(_forced)
-    _forced.update({k: v for k, v in (("rows", rows), ("width", width), ("strategy", strategy),
-                                      ("half_products", half_products)) if v is not None})
+    _forced.update(
+        {
+            k: v
+            for k, v in (("rows", rows), ("width", width), ("strategy", strategy), ("half_products", half_products))
+            if v is not None
+        }
+    )
     try:
         yield
     finally:
@@ -204,9 +214,21 @@ def _layout(W: torch.Tensor) -> str:
 def _key(W: torch.Tensor, dtype: torch.dtype, whole_rows: bool) -> str:
     d_model, d_vocab = W.shape
     return "|".join(
-        map(str, (W.device.type, processor_name(W.device), torch.get_num_threads(), str(dtype).replace("torch.", ""),
-                  str(W.dtype).replace("torch.", ""), d_model, d_vocab, _layout(W), "whole-rows" if whole_rows else "tiles",
-                  torch.__version__))
+        map(
+            str,
+            (
+                W.device.type,
+                processor_name(W.device),
+                torch.get_num_threads(),
+                str(dtype).replace("torch.", ""),
+                str(W.dtype).replace("torch.", ""),
+                d_model,
+                d_vocab,
+                _layout(W),
+                "whole-rows" if whole_rows else "tiles",
+                torch.__version__,
+            ),
+        )
     )
 
 
@@ -231,7 +253,9 @@ def _read_disk(path: Path) -> Dict[str, Any]:
             raise ValueError("not a JSON object")
         return data
     except (OSError, ValueError) as err:
-        warnings.warn(f"tl_logitlens: ignoring the unreadable tile-shape cache {path} ({err}); it will be rewritten", stacklevel=3)
+        warnings.warn(
+            f"tl_logitlens: ignoring the unreadable tile-shape cache {path} ({err}); it will be rewritten", stacklevel=3
+        )
         return {}
 
 
@@ -250,8 +274,12 @@ def _from_disk(path: Path, key: str) -> Optional[TileShape]:
 
 def _to_disk(path: Path, key: str, shape: TileShape) -> None:
     data = _read_disk(path)
-    data[key] = {"rows": shape.rows, "width": shape.width, "strategy": shape.strategy,
-                 "timings": [list(t) for t in shape.timings]}
+    data[key] = {
+        "rows": shape.rows,
+        "width": shape.width,
+        "strategy": shape.strategy,
+        "timings": [list(t) for t in shape.timings],
+    }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, data, indent=1)  # atomic: a concurrent reader sees the old or the new file
@@ -339,8 +367,10 @@ def half_products(W: torch.Tensor) -> bool:
     if env in ("0", "1"):
         return env == "1"
     if env:
-        raise ValueError(f"TL_LOGITLENS_HALF_PRODUCTS must be 0 (float32 products) or 1 (half-precision products), "
-                         f"got {env!r}; unset it for the default (half precision on CUDA only)")
+        raise ValueError(
+            f"TL_LOGITLENS_HALF_PRODUCTS must be 0 (float32 products) or 1 (half-precision products), "
+            f"got {env!r}; unset it for the default (half precision on CUDA only)"
+        )
     return W.device.type == "cuda"
 
 
@@ -361,8 +391,14 @@ def _whole_rows(W: torch.Tensor, itemsize: int) -> int:
     return max(1, budget // (BUFFERS * itemsize * W.shape[1]))
 
 
-def tile_shape(W: torch.Tensor, dtype: torch.dtype, *, whole_rows: bool = False, chunk_size: Optional[int] = None,
-               strategy: Optional[str] = None) -> TileShape:
+def tile_shape(
+    W: torch.Tensor,
+    dtype: torch.dtype,
+    *,
+    whole_rows: bool = False,
+    chunk_size: Optional[int] = None,
+    strategy: Optional[str] = None,
+) -> TileShape:
     """The shape the kernel uses for ``W [d_model, d_vocab]`` read in ``dtype``.
 
     ``whole_rows``: a transform that needs whole rows (a soft cap is elementwise and does
@@ -389,7 +425,9 @@ def tile_shape(W: torch.Tensor, dtype: torch.dtype, *, whole_rows: bool = False,
         rows, source = max(1, _budget // (BUFFERS * itemsize * width)), "budget"
     elif rows is None:
         rows = base.rows
-    return TileShape(int(rows), int(width), "tiled", source, base.seconds if base else 0.0, base.timings if base else ())
+    return TileShape(
+        int(rows), int(width), "tiled", source, base.seconds if base else 0.0, base.timings if base else ()
+    )
 
 
 def _measured(W: torch.Tensor, dtype: torch.dtype) -> TileShape:

@@ -29,6 +29,15 @@ from .training import train_tuned_lens
 from .tuned import TunedLens
 
 __all__ = [
-    "Lens", "LogitLens", "TunedLens", "apply_lens", "check_lens", "is_identity", "lens_name", "reads_final_untouched",
-    "stream_change", "train_tuned_lens", "unembed_hash",
+    "Lens",
+    "LogitLens",
+    "TunedLens",
+    "apply_lens",
+    "check_lens",
+    "is_identity",
+    "lens_name",
+    "reads_final_untouched",
+    "stream_change",
+    "train_tuned_lens",
+    "unembed_hash",
 ]

@@ -42,8 +42,6 @@ def _refuse_changed_stream(model: Any, doing: str) -> None:
         )
 
 
-
-
 class TunedLens(torch.nn.Module, Lens):
     """One affine translator per stack entry below ``final_post``: ``h + h @ A.T + b``.
 
@@ -99,7 +97,9 @@ class TunedLens(torch.nn.Module, Lens):
         if label == "final_post":
             return h.float()
         if label not in self.translators:
-            hint = " (build or train the lens with incl_mid=True for _mid entries)" if str(label).endswith("_mid") else ""
+            hint = (
+                " (build or train the lens with incl_mid=True for _mid entries)" if str(label).endswith("_mid") else ""
+            )
             raise LensInputError(
                 f"this TunedLens has no translator for stack entry {label!r}{hint}; it has {self.labels}"
                 " and reads final_post untransformed"
@@ -112,8 +112,10 @@ class TunedLens(torch.nn.Module, Lens):
         return self.transform(h, label)
 
     def __repr__(self) -> str:
-        return (f"TunedLens({len(self.labels)} translators, d_model={self.d_model}, n_layers={self.n_layers}, "
-                f"incl_mid={self.incl_mid})")
+        return (
+            f"TunedLens({len(self.labels)} translators, d_model={self.d_model}, n_layers={self.n_layers}, "
+            f"incl_mid={self.incl_mid})"
+        )
 
     # -- files ------------------------------------------------------------------------------
     def save(self, directory: Union[str, Path]) -> None:
@@ -169,7 +171,7 @@ class TunedLens(torch.nn.Module, Lens):
         write_json(directory / _CONFIG, config, indent=2)
 
     @classmethod
-    def load(cls, directory: Union[str, Path], model: Any) -> "TunedLens":
+    def load(cls, directory: Union[str, Path], model: Any) -> TunedLens:
         """Read a lens saved by :meth:`save` or by tuned-lens 0.2.0, for ``model``.
 
         Checks, before reading any weights into the lens: ``config.json`` exists and is a
@@ -226,7 +228,9 @@ class TunedLens(torch.nn.Module, Lens):
             try:
                 ours = json.loads(extra_json.read_text(encoding="utf-8"))
                 if not isinstance(ours, dict) or ours.get("format") != _EXTRA_FORMAT:
-                    raise ValueError(f"format {ours.get('format') if isinstance(ours, dict) else None!r}, expected {_EXTRA_FORMAT!r}")
+                    raise ValueError(
+                        f"format {ours.get('format') if isinstance(ours, dict) else None!r}, expected {_EXTRA_FORMAT!r}"
+                    )
             except (UnicodeDecodeError, ValueError) as err:
                 raise LensInputError(f"{extra_json}: not a tl_logitlens lens description ({err})") from None
         incl_mid = bool(ours.get("incl_mid", False))
@@ -246,8 +250,15 @@ class TunedLens(torch.nn.Module, Lens):
         if incl_mid:
             extra = _read_state(directory / _EXTRA_PARAMS)
             mids = [label for label in lens.labels if label.endswith("_mid")]
-            _check_state(directory / _EXTRA_PARAMS, extra,
-                         {k: v for label in mids for k, v in ((f"{label}.weight", (d_model, d_model)), (f"{label}.bias", (d_model,)))})
+            _check_state(
+                directory / _EXTRA_PARAMS,
+                extra,
+                {
+                    k: v
+                    for label in mids
+                    for k, v in ((f"{label}.weight", (d_model, d_model)), (f"{label}.bias", (d_model,)))
+                },
+            )
             state.update({k: extra[k] for label in mids for k in (f"{label}.weight", f"{label}.bias")})
         with torch.no_grad():
             for label, layer in lens.translators.items():

@@ -64,14 +64,18 @@ def stream_change(model: Any) -> Optional[str]:
     if not norm_type.startswith("LN"):
         return None  # RMSNorm models are never centred by TransformerLens
     if getattr(model, "compatibility_mode", False):
-        return ("it is a TransformerBridge in compatibility mode on a LayerNorm model, which centres the "
-                "weights that write to the residual stream")
+        return (
+            "it is a TransformerBridge in compatibility mode on a LayerNorm model, which centres the "
+            "weights that write to the residual stream"
+        )
     W_E = getattr(model, "W_E", None)
     if W_E is None:
         return None
     W_E = W_E.detach().float()
     eps = max(torch.finfo(model.W_E.dtype).eps, 1e-6)
     if bool((W_E.mean(-1).abs() <= eps * W_E.abs().mean()).all()):
-        return ("its token embedding rows all have zero mean: the weights that write to the residual "
-                "stream were centred (center_writing_weights)")
+        return (
+            "its token embedding rows all have zero mean: the weights that write to the residual "
+            "stream were centred (center_writing_weights)"
+        )
     return None

@@ -25,9 +25,7 @@ def model_from_cache(cache: Any) -> Any:
         )
     model = getattr(cache, "model", None)
     if model is None:
-        raise LensInputError(
-            "this ActivationCache does not record its model; pass model= as well as cache=."
-        )
+        raise LensInputError("this ActivationCache does not record its model; pass model= as well as cache=.")
     return model
 
 
@@ -102,7 +100,9 @@ def capture(model: Any, tokens: torch.Tensor, names: List[str]) -> Dict[str, tor
     return store
 
 
-def run_with_patches(model: Any, tokens: torch.Tensor, patches: Dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
+def run_with_patches(
+    model: Any, tokens: torch.Tensor, patches: Dict[str, Callable[[torch.Tensor], torch.Tensor]]
+) -> torch.Tensor:
     """One forward pass with activations replaced: ``logits [batch, pos, d_vocab]``.
 
     ``patches`` maps a hook name to ``f(activation) -> activation`` (zero a head, add a
@@ -119,6 +119,7 @@ def run_with_patches(model: Any, tokens: torch.Tensor, patches: Dict[str, Callab
         >>> bool(torch.equal(same, model(tokens))), bool(torch.equal(zeroed, same))
         (True, False)
     """
+
     def wrap(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
         def hook(tensor: torch.Tensor, hook: Any = None) -> torch.Tensor:
             out = fn(tensor)

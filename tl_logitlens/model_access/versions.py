@@ -32,7 +32,6 @@ try:  # 3.x and 4.x
 except ImportError:  # 2.x
     TransformerBridge = TransformerBridgeConfig = None  # type: ignore[assignment,misc]
 
-from transformer_lens import ActivationCache
 
 TL_VERSION = importlib.metadata.version("transformer-lens")
 TL_MAJOR = int(TL_VERSION.split(".")[0])
@@ -72,6 +71,4 @@ def is_bridge(model: Any) -> bool:
 
 def is_supported_model(model: Any) -> bool:
     """Whether ``model`` is one of the classes this package reads."""
-    return is_bridge(model) or (
-        HookedTransformer is not None and isinstance(model, HookedTransformer)
-    )
+    return is_bridge(model) or (HookedTransformer is not None and isinstance(model, HookedTransformer))

@@ -40,12 +40,12 @@ def norm_check_rtol(dtype: torch.dtype) -> float:
     return max(_NORM_CHECK_RTOL, 4 * torch.finfo(dtype).eps)
 
 
-def compute_device(view: "ModelView") -> torch.device:
+def compute_device(view: ModelView) -> torch.device:
     """Where the package computes: the unembedding's own device (the last one of a split model)."""
     return view.W_U.device
 
 
-def input_device(view: "ModelView") -> torch.device:
+def input_device(view: ModelView) -> torch.device:
     """Where a forward pass takes its token ids: the embedding's device (the first of a split model)."""
     return view.W_E.device
 
@@ -195,10 +195,7 @@ def require_eval_mode(model: Any) -> None:
     if isinstance(original, torch.nn.Module):
         roots.append(original)
     training = [
-        name or type(root).__name__
-        for root in roots
-        for name, module in root.named_modules()
-        if module.training
+        name or type(root).__name__ for root in roots for name, module in root.named_modules() if module.training
     ]
     if training:
         shown = ", ".join(training[:3]) + (f" and {len(training) - 3} more" if len(training) > 3 else "")
@@ -241,7 +238,9 @@ def _check_architecture(model: Any) -> None:
             )
 
 
-def _norm_module_params(ln_final: torch.nn.Module) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[float]]:
+def _norm_module_params(
+    ln_final: torch.nn.Module,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[float]]:
     """Weight, bias and eps of a TransformerLens norm or the HF module inside a bridge's."""
     inner = getattr(ln_final, "original_component", None)
     if not isinstance(inner, torch.nn.Module):
@@ -321,6 +320,7 @@ def _check_norm_against_module(norm: FinalNorm, ln_final: torch.nn.Module, model
 def _output_transform(model: Any) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
     cap = float(getattr(model.cfg, "output_logits_soft_cap", 0.0) or 0.0)
     if cap > 0:
+
         def soft_cap(logits: torch.Tensor) -> torch.Tensor:
             return cap * torch.tanh(logits / cap)
 

@@ -16,11 +16,28 @@ import torch
 
 from ..tokentext import LITERAL_TEXT, display_token
 from .layout import (
-    _axes_inches, _check_batch, _clamp, _decoder, _new_axes, _np, _set_ticklabels, _text_color, add_caption,
-    elide, thin_every,
+    _axes_inches,
+    _check_batch,
+    _clamp,
+    _decoder,
+    _new_axes,
+    _np,
+    _set_ticklabels,
+    _text_color,
+    add_caption,
+    elide,
+    thin_every,
 )
 from .style import (
-    ACCUMULATED_LABEL, ATTRIBUTION_KINDS, BASE_FONT, CHAR_WIDTH, CONSTANT_CAPTION, MIN_FONT, NEG_COLOR, NEURON, POS_COLOR,
+    ACCUMULATED_LABEL,
+    ATTRIBUTION_KINDS,
+    BASE_FONT,
+    CHAR_WIDTH,
+    CONSTANT_CAPTION,
+    MIN_FONT,
+    NEG_COLOR,
+    NEURON,
+    POS_COLOR,
     STACK_CAPTION,
 )
 
@@ -147,8 +164,10 @@ def plot_attribution(
         fig = _bars(att, ax, kind, mean, std, value_label, title, width)
     captions = [CONSTANT_CAPTION]
     if att.by == "accumulated":  # entries are readings of the whole stream, not pieces that add up
-        captions = [CONSTANT_CAPTION.split(";")[0] + "; the last entry plus the constant is the model value",
-                    STACK_CAPTION]
+        captions = [
+            CONSTANT_CAPTION.split(";")[0] + "; the last entry plus the constant is the model value",
+            STACK_CAPTION,
+        ]
     add_caption(fig, captions, owned)
     return fig
 
@@ -169,8 +188,7 @@ def _spread(std: Any) -> str:
     return "" if std is None else "\nerror bars: \u00b11 std across prompts"
 
 
-def _head_heatmap(att: Any, ax: Any, position: int, title: str, annotate: Optional[bool],
-                  width: Any) -> Any:
+def _head_heatmap(att: Any, ax: Any, position: int, title: str, annotate: Optional[bool], width: Any) -> Any:
     """``att.by_head()`` averaged over prompts, ``[layer, head]``, layer 0 at the top."""
     grid = att.by_head()  # [layer, head, batch(, pos)]
     if grid.ndim == 4:
@@ -191,8 +209,16 @@ def _head_heatmap(att: Any, ax: Any, position: int, title: str, annotate: Option
         font = _clamp(BASE_FONT - 0.15 * max(n_heads - 8, 0), MIN_FONT, BASE_FONT)
         for i in range(n_layers):
             for j in range(n_heads):
-                ax.text(j, i, format(data[i, j], fmt), ha="center", va="center", fontsize=font,
-                        color=_text_color(image.cmap, image.norm, data[i, j]), gid="tll-value")
+                ax.text(
+                    j,
+                    i,
+                    format(data[i, j], fmt),
+                    ha="center",
+                    va="center",
+                    fontsize=font,
+                    color=_text_color(image.cmap, image.norm, data[i, j]),
+                    gid="tll-value",
+                )
     ax.set_xticks(range(n_heads))
     ax.set_yticks(range(n_layers))
     ax.set_xlabel("Head")
@@ -205,7 +231,9 @@ def _head_heatmap(att: Any, ax: Any, position: int, title: str, annotate: Option
 def _top_bars(att: Any, ax: Any, m: np.ndarray, s: Any, top_k: int, value_label: str, title: str, width: Any) -> Any:
     """The ``top_k`` terms (neurons for ``by="neuron"``) by ``|mean|``, strongest at the top."""
     labels = list(att.labels)
-    order = [i for i in range(len(labels)) if NEURON.match(labels[i])] if att.by == "neuron" else list(range(len(labels)))
+    order = (
+        [i for i in range(len(labels)) if NEURON.match(labels[i])] if att.by == "neuron" else list(range(len(labels)))
+    )
     if not order:
         raise ValueError(f"this attribution (by={att.by!r}) has no neuron terms to rank")
     order = sorted(order, key=lambda i: -abs(m[i]))[:top_k]
@@ -215,16 +243,22 @@ def _top_bars(att: Any, ax: Any, m: np.ndarray, s: Any, top_k: int, value_label:
     order = order[::-1]  # bottom to top: the strongest at the top
     y = np.arange(len(order))
     ax.barh(
-        y, m[order], xerr=None if s is None else s[order],
+        y,
+        m[order],
+        xerr=None if s is None else s[order],
         color=[POS_COLOR if m[i] >= 0 else NEG_COLOR for i in order],
-        error_kw=dict(ecolor="0.3", capsize=2, elinewidth=0.8), gid="tll-bars",
+        error_kw=dict(ecolor="0.3", capsize=2, elinewidth=0.8),
+        gid="tll-bars",
     )
     ax.set_yticks(y)
     ax.set_yticklabels([labels[i] for i in order], **LITERAL_TEXT)
     ax.axvline(0, color="0.3", linewidth=0.8)
     ax.set_xlabel(value_label, **LITERAL_TEXT)
     ax.grid(True, axis="x", alpha=0.3)
-    ax.set_title(f"{title}\ntop {len(order)} of {total} {pool} by |mean|{_spread(s)}".replace("\nerror", "; error"), **LITERAL_TEXT)
+    ax.set_title(
+        f"{title}\ntop {len(order)} of {total} {pool} by |mean|{_spread(s)}".replace("\nerror", "; error"),
+        **LITERAL_TEXT,
+    )
     return fig
 
 
@@ -235,8 +269,12 @@ def _bars(att: Any, ax: Any, kind: str, m: np.ndarray, s: Any, value_label: str,
     x = np.arange(len(labels))
     if kind == "bar":
         ax.bar(
-            x, m, yerr=s, color=[POS_COLOR if v >= 0 else NEG_COLOR for v in m],
-            error_kw=dict(ecolor="0.3", capsize=2, elinewidth=0.8), gid="tll-bars",
+            x,
+            m,
+            yerr=s,
+            color=[POS_COLOR if v >= 0 else NEG_COLOR for v in m],
+            error_kw=dict(ecolor="0.3", capsize=2, elinewidth=0.8),
+            gid="tll-bars",
         )
     else:
         ax.errorbar(x, m, yerr=s, marker="o", markersize=4, capsize=2, color=POS_COLOR, gid="tll-line")
@@ -357,8 +395,12 @@ def _position_labels(ax: Any, x_labels: List[str], y_labels: List[str]) -> None:
     step = 1 if flat else thin_every(len(x_labels), cell_w, font * 1.25 / 72)
     ticks = list(range(0, len(x_labels), step))
     ax.set_xticks(ticks)
-    ax.set_xticklabels([elide(x_labels[j], cell_w if flat else 0.9, font, fig) for j in ticks],
-                       rotation=0 if flat else 90, fontsize=font, **LITERAL_TEXT)
+    ax.set_xticklabels(
+        [elide(x_labels[j], cell_w if flat else 0.9, font, fig) for j in ticks],
+        rotation=0 if flat else 90,
+        fontsize=font,
+        **LITERAL_TEXT,
+    )
     y_font = _clamp(cell_h * 72 / 1.25, MIN_FONT, BASE_FONT)
     y_step = thin_every(len(y_labels), cell_h, y_font * 1.2 / 72)
     y_ticks = list(range(0, len(y_labels), y_step))
@@ -462,8 +504,16 @@ def plot_source_attribution(
         for i in range(image_data.shape[0]):
             for j in range(image_data.shape[1]):
                 value = float(image_data[i, j])
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=BASE_FONT - 2,
-                        color=_text_color(cmap, norm, value), **LITERAL_TEXT)
+                ax.text(
+                    j,
+                    i,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=BASE_FONT - 2,
+                    color=_text_color(cmap, norm, value),
+                    **LITERAL_TEXT,
+                )
     target = _answer_words(att)
     bar = fig.colorbar(image, ax=ax, pad=0.02)
     bar.set_label(f"direct effect on {target}", **LITERAL_TEXT)

@@ -54,11 +54,20 @@ import torch
 
 from ..errors import LensInputError
 from ..files import write_text
-from .style import METRIC_STYLE
 from ..tokentext import display_token, token_text
+from .style import METRIC_STYLE
 
-__all__ = ["LENS_METRICS", "lens_figure", "attribution_figure", "evaluation_figure", "comparison_figure",
-           "figure", "page_html", "to_html", "show"]
+__all__ = [
+    "LENS_METRICS",
+    "lens_figure",
+    "attribution_figure",
+    "evaluation_figure",
+    "comparison_figure",
+    "figure",
+    "page_html",
+    "to_html",
+    "show",
+]
 
 INSTALL_HINT = "interactive views need plotly: pip install tl-logitlens[interactive]"
 
@@ -134,15 +143,19 @@ def lens_figure(result: Any, *, top_k: Optional[int] = None, metric: str = "prob
     has_targets = result.target_ids is not None
     metrics = [m for m in LENS_METRICS if has_targets or not m.startswith(("target", "rank"))]
     if metric not in metrics:
-        raise LensInputError(f"metric must be one of {metrics} for this result, got {metric!r}"
-                             + ("" if has_targets else " (target metrics need logit_lens(..., targets=...))"))
+        raise LensInputError(
+            f"metric must be one of {metrics} for this result, got {metric!r}"
+            + ("" if has_targets else " (target metrics need logit_lens(..., targets=...))")
+        )
     if not 0 <= prompt < batch:
         raise LensInputError(f"prompt must index the batch of {batch} prompts, got {prompt!r}")
     positions = result.positions.reshape(batch, -1)[:, :n_pos]
     real = positions < result.lengths.reshape(batch, 1)  # [batch, pos]: not padding
     target = "target"
     if has_targets:
-        t_ids, t_probs, t_ranks = (expand(x)[..., 0] for x in (result.target_ids, result.target_probs, result.target_ranks))
+        t_ids, t_probs, t_ranks = (
+            expand(x)[..., 0] for x in (result.target_ids, result.target_probs, result.target_ranks)
+        )
         next_ids = result.next_ids.reshape(batch, -1)[:, :n_pos]
         if result.target_ids.shape[-1] == 1 and torch.equal(t_ids[0], next_ids):
             target = "next-token"
@@ -172,7 +185,7 @@ def lens_figure(result: Any, *, top_k: Optional[int] = None, metric: str = "prob
         ent, div = entropy[:, b].tolist(), kl[:, b].tolist()
         if has_targets:
             tid, tp, tr = t_ids[:, b].tolist(), t_probs[:, b].tolist(), t_ranks[:, b].tolist()
-        inputs = (result.input_ids[b, positions[b]].tolist() if result.input_ids is not None else None)
+        inputs = result.input_ids[b, positions[b]].tolist() if result.input_ids is not None else None
         rows = []
         for layer in range(n_layer):
             row = []
@@ -217,39 +230,104 @@ def lens_figure(result: Any, *, top_k: Optional[int] = None, metric: str = "prob
     s0 = style(metric)
     traces = []
     for b in range(batch):
-        traces.append(go.Heatmap(
-            z=z(metric, b), x=list(range(n_pos)), y=list(range(n_layer)), text=hover(b),
-            hovertemplate="%{text}<extra></extra>", visible=(b == prompt), name=f"prompt {b}",
-            colorscale=s0["scale"], reversescale=s0["reverse"], zmin=s0["zmin"], zmax=s0["zmax"],
-            colorbar={"title": {"text": s0["bar"]}}, xgap=1, ygap=1,
-        ))
+        traces.append(
+            go.Heatmap(
+                z=z(metric, b),
+                x=list(range(n_pos)),
+                y=list(range(n_layer)),
+                text=hover(b),
+                hovertemplate="%{text}<extra></extra>",
+                visible=(b == prompt),
+                name=f"prompt {b}",
+                colorscale=s0["scale"],
+                reversescale=s0["reverse"],
+                zmin=s0["zmin"],
+                zmax=s0["zmax"],
+                colorbar={"title": {"text": s0["bar"]}},
+                xgap=1,
+                ygap=1,
+            )
+        )
     metric_buttons = []
     for m in metrics:
         s = style(m)
-        metric_buttons.append({"label": s["label"], "method": "restyle", "args": [{
-            "z": [z(m, b) for b in range(batch)], "colorscale": s["scale"], "reversescale": s["reverse"],
-            "zmin": s["zmin"], "zmax": s["zmax"], "colorbar.title.text": s["bar"]}]})
+        metric_buttons.append(
+            {
+                "label": s["label"],
+                "method": "restyle",
+                "args": [
+                    {
+                        "z": [z(m, b) for b in range(batch)],
+                        "colorscale": s["scale"],
+                        "reversescale": s["reverse"],
+                        "zmin": s["zmin"],
+                        "zmax": s["zmax"],
+                        "colorbar.title.text": s["bar"],
+                    }
+                ],
+            }
+        )
     all_ticks = [ticks(b) for b in range(batch)]
     step = max(1, math.ceil(n_pos / 64))  # thin crowded tick labels; the hover names every cell
     title = f"{result.lens_name} lens: hover a cell for its top tokens"
-    prompt_buttons = [{"label": f"prompt {b}", "method": "update", "args": [
-        {"visible": [i == b for i in range(batch)]},
-        {"xaxis.tickvals": list(range(0, n_pos, step)), "xaxis.ticktext": all_ticks[b][::step]}]}
-        for b in range(batch)]
-    menus = [{"buttons": metric_buttons, "active": metrics.index(metric), "x": 0.0, "y": 1.12,
-              "xanchor": "left", "yanchor": "bottom", "showactive": True, "name": "metric"}]
+    prompt_buttons = [
+        {
+            "label": f"prompt {b}",
+            "method": "update",
+            "args": [
+                {"visible": [i == b for i in range(batch)]},
+                {"xaxis.tickvals": list(range(0, n_pos, step)), "xaxis.ticktext": all_ticks[b][::step]},
+            ],
+        }
+        for b in range(batch)
+    ]
+    menus = [
+        {
+            "buttons": metric_buttons,
+            "active": metrics.index(metric),
+            "x": 0.0,
+            "y": 1.12,
+            "xanchor": "left",
+            "yanchor": "bottom",
+            "showactive": True,
+            "name": "metric",
+        }
+    ]
     if batch > 1:
-        menus.append({"buttons": prompt_buttons, "active": prompt, "x": 0.45, "y": 1.12,
-                      "xanchor": "left", "yanchor": "bottom", "showactive": True, "name": "prompt"})
+        menus.append(
+            {
+                "buttons": prompt_buttons,
+                "active": prompt,
+                "x": 0.45,
+                "y": 1.12,
+                "xanchor": "left",
+                "yanchor": "bottom",
+                "showactive": True,
+                "name": "prompt",
+            }
+        )
     fig = go.Figure(traces)
     fig.update_layout(
-        title={"text": title, "y": 0.98}, updatemenus=menus, margin={"t": 110},
-        height=max(320, 120 + 22 * n_layer), width=max(640, min(1600, 160 + 14 * n_pos)),
-        xaxis={"title": {"text": "position (input token)"}, "tickmode": "array", "tickangle": -60,
-               "tickvals": list(range(0, n_pos, step)), "ticktext": all_ticks[prompt][::step]},
-        yaxis={"title": {"text": "stack entry"}, "tickmode": "array", "tickvals": list(range(n_layer)),
-               "ticktext": [_esc(x) for x in labels]},
-        plot_bgcolor="white", meta={"view": "lens", "metrics": metrics, "target": target},
+        title={"text": title, "y": 0.98},
+        updatemenus=menus,
+        margin={"t": 110},
+        height=max(320, 120 + 22 * n_layer),
+        width=max(640, min(1600, 160 + 14 * n_pos)),
+        xaxis={
+            "title": {"text": "position (input token)"},
+            "tickmode": "array",
+            "tickangle": -60,
+            "tickvals": list(range(0, n_pos, step)),
+            "ticktext": all_ticks[prompt][::step],
+        },
+        yaxis={
+            "title": {"text": "stack entry"},
+            "tickmode": "array",
+            "tickvals": list(range(n_layer)),
+            "ticktext": [_esc(x) for x in labels],
+        },
+        plot_bgcolor="white",
+        meta={"view": "lens", "metrics": metrics, "target": target},
     )
     return fig
 
@@ -273,8 +351,13 @@ def attribution_figure(att: Any, *, top: int = 40) -> Any:
     mean = values[:, real].double().mean(1)  # [comp]
     options: List[Tuple[str, torch.Tensor, str]] = [("mean over prompts", mean, f"mean over {len(cells)} cells")]
     for b, j in cells[:_MAX_OPTIONS]:
-        options.append((f"prompt {b} pos {int(positions[b, j])}", values[:, b, j].double(),
-                        f"model {float(model_value[b, j]):+.4g} · constant {float(constant[b, j]):+.4g}"))
+        options.append(
+            (
+                f"prompt {b} pos {int(positions[b, j])}",
+                values[:, b, j].double(),
+                f"model {float(model_value[b, j]):+.4g} · constant {float(constant[b, j]):+.4g}",
+            )
+        )
     what = "logit difference" if att.wrong_ids is not None else "logit"
     traces = []
     if att.by == "head":
@@ -283,12 +366,28 @@ def attribution_figure(att: Any, *, top: int = 40) -> Any:
         limit = max(float(mean.abs().max()), max(float(v.abs().max()) for _, v, _ in options), 1e-9)
         for n, (name, v, note) in enumerate(options):
             grid = [[_r4(v[i]) for i in row] for row in rows]
-            text = [[f"L{layer}H{head}: {float(v[i]):+.4g}<br>{note}" for head, i in enumerate(row)]
-                    for layer, row in enumerate(rows)]
-            traces.append(go.Heatmap(z=grid, x=list(range(att.n_heads)), y=list(range(att.n_layers)), text=text,
-                                     hovertemplate="%{text}<extra></extra>", visible=(n == 0), name=name,
-                                     colorscale="RdBu", zmid=0, zmin=-limit, zmax=limit, xgap=1, ygap=1,
-                                     colorbar={"title": {"text": f"direct effect on {what}"}}))
+            text = [
+                [f"L{layer}H{head}: {float(v[i]):+.4g}<br>{note}" for head, i in enumerate(row)]
+                for layer, row in enumerate(rows)
+            ]
+            traces.append(
+                go.Heatmap(
+                    z=grid,
+                    x=list(range(att.n_heads)),
+                    y=list(range(att.n_layers)),
+                    text=text,
+                    hovertemplate="%{text}<extra></extra>",
+                    visible=(n == 0),
+                    name=name,
+                    colorscale="RdBu",
+                    zmid=0,
+                    zmin=-limit,
+                    zmax=limit,
+                    xgap=1,
+                    ygap=1,
+                    colorbar={"title": {"text": f"direct effect on {what}"}},
+                )
+            )
         axes = {"xaxis": {"title": {"text": "head"}, "dtick": 1}, "yaxis": {"title": {"text": "layer"}, "dtick": 1}}
     else:
         order = list(range(len(att.labels)))
@@ -296,19 +395,45 @@ def attribution_figure(att: Any, *, top: int = 40) -> Any:
             order = mean.abs().argsort(descending=True)[: int(top)].tolist()
         names = [_esc(att.labels[i]) for i in order]
         for n, (name, v, note) in enumerate(options):
-            traces.append(go.Bar(y=names, x=[_r4(v[i]) for i in order], orientation="h", visible=(n == 0), name=name,
-                                 text=[f"{att.labels[i]}: {float(v[i]):+.4g}<br>{note}" for i in order],
-                                 textposition="none", hovertemplate="%{text}<extra></extra>",
-                                 marker={"color": ["#d62728" if float(v[i]) < 0 else "#1f77b4" for i in order]}))
-        axes = {"xaxis": {"title": {"text": f"direct effect on {what}"}},
-                "yaxis": {"autorange": "reversed", "type": "category"}}
-    menus = [{"buttons": [{"label": name, "method": "update", "args": [{"visible": [i == n for i in range(len(options))]}]}
-                          for n, (name, _, _) in enumerate(options)], "x": 0.0, "y": 1.1,
-              "xanchor": "left", "yanchor": "bottom", "name": "cell"}]
+            traces.append(
+                go.Bar(
+                    y=names,
+                    x=[_r4(v[i]) for i in order],
+                    orientation="h",
+                    visible=(n == 0),
+                    name=name,
+                    text=[f"{att.labels[i]}: {float(v[i]):+.4g}<br>{note}" for i in order],
+                    textposition="none",
+                    hovertemplate="%{text}<extra></extra>",
+                    marker={"color": ["#d62728" if float(v[i]) < 0 else "#1f77b4" for i in order]},
+                )
+            )
+        axes = {
+            "xaxis": {"title": {"text": f"direct effect on {what}"}},
+            "yaxis": {"autorange": "reversed", "type": "category"},
+        }
+    menus = [
+        {
+            "buttons": [
+                {"label": name, "method": "update", "args": [{"visible": [i == n for i in range(len(options))]}]}
+                for n, (name, _, _) in enumerate(options)
+            ],
+            "x": 0.0,
+            "y": 1.1,
+            "xanchor": "left",
+            "yanchor": "bottom",
+            "name": "cell",
+        }
+    ]
     fig = go.Figure(traces)
-    fig.update_layout(title={"text": f"direct logit attribution by {att.by}", "y": 0.98}, updatemenus=menus,
-                      margin={"t": 100}, height=max(360, 140 + 22 * (att.n_layers if att.by == "head" else len(traces[0].y))),
-                      meta={"view": "attribution", "by": att.by}, **axes)
+    fig.update_layout(
+        title={"text": f"direct logit attribution by {att.by}", "y": 0.98},
+        updatemenus=menus,
+        margin={"t": 100},
+        height=max(360, 140 + 22 * (att.n_layers if att.by == "head" else len(traces[0].y))),
+        meta={"view": "attribution", "by": att.by},
+        **axes,
+    )
     return fig
 
 
@@ -316,37 +441,85 @@ def attribution_figure(att: Any, *, top: int = 40) -> Any:
 def _curves(go: Any, ev: Any, stat: str, band: Tuple[float, float], colour: str, name: str, group: str) -> List[Any]:
     labels = list(ev.labels)
     mean, lo, hi = ev.mean(stat), ev.quantile(stat, band[0]), ev.quantile(stat, band[1])
-    text = [f"{name} · {label}<br>mean {float(m):.4g}<br>q{100 * band[0]:g} {float(a):.4g} · q{100 * band[1]:g} {float(b):.4g}"
-            for label, m, a, b in zip(labels, mean, lo, hi)]
+    text = [
+        f"{name} · {label}<br>mean {float(m):.4g}<br>q{100 * band[0]:g} {float(a):.4g} · q{100 * band[1]:g} {float(b):.4g}"
+        for label, m, a, b in zip(labels, mean, lo, hi)
+    ]
     x = list(range(len(labels)))
     return [
-        go.Scatter(x=x, y=[_r4(v) for v in lo], mode="lines", line={"width": 0}, hoverinfo="skip",
-                   showlegend=False, legendgroup=group),
-        go.Scatter(x=x, y=[_r4(v) for v in hi], mode="lines", line={"width": 0}, fill="tonexty", hoverinfo="skip",
-                   fillcolor=_fade(colour), showlegend=False, legendgroup=group),
-        go.Scatter(x=x, y=[_r4(v) for v in mean], mode="lines+markers", line={"color": colour}, name=name,
-                   text=text, hovertemplate="%{text}<extra></extra>", legendgroup=group),
+        go.Scatter(
+            x=x,
+            y=[_r4(v) for v in lo],
+            mode="lines",
+            line={"width": 0},
+            hoverinfo="skip",
+            showlegend=False,
+            legendgroup=group,
+        ),
+        go.Scatter(
+            x=x,
+            y=[_r4(v) for v in hi],
+            mode="lines",
+            line={"width": 0},
+            fill="tonexty",
+            hoverinfo="skip",
+            fillcolor=_fade(colour),
+            showlegend=False,
+            legendgroup=group,
+        ),
+        go.Scatter(
+            x=x,
+            y=[_r4(v) for v in mean],
+            mode="lines+markers",
+            line={"color": colour},
+            name=name,
+            text=text,
+            hovertemplate="%{text}<extra></extra>",
+            legendgroup=group,
+        ),
     ]
 
 
 def _fade(colour: str) -> str:
-    r, g, b = (int(colour[i: i + 2], 16) for i in (1, 3, 5))
+    r, g, b = (int(colour[i : i + 2], 16) for i in (1, 3, 5))
     return f"rgba({r},{g},{b},0.2)"
 
 
 def _curve_layout(fig: Any, labels: Sequence[str], title: str, menus: List[Dict[str, Any]]) -> Any:
-    menus = menus + [{"buttons": [{"label": "linear", "method": "relayout", "args": [{"yaxis.type": "linear"}]},
-                                  {"label": "log", "method": "relayout", "args": [{"yaxis.type": "log"}]}],
-                      "x": 1.0, "y": 1.1, "xanchor": "right", "yanchor": "bottom", "name": "scale"}]
-    fig.update_layout(title={"text": title, "y": 0.98}, updatemenus=menus, margin={"t": 100}, hovermode="closest",
-                      height=480, width=max(640, min(1400, 200 + 40 * len(labels))),
-                      xaxis={"title": {"text": "stack entry"}, "tickmode": "array",
-                             "tickvals": list(range(len(labels))), "ticktext": [_esc(x) for x in labels]},
-                      yaxis={"title": {"text": "nats"}})
+    menus = menus + [
+        {
+            "buttons": [
+                {"label": "linear", "method": "relayout", "args": [{"yaxis.type": "linear"}]},
+                {"label": "log", "method": "relayout", "args": [{"yaxis.type": "log"}]},
+            ],
+            "x": 1.0,
+            "y": 1.1,
+            "xanchor": "right",
+            "yanchor": "bottom",
+            "name": "scale",
+        }
+    ]
+    fig.update_layout(
+        title={"text": title, "y": 0.98},
+        updatemenus=menus,
+        margin={"t": 100},
+        hovermode="closest",
+        height=480,
+        width=max(640, min(1400, 200 + 40 * len(labels))),
+        xaxis={
+            "title": {"text": "stack entry"},
+            "tickmode": "array",
+            "tickvals": list(range(len(labels))),
+            "ticktext": [_esc(x) for x in labels],
+        },
+        yaxis={"title": {"text": "nats"}},
+    )
     return fig
 
 
-def evaluation_figure(ev: Any, *, statistics: Sequence[str] = tuple(EVAL_STATS), band: Tuple[float, float] = (0.25, 0.75)) -> Any:
+def evaluation_figure(
+    ev: Any, *, statistics: Sequence[str] = tuple(EVAL_STATS), band: Tuple[float, float] = (0.25, 0.75)
+) -> Any:
     """A :class:`~tl_logitlens.evaluate.LensEvaluation` as per-layer curves: each statistic's
     mean with a shaded band between two quantiles; hover shows the mean and both quantiles."""
     go = _go()
@@ -359,8 +532,9 @@ def evaluation_figure(ev: Any, *, statistics: Sequence[str] = tuple(EVAL_STATS),
     return _curve_layout(fig, ev.labels, f"{ev.lens_name} lens over {ev.n_tokens:,} tokens", [])
 
 
-def comparison_figure(comparison: Any, *, statistics: Sequence[str] = tuple(EVAL_STATS),
-                      band: Tuple[float, float] = (0.25, 0.75)) -> Any:
+def comparison_figure(
+    comparison: Any, *, statistics: Sequence[str] = tuple(EVAL_STATS), band: Tuple[float, float] = (0.25, 0.75)
+) -> Any:
     """Every lens's per-layer curves of a comparison (anything with ``.lenses`` and
     ``[name] -> LensEvaluation``); a menu picks the statistic."""
     go = _go()
@@ -368,13 +542,17 @@ def comparison_figure(comparison: Any, *, statistics: Sequence[str] = tuple(EVAL
     traces, groups = [], []
     for stat in statistics:
         for n, lens in enumerate(names):
-            part = _curves(go, comparison[lens], stat, band, _LENS_COLOURS[n % len(_LENS_COLOURS)], str(lens), f"{stat}:{lens}")
+            part = _curves(
+                go, comparison[lens], stat, band, _LENS_COLOURS[n % len(_LENS_COLOURS)], str(lens), f"{stat}:{lens}"
+            )
             traces += part
             groups += [stat] * len(part)
     for t, g in zip(traces, groups):
         t.visible = g == statistics[0]
-    buttons = [{"label": EVAL_STATS[s][0], "method": "update", "args": [{"visible": [g == s for g in groups]}]}
-               for s in statistics]
+    buttons = [
+        {"label": EVAL_STATS[s][0], "method": "update", "args": [{"visible": [g == s for g in groups]}]}
+        for s in statistics
+    ]
     fig = go.Figure(traces)
     fig.update_layout(meta={"view": "comparison"})
     menus = [{"buttons": buttons, "x": 0.0, "y": 1.1, "xanchor": "left", "yanchor": "bottom", "name": "statistic"}]
@@ -395,8 +573,9 @@ def figure(result: Any, **kwargs: Any) -> Any:
         return evaluation_figure(result, **kwargs)
     if hasattr(result, "lenses"):
         return comparison_figure(result, **kwargs)
-    raise LensInputError(f"no interactive view for a {kind}; pass a LensResult, Attribution, LensEvaluation "
-                         "or LensComparison")
+    raise LensInputError(
+        f"no interactive view for a {kind}; pass a LensResult, Attribution, LensEvaluation or LensComparison"
+    )
 
 
 _B85_SAFE = bytes.maketrans(b"<", b".")  # '<' is the only character that can end a script early
@@ -414,7 +593,8 @@ def _packed_plotlyjs() -> str:
     return _pack(get_plotlyjs().encode("utf-8"))
 
 
-_LOADER = """
+_LOADER = (
+    """
 (async () => {
   const A = "%s", m = new Uint8Array(128);
   for (let i = 0; i < 85; i++) m[A.charCodeAt(i)] = i;
@@ -444,7 +624,9 @@ _LOADER = """
   document.getElementById("tll-plot").textContent = "This page needs a browser with DecompressionStream: " + e;
   console.error(e);
 });
-""" % _ALPHABET
+"""
+    % _ALPHABET
+)
 
 
 def page_html(fig: Any, title: str = "tl_logitlens") -> str:
@@ -452,11 +634,13 @@ def page_html(fig: Any, title: str = "tl_logitlens") -> str:
     import plotly.io as pio
 
     body = pio.to_json(fig, validate=False, pretty=False)
-    return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title></head>\n'
-            f'<body style="margin:0;font-family:sans-serif">\n<div id="tll-plot">loading...</div>\n'
-            f'<script id="tll-plotlyjs" type="application/octet-stream">{_packed_plotlyjs()}</script>\n'
-            f'<script id="tll-figure" type="application/octet-stream">{_pack(body.encode("utf-8"))}</script>\n'
-            f'<script>{_LOADER}</script>\n</body></html>\n')
+    return (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title></head>\n'
+        f'<body style="margin:0;font-family:sans-serif">\n<div id="tll-plot">loading...</div>\n'
+        f'<script id="tll-plotlyjs" type="application/octet-stream">{_packed_plotlyjs()}</script>\n'
+        f'<script id="tll-figure" type="application/octet-stream">{_pack(body.encode("utf-8"))}</script>\n'
+        f"<script>{_LOADER}</script>\n</body></html>\n"
+    )
 
 
 def to_html(result: Any, path: Union[str, Path], *, title: Optional[str] = None, **kwargs: Any) -> Path:

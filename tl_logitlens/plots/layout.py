@@ -78,7 +78,11 @@ def _set_ticklabels(axis: Any, labels: Sequence[str], rotation: float = 0, fonts
     if fontsize is not None:
         kwargs["fontsize"] = fontsize
     if rotation:
-        kwargs.update(rotation=rotation, ha="right" if rotation < 90 else "center", rotation_mode="anchor" if rotation < 90 else "default")
+        kwargs.update(
+            rotation=rotation,
+            ha="right" if rotation < 90 else "center",
+            rotation_mode="anchor" if rotation < 90 else "default",
+        )
     axis.set_ticklabels(list(labels), **kwargs)
 
 
@@ -115,7 +119,6 @@ def _check_batch(batch: Any, n_batch: int, what: str) -> None:
         raise ValueError(f"batch={batch} is out of range: the {what} holds {n_batch} prompt(s) (0..{n_batch - 1})")
 
 
-
 def _batch_rows(batch: Any, n_batch: int) -> List[int]:
     """Prompts to draw: every one for ``None``, else an index or a list of them (negative allowed)."""
     if batch is None:
@@ -124,6 +127,7 @@ def _batch_rows(batch: Any, n_batch: int) -> List[int]:
     for b in rows:
         _check_batch(b, n_batch, "result")
     return [int(b) % n_batch for b in rows]
+
 
 def _select_columns(positions: Any, n_cols: int) -> List[int]:
     """``positions`` of :func:`plot_lens` (None, int, slice or list of column indices) as a list."""
@@ -178,7 +182,7 @@ def _rank_from_next(result: Any) -> torch.Tensor:
 
 def rank_ticks(top: float) -> List[int]:
     """Ticks of a 0-based rank scale up to ``top``: 0, 1, 10, 100, ..."""
-    return [0] + [10 ** e for e in range(int(np.floor(np.log10(max(top, 10.0)))) + 1)]
+    return [0] + [10**e for e in range(int(np.floor(np.log10(max(top, 10.0)))) + 1)]
 
 
 def rank_axis(axis: Any, top: float) -> None:
@@ -266,7 +270,13 @@ def add_caption(fig: Any, lines: Sequence[str], owned: bool) -> None:
     fig.tll_captions = list(getattr(fig, "tll_captions", [])) + lines
     if not owned or not lines:
         return
-    fig.supxlabel(wrap_lines(lines, fig.get_figwidth() - 0.1, MIN_FONT + 0.5), fontsize=MIN_FONT + 0.5, color="0.3", ha="center", **LITERAL_TEXT)
+    fig.supxlabel(
+        wrap_lines(lines, fig.get_figwidth() - 0.1, MIN_FONT + 0.5),
+        fontsize=MIN_FONT + 0.5,
+        color="0.3",
+        ha="center",
+        **LITERAL_TEXT,
+    )
 
 
 def save_figure(fig: Any, path: Any, *, dpi: float = 300, format: Optional[str] = None) -> None:

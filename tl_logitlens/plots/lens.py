@@ -16,9 +16,25 @@ import torch
 
 from ..tokentext import LITERAL_TEXT
 from .layout import (
-    _axes_inches, _batch_rows, _check_batch, _clamp, _decoder, _get_cmap, _lens_words, _new_figure,
-    _np, _rank_from_next, _select_columns, _text_color, _with_pos, add_caption, elide, text_width,
-    rank_ticks, thin_every, wrap_lines,
+    _axes_inches,
+    _batch_rows,
+    _check_batch,
+    _clamp,
+    _decoder,
+    _get_cmap,
+    _lens_words,
+    _new_figure,
+    _np,
+    _rank_from_next,
+    _select_columns,
+    _text_color,
+    _with_pos,
+    add_caption,
+    elide,
+    rank_ticks,
+    text_width,
+    thin_every,
+    wrap_lines,
 )
 from .style import BASE_FONT, LENS_METRICS, MARK_COLOR, MAX_HEIGHT, MIN_FONT, NAN_COLOR, STACK_CAPTION, resolve_width
 
@@ -106,8 +122,10 @@ def plot_lens(
     n_batch = int(result.lengths.shape[0])
     several = batch is None or isinstance(batch, (list, tuple, range))
     if several and ax is not None:
-        raise ValueError("batch=<list> draws one panel per prompt in a new figure; leave ax=None, "
-                         "or pass one prompt index to draw into ax")
+        raise ValueError(
+            "batch=<list> draws one panel per prompt in a new figure; leave ax=None, "
+            "or pass one prompt index to draw into ax"
+        )
     if several:
         prompts = _batch_rows(batch, n_batch)
         if not prompts:
@@ -125,8 +143,14 @@ def plot_lens(
     else:
         fig, axes = ax.figure, [ax]
     images = [
-        ax_.imshow(np.ma.masked_invalid(p["values"]), origin="lower", aspect="auto", cmap=colormap,
-                   norm=norm, interpolation="nearest")
+        ax_.imshow(
+            np.ma.masked_invalid(p["values"]),
+            origin="lower",
+            aspect="auto",
+            cmap=colormap,
+            norm=norm,
+            interpolation="nearest",
+        )
         for ax_, p in zip(axes, panels)
     ]
     _color_bar(fig, images[0], axes, metric)
@@ -141,8 +165,7 @@ def plot_lens(
     _titles(fig, axes, panels, result, mark_next, sorted(set(notes)), n_batch, owned)
     add_caption(fig, [STACK_CAPTION], owned)
     fig.tll_data = list(getattr(fig, "tll_data", [])) + [
-        {k: p[k] for k in ("prompt", "positions", "values", "cell_text", "input_tokens", "next_tokens")}
-        for p in panels
+        {k: p[k] for k in ("prompt", "positions", "values", "cell_text", "input_tokens", "next_tokens")} for p in panels
     ]
     return fig
 
@@ -182,10 +205,13 @@ def _panel_data(result: Any, metric: str, batch: int, cols: List[int]) -> Dict[s
     else:
         x_labels, x_title = [str(int(p)) for p in abs_pos], "position (no input tokens given)"
     return {
-        "prompt": batch, "positions": [int(p) for p in abs_pos], "values": values,
+        "prompt": batch,
+        "positions": [int(p) for p in abs_pos],
+        "values": values,
         "hits": ((top1 == nxt.unsqueeze(0)) & (nxt >= 0).unsqueeze(0)).numpy(),
         "cell_text": [[decode(t) for t in row] for row in top1.tolist()],
-        "input_tokens": x_labels, "x_title": x_title,
+        "input_tokens": x_labels,
+        "x_title": x_title,
         "next_tokens": [decode(t) if t >= 0 else "" for t in nxt.tolist()],
     }
 
@@ -210,7 +236,9 @@ def _panel_figure(panels: List[Dict[str, Any]], max_w: float) -> Tuple[Any, List
     """A new figure sized to the grid (at most ``max_w`` wide, a page high), one axes per panel."""
     n_rows, n_cols = panels[0]["values"].shape[0], max(p["values"].shape[1] for p in panels)
     # Cells wide enough for the longest token up to 12 characters, while the page has room.
-    chars = min(12, max(len(s) for p in panels for s in [*p["input_tokens"], *(c for row in p["cell_text"] for c in row)]))
+    chars = min(
+        12, max(len(s) for p in panels for s in [*p["input_tokens"], *(c for row in p["cell_text"] for c in row)])
+    )
     cell = _clamp(0.58 * BASE_FONT / 72 * chars + 2 * _CELL_PAD + 0.04, _TEXT_CELL, 1.0)
     grid_w = min(cell * n_cols, max_w - _SIDE)
     grid_w = max(grid_w, min(1.0, max_w / 2))
@@ -249,8 +277,9 @@ def _set_row_labels(ax: Any, labels: Sequence[str]) -> None:
     ax.tick_params(length=0)
 
 
-def _annotate_panel(ax: Any, p: Dict[str, Any], annotate: bool, mark_next: bool, fontsize: Optional[float],
-                    colormap: Any, norm: Any) -> List[str]:
+def _annotate_panel(
+    ax: Any, p: Dict[str, Any], annotate: bool, mark_next: bool, fontsize: Optional[float], colormap: Any, norm: Any
+) -> List[str]:
     """Top-1 text (elided to its cell) and next-token boxes; returns notes on what was left out."""
     from matplotlib.patches import Rectangle
 
@@ -263,8 +292,13 @@ def _annotate_panel(ax: Any, p: Dict[str, Any], annotate: bool, mark_next: bool,
     notes: List[str] = []
     shown = [[""] * n_cols for _ in range(n_rows)]
     if annotate:
-        shown = [[elide(text, room, font, fig, "bold" if (mark_next and hits[i, j]) else "normal")
-                  for j, text in enumerate(row)] for i, row in enumerate(p["cell_text"])]
+        shown = [
+            [
+                elide(text, room, font, fig, "bold" if (mark_next and hits[i, j]) else "normal")
+                for j, text in enumerate(row)
+            ]
+            for i, row in enumerate(p["cell_text"])
+        ]
         full = [(s, t) for r_s, r_t in zip(shown, p["cell_text"]) for s, t in zip(r_s, r_t)]
         # Text only where it says something: hide it all when most cells could show no more than "x…".
         if sum(s == t or len(s) >= 3 for s, t in full) < len(full) / 2:
@@ -276,12 +310,31 @@ def _annotate_panel(ax: Any, p: Dict[str, Any], annotate: bool, mark_next: bool,
         for j in range(n_cols):
             hit = bool(mark_next and hits[i, j])
             if annotate:
-                ax.text(j, i, shown[i][j], ha="center", va="center", fontsize=font,
-                        fontweight="bold" if hit else "normal", color=_text_color(colormap, norm, values[i, j]),
-                        clip_on=True, gid="tll-top1", **LITERAL_TEXT)
+                ax.text(
+                    j,
+                    i,
+                    shown[i][j],
+                    ha="center",
+                    va="center",
+                    fontsize=font,
+                    fontweight="bold" if hit else "normal",
+                    color=_text_color(colormap, norm, values[i, j]),
+                    clip_on=True,
+                    gid="tll-top1",
+                    **LITERAL_TEXT,
+                )
             if hit:
-                ax.add_patch(Rectangle((j - 0.46, i - 0.44), 0.92, 0.88, fill=False, edgecolor=MARK_COLOR,
-                                       linewidth=1.2 if n_cols < 40 else 0.6, gid="tll-next-marker"))
+                ax.add_patch(
+                    Rectangle(
+                        (j - 0.46, i - 0.44),
+                        0.92,
+                        0.88,
+                        fill=False,
+                        edgecolor=MARK_COLOR,
+                        linewidth=1.2 if n_cols < 40 else 0.6,
+                        gid="tll-next-marker",
+                    )
+                )
     return notes
 
 
@@ -329,8 +382,16 @@ def _column_labels(ax: Any, p: Dict[str, Any], fontsize: Optional[float]) -> Lis
     return notes
 
 
-def _titles(fig: Any, axes: List[Any], panels: List[Dict[str, Any]], result: Any, mark_next: bool,
-            notes: List[str], n_batch: int, owned: bool) -> None:
+def _titles(
+    fig: Any,
+    axes: List[Any],
+    panels: List[Dict[str, Any]],
+    result: Any,
+    mark_next: bool,
+    notes: List[str],
+    n_batch: int,
+    owned: bool,
+) -> None:
     """The figure's title (what is shown), per-panel prompt titles, and the notes on what was left out."""
     head = f"{_lens_words(result)}: top-1 token per layer (norm={result.norm!r})"
     lines = []

@@ -14,8 +14,20 @@ import torch
 
 from ..tokentext import LITERAL_TEXT, display_token
 from .layout import (
-    _batch_rows, _check_batch, _clamp, _decoder, _lens_words, _literal, _new_axes, _np, _set_ticklabels, _targets_are_next,
-    _with_pos, add_caption, plain_log_ticks, rank_axis,
+    _batch_rows,
+    _check_batch,
+    _clamp,
+    _decoder,
+    _lens_words,
+    _literal,
+    _new_axes,
+    _np,
+    _set_ticklabels,
+    _targets_are_next,
+    _with_pos,
+    add_caption,
+    plain_log_ticks,
+    rank_axis,
 )
 from .style import BAND_ALPHA, BASE_FONT, STACK_CAPTION, TRAJECTORY_METRICS, metric_style
 
@@ -216,8 +228,16 @@ def _band(ax: Any, x: np.ndarray, low: Any, high: Any, color: str) -> None:
     """A quantile band: a light fill under the lines, with a thin dashed outline so overlaps stay legible."""
     from matplotlib.colors import to_rgba
 
-    ax.fill_between(x, low, high, facecolor=to_rgba(color, BAND_ALPHA), edgecolor=to_rgba(color, 0.55),
-                    linewidth=0.6, linestyle=(0, (3, 2)), zorder=1)
+    ax.fill_between(
+        x,
+        low,
+        high,
+        facecolor=to_rgba(color, BAND_ALPHA),
+        edgecolor=to_rgba(color, 0.55),
+        linewidth=0.6,
+        linestyle=(0, (3, 2)),
+        zorder=1,
+    )
 
 
 # -- per-layer statistics --------------------------------------------------------------------
@@ -430,7 +450,9 @@ def plot_group_trajectory(
         ['cat', 'animals']
     """
     if getattr(result, "group_names", None) is None:
-        raise ValueError('plot_group_trajectory needs token groups: tll.logit_lens(..., targets={"name": [tokens...], ...})')
+        raise ValueError(
+            'plot_group_trajectory needs token groups: tll.logit_lens(..., targets={"name": [tokens...], ...})'
+        )
     if metric not in ("prob", "logit"):
         raise ValueError(f"metric must be 'prob' or 'logit', got {metric!r}")
     values = result.group_probs if metric == "prob" else result.group_logits
@@ -450,7 +472,7 @@ def plot_group_trajectory(
         raise ValueError(f"position={position!r} is out of range: the result has {n_pos} position column(s)")
     col = int(position) % n_pos
     if batch is None:
-        real = (result.positions[:, col] < result.lengths)  # prompts with a token in this column
+        real = result.positions[:, col] < result.lengths  # prompts with a token in this column
         curves = values[:, real, col].mean(1)
         which = f"mean of {int(real.sum())} prompts"
         where = f"column {col}"

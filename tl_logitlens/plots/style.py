@@ -77,10 +77,14 @@ ELLIPSIS = "\u2026"
 NEURON = re.compile(r"^L\d+N\d+$")
 
 #: Words for readers outside the field, shown under figures whose axes use stack labels.
-STACK_CAPTION = ("0_pre = residual stream before block 0; final_post = stream after the last block "
-                 "and final norm, i.e. the model's output")
-CONSTANT_CAPTION = ("constant = the unembedding bias and norm bias, which no component writes; "
-                    "the components plus the constant add up to the model value")
+STACK_CAPTION = (
+    "0_pre = residual stream before block 0; final_post = stream after the last block "
+    "and final norm, i.e. the model's output"
+)
+CONSTANT_CAPTION = (
+    "constant = the unembedding bias and norm bias, which no component writes; "
+    "the components plus the constant add up to the model value"
+)
 ACCUMULATED_LABEL = "accumulated stream's reading of"
 
 
@@ -90,5 +94,7 @@ def resolve_width(width: object) -> float:
         return WIDTHS[width]
     if isinstance(width, (int, float)) and not isinstance(width, bool) and width > 0:
         return float(width)
-    raise ValueError(f"width must be 'page' ({WIDTHS['page']} in), 'column' ({WIDTHS['column']} in) "
-                     f"or a positive number of inches, got {width!r}")
+    raise ValueError(
+        f"width must be 'page' ({WIDTHS['page']} in), 'column' ({WIDTHS['column']} in) "
+        f"or a positive number of inches, got {width!r}"
+    )

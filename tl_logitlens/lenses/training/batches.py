@@ -39,7 +39,7 @@ class MicroBatch:
         pos = torch.arange(self.ids.shape[1] - 1).unsqueeze(0)
         return (pos >= self.first.unsqueeze(1)) & (pos < (self.lengths - 1).unsqueeze(1))
 
-    def split(self, budget: int) -> Tuple["MicroBatch", Optional["MicroBatch"]]:
+    def split(self, budget: int) -> Tuple[MicroBatch, Optional[MicroBatch]]:
         """``(the first budget scored tokens, the rest or None)``; every scored pair lands in exactly one."""
         counts = self.counts()
         cum = torch.cumsum(counts, 0)

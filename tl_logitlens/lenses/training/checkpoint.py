@@ -27,8 +27,10 @@ def read_checkpoint(path: Path) -> Dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated or foreign file: name it, not torch's internals
-        raise LensInputError(f"{path}: not a readable training checkpoint ({type(err).__name__}: {err}); "
-                             "delete it to start afresh, or pass resume=False") from None
+        raise LensInputError(
+            f"{path}: not a readable training checkpoint ({type(err).__name__}: {err}); "
+            "delete it to start afresh, or pass resume=False"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
         raise LensInputError(f"{path}: not a train_tuned_lens checkpoint; delete it or pass resume=False")
     return state
@@ -36,8 +38,11 @@ def read_checkpoint(path: Path) -> Dict[str, Any]:
 
 def check_resumable(saved: Dict[str, Any], settings: Dict[str, Any], path: Path) -> None:
     """Refuse a checkpoint made with other settings, naming each difference."""
-    differ = [f"{k}: checkpoint {saved['settings'].get(k)!r}, now {settings[k]!r}"
-              for k in RESUME_KEYS if saved["settings"].get(k) != settings[k]]
+    differ = [
+        f"{k}: checkpoint {saved['settings'].get(k)!r}, now {settings[k]!r}"
+        for k in RESUME_KEYS
+        if saved["settings"].get(k) != settings[k]
+    ]
     if differ:
         raise LensInputError(
             f"{path} was made with other settings ({'; '.join(differ)}); resume with "

@@ -26,8 +26,19 @@ from ...errors import LensInputError
 #: SGD momentum (tuned-lens's ``Optimizer.momentum``; also Adam's beta1).
 MOMENTUM = 0.9
 #: Settings a checkpoint must share with the run that resumes it (as :meth:`Settings.record` names them).
-RESUME_KEYS = ("steps", "tokens_per_step", "batch_size", "loss", "incl_mid", "optimizer", "lr", "weight_decay",
-               "d_model", "n_layers", "d_vocab")
+RESUME_KEYS = (
+    "steps",
+    "tokens_per_step",
+    "batch_size",
+    "loss",
+    "incl_mid",
+    "optimizer",
+    "lr",
+    "weight_decay",
+    "d_model",
+    "n_layers",
+    "d_vocab",
+)
 
 
 @dataclass(frozen=True)
@@ -52,10 +63,19 @@ class Settings:
 
     def record(self, view: Any) -> Dict[str, Any]:
         """What a checkpoint records of the run (:data:`RESUME_KEYS`), the model's sizes included."""
-        return {"steps": self.steps, "tokens_per_step": self.tokens_per_step, "batch_size": self.batch_size,
-                "loss": self.loss, "incl_mid": self.incl_mid, "optimizer": self.optimizer, "lr": self.lr,
-                "weight_decay": self.weight_decay, "d_model": view.d_model, "n_layers": view.n_layers,
-                "d_vocab": view.d_vocab}
+        return {
+            "steps": self.steps,
+            "tokens_per_step": self.tokens_per_step,
+            "batch_size": self.batch_size,
+            "loss": self.loss,
+            "incl_mid": self.incl_mid,
+            "optimizer": self.optimizer,
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "d_model": view.d_model,
+            "n_layers": view.n_layers,
+            "d_vocab": view.d_vocab,
+        }
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -65,14 +85,32 @@ def _positive_int(value: Any, name: str) -> int:
 
 
 def _nonneg_float(value: Any, name: str, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)) or value < 0 \
-            or (positive and value == 0):
-        raise LensInputError(f"{name} must be a {'positive' if positive else 'non-negative'} finite number, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, Real)
+        or not math.isfinite(float(value))
+        or value < 0
+        or (positive and value == 0)
+    ):
+        raise LensInputError(
+            f"{name} must be a {'positive' if positive else 'non-negative'} finite number, got {value!r}"
+        )
     return float(value)
 
 
-def check_settings(*, steps: Any, tokens_per_step: Any, batch_size: Any, lr: Any, optimizer: Any, weight_decay: Any,
-                   loss: Any, incl_mid: Any, seed: Any, checkpoint_every: Any) -> Settings:
+def check_settings(
+    *,
+    steps: Any,
+    tokens_per_step: Any,
+    batch_size: Any,
+    lr: Any,
+    optimizer: Any,
+    weight_decay: Any,
+    loss: Any,
+    incl_mid: Any,
+    seed: Any,
+    checkpoint_every: Any,
+) -> Settings:
     """Every setting checked, with an error naming the bad one; returns them as :class:`Settings`."""
     steps = _positive_int(steps, "steps")
     tokens_per_step = _positive_int(tokens_per_step, "tokens_per_step")
@@ -85,8 +123,12 @@ def check_settings(*, steps: Any, tokens_per_step: Any, batch_size: Any, lr: Any
         raise LensInputError(f'loss must be "kl" (to the final distribution) or "ce" (next token), got {loss!r}')
     if isinstance(seed, bool) or not isinstance(seed, Integral):
         raise LensInputError(f"seed must be an int, got {seed!r}")
-    every = min(50, max(1, steps // 5)) if checkpoint_every is None else _positive_int(checkpoint_every, "checkpoint_every")
-    return Settings(steps, tokens_per_step, batch_size, lr, optimizer, weight_decay, loss, bool(incl_mid), int(seed), every)
+    every = (
+        min(50, max(1, steps // 5)) if checkpoint_every is None else _positive_int(checkpoint_every, "checkpoint_every")
+    )
+    return Settings(
+        steps, tokens_per_step, batch_size, lr, optimizer, weight_decay, loss, bool(incl_mid), int(seed), every
+    )
 
 
 def make_optimizer(params: List[torch.nn.Parameter], settings: Settings) -> torch.optim.Optimizer:

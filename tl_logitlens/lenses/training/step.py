@@ -56,10 +56,13 @@ class LossStep:
 
         vectors = [rows(store.pop(name), label) for name, label in zip(self.names, self.labels + ["final_post"])]
         final = vectors.pop()
-        x = torch.stack([self.fnorm.apply(self.lens.transform(v, label), "recompute")
-                         for v, label in zip(vectors, self.labels)])
+        x = torch.stack(
+            [self.fnorm.apply(self.lens.transform(v, label), "recompute") for v, label in zip(vectors, self.labels)]
+        )
         if self.loss == "kl":
-            per_row = lens_loss(x, self.W, self.b, final=final_stats(self.fnorm.apply(final, "recompute"), self.W, self.b))
+            per_row = lens_loss(
+                x, self.W, self.b, final=final_stats(self.fnorm.apply(final, "recompute"), self.W, self.b)
+            )
         else:
             next_ids = ids[:, 1:][scored].to(self.device)
             per_row = lens_loss(x, self.W, self.b, next_tokens=next_ids, loss="ce")

@@ -148,9 +148,18 @@ def train_tuned_lens(
         True
     """
     view = resolve_model(model)
-    settings = check_settings(steps=steps, tokens_per_step=tokens_per_step, batch_size=batch_size, lr=lr,
-                              optimizer=optimizer, weight_decay=weight_decay, loss=loss, incl_mid=incl_mid, seed=seed,
-                              checkpoint_every=checkpoint_every)
+    settings = check_settings(
+        steps=steps,
+        tokens_per_step=tokens_per_step,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer=optimizer,
+        weight_decay=weight_decay,
+        loss=loss,
+        incl_mid=incl_mid,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+    )
     if view.output_transform is not None:
         raise UnsupportedModelError(
             "this model transforms its logits after the unembedding (a logit soft-cap); the training "
@@ -202,8 +211,9 @@ def _starting_lens(model: Any, view: Any, lens: Any, incl_mid: bool) -> TunedLen
     return lens
 
 
-def _open(ranks: Ranks, view: Any, data: Any, settings: Settings, folder: Optional[Path], resume: bool,
-          n_ctx: Optional[int]) -> Tuple[MicroBatches, Optional[Dict[str, Any]]]:
+def _open(
+    ranks: Ranks, view: Any, data: Any, settings: Settings, folder: Optional[Path], resume: bool, n_ctx: Optional[int]
+) -> Tuple[MicroBatches, Optional[Dict[str, Any]]]:
     """The data's micro-batches (validated before any forward pass) and the checkpoint to resume, if any."""
     saved = None
     with ranks.guard():
@@ -222,13 +232,31 @@ def _open(ranks: Ranks, view: Any, data: Any, settings: Settings, folder: Option
 class _Run:
     """One training run's state: the loss step, the optimiser and schedule, the step and tokens seen."""
 
-    def __init__(self, view: Any, lens: TunedLens, names: Any, settings: Settings, ranks: Ranks,
-                 stream: MicroBatches, folder: Optional[Path]) -> None:
+    def __init__(
+        self,
+        view: Any,
+        lens: TunedLens,
+        names: Any,
+        settings: Settings,
+        ranks: Ranks,
+        stream: MicroBatches,
+        folder: Optional[Path],
+    ) -> None:
         device = compute_device(view)
         b = view.b_U
         b = None if b is None or not bool(b.any()) else b.float()
-        self.loss_step = LossStep(view, lens, names, lens.labels, view.W_U, b, view.final_norm.to(torch.float32, device),
-                                  device, settings.loss, settings.tokens_per_step)
+        self.loss_step = LossStep(
+            view,
+            lens,
+            names,
+            lens.labels,
+            view.W_U,
+            b,
+            view.final_norm.to(torch.float32, device),
+            device,
+            settings.loss,
+            settings.tokens_per_step,
+        )
         self.lens, self.settings, self.ranks, self.stream, self.folder = lens, settings, ranks, stream, folder
         self.record = settings.record(view)
         self.params = list(lens.parameters())
@@ -254,8 +282,9 @@ class _Run:
         for p in self.params:  # a rank dealt no micro-batch in a step still sends its (zero) gradients
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        bar = progress_bar(s.steps * s.tokens_per_step, progress and self.ranks.main, "train_tuned_lens",
-                           initial=self.tokens_seen)
+        bar = progress_bar(
+            s.steps * s.tokens_per_step, progress and self.ranks.main, "train_tuned_lens", initial=self.tokens_seen
+        )
         try:
             with torch.random.fork_rng(devices=[]), torch.enable_grad():  # the CLI turns autograd off globally
                 torch.set_rng_state(self.rng)
@@ -310,13 +339,21 @@ class _Run:
 
     def _checkpoint(self) -> None:
         stream = self.stream
-        write_checkpoint(self.folder, {
-            "world": self.ranks.world,  # for the record: a resume may use any world size
-            "settings": self.record, "step": self.step, "tokens_seen": self.tokens_seen,
-            "drawn": stream.drawn, "used": stream.used if stream.pending is not None else 0,
-            "lens": {k: v.detach().cpu() for k, v in self.lens.state_dict().items()},
-            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "rng": torch.get_rng_state(),
-        })
+        write_checkpoint(
+            self.folder,
+            {
+                "world": self.ranks.world,  # for the record: a resume may use any world size
+                "settings": self.record,
+                "step": self.step,
+                "tokens_seen": self.tokens_seen,
+                "drawn": stream.drawn,
+                "used": stream.used if stream.pending is not None else 0,
+                "lens": {k: v.detach().cpu() for k, v in self.lens.state_dict().items()},
+                "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(),
+                "rng": torch.get_rng_state(),
+            },
+        )
 
 
 def _warn_short(run: _Run, stream: MicroBatches, n_ctx: Optional[int]) -> None:
