@@ -19,6 +19,11 @@ from typing import Any, Optional
 
 import torch
 
+__all__ = [
+    "TL_MAJOR", "TL_VERSION", "ActivationCache", "HookedTransformer", "HookedTransformerConfig", "TransformerBridge",
+    "TransformerBridgeConfig", "is_bridge", "is_supported_model", "prepare_model",
+]
+
 # The model classes of the installed transformer-lens, detected once, here only: the rest of
 # the package (the demo model, the command line) imports them from this module.
 try:  # 2.x and 3.x
@@ -32,6 +37,7 @@ try:  # 3.x and 4.x
 except ImportError:  # 2.x
     TransformerBridge = TransformerBridgeConfig = None  # type: ignore[assignment,misc]
 
+from transformer_lens import ActivationCache  # noqa: E402 - every version has it; after the detection above
 
 TL_VERSION = importlib.metadata.version("transformer-lens")
 TL_MAJOR = int(TL_VERSION.split(".")[0])
