@@ -24,7 +24,8 @@ GPT-2 (4 layers, d_model 256, vocabulary 8192) written to a temporary folder, so
 the forward pass and the unembedding products rather than Python overhead. Loading a folder
 needs TransformerBridge (transformer-lens 3.x/4.x).
 
-Usage: ``python bench/bench_distributed.py [--rows 32] [--seq 128] [--repeats 3] [--train-steps 3] [--only eval|train] [--model PATH] [--out FILE]``
+Usage: ``python bench/bench_distributed.py [--rows 32] [--seq 128] [--repeats 3] [--train-steps 3]
+[--only eval|train] [--model PATH] [--out FILE]``
 """
 
 from __future__ import annotations

@@ -577,7 +577,8 @@ def budget_sweep(model: Any, budgets_mib: List[int], args: argparse.Namespace) -
             m["ratio_to_floor"] = m["seconds"] / out["floor"]["seconds"]
             out["budgets"][str(mib)] = m
             print(
-                f"  budget {mib:>5} MiB: {m['seconds']:.2f} s, x floor {m['ratio_to_floor']:.3f}, {m['memory_mib']:.0f} MiB",
+                f"  budget {mib:>5} MiB: {m['seconds']:.2f} s, x floor {m['ratio_to_floor']:.3f}, "
+                f"{m['memory_mib']:.0f} MiB",
                 flush=True,
             )
     finally:
@@ -728,12 +729,14 @@ def print_table(results: Dict[str, Any]) -> None:
     print()
     print(f"tl_logitlens benchmark: {results['meta']['model']}")
     print(
-        f"processor: {results['meta']['processor']}; caches {results['meta']['caches']}; device {results['meta']['device']}, "
+        f"processor: {results['meta']['processor']}; caches {results['meta']['caches']}; device "
+        f"{results['meta']['device']}, "
         f"{results['meta']['dtype']}; the kernel's products: {results['meta'].get('products', 'float32')}"
     )
     print(
         f"transformer-lens {results['meta']['transformer_lens']}, torch {results['meta']['torch']}, "
-        f"{results['meta']['threads']} threads, {results['meta']['clock']} clock, load before {results['meta']['load_before']}, "
+        f"{results['meta']['threads']} threads, {results['meta']['clock']} clock, load before "
+        f"{results['meta']['load_before']}, "
         f"after {results['meta']['load_after']}"
     )
     for key, w in results["lens"].items():
@@ -745,18 +748,23 @@ def print_table(results: Dict[str, Any]) -> None:
                 f"measured in {t['seconds']:.2f} s)"
             )
         print(
-            f"  {'method':<26}{'best s':>9}{'median s':>10}{'x floor':>9}{'(median)':>10}{'x tiles':>9}{'peak MiB':>10}{'runs':>6}"
+            "  "
+            f"{'method':<26}{'best s':>9}{'median s':>10}{'x floor':>9}{'(median)':>10}{'x tiles':>9}"
+            f"{'peak MiB':>10}{'runs':>6}"
         )
         for name, m in w["methods"].items():
             print(
-                f"  {name:<26}{m['best']:>9.3f}{m['seconds']:>10.3f}{m['ratio_to_floor']:>9.3f}{m['ratio_to_floor_median']:>10.3f}"
+                "  "
+                f"{name:<26}{m['best']:>9.3f}{m['seconds']:>10.3f}{m['ratio_to_floor']:>9.3f}{m['ratio_to_floor_median']:>10.3f}"
                 f"{m['ratio_to_cache_tiles']:>9.3f}{m['memory_mib']:>10.0f}{len(m['runs']):>6}"
             )
         if "agreement" in w:
             g = w["agreement"]
             print(
-                f"  agreement with full float64 logits: max |diff| entropy {g['entropy']:.1e}, KL {g['kl_to_final']:.1e}, "
-                f"loss {g['next_token_loss']:.1e}, top logits {g['top_logits']:.1e}; same top-1 {g['top1_id_agreement']:.4f}"
+                f"  agreement with full float64 logits: max |diff| entropy {g['entropy']:.1e}, KL "
+                f"{g['kl_to_final']:.1e}, "
+                f"loss {g['next_token_loss']:.1e}, top logits {g['top_logits']:.1e}; same top-1 "
+                f"{g['top1_id_agreement']:.4f}"
             )
         for note in w["notes"]:
             print(f"  note: {note}")
@@ -767,7 +775,8 @@ def print_table(results: Dict[str, Any]) -> None:
         for name, m in d["methods"].items():
             print(f"  {name:<26}{m['seconds']:>10.2f}{m['memory_mib']:>11.0f}{len(m['runs']):>6}")
         print(
-            f"  max |difference| between the two: {d['max_abs_difference']:.2e}; residual error {d['residual_error']:.2e}"
+            f"  max |difference| between the two: {d['max_abs_difference']:.2e}; residual error "
+            f"{d['residual_error']:.2e}"
         )
     pr = results.get("profile")
     if pr:
@@ -787,14 +796,17 @@ def print_table(results: Dict[str, Any]) -> None:
     if c:
         m = c["methods"]["compare_lenses"]
         print(
-            f"\ncompare_lenses ({' + '.join(c['lenses'])}), {c['shape'][0]}x{c['shape'][1]} tokens, batch {c['batch_size']}, "
+            f"\ncompare_lenses ({' + '.join(c['lenses'])}), {c['shape'][0]}x{c['shape'][1]} tokens, batch "
+            f"{c['batch_size']}, "
             f"on {results['meta']['processor']}"
         )
         print(
-            f"  {'compare_lenses':<26} best {m['best']:>8.3f} s, median {m['seconds']:>8.3f} s{m['memory_mib']:>8.0f} MiB"
+            f"  {'compare_lenses':<26} best {m['best']:>8.3f} s, median {m['seconds']:>8.3f} "
+            f"s{m['memory_mib']:>8.0f} MiB"
         )
         print(
-            f"  compare_lenses / (evaluate_lens + floor) = {c['ratio']:.3f} (best of runs), {c['ratio_median']:.3f} (medians)"
+            f"  compare_lenses / (evaluate_lens + floor) = {c['ratio']:.3f} (best of runs), {c['ratio_median']:.3f} "
+            "(medians)"
         )
     print("\nTargets")
     for t in results["targets"]:
@@ -976,7 +988,8 @@ def main() -> None:
     meta["total_seconds"] = time.perf_counter() - started
     if meta["load_before"][0] > 0.5:  # the run itself keeps `threads` cores busy, so only the load before counts
         results["notes"].append(
-            f"other work was running when the benchmark started (1-minute load {meta['load_before'][0]}): ratios are noisier"
+            f"other work was running when the benchmark started (1-minute load {meta['load_before'][0]}): ratios are "
+            "noisier"
         )
     if args.big_repeats < 3 and not args.quick:
         results["notes"].append(

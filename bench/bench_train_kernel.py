@@ -168,10 +168,12 @@ def full_step(device, runs):
     floor = bench_lens.floor_fn(model.W_U.detach(), vectors, 2048)
     t_floor = min(floor() for _ in range(runs))
     print(
-        f"floor (x @ W_U, {vectors.shape[0]} rows): {t_floor:.3f} s; model forward (residual stream only): {t_fwd:.3f} s"
+        f"floor (x @ W_U, {vectors.shape[0]} rows): {t_floor:.3f} s; model forward (residual stream only): "
+        f"{t_fwd:.3f} s"
     )
     print(
-        f"train step: {t_step:.3f} s; without the forward {t_step - t_fwd:.3f} s = {(t_step - t_fwd) / t_floor:.2f} x floor; "
+        f"train step: {t_step:.3f} s; without the forward {t_step - t_fwd:.3f} s = {(t_step - t_fwd) / t_floor:.2f} "
+        "x floor; "
         f"peak memory added {m_step / MiB:.0f} MiB (the forward pass alone, measured first: {m_fwd / MiB:.0f} MiB)"
     )
 

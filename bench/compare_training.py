@@ -204,7 +204,10 @@ def main(argv=None):
         f"\nheld-out KL(final || lens), nats, mean over {ev_logit.n_tokens} tokens; "
         f"{args.steps} steps x {args.tokens_per_step} tokens"
     )
-    head = f"{'layer':>7} {'logit':>9} {'logit(ref)':>10} {'ref tuned':>10} {'ref(ours ev)':>12} {'ours tuned':>10} {'ours-ref':>9}"
+    head = (
+        f"{'layer':>7} {'logit':>9} {'logit(ref)':>10} {'ref tuned':>10} {'ref(ours ev)':>12} {'ours tuned':>10} "
+        f"{'ours-ref':>9}"
+    )
     print(head)
     worse = []
     for i, label in enumerate(layers):

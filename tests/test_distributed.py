@@ -147,7 +147,8 @@ def test_merge_of_shards_equals_one_pass():
 
 
 def test_all_reduce_with_a_fake_reducer_equals_one_pass():
-    """all_reduce calls reduce(tensor, op) in one fixed order; a reducer combining the other shards' packs merges exactly."""
+    """all_reduce calls reduce(tensor, op) in one fixed order; a reducer combining the other shards' packs
+    merges exactly."""
     n_layer = 2
     values, top1, nxt = _random_running(n_layer, 40, 1)
     whole = RunningStats(n_layer)

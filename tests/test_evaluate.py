@@ -1,4 +1,5 @@
-"""Streaming evaluation: exact against an independent full-logit reference averaged by hand, every input form, bounded memory."""
+"""Streaming evaluation: exact against an independent full-logit reference averaged by hand, every input
+form, bounded memory."""
 
 import json
 import os

@@ -141,7 +141,8 @@ def _agree(ours, theirs, gap, what):
     atol = LOGP_ATOL
     diff = (ours - theirs).abs().amax(dim=(1, 2, 3))
     print(
-        f"{what}: max |d log p| per entry {[f'{d:.1e}' for d in diff.tolist()]} (tolerance {atol:g}, sdpa gap {gap:.1e})"
+        f"{what}: max |d log p| per entry {[f'{d:.1e}' for d in diff.tolist()]} (tolerance {atol:g}, sdpa gap "
+        f"{gap:.1e})"
     )
     assert bool((diff <= atol).all()), f"{what}: per-entry max |log p| difference {diff.tolist()} > {atol:g}"
     top2 = theirs.topk(2, dim=-1)

@@ -203,8 +203,8 @@ def test_help_and_usage_errors_import_nothing_heavy(argv):
     code = (
         "import contextlib, io, json, sys\nfrom tl_logitlens import cli\n"
         "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
-        "    try:\n        code = cli.main(%r)\n    except SystemExit as e:\n        code = e.code\n"
-        "print(json.dumps([code, [m for m in %r if m in sys.modules]]))" % (argv, HEAVY)
+        f"    try:\n        code = cli.main({argv!r})\n    except SystemExit as e:\n        code = e.code\n"
+        f"print(json.dumps([code, [m for m in {HEAVY!r} if m in sys.modules]]))"
     )
     code, loaded = _python(code)
     assert code in (0, 2) and loaded == []

@@ -27,7 +27,7 @@ them: :func:`tensor_budget`). For other data the budget is split evenly: rank ``
 most ``max_tokens // W`` tokens, plus one for ranks ``r < max_tokens % W``, from the start of
 its own shard; a shard that runs short is not made up by the others.
 
-Training (:func:`tl_logitlens.train.train_tuned_lens`) does not shard the data this way: every
+Training (:func:`tl_logitlens.lenses.train_tuned_lens`) does not shard the data this way: every
 rank reads the whole data in the same order, cuts the same micro-batches as one process, and
 runs micro-batch ``k`` of step ``s`` only if ``(k + s) % W == r``; :meth:`Group.sum_` then sums
 the translators' gradients (one all-reduce a step), so a step's tokens and update are one
@@ -48,7 +48,7 @@ import itertools
 import os
 import warnings
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any, Callable, Iterator, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -165,15 +165,8 @@ def timeout_from_env() -> float:
     return value
 
 
-def local_device() -> torch.device:
-    """This rank's device under torchrun: ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
 # -- shards ---------------------------------------------------------------------------------
-def _distributed_sampler(data: Any) -> Any:
+def distributed_sampler(data: Any) -> Any:
     from torch.utils.data import DistributedSampler
 
     for sampler in (getattr(data, "sampler", None), getattr(getattr(data, "batch_sampler", None), "sampler", None)):
@@ -207,7 +200,7 @@ def shard_data(data: Any, rank: int, world: int) -> Any:
         return part if part.shape[0] else EMPTY
     if isinstance(data, (str, bytes)) or hasattr(data, "keys"):
         return data if rank == 0 else EMPTY  # one item
-    sampler = _distributed_sampler(data)
+    sampler = distributed_sampler(data)
     if sampler is not None:
         if (sampler.num_replicas, sampler.rank) != (world, rank):
             raise LensInputError(
@@ -392,7 +385,8 @@ def resolve(distributed: Optional[bool]) -> Optional[Group]:
         if distributed:
             raise LensInputError(
                 "distributed=True but no torch.distributed process group is initialised; launch with "
-                "torchrun and call torch.distributed.init_process_group (or tl_logitlens.distributed.init_from_env) first"
+                "torchrun and call torch.distributed.init_process_group (or "
+                "tl_logitlens.distributed.init_from_env) first"
             )
         return None
     return Group()
@@ -422,5 +416,3 @@ def shard_for(group: Optional[Group], data: Any, max_tokens: Optional[int]) -> T
     budget = None if max_tokens is None else split_budget(max_tokens, group.rank, group.world)
     return group.shard(data), budget
 
-
-ReduceFn = Callable[[torch.Tensor, str], torch.Tensor]

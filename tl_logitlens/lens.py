@@ -59,7 +59,7 @@ class LensResult:
             cache was given.
         lengths: ``[batch]`` each prompt's real length.
         positions: ``[batch, pos]`` the positions read (absolute indices into the input).
-        readout: the kernel's :class:`~tl_logitlens.readout.Readout`, shaped
+        readout: the kernel's :class:`~tl_logitlens.kernel.Readout`, shaped
             ``[layer, batch, pos, ...]``; the statistics below are read from it.
         top_ids, top_probs, top_logits: ``[layer, batch, pos, k]``.
         entropy: ``[layer, batch, pos]`` full-vocabulary entropy, nats.
@@ -146,7 +146,7 @@ class LensResult:
         return walk(self.top_ids)
 
     def input_tokens(self) -> Optional[List[List[str]]]:
-        """The input tokens at the read positions as :meth:`decode` spells them, ``[batch][pos]`` (None without input)."""
+        """The input tokens at the read positions, spelt by :meth:`decode`: ``[batch][pos]``; None without input."""
         if self.input_ids is None:
             return None
         picked = gather_positions(self.input_ids, self.positions)
@@ -294,7 +294,8 @@ class LensResult:
         return plot_lens(self, **kwargs)
 
     def show(self, **kwargs: Any) -> Any:
-        """Display the interactive plotly view in a notebook and return the Figure (:mod:`tl_logitlens.plots.interactive`)."""
+        """Display the interactive plotly view in a notebook and return the Figure
+        (:mod:`tl_logitlens.plots.interactive`)."""
         from .plots.interactive import show
 
         return show(self, **kwargs)
@@ -411,7 +412,7 @@ def logit_lens(
             ``"final_post"``). ``None`` or a ``LogitLens``: the plain logit lens.
         top_k: top tokens kept per cell.
         targets: a token (its text, its vocabulary piece or its id, see
-            :func:`tl_logitlens.tokens.single_token_id`), or a list of them, shared by all
+            :func:`tl_logitlens.inputs.tokens.single_token_id`), or a list of them, shared by all
             rows; a tensor of ids ``[batch]`` or ``[batch, pos]``; or ``"next"`` (the true
             next input token; NaN and rank ``-1`` where there is none); or token groups
             ``{"name": [tokens...], ...}`` (tokens named as above; groups may share tokens):
@@ -419,7 +420,7 @@ def logit_lens(
             group's summed probability and log-sum-exp logit, computed inside the
             kernel's tiles from the members' logits alone.
         chunk_size: rows per matrix product (``None``: the shape measured for this machine,
-            :mod:`tl_logitlens.tuning`, within :func:`tl_logitlens.set_chunk_budget`'s budget).
+            :mod:`tl_logitlens.kernel.tuning`, within :func:`tl_logitlens.set_chunk_budget`'s budget).
 
     Returns:
         :class:`LensResult`, arrays ``[layer, batch, pos, ...]``.
@@ -528,18 +529,18 @@ def reproduce_tolerance(
     step = 1024
     with torch.no_grad():
         for r in range(0, logits.shape[0], step):
-            l = logits[r : r + step].to(device).float()  # [c, d_vocab]
-            p = torch.softmax(l, -1)
+            lg = logits[r : r + step].to(device).float()  # [c, d_vocab]
+            p = torch.softmax(lg, -1)
             n = n_abs[r : r + step]
             ids = top_ids[r : r + step].to(device)
             top_size = torch.einsum("cd,dck->ck", n, W_U[:, ids].abs().float())
-            delta_top = 2 * eps * (l.gather(1, ids).abs() + top_size)
+            delta_top = 2 * eps * (lg.gather(1, ids).abs() + top_size)
             weighted = torch.zeros_like(n)  # sum_j p_j |W_U[:, j]|
             width = tile_width(W_U.shape[1], None)
             for a in range(0, W_U.shape[1], width):
                 z = a + width
                 weighted += p[:, a:z] @ W_U[:, a:z].abs().float().T
-            delta_z = 2 * eps * ((p * l.abs()).sum(-1) + (n * weighted).sum(-1))
+            delta_z = 2 * eps * ((p * lg.abs()).sum(-1) + (n * weighted).sum(-1))
             out[r : r + step] = torch.expm1(delta_top + delta_z.unsqueeze(1)).cpu()
     return out
 

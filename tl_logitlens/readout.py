@@ -71,7 +71,7 @@ def readout(
             exactly as ``vectors`` are, and supplies the scale for ``norm="cached"``.
         next_tokens: integer ``[*tail]`` true next-token ids (``-1`` for none) for the loss.
         chunk_size: rows per matrix product; ``None``: the shape measured for this
-            machine (:mod:`tl_logitlens.tuning`).
+            machine (:mod:`tl_logitlens.kernel.tuning`).
         return_logits: also return the full ``[*lead, d_vocab]`` logits (memory heavy).
         lens: a :class:`~tl_logitlens.lenses.Lens` or callable ``(h, label) -> h`` applied
             to ``vectors`` before the norm (``reference`` is read untransformed). Needs

@@ -76,7 +76,8 @@ def resolve_layers(layers: Any, labels: List[str]) -> List[int]:
         layers = [layers]
     if not isinstance(layers, (list, tuple, range)):
         raise LensInputError(
-            f"layers must be a stack entry (an int or a label) or a list of them, got {type(layers).__name__} {layers!r}"
+            "layers must be a stack entry (an int or a label) or a list of them, "
+            f"got {type(layers).__name__} {layers!r}"
         )
     picked = []
     for item in layers:
@@ -126,7 +127,7 @@ class PieceGroup:
         return torch.einsum("bpnk,nkd->bpd", self.acts, self.weight)
 
     def product_size(self) -> Optional[torch.Tensor]:
-        """``|acts| @ |weight|`` ``[batch, pos, d_model]``: what bounds the rounding of the product (``None`` unfactored)."""
+        """``|acts| @ |weight|`` ``[batch, pos, d_model]``: what bounds the product's rounding (``None`` unfactored)."""
         if self.weight is None:
             return None
         return torch.einsum("bpnk,nkd->bpd", self.acts.abs(), self.weight.abs())
@@ -375,7 +376,7 @@ def head_source_values(
     direction: torch.Tensor,
     scale: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Each head's write at the positions ``index [batch, n]`` split over the source positions, read along one direction.
+    """Each head's write at the positions ``index [batch, n]`` split over its source positions, along one direction.
 
     A head writes ``z[dest] @ W_O[h]`` with ``z[dest] = sum_src pattern[dest, src] * v[src]``,
     so its piece from source ``src`` is ``pattern[dest, src] * (v[src] @ W_O[h])``, read

@@ -18,7 +18,7 @@ def _ids(model, rows, seq, seed):
 def _words(model, n, seed):
     g = torch.Generator().manual_seed(seed)
     out = []
-    for i in range(n):
+    for _ in range(n):
         length = 3 + int(torch.randint(0, 12, (1,), generator=g))  # ragged: padding inside batches
         ids = torch.randint(5, model.cfg.d_vocab, (length,), generator=g).tolist()
         out.append(" ".join(model.tokenizer.decode([t]).strip() for t in ids))

@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
         f"second repeat: p(correct) {meta['second_half_prob']:.4f}, accuracy {meta['second_half_accuracy']:.4f}\n"
         f"first repeat: p(correct) {meta['first_half_prob']:.4f} (chance {meta['chance_prob']:.4f})\n"
         f"induction head {tuple(meta['induction_head'])}: ablation drops logit diff by "
-        f"{meta['ablation_logit_diff_drop']['%d.%d' % tuple(meta['induction_head'])]:.1%}\n"
+        f"{meta['ablation_logit_diff_drop']['{}.{}'.format(*meta['induction_head'])]:.1%}\n"
         f"previous-token head {tuple(meta['prev_token_head'])}: attention to previous token "
         f"{meta['prev_token_attention']:.3f}\n"
         f"wrote {weights} ({weights.stat().st_size / 1e6:.2f} MB) and {config}"

@@ -4,7 +4,7 @@
 residual stream (``resid_pre`` of every layer and the final ``resid_post``; the forward
 pass stops there, before ``ln_final`` and the unembedding), reads every stack entry
 through the final norm and the unembedding with the package's one kernel
-(:func:`tl_logitlens.readout.read_rows`), and folds the per-token numbers into running
+(:func:`tl_logitlens.kernel.read_rows`), and folds the per-token numbers into running
 statistics. Nothing grows with the number of batches: no activation cache, no per-token
 results, just fixed-size sums, counts and histograms per stack entry.
 
@@ -19,12 +19,9 @@ that has a true next token; padding and each sequence's last token are left out)
 - ``top1_accuracy``: how often the entry's top token is the true next token.
 
 Means are exact (float64 sums of the per-token values). Quantiles come from a fixed
-histogram per entry and statistic (:data:`HIST_BINS_PER_DECADE` log-spaced bins per
-decade over ``[HIST_LOW, HIST_HIGH)``, plus one bin below and one above), interpolated
-geometrically inside the bin that holds the quantile and clamped to the smallest and
-largest values seen. So a quantile is off by at most one bin: a relative error below
-``10 ** (1 / HIST_BINS_PER_DECADE) - 1`` (1.2%) for values in ``[1e-6, 1e4)``, an absolute
-error below ``1e-6`` under that, and a value in ``[1e4, max]`` above it.
+histogram per entry and statistic (200 log-spaced bins per decade over ``[1e-6, 1e4)``, plus
+one bin below and one above), so a quantile is off by at most one bin: a relative error below
+1.2% in that range (:mod:`tl_logitlens.evaluate.running` says how they are read).
 """
 
 from __future__ import annotations
@@ -40,7 +37,7 @@ from ..errors import LensInputError
 from ..files import SavedAsJson
 from ..inputs import check_stream_args, resolve_model
 from ..lenses import check_lens, is_identity, lens_name
-from .running import HIST_BINS_PER_DECADE, HIST_HIGH, HIST_LOW, N_BINS, STATISTICS, bin_edges
+from .running import STATISTICS, FieldError, RunningStats, reading_field
 from .stream import Run, stream_lenses
 
 _FORMAT = "tl_logitlens.LensEvaluation/1"
@@ -54,12 +51,15 @@ class LensEvaluation(SavedAsJson):
 
     Attributes:
         labels: stack entry labels, ``0_pre .. final_post``.
+        stats: the :class:`~tl_logitlens.evaluate.running.RunningStats` of the pass: per entry and
+            statistic a float64 sum, the extremes and a histogram, and the top-1 counts.
         n_tokens: how many tokens were scored (positions with a true next token).
         n_sequences: how many sequences were read (a sequence split into windows counts once).
         norm: the final-norm mode the lens read with.
         lens_name: the lens's name (``"logit"`` for none; a file saved before lenses had
             names loads as ``"logit"``).
-        sums: ``{statistic: [layer]}`` float64 sums over tokens, for :data:`STATISTICS`.
+        sums: ``{statistic: [layer]}`` float64 sums over tokens, for :data:`STATISTICS` (read from ``stats``,
+            as are the next four).
         minima, maxima: ``{statistic: [layer]}`` the smallest and largest value seen.
         histograms: ``{statistic: [layer, bins]}`` int64 counts in the fixed bins.
         top1_agree: ``[layer]`` tokens whose top-1 equals the final entry's top-1.
@@ -83,61 +83,31 @@ class LensEvaluation(SavedAsJson):
     """
 
     labels: List[str]
-    n_tokens: int
-    n_sequences: int
+    stats: RunningStats
     norm: str
-    sums: Dict[str, torch.Tensor]
-    minima: Dict[str, torch.Tensor]
-    maxima: Dict[str, torch.Tensor]
-    histograms: Dict[str, torch.Tensor]
-    top1_agree: torch.Tensor
-    top1_correct: torch.Tensor
     seconds: float = 0.0
     meta: Dict[str, Any] = field(default_factory=dict)
     lens_name: str = "logit"
 
-    # -- summaries -----------------------------------------------------------------------
-    def _check_stat(self, statistic: str) -> None:
-        if statistic not in STATISTICS:
-            raise LensInputError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+    # The statistics live in the running statistics; these name them as the evaluation does.
+    n_tokens = property(lambda self: self.stats.n_tokens, doc="How many tokens were scored.")
+    n_sequences = property(lambda self: self.stats.n_sequences, doc="How many sequences were read.")
+    sums = property(lambda self: self.stats.sums, doc="``{statistic: [layer]}`` float64 sums over tokens.")
+    minima = property(lambda self: self.stats.minima, doc="``{statistic: [layer]}`` the smallest value seen.")
+    maxima = property(lambda self: self.stats.maxima, doc="``{statistic: [layer]}`` the largest value seen.")
+    histograms = property(lambda self: self.stats.hists, doc="``{statistic: [layer, bins]}`` int64 counts.")
+    top1_agree = property(lambda self: self.stats.agree, doc="``[layer]`` tokens whose top-1 is the final's.")
+    top1_correct = property(lambda self: self.stats.correct, doc="``[layer]`` tokens whose top-1 is the next token.")
 
+    # -- summaries -----------------------------------------------------------------------
     def mean(self, statistic: str) -> torch.Tensor:
         """``[layer]`` mean of ``statistic`` over the scored tokens (float64)."""
-        self._check_stat(statistic)
-        return self.sums[statistic] / max(1, self.n_tokens)
+        return self.stats.mean(statistic)
 
     def quantile(self, statistic: str, q: float) -> torch.Tensor:
-        """``[layer]`` the ``q``-quantile of ``statistic`` from its histogram (within one bin, see module doc)."""
-        self._check_stat(statistic)
-        if not 0.0 <= q <= 1.0:
-            raise LensInputError(f"q must lie in [0, 1], got {q!r}")
-        hist = self.histograms[statistic]
-        out = torch.full((len(self.labels),), float("nan"), dtype=torch.float64)
-        for layer in range(len(self.labels)):
-            counts = hist[layer]
-            total = int(counts.sum())
-            if total == 0:
-                continue
-            low_seen = float(self.minima[statistic][layer])
-            high_seen = float(self.maxima[statistic][layer])
-            target = q * total
-            cum = torch.cumsum(counts, 0)
-            i = min(int((cum < target).sum()), N_BINS - 1)  # the bin holding the quantile
-            before = float(cum[i - 1]) if i > 0 else 0.0
-            inside = float(counts[i])
-            frac = 0.0 if inside == 0 else min(1.0, max(0.0, (target - before) / inside))
-            lo, hi = bin_edges(i)
-            lo, hi = max(lo, low_seen), min(hi, high_seen)
-            if hi <= lo or frac <= 0.0:
-                value = lo
-            elif frac >= 1.0:
-                value = hi  # exactly: lo * (hi / lo) ** 1 can round away from it
-            elif lo > 0:
-                value = lo * (hi / lo) ** frac  # geometric inside a log-spaced bin
-            else:
-                value = lo + (hi - lo) * frac
-            out[layer] = min(max(value, low_seen), high_seen)
-        return out
+        """``[layer]`` the ``q``-quantile of ``statistic`` from its histogram (within one bin, see
+        :mod:`tl_logitlens.evaluate.running`)."""
+        return self.stats.quantile(statistic, q)
 
     @property
     def perplexity(self) -> torch.Tensor:
@@ -199,7 +169,8 @@ class LensEvaluation(SavedAsJson):
         return plot_layer_curves(self.labels, curves, ax=ax, title=title, **kwargs)
 
     def show(self, **kwargs: Any) -> Any:
-        """Display the interactive plotly view in a notebook and return the Figure (:mod:`tl_logitlens.plots.interactive`)."""
+        """Display the interactive plotly view in a notebook and return the Figure
+        (:mod:`tl_logitlens.plots.interactive`)."""
         from ..plots.interactive import show
 
         return show(self, **kwargs)
@@ -220,31 +191,14 @@ class LensEvaluation(SavedAsJson):
     # -- persistence ---------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
         """Everything stored, as JSON-ready Python values (histograms sparse: ``[[bin, count], ...]``)."""
-
-        def sparse(h: torch.Tensor) -> List[List[List[int]]]:
-            return [[[int(i), int(row[i])] for i in torch.nonzero(row).flatten().tolist()] for row in h]
-
         return {
             "format": _FORMAT,
             "labels": list(self.labels),
-            "n_tokens": int(self.n_tokens),
-            "n_sequences": int(self.n_sequences),
             "norm": self.norm,
             "lens_name": self.lens_name,
             "seconds": float(self.seconds),
             "meta": dict(self.meta),
-            "histogram": {"low": HIST_LOW, "high": HIST_HIGH, "bins_per_decade": HIST_BINS_PER_DECADE},
-            "statistics": {
-                stat: {
-                    "sum": [float(v) for v in self.sums[stat].tolist()],
-                    "min": [float(v) for v in self.minima[stat].tolist()],
-                    "max": [float(v) for v in self.maxima[stat].tolist()],
-                    "hist": sparse(self.histograms[stat]),
-                }
-                for stat in STATISTICS
-            },
-            "top1_agree": [int(v) for v in self.top1_agree.tolist()],
-            "top1_correct": [int(v) for v in self.top1_correct.tolist()],
+            **self.stats.to_dict(),
         }
 
     @classmethod
@@ -254,76 +208,22 @@ class LensEvaluation(SavedAsJson):
             raise LensInputError(f"not a saved LensEvaluation: expected a JSON object, got {type(data).__name__}")
         if data.get("format") != _FORMAT:
             raise LensInputError(f"not a saved LensEvaluation (format {data.get('format')!r}, expected {_FORMAT!r})")
-        field_name = "?"
         try:
-            field_name = "histogram"
-            bins = data["histogram"]
-            if (bins["low"], bins["high"], bins["bins_per_decade"]) != (HIST_LOW, HIST_HIGH, HIST_BINS_PER_DECADE):
-                raise LensInputError(f"the saved histogram bins {bins} differ from this version's")
-            field_name = "labels"
-            labels = [str(label) for label in data["labels"]]
-            n_layer = len(labels)
-            sums, minima, maxima, hists = {}, {}, {}, {}
-            for stat in STATISTICS:
-                field_name = f"statistics.{stat}"
-                entry = data["statistics"][stat]
-                for key, store in (("sum", sums), ("min", minima), ("max", maxima)):
-                    field_name = f"statistics.{stat}.{key}"
-                    store[stat] = torch.tensor(entry[key], dtype=torch.float64)
-                    if store[stat].shape != (n_layer,):
-                        raise ValueError(f"holds {tuple(store[stat].shape)} values for {n_layer} labels")
-                field_name = f"statistics.{stat}.hist"
-                h = torch.zeros(n_layer, N_BINS, dtype=torch.int64)
-                if len(entry["hist"]) != n_layer:
-                    raise ValueError(f"has {len(entry['hist'])} rows for {n_layer} labels")
-                for layer, pairs in enumerate(entry["hist"]):
-                    for i, count in pairs:
-                        h[layer, int(i)] = int(count)
-                hists[stat] = h
-            values = {}
-            for key in ("top1_agree", "top1_correct"):
-                field_name = key
-                values[key] = torch.tensor(data[key], dtype=torch.int64)
-                if values[key].shape != (n_layer,):
-                    raise ValueError(f"holds {tuple(values[key].shape)} values for {n_layer} labels")
-            field_name = "n_tokens"
-            n_tokens = int(data["n_tokens"])
-            field_name = "n_sequences"
-            n_sequences = int(data["n_sequences"])
-            field_name = "norm"
-            norm = str(data["norm"])
-            field_name = "seconds"
-            seconds = float(data.get("seconds", 0.0))
-            field_name = "meta"
-            meta = dict(data.get("meta", {}))
-            field_name = "lens_name"
+            with reading_field("labels"):
+                labels = [str(label) for label in data["labels"]]
+            stats = RunningStats.from_dict(data, len(labels))
+            with reading_field("norm"):
+                norm = str(data["norm"])
+            with reading_field("seconds"):
+                seconds = float(data.get("seconds", 0.0))
+            with reading_field("meta"):
+                meta = dict(data.get("meta", {}))
             lens_name = str(data.get("lens_name", "logit"))  # files from before named lenses
-        except LensInputError:
-            raise
-        except KeyError as err:
-            raise LensInputError(
-                f"malformed saved LensEvaluation: field {field_name!r} lacks {err}; the file is damaged "
-                "or was not written by LensEvaluation.save"
-            ) from None
-        except (TypeError, ValueError, IndexError, RuntimeError) as err:
-            raise LensInputError(
-                f"malformed saved LensEvaluation: field {field_name!r} is not as save() writes it ({err})"
-            ) from None
-        return cls(
-            labels=labels,
-            n_tokens=n_tokens,
-            n_sequences=n_sequences,
-            norm=norm,
-            sums=sums,
-            minima=minima,
-            maxima=maxima,
-            histograms=hists,
-            top1_agree=values["top1_agree"],
-            top1_correct=values["top1_correct"],
-            seconds=seconds,
-            meta=meta,
-            lens_name=lens_name,
-        )
+        except FieldError as err:
+            lacks = err.problem.startswith("lacks")
+            hint = "; the file is damaged or was not written by LensEvaluation.save" if lacks else ""
+            raise LensInputError(f"malformed saved LensEvaluation: {err}{hint}") from None
+        return cls(labels=labels, stats=stats, norm=norm, seconds=seconds, meta=meta, lens_name=lens_name)
 
 
 def evaluate_lens(
@@ -434,7 +334,6 @@ def _finish(run: Run, who: str) -> None:
 
 def _evaluation(run: Run, i: int, norm: str, name: str, transformed: bool) -> LensEvaluation:
     """The :class:`LensEvaluation` of lens ``i`` of a finished pass."""
-    running = run.running[i]
     meta: Dict[str, Any] = {"model": run.view.model_name, "lens": transformed}
     if run.ranks is not None:
         meta["ranks"] = run.ranks
@@ -443,17 +342,5 @@ def _evaluation(run: Run, i: int, norm: str, name: str, transformed: bool) -> Le
         meta["windows"] = run.counts["windows"]
         meta["n_ctx"] = run.n_ctx
     return LensEvaluation(
-        labels=list(run.labels),
-        n_tokens=running.n_tokens,
-        n_sequences=running.n_sequences,
-        norm=norm,
-        sums=running.sums,
-        minima=running.minima,
-        maxima=running.maxima,
-        histograms=running.hists,
-        top1_agree=running.agree,
-        top1_correct=running.correct,
-        seconds=run.seconds,
-        meta=meta,
-        lens_name=name,
+        labels=list(run.labels), stats=run.running[i], norm=norm, seconds=run.seconds, meta=meta, lens_name=name
     )

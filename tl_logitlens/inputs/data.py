@@ -3,8 +3,8 @@ that streams a corpus) reads.
 
 A dataset arrives as token ids ``[n, seq]``, strings, an iterable of batches (a ``DataLoader``
 of tensors, dicts with ``input_ids`` and an optional right-padded ``attention_mask``, or lists
-of strings); every form becomes a stream of right-padded :class:`~tl_logitlens.tokens.Tokens`
-through :func:`tl_logitlens.tokens.tokenize`, the same path a single prompt takes. Sequences
+of strings); every form becomes a stream of right-padded :class:`~tl_logitlens.inputs.tokens.Tokens`
+through :func:`tl_logitlens.inputs.tokens.tokenize`, the same path a single prompt takes. Sequences
 longer than the model's context are cut into windows that overlap by one token
 (:func:`windows`), so every (token, next token) pair is scored exactly once, and
 :func:`trim` stops a stream after an exact number of scored tokens.

@@ -170,7 +170,8 @@ def final_stats(
     """
     if not isinstance(x_final, torch.Tensor) or x_final.ndim != 2:
         raise LensInputError(
-            f"x_final must be [rows, d_model] normalised final-stream vectors; got {getattr(x_final, 'shape', type(x_final))}."
+            "x_final must be [rows, d_model] normalised final-stream vectors; "
+            f"got {getattr(x_final, 'shape', type(x_final))}."
         )
     _check_unembedding(W, b, x_final.shape[1], "x_final")
     dtype = compute_dtype(x_final.dtype)
@@ -237,7 +238,8 @@ def lens_loss(
     >>> torch.manual_seed(0) and None
     >>> W = torch.randn(4, 11); xf = torch.randn(3, 4); x = torch.randn(2, 3, 4, requires_grad=True)
     >>> kl = lens_loss(x, W, final=final_stats(xf, W), width=5)
-    >>> ref = torch.nn.functional.kl_div((x @ W).log_softmax(-1), (xf @ W).log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    >>> ref = torch.nn.functional.kl_div((x @ W).log_softmax(-1), (xf @ W).log_softmax(-1), log_target=True,
+    ...                                  reduction="none").sum(-1)
     >>> torch.allclose(kl, ref, atol=1e-5)
     True
     >>> kl.sum().backward(); x.grad.shape
@@ -283,7 +285,8 @@ def lens_loss(
             or tuple(next_tokens.shape) != (rows,)
         ):
             raise LensInputError(
-                f'loss="ce" needs next_tokens as an integer tensor [rows] = [{rows}] (-1: ignored); got {getattr(next_tokens, "shape", type(next_tokens))}.'
+                f'loss="ce" needs next_tokens as an integer tensor [rows] = [{rows}] (-1: ignored); '
+                f"got {getattr(next_tokens, 'shape', type(next_tokens))}."
             )
         t = next_tokens.to(device=x.device, dtype=torch.long)
         bad = (t < -1) | (t >= d_vocab)

@@ -4,18 +4,18 @@
 top-k, entropy, KL to a reference distribution, loss on a true next token, chosen tokens'
 logits, probabilities and ranks. Rows are taken a chunk at a time, every stack entry of
 those rows in one matrix product (:func:`read_rows`), and each product is read a tile of
-vocabulary columns at a time (:mod:`tl_logitlens.tiles`), so ``[rows, d_vocab]`` logits
+vocabulary columns at a time (:mod:`tl_logitlens.kernel.tiles`), so ``[rows, d_vocab]`` logits
 never exist unless the caller asks for them with ``return_logits=True``. The tile shape
 (rows per product, columns per tile) is measured for the processor at hand at first use
-(:mod:`tl_logitlens.tuning`); on CUDA one product spans the vocabulary
-(:func:`tl_logitlens.tiles.read_whole`). Memory is bounded by a budget
+(:mod:`tl_logitlens.kernel.tuning`); on CUDA one product spans the vocabulary
+(:func:`tl_logitlens.kernel.tiles.read_whole`). Memory is bounded by a budget
 (:data:`DEFAULT_CHUNK_BUDGET_BYTES` on the CPU), not by how many vectors are read.
 
 Precision and devices: statistics are float32 (float64 for a float64 model) whatever the
 model's dtype. On the CPU a bfloat16 or float16 unembedding is cast a tile of columns at a
 time into a reused buffer, never copied whole, and read in float32; on CUDA it is read in its
 own dtype by the tensor cores, the normalised vectors rounded to it, with float32
-accumulation and logits (:func:`tl_logitlens.tuning.half_products`, which also says how to
+accumulation and logits (:func:`tl_logitlens.kernel.tuning.half_products`, which also says how to
 switch it off). The vectors move, a chunk at a time, to ``W_U``'s own device; results come
 back on the CPU.
 
@@ -46,8 +46,8 @@ from .precision import compute_dtype
 from .tiles import BUFFERS, needs_whole_rows, read_product, read_whole, tile_width
 
 #: The most memory the kernel's working buffers take on the CPU when ``chunk_size=None``
-#: (three tiles of ``[rows, width]`` logits, :mod:`tl_logitlens.tiles`). The shape within it
-#: is measured for the processor at hand (:mod:`tl_logitlens.tuning`); set a budget with
+#: (three tiles of ``[rows, width]`` logits, :mod:`tl_logitlens.kernel.tiles`). The shape within it
+#: is measured for the processor at hand (:mod:`tl_logitlens.kernel.tuning`); set a budget with
 #: ``tuning.set_chunk_budget(bytes)``, or rows per product with ``chunk_size=``. Memory does
 #: not grow with the number of vectors read.
 DEFAULT_CHUNK_BUDGET_BYTES = tuning.CPU_BUDGET_BYTES
@@ -55,7 +55,7 @@ DEFAULT_CHUNK_BUDGET_BYTES = tuning.CPU_BUDGET_BYTES
 
 def check_chunk_size(chunk_size: Optional[int]) -> None:
     """Refuse a ``chunk_size`` (rows per product, or ``None``) that is not a positive int; the
-    entry points call this before any forward pass (:mod:`tl_logitlens.tuning` sizes products)."""
+    entry points call this before any forward pass (:mod:`tl_logitlens.kernel.tuning` sizes products)."""
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise LensInputError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
@@ -408,7 +408,7 @@ class _Reader:
 def _entries_to_host(
     st: Any, kept: List[int], next_tokens: Optional[torch.Tensor], members: Optional[GroupMembers]
 ) -> Dict[str, torch.Tensor]:
-    """The statistics of entries ``kept`` of one product (:class:`tl_logitlens.tiles.ProductStats`),
+    """The statistics of entries ``kept`` of one product (:class:`tl_logitlens.kernel.tiles.ProductStats`),
     finished where the product ran and brought to the CPU in two copies, one of floats and one
     of integers: on a GPU each copy waits for the device, and one per statistic and entry
     would cost more than a GPT-2-sized product."""

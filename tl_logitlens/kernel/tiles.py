@@ -2,10 +2,11 @@
 
 ``logits = x @ W_U + b_U`` for ``[rows, d_model]`` normalised vectors is never held
 whole: it is computed a tile of columns at a time (a width measured for the processor at
-hand, :mod:`tl_logitlens.tuning`) into a buffer small enough to mostly stay in its caches, every statistic is updated from that tile, and the tile
-is overwritten by the next. Writing whole ``[rows, d_vocab]`` rows to main memory and
-reading them back cost the previous, row-chunked kernel about 1.22 x the plain product
-on GPT-2 shapes; tiles bring the whole logit lens to about 1.0 x (``make bench``).
+hand, :mod:`tl_logitlens.kernel.tuning`) into a buffer small enough to mostly stay in its
+caches, every statistic is updated from that tile, and the tile is overwritten by the next.
+Writing whole ``[rows, d_vocab]`` rows to main memory and reading them back cost the previous,
+row-chunked kernel about 1.22 x the plain product on GPT-2 shapes; tiles bring the whole logit lens
+to about 1.0 x (``make bench``).
 
 The statistics are running sums over the tiles, shifted by each row's running maximum
 ``m`` (the online log-sum-exp): with ``s = l - m``,
@@ -32,7 +33,7 @@ from typing import Any, Callable, List, Optional, Tuple
 import torch
 
 #: Vocabulary columns per tile when set (a forced width, as the tests do); ``None``: the
-#: width measured for the machine at hand (:mod:`tl_logitlens.tuning`).
+#: width measured for the machine at hand (:mod:`tl_logitlens.kernel.tuning`).
 TILE_COLUMNS: Optional[int] = None
 #: How many ``[rows, width]`` buffers the kernel holds.
 BUFFERS = 3
@@ -79,7 +80,7 @@ def tile_width(
 def _update_top_k(
     tile: torch.Tensor, k: int, top_values: torch.Tensor, top_ids: torch.Tensor, offset: int, first: bool
 ) -> torch.Tensor:
-    """Fold one tile of raw logits ``[m, w]`` into the running top-k ``[m, k]`` (in place); returns the tile's row maxima.
+    """Fold one tile of raw logits ``[m, w]`` into the running top-k ``[m, k]`` (in place); returns its row maxima.
 
     After the first tile a column can enter the top k only if it beats the row's running
     k-th value, so only the rows and blocks of columns whose maximum does are searched;
@@ -175,32 +176,12 @@ def read_product(
     n = m // g
     width = tile_width(d_vocab, transform, width)
     single = width >= d_vocab
-    peak = x.new_full((m,), float("-inf"))
-    total = x.new_zeros(m)  # Z
-    spread = x.new_zeros(m)  # A
-    cross = x.new_zeros(g, n) if with_reference else None  # D
+    sums = _OnlineSums(x, g, with_reference)
     top_values = x.new_full((m, top_k), float("-inf"))
     top_ids = torch.zeros(m, top_k, dtype=torch.long, device=x.device)
     next_logit = x.new_zeros(g, n) if next_tokens is not None else None
-    m_logits = None
-    if member_ids is not None:
-        m_logits = x.new_zeros(g, n, member_ids.shape[0])
-        # Where each tile's members start in the sorted ids: one host copy, no per-tile sync.
-        member_cpu = member_ids.cpu()
-        bounds = torch.searchsorted(member_cpu, torch.arange(0, d_vocab + width, width).clamp_max(d_vocab)).tolist()
-    t_logits = t_above = t_guess = None
-    if target_ids is not None:
-        t_logits = x.new_zeros(g, n, target_ids.shape[1])
-        t_above = x.new_zeros(g, n, target_ids.shape[1])  # columns above the target: its rank
-        if not single:
-            # The targets' logits are needed before their tiles come: computed here alone,
-            # they can differ from the tile's in the last bit, so the target's own column
-            # is taken back out of the count at the end (only exact near-ties are uncertain).
-            t_guess = torch.einsum("gnd,dnt->gnt", x.view(g, n, -1), W[:, target_ids].to(x.dtype))
-            if b is not None:
-                t_guess += b[target_ids]
-            if transform is not None:
-                t_guess = transform(t_guess)
+    members = None if member_ids is None else _Members(member_ids, x, g, d_vocab, width)
+    targets = None if target_ids is None else _Targets(x, g, W, b, transform, target_ids, single)
 
     for a in range(0, d_vocab, width):
         z = min(d_vocab, a + width)
@@ -218,67 +199,141 @@ def read_product(
         if keep_logits is not None:
             keep_logits(a, z, tile3)
 
-        # Raw logits: top-k, true next tokens, targets and their ranks.
+        # Raw logits: top-k, true next tokens, group members, targets and their ranks.
         row_max = _update_top_k(tile, top_k, top_values, top_ids, a, first=a == 0)
         if next_tokens is not None:
             _pick(next_logit, tile3, next_tokens, a, z)
-        if m_logits is not None:
-            lo, hi = bounds[a // width], bounds[a // width + 1]
-            if hi > lo:
-                m_logits[:, :, lo:hi] = tile3[:, :, member_ids[lo:hi] - a]
-        if target_ids is not None:
-            if single:
-                t_logits.copy_(tile3.gather(2, target_ids.expand(g, -1, -1)))
-                t_guess = t_logits
-            marks = buffers[2][: m * w].view(g, n, w)
-            for j in range(target_ids.shape[1]):
-                if not single:
-                    _pick(t_logits[..., j], tile3, target_ids[:, j], a, z)
-                t_above[..., j] += torch.gt(tile3, t_guess[..., j : j + 1], out=marks).sum(-1)
+        if members is not None:
+            members.pick(tile3, a, width)
+        if targets is not None:
+            targets.count(tile3, a, z, buffers[2][: m * w].view(g, n, w))
+        sums.fold(tile, row_max, buffers[1][: m * w].view(m, w), buffers[2][: m * w].view(m, w), first=a == 0)
 
-        # Online log-sum-exp: move to the new maximum, rescaling what was summed so far.
-        new_peak = torch.maximum(peak, row_max)
-        if a > 0:
-            step = peak - new_peak  # <= 0
-            decay = torch.exp(step)
-            spread.add_(step * total).mul_(decay)
-            if cross is not None:
-                cross.add_(step.view(g, n) * total[:n]).mul_(decay[:n])
-            total.mul_(decay)
-        peak = new_peak
-        torch.add(peak.unsqueeze(1) * -_LOG2E, tile, alpha=_LOG2E, out=tile)  # (l - peak) * log2(e)
-        exps = buffers[1][: m * w].view(m, w)
-        torch.exp2(tile, out=exps)  # exp(l - peak)
-        total.add_(exps.sum(-1))
-        scratch = buffers[2][: m * w].view(m, w)
-        spread.add_(torch.mul(exps, tile, out=scratch).sum(-1), alpha=_LN2)
-        if cross is not None:
-            products = scratch.view(g, n, w)
-            torch.mul(exps[:n].unsqueeze(0), tile3, out=products)
-            cross.add_(products.sum(-1), alpha=_LN2)
-
-    log_total = total.log()
-    entropy = log_total - spread / total
-    shape = (g, n)
-    kl = None
-    if cross is not None:
-        ref_total, ref_log_total = total[:n], log_total[:n]
-        neg_h_ref = spread[:n] / ref_total - ref_log_total
-        kl = (neg_h_ref - cross / ref_total + log_total.view(shape)).clamp_min(0.0)
-    ranks = None
-    if t_above is not None:
-        ranks = t_above - (t_logits > t_guess).to(t_above.dtype)  # 0 in one tile: t_guess is t_logits
+    log_z, entropy, kl = sums.finish()
     return ProductStats(
-        log_z=(peak + log_total).view(shape),
-        entropy=entropy.view(shape),
+        log_z=log_z,
+        entropy=entropy,
         top_logits=top_values.view(g, n, top_k),
         top_ids=top_ids.view(g, n, top_k),
         kl_to_reference=kl,
         next_logit=next_logit,
-        target_logits=t_logits,
-        target_ranks=ranks,
-        member_logits=m_logits,
+        target_logits=None if targets is None else targets.logits,
+        target_ranks=None if targets is None else targets.ranks(),
+        member_logits=None if members is None else members.logits,
     )
+
+
+class _OnlineSums:
+    """The online log-sum-exp of :func:`read_product` over ``x [g * n, ...]``'s rows, tile by tile.
+
+    Per row the running maximum ``peak``, ``Z = sum exp(s)`` and ``A = sum exp(s) * s`` with
+    ``s = l - peak``; with a reference (entry 0), ``D [g, n] = sum exp(s_ref) * s``. When a tile
+    raises the maximum the sums so far are rescaled (module docstring).
+    """
+
+    def __init__(self, x: torch.Tensor, g: int, with_reference: bool) -> None:
+        m = x.shape[0]
+        self.g, self.n = g, m // g
+        self.peak = x.new_full((m,), float("-inf"))
+        self.total = x.new_zeros(m)  # Z
+        self.spread = x.new_zeros(m)  # A
+        self.cross = x.new_zeros(g, self.n) if with_reference else None  # D
+
+    def fold(
+        self, tile: torch.Tensor, row_max: torch.Tensor, exps: torch.Tensor, scratch: torch.Tensor, first: bool
+    ) -> None:
+        """Fold one tile of raw logits ``[m, w]`` in (shifted in place); ``exps``, ``scratch``: ``[m, w]`` buffers."""
+        g, n = self.g, self.n
+        # Move to the new maximum, rescaling what was summed so far.
+        new_peak = torch.maximum(self.peak, row_max)
+        if not first:
+            step = self.peak - new_peak  # <= 0
+            decay = torch.exp(step)
+            self.spread.add_(step * self.total).mul_(decay)
+            if self.cross is not None:
+                self.cross.add_(step.view(g, n) * self.total[:n]).mul_(decay[:n])
+            self.total.mul_(decay)
+        self.peak = new_peak
+        torch.add(new_peak.unsqueeze(1) * -_LOG2E, tile, alpha=_LOG2E, out=tile)  # (l - peak) * log2(e)
+        torch.exp2(tile, out=exps)  # exp(l - peak)
+        self.total.add_(exps.sum(-1))
+        self.spread.add_(torch.mul(exps, tile, out=scratch).sum(-1), alpha=_LN2)
+        if self.cross is not None:
+            products = scratch.view(g, n, -1)
+            torch.mul(exps[:n].unsqueeze(0), tile.view(g, n, -1), out=products)
+            self.cross.add_(products.sum(-1), alpha=_LN2)
+
+    def finish(self) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """``(log Z, entropy, KL to entry 0 or None)``, each ``[g, n]``."""
+        shape = (self.g, self.n)
+        n = self.n
+        log_total = self.total.log()
+        entropy = log_total - self.spread / self.total
+        kl = None
+        if self.cross is not None:
+            ref_total, ref_log_total = self.total[:n], log_total[:n]
+            neg_h_ref = self.spread[:n] / ref_total - ref_log_total
+            kl = (neg_h_ref - self.cross / ref_total + log_total.view(shape)).clamp_min(0.0)
+        return (self.peak + log_total).view(shape), entropy.view(shape), kl
+
+
+class _Members:
+    """Token-group members' logits ``[g, n, members]``, each picked from the tile that holds it."""
+
+    def __init__(self, member_ids: torch.Tensor, x: torch.Tensor, g: int, d_vocab: int, width: int) -> None:
+        self.ids = member_ids
+        self.logits = x.new_zeros(g, x.shape[0] // g, member_ids.shape[0])
+        # Where each tile's members start in the sorted ids: one host copy, no per-tile sync.
+        edges = torch.arange(0, d_vocab + width, width).clamp_max(d_vocab)
+        self.bounds = torch.searchsorted(member_ids.cpu(), edges).tolist()
+
+    def pick(self, tile3: torch.Tensor, a: int, width: int) -> None:
+        lo, hi = self.bounds[a // width], self.bounds[a // width + 1]
+        if hi > lo:
+            self.logits[:, :, lo:hi] = tile3[:, :, self.ids[lo:hi] - a]
+
+
+class _Targets:
+    """Targets' logits ``[g, n, t]`` and ranks: how many columns beat each target, tile by tile."""
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        g: int,
+        W: torch.Tensor,
+        b: Optional[torch.Tensor],
+        transform: Optional[Callable[[torch.Tensor], torch.Tensor]],
+        target_ids: torch.Tensor,
+        single: bool,
+    ) -> None:
+        n = x.shape[0] // g
+        self.ids, self.single = target_ids, single
+        self.logits = x.new_zeros(g, n, target_ids.shape[1])
+        self.above = x.new_zeros(g, n, target_ids.shape[1])  # columns above the target: its rank
+        self.guess = None
+        if not single:
+            # The targets' logits are needed before their tiles come: computed here alone,
+            # they can differ from the tile's in the last bit, so the target's own column
+            # is taken back out of the count at the end (only exact near-ties are uncertain).
+            self.guess = torch.einsum("gnd,dnt->gnt", x.view(g, n, -1), W[:, target_ids].to(x.dtype))
+            if b is not None:
+                self.guess += b[target_ids]
+            if transform is not None:
+                self.guess = transform(self.guess)
+
+    def count(self, tile3: torch.Tensor, a: int, z: int, marks: torch.Tensor) -> None:
+        """Pick the targets this tile holds and count its columns above each; ``marks`` is a ``[g, n, w]`` buffer."""
+        g = tile3.shape[0]
+        if self.single:
+            self.logits.copy_(tile3.gather(2, self.ids.expand(g, -1, -1)))
+            self.guess = self.logits
+        for j in range(self.ids.shape[1]):
+            if not self.single:
+                _pick(self.logits[..., j], tile3, self.ids[:, j], a, z)
+            self.above[..., j] += torch.gt(tile3, self.guess[..., j : j + 1], out=marks).sum(-1)
+
+    def ranks(self) -> torch.Tensor:
+        return self.above - (self.logits > self.guess).to(self.above.dtype)  # 0 in one tile: guess is logits
 
 
 def whole_sums(
@@ -455,7 +510,7 @@ def read_whole(
 ) -> ProductStats:
     """:func:`read_product` in one product over the whole vocabulary, statistics as vectorised reductions.
 
-    The strategy for GPUs (:mod:`tl_logitlens.tuning` picks it on CUDA): one large product
+    The strategy for GPUs (:mod:`tl_logitlens.kernel.tuning` picks it on CUDA): one large product
     keeps cuBLAS at full speed, and every statistic is a reduction over ``[g * n, d_vocab]``
     with no per-tile Python loop and no host synchronisation (no ``nonzero``): top-k from
     block maxima (:func:`block_top_k`), the rest in one fused set of reductions
@@ -463,7 +518,7 @@ def read_whole(
     arguments and results as :func:`read_product`; ``buffers`` hold ``g * n * d_vocab``
     elements each, in the statistics' dtype (float32 or float64). The product
     (:func:`whole_product`): ``x`` in ``W``'s half precision is read by the tensor cores
-    into float32 logits (:func:`tl_logitlens.tuning.half_products`); a ``W`` in another
+    into float32 logits (:func:`tl_logitlens.kernel.tuning.half_products`); a ``W`` in another
     dtype than a float32 ``x`` is cast :data:`WHOLE_CAST_COLUMNS` columns at a time, so no
     float32 copy of the whole unembedding is made.
 

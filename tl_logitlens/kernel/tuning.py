@@ -1,7 +1,7 @@
 """Tile shapes for the machine at hand, chosen by a short measurement at first use.
 
 The kernel reads ``[rows, d_model] @ W_U`` a tile of vocabulary columns at a time
-(:mod:`tl_logitlens.tiles`). Which shape is fastest depends on the processor (its BLAS,
+(:mod:`tl_logitlens.kernel.tiles`). Which shape is fastest depends on the processor (its BLAS,
 its vector width, its caches), the dtype, ``d_model`` and the layout of ``W_U``: a shape
 tuned on one processor cost another three quarters of the product. So the shape is not a
 constant: the first read with a new ``(device, processor, threads, dtype, d_model, d_vocab,
@@ -16,7 +16,7 @@ Strategies:
   statistics' passes read what the product just wrote while it is still in cache.
 - ``"whole"`` (CUDA default): one product over the whole vocabulary for as many rows as the
   memory budget allows, the statistics as vectorised reductions over it
-  (:func:`tl_logitlens.tiles.read_whole`). It runs on any device, so the tests run it on CPU.
+  (:func:`tl_logitlens.kernel.tiles.read_whole`). It runs on any device, so the tests run it on CPU.
 
 Overrides, in order: ``chunk_size=`` (rows per product) on every entry point; :func:`force`
 (a context manager, also for tests); :func:`set_chunk_budget` (bytes of working buffers,

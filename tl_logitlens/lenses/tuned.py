@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, List, Tuple, Union
 
 import torch
 
@@ -196,70 +196,11 @@ class TunedLens(torch.nn.Module, Lens):
         """
         directory = Path(directory)
         config_path = directory / _CONFIG
-        if not config_path.is_file():
-            raise LensInputError(
-                f"{config_path}: not found; a tuned lens folder holds config.json and params.pt "
-                "(as TunedLens.save and tuned-lens write them)"
-            )
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-            if not isinstance(config, dict):
-                raise ValueError(f"a JSON {type(config).__name__}, not an object")
-            lens_type = config.get("lens_type", _LENS_TYPE)
-            d_model, n_layers = int(config["d_model"]), int(config["num_hidden_layers"])
-            has_bias = bool(config.get("bias", True))
-        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
-            raise LensInputError(f"{config_path}: not a tuned-lens config ({type(err).__name__}: {err})") from None
-        if lens_type != _LENS_TYPE:
-            raise LensInputError(f"{config_path}: lens_type {lens_type!r} is not supported (only {_LENS_TYPE!r})")
-        facts = describe(model)
-        model_d, model_layers = facts.d_model, facts.n_layers
-        if d_model != model_d:
-            raise LensInputError(f"{config_path}: the lens has d_model={d_model} but the model has d_model={model_d}")
-        if n_layers != model_layers:
-            raise LensInputError(
-                f"{config_path}: the lens has num_hidden_layers={n_layers} but the model has n_layers={model_layers}"
-            )
+        config, d_model, n_layers, has_bias = _read_config(config_path, model)
         _refuse_changed_stream(model, f"load the tuned lens {directory}")
-
-        ours: Dict[str, Any] = {}
-        extra_json = directory / _EXTRA_JSON
-        if extra_json.is_file():
-            try:
-                ours = json.loads(extra_json.read_text(encoding="utf-8"))
-                if not isinstance(ours, dict) or ours.get("format") != _EXTRA_FORMAT:
-                    raise ValueError(
-                        f"format {ours.get('format') if isinstance(ours, dict) else None!r}, expected {_EXTRA_FORMAT!r}"
-                    )
-            except (UnicodeDecodeError, ValueError) as err:
-                raise LensInputError(f"{extra_json}: not a tl_logitlens lens description ({err})") from None
-        incl_mid = bool(ours.get("incl_mid", False))
-
+        incl_mid = _read_extras(directory / _EXTRA_JSON)
         lens = cls(model, incl_mid=incl_mid)
-        params = _read_state(directory / _PARAMS)
-        wanted: Dict[str, tuple] = {}
-        for i in range(n_layers):
-            wanted[f"{i}.weight"] = (d_model, d_model)
-            if has_bias:
-                wanted[f"{i}.bias"] = (d_model,)
-        _check_state(directory / _PARAMS, params, wanted)
-        state = {}
-        for i in range(n_layers):
-            state[f"{i}_pre.weight"] = params[f"{i}.weight"]
-            state[f"{i}_pre.bias"] = params[f"{i}.bias"] if has_bias else torch.zeros(d_model)
-        if incl_mid:
-            extra = _read_state(directory / _EXTRA_PARAMS)
-            mids = [label for label in lens.labels if label.endswith("_mid")]
-            _check_state(
-                directory / _EXTRA_PARAMS,
-                extra,
-                {
-                    k: v
-                    for label in mids
-                    for k, v in ((f"{label}.weight", (d_model, d_model)), (f"{label}.bias", (d_model,)))
-                },
-            )
-            state.update({k: extra[k] for label in mids for k in (f"{label}.weight", f"{label}.bias")})
+        state = _translator_state(directory, lens.labels, n_layers, d_model, has_bias, incl_mid)
         with torch.no_grad():
             for label, layer in lens.translators.items():
                 layer.weight.copy_(state[f"{label}.weight"].float())
@@ -275,6 +216,73 @@ class TunedLens(torch.nn.Module, Lens):
                 stacklevel=2,
             )
         return lens
+
+
+def _read_config(config_path: Path, model: Any) -> Tuple[Dict[str, Any], int, int, bool]:
+    """``(config, d_model, n_layers, has_bias)`` of a tuned-lens folder, checked against ``model``'s sizes."""
+    if not config_path.is_file():
+        raise LensInputError(
+            f"{config_path}: not found; a tuned lens folder holds config.json and params.pt "
+            "(as TunedLens.save and tuned-lens write them)"
+        )
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError(f"a JSON {type(config).__name__}, not an object")
+        lens_type = config.get("lens_type", _LENS_TYPE)
+        d_model, n_layers = int(config["d_model"]), int(config["num_hidden_layers"])
+        has_bias = bool(config.get("bias", True))
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise LensInputError(f"{config_path}: not a tuned-lens config ({type(err).__name__}: {err})") from None
+    if lens_type != _LENS_TYPE:
+        raise LensInputError(f"{config_path}: lens_type {lens_type!r} is not supported (only {_LENS_TYPE!r})")
+    facts = describe(model)
+    if d_model != facts.d_model:
+        raise LensInputError(f"{config_path}: the lens has d_model={d_model} but the model has d_model={facts.d_model}")
+    if n_layers != facts.n_layers:
+        raise LensInputError(
+            f"{config_path}: the lens has num_hidden_layers={n_layers} but the model has n_layers={facts.n_layers}"
+        )
+    return config, d_model, n_layers, has_bias
+
+
+def _read_extras(path: Path) -> bool:
+    """Whether the lens has ``_mid`` translators, from our ``tl_logitlens.json`` (absent: a tuned-lens folder)."""
+    if not path.is_file():
+        return False
+    try:
+        ours = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(ours, dict) or ours.get("format") != _EXTRA_FORMAT:
+            got = ours.get("format") if isinstance(ours, dict) else None
+            raise ValueError(f"format {got!r}, expected {_EXTRA_FORMAT!r}")
+    except (UnicodeDecodeError, ValueError) as err:
+        raise LensInputError(f"{path}: not a tl_logitlens lens description ({err})") from None
+    return bool(ours.get("incl_mid", False))
+
+
+def _translator_state(
+    directory: Path, labels: List[str], n_layers: int, d_model: int, has_bias: bool, incl_mid: bool
+) -> Dict[str, torch.Tensor]:
+    """``{"<label>.weight": [d, d], "<label>.bias": [d]}`` for every translator, read and checked from the files."""
+    params = _read_state(directory / _PARAMS)
+    wanted: Dict[str, tuple] = {}
+    for i in range(n_layers):
+        wanted[f"{i}.weight"] = (d_model, d_model)
+        if has_bias:
+            wanted[f"{i}.bias"] = (d_model,)
+    _check_state(directory / _PARAMS, params, wanted)
+    state = {}
+    for i in range(n_layers):
+        state[f"{i}_pre.weight"] = params[f"{i}.weight"]
+        state[f"{i}_pre.bias"] = params[f"{i}.bias"] if has_bias else torch.zeros(d_model)
+    if incl_mid:
+        extra = _read_state(directory / _EXTRA_PARAMS)
+        mids = [label for label in labels if label.endswith("_mid")]
+        shapes = {f"{label}.weight": (d_model, d_model) for label in mids}
+        shapes.update({f"{label}.bias": (d_model,) for label in mids})
+        _check_state(directory / _EXTRA_PARAMS, extra, shapes)
+        state.update({k: extra[k] for k in shapes})
+    return state
 
 
 def _read_state(path: Path) -> Dict[str, torch.Tensor]:

@@ -20,8 +20,16 @@ from typing import Any, Optional
 import torch
 
 __all__ = [
-    "TL_MAJOR", "TL_VERSION", "ActivationCache", "HookedTransformer", "HookedTransformerConfig", "TransformerBridge",
-    "TransformerBridgeConfig", "is_bridge", "is_supported_model", "prepare_model",
+    "TL_MAJOR",
+    "TL_VERSION",
+    "ActivationCache",
+    "HookedTransformer",
+    "HookedTransformerConfig",
+    "TransformerBridge",
+    "TransformerBridgeConfig",
+    "is_bridge",
+    "is_supported_model",
+    "prepare_model",
 ]
 
 # The model classes of the installed transformer-lens, detected once, here only: the rest of

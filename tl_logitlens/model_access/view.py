@@ -60,7 +60,7 @@ class ModelView:
         has_pos_embed: a learned absolute position embedding is added to the stream.
         has_mlp: blocks have an MLP (False for attention-only models).
         parallel: attention and MLP read the same stream (no meaningful ``resid_mid``).
-        final_norm: :class:`~tl_logitlens.norm.FinalNorm` of ``ln_final``.
+        final_norm: :class:`~tl_logitlens.kernel.FinalNorm` of ``ln_final``.
         output_transform: what the model does to its logits after the unembedding
             (a logit soft-cap), or ``None``. A transform with ``elementwise = True`` acts
             on each logit alone; any other is given whole ``[rows, d_vocab]`` blocks.
@@ -176,7 +176,8 @@ class ModelView:
 
     # -- tokens -----------------------------------------------------------------------------
     def decode(self, token_id: int) -> str:
-        """One token as the vocabulary spells it (:func:`tl_logitlens.tokentext.token_text`), ``#id`` without a tokenizer."""
+        """One token as the vocabulary spells it (:func:`~tl_logitlens.tokentext.token_text`); ``#id`` sans "
+        "tokenizer."""
         return token_text(self.tokenizer, int(token_id))
 
 

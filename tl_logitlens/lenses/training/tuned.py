@@ -28,7 +28,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
-from ...distributed import _distributed_sampler, resolve
+from ...distributed import distributed_sampler, resolve
 from ...errors import LensInputError, ModelStateError, UnsupportedModelError
 from ...inputs import context_length, resolve_model
 from ...model_access import compute_device
@@ -166,7 +166,7 @@ def train_tuned_lens(
             "loss kernel reads plain logits, so train_tuned_lens cannot train a lens for it yet"
         )
     ranks = Ranks(resolve(distributed))
-    if ranks.group is not None and _distributed_sampler(data) is not None:
+    if ranks.group is not None and distributed_sampler(data) is not None:
         raise LensInputError(
             "train_tuned_lens under a process group deals each step's micro-batches to the ranks itself, so every "
             "rank must read the whole data in the same order; pass the DataLoader without a DistributedSampler "
@@ -360,8 +360,8 @@ def _warn_short(run: _Run, stream: MicroBatches, n_ctx: Optional[int]) -> None:
     s = run.settings
     if run.step < s.steps:
         warnings.warn(
-            f"train_tuned_lens: the data ran out after {run.step} of {s.steps} steps ({run.tokens_seen:,} tokens of the "
-            f"{s.steps * s.tokens_per_step:,} planned"
+            f"train_tuned_lens: the data ran out after {run.step} of {s.steps} steps ({run.tokens_seen:,} tokens "
+            f"of the {s.steps * s.tokens_per_step:,} planned"
             f"{'; the last step was partial' if run.tokens_seen % s.tokens_per_step else ''}). "
             "The lens is returned as trained so far; pass more data, or fewer steps or tokens_per_step.",
             UserWarning,
