@@ -8,7 +8,7 @@ PIP_QUIET ?= -q
 TL3 ?= transformer-lens==3.9.0
 TL2 ?= transformer-lens==2.18.0 pyarrow<22
 
-.PHONY: setup test test-compat test-notebooks test-interop test-distributed demo readme-figures bench bench-tables bench-training clean
+.PHONY: setup lint test test-compat test-notebooks test-interop test-distributed demo readme-figures bench bench-tables bench-training clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ setup: $(VENV)/.installed
 
 test: setup
 	$(PY) -m pytest -q
+
+# ruff (pinned in the dev extras): lint, and the formatting the tree is kept in.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # Same tests against older transformer-lens lines, each in .venv-<name>.
 .venv-tl3/.installed: pyproject.toml

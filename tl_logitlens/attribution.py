@@ -31,7 +31,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from numbers import Integral
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -260,7 +260,8 @@ class Attribution:
         return plot_attribution(self, **kwargs)
 
     def show(self, **kwargs: Any) -> Any:
-        """Display the interactive plotly view in a notebook and return the Figure (:mod:`tl_logitlens.plots.interactive`)."""
+        """Display the interactive plotly view in a notebook and return the Figure
+        (:mod:`tl_logitlens.plots.interactive`)."""
         from .plots.interactive import show
 
         return show(self, **kwargs)
@@ -321,10 +322,58 @@ def direct_logit_attribution(
         >>> import tl_logitlens as tll
         >>> model = tll.demo_model()
         >>> tokens = tll.demo.induction_prompt(model)
-        >>> att = tll.direct_logit_attribution(model, tokens[:, :-1], answers=int(tokens[0, -1]), wrong=int(tokens[0, 1]))
+        >>> att = tll.direct_logit_attribution(
+        ...     model, tokens[:, :-1], answers=int(tokens[0, -1]), wrong=int(tokens[0, 1])
+        ... )
         >>> att.labels[:4], tuple(att.values.shape)
         (['embed', '0_attn_out', '0_mlp_out', '1_attn_out'], (5, 1))
     """
+    _check_options(by, by_source, norm)  # before any forward pass
+    view, tokens, cache = resolve_inputs(model, input, cache)
+    _check_linear_logits(view)
+    names = required_hooks(view, by) + (source_hooks(view) if by_source else [])
+    batch, seq = activation_shape(view, cache, tokens, names, f"direct_logit_attribution(by={by!r})")
+    answer_ids = per_prompt_ids(view, answers, batch, "answer")
+    wrong_ids = None if wrong is None else per_prompt_ids(view, wrong, batch, "wrong")
+    lengths = tokens.lengths if tokens is not None else torch.full((batch,), seq)
+    index, drop = position_index(positions, lengths, seq)
+    logits, cache = run_or_read(view, tokens, cache, names)
+
+    groups = piece_groups(view, cache, by, index)
+    readout = _readout(view, cache, logits, index, groups[0].acts.dtype, answer_ids, wrong_ids, norm)
+    values, labels, sources, source_rounding = _pieces(view, cache, index, groups, readout, by_source)
+
+    values, model_value, constant, sources, source_rounding = _mark_padding(
+        index, lengths, values, readout.model_value, readout.constant, sources, source_rounding
+    )
+    rounding_error = _rounding_error(values, labels)
+    if drop:
+        values, model_value, constant = values[..., 0], model_value[..., 0], constant[..., 0]
+        sources = None if sources is None else sources[..., 0]
+        source_rounding = None if source_rounding is None else source_rounding[..., 0]
+    return Attribution(
+        values=values.float().cpu(),
+        labels=labels,
+        model_value=model_value.float().cpu(),
+        constant=constant.float().cpu(),
+        by=by,
+        answer_ids=answer_ids,
+        wrong_ids=wrong_ids,
+        positions=index,
+        n_layers=view.n_layers,
+        n_heads=view.n_heads,
+        tokenizer=view.tokenizer,
+        rounding_error=rounding_error,
+        lengths=lengths,
+        norm=norm,
+        source_values=None if sources is None else sources.float().cpu(),
+        source_rounding=None if source_rounding is None else source_rounding.float().cpu(),
+        input_ids=None if tokens is None else tokens.ids,
+    )
+
+
+def _check_options(by: str, by_source: Any, norm: str) -> None:
+    """Refuse a bad ``by``, ``by_source`` or ``norm`` (in that order), before any model is touched."""
     if by not in STACK_KINDS:
         raise LensInputError(f"by must be one of {STACK_KINDS}, got {by!r}")
     if not isinstance(by_source, bool):
@@ -341,25 +390,36 @@ def direct_logit_attribution(
             else ""
         )
         raise LensInputError(f"norm must be one of {ATTRIBUTION_NORMS} for direct logit attribution, got {norm!r}{why}")
-    view, tokens, cache = resolve_inputs(model, input, cache)
+
+
+def _check_linear_logits(view: Any) -> None:
+    """Refuse a model whose logits pass through a transform after the unembedding (a logit soft-cap)."""
     if view.output_transform is not None:
         raise UnsupportedModelError(
             "this model applies a non-linear transform to its logits (a logit soft-cap), so a logit "
             "is not a sum of per-component terms; direct logit attribution would be wrong. "
             "Use tll.logit_lens, which applies the transform, instead."
         )
-    names = required_hooks(view, by) + (source_hooks(view) if by_source else [])
-    batch, seq = activation_shape(view, cache, tokens, names, f"direct_logit_attribution(by={by!r})")
-    answer_ids = per_prompt_ids(view, answers, batch, "answer")
-    wrong_ids = None if wrong is None else per_prompt_ids(view, wrong, batch, "wrong")
-    lengths = tokens.lengths if tokens is not None else torch.full((batch,), seq)
-    index, drop = position_index(positions, lengths, seq)
-    logits, cache = run_or_read(view, tokens, cache, names)
 
-    groups = piece_groups(view, cache, by, index)
-    dtype = groups[0].acts.dtype
-    device = compute_device(view)
-    fnorm = view.final_norm.to(dtype, device)
+
+class _Readout(NamedTuple):
+    """The linear reading of the answer at the read positions: a piece's value is ``piece @ direction / scale``."""
+
+    direction: torch.Tensor  # [batch, d_model]: u, with the final norm's weight and centring folded in
+    scale: torch.Tensor  # [batch, pos]: the final norm's scale (ones for norm="none")
+    constant: torch.Tensor  # [batch, pos]: what no piece writes (b_U and the norm's bias along u)
+    model_value: torch.Tensor  # [batch, pos]: the value the pieces add up to
+
+
+def _answer_direction(
+    view: Any,
+    answer_ids: torch.Tensor,
+    wrong_ids: Optional[torch.Tensor],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """``(u [batch, d_model], b_diff [batch], columns)``: ``W_U[:, answer] - W_U[:, wrong]``, the same of ``b_U``
+    (zeros without one), and ``columns(ids)``, the unembedding columns ``[batch, d_model]``."""
     W_U, b_U = view.W_U, view.b_U
 
     def columns(ids: torch.Tensor) -> torch.Tensor:
@@ -367,14 +427,33 @@ def direct_logit_attribution(
         return W_U[:, ids.to(W_U.device)].T.to(device=device, dtype=dtype)
 
     def bias_of(ids: torch.Tensor) -> torch.Tensor:
+        """``b_U[ids]`` ``[batch]`` in the compute dtype and device."""
         return b_U[ids.to(b_U.device)].to(device=device, dtype=dtype)
 
     u_answer = columns(answer_ids)
-    u = u_answer if wrong_ids is None else u_answer - columns(wrong_ids)  # [batch, d_model]
-    final = gather_positions(cache_tensor(cache, view.final_resid_hook), index).to(device=device, dtype=dtype)
-    b_diff = torch.zeros(batch, device=device, dtype=dtype)
+    u = u_answer if wrong_ids is None else u_answer - columns(wrong_ids)
+    b_diff = torch.zeros(answer_ids.shape[0], device=device, dtype=dtype)
     if b_U is not None:
         b_diff = bias_of(answer_ids) - (bias_of(wrong_ids) if wrong_ids is not None else 0)
+    return u, b_diff, columns
+
+
+def _readout(
+    view: Any,
+    cache: Any,
+    logits: Optional[torch.Tensor],
+    index: torch.Tensor,
+    dtype: torch.dtype,
+    answer_ids: torch.Tensor,
+    wrong_ids: Optional[torch.Tensor],
+    norm: str,
+) -> _Readout:
+    """The answer direction and the model's value at ``index [batch, pos]``, read through the final norm as
+    ``norm`` says; the model's own logits, when it was run here, are checked against that value."""
+    device = compute_device(view)
+    fnorm = view.final_norm.to(dtype, device)
+    u, b_diff, columns = _answer_direction(view, answer_ids, wrong_ids, dtype, device)
+    final = gather_positions(cache_tensor(cache, view.final_resid_hook), index).to(device=device, dtype=dtype)
 
     # The model's value: its stored final stream read exactly as the model reads it, in
     # float32, so the pieces (with the rounding entry in half precision) add up to it.
@@ -392,50 +471,40 @@ def direct_logit_attribution(
         direction = u
         constant = b_diff
         model_value = (final * u.unsqueeze(1)).sum(-1) + b_diff.unsqueeze(1)
-    values = torch.cat([g.project(direction) for g in groups], dim=0) / scale
-    constant = constant.unsqueeze(1).expand_as(scale)
+    return _Readout(direction, scale, constant.unsqueeze(1).expand_as(scale), model_value)
+
+
+def _pieces(
+    view: Any, cache: Any, index: torch.Tensor, groups: List[Any], readout: _Readout, by_source: bool
+) -> Tuple[torch.Tensor, List[str], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(values [component, batch, pos], labels, sources, source_rounding)``: each piece along the readout
+    direction, and with ``by_source`` each head's value split over its sources (:func:`_split_heads`)."""
+    values = torch.cat([g.project(readout.direction) for g in groups], dim=0) / readout.scale
     labels = [label for g in groups for label in g.labels]
     sources = source_rounding = None
     if by_source:
-        sources, source_rounding = _split_heads(view, cache, index, direction, scale, values, labels)
+        sources, source_rounding = _split_heads(view, cache, index, readout.direction, readout.scale, values, labels)
+    return values, labels, sources, source_rounding
 
+
+def _mark_padding(
+    index: torch.Tensor, lengths: torch.Tensor, *tensors: Optional[torch.Tensor]
+) -> List[Optional[torch.Tensor]]:
+    """``tensors`` (each ending in ``[batch, pos]``; ``None`` passes through) with NaN at padding positions."""
     # Padding positions (positions=None or a slice over a right-padded batch) hold no token:
     # mark them NaN so that no number is read from them.
-    padding = (index >= lengths.unsqueeze(1)).to(values.device)
-    if bool(padding.any()):
-        values = values.masked_fill(padding, float("nan"))
-        model_value = model_value.masked_fill(padding.to(model_value.device), float("nan"))
-        constant = constant.masked_fill(padding.to(constant.device), float("nan"))
-        if sources is not None:
-            sources = sources.masked_fill(padding, float("nan"))
-            if source_rounding is not None:
-                source_rounding = source_rounding.masked_fill(padding, float("nan"))
-    rounding_error = 0.0
-    if "rounding" in labels:  # its largest real cell (padding is NaN now)
-        rounding_error = float(torch.nan_to_num(values[labels.index("rounding")].abs(), nan=0.0).max())
-    if drop:
-        values, model_value, constant = values[..., 0], model_value[..., 0], constant[..., 0]
-        sources = None if sources is None else sources[..., 0]
-        source_rounding = None if source_rounding is None else source_rounding[..., 0]
-    return Attribution(
-        values=values.float().cpu(),
-        labels=[label for g in groups for label in g.labels],
-        model_value=model_value.float().cpu(),
-        constant=constant.float().cpu(),
-        by=by,
-        answer_ids=answer_ids,
-        wrong_ids=wrong_ids,
-        positions=index,
-        n_layers=view.n_layers,
-        n_heads=view.n_heads,
-        tokenizer=view.tokenizer,
-        rounding_error=rounding_error,
-        lengths=lengths,
-        norm=norm,
-        source_values=None if sources is None else sources.float().cpu(),
-        source_rounding=None if source_rounding is None else source_rounding.float().cpu(),
-        input_ids=None if tokens is None else tokens.ids,
-    )
+    padding = (index >= lengths.unsqueeze(1)).to(tensors[0].device)
+    if not bool(padding.any()):
+        return list(tensors)
+    return [None if t is None else t.masked_fill(padding.to(t.device), float("nan")) for t in tensors]
+
+
+def _rounding_error(values: torch.Tensor, labels: List[str]) -> float:
+    """The largest size of the ``rounding`` entry of ``values [component, ...]`` over real cells; 0 without one."""
+    if "rounding" not in labels:
+        return 0.0
+    # Padding cells are NaN by now, and no rounding is read from them.
+    return float(torch.nan_to_num(values[labels.index("rounding")].abs(), nan=0.0).max())
 
 
 def _split_heads(

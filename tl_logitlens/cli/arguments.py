@@ -222,9 +222,8 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32") -> Any:
         )
     except Exception as err:  # noqa: BLE001 - any loader failure is reported in one line
         where = f"the folder {spec!r}" if looks_local else f"the hub name {spec!r} (is the hub reachable?)"
-        raise UsageError(
-            f"could not load a model from {where}: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
-        ) from None
+        first_line = str(err).splitlines()[0][:200] if str(err) else ""  # one line, however long the loader's message
+        raise UsageError(f"could not load a model from {where}: {type(err).__name__}: {first_line}") from None
     return model.eval()
 
 

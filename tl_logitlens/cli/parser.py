@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from .arguments import DTYPES, FORMATS, METRICS, Parser
 from .commands import cmd_demo, cmd_dla, cmd_eval, cmd_lens, cmd_train_lens
@@ -10,9 +11,12 @@ from .commands import cmd_demo, cmd_dla, cmd_eval, cmd_lens, cmd_train_lens
 # -- parser -----------------------------------------------------------------------------------
 MODEL_HELP = "'demo' (built in), a local Hugging Face model folder, or a hub name (needs the hub)"
 TOKEN_HELP = "a token's text, its exact vocabulary piece, or id:N for token id N"
+# Keeps the examples in each epilog on their own lines.
+FORMATTER = argparse.RawDescriptionHelpFormatter
 
 
 def _common(sub: argparse.ArgumentParser, model: bool = True) -> None:
+    """Add the options every sub-command shares (``--model`` unless ``model=False``, device, dtype, figures)."""
     if model:
         sub.add_argument("--model", required=True, help=MODEL_HELP)
     sub.add_argument("--device", default="cpu", help="where to run: cpu (default), cuda, cuda:N or mps")
@@ -34,6 +38,7 @@ def _common(sub: argparse.ArgumentParser, model: bool = True) -> None:
 
 
 def _html(sub: argparse.ArgumentParser) -> None:
+    """Add the ``--html`` option (an interactive page beside the figure)."""
     sub.add_argument(
         "--html",
         metavar="PATH",
@@ -43,6 +48,7 @@ def _html(sub: argparse.ArgumentParser) -> None:
 
 
 def _prompts(sub: argparse.ArgumentParser) -> None:
+    """Add the prompt options (exactly one of ``--prompt``, ``--prompts``, ``--tokens``) and ``--position``."""
     group = sub.add_mutually_exclusive_group(required=True)
     group.add_argument(
         "--prompt",
@@ -66,25 +72,45 @@ def _prompts(sub: argparse.ArgumentParser) -> None:
     )
 
 
+def _data(sub: argparse.ArgumentParser) -> None:
+    """Add the required ``--data`` option that ``eval`` and ``train-lens`` share."""
+    sub.add_argument(
+        "--data",
+        required=True,
+        metavar="FILE",
+        help="a UTF-8 text file (one document per line) or a .pt token tensor [n, seq]",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command (imports nothing heavy)."""
-    fmt = argparse.RawDescriptionHelpFormatter
     parser = Parser(
         prog="tl-logitlens",
-        formatter_class=fmt,
+        formatter_class=FORMATTER,
         description="The logit lens and direct logit attribution for TransformerLens models.",
         epilog="examples:\n  tl-logitlens demo --out logitlens-demo\n"
         "  tl-logitlens lens --model demo --prompt 'red cat sun red cat' --target sun\n"
-        "  tl-logitlens dla --model ./my-hf-model --prompt 'The capital of France is' --answer ' Paris' --wrong ' Rome' --by head\n"
+        "  tl-logitlens dla --model ./my-hf-model --prompt 'The capital of France is' --answer ' Paris' "
+        "--wrong ' Rome' --by head\n"
         "  tl-logitlens lens --model ./capp-gpt2 --tokens 49,12,7,50 --target id:14\n"
         "  tl-logitlens eval --model ./stories260k --data stories.txt --out eval-out\n"
         "  tl-logitlens train-lens --model ./stories260k --data stories.txt --steps 50 --out stories-lens",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
+    # Sub-commands are added in the order --help lists them.
+    _add_demo(sub)
+    _add_lens(sub)
+    _add_dla(sub)
+    _add_eval(sub)
+    _add_train_lens(sub)
+    return parser
 
+
+def _add_demo(sub: Any) -> None:
+    """Add the ``demo`` sub-command and its options to ``sub``."""
     demo = sub.add_parser(
         "demo",
-        formatter_class=fmt,
+        formatter_class=FORMATTER,
         help="run the built-in induction model and write every figure",
         description="Run the built-in model on a repeated random word sequence, print what each layer "
         "predicts and which heads write the answer, and write figures, tables and summary.json.",
@@ -98,9 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(demo, model=False)
     demo.set_defaults(func=cmd_demo)
 
+
+def _add_lens(sub: Any) -> None:
+    """Add the ``lens`` sub-command (the logit lens) and its options to ``sub``."""
     lens = sub.add_parser(
         "lens",
-        formatter_class=fmt,
+        formatter_class=FORMATTER,
         help="what each layer predicts (the logit lens)",
         description="Read every layer's residual stream through the final norm and unembedding; "
         "print each layer's top token (and targets) at --position of every prompt.",
@@ -120,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--metric",
         choices=METRICS,
         default="prob",
-        help="heatmap colour: top-1 prob, top-1 logit, rank of the true next token, entropy, KL to final, or next-token loss",
+        help="heatmap colour: top-1 prob, top-1 logit, rank of the true next token, entropy, KL to final, "
+        "or next-token loss",
     )
     lens.add_argument("--top-k", type=int, default=5, help="top tokens kept per cell (default 5)")
     lens.add_argument(
@@ -146,14 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
     _common(lens)
     lens.set_defaults(func=cmd_lens)
 
+
+def _add_dla(sub: Any) -> None:
+    """Add the ``dla`` sub-command (direct logit attribution) and its options to ``sub``."""
     dla = sub.add_parser(
         "dla",
-        formatter_class=fmt,
+        formatter_class=FORMATTER,
         help="which components write the answer (direct logit attribution)",
         description="Attribute the answer's logit (or answer - wrong) at --position to components; "
         "several prompts are averaged. By default the final norm's scale is the forward "
         "pass's own (cached), which keeps the pieces adding up to the model's logit exactly.",
-        epilog="example:\n  tl-logitlens dla --model demo --prompt 'red cat sun red cat' --answer sun --wrong red --by head\n"
+        epilog="example:\n  tl-logitlens dla --model demo --prompt 'red cat sun red cat' --answer sun --wrong red "
+        "--by head\n"
         "  tl-logitlens dla --model ./capp-gpt2 --tokens 49,12,7,50 --answer id:14 --by accumulated",
     )
     _prompts(dla)
@@ -194,21 +228,20 @@ def build_parser() -> argparse.ArgumentParser:
     _common(dla)
     dla.set_defaults(func=cmd_dla)
 
+
+def _add_eval(sub: Any) -> None:
+    """Add the ``eval`` sub-command (streamed lens statistics) and its options to ``sub``."""
     ev = sub.add_parser(
         "eval",
-        formatter_class=fmt,
+        formatter_class=FORMATTER,
         help="lens statistics over a dataset, streamed",
         description="Per-layer KL to final, loss, entropy and accuracy over a dataset, in bounded memory.",
-        epilog="example:\n  tl-logitlens eval --model ./stories260k --data stories.txt --max-tokens 20000 --out eval-out\n"
+        epilog="example:\n  tl-logitlens eval --model ./stories260k --data stories.txt --max-tokens 20000 "
+        "--out eval-out\n"
         "  tl-logitlens eval --model demo --data tokens.pt --quiet\n"
         "  tl-logitlens eval --model ./stories260k --data stories.txt --lens tuned-lens-dir --out cmp-out",
     )
-    ev.add_argument(
-        "--data",
-        required=True,
-        metavar="FILE",
-        help="a UTF-8 text file (one document per line) or a .pt token tensor [n, seq]",
-    )
+    _data(ev)
     ev.add_argument("--max-tokens", type=int, help="stop after this many tokens")
     ev.add_argument("--batch-size", type=int, default=8, help="documents per forward pass (default 8)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -228,9 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(ev)
     ev.set_defaults(func=cmd_eval)
 
+
+def _add_train_lens(sub: Any) -> None:
+    """Add the ``train-lens`` sub-command (train a tuned lens) and its options to ``sub``."""
     tr = sub.add_parser(
         "train-lens",
-        formatter_class=fmt,
+        formatter_class=FORMATTER,
         help="train a tuned lens on a dataset",
         description="Train one affine translator per layer (the tuned lens) so that each layer's reading "
         "matches the final distribution; write it in the tuned-lens format with a checkpoint "
@@ -240,12 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  tl-logitlens train-lens --model ./stories260k --data stories.txt --steps 50 "
         "--tokens-per-step 4096 --out stories-lens --resume",
     )
-    tr.add_argument(
-        "--data",
-        required=True,
-        metavar="FILE",
-        help="a UTF-8 text file (one document per line) or a .pt token tensor [n, seq]",
-    )
+    _data(tr)
     tr.add_argument("--steps", type=int, default=250, help="optimiser steps (default 250, as tuned-lens)")
     tr.add_argument(
         "--tokens-per-step", type=int, default=2**18, help="tokens per step (default 262144, as tuned-lens)"
@@ -268,9 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--resume",
         action="store_true",
-        help="continue from the checkpoint in --out (same settings and data); without it an existing checkpoint is refused",
+        help="continue from the checkpoint in --out (same settings and data); without it an existing "
+        "checkpoint is refused",
     )
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     _common(tr)
     tr.set_defaults(func=cmd_train_lens)
-    return parser
