@@ -91,7 +91,7 @@ def test_lens_without_targets_or_position_axis(demo):
     result = tll.logit_lens(model, tokens, positions=-1)
     fig = interactive.lens_figure(result)
     assert [b["label"] for b in fig.layout.updatemenus[0].buttons] == [
-        "top-token probability",
+        "top-1 probability",  # the static heatmap's word (plots.style.LENS_METRIC_STYLE)
         "entropy",
         "KL to final",
     ]
@@ -159,6 +159,53 @@ def test_evaluation_and_comparison_curves(demo):
     entropy = fig.layout.updatemenus[0].buttons[2]
     assert entropy.label == "entropy" and sum(entropy.args[0]["visible"]) == 6
     assert list(fig.data[5].y) == [float(f"{v:.4g}") for v in half.mean("kl_to_final").tolist()]
+
+
+def test_names_and_colours_are_the_static_figures(demo):
+    """One style table: the interactive views name and colour every metric as the static figures do."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    from tl_logitlens.evaluate import evaluate_lens
+    from tl_logitlens.plots import LENS_METRICS as STATIC
+    from tl_logitlens.plots.style import LINE_STYLES, METRIC_STYLE, NEG_COLOR, POS_COLOR
+
+    model, tokens = demo
+    fig = interactive.lens_figure(tll.logit_lens(model, tokens, targets="next"))
+    buttons = {b.label: b.args[0] for b in fig.layout.updatemenus[0].buttons}
+    shown = {"prob": "top-1 probability", "entropy": "entropy", "kl": "KL to final", "rank": "next-token rank"}
+    for key, name in shown.items():
+        label, cmap = STATIC[key]
+        assert buttons[name]["colorbar.title.text"] == label
+        assert all(scale == buttons[name]["colorscale"][0] for scale in buttons[name]["colorscale"])
+        assert [colour for _, colour in buttons[name]["colorscale"][0]] == [
+            to_hex(colormaps[cmap](position)) for position, _ in buttons[name]["colorscale"][0]
+        ]
+    assert fig.data[0].colorbar.title.text == STATIC["prob"][0]
+
+    ev = evaluate_lens(model, tokens, progress=False)
+    curves = {t.name: t for t in interactive.evaluation_figure(ev).data if t.name}
+    assert {name: t.line.color for name, t in curves.items()} == {
+        METRIC_STYLE[s].name: METRIC_STYLE[s].color for s in ("kl_to_final", "next_token_loss", "entropy")
+    }
+    half = evaluate_lens(model, tokens[:1], progress=False)
+    fig = interactive.comparison_figure(_Comparison({"logit": ev, "one prompt": half}))
+    means = [t for t in fig.data if t.name]
+    assert [t.line.color for t in means] == [
+        METRIC_STYLE[s].color for s in ("kl_to_final",) * 2 + ("next_token_loss",) * 2 + ("entropy",) * 2
+    ]
+    assert [t.line.dash for t in means[:2]] == [LINE_STYLES[0].dash, LINE_STYLES[1].dash]
+    with pytest.raises(LensInputError, match="statistics must be"):
+        interactive.evaluation_figure(ev, statistics=("top1_accuracy",))
+
+    neurons = tll.direct_logit_attribution(model, tokens[:, :-1], answers=tokens[:, -1].tolist(), by="neuron")
+    bars = interactive.attribution_figure(neurons, top=7).data[0]
+    assert list(bars.marker.color) == [NEG_COLOR if x < 0 else POS_COLOR for x in bars.x]
+    with pytest.raises(LensInputError, match="top must be a positive int"):
+        interactive.attribution_figure(neurons, top=0)
+    heads = tll.direct_logit_attribution(model, tokens[:, :-1], answers=tokens[:, -1].tolist(), by="head")
+    scale = interactive.attribution_figure(heads).data[0].colorscale
+    assert [colour for _, colour in scale] == [to_hex(colormaps["RdBu"](float(position))) for position, _ in scale]
 
 
 def test_missing_plotly_names_the_extra(demo, monkeypatch, tmp_path):

@@ -24,16 +24,21 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 import tl_logitlens as tll  # noqa: E402
 from tl_logitlens.attribution import Attribution  # noqa: E402
+from tl_logitlens.errors import LensInputError  # noqa: E402
 from tl_logitlens.kernel import Readout  # noqa: E402
 from tl_logitlens.lens import LensResult  # noqa: E402
 from tl_logitlens.plots import (  # noqa: E402
     LENS_METRICS,
     plot_attribution,
     plot_attribution_positions,
+    plot_group_trajectory,
     plot_layer_curves,
     plot_lens,
+    plot_lens_comparison,
     plot_lens_metrics,
+    plot_source_attribution,
     plot_trajectory,
+    save_figure,
 )
 from tl_logitlens.tokentext import display_token  # noqa: E402
 
@@ -561,3 +566,100 @@ def test_every_plot_function_takes_ax_as_its_first_keyword():
             name,
             [p.name for p in positional],
         )  # the result (plot_layer_curves: labels, curves)
+
+
+# -- bad arguments: LensInputError, named ------------------------------------------------------
+@pytest.fixture(scope="module")
+def comparison(model, ids):
+    tuned = builders.randomise_lens(tll.TunedLens(model), seed=4)
+    return tll.compare_lenses(model, ids, {"logit": None, "tuned": tuned}, progress=False)
+
+
+@pytest.fixture(scope="module")
+def sources(model, ids):
+    return tll.direct_logit_attribution(model, ids, answers="w5", by="head", by_source=True)
+
+
+#: (which drawer, a call with one bad argument, what the error says)
+BAD_ARGUMENTS = [
+    ("plot_lens-metric", lambda f: plot_lens(f["lens"], metric="nope"), "unknown metric 'nope'"),
+    ("plot_lens-batch", lambda f: plot_lens(f["lens"], batch=5), "batch=5 is out of range"),
+    ("plot_lens-width", lambda f: plot_lens(f["lens"], width=0), "width must be 'page'"),
+    ("plot_trajectory", lambda f: plot_trajectory(f["lens_targets"], metric="nope"), "unknown metric 'nope'"),
+    ("plot_layer_curves", lambda f: plot_layer_curves(["a"], {}), "curves is empty"),
+    ("plot_lens_metrics", lambda f: plot_lens_metrics(f["lens"], quantiles=(0.9, 0.1)), "quantiles must satisfy"),
+    ("plot_group_trajectory", lambda f: plot_group_trajectory(f["lens"]), "needs token groups"),
+    ("plot_attribution", lambda f: plot_attribution(f["atts"]["component"], kind="pie"), "unknown kind 'pie'"),
+    ("plot_attribution_positions", lambda f: plot_attribution_positions(f["atts"]["component"]), "positions=None"),
+    (
+        "plot_source_attribution",
+        lambda f: plot_source_attribution(f["sources"], top=0),
+        "top must be a positive int",
+    ),
+    (
+        "plot_lens_comparison-statistics",
+        lambda f: plot_lens_comparison(f["comparison"], statistics=("perplexity",)),
+        "statistics must be",
+    ),
+    (
+        "plot_lens_comparison-band",
+        lambda f: plot_lens_comparison(f["comparison"], band=(0.9, 0.1)),
+        "band must be None or",
+    ),
+    ("save_figure", lambda f: save_figure(plt.figure(), io.BytesIO(), dpi=0), "dpi must be a positive number"),
+]
+
+
+@pytest.mark.parametrize("draw, message", [case[1:] for case in BAD_ARGUMENTS], ids=[case[0] for case in BAD_ARGUMENTS])
+def test_every_drawer_refuses_bad_arguments_with_lens_input_error(request, draw, message):
+    fixtures = {
+        name: request.getfixturevalue(name) for name in ("lens", "lens_targets", "atts", "comparison", "sources")
+    }
+    with pytest.raises(LensInputError, match=re.escape(message)):
+        draw(fixtures)
+
+
+def test_plots_raise_lens_input_error_not_bare_value_error():
+    import ast
+    import pathlib
+
+    import tl_logitlens.plots as plots
+
+    bare = []
+    for path in sorted(pathlib.Path(plots.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                called = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+                if isinstance(called, ast.Name) and called.id == "ValueError":
+                    bare.append(f"{path.name}:{node.lineno}")
+    assert not bare, f"raise LensInputError (a ValueError that names the bad argument) instead: {bare}"
+
+
+# -- several lenses --------------------------------------------------------------------------------
+def test_lens_comparison_styles_and_bands(comparison):
+    from matplotlib.colors import to_hex, to_rgba
+
+    from tl_logitlens.plots.style import LINE_STYLES, METRIC_STYLE
+
+    fig = render(plot_lens_comparison(comparison, statistics=("entropy", "kl_to_final"), band=(0.25, 0.75)))
+    ax = fig.axes[0]
+    assert [line.get_label() for line in ax.lines] == [
+        "logit: entropy",
+        "logit: kl_to_final",
+        "tuned: entropy",
+        "tuned: kl_to_final",
+    ]
+    assert [to_hex(line.get_color()) for line in ax.lines] == [
+        to_hex(METRIC_STYLE[s].color) for s in ("entropy", "kl_to_final") * 2
+    ]
+    assert [line.get_marker() for line in ax.lines] == [LINE_STYLES[n].marker for n in (0, 0, 1, 1)]
+    # One light band per lens and statistic in the statistic's colour, under the lines.
+    faces = sorted(to_hex(band.get_facecolor()[0], keep_alpha=False) for band in ax.collections)
+    assert faces == sorted(to_hex(METRIC_STYLE[s].color) for s in ("entropy", "kl_to_final") * 2)
+    assert all(band.get_facecolor()[0][3] < 0.5 for band in ax.collections)
+    assert all(band.get_zorder() < line.get_zorder() for band in ax.collections for line in ax.lines)
+    tuned = comparison["tuned"]
+    edges = np.concatenate([tuned.quantile("entropy", q).numpy() for q in (0.25, 0.75)])
+    outlines = [band.get_paths()[0].vertices[:, 1] for band in ax.collections]
+    assert any(all(np.isclose(y, v, rtol=1e-6).any() for v in edges) for y in outlines)
+    assert to_rgba(ax.lines[0].get_color()) == to_rgba(comparison["logit"].plot().axes[0].lines[2].get_color())

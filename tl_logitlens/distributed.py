@@ -415,4 +415,3 @@ def shard_for(group: Optional[Group], data: Any, max_tokens: Optional[int]) -> T
         return group.shard(ids), budget
     budget = None if max_tokens is None else split_budget(max_tokens, group.rank, group.world)
     return group.shard(data), budget
-

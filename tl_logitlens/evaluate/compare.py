@@ -20,18 +20,14 @@ from ..errors import LensInputError
 from ..files import SavedAsJson
 from ..inputs import check_stream_args, resolve_model
 from ..lenses import TunedLens, check_lens, is_identity
-from .evaluation import LensEvaluation, _evaluation, _finish
+from .evaluation import LensEvaluation, evaluation_of, finish_pass
 from .running import STATISTICS
 from .stream import stream_lenses
 
 _FORMAT = "tl_logitlens.LensComparison/1"
-#: What :meth:`LensComparison.plot` draws by default: the nats of :data:`STATISTICS`, then the rate.
+#: What :meth:`LensComparison.plot` draws by default: the nats of :data:`STATISTICS`, then the rate
+#: (the default of :func:`tl_logitlens.plots.plot_lens_comparison`, which draws it).
 PLOT_STATISTICS = STATISTICS + ("top1_agreement",)
-_RATES = ("top1_agreement", "top1_accuracy")
-# One colour per statistic, as LensEvaluation.plot's default order gives them; the lens is the line style.
-# The statistics .plot() draws; their names and colours come from the one style table of the figures.
-_PLOTTED = ("kl_to_final", "next_token_loss", "entropy", "top1_agreement", "top1_accuracy")
-_STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1, 1, 1)), "v"), ((0, (1, 3)), "P")]
 
 
 @dataclass
@@ -139,70 +135,9 @@ class LensComparison(SavedAsJson):
             The ``Figure``; ``fig.axes[0]`` (or ``ax``) holds the first kind of statistic,
             a twin axis the rates when both kinds are drawn.
         """
-        from ..plots import METRIC_STYLE, plot_layer_curves
+        from ..plots import plot_lens_comparison
 
-        wanted = list(statistics)
-        bad = [s for s in wanted if s not in _PLOTTED]
-        if not wanted or bad:
-            raise LensInputError(f"statistics must be a non-empty selection of {_PLOTTED}, got {statistics!r}")
-        nats = [s for s in wanted if s in STATISTICS]
-        rates = [s for s in wanted if s in _RATES]
-
-        def curve(ev: LensEvaluation, stat: str) -> tuple:
-            if stat in _RATES:
-                return (getattr(ev, stat),)
-            if band is None:
-                return (ev.mean(stat),)
-            return (ev.mean(stat), ev.quantile(stat, band[0]), ev.quantile(stat, band[1]))
-
-        def restyle(lines: List[Any], stats: List[str]) -> None:
-            # plot_layer_curves draws lens by lens, statistic by statistic, in that order.
-            for number, line in enumerate(lines):
-                style, marker = _STYLES[(number // len(stats)) % len(_STYLES)]
-                line.set_color(METRIC_STYLE[stats[number % len(stats)]].color)
-                line.set_linestyle(style)
-                line.set_marker(marker)
-
-        first = nats or rates
-        lines_before = 0 if ax is None else len(ax.lines)
-        bands_before = 0 if ax is None else len(ax.collections)
-        fig = plot_layer_curves(
-            self.labels,
-            {f"{name}: {stat}": curve(ev, stat) for name, ev in self.evaluations.items() for stat in first},
-            ax=ax,
-            ylabel="nats" if nats else "top-1 rate",
-        )
-        ax = ax if ax is not None else fig.axes[0]
-        drawn = list(ax.lines[lines_before:])
-        restyle(drawn, first)
-        for number, patch in enumerate(ax.collections[bands_before:]):
-            patch.set_color(METRIC_STYLE[first[number % len(first)]].color)
-        legend_x = 1.01
-        if nats and rates:
-            twin = ax.twinx()
-            x = list(range(len(self.labels)))
-            extra = [
-                twin.plot(x, curve(ev, stat)[0].tolist(), markersize=4, label=f"{name}: {stat}")[0]
-                for name, ev in self.evaluations.items()
-                for stat in rates
-            ]
-            restyle(extra, rates)
-            twin.set_ylim(-0.02, 1.02)
-            twin.set_ylabel("top-1 rate")
-            drawn += extra
-            legend_x = 1.13
-        if ax.get_legend() is not None:
-            ax.get_legend().remove()
-        ax.legend(
-            drawn,
-            [line.get_label() for line in drawn],
-            frameon=False,
-            fontsize=8,
-            loc="upper left",
-            bbox_to_anchor=(legend_x, 1.0),
-        )
-        ax.set_title(title if title is not None else f"{' vs '.join(self.lenses)} lens over {self.n_tokens:,} tokens")
-        return fig
+        return plot_lens_comparison(self, ax=ax, statistics=statistics, band=band, title=title)
 
     def __repr__(self) -> str:
         parts = []
@@ -265,7 +200,8 @@ def _check_lenses(view: Any, lenses: Any) -> Dict[str, Any]:
     """The lenses as ``{name: lens or None}`` (identity lenses as ``None``), every check before any forward pass."""
     if not isinstance(lenses, Mapping):
         raise LensInputError(
-            f"lenses must be a dict of name -> lens, e.g. {{'logit': None, 'tuned': tuned}}; got {type(lenses).__name__}"
+            "lenses must be a dict of name -> lens, e.g. {'logit': None, 'tuned': tuned}; "
+            f"got {type(lenses).__name__}"
         )
     if not lenses:
         raise LensInputError("lenses is empty; give at least one, e.g. {'logit': None, 'tuned': tuned}")
@@ -350,9 +286,9 @@ def compare_lenses(
         desc="compare_lenses",
         distributed=distributed,
     )
-    _finish(run, "compare_lenses")
+    finish_pass(run, "compare_lenses")
     evaluations = {
-        name: _evaluation(run, i, norm, name, lens is not None) for i, (name, lens) in enumerate(named.items())
+        name: evaluation_of(run, i, norm, name, lens is not None) for i, (name, lens) in enumerate(named.items())
     }
     meta = dict(next(iter(evaluations.values())).meta)
     meta.pop("lens", None)

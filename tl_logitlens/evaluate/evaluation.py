@@ -309,11 +309,11 @@ def evaluate_lens(
         desc="evaluate_lens",
         distributed=distributed,
     )
-    _finish(run, "evaluate_lens")
-    return _evaluation(run, 0, norm, named, lens is not None)
+    finish_pass(run, "evaluate_lens")
+    return evaluation_of(run, 0, norm, named, lens is not None)
 
 
-def _finish(run: Run, who: str) -> None:
+def finish_pass(run: Run, who: str) -> None:
     """Refuse a pass that read nothing, and warn (at the caller's caller) about split sequences."""
     running = run.running[0]
     if running.n_sequences == 0:
@@ -332,7 +332,7 @@ def _finish(run: Run, who: str) -> None:
         raise LensInputError("no token was scored: every sequence is shorter than two tokens")
 
 
-def _evaluation(run: Run, i: int, norm: str, name: str, transformed: bool) -> LensEvaluation:
+def evaluation_of(run: Run, i: int, norm: str, name: str, transformed: bool) -> LensEvaluation:
     """The :class:`LensEvaluation` of lens ``i`` of a finished pass."""
     meta: Dict[str, Any] = {"model": run.view.model_name, "lens": transformed}
     if run.ranks is not None:

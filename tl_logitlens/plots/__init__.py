@@ -1,19 +1,23 @@
 """Figures of logit-lens and direct-logit-attribution results (matplotlib), one module per family.
 
-- :mod:`.style`: the one table of metric names and colours, colour maps, width presets, captions
+- :mod:`.style`: the one table of metric names and colours (static and interactive alike), colour
+  maps, line styles, width presets, captions
 - :mod:`.layout`: sizes, fonts, text measured and elided to fit, tick labels, decoding, ``save_figure``
 - :mod:`.lens`: :func:`plot_lens`, the logit-lens heatmap (small multiples for several prompts)
 - :mod:`.lines`: :func:`plot_trajectory`, :func:`plot_layer_curves`, :func:`plot_lens_metrics`,
-  :func:`plot_group_trajectory`
-  (``LensEvaluation.plot`` draws with :func:`plot_layer_curves`)
+  :func:`plot_group_trajectory`, :func:`plot_lens_comparison`
+  (``LensEvaluation.plot`` draws with :func:`plot_layer_curves`, ``LensComparison.plot`` with
+  :func:`plot_lens_comparison`)
 - :mod:`.attribution`: :func:`plot_attribution`, :func:`plot_attribution_positions`,
   :func:`plot_source_attribution` (source tokens x heads)
 - :mod:`.interactive`: plotly views behind ``result.show()`` and ``result.to_html(path)``
 
-Every function takes a result object (:class:`~tl_logitlens.LensResult` or
-:class:`~tl_logitlens.Attribution`) as its one positional argument, and everything else by
-keyword, ``ax=`` first: it draws into ``ax`` when one is given (otherwise into a new figure
-sized to the data), and returns the ``Figure``. Nothing here runs the model.
+Every function takes a result object (:class:`~tl_logitlens.LensResult`,
+:class:`~tl_logitlens.Attribution` or :class:`~tl_logitlens.evaluate.LensComparison`, read
+duck-typed) as its one positional argument, and everything else by keyword, ``ax=`` first: it
+draws into ``ax`` when one is given (otherwise into a new figure sized to the data), and returns
+the ``Figure``. Nothing here runs the model. A bad argument raises
+:class:`~tl_logitlens.errors.LensInputError` (a ``ValueError``) that names it.
 
 Conventions shared by all figures:
 
@@ -58,7 +62,13 @@ from __future__ import annotations
 from .attribution import plot_attribution, plot_attribution_positions, plot_source_attribution
 from .layout import save_figure
 from .lens import plot_lens
-from .lines import plot_group_trajectory, plot_layer_curves, plot_lens_metrics, plot_trajectory
+from .lines import (
+    plot_group_trajectory,
+    plot_layer_curves,
+    plot_lens_comparison,
+    plot_lens_metrics,
+    plot_trajectory,
+)
 from .style import ATTRIBUTION_KINDS, LENS_METRICS, METRIC_STYLE, TRAJECTORY_METRICS, WIDTHS
 
 __all__ = [
@@ -75,5 +85,6 @@ __all__ = [
     "plot_attribution_positions",
     "plot_source_attribution",
     "plot_group_trajectory",
+    "plot_lens_comparison",
     "save_figure",
 ]

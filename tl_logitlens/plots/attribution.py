@@ -14,6 +14,7 @@ import matplotlib.colors as mcolors
 import numpy as np
 import torch
 
+from ..errors import LensInputError
 from ..tokentext import LITERAL_TEXT, display_token
 from .layout import (
     _axes_inches,
@@ -38,6 +39,7 @@ from .style import (
     NEG_COLOR,
     NEURON,
     POS_COLOR,
+    SIGNED_CMAP,
     STACK_CAPTION,
 )
 
@@ -51,7 +53,7 @@ def _pick_position(att: Any, position: int) -> Tuple[torch.Tensor, str]:
         return att.values, ""
     n_pos = att.values.shape[2]
     if not -n_pos <= position < n_pos:
-        raise ValueError(f"position={position} is out of range: the attribution has {n_pos} position column(s)")
+        raise LensInputError(f"position={position} is out of range: the attribution has {n_pos} position column(s)")
     col = position % n_pos
     absolute = sorted({int(p) for p in att.positions[:, col]})
     where = f"position {absolute[0]}" if len(absolute) == 1 else f"column {col}"
@@ -174,14 +176,14 @@ def plot_attribution(
 
 def _check_kind(att: Any, kind: str, top_k: Any) -> None:
     if kind not in ATTRIBUTION_KINDS:
-        raise ValueError(f"unknown kind {kind!r}; choose one of {list(ATTRIBUTION_KINDS)}")
+        raise LensInputError(f"unknown kind {kind!r}; choose one of {list(ATTRIBUTION_KINDS)}")
     if kind == "heatmap" and att.by != "head":
-        raise ValueError(
+        raise LensInputError(
             f"kind='heatmap' draws a layer x head grid and needs an attribution made with by='head'; "
             f"this one is by={att.by!r}: use kind='bar' or 'barh'"
         )
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+        raise LensInputError(f"top_k must be a positive int, got {top_k!r}")
 
 
 def _spread(std: Any) -> str:
@@ -199,7 +201,9 @@ def _head_heatmap(att: Any, ax: Any, position: int, title: str, annotate: Option
     size = (_clamp(2.8 + 0.5 * n_heads, 4.5, _MAX_WIDTH), _clamp(2.1 + 0.36 * n_layers, 3.0, _MAX_HEIGHT))
     fig, ax = _new_axes(ax, size, width)
     limit = float(np.abs(data).max()) or 1.0
-    image = ax.imshow(data, cmap="RdBu", norm=mcolors.Normalize(-limit, limit), aspect="auto", interpolation="nearest")
+    image = ax.imshow(
+        data, cmap=SIGNED_CMAP, norm=mcolors.Normalize(-limit, limit), aspect="auto", interpolation="nearest"
+    )
     bar = fig.colorbar(image, ax=ax, pad=0.02)
     bar.set_label("direct effect (on the title's logit)", fontsize=BASE_FONT - 1)  # the target is in the title
     if annotate is None:
@@ -235,7 +239,7 @@ def _top_bars(att: Any, ax: Any, m: np.ndarray, s: Any, top_k: int, value_label:
         [i for i in range(len(labels)) if NEURON.match(labels[i])] if att.by == "neuron" else list(range(len(labels)))
     )
     if not order:
-        raise ValueError(f"this attribution (by={att.by!r}) has no neuron terms to rank")
+        raise LensInputError(f"this attribution (by={att.by!r}) has no neuron terms to rank")
     order = sorted(order, key=lambda i: -abs(m[i]))[:top_k]
     pool = "neurons" if att.by == "neuron" else "terms"
     total = sum(1 for lab in labels if NEURON.match(lab)) if att.by == "neuron" else len(labels)
@@ -332,7 +336,7 @@ def plot_attribution_positions(
         True
     """
     if att.values.ndim != 3:
-        raise ValueError(
+        raise LensInputError(
             f"this attribution was taken at one position (values {tuple(att.values.shape)} = "
             "[component, batch]); call tll.direct_logit_attribution(..., positions=None) to "
             "attribute at every position, or use plot_attribution"
@@ -352,14 +356,14 @@ def plot_attribution_positions(
     rows = list(range(n_comp))
     if top_k is not None:
         if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+            raise LensInputError(f"top_k must be a positive int or None, got {top_k!r}")
         strength = data.abs().amax(1)
         rows = sorted(strength.argsort(descending=True)[: int(top_k)].tolist())
     grid = _np(data[torch.tensor(rows)])  # [component, pos]
     if tokens is not None:
         tokens = list(tokens)
         if len(tokens) != n_pos:
-            raise ValueError(f"tokens has {len(tokens)} entries but the attribution has {n_pos} positions")
+            raise LensInputError(f"tokens has {len(tokens)} entries but the attribution has {n_pos} positions")
         x_labels = [display_token(str(t)) for t in tokens]
         x_title = "token"
     else:
@@ -367,7 +371,9 @@ def plot_attribution_positions(
         x_title = "position" if pos_row is not None else "position column"
     fig, ax = _new_axes(ax, (3.0 + 0.3 * n_pos, _clamp(2.4 + 0.2 * len(rows), 3.0, _MAX_HEIGHT)), width)
     limit = float(np.abs(grid).max()) or 1.0
-    image = ax.imshow(grid, cmap="RdBu", norm=mcolors.Normalize(-limit, limit), aspect="auto", interpolation="nearest")
+    image = ax.imshow(
+        grid, cmap=SIGNED_CMAP, norm=mcolors.Normalize(-limit, limit), aspect="auto", interpolation="nearest"
+    )
     target = _answer_words(att)
     bar = fig.colorbar(image, ax=ax, pad=0.02)
     bar.set_label("direct effect (on the title's logit)", fontsize=BASE_FONT - 1)  # the target is in the title
@@ -453,13 +459,15 @@ def plot_source_attribution(
     """
     data = att.by_source()  # [layer, head, src, batch(, pos)]
     if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
-        raise ValueError(f"top must be a positive int (how many heads to show), got {top!r}")
+        raise LensInputError(f"top must be a positive int (how many heads to show), got {top!r}")
     n_layers, n_heads, n_src, n_batch = data.shape[:4]
     positions = att.positions  # [batch, n]
     if data.ndim == 5:
         n_pos = data.shape[4]
         if isinstance(position, bool) or not isinstance(position, (int, np.integer)) or not -n_pos <= position < n_pos:
-            raise ValueError(f"position={position!r} is out of range: the attribution has {n_pos} position column(s)")
+            raise LensInputError(
+                f"position={position!r} is out of range: the attribution has {n_pos} position column(s)"
+            )
         col = int(position) % n_pos
         data = data[..., col]
     else:
@@ -496,7 +504,7 @@ def plot_source_attribution(
     limit = float(np.nanmax(np.abs(image_data))) if np.isfinite(image_data).any() else 1.0
     limit = limit or 1.0
     norm = mcolors.Normalize(-limit, limit)
-    image = ax.imshow(image_data, cmap="RdBu", norm=norm, aspect="auto", interpolation="nearest")
+    image = ax.imshow(image_data, cmap=SIGNED_CMAP, norm=norm, aspect="auto", interpolation="nearest")
     if annotate is None:
         annotate = image_data.size <= 256
     if annotate:

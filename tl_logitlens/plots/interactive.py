@@ -13,9 +13,9 @@ alphabet with ``.`` in place of ``<``, so no ``<`` can end the script early); a
 twenty-line loader inflates them with the browser's native ``DecompressionStream``
 (Chromium 80+, Firefox 113+, Safari 16.4+). plotly.js 3 (plotly 7.1) then takes 1.84 MB
 instead of 4.8 MB; a 12-layer x 128-position lens page of a random 5000-token model (the hard
-case for compression) is 1.96 MB. Plain base 64 (native ``atob``) would not fit under 2 MB. Hover texts are formatted here, in
-Python, so the page shows exactly the strings documented below; colours use values
-rounded to 4 significant digits.
+case for compression) is 1.96 MB. Plain base 64 (native ``atob``) would not fit under 2 MB.
+Hover texts are formatted here, in Python, so the page shows exactly the strings documented
+below; colours use values rounded to 4 significant digits.
 
 Tooltip of a lens cell (one line each; tokens spelled by
 :func:`~tl_logitlens.tokentext.display_token`, numbers with ``:.4g``)::
@@ -25,9 +25,13 @@ Tooltip of a lens cell (one line each; tokens spelled by
     next <token>  p <prob>  rank <rank>   (target <token> ... with other targets)
     entropy <e> · KL <kl> nats
 
-Requires plotly (``pip install tl-logitlens[interactive]``). The metric names and colour
-scales live in :data:`LENS_METRICS`; the evaluation curves take their names and colours from
-:data:`tl_logitlens.plots.style.METRIC_STYLE`, as the static figures do.
+Requires plotly (``pip install tl-logitlens[interactive]``). Every name, colour-bar label and
+colour comes from :mod:`tl_logitlens.plots.style`, the table the static figures read: the lens
+metrics from :data:`~tl_logitlens.plots.style.LENS_METRIC_STYLE` (their matplotlib colour maps
+drawn as plotly colour scales), the evaluation curves from
+:data:`~tl_logitlens.plots.style.METRIC_STYLE`, the lenses' line styles from
+:data:`~tl_logitlens.plots.style.LINE_STYLES`, signed attributions on
+:data:`~tl_logitlens.plots.style.SIGNED_CMAP`.
 
 Example::
 
@@ -37,7 +41,7 @@ Example::
     >>> result = tll.logit_lens(model, tll.demo.induction_prompt(model), targets="next")
     >>> fig = lens_figure(result)
     >>> [b["label"] for b in fig.layout.updatemenus[0].buttons]
-    ['top-token probability', 'next-token probability', 'entropy', 'KL to final', 'next-token rank']
+    ['top-1 probability', 'next-token probability', 'entropy', 'KL to final', 'next-token rank']
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import functools
 import gzip
 import html
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -55,7 +60,18 @@ import torch
 from ..errors import LensInputError
 from ..files import write_text
 from ..tokentext import display_token, token_text
-from .style import METRIC_STYLE
+from .style import (
+    LENS_METRIC_STYLE,
+    LINE_STYLES,
+    METRIC_STYLE,
+    NATS_STATISTICS,
+    NEG_COLOR,
+    POS_COLOR,
+    SIGNED_CMAP,
+    TARGET_WORDS,
+    LensMetric,
+    plotly_colorscale,
+)
 
 __all__ = [
     "LENS_METRICS",
@@ -71,20 +87,11 @@ __all__ = [
 
 INSTALL_HINT = "interactive views need plotly: pip install tl-logitlens[interactive]"
 
-#: Lens heatmap metrics: key -> (menu label, colorbar title, plotly colour scale, reversed?).
-#: ``{target}`` is "next-token" with ``targets="next"``, else "target".
-LENS_METRICS: Dict[str, Tuple[str, str, str, bool]] = {
-    "prob": ("top-token probability", "p(top token)", "Viridis", False),
-    "target_prob": ("{target} probability", "p({target})", "Viridis", False),
-    "entropy": ("entropy", "entropy (nats)", "Magma", True),
-    "kl": ("KL to final", "KL to final (nats)", "Magma", True),
-    "rank": ("{target} rank", "rank (0 = top)", "Viridis", True),
+#: Lens heatmap metrics, in menu order: key -> name, colour-bar unit and colour map, from the one
+#: table the static heatmap reads (:data:`~tl_logitlens.plots.style.LENS_METRIC_STYLE`).
+LENS_METRICS: Dict[str, LensMetric] = {
+    key: LENS_METRIC_STYLE[key] for key in ("prob", "target_prob", "entropy", "kl", "rank")
 }
-#: Evaluation statistics: key -> (name, colour), from the one style table the static figures use.
-EVAL_STATS: Dict[str, Tuple[str, str]] = {
-    key: (METRIC_STYLE[key].name, METRIC_STYLE[key].color) for key in ("kl_to_final", "next_token_loss", "entropy")
-}
-_LENS_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 _MAX_OPTIONS = 64  # attribution cells offered in the menu (beyond: the mean and the first ones)
 _TICK_CHARS = 12  # axis tick labels are elided past this; the hover keeps the full text
 
@@ -122,194 +129,243 @@ def _tick(tokenizer: Any, token_id: int) -> str:
 
 
 # -- the lens heatmap --------------------------------------------------------------------------
+# Data flow: _read_lens (the result's tensors, one layout) -> per prompt: _colour_grid, _hover_texts,
+# _tick_texts -> per metric: _metric_scale -> _lens_traces, _lens_menus -> lens_figure's layout.
+@dataclass
+class _LensCells:
+    """What the lens heatmap reads from a result, every field with a position axis."""
+
+    top_ids: torch.Tensor  # [layer, batch, pos, k]
+    top_probs: torch.Tensor  # [layer, batch, pos, k]
+    entropy: torch.Tensor  # [layer, batch, pos]
+    kl: torch.Tensor  # [layer, batch, pos]
+    targets: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # first target: ids, probs, ranks
+    target: str  # what {target} reads in metric names: TARGET_WORDS
+    values: Dict[str, torch.Tensor]  # metric -> [layer, batch, pos] coloured values (NaN: none)
+    positions: torch.Tensor  # [batch, pos] absolute positions
+    real: torch.Tensor  # [batch, pos] not padding
+    inputs: Optional[torch.Tensor]  # [batch, pos] input ids at those positions
+    labels: List[str]
+    tokenizer: Any
+    k: int  # tokens listed per cell
+    lens_name: str
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        """``(layers, prompts, positions)``."""
+        return tuple(self.entropy.shape)  # type: ignore[return-value]
+
+
+def _read_lens(result: Any, top_k: Optional[int]) -> _LensCells:
+    """The result's fields in one layout (a position axis even when it was read at one position)."""
+    expand = (lambda t: t) if result.has_pos_axis else (lambda t: None if t is None else t.unsqueeze(2))  # noqa: E731
+    top_ids, top_probs = expand(result.top_ids), expand(result.top_probs)
+    entropy, kl = expand(result.entropy), expand(result.kl_to_final)
+    _, batch, n_pos, k = top_ids.shape
+    k = k if top_k is None else int(top_k)
+    if k < 1:
+        raise LensInputError(f"top_k must be a positive int (tokens listed per cell), got {top_k!r}")
+    positions = result.positions.reshape(batch, -1)[:, :n_pos]
+    values: Dict[str, torch.Tensor] = {"prob": top_probs[..., 0], "entropy": entropy, "kl": kl}
+    targets, target = None, TARGET_WORDS["other"]
+    if result.target_ids is not None:
+        targets = tuple(expand(x)[..., 0] for x in (result.target_ids, result.target_probs, result.target_ranks))
+        next_ids = result.next_ids.reshape(batch, -1)[:, :n_pos]
+        if result.target_ids.shape[-1] == 1 and torch.equal(targets[0][0], next_ids):
+            target = TARGET_WORDS["next"]
+        ranks = targets[2]
+        values["target_prob"] = targets[1]
+        values["rank"] = torch.where(ranks >= 0, ranks.double(), torch.tensor(float("nan"), dtype=torch.float64))
+    inputs = None
+    if result.input_ids is not None:
+        inputs = torch.stack([result.input_ids[b, positions[b]] for b in range(batch)])  # [batch, pos]
+    return _LensCells(
+        top_ids=top_ids,
+        top_probs=top_probs,
+        entropy=entropy,
+        kl=kl,
+        targets=targets,
+        target=target,
+        values=values,
+        positions=positions,
+        real=positions < result.lengths.reshape(batch, 1),
+        inputs=inputs,
+        labels=list(result.labels),
+        tokenizer=result.tokenizer,
+        k=k,
+        lens_name=result.lens_name,
+    )
+
+
+def _colour_grid(cells: _LensCells, metric: str, b: int) -> List[List[Optional[float]]]:
+    """``[layer][pos]`` colour values of prompt ``b``, 4 significant digits; padding is a gap (None)."""
+    grid = cells.values[metric][:, b].double().clone()  # [layer, pos]
+    grid[:, ~cells.real[b]] = float("nan")
+    return _grid(grid)
+
+
+def _hover_texts(cells: _LensCells, b: int) -> List[List[str]]:
+    """``[layer][pos]`` tooltips of prompt ``b``, as the module doc spells them."""
+    # Decode each distinct id once: a 12 x 128 x 5 grid has 7680 tokens but few distinct ones.
+    names: Dict[int, str] = {}
+
+    def name(i: int) -> str:
+        if i not in names:
+            names[i] = _tok(cells.tokenizer, i)
+        return names[i]
+
+    n_layer, _, n_pos = cells.shape
+    ids, probs = cells.top_ids[:, b, :, : cells.k].tolist(), cells.top_probs[:, b, :, : cells.k].tolist()
+    ent, div = cells.entropy[:, b].tolist(), cells.kl[:, b].tolist()
+    if cells.targets is not None:
+        tid, tp, tr = (x[:, b].tolist() for x in cells.targets)
+    word = "next" if cells.target == TARGET_WORDS["next"] else "target"
+    inputs = None if cells.inputs is None else cells.inputs[b].tolist()
+    rows = []
+    for layer in range(n_layer):
+        row = []
+        for j in range(n_pos):
+            if not bool(cells.real[b, j]):
+                row.append("padding")
+                continue
+            head = f"{cells.labels[layer]} · pos {int(cells.positions[b, j])}"
+            if inputs is not None:
+                head += f" · {name(inputs[j])}"
+            lines = [head] + [f"{name(i)}  {p:.4g}" for i, p in zip(ids[layer][j], probs[layer][j])]
+            if cells.targets is not None:
+                if tid[layer][j] < 0:
+                    lines.append(f"{word}: none")
+                else:
+                    lines.append(f"{word} {name(tid[layer][j])}  p {tp[layer][j]:.4g}  rank {tr[layer][j]}")
+            lines.append(f"entropy {ent[layer][j]:.4g} · KL {div[layer][j]:.4g} nats")
+            row.append("<br>".join(lines))
+        rows.append(row)
+    return rows
+
+
+def _tick_texts(cells: _LensCells, b: int) -> List[str]:
+    """Prompt ``b``'s x tick labels: its input tokens, elided, or the positions without input ids."""
+    if cells.inputs is None:
+        return [str(int(p)) for p in cells.positions[b]]
+    return [_tick(cells.tokenizer, t) for t in cells.inputs[b].tolist()]
+
+
+def _metric_scale(cells: _LensCells, metric: str) -> Dict[str, Any]:
+    """Menu label, colour-bar title, colour scale and limits of one metric (the same for every prompt)."""
+    style = LENS_METRIC_STYLE[metric]
+    values = cells.values[metric][:, cells.real].double()
+    values = values[~values.isnan()]
+    top = float(values.max()) if values.numel() else 1.0
+    if metric in ("prob", "target_prob"):
+        hi = 1.0
+    elif metric == "rank":
+        hi = max(1.0, min(top, 100.0))  # beyond 100 all look alike; the hover has the rank
+    else:
+        hi = max(top, 1e-6)
+    return {
+        "label": style.name.format(target=cells.target),
+        "bar": style.label(cells.target),
+        "scale": plotly_colorscale(style.cmap),
+        "zmin": 0.0,
+        "zmax": hi,
+    }
+
+
+def _lens_traces(go: Any, cells: _LensCells, metric: str, prompt: int) -> List[Any]:
+    """One heatmap per prompt, coloured by ``metric``; only ``prompt``'s is visible."""
+    n_layer, batch, n_pos = cells.shape
+    scale = _metric_scale(cells, metric)
+    return [
+        go.Heatmap(
+            z=_colour_grid(cells, metric, b),
+            x=list(range(n_pos)),
+            y=list(range(n_layer)),
+            text=_hover_texts(cells, b),
+            hovertemplate="%{text}<extra></extra>",
+            visible=(b == prompt),
+            name=f"prompt {b}",
+            colorscale=scale["scale"],
+            zmin=scale["zmin"],
+            zmax=scale["zmax"],
+            colorbar={"title": {"text": scale["bar"]}},
+            xgap=1,
+            ygap=1,
+        )
+        for b in range(batch)
+    ]
+
+
+def _lens_menus(cells: _LensCells, metrics: List[str], metric: str, prompt: int, step: int) -> List[Dict[str, Any]]:
+    """The metric menu (recolours every prompt's heatmap) and, for several prompts, the prompt menu."""
+    _, batch, n_pos = cells.shape
+    metric_buttons = []
+    for m in metrics:
+        scale = _metric_scale(cells, m)
+        restyle = {
+            "z": [_colour_grid(cells, m, b) for b in range(batch)],
+            "colorscale": [scale["scale"]] * batch,  # one per trace: a bare list would be read per trace
+            "zmin": scale["zmin"],
+            "zmax": scale["zmax"],
+            "colorbar.title.text": scale["bar"],
+        }
+        metric_buttons.append({"label": scale["label"], "method": "restyle", "args": [restyle]})
+    place = {"y": 1.12, "xanchor": "left", "yanchor": "bottom", "showactive": True}
+    menus = [{"buttons": metric_buttons, "active": metrics.index(metric), "x": 0.0, **place, "name": "metric"}]
+    if batch > 1:
+        prompt_buttons = [
+            {
+                "label": f"prompt {b}",
+                "method": "update",
+                "args": [
+                    {"visible": [i == b for i in range(batch)]},
+                    {"xaxis.tickvals": list(range(0, n_pos, step)), "xaxis.ticktext": _tick_texts(cells, b)[::step]},
+                ],
+            }
+            for b in range(batch)
+        ]
+        menus.append({"buttons": prompt_buttons, "active": prompt, "x": 0.45, **place, "name": "prompt"})
+    return menus
+
+
 def lens_figure(result: Any, *, top_k: Optional[int] = None, metric: str = "prob", prompt: int = 0) -> Any:
     """The lens heatmap ``[layer x position]`` of a :class:`~tl_logitlens.LensResult` as a plotly Figure.
 
     Hovering a cell shows its top ``top_k`` tokens (default: all the result kept) with
     probabilities, the first target's probability and rank (when targets were given),
     entropy and KL to final (see the module doc for the exact lines). One heatmap trace
-    per prompt; a menu switches the prompt, another the coloured metric (``prob``,
-    ``target_prob``, ``entropy``, ``kl``, ``rank``; the target ones need targets).
-    Padding positions are gaps.
+    per prompt (``z`` is ``[layer][pos]``); a menu switches the prompt, another the coloured
+    metric (``prob``, ``target_prob``, ``entropy``, ``kl``, ``rank``; the target ones need
+    targets), named and coloured as the static heatmap
+    (:data:`~tl_logitlens.plots.style.LENS_METRIC_STYLE`). Padding positions are gaps.
+
+    Example::
+
+        >>> import tl_logitlens as tll
+        >>> from tl_logitlens.plots.interactive import lens_figure
+        >>> model = tll.demo_model()
+        >>> result = tll.logit_lens(model, tll.demo.induction_prompt(model), targets="next")
+        >>> fig = lens_figure(result, metric="entropy")
+        >>> len(fig.data[0].z), len(fig.data[0].z[0])  # [layer][pos]
+        (3, 25)
+        >>> fig.data[0].colorbar.title.text
+        'entropy (nats)'
     """
     go = _go()
-    expand = (lambda t: t) if result.has_pos_axis else (lambda t: None if t is None else t.unsqueeze(2))  # noqa: E731
-    top_ids, top_probs = expand(result.top_ids), expand(result.top_probs)
-    entropy, kl = expand(result.entropy), expand(result.kl_to_final)
-    n_layer, batch, n_pos, k = top_ids.shape
-    k = k if top_k is None else int(top_k)
-    if k < 1:
-        raise LensInputError(f"top_k must be a positive int (tokens listed per cell), got {top_k!r}")
-    has_targets = result.target_ids is not None
-    metrics = [m for m in LENS_METRICS if has_targets or not m.startswith(("target", "rank"))]
+    cells = _read_lens(result, top_k)
+    n_layer, batch, n_pos = cells.shape
+    metrics = [m for m in LENS_METRICS if m in cells.values]
     if metric not in metrics:
         raise LensInputError(
             f"metric must be one of {metrics} for this result, got {metric!r}"
-            + ("" if has_targets else " (target metrics need logit_lens(..., targets=...))")
+            + ("" if cells.targets is not None else " (target metrics need logit_lens(..., targets=...))")
         )
     if not 0 <= prompt < batch:
         raise LensInputError(f"prompt must index the batch of {batch} prompts, got {prompt!r}")
-    positions = result.positions.reshape(batch, -1)[:, :n_pos]
-    real = positions < result.lengths.reshape(batch, 1)  # [batch, pos]: not padding
-    target = "target"
-    if has_targets:
-        t_ids, t_probs, t_ranks = (
-            expand(x)[..., 0] for x in (result.target_ids, result.target_probs, result.target_ranks)
-        )
-        next_ids = result.next_ids.reshape(batch, -1)[:, :n_pos]
-        if result.target_ids.shape[-1] == 1 and torch.equal(t_ids[0], next_ids):
-            target = "next-token"
-    tokenizer = result.tokenizer
-    labels = list(result.labels)
-
-    z_of: Dict[str, torch.Tensor] = {"prob": top_probs[..., 0], "entropy": entropy, "kl": kl}
-    if has_targets:
-        z_of["target_prob"] = t_probs
-        z_of["rank"] = torch.where(t_ranks >= 0, t_ranks.double(), torch.tensor(float("nan"), dtype=torch.float64))
-
-    def z(m: str, b: int) -> List[List[Optional[float]]]:
-        grid = z_of[m][:, b].double().clone()  # [layer, pos]
-        grid[:, ~real[b]] = float("nan")
-        return _grid(grid)
-
-    def hover(b: int) -> List[List[str]]:
-        # Decode each distinct id once: a 12 x 128 x 5 grid has 7680 tokens but few distinct ones.
-        names: Dict[int, str] = {}
-
-        def name(i: int) -> str:
-            if i not in names:
-                names[i] = _tok(tokenizer, i)
-            return names[i]
-
-        ids, probs = top_ids[:, b, :, :k].tolist(), top_probs[:, b, :, :k].tolist()
-        ent, div = entropy[:, b].tolist(), kl[:, b].tolist()
-        if has_targets:
-            tid, tp, tr = t_ids[:, b].tolist(), t_probs[:, b].tolist(), t_ranks[:, b].tolist()
-        inputs = result.input_ids[b, positions[b]].tolist() if result.input_ids is not None else None
-        rows = []
-        for layer in range(n_layer):
-            row = []
-            for j in range(n_pos):
-                if not bool(real[b, j]):
-                    row.append("padding")
-                    continue
-                head = f"{labels[layer]} · pos {int(positions[b, j])}"
-                if inputs is not None:
-                    head += f" · {name(inputs[j])}"
-                lines = [head] + [f"{name(i)}  {p:.4g}" for i, p in zip(ids[layer][j], probs[layer][j])]
-                if has_targets:
-                    word = "next" if target == "next-token" else "target"
-                    if tid[layer][j] < 0:
-                        lines.append(f"{word}: none")
-                    else:
-                        lines.append(f"{word} {name(tid[layer][j])}  p {tp[layer][j]:.4g}  rank {tr[layer][j]}")
-                lines.append(f"entropy {ent[layer][j]:.4g} · KL {div[layer][j]:.4g} nats")
-                row.append("<br>".join(lines))
-            rows.append(row)
-        return rows
-
-    def ticks(b: int) -> List[str]:
-        if result.input_ids is None:
-            return [str(int(p)) for p in positions[b]]
-        return [_tick(tokenizer, t) for t in result.input_ids[b, positions[b]].tolist()]
-
-    def style(m: str) -> Dict[str, Any]:
-        label, bar, scale = (s.format(target=target) for s in LENS_METRICS[m][:3])
-        rev = LENS_METRICS[m][3]
-        values = z_of[m][:, real].double()
-        values = values[~values.isnan()]
-        top = float(values.max()) if values.numel() else 1.0
-        if m in ("prob", "target_prob"):
-            lo, hi = 0.0, 1.0
-        elif m == "rank":
-            lo, hi = 0.0, max(1.0, min(top, 100.0))  # beyond 100 all look alike; the hover has the rank
-        else:
-            lo, hi = 0.0, max(top, 1e-6)
-        return {"label": label, "bar": bar, "scale": scale, "reverse": rev, "zmin": lo, "zmax": hi}
-
-    s0 = style(metric)
-    traces = []
-    for b in range(batch):
-        traces.append(
-            go.Heatmap(
-                z=z(metric, b),
-                x=list(range(n_pos)),
-                y=list(range(n_layer)),
-                text=hover(b),
-                hovertemplate="%{text}<extra></extra>",
-                visible=(b == prompt),
-                name=f"prompt {b}",
-                colorscale=s0["scale"],
-                reversescale=s0["reverse"],
-                zmin=s0["zmin"],
-                zmax=s0["zmax"],
-                colorbar={"title": {"text": s0["bar"]}},
-                xgap=1,
-                ygap=1,
-            )
-        )
-    metric_buttons = []
-    for m in metrics:
-        s = style(m)
-        metric_buttons.append(
-            {
-                "label": s["label"],
-                "method": "restyle",
-                "args": [
-                    {
-                        "z": [z(m, b) for b in range(batch)],
-                        "colorscale": s["scale"],
-                        "reversescale": s["reverse"],
-                        "zmin": s["zmin"],
-                        "zmax": s["zmax"],
-                        "colorbar.title.text": s["bar"],
-                    }
-                ],
-            }
-        )
-    all_ticks = [ticks(b) for b in range(batch)]
     step = max(1, math.ceil(n_pos / 64))  # thin crowded tick labels; the hover names every cell
-    title = f"{result.lens_name} lens: hover a cell for its top tokens"
-    prompt_buttons = [
-        {
-            "label": f"prompt {b}",
-            "method": "update",
-            "args": [
-                {"visible": [i == b for i in range(batch)]},
-                {"xaxis.tickvals": list(range(0, n_pos, step)), "xaxis.ticktext": all_ticks[b][::step]},
-            ],
-        }
-        for b in range(batch)
-    ]
-    menus = [
-        {
-            "buttons": metric_buttons,
-            "active": metrics.index(metric),
-            "x": 0.0,
-            "y": 1.12,
-            "xanchor": "left",
-            "yanchor": "bottom",
-            "showactive": True,
-            "name": "metric",
-        }
-    ]
-    if batch > 1:
-        menus.append(
-            {
-                "buttons": prompt_buttons,
-                "active": prompt,
-                "x": 0.45,
-                "y": 1.12,
-                "xanchor": "left",
-                "yanchor": "bottom",
-                "showactive": True,
-                "name": "prompt",
-            }
-        )
-    fig = go.Figure(traces)
+    fig = go.Figure(_lens_traces(go, cells, metric, prompt))
     fig.update_layout(
-        title={"text": title, "y": 0.98},
-        updatemenus=menus,
+        title={"text": f"{cells.lens_name} lens: hover a cell for its top tokens", "y": 0.98},
+        updatemenus=_lens_menus(cells, metrics, metric, prompt, step),
         margin={"t": 110},
         height=max(320, 120 + 22 * n_layer),
         width=max(640, min(1600, 160 + 14 * n_pos)),
@@ -318,36 +374,30 @@ def lens_figure(result: Any, *, top_k: Optional[int] = None, metric: str = "prob
             "tickmode": "array",
             "tickangle": -60,
             "tickvals": list(range(0, n_pos, step)),
-            "ticktext": all_ticks[prompt][::step],
+            "ticktext": _tick_texts(cells, prompt)[::step],
         },
         yaxis={
             "title": {"text": "stack entry"},
             "tickmode": "array",
             "tickvals": list(range(n_layer)),
-            "ticktext": [_esc(x) for x in labels],
+            "ticktext": [_esc(x) for x in cells.labels],
         },
         plot_bgcolor="white",
-        meta={"view": "lens", "metrics": metrics, "target": target},
+        meta={"view": "lens", "metrics": metrics, "target": cells.target},
     )
     return fig
 
 
 # -- attribution -------------------------------------------------------------------------------
-def attribution_figure(att: Any, *, top: int = 40) -> Any:
-    """An :class:`~tl_logitlens.Attribution` as a plotly Figure: a layer x head heatmap for
-    ``by="head"``, horizontal bars (the ``top`` largest by mean |value| for ``by="neuron"``) otherwise.
-
-    A menu switches between the mean over every real (prompt, position) cell and each cell
-    (the first 64). Hover: the component, its value (``:+.4g``), and for one cell the
-    model's value and the constant term.
-    """
-    go = _go()
+def _attribution_options(att: Any) -> List[Tuple[str, torch.Tensor, str]]:
+    """What the cell menu offers: ``(menu label, [component] values, hover note)``, the mean over
+    every real (prompt, position) cell first, then each cell (the first 64)."""
     values = att.values if att.values.ndim == 3 else att.values.unsqueeze(-1)  # [comp, batch, pos]
-    model_value = att.model_value.reshape(values.shape[1], values.shape[2])
-    constant = att.constant.reshape(values.shape[1], values.shape[2])
-    positions = att.positions.reshape(values.shape[1], -1)[:, : values.shape[2]]
-    real = att.real().reshape(values.shape[1], values.shape[2])
-    cells = [(b, j) for b in range(values.shape[1]) for j in range(values.shape[2]) if bool(real[b, j])]
+    _, batch, n_pos = values.shape
+    model_value, constant = att.model_value.reshape(batch, n_pos), att.constant.reshape(batch, n_pos)
+    positions = att.positions.reshape(batch, -1)[:, :n_pos]
+    real = att.real().reshape(batch, n_pos)
+    cells = [(b, j) for b in range(batch) for j in range(n_pos) if bool(real[b, j])]
     mean = values[:, real].double().mean(1)  # [comp]
     options: List[Tuple[str, torch.Tensor, str]] = [("mean over prompts", mean, f"mean over {len(cells)} cells")]
     for b, j in cells[:_MAX_OPTIONS]:
@@ -358,77 +408,106 @@ def attribution_figure(att: Any, *, top: int = 40) -> Any:
                 f"model {float(model_value[b, j]):+.4g} · constant {float(constant[b, j]):+.4g}",
             )
         )
-    what = "logit difference" if att.wrong_ids is not None else "logit"
+    return options
+
+
+def _head_traces(go: Any, att: Any, options: List[Tuple[str, torch.Tensor, str]], what: str) -> List[Any]:
+    """One ``[layer][head]`` heatmap per menu option, on one colour scale symmetric about zero."""
+    index = {label: i for i, label in enumerate(att.labels)}
+    rows = [[index[f"L{layer}H{head}"] for head in range(att.n_heads)] for layer in range(att.n_layers)]
+    limit = max(max(float(v.abs().max()) for _, v, _ in options), 1e-9)
+    scale = plotly_colorscale(SIGNED_CMAP)
     traces = []
-    if att.by == "head":
-        index = {label: i for i, label in enumerate(att.labels)}
-        rows = [[index[f"L{layer}H{head}"] for head in range(att.n_heads)] for layer in range(att.n_layers)]
-        limit = max(float(mean.abs().max()), max(float(v.abs().max()) for _, v, _ in options), 1e-9)
-        for n, (name, v, note) in enumerate(options):
-            grid = [[_r4(v[i]) for i in row] for row in rows]
-            text = [
-                [f"L{layer}H{head}: {float(v[i]):+.4g}<br>{note}" for head, i in enumerate(row)]
-                for layer, row in enumerate(rows)
-            ]
-            traces.append(
-                go.Heatmap(
-                    z=grid,
-                    x=list(range(att.n_heads)),
-                    y=list(range(att.n_layers)),
-                    text=text,
-                    hovertemplate="%{text}<extra></extra>",
-                    visible=(n == 0),
-                    name=name,
-                    colorscale="RdBu",
-                    zmid=0,
-                    zmin=-limit,
-                    zmax=limit,
-                    xgap=1,
-                    ygap=1,
-                    colorbar={"title": {"text": f"direct effect on {what}"}},
-                )
+    for n, (name, v, note) in enumerate(options):
+        text = [
+            [f"L{layer}H{head}: {float(v[i]):+.4g}<br>{note}" for head, i in enumerate(row)]
+            for layer, row in enumerate(rows)
+        ]
+        traces.append(
+            go.Heatmap(
+                z=[[_r4(v[i]) for i in row] for row in rows],
+                x=list(range(att.n_heads)),
+                y=list(range(att.n_layers)),
+                text=text,
+                hovertemplate="%{text}<extra></extra>",
+                visible=(n == 0),
+                name=name,
+                colorscale=scale,
+                zmid=0,
+                zmin=-limit,
+                zmax=limit,
+                xgap=1,
+                ygap=1,
+                colorbar={"title": {"text": f"direct effect on {what}"}},
             )
+        )
+    return traces
+
+
+def _bar_traces(go: Any, att: Any, options: List[Tuple[str, torch.Tensor, str]], top: int) -> List[Any]:
+    """One set of horizontal bars per menu option; neurons: the ``top`` largest by mean |value|."""
+    order = list(range(len(att.labels)))
+    if att.by == "neuron":
+        order = options[0][1].abs().argsort(descending=True)[:top].tolist()
+    names = [_esc(att.labels[i]) for i in order]
+    return [
+        go.Bar(
+            y=names,
+            x=[_r4(v[i]) for i in order],
+            orientation="h",
+            visible=(n == 0),
+            name=name,
+            text=[f"{att.labels[i]}: {float(v[i]):+.4g}<br>{note}" for i in order],
+            textposition="none",
+            hovertemplate="%{text}<extra></extra>",
+            marker={"color": [NEG_COLOR if float(v[i]) < 0 else POS_COLOR for i in order]},
+        )
+        for n, (name, v, note) in enumerate(options)
+    ]
+
+
+def attribution_figure(att: Any, *, top: int = 40) -> Any:
+    """An :class:`~tl_logitlens.Attribution` as a plotly Figure: a layer x head heatmap for
+    ``by="head"``, horizontal bars (the ``top`` largest by mean |value| for ``by="neuron"``) otherwise.
+
+    A menu switches between the mean over every real (prompt, position) cell and each cell
+    (the first 64). Hover: the component, its value (``:+.4g``), and for one cell the
+    model's value and the constant term. Colours as the static figures: the diverging
+    :data:`~tl_logitlens.plots.style.SIGNED_CMAP` symmetric about zero, bars in its two ends.
+
+    Example::
+
+        >>> import tl_logitlens as tll
+        >>> from tl_logitlens.plots.interactive import attribution_figure
+        >>> model = tll.demo_model()
+        >>> tokens = tll.demo.induction_prompt(model)
+        >>> att = tll.direct_logit_attribution(model, tokens, answers=int(tokens[0, -11]), by="head")
+        >>> fig = attribution_figure(att)
+        >>> len(fig.data[0].z), len(fig.data[0].z[0])  # [layer][head]
+        (2, 4)
+    """
+    if isinstance(top, bool) or not hasattr(top, "__index__") or int(top) < 1:
+        raise LensInputError(f"top must be a positive int (how many neurons to show), got {top!r}")
+    go = _go()
+    options = _attribution_options(att)
+    what = "logit difference" if att.wrong_ids is not None else "logit"
+    if att.by == "head":
+        traces = _head_traces(go, att, options, what)
         axes = {"xaxis": {"title": {"text": "head"}, "dtick": 1}, "yaxis": {"title": {"text": "layer"}, "dtick": 1}}
     else:
-        order = list(range(len(att.labels)))
-        if att.by == "neuron":
-            order = mean.abs().argsort(descending=True)[: int(top)].tolist()
-        names = [_esc(att.labels[i]) for i in order]
-        for n, (name, v, note) in enumerate(options):
-            traces.append(
-                go.Bar(
-                    y=names,
-                    x=[_r4(v[i]) for i in order],
-                    orientation="h",
-                    visible=(n == 0),
-                    name=name,
-                    text=[f"{att.labels[i]}: {float(v[i]):+.4g}<br>{note}" for i in order],
-                    textposition="none",
-                    hovertemplate="%{text}<extra></extra>",
-                    marker={"color": ["#d62728" if float(v[i]) < 0 else "#1f77b4" for i in order]},
-                )
-            )
+        traces = _bar_traces(go, att, options, int(top))
         axes = {
             "xaxis": {"title": {"text": f"direct effect on {what}"}},
             "yaxis": {"autorange": "reversed", "type": "category"},
         }
-    menus = [
-        {
-            "buttons": [
-                {"label": name, "method": "update", "args": [{"visible": [i == n for i in range(len(options))]}]}
-                for n, (name, _, _) in enumerate(options)
-            ],
-            "x": 0.0,
-            "y": 1.1,
-            "xanchor": "left",
-            "yanchor": "bottom",
-            "name": "cell",
-        }
+    buttons = [
+        {"label": name, "method": "update", "args": [{"visible": [i == n for i in range(len(options))]}]}
+        for n, (name, _, _) in enumerate(options)
     ]
     fig = go.Figure(traces)
     fig.update_layout(
         title={"text": f"direct logit attribution by {att.by}", "y": 0.98},
-        updatemenus=menus,
+        updatemenus=[{"buttons": buttons, "x": 0.0, "y": 1.1, "xanchor": "left", "yanchor": "bottom", "name": "cell"}],
         margin={"t": 100},
         height=max(360, 140 + 22 * (att.n_layers if att.by == "head" else len(traces[0].y))),
         meta={"view": "attribution", "by": att.by},
@@ -438,40 +517,30 @@ def attribution_figure(att: Any, *, top: int = 40) -> Any:
 
 
 # -- per-layer curves --------------------------------------------------------------------------
-def _curves(go: Any, ev: Any, stat: str, band: Tuple[float, float], colour: str, name: str, group: str) -> List[Any]:
+def _curves(
+    go: Any, ev: Any, stat: str, band: Tuple[float, float], name: str, group: str, lens_number: int = 0
+) -> List[Any]:
+    """Band edges and mean of one statistic: its colour from the style table, the lens's line style."""
     labels = list(ev.labels)
     mean, lo, hi = ev.mean(stat), ev.quantile(stat, band[0]), ev.quantile(stat, band[1])
     text = [
-        f"{name} · {label}<br>mean {float(m):.4g}<br>q{100 * band[0]:g} {float(a):.4g} · q{100 * band[1]:g} {float(b):.4g}"
+        f"{name} · {label}<br>mean {float(m):.4g}<br>"
+        f"q{100 * band[0]:g} {float(a):.4g} · q{100 * band[1]:g} {float(b):.4g}"
         for label, m, a, b in zip(labels, mean, lo, hi)
     ]
+    colour = METRIC_STYLE[stat].color
+    line = LINE_STYLES[lens_number % len(LINE_STYLES)]
     x = list(range(len(labels)))
+    edge = {"x": x, "mode": "lines", "line": {"width": 0}, "hoverinfo": "skip", "showlegend": False}
     return [
-        go.Scatter(
-            x=x,
-            y=[_r4(v) for v in lo],
-            mode="lines",
-            line={"width": 0},
-            hoverinfo="skip",
-            showlegend=False,
-            legendgroup=group,
-        ),
-        go.Scatter(
-            x=x,
-            y=[_r4(v) for v in hi],
-            mode="lines",
-            line={"width": 0},
-            fill="tonexty",
-            hoverinfo="skip",
-            fillcolor=_fade(colour),
-            showlegend=False,
-            legendgroup=group,
-        ),
+        go.Scatter(y=[_r4(v) for v in lo], legendgroup=group, **edge),
+        go.Scatter(y=[_r4(v) for v in hi], fill="tonexty", fillcolor=_fade(colour), legendgroup=group, **edge),
         go.Scatter(
             x=x,
             y=[_r4(v) for v in mean],
             mode="lines+markers",
-            line={"color": colour},
+            line={"color": colour, "dash": line.dash},
+            marker={"symbol": line.symbol},
             name=name,
             text=text,
             hovertemplate="%{text}<extra></extra>",
@@ -483,6 +552,17 @@ def _curves(go: Any, ev: Any, stat: str, band: Tuple[float, float], colour: str,
 def _fade(colour: str) -> str:
     r, g, b = (int(colour[i : i + 2], 16) for i in (1, 3, 5))
     return f"rgba({r},{g},{b},0.2)"
+
+
+def _check_statistics(statistics: Sequence[str]) -> List[str]:
+    wanted = [statistics] if isinstance(statistics, str) else list(statistics)
+    bad = [s for s in wanted if s not in NATS_STATISTICS]
+    if not wanted or bad:
+        raise LensInputError(
+            f"statistics must be a non-empty selection of {NATS_STATISTICS} (the ones with quantiles), "
+            f"got {statistics!r}"
+        )
+    return wanted
 
 
 def _curve_layout(fig: Any, labels: Sequence[str], title: str, menus: List[Dict[str, Any]]) -> Any:
@@ -518,40 +598,67 @@ def _curve_layout(fig: Any, labels: Sequence[str], title: str, menus: List[Dict[
 
 
 def evaluation_figure(
-    ev: Any, *, statistics: Sequence[str] = tuple(EVAL_STATS), band: Tuple[float, float] = (0.25, 0.75)
+    ev: Any, *, statistics: Sequence[str] = NATS_STATISTICS, band: Tuple[float, float] = (0.25, 0.75)
 ) -> Any:
     """A :class:`~tl_logitlens.evaluate.LensEvaluation` as per-layer curves: each statistic's
-    mean with a shaded band between two quantiles; hover shows the mean and both quantiles."""
+    mean with a shaded band between two quantiles; hover shows the mean and both quantiles.
+
+    Names and colours are those of the static figures (:data:`~tl_logitlens.plots.style.METRIC_STYLE`);
+    each curve is ``[layer]``, one point per stack entry.
+
+    Example::
+
+        >>> import tl_logitlens as tll
+        >>> from tl_logitlens.plots.interactive import evaluation_figure
+        >>> model = tll.demo_model()
+        >>> ev = tll.evaluate_lens(model, tll.demo.induction_prompt(model), progress=False)
+        >>> [t.name for t in evaluation_figure(ev).data if t.name]
+        ['KL to final', 'next-token loss', 'entropy']
+    """
     go = _go()
     traces = []
-    for stat in statistics:
-        name, colour = EVAL_STATS[stat]
-        traces += _curves(go, ev, stat, band, colour, name, stat)
+    for stat in _check_statistics(statistics):
+        traces += _curves(go, ev, stat, band, METRIC_STYLE[stat].name, stat)
     fig = go.Figure(traces)
     fig.update_layout(meta={"view": "evaluation"})
     return _curve_layout(fig, ev.labels, f"{ev.lens_name} lens over {ev.n_tokens:,} tokens", [])
 
 
 def comparison_figure(
-    comparison: Any, *, statistics: Sequence[str] = tuple(EVAL_STATS), band: Tuple[float, float] = (0.25, 0.75)
+    comparison: Any, *, statistics: Sequence[str] = NATS_STATISTICS, band: Tuple[float, float] = (0.25, 0.75)
 ) -> Any:
     """Every lens's per-layer curves of a comparison (anything with ``.lenses`` and
-    ``[name] -> LensEvaluation``); a menu picks the statistic."""
+    ``[name] -> LensEvaluation``); a menu picks the statistic.
+
+    As in ``LensComparison.plot``, a statistic keeps its one colour
+    (:data:`~tl_logitlens.plots.style.METRIC_STYLE`) and each lens has its own line style
+    (:data:`~tl_logitlens.plots.style.LINE_STYLES`); each curve is ``[layer]``.
+
+    Example::
+
+        >>> import tl_logitlens as tll
+        >>> from tl_logitlens.plots.interactive import comparison_figure
+        >>> model = tll.demo_model()
+        >>> tokens = tll.demo.induction_prompt(model)
+        >>> cmp = tll.compare_lenses(model, tokens, {"logit": None, "tuned": tll.TunedLens(model)}, progress=False)
+        >>> fig = comparison_figure(cmp)
+        >>> [(t.name, t.line.dash) for t in fig.data if t.visible and t.name]
+        [('logit', 'solid'), ('tuned', 'dash')]
+    """
     go = _go()
+    wanted = _check_statistics(statistics)
     names = list(comparison.lenses)
     traces, groups = [], []
-    for stat in statistics:
+    for stat in wanted:
         for n, lens in enumerate(names):
-            part = _curves(
-                go, comparison[lens], stat, band, _LENS_COLOURS[n % len(_LENS_COLOURS)], str(lens), f"{stat}:{lens}"
-            )
+            part = _curves(go, comparison[lens], stat, band, str(lens), f"{stat}:{lens}", lens_number=n)
             traces += part
             groups += [stat] * len(part)
     for t, g in zip(traces, groups):
-        t.visible = g == statistics[0]
+        t.visible = g == wanted[0]
     buttons = [
-        {"label": EVAL_STATS[s][0], "method": "update", "args": [{"visible": [g == s for g in groups]}]}
-        for s in statistics
+        {"label": METRIC_STYLE[s].name, "method": "update", "args": [{"visible": [g == s for g in groups]}]}
+        for s in wanted
     ]
     fig = go.Figure(traces)
     fig.update_layout(meta={"view": "comparison"})
@@ -593,13 +700,12 @@ def _packed_plotlyjs() -> str:
     return _pack(get_plotlyjs().encode("utf-8"))
 
 
-_LOADER = (
-    """
+_LOADER = """
 (async () => {
-  const A = "%s", m = new Uint8Array(128);
+  const A = "@ALPHABET@", m = new Uint8Array(128);
   for (let i = 0; i < 85; i++) m[A.charCodeAt(i)] = i;
   function b85(s) {
-    const n = s.length, rem = n %% 5, out = new Uint8Array(Math.floor(n / 5) * 4 + (rem ? rem - 1 : 0));
+    const n = s.length, rem = n % 5, out = new Uint8Array(Math.floor(n / 5) * 4 + (rem ? rem - 1 : 0));
     for (let i = 0, o = 0; i < n; i += 5) {
       let v = 0;
       for (let j = 0; j < 5; j++) v = v * 85 + (i + j < n ? m[s.charCodeAt(i + j)] : 84);
@@ -624,9 +730,7 @@ _LOADER = (
   document.getElementById("tll-plot").textContent = "This page needs a browser with DecompressionStream: " + e;
   console.error(e);
 });
-"""
-    % _ALPHABET
-)
+""".replace("@ALPHABET@", _ALPHABET)
 
 
 def page_html(fig: Any, title: str = "tl_logitlens") -> str:

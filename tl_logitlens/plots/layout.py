@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..errors import LensInputError
 from ..tokentext import LITERAL_TEXT, display_token, token_text
 from .style import ELLIPSIS, MAX_HEIGHT, MIN_FONT, resolve_width
 
@@ -114,9 +115,9 @@ def _with_pos(t: Optional[torch.Tensor], has_pos: bool, dim: int) -> Optional[to
 
 def _check_batch(batch: Any, n_batch: int, what: str) -> None:
     if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)):
-        raise ValueError(f"batch must be an int prompt index, got {batch!r}")
+        raise LensInputError(f"batch must be an int prompt index, got {batch!r}")
     if not -n_batch <= int(batch) < n_batch:
-        raise ValueError(f"batch={batch} is out of range: the {what} holds {n_batch} prompt(s) (0..{n_batch - 1})")
+        raise LensInputError(f"batch={batch} is out of range: the {what} holds {n_batch} prompt(s) (0..{n_batch - 1})")
 
 
 def _batch_rows(batch: Any, n_batch: int) -> List[int]:
@@ -143,16 +144,16 @@ def _select_columns(positions: Any, n_cols: int) -> List[int]:
         if not isinstance(positions, (list, tuple, range)) or not all(
             isinstance(p, (int, np.integer)) and not isinstance(p, bool) for p in positions
         ):
-            raise ValueError(f"positions must be None, a slice or a list of column indices, got {positions!r}")
+            raise LensInputError(f"positions must be None, a slice or a list of column indices, got {positions!r}")
         bad = [p for p in positions if not -n_cols <= p < n_cols]
         if bad:
-            raise ValueError(
+            raise LensInputError(
                 f"positions {bad} are out of range: the result has {n_cols} position column(s) "
                 f"(0..{n_cols - 1}); positions= indexes the result's columns, not the input"
             )
         cols = [int(p) % n_cols for p in positions]
     if not cols:
-        raise ValueError(f"positions={positions!r} selects no column of the {n_cols} in the result")
+        raise LensInputError(f"positions={positions!r} selects no column of the {n_cols} in the result")
     return cols
 
 
@@ -168,12 +169,12 @@ def _targets_are_next(result: Any) -> bool:
 
 
 def _rank_from_next(result: Any) -> torch.Tensor:
-    """``target_ranks[..., 0]`` when the lens ran with ``targets="next"``, else ValueError."""
+    """``target_ranks[..., 0]`` when the lens ran with ``targets="next"``, else LensInputError."""
     mend = 'run tll.logit_lens(model, input, targets="next") to get the rank of the true next token'
     if result.target_ranks is None:
-        raise ValueError(f"metric='rank' needs target ranks, but this result has no targets; {mend}")
+        raise LensInputError(f"metric='rank' needs target ranks, but this result has no targets; {mend}")
     if not _targets_are_next(result):
-        raise ValueError(
+        raise LensInputError(
             f"metric='rank' shows the rank of the true next token, but this result's targets are "
             f"other tokens; {mend} (use plot_trajectory(result, metric='rank') for chosen targets)"
         )
@@ -298,5 +299,5 @@ def save_figure(fig: Any, path: Any, *, dpi: float = 300, format: Optional[str] 
         True
     """
     if isinstance(dpi, bool) or not isinstance(dpi, (int, float)) or dpi <= 0:
-        raise ValueError(f"dpi must be a positive number, got {dpi!r}")
+        raise LensInputError(f"dpi must be a positive number, got {dpi!r}")
     fig.savefig(path, dpi=dpi, format=format, bbox_inches="tight", pad_inches=0.03)

@@ -14,6 +14,7 @@ import matplotlib.colors as mcolors
 import numpy as np
 import torch
 
+from ..errors import LensInputError
 from ..tokentext import LITERAL_TEXT
 from .layout import (
     _axes_inches,
@@ -117,19 +118,19 @@ def plot_lens(
         True
     """
     if metric not in LENS_METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose one of {list(LENS_METRICS)}")
+        raise LensInputError(f"unknown metric {metric!r}; choose one of {list(LENS_METRICS)}")
     max_w = resolve_width(width)
     n_batch = int(result.lengths.shape[0])
     several = batch is None or isinstance(batch, (list, tuple, range))
     if several and ax is not None:
-        raise ValueError(
+        raise LensInputError(
             "batch=<list> draws one panel per prompt in a new figure; leave ax=None, "
             "or pass one prompt index to draw into ax"
         )
     if several:
         prompts = _batch_rows(batch, n_batch)
         if not prompts:
-            raise ValueError("batch=[] selects no prompt; give at least one prompt index")
+            raise LensInputError("batch=[] selects no prompt; give at least one prompt index")
     else:
         _check_batch(batch, n_batch, "result")
         prompts = [int(batch) % n_batch]
@@ -159,7 +160,7 @@ def plot_lens(
     if owned:
         fig.get_layout_engine().execute(fig)  # settle the grid's size before fitting text to it
     notes: List[str] = []
-    for ax_, image, p in zip(axes, images, panels):
+    for ax_, p in zip(axes, panels):
         notes += _annotate_panel(ax_, p, annotate, mark_next, fontsize, colormap, norm)
         notes += _column_labels(ax_, p, fontsize)
     _titles(fig, axes, panels, result, mark_next, sorted(set(notes)), n_batch, owned)
@@ -190,7 +191,7 @@ def _panel_data(result: Any, metric: str, batch: int, cols: List[int]) -> Dict[s
     length = int(result.lengths[batch])
     cols = [j for j in cols if int(result.positions[batch, j]) < length]
     if not cols:
-        raise ValueError(f"the positions selected are all padding for prompt {batch}, which has {length} tokens")
+        raise LensInputError(f"the positions selected are all padding for prompt {batch}, which has {length} tokens")
     has_pos = result.has_pos_axis
     index = torch.tensor(cols)
     values = _np(_field(result, metric)[:, batch, index])  # [layer, col]

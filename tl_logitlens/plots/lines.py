@@ -1,8 +1,9 @@
 """Line figures over the stack: target trajectories and per-layer statistics with quantile bands.
 
 Every per-layer statistic is named and coloured from :data:`~tl_logitlens.plots.style.METRIC_STYLE`,
-so ``plot_lens_metrics`` and ``LensEvaluation.plot`` agree; bands are light, drawn under every
-line, the widest first, so overlapping bands stay readable.
+so ``plot_lens_metrics``, ``LensEvaluation.plot`` and :func:`plot_lens_comparison` agree (several
+lenses on one figure are told apart by :data:`~tl_logitlens.plots.style.LINE_STYLES`); bands are
+light, drawn under every line, the widest first, so overlapping bands stay readable.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ..errors import LensInputError
 from ..tokentext import LITERAL_TEXT, display_token
 from .layout import (
     _batch_rows,
@@ -29,7 +31,18 @@ from .layout import (
     plain_log_ticks,
     rank_axis,
 )
-from .style import BAND_ALPHA, BASE_FONT, STACK_CAPTION, TRAJECTORY_METRICS, metric_style
+from .style import (
+    BAND_ALPHA,
+    BASE_FONT,
+    COMPARISON_STATISTICS,
+    LINE_STYLES,
+    METRIC_STYLE,
+    NATS_STATISTICS,
+    RATE_STATISTICS,
+    STACK_CAPTION,
+    TRAJECTORY_METRICS,
+    metric_style,
+)
 
 _MAX_WIDTH = 16.0  # natural widths above a page are clamped by width=
 
@@ -38,7 +51,7 @@ def _read_columns(result: Any, position: int, rows: List[int]) -> List[int]:
     """The position column read for each prompt in ``rows`` (see :func:`plot_trajectory`)."""
     if not result.has_pos_axis:
         if position not in (0, -1):
-            raise ValueError(
+            raise LensInputError(
                 f"position={position}: this result was read at one position only "
                 "(logit_lens(..., positions=<int>)); leave position at its default"
             )
@@ -47,7 +60,7 @@ def _read_columns(result: Any, position: int, rows: List[int]) -> List[int]:
     for b in rows:
         valid = [j for j in range(result.positions.shape[1]) if int(result.positions[b, j]) < int(result.lengths[b])]
         if not -len(valid) <= position < len(valid):
-            raise ValueError(
+            raise LensInputError(
                 f"position={position} is out of range for prompt {b}, which has {len(valid)} "
                 f"position column(s) read (0..{len(valid) - 1}, or negative from its last real token)"
             )
@@ -74,9 +87,9 @@ def _pick_targets(target: Any, ids: torch.Tensor, decode_raw: Any) -> List[int]:
         elif isinstance(item, str):
             hits = [t for t in range(n_t) if names[t] == item]
         else:
-            raise ValueError(f"target must be an index, a token id or a token string, got {item!r}")
+            raise LensInputError(f"target must be an index, a token id or a token string, got {item!r}")
         if not hits:
-            raise ValueError(
+            raise LensInputError(
                 f"target {item!r} is not among this result's targets: indices 0..{n_t - 1}, "
                 f"ids {[s for s in shared if s is not None]}, tokens {[n for n in names if n is not None]}"
             )
@@ -131,9 +144,9 @@ def plot_trajectory(
         'symlog'
     """
     if metric not in TRAJECTORY_METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose one of {list(TRAJECTORY_METRICS)}")
+        raise LensInputError(f"unknown metric {metric!r}; choose one of {list(TRAJECTORY_METRICS)}")
     if result.target_ids is None:
-        raise ValueError(
+        raise LensInputError(
             "this result has no targets; run tll.logit_lens(model, input, targets=...) with the "
             "tokens to follow (a token, a list of tokens, or 'next')"
         )
@@ -155,7 +168,7 @@ def plot_trajectory(
         # targets="next": no target where there is no next token (a prompt's last token).
         values[:, (nxt < 0).numpy(), :] = np.nan
         if not bool((nxt >= 0).any()):
-            raise ValueError(
+            raise LensInputError(
                 f"this result's targets are the true next tokens, and position={position} is each "
                 "prompt's last token, which has no next token; pass position=-2 (or another column)"
             )
@@ -284,7 +297,7 @@ def plot_layer_curves(
     """
     labels = list(labels)
     if not curves:
-        raise ValueError("curves is empty; pass {name: (mean, low, high)} with one value per label")
+        raise LensInputError("curves is empty; pass {name: (mean, low, high)} with one value per label")
     owned = ax is None
     fig, ax = _new_axes(ax, (_clamp(3.2 + 0.55 * len(labels), 6.5, _MAX_WIDTH), 3.6), width)
     x = np.arange(len(labels))
@@ -292,7 +305,7 @@ def plot_layer_curves(
     spare = iter(_spare_colors())  # curves that are no known statistic take the usual cycle
     parsed = [(n, m, lo, hi, c or next(spare)) for n, m, lo, hi, c in parsed]
     # Bands first and widest first, all under the lines: no band hides a line or a narrower band.
-    for name, mean, low, high, color in sorted(
+    for _, _, low, high, color in sorted(
         (c for c in parsed if c[2] is not None), key=lambda c: -float(np.nanmean(c[3] - c[2]))
     ):
         _band(ax, x, low, high, color)
@@ -327,15 +340,15 @@ def _curve_parts(name: str, curve: Any, n: int) -> Tuple[str, np.ndarray, Any, A
     """``(shown name, mean, low, high, colour)`` of one curve; low/high None for no band."""
     parts = list(curve) if isinstance(curve, (tuple, list)) else [curve]
     if len(parts) not in (1, 3):
-        raise ValueError(f"curve {name!r} must be (mean, low, high) or (mean,), got {len(parts)} items")
+        raise LensInputError(f"curve {name!r} must be (mean, low, high) or (mean,), got {len(parts)} items")
     mean = _np(parts[0]).reshape(-1)
     if mean.shape[0] != n:
-        raise ValueError(f"curve {name!r} has {mean.shape[0]} values but there are {n} labels")
+        raise LensInputError(f"curve {name!r} has {mean.shape[0]} values but there are {n} labels")
     low = high = None
     if len(parts) == 3 and parts[1] is not None and parts[2] is not None:
         low, high = _np(parts[1]).reshape(-1), _np(parts[2]).reshape(-1)
         if low.shape != mean.shape or high.shape != mean.shape:
-            raise ValueError(
+            raise LensInputError(
                 f"curve {name!r}: mean, low and high must all have {n} values, got "
                 f"{mean.shape[0]}, {low.shape[0]}, {high.shape[0]}"
             )
@@ -381,7 +394,7 @@ def plot_lens_metrics(
     """
     lo_q, hi_q = quantiles
     if not 0 <= lo_q <= hi_q <= 1:
-        raise ValueError(f"quantiles must satisfy 0 <= low <= high <= 1, got {quantiles}")
+        raise LensInputError(f"quantiles must satisfy 0 <= low <= high <= 1, got {quantiles}")
     rows = _batch_rows(batch, int(result.lengths.shape[0]))
     has_pos = result.has_pos_axis
     real = result.positions < result.lengths.unsqueeze(1)  # [batch, pos]
@@ -450,11 +463,11 @@ def plot_group_trajectory(
         ['cat', 'animals']
     """
     if getattr(result, "group_names", None) is None:
-        raise ValueError(
+        raise LensInputError(
             'plot_group_trajectory needs token groups: tll.logit_lens(..., targets={"name": [tokens...], ...})'
         )
     if metric not in ("prob", "logit"):
-        raise ValueError(f"metric must be 'prob' or 'logit', got {metric!r}")
+        raise LensInputError(f"metric must be 'prob' or 'logit', got {metric!r}")
     values = result.group_probs if metric == "prob" else result.group_logits
     if not result.has_pos_axis:
         values = values.unsqueeze(2)
@@ -466,10 +479,10 @@ def plot_group_trajectory(
         wanted = [groups] if isinstance(groups, str) else list(groups)
         unknown = [g for g in wanted if g not in names]
         if unknown:
-            raise ValueError(f"unknown group(s) {unknown}; the result's groups are {names}")
+            raise LensInputError(f"unknown group(s) {unknown}; the result's groups are {names}")
         picked = [names.index(g) for g in wanted]
     if isinstance(position, bool) or not isinstance(position, (int, np.integer)) or not -n_pos <= position < n_pos:
-        raise ValueError(f"position={position!r} is out of range: the result has {n_pos} position column(s)")
+        raise LensInputError(f"position={position!r} is out of range: the result has {n_pos} position column(s)")
     col = int(position) % n_pos
     if batch is None:
         real = result.positions[:, col] < result.lengths  # prompts with a token in this column
@@ -481,7 +494,9 @@ def plot_group_trajectory(
         b = int(batch) % n_batch
         pos = int(result.positions[b, col])
         if pos >= int(result.lengths[b]):
-            raise ValueError(f"position column {col} is padding in prompt {b} (its length is {int(result.lengths[b])})")
+            raise LensInputError(
+                f"position column {col} is padding in prompt {b} (its length is {int(result.lengths[b])})"
+            )
         curves = values[:, b, col]
         which = f"prompt {b}" if n_batch > 1 else ""
         tokens = result.input_tokens()
@@ -504,3 +519,133 @@ def plot_group_trajectory(
     title = f"Token groups across layers at {where}" + (f"\n{which}" if which else "")
     ax.set_title(title, **LITERAL_TEXT)
     return fig
+
+
+# -- several lenses ----------------------------------------------------------------------------
+def plot_lens_comparison(
+    comparison: Any,
+    *,
+    ax: Any = None,
+    statistics: Sequence[str] = COMPARISON_STATISTICS,
+    band: Optional[Sequence[float]] = None,
+    title: Optional[str] = None,
+) -> Any:
+    """Several lenses' per-layer statistics on one figure: one colour per statistic, one line style per lens.
+
+    The statistics in nats (``kl_to_final``, ``next_token_loss``, ``entropy``) share the left
+    axis; the top-1 rates (``top1_agreement``, ``top1_accuracy``, in [0, 1]) are drawn against
+    a right axis (alone, on the left one). Each statistic has its colour of
+    :data:`~tl_logitlens.plots.style.METRIC_STYLE` (as ``LensEvaluation.plot`` draws it), each
+    lens its line style and marker of :data:`~tl_logitlens.plots.style.LINE_STYLES`. Each line
+    is labelled ``"<lens>: <statistic>"`` and the legend lists them all. ``band=(0.25, 0.75)``
+    shades each statistic in nats between those quantiles (off by default: several lenses'
+    bands overlap).
+
+    Args:
+        comparison: a :class:`~tl_logitlens.evaluate.LensComparison`, or anything with
+            ``.lenses`` (names) and ``[name]`` giving an evaluation with ``labels``,
+            ``n_tokens``, ``mean(stat)`` and ``quantile(stat, q)`` (``[layer]`` each) and the
+            rates as ``[layer]`` attributes.
+        ax: a matplotlib ``Axes`` to draw into.
+        statistics: a non-empty selection of the nats and rates above.
+        band: ``None``, or the ``(low, high)`` quantiles of the bands.
+        title: the axes title (default: the lenses and the token count).
+
+    Returns:
+        The ``Figure``; ``fig.axes[0]`` (or ``ax``) holds the first kind of statistic, a twin
+        axis the rates when both kinds are drawn; the lines are ``[layer]``, lens by lens,
+        statistic by statistic.
+
+    Example::
+
+        >>> import torch
+        >>> import tl_logitlens as tll
+        >>> from tl_logitlens.plots import plot_lens_comparison
+        >>> model = tll.demo_model()
+        >>> tokens = torch.cat([tll.demo.induction_prompt(model, seed=s) for s in range(2)])
+        >>> cmp = tll.compare_lenses(model, tokens, {"logit": None, "tuned": tll.TunedLens(model)}, progress=False)
+        >>> fig = plot_lens_comparison(cmp, statistics=("kl_to_final", "top1_accuracy"))
+        >>> [line.get_label() for line in fig.axes[0].lines + fig.axes[1].lines]
+        ['logit: kl_to_final', 'tuned: kl_to_final', 'logit: top1_accuracy', 'tuned: top1_accuracy']
+    """
+    nats, rates = _comparison_statistics(statistics, band)
+    evaluations = {name: comparison[name] for name in comparison.lenses}
+    first = nats or rates
+    labels = list(next(iter(evaluations.values())).labels)
+    lines_before = 0 if ax is None else len(ax.lines)
+    fig = plot_layer_curves(
+        labels,
+        {f"{name}: {stat}": (_comparison_curve(ev, stat),) for name, ev in evaluations.items() for stat in first},
+        ax=ax,
+        ylabel="nats" if nats else "top-1 rate",
+    )
+    ax = ax if ax is not None else fig.axes[0]
+    drawn = list(ax.lines[lines_before:])
+    _lens_line_styles(drawn, first)
+    if band is not None and nats:
+        x = np.arange(len(labels))
+        edges = [
+            (_np(ev.quantile(stat, band[0])), _np(ev.quantile(stat, band[1])), METRIC_STYLE[stat].color)
+            for ev in evaluations.values()
+            for stat in nats
+        ]
+        for low, high, color in sorted(edges, key=lambda e: -float(np.nanmean(e[1] - e[0]))):  # widest first
+            _band(ax, x, low, high, color)
+    legend_x = 1.01
+    if nats and rates:
+        twin = ax.twinx()
+        x = list(range(len(labels)))
+        extra = [
+            twin.plot(x, _comparison_curve(ev, stat).tolist(), markersize=4, label=f"{name}: {stat}")[0]
+            for name, ev in evaluations.items()
+            for stat in rates
+        ]
+        _lens_line_styles(extra, rates)
+        twin.set_ylim(-0.02, 1.02)
+        twin.set_ylabel("top-1 rate")
+        drawn += extra
+        legend_x = 1.13
+    if ax.get_legend() is not None:
+        ax.get_legend().remove()
+    legend = ax.legend(
+        drawn,
+        [line.get_label() for line in drawn],
+        frameon=False,
+        fontsize=BASE_FONT,
+        loc="upper left",
+        bbox_to_anchor=(legend_x, 1.0),
+    )
+    _literal(legend.get_texts())
+    n_tokens = next(iter(evaluations.values())).n_tokens
+    ax.set_title(title if title is not None else f"{' vs '.join(evaluations)} lens over {n_tokens:,} tokens")
+    return fig
+
+
+def _comparison_statistics(statistics: Sequence[str], band: Optional[Sequence[float]]) -> Tuple[List[str], List[str]]:
+    """``(nats, rates)`` asked for, in the order given; a clear error for anything else."""
+    plotted = NATS_STATISTICS + RATE_STATISTICS
+    wanted = [statistics] if isinstance(statistics, str) else list(statistics)
+    if not wanted or [s for s in wanted if s not in plotted]:
+        raise LensInputError(f"statistics must be a non-empty selection of {plotted}, got {statistics!r}")
+    if band is not None:
+        try:
+            low, high = (float(q) for q in band)
+        except (TypeError, ValueError):
+            low = high = float("nan")
+        if not 0 <= low <= high <= 1:
+            raise LensInputError(f"band must be None or (low, high) quantiles, 0 <= low <= high <= 1; got {band!r}")
+    return [s for s in wanted if s in NATS_STATISTICS], [s for s in wanted if s in RATE_STATISTICS]
+
+
+def _comparison_curve(ev: Any, stat: str) -> Any:
+    """``[layer]``: a rate as it is, a statistic in nats as its mean."""
+    return getattr(ev, stat) if stat in RATE_STATISTICS else ev.mean(stat)
+
+
+def _lens_line_styles(lines: List[Any], stats: List[str]) -> None:
+    """Colour per statistic, line style and marker per lens; ``lines`` go lens by lens, statistic by statistic."""
+    for number, line in enumerate(lines):
+        style = LINE_STYLES[(number // len(stats)) % len(LINE_STYLES)]
+        line.set_color(METRIC_STYLE[stats[number % len(stats)]].color)
+        line.set_linestyle(style.linestyle)
+        line.set_marker(style.marker)
