@@ -32,14 +32,14 @@ def state(lens):
 
 
 if mode == "fault":
-    inner = train._micro_step
+    inner = train.LossStep.run
 
-    def failing(*args):
-        if rank == 1 and args[-2] == FAIL_AT_STEP:  # (..., step, seen)
+    def failing(self, tokens, step, seen):
+        if rank == 1 and step == FAIL_AT_STEP:
             raise RuntimeError(f"injected failure at step {FAIL_AT_STEP}")
-        return inner(*args)
+        return inner(self, tokens, step, seen)
 
-    train._micro_step = failing
+    train.LossStep.run = failing
     make, kwargs = RESUME
     tll.train_tuned_lens(model, make(model), checkpoint_dir=ckpt, **kwargs)
     raise SystemExit("the injected failure did not end the job")
