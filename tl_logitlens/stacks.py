@@ -554,9 +554,9 @@ def head_source_values(
         at = index.to(pattern.device).view(batch, 1, n_pos, 1).expand(batch, pattern.shape[1], n_pos, pattern.shape[3])
         pattern = pattern.gather(2, at).to(device=device, dtype=dtype)  # [batch, head, n, src]
         require_finite(pattern, f"activation {view.attn_pattern_hook(layer)!r}")
-        v = cache_tensor(cache, view.attn_v_hook(layer)).to(device=device, dtype=dtype)
-        if v.ndim == 3:  # some models keep the heads flat: [batch, src, n_kv * d_head]
-            v = v.reshape(v.shape[0], v.shape[1], -1, view.d_head)
+        W_O, _ = view.attn_output_weights(layer)
+        v = _values(cache_tensor(cache, view.attn_v_hook(layer)), pattern.shape[-1], W_O.shape[1])
+        v = v.to(device=device, dtype=dtype)
         require_finite(v, f"activation {view.attn_v_hook(layer)!r}")
         n_kv = v.shape[2]
         if view.n_heads % n_kv:
@@ -564,7 +564,6 @@ def head_source_values(
                 f"layer {layer} has {view.n_heads} query heads but {n_kv} value heads, which does not divide: "
                 "the head-by-source split cannot tell which values each head reads; use by_source=False."
             )
-        W_O, _ = view.attn_output_weights(layer)
         write = view.write(layer, "attn")  # a post-norm or multiplier on the way to the stream
         W_O = write.fold(W_O.to(device=device, dtype=dtype))
         pulled = torch.einsum("hkd,bd->bhk", W_O, direction)  # [batch, head, d_head]
@@ -578,3 +577,13 @@ def head_source_values(
         size = torch.einsum("bhns,bhs->hbn", pattern.abs(), magnitude) / dest_scale.abs().unsqueeze(0)
         sizes.append(size)
     return torch.stack(out), torch.stack(sizes)
+
+
+def _values(v: torch.Tensor, n_src: int, d_value: int) -> torch.Tensor:
+    """The values ``[batch, src, n_kv, d_value]`` whatever layout the bridge cached them in: flat heads
+    ``[batch, src, n_kv * d_value]``, or head-major ``[batch, n_kv, src, d_value]`` (DeepSeek's latent attention)."""
+    if v.ndim == 3:
+        return v.reshape(v.shape[0], v.shape[1], -1, d_value)
+    if v.shape[1] != n_src and v.shape[2] == n_src:
+        return v.transpose(1, 2)
+    return v

@@ -134,8 +134,8 @@ class ModelView:
                 f"layer {layer}'s attention ({type(attn).__name__}) gives no per-head output weights W_O "
                 f"({type(err).__name__}: {err}), so its heads cannot be read; use by='component'."
             ) from err
-        if W_O.ndim == 2:  # some bridges expose [n_heads * d_head, d_model]
-            W_O = W_O.reshape(self.n_heads, self.d_head, self.d_model)
+        if W_O.ndim == 2:  # some bridges expose [n_heads * d_head, d_model] (d_head: the value width)
+            W_O = W_O.reshape(self.n_heads, -1, self.d_model)
         b_O = _optional_param(attn, "b_O")
         return W_O, b_O
 
@@ -207,8 +207,12 @@ class ModelView:
         return f"blocks.{layer}.attn.hook_pattern"
 
     def attn_v_hook(self, layer: int) -> str:
-        """The values ``[batch, pos, n_kv_heads, d_head]`` (``b_V`` included; grouped-query
-        attention keeps one per key-value head)."""
+        """The values the pattern mixes, ``[batch, pos, n_kv_heads, d_head]`` (``b_V`` included; grouped-query
+        attention keeps one per key-value head): ``attn.hook_v``, or where the values are normalised
+        after it (Gemma 4's ``v_norm``), the norm's output."""
+        normed = f"blocks.{layer}.attn.v_norm.hook_out"
+        if normed in getattr(self.model, "hook_dict", {}):
+            return normed
         return f"blocks.{layer}.attn.hook_v"
 
     def attn_out_hook(self, layer: int) -> str:
