@@ -200,3 +200,14 @@ def test_readout_takes_next_tokens_as_a_list_with_minus_one_for_none():
     tensor = tll.readout(model, vectors, next_tokens=torch.tensor([3, -1, 4]))
     torch.testing.assert_close(listed.next_token_loss, tensor.next_token_loss, equal_nan=True)
     assert bool(torch.isnan(listed.next_token_loss[1]))
+
+
+@needs_bridge
+def test_an_expert_block_that_adds_what_its_experts_do_not_write_is_refused(monkeypatch):
+    model = _family("mixtral")
+    block = model.blocks[1].mlp.original_component
+    forward = block.forward
+    monkeypatch.setattr(block, "forward", lambda hidden: 1.5 * forward(hidden))  # a scale after the experts
+    with pytest.raises(tll.UnsupportedModelError, match=r"MixtralSparseMoeBlock's experts do not add up to what"):
+        tll.direct_logit_attribution(model, TOKENS, answers=ANSWERS, by="neuron")
+    tll.direct_logit_attribution(model, TOKENS, answers=ANSWERS, by="component")  # reads the block's write

@@ -33,7 +33,7 @@ class Member:
     def __init__(self, family: zoo.Family, dtype: torch.dtype):
         self.family, self.dtype = family, dtype
         self.model = zoo.model(family, dtype)
-        self.broken = None
+        self.broken, self._dla, self._lens = None, {}, None
         try:
             with torch.no_grad():
                 self.model(TOKENS)
@@ -46,6 +46,19 @@ class Member:
 
     def supports(self, by: str) -> bool:
         return by not in self.family.refuses
+
+    def dla(self, by: str):
+        """The attribution of ``ANSWERS - WRONG`` at the last position (by head: with the sources), once."""
+        if by not in self._dla:
+            kw = {"by_source": True} if by == "head" else {}
+            self._dla[by] = _dla(self, by, **kw)
+        return self._dla[by]
+
+    def lens(self):
+        """The lens with every token as a target, once."""
+        if self._lens is None:
+            self._lens = tll.logit_lens(self.model, TOKENS, targets=list(range(builders.D_VOCAB)), top_k=3)
+        return self._lens
 
 
 _MEMBERS = {}
@@ -79,9 +92,7 @@ def _close(ours: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = 
 
 
 def test_lens_final_entry_is_the_hf_models_own_output(member):
-    vocab = list(range(builders.D_VOCAB))
-    result = tll.logit_lens(member.model, TOKENS, targets=vocab, top_k=3)
-    ours = result.target_logits[-1].double()  # [batch, pos, vocab]: after the model's logit transform
+    ours = member.lens().target_logits[-1].double()  # [batch, pos, vocab]: after the model's logit transform
     _close(ours, member.hf_logits, "final-entry logits")
     _close(torch.log_softmax(ours, -1), torch.log_softmax(member.hf_logits, -1), "final-entry log-probs")
 
@@ -98,7 +109,7 @@ def test_lens_entries_match_the_hf_norm_and_head(member):
     cap = getattr(hf.config, "final_logit_softcapping", None)
     if cap:
         logits = cap * torch.tanh(logits / cap)
-    result = tll.logit_lens(model, TOKENS, targets=list(range(builders.D_VOCAB)), top_k=3)
+    result = member.lens()
     assert result.labels == labels
     _close(result.target_logits.double(), logits, "lens logits at every entry")
 
@@ -121,7 +132,7 @@ def test_every_kind_adds_up_to_the_hf_models_logit_difference(member):
     for by in KINDS:
         if not member.supports(by):
             continue
-        att = _dla(member, by)
+        att = member.dla(by)
         assert att.residual_error() <= 1e-4, by
         if cap:  # the pieces add up to the pre-cap difference; the model reports the capped one
             assert att.logit_transform == f"logit -> {cap:g} * tanh(logit / {cap:g}) (a soft cap)"
@@ -149,7 +160,7 @@ def _check_pieces(att, expected: dict, what: str, rtol: float = 1e-4) -> None:
 def test_heads_match_the_hand_reference(member):
     if not member.supports("head"):
         pytest.skip(f"{member.family.name} refuses by='head'")
-    att = _dla(member, "head")
+    att = member.dla("head")
     expected = _reference_values(member, reference.family_pieces(member.model, member.cache, "head"))
     _check_pieces(att, expected, "heads and attention biases")
     read, constant = reference.family_readout(member.model, member.cache, ANSWERS, WRONG)
@@ -159,7 +170,7 @@ def test_heads_match_the_hand_reference(member):
 def test_neurons_match_the_hand_reference(member):
     if not member.supports("neuron"):
         pytest.skip(f"{member.family.name} refuses by='neuron'")
-    att = _dla(member, "neuron")
+    att = member.dla("neuron")
     pieces = reference.family_pieces(member.model, member.cache, "neuron")
     if member.family.hand_experts:
         for layer in range(member.model.cfg.n_layers):
@@ -188,7 +199,7 @@ def test_each_layers_pieces_add_up_to_what_it_wrote(member):
 def test_sources_add_up_to_heads_and_match_the_hand_reference(member):
     if not member.supports("head"):
         pytest.skip(f"{member.family.name} refuses by='head'")
-    att = _dla(member, "head", by_source=True)
+    att = member.dla("head")
     torch.testing.assert_close(att.by_source().sum(2), att.by_head(), atol=1e-5, rtol=0)
     read, _ = reference.family_readout(member.model, member.cache, ANSWERS, WRONG)
     raw = reference.source_pieces(member.model, member.cache)  # {head: [src, batch, d]}, before the write

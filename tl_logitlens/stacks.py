@@ -5,13 +5,26 @@ to cut the stream (``by``):
 
 - ``"accumulated"``: the stream itself before each layer, ``0_pre .. final_post``
   (with ``L_mid`` entries between attention and MLP when ``incl_mid=True``).
-- ``"component"``: ``embed``, ``pos_embed`` (learned positions only), and every
-  ``L_attn_out`` and ``L_mlp_out``. They add up to the final stream.
+- ``"component"``: ``embed``, ``pos_embed`` (absolute positions only; read as
+  ``0_pre - embed`` where no hook holds them, as in XGLM), and every ``L_attn_out`` and
+  ``L_mlp_out``. They add up to the final stream.
 - ``"head"``: every head's write ``LxHy = z[..., y, :] @ W_O[y]`` from ``attn.hook_z``
   (never ``hook_result``, which is off by default and costs memory), each layer's
   attention bias ``L_attn_bias``, and the non-attention components.
 - ``"neuron"``: every neuron's write ``LxNy = post[..., y] * W_out[y]`` from
-  ``mlp.hook_post``, each ``L_mlp_bias``, and the non-MLP components.
+  ``mlp.hook_post``, each ``L_mlp_bias``, and the non-MLP components. An expert layer
+  gives ``LxEeNy`` (routed expert ``e``'s neuron ``y``, times the router's weight),
+  ``LxSNy`` (the shared expert's neuron ``y``, times its gate) and ``L_Ee_bias`` /
+  ``L_shared_bias`` (:mod:`tl_logitlens.model_access.experts`).
+
+Families. A block output that reaches the stream through a post-norm (Gemma 2/3/4, OLMo 2)
+or a multiplier (Granite) is read as the model wrote it
+(:class:`~tl_logitlens.model_access.SublayerWrite`): the multiplier and the norm's gain
+(and centring) are folded into the output weights, and the post-norm's scale at each
+position, taken from the forward pass, divides the activations. At that fixed scale the norm
+is linear, so the pieces add up exactly to the block's write; each piece is read as the model
+scaled it in this forward pass. A post-norm's own bias is the piece ``L_attn_norm_bias`` /
+``L_mlp_norm_bias``.
 
 Half precision. A bfloat16 or float16 model rounds its stream after every addition (and
 each layer's output after its matrix product), so the pieces, read in float32 from the
@@ -26,8 +39,9 @@ with ``eps = torch.finfo(dtype).eps`` (twice the unit roundoff), ``S_k`` the str
 each addition (the running sum of the pieces: each addition rounds once) and
 ``|acts_g| @ |W_g|`` the magnitude of each factored group's product (heads, neurons),
 which the model computes and rounds in half precision; the factors leave room for a
-half-precision accumulation. A larger gap means the decomposition misses a write (e.g. a
-scaled embedding), and the stack is refused.
+half-precision accumulation. A larger gap means the decomposition misses a write, and the
+stack is refused, naming what was read and any block part that was not (Gemma 4's per-layer
+inputs, say).
 
 Each cut is a list of :class:`PieceGroup` factored as activations times weights, so the
 same pieces can either be materialised (:func:`residual_stack`) or contracted with a

@@ -19,7 +19,8 @@ output) and on the shared expert (its down projection's input and its output). T
 ``a_e`` come from the experts module itself, called through ``torch.func.functional_call`` with its
 down projection swapped for a selector of ``d_model`` neurons at a time, so the module's own gate, up
 projection and activation function compute them; the model's parameters are never modified. The
-pieces are then checked to add up to what the block wrote.
+(expert, neuron) terms are then checked to add up to what the block wrote, within its dtype's
+rounding.
 """
 
 from __future__ import annotations
@@ -207,7 +208,47 @@ def read_experts(layer: ExpertLayer, x: torch.Tensor) -> ExpertReading:
     if layer.shared is not None:
         shared_acts = seen["shared_in"].reshape(hidden.shape[0], -1)
         shared_gate = _shared_gate(output, seen["routed"], seen["shared_out"].reshape(output.shape))
-    return ExpertReading(router, acts, shared_acts, shared_gate, output)
+    reading = ExpertReading(router, acts, shared_acts, shared_gate, output)
+    _check_reading(layer, reading)
+    return reading
+
+
+def _check_reading(layer: ExpertLayer, reading: ExpertReading) -> None:
+    """The (expert, neuron) terms must add up to what the block wrote, within its dtype's rounding.
+
+    In float64: ``sum_e w_e (a_e @ D_e + b_e) + g (s @ D_s + b_s)`` against the block's output; the
+    bound is ``4 * eps * (sum of the terms' magnitudes + |output|) + 1e-5 * max(1, max|output|)``
+    (``eps`` of the model's dtype). A larger gap means the block adds something its experts do not
+    account for (a scale after the experts, a norm, a term of its own).
+    """
+    w = reading.router_weights.double().unsqueeze(-1)  # [T, E, 1]
+    terms = w * reading.acts.double()  # [T, E, d_expert]
+    down = layer.down_weights().double()  # [E, d_expert, d_model]
+    total = torch.einsum("tei,eid->td", terms, down)
+    size = torch.einsum("tei,eid->td", terms.abs(), down.abs())
+    bias = layer.down_bias()
+    if bias is not None:
+        total = total + torch.einsum("te,ed->td", w[..., 0], bias.double())
+        size = size + torch.einsum("te,ed->td", w[..., 0].abs(), bias.double().abs())
+    if reading.shared_acts is not None:
+        gated = reading.shared_gate.double().unsqueeze(-1) * reading.shared_acts.double()
+        shared = layer.shared_weights().double()
+        total, size = total + gated @ shared, size + gated.abs() @ shared.abs()
+        shared_bias = layer.shared_bias()
+        if shared_bias is not None:
+            total = total + reading.shared_gate.double().unsqueeze(-1) * shared_bias.double()
+    output = reading.output.double()
+    eps = torch.finfo(reading.output.dtype).eps
+    bound = 4 * eps * (size + output.abs()) + 1e-5 * max(1.0, output.abs().max().item())
+    gap = (total - output).abs()
+    if not bool((gap <= bound).all()):
+        raise UnsupportedModelError(
+            f"{type(layer.block).__name__}'s experts do not add up to what the block wrote (a gap of "
+            f"{gap.max().item():.3g} where {reading.output.dtype} rounding explains "
+            f"{bound.reshape(-1)[int((gap / bound).argmax())].item():.3g}): the block adds something its routed "
+            "and shared experts do not account for (a scale or a norm after them), so (expert, neuron) pieces "
+            "would be wrong. Use by='component' or by='head' for this model."
+        )
 
 
 def _call_args(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
