@@ -284,7 +284,15 @@ def norm_linear_map(norm: Any, x: torch.Tensor):
     def centre(p: torch.Tensor) -> torch.Tensor:
         return p - p.mean(-1, keepdim=True) if layernorm else p
 
-    ratio = (out - bias) / centre(x.double())
+    # (N(x) - N(0)) / centre(x) is gain / scale(x) elementwise, but undefined where an element of x is 0 (a
+    # bfloat16 stream has exact zeros). So the gain is read on a probe y without zeros, and only the ratio
+    # of the two scales is read off x, at its largest element with a gain: N at x's scale is N at y's, times it.
+    y = torch.randn(x.shape[-1], generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.5
+    with torch.no_grad():
+        per_y = (norm(y) - norm(torch.zeros_like(y))).double() / centre(y)
+    at = (centre(x) * per_y).abs().argmax(-1, keepdim=True)  # [batch, 1]: large in x, gain not 0
+    per_x = (out - bias).gather(-1, at) / centre(x).gather(-1, at)
+    ratio = per_x / per_y[at] * per_y
     return (lambda p: centre(p.double()) * ratio), bias
 
 

@@ -211,3 +211,13 @@ def test_an_expert_block_that_adds_what_its_experts_do_not_write_is_refused(monk
     with pytest.raises(tll.UnsupportedModelError, match=r"MixtralSparseMoeBlock's experts do not add up to what"):
         tll.direct_logit_attribution(model, TOKENS, answers=ANSWERS, by="neuron")
     tll.direct_logit_attribution(model, TOKENS, answers=ANSWERS, by="component")  # reads the block's write
+
+
+@needs_bridge
+def test_a_stream_multiplied_by_a_layer_scalar_is_refused_naming_it(monkeypatch):
+    model = _family("gemma4")
+    layer = model.blocks[0].original_component
+    monkeypatch.setattr(layer, "layer_scalar", torch.full_like(layer.layer_scalar, 0.5))
+    with pytest.raises(tll.UnsupportedModelError, match=r"layer_scalar=0\.5 \(it multiplies the whole stream\)"):
+        tll.direct_logit_attribution(model, TOKENS, answers=ANSWERS, by="head")
+    tll.logit_lens(model, TOKENS)  # the lens reads the streams as they are

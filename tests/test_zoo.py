@@ -270,4 +270,5 @@ def test_bfloat16(family):
         if by != "component":
             pieces = reference.family_pieces(member.model, member.cache, by)
             if pieces:
-                _check_pieces(att, _reference_values(member, pieces), f"{by} pieces", rtol=1e-3)
+                # Both read the same bfloat16 activations, so they agree to float32 precision.
+                _check_pieces(att, _reference_values(member, pieces), f"{by} pieces", rtol=1e-5)

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 
 from ..kernel import FinalNorm
-from .norms import read_norm
+from .norms import inner_module, read_norm
 
 #: The two sublayers of a block, and the name of each one's post-norm.
 POST_NORMS = {"attn": "ln1_post", "mlp": "ln2_post"}
@@ -106,8 +106,8 @@ def sublayer_write(model: Any, layer: int, kind: str) -> SublayerWrite:
     multiplier = float(getattr(block, "residual_contribution_scale", 1.0) or 1.0)
     name = POST_NORMS[kind]
     post = getattr(block, name, None)
-    if not isinstance(post, torch.nn.Module):
-        return SublayerWrite(multiplier)
+    if not isinstance(post, torch.nn.Module) or isinstance(inner_module(post), torch.nn.Identity):
+        return SublayerWrite(multiplier)  # none (a folded HookedTransformer keeps an Identity in its place)
     norm = read_norm(post, model, f"blocks.{layer}.{name}", getattr(model.cfg, "normalization_type", None))
     hooks = getattr(model, "hook_dict", {})
     scale_hook = f"blocks.{layer}.{name}.hook_scale"

@@ -16,7 +16,7 @@ from typing import Any, Optional, Tuple
 import torch
 
 from ..errors import UnsupportedModelError
-from ..kernel import FinalNorm
+from ..kernel import FinalNorm, compute_dtype
 
 # Relative error allowed between our parametric norm and the model's own module in float32 and
 # float64; in half precision the module's output is rounded to its dtype, so the bound is
@@ -93,7 +93,8 @@ def read_norm(norm: torch.nn.Module, model: Any, what: str, declared_kind: Optio
     eps = eps if eps is not None else float(getattr(model.cfg, "eps", 1e-5))
     gains = [weight]
     if weight is not None:
-        offset = weight + 1.0
+        # 1 + weight in the compute dtype: in bfloat16 the sum would round (Gemma's module adds in float32)
+        offset = weight.to(compute_dtype(weight.dtype)) + 1.0
         gains = [offset, weight] if _declares_offset(norm, model) else [weight, offset]
     errors = []
     for gain in gains:
