@@ -272,3 +272,26 @@ def test_bfloat16(family):
             if pieces:
                 # Both read the same bfloat16 activations, so they agree to float32 precision.
                 _check_pieces(att, _reference_values(member, pieces), f"{by} pieces", rtol=1e-5)
+
+
+# -- CUDA (marker gpu: skips without a device) -------------------------------------------------------------------
+
+ON_CUDA = [
+    zoo.by_name(n) for n in ("gemma2", "gemma3", "olmo2", "granite", "cohere", "mixtral", "qwen2_moe", "gpt_oss")
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ON_CUDA, ids=[f.name for f in ON_CUDA])
+def test_families_on_cuda_read_as_on_the_cpu(family):
+    """Post-norms, logit transforms and experts on a CUDA model: every kind adds up, and agrees with the same
+    model on the CPU (float32; products on either device round differently, so to 1e-4)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    cuda = zoo.model(family, torch.float32, "cuda")
+    cpu = member_of(family)
+    tll.logit_lens(cuda, TOKENS.cuda())  # checks its final entry against the model's own logits
+    for by in KINDS:
+        att = tll.direct_logit_attribution(cuda, TOKENS.cuda(), answers=ANSWERS, wrong=WRONG, by=by)
+        assert att.residual_error() <= 1e-4 and att.values.device.type == "cpu"
+        _close(att.values, cpu.dla(by).values, f"{by} on CUDA against the CPU", rtol=1e-4)

@@ -323,7 +323,7 @@ NOT_BOOTED: Dict[str, str] = {
 }
 
 _FOLDERS: Dict[Tuple[str, int], str] = {}
-_MODELS: Dict[Tuple[str, torch.dtype], Any] = {}
+_MODELS: Dict[Tuple[str, torch.dtype, str], Any] = {}
 
 
 def folder(family: Family, seed: int = 0) -> str:
@@ -343,13 +343,13 @@ def folder(family: Family, seed: int = 0) -> str:
     return _FOLDERS[key]
 
 
-def model(family: Family, dtype: torch.dtype = torch.float32) -> Any:
-    """``family`` booted with ``TransformerBridge.boot_transformers`` in ``dtype`` on the CPU, in eval mode
-    (once per session and dtype)."""
-    key = (family.name, dtype)
+def model(family: Family, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
+    """``family`` booted with ``TransformerBridge.boot_transformers`` in ``dtype`` on ``device``, in eval mode
+    (once per session, dtype and device)."""
+    key = (family.name, dtype, device)
     if key not in _MODELS:
         path = folder(family)
-        _MODELS[key] = builders.TransformerBridge.boot_transformers(path, dtype=dtype, device="cpu").eval()
+        _MODELS[key] = builders.TransformerBridge.boot_transformers(path, dtype=dtype, device=device).eval()
     return _MODELS[key]
 
 
