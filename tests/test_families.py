@@ -214,10 +214,15 @@ def test_an_expert_block_that_adds_what_its_experts_do_not_write_is_refused(monk
 
 
 @needs_bridge
-def test_a_stream_multiplied_by_a_layer_scalar_is_refused_naming_it(monkeypatch):
+def test_a_stream_multiplied_by_a_layer_scalar_is_refused_naming_it():
     model = _family("gemma4")
-    layer = model.blocks[0].original_component
-    monkeypatch.setattr(layer, "layer_scalar", torch.full_like(layer.layer_scalar, 0.5))
-    with pytest.raises(tll.UnsupportedModelError, match=r"layer_scalar=0\.5 \(it multiplies the whole stream\)"):
-        tll.direct_logit_attribution(model, TOKENS, answers=ANSWERS, by="head")
-    tll.logit_lens(model, TOKENS)  # the lens reads the streams as they are
+    scalar = model.blocks[0].original_component.layer_scalar  # a buffer: changed in place, put back after
+    try:
+        with torch.no_grad():
+            scalar.fill_(0.5)
+        with pytest.raises(tll.UnsupportedModelError, match=r"layer_scalar=0\.5 \(it multiplies the whole stream\)"):
+            tll.direct_logit_attribution(model, TOKENS, answers=ANSWERS, by="head")
+        tll.logit_lens(model, TOKENS)  # the lens reads the streams as they are
+    finally:
+        with torch.no_grad():
+            scalar.fill_(1.0)
