@@ -278,6 +278,7 @@ def test_soft_capped_logits_attribute_the_pre_cap_logit_and_the_lens_applies_the
     att = tll.direct_logit_attribution(gemma, tokens, answers=3, wrong=4, by="head")
     assert att.residual_error() <= 1e-4  # the pieces add up to the pre-cap logit difference, exactly
     assert att.logit_transform == "logit -> 5 * tanh(logit / 5) (a soft cap)"
+    assert "of='logit difference before the soft cap'" in repr(att)
     with torch.no_grad():
         logits = gemma(tokens)[:, -1].double()
     torch.testing.assert_close(att.capped_value.double(), logits[:, 3] - logits[:, 4], atol=1e-5, rtol=1e-5)

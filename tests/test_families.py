@@ -16,9 +16,11 @@ import zoo
 from builders import raises_before_forward
 
 import tl_logitlens as tll
-from tl_logitlens.model_access import TransformerBridge, view
+from tl_logitlens.model_access import TL_MAJOR, TransformerBridge, view
 
-needs_bridge = pytest.mark.skipif(TransformerBridge is None, reason="the families boot through TransformerBridge")
+needs_bridge = pytest.mark.skipif(
+    TransformerBridge is None or TL_MAJOR < 4, reason="the zoo's families boot through TransformerLens 4.x's bridge"
+)
 TOKENS = builders.tokens(batch=2, seq=7, seed=2)
 ANSWERS = torch.tensor([5, 9])
 WRONG = torch.tensor([7, 30])

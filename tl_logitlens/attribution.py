@@ -271,6 +271,8 @@ class Attribution:
         shown = "[" + ", ".join(x if x == "..." else repr(x) for x in labels) + "]"
         pos = self.values.shape[2] if self.values.ndim == 3 else None
         what = "logit difference" if self.wrong_ids is not None else "logit"
+        if self.logit_transform is not None:
+            what += " before the soft cap"  # the pieces add up to the pre-cap value (capped_value: after it)
         return (
             f"Attribution(by={self.by!r}, labels={shown} ({len(self.labels)}), batch={self.values.shape[1]}, "
             f"pos={pos}, of={what!r}, residual_error={self.residual_error():.2g})"
