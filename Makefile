@@ -8,7 +8,7 @@ PIP_QUIET ?= -q
 TL3 ?= transformer-lens==3.9.0
 TL2 ?= transformer-lens==2.18.0 pyarrow<22
 
-.PHONY: setup lint test test-compat test-notebooks test-interop test-distributed demo readme-figures bench bench-tables bench-training clean
+.PHONY: setup lint test test-compat test-zoo test-notebooks test-interop test-distributed demo readme-figures bench bench-tables bench-training clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ lint: setup
 test-compat: .venv-tl3/.installed .venv-tl2/.installed
 	.venv-tl3/bin/python -m pytest -q
 	.venv-tl2/bin/python -m pytest -q
+
+# The family zoo (tests/test_zoo.py) in bfloat16; the float32 zoo is part of `make test` (CI runs it).
+test-zoo: setup
+	$(PY) -m pytest -q -m zoo_bf16
 
 # Executes the tutorial notebooks (slow; CI runs it).
 test-notebooks: setup

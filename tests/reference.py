@@ -8,6 +8,7 @@ parameters; logits are then materialised in full and reduced with plain torch.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -187,7 +188,12 @@ def source_pieces(model: Any, cache: Any, pos: int = -1) -> Dict[str, torch.Tens
     out: Dict[str, torch.Tensor] = {}
     for layer in range(model.cfg.n_layers):
         pattern = cache[f"blocks.{layer}.attn.hook_pattern"].double()  # [batch, head, dest, src]
-        v = cache[f"blocks.{layer}.attn.hook_v"].double()  # [batch, src, n_kv, d_head]
+        # The values the pattern mixes: after Gemma 4's v_norm where there is one; DeepSeek's latent
+        # attention caches them head-major, [batch, head, src, d_head].
+        normed = f"blocks.{layer}.attn.v_norm.hook_out"
+        v = cache[normed if normed in cache.cache_dict else f"blocks.{layer}.attn.hook_v"].double()
+        if v.shape[1] != pattern.shape[-1]:
+            v = v.transpose(1, 2)  # [batch, src, n_kv, d_head]
         W_O = _w_o(model, layer).double()
         n_heads, n_kv = model.cfg.n_heads, v.shape[2]
         for head in range(n_heads):
@@ -250,3 +256,156 @@ def group_stats(logits: torch.Tensor, groups: List[List[int]]) -> Tuple[torch.Te
     probs = torch.stack([logp[..., ids].exp().sum(-1) for ids in groups], -1)
     lse = torch.stack([torch.logsumexp(logits.double()[..., ids], -1) for ids in groups], -1)
     return probs, lse
+
+
+# -- any model family (tests/zoo.py): the Hugging Face model's own modules, read as linear maps ---------
+# Norms are read through their own modules, never through their parameters: a norm N is linear at a
+# fixed scale, N(p) = centre(p) * (N(x) - N(0)) / centre(x) for the vector x it normalised in the
+# forward pass (N(0) is its bias; centre subtracts the mean for a LayerNorm and is the identity for an
+# RMSNorm). Which of the two a module is, is found by its behaviour (a LayerNorm ignores a shift), and
+# its gain convention (weight, or 1 + weight) never has to be known.
+
+
+def _norm_is_layernorm(norm: Any, x: torch.Tensor) -> bool:
+    with torch.no_grad():
+        return bool(torch.allclose(norm(x), norm(x + 0.5), atol=1e-3, rtol=1e-3))
+
+
+def norm_linear_map(norm: Any, x: torch.Tensor):
+    """``(L, bias)``: the norm module at the fixed scale of ``x [batch, d]``, as ``L(p [n, batch, d]) -> [n, batch, d]``
+    in float64, and its bias ``[batch, d]`` (``N(0)``)."""
+    norm = copy.deepcopy(norm).to(torch.float64)  # the module's own code and weights, in float64
+    x = x.double()
+    with torch.no_grad():
+        out = norm(x).double()
+        bias = norm(torch.zeros_like(x)).double()
+    layernorm = _norm_is_layernorm(norm, x)
+
+    def centre(p: torch.Tensor) -> torch.Tensor:
+        return p - p.mean(-1, keepdim=True) if layernorm else p
+
+    # (N(x) - N(0)) / centre(x) is gain / scale(x) elementwise, but undefined where an element of x is 0 (a
+    # bfloat16 stream has exact zeros). So the gain is read on a probe y without zeros, and only the ratio
+    # of the two scales is read off x, at its largest element with a gain: N at x's scale is N at y's, times it.
+    y = torch.randn(x.shape[-1], generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.5
+    with torch.no_grad():
+        per_y = (norm(y) - norm(torch.zeros_like(y))).double() / centre(y)
+    at = (centre(x) * per_y).abs().argmax(-1, keepdim=True)  # [batch, 1]: large in x, gain not 0
+    per_x = (out - bias).gather(-1, at) / centre(x).gather(-1, at)
+    ratio = per_x / per_y[at] * per_y
+    return (lambda p: centre(p.double()) * ratio), bias
+
+
+def _hf_norm(bridge_norm: Any) -> Any:
+    return getattr(bridge_norm, "original_component", None) or bridge_norm
+
+
+def logit_scale(model: Any) -> float:
+    """The linear factor a Hugging Face model applies to its logits: Cohere's ``logit_scale`` (as the model holds
+    it), Granite's ``1 / logits_scaling``; 1 for the rest."""
+    hf = model.original_model
+    scale = float(getattr(hf, "logit_scale", 1.0) or 1.0)
+    return scale / float(getattr(hf.config, "logits_scaling", 1.0) or 1.0)
+
+
+def _sublayer_map(model: Any, cache: Any, layer: int, kind: str, pos: int):
+    """How block ``layer``'s ``kind`` output reaches the stream, as a linear map on pieces ``[n, batch, d]``:
+    its post-norm (the bridge's ``ln1_post``/``ln2_post``) at the forward pass's scale, times Granite's
+    ``residual_multiplier`` (from the HF config)."""
+    multiplier = float(getattr(model.original_model.config, "residual_multiplier", 1.0) or 1.0)
+    post = getattr(model.blocks[layer], "ln1_post" if kind == "attn" else "ln2_post", None)
+    if post is None:
+        return lambda p: p.double() * multiplier
+    raw = cache[f"blocks.{layer}.{'ln1_post' if kind == 'attn' else 'ln2_post'}.hook_in"][:, pos]
+    linear, _ = norm_linear_map(_hf_norm(post), raw)
+    return lambda p: linear(p) * multiplier
+
+
+def family_readout(model: Any, cache: Any, answers: torch.Tensor, wrong: torch.Tensor, pos: int = -1):
+    """``(read, constant)``: a piece ``[n, batch, d]`` at ``pos`` read along ``lm_head[answer] - lm_head[wrong]``
+    through the HF final norm at the forward pass's scale, times the logit scale, ``-> [n, batch]``; and what no
+    piece writes ``[batch]`` (the norm's bias and ``lm_head``'s bias along the same direction)."""
+    hf = model.original_model
+    head = hf.get_output_embeddings()
+    W = head.weight.detach().double()
+    u = W[answers] - W[wrong]  # [batch, d]
+    final = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][:, pos]
+    linear, bias = norm_linear_map(_hf_norm(model.ln_final), final)
+    k = logit_scale(model)
+    constant = (bias * u).sum(-1)
+    if getattr(head, "bias", None) is not None:
+        b = head.bias.detach().double()
+        constant = constant + b[answers] - b[wrong]
+    return (lambda p: k * (linear(p) * u).sum(-1)), k * constant
+
+
+def family_pieces(model: Any, cache: Any, by: str, pos: int = -1) -> Dict[str, torch.Tensor]:
+    """Every piece ``{label: [batch, d_model]}`` at ``pos`` in float64, each written as the HF block writes it.
+
+    ``by="head"``: ``z[head] @ W_O[head]`` and the attention bias; ``by="neuron"``: ``post[n] * W_out[n]`` and
+    the MLP bias (dense layers only). Each through its sublayer's post-norm and multiplier (``_sublayer_map``).
+    """
+    out: Dict[str, torch.Tensor] = {}
+    for layer in range(model.cfg.n_layers):
+        kind = "attn" if by == "head" else "mlp"
+        if kind == "mlp" and is_expert_layer(model, layer):
+            continue  # expert layers: expert_pieces
+        if by == "head":
+            z = cache[f"blocks.{layer}.attn.hook_z"][:, pos].double()
+            z = z.reshape(z.shape[0], model.cfg.n_heads, -1)
+            W_O = _w_o(model, layer).double()
+            pieces = {f"L{layer}H{h}": z[:, h] @ W_O[h] for h in range(model.cfg.n_heads)}
+            bias, name = getattr(model.blocks[layer].attn, "b_O", None), f"{layer}_attn_bias"
+        else:
+            post = cache[f"blocks.{layer}.mlp.hook_post"][:, pos].double()
+            W_out = model.blocks[layer].mlp.W_out.detach().double()
+            pieces = {f"L{layer}N{n}": post[:, n : n + 1] * W_out[n] for n in range(W_out.shape[0])}
+            bias, name = getattr(model.blocks[layer].mlp, "b_out", None), f"{layer}_mlp_bias"
+        batch = next(iter(pieces.values())).shape[0]
+        if bias is not None:
+            pieces[name] = bias.detach().double().expand(batch, -1)
+        written = _sublayer_map(model, cache, layer, kind, pos)(torch.stack(list(pieces.values())))
+        out.update(zip(pieces, written))
+    return out
+
+
+def is_expert_layer(model: Any, layer: int) -> bool:
+    """Whether the bridge's ``blocks.{layer}.mlp`` is an expert block (not a dense layer of an expert model)."""
+    mlp = model.blocks[layer].mlp
+    return type(mlp).__name__ == "MoEBridge" and not getattr(mlp, "bound_dense", False)
+
+
+def expert_pieces(model: Any, cache: Any, layer: int, pos: int = -1) -> Dict[str, torch.Tensor]:
+    """Mixtral's and Qwen2-MoE's expert layer written by hand from the HF weights, in float64:
+    ``{"L{l}E{e}N{n}": w_e * a_e[n] * down_e[:, n], "L{l}SN{n}": g * s[n] * down_s[:, n]}`` ``[batch, d_model]``.
+
+    The router: softmax of ``x @ gate.weight.T``, the top ``k``, renormalised where the config says
+    (always for Mixtral, ``norm_topk_prob`` for Qwen2-MoE); each expert ``act(gate) * up`` of its
+    ``gate_up_proj``; Qwen2-MoE's shared expert ``act(gate_proj x) * up_proj x`` scaled by
+    ``sigmoid(shared_expert_gate x)``.
+    """
+    block = model.original_model.model.layers[layer].mlp
+    config = model.original_model.config
+    x = cache[f"blocks.{layer}.mlp.hook_in"][:, pos].double()  # [batch, d]
+    act = {"silu": torch.nn.functional.silu}[config.hidden_act]
+    probs = torch.softmax(x @ block.gate.weight.detach().double().T, -1)
+    top, picked = probs.topk(config.num_experts_per_tok, -1)
+    if getattr(config, "norm_topk_prob", True):
+        top = top / top.sum(-1, keepdim=True)
+    out: Dict[str, torch.Tensor] = {}
+    experts = block.experts
+    for e in range(experts.gate_up_proj.shape[0]):
+        w = (top * (picked == e)).sum(-1, keepdim=True)  # [batch, 1]
+        gate, up = (x @ experts.gate_up_proj[e].detach().double().T).chunk(2, -1)
+        a = act(gate) * up
+        down = experts.down_proj[e].detach().double()  # [d, d_expert]
+        for n in range(a.shape[-1]):
+            out[f"L{layer}E{e}N{n}"] = w * a[:, n : n + 1] * down[:, n]
+    shared = getattr(block, "shared_expert", None)
+    if shared is not None:
+        g = torch.sigmoid(x @ block.shared_expert_gate.weight.detach().double().T)
+        s = act(x @ shared.gate_proj.weight.detach().double().T) * (x @ shared.up_proj.weight.detach().double().T)
+        down = shared.down_proj.weight.detach().double()
+        for n in range(s.shape[-1]):
+            out[f"L{layer}SN{n}"] = g * s[:, n : n + 1] * down[:, n]
+    return out

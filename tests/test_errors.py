@@ -256,7 +256,7 @@ def test_state_space_blocks_are_refused():
 
 
 @needs_bridge
-def test_soft_capped_logits_refuse_dla_but_the_lens_applies_the_cap():
+def test_soft_capped_logits_attribute_the_pre_cap_logit_and_the_lens_applies_the_cap():
     import transformers as tf
 
     gemma = _boot(
@@ -274,13 +274,16 @@ def test_soft_capped_logits_refuse_dla_but_the_lens_applies_the_cap():
             )
         )
     )
-    raises_before_forward(
-        gemma,
-        tll.UnsupportedModelError,
-        "soft-cap",
-        lambda: tll.direct_logit_attribution(gemma, builders.tokens(), answers=3),
-    )
     tokens = builders.tokens()
+    att = tll.direct_logit_attribution(gemma, tokens, answers=3, wrong=4, by="head")
+    assert att.residual_error() <= 1e-4  # the pieces add up to the pre-cap logit difference, exactly
+    assert att.logit_transform == "logit -> 5 * tanh(logit / 5) (a soft cap)"
+    assert "of='logit difference before the soft cap'" in repr(att)
+    with torch.no_grad():
+        logits = gemma(tokens)[:, -1].double()
+    torch.testing.assert_close(att.capped_value.double(), logits[:, 3] - logits[:, 4], atol=1e-5, rtol=1e-5)
+    pre_cap = 5 * torch.atanh(logits / 5)
+    torch.testing.assert_close(att.model_value.double(), pre_cap[:, 3] - pre_cap[:, 4], atol=1e-4, rtol=1e-4)
     result = tll.logit_lens(gemma, tokens, top_k=3)  # checks the final entry against the model itself
     with torch.no_grad():
         probs = torch.softmax(gemma(tokens).double(), -1)
@@ -305,10 +308,9 @@ def test_soft_capped_hooked_transformer():
         seed=0,
     )
     capped = HookedTransformer(cfg).eval()
-    raises_before_forward(
-        capped,
-        tll.UnsupportedModelError,
-        "soft-cap",
-        lambda: tll.direct_logit_attribution(capped, builders.tokens(), answers=3),
-    )
+    att = tll.direct_logit_attribution(capped, builders.tokens(), answers=3)
+    assert att.residual_error() <= 1e-4 and att.logit_transform == "logit -> 3 * tanh(logit / 3) (a soft cap)"
+    with torch.no_grad():
+        logits = capped(builders.tokens())[:, -1, 3].double()
+    torch.testing.assert_close(att.capped_value.double(), logits, atol=1e-5, rtol=1e-5)
     tll.logit_lens(capped, builders.tokens())  # the final-entry check passes with the cap applied

@@ -10,17 +10,31 @@ weight and centring, and ``constant`` holds what no piece writes: ``b_U`` and th
 bias along ``u``. Pieces are contracted with the direction from their factored form
 (activations times output weights), so ``[component, batch, pos, d_model]`` is never built.
 
+Model families. What a model does after the unembedding is read by
+:mod:`tl_logitlens.model_access.logits`. A linear logit scale (Granite divides by
+``logits_scaling``, Cohere multiplies by ``logit_scale``) is folded into ``u`` and ``b_U``, so
+``model_value`` is the model's own logit, exactly. A soft cap (Gemma 2:
+``cap * tanh(logit / cap)``) is not linear: the pieces add up exactly to the pre-cap logit
+(difference), ``model_value``, and :attr:`Attribution.logit_transform` names the cap beside
+:attr:`Attribution.capped_value`, the capped value the model reports. A transform of any other
+shape is refused, named. A block whose outputs pass through a post-norm (Gemma 2/3, OLMo 2) or a
+multiplier (Granite) on their way to the stream has its pieces read through them
+(:mod:`tl_logitlens.stacks`): the post-norm is linearised at the scale the forward pass
+computed, as the final norm is here.
+
 Precision. Everything is computed in float32 (float64 for a float64 model) from the
 activations the model stored. ``model_value`` is the float32 reading of the final stream the
 model stored, so the identity above holds to float32 precision in every dtype. A
 bfloat16 or float16 model rounds its stream after every addition, so its pieces gain a
 ``rounding`` entry (:mod:`tl_logitlens.stacks`), whose largest size is
 :attr:`Attribution.rounding_error`. When the model was run here, its own logits are
-compared with ``model_value``; they may differ by the rounding of the model's last steps:
+compared with ``model_value`` (with a soft cap: with ``capped_value``); they may differ by the
+rounding of the model's last steps:
 
     |logit_model - model_value| <= 2 * eps * sum_t (|logit_t| + |n| @ |W_U[:, t]|) + 1e-4 * (1 + |model_value|)
 
-over the answer (and wrong) token ``t``, with ``n`` the normalised final stream and
+over the answer (and wrong) token ``t``, with ``n`` the normalised final stream (``W_U``
+carrying the linear logit scale, if any; a soft cap's slope is at most 1) and
 ``eps = torch.finfo(logits.dtype).eps``: the normalised stream and the logits are each
 rounded once to the model's dtype. A larger difference is refused: the model does
 something after ``ln_final`` that this reading misses.
@@ -31,7 +45,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from numbers import Integral
-from typing import Any, Callable, List, NamedTuple, Optional, Tuple
+from typing import Any, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -54,7 +68,7 @@ from .tokentext import token_text
 ATTRIBUTION_NORMS = ("cached", "none")
 
 # The labels ``top()`` ranks after by="head" / by="neuron" (other pieces only when asked).
-_KIND_LABEL = {"head": re.compile(r"L\d+H\d+"), "neuron": re.compile(r"L\d+N\d+")}
+_KIND_LABEL = {"head": re.compile(r"L\d+H\d+"), "neuron": re.compile(r"L\d+(E\d+|S)?N\d+")}
 
 
 @dataclass
@@ -67,7 +81,8 @@ class Attribution:
         values: ``[component, ...]`` each component's direct contribution.
         labels: component labels (``embed``, ``0_attn_out``, ``L1H3``, ``L0N17``, ...).
         model_value: ``[...]`` the model's own logit (difference) (with ``norm="none"``: the
-            unnormalised value ``final_stream @ u + b_U``).
+            unnormalised value ``final_stream @ u + b_U``), with a linear logit scale applied
+            (Granite, Cohere) and before a soft cap (Gemma 2: see ``logit_transform``).
         constant: ``[...]`` the terms no component writes: ``b_U`` and the final norm's bias.
         norm: ``"cached"`` or ``"none"``, how the final norm was applied.
         by: the stack kind (``"accumulated"``, ``"component"``, ``"head"``, ``"neuron"``).
@@ -87,6 +102,12 @@ class Attribution:
             ``hook_z`` adds, so that ``source_values.sum(2) + source_rounding ==
             by_head()``; ``None`` otherwise (the pieces add up to float precision).
         input_ids: ``[batch, seq]`` the input tokens, or ``None`` when only a cache was given.
+        logit_transform: ``None``, or the soft cap the model applies after ``model_value``
+            (e.g. ``"logit -> 30 * tanh(logit / 30) (a soft cap)"``): the cap is not linear, so
+            the pieces add up to the pre-cap logit (difference), exactly, and ``capped_value``
+            is what the model reports.
+        capped_value: ``[...]`` with a soft cap, the model's own logit (difference) after it
+            (each logit capped, then subtracted); ``None`` without one.
 
     Example::
 
@@ -115,6 +136,8 @@ class Attribution:
     source_values: Optional[torch.Tensor] = None
     source_rounding: Optional[torch.Tensor] = None
     input_ids: Optional[torch.Tensor] = None
+    logit_transform: Optional[str] = None
+    capped_value: Optional[torch.Tensor] = None
 
     def real(self) -> torch.Tensor:
         """``[...]`` bool: which cells are real tokens (False at padding positions)."""
@@ -248,6 +271,8 @@ class Attribution:
         shown = "[" + ", ".join(x if x == "..." else repr(x) for x in labels) + "]"
         pos = self.values.shape[2] if self.values.ndim == 3 else None
         what = "logit difference" if self.wrong_ids is not None else "logit"
+        if self.logit_transform is not None:
+            what += " before the soft cap"  # the pieces add up to the pre-cap value (capped_value: after it)
         return (
             f"Attribution(by={self.by!r}, labels={shown} ({len(self.labels)}), batch={self.values.shape[1]}, "
             f"pos={pos}, of={what!r}, residual_error={self.residual_error():.2g})"
@@ -343,19 +368,22 @@ def direct_logit_attribution(
     readout = _readout(view, cache, logits, index, groups[0].acts.dtype, answer_ids, wrong_ids, norm)
     values, labels, sources, source_rounding = _pieces(view, cache, index, groups, readout, by_source)
 
-    values, model_value, constant, sources, source_rounding = _mark_padding(
-        index, lengths, values, readout.model_value, readout.constant, sources, source_rounding
+    values, model_value, constant, capped, sources, source_rounding = _mark_padding(
+        index, lengths, values, readout.model_value, readout.constant, readout.capped_value, sources, source_rounding
     )
     rounding_error = _rounding_error(values, labels)
     if drop:
-        values, model_value, constant = values[..., 0], model_value[..., 0], constant[..., 0]
-        sources = None if sources is None else sources[..., 0]
-        source_rounding = None if source_rounding is None else source_rounding[..., 0]
+        values, model_value, constant, capped, sources, source_rounding = (
+            None if t is None else t[..., 0] for t in (values, model_value, constant, capped, sources, source_rounding)
+        )
+    cpu = lambda t: None if t is None else t.float().cpu()  # noqa: E731
     return Attribution(
-        values=values.float().cpu(),
+        values=cpu(values),
         labels=labels,
-        model_value=model_value.float().cpu(),
-        constant=constant.float().cpu(),
+        model_value=cpu(model_value),
+        constant=cpu(constant),
+        logit_transform=None if capped is None else view.logit_transform.describe(),
+        capped_value=cpu(capped),
         by=by,
         answer_ids=answer_ids,
         wrong_ids=wrong_ids,
@@ -366,8 +394,8 @@ def direct_logit_attribution(
         rounding_error=rounding_error,
         lengths=lengths,
         norm=norm,
-        source_values=None if sources is None else sources.float().cpu(),
-        source_rounding=None if source_rounding is None else source_rounding.float().cpu(),
+        source_values=cpu(sources),
+        source_rounding=cpu(source_rounding),
         input_ids=None if tokens is None else tokens.ids,
     )
 
@@ -393,49 +421,71 @@ def _check_options(by: str, by_source: Any, norm: str) -> None:
 
 
 def _check_linear_logits(view: Any) -> None:
-    """Refuse a model whose logits pass through a transform after the unembedding (a logit soft-cap)."""
-    if view.output_transform is not None:
+    """Refuse a model whose logits pass through a transform that is neither a linear scale nor a soft cap.
+
+    A linear scale (Granite, Cohere) is folded into the answer direction; under a soft cap
+    (Gemma 2) the pre-cap logit is attributed. Anything else is refused, named.
+    """
+    transform = view.logit_transform
+    if transform.opaque is not None:
         raise UnsupportedModelError(
-            "this model applies a non-linear transform to its logits (a logit soft-cap), so a logit "
-            "is not a sum of per-component terms; direct logit attribution would be wrong. "
-            "Use tll.logit_lens, which applies the transform, instead."
+            f"this model's logits pass through {transform.describe()}: on a probe of logits from -80 to 80 it "
+            "matched no linear scale and no soft cap, so a logit is not a sum of per-piece terms and direct "
+            "logit attribution would be wrong. tll.logit_lens applies the transform as the model does."
         )
 
 
 class _Readout(NamedTuple):
     """The linear reading of the answer at the read positions: a piece's value is ``piece @ direction / scale``."""
 
-    direction: torch.Tensor  # [batch, d_model]: u, with the final norm's weight and centring folded in
+    direction: torch.Tensor  # [batch, d_model]: u (times the logit scale), with the final norm's weight and centring
     scale: torch.Tensor  # [batch, pos]: the final norm's scale (ones for norm="none")
     constant: torch.Tensor  # [batch, pos]: what no piece writes (b_U and the norm's bias along u)
-    model_value: torch.Tensor  # [batch, pos]: the value the pieces add up to
+    model_value: torch.Tensor  # [batch, pos]: the value the pieces add up to (before a soft cap)
+    capped_value: Optional[torch.Tensor]  # [batch, pos]: the model's value after its soft cap, or None
 
 
-def _answer_direction(
+class _Columns(NamedTuple):
+    """The answer and wrong tokens' unembedding columns ``[batch, d_model]`` and biases ``[batch]`` (with the
+    model's linear logit scale folded in: ``logit = n @ column + bias``)."""
+
+    answer: torch.Tensor
+    answer_bias: torch.Tensor
+    wrong: Optional[torch.Tensor]
+    wrong_bias: Optional[torch.Tensor]
+
+    def direction(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(u [batch, d_model], b_diff [batch])``: the answer's column and bias, minus the wrong token's."""
+        if self.wrong is None:
+            return self.answer, self.answer_bias
+        return self.answer - self.wrong, self.answer_bias - self.wrong_bias
+
+
+def _answer_columns(
     view: Any,
     answer_ids: torch.Tensor,
     wrong_ids: Optional[torch.Tensor],
     dtype: torch.dtype,
     device: torch.device,
-) -> Tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-    """``(u [batch, d_model], b_diff [batch], columns)``: ``W_U[:, answer] - W_U[:, wrong]``, the same of ``b_U``
-    (zeros without one), and ``columns(ids)``, the unembedding columns ``[batch, d_model]``."""
+) -> _Columns:
+    """``W_U[:, ids].T`` and ``b_U[ids]`` (zeros without one) of the answer and wrong tokens, times the logit scale.
+
+    Only these columns leave W_U's dtype and device.
+    """
     W_U, b_U = view.W_U, view.b_U
+    scale = view.logit_transform.scale  # Granite's 1 / logits_scaling, Cohere's logit_scale: exact, linear
 
-    def columns(ids: torch.Tensor) -> torch.Tensor:
-        """``W_U[:, ids].T`` ``[batch, d_model]``: only these columns leave W_U's dtype and device."""
-        return W_U[:, ids.to(W_U.device)].T.to(device=device, dtype=dtype)
+    def column(ids: torch.Tensor) -> torch.Tensor:
+        return W_U[:, ids.to(W_U.device)].T.to(device=device, dtype=dtype) * scale
 
-    def bias_of(ids: torch.Tensor) -> torch.Tensor:
-        """``b_U[ids]`` ``[batch]`` in the compute dtype and device."""
-        return b_U[ids.to(b_U.device)].to(device=device, dtype=dtype)
+    def bias(ids: torch.Tensor) -> torch.Tensor:
+        if b_U is None:
+            return torch.zeros(ids.shape[0], device=device, dtype=dtype)
+        return b_U[ids.to(b_U.device)].to(device=device, dtype=dtype) * scale
 
-    u_answer = columns(answer_ids)
-    u = u_answer if wrong_ids is None else u_answer - columns(wrong_ids)
-    b_diff = torch.zeros(answer_ids.shape[0], device=device, dtype=dtype)
-    if b_U is not None:
-        b_diff = bias_of(answer_ids) - (bias_of(wrong_ids) if wrong_ids is not None else 0)
-    return u, b_diff, columns
+    if wrong_ids is None:
+        return _Columns(column(answer_ids), bias(answer_ids), None, None)
+    return _Columns(column(answer_ids), bias(answer_ids), column(wrong_ids), bias(wrong_ids))
 
 
 def _readout(
@@ -452,15 +502,17 @@ def _readout(
     ``norm`` says; the model's own logits, when it was run here, are checked against that value."""
     device = compute_device(view)
     fnorm = view.final_norm.to(dtype, device)
-    u, b_diff, columns = _answer_direction(view, answer_ids, wrong_ids, dtype, device)
+    columns = _answer_columns(view, answer_ids, wrong_ids, dtype, device)
+    u, b_diff = columns.direction()
     final = gather_positions(cache_tensor(cache, view.final_resid_hook), index).to(device=device, dtype=dtype)
 
     # The model's value: its stored final stream read exactly as the model reads it, in
     # float32, so the pieces (with the rounding entry in half precision) add up to it.
     normed = fnorm.apply(final, "recompute")  # [batch, pos, d_model]
     model_value = (normed * u.unsqueeze(1)).sum(-1) + b_diff.unsqueeze(1)
+    capped = _capped_value(view.logit_transform, normed, columns)
     if logits is not None:
-        _check_model_logits(logits, index, normed, answer_ids, wrong_ids, columns, model_value)
+        _check_model_logits(logits, index, normed, answer_ids, wrong_ids, columns, capped)
 
     if norm == "cached":  # the final norm with the forward pass's own scale: linear
         scale = fnorm.scale(final)[..., 0]  # [batch, pos]
@@ -471,7 +523,21 @@ def _readout(
         direction = u
         constant = b_diff
         model_value = (final * u.unsqueeze(1)).sum(-1) + b_diff.unsqueeze(1)
-    return _Readout(direction, scale, constant.unsqueeze(1).expand_as(scale), model_value)
+    capped_value = capped if view.logit_transform.soft_cap is not None else None
+    return _Readout(direction, scale, constant.unsqueeze(1).expand_as(scale), model_value, capped_value)
+
+
+def _capped_value(transform: Any, normed: torch.Tensor, columns: _Columns) -> torch.Tensor:
+    """``[batch, pos]``: the model's logit (difference) as it reports it, each logit through its soft cap
+    (the plain, scaled logit (difference) without one)."""
+
+    def logit(column: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return transform.cap((normed * column.unsqueeze(1)).sum(-1) + bias.unsqueeze(1))
+
+    value = logit(columns.answer, columns.answer_bias)
+    if columns.wrong is not None:
+        value = value - logit(columns.wrong, columns.wrong_bias)
+    return value
 
 
 def _pieces(
@@ -551,13 +617,15 @@ def _check_model_logits(
     normed: torch.Tensor,
     answer_ids: torch.Tensor,
     wrong_ids: Optional[torch.Tensor],
-    columns: Any,
-    model_value: torch.Tensor,
+    columns: _Columns,
+    expected: torch.Tensor,
 ) -> None:
     """The model's own logit (difference) must match the reading of its stored stream within its dtype's rounding.
 
     Tolerance in the module docstring; ``normed [batch, pos, d_model]`` is the normalised
-    final stream, ``columns(ids)`` the unembedding columns ``[batch, d_model]``.
+    final stream, ``columns`` the answer and wrong tokens' columns (logit scale folded in),
+    ``expected [batch, pos]`` the reading's logit (difference) after any soft cap (whose slope
+    is at most 1, so it shrinks a rounding error, never grows it).
     """
     batch, n_pos = index.shape
     picked = gather_positions(logits.detach(), index)  # [batch, pos, d_vocab] on the logits' device
@@ -565,24 +633,25 @@ def _check_model_logits(
 
     def own(ids: torch.Tensor) -> torch.Tensor:
         at = ids.to(picked.device).view(batch, 1, 1).expand(batch, n_pos, 1)
-        return picked.gather(2, at)[..., 0].to(device=model_value.device, dtype=model_value.dtype)
+        return picked.gather(2, at)[..., 0].to(device=expected.device, dtype=expected.dtype)
 
-    def size(ids: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
-        return logit.abs() + torch.einsum("bpd,bd->bp", normed.abs(), columns(ids).abs())
+    def size(column: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
+        return logit.abs() + torch.einsum("bpd,bd->bp", normed.abs(), column.abs())
 
     theirs = own(answer_ids)
-    budget = size(answer_ids, theirs)
+    budget = size(columns.answer, theirs)
     if wrong_ids is not None:
         wrong_logit = own(wrong_ids)
         theirs = theirs - wrong_logit
-        budget = budget + size(wrong_ids, wrong_logit)
-    tol = 2 * eps * budget + 1e-4 * (1 + model_value.abs())
-    gap = (theirs - model_value).abs()
+        budget = budget + size(columns.wrong, wrong_logit)
+    tol = 2 * eps * budget + 1e-4 * (1 + expected.abs())
+    gap = (theirs - expected).abs()
     if not bool((gap <= tol).all()):
         at = int((gap / tol).reshape(-1).nan_to_num(float("inf")).argmax())
         raise UnsupportedModelError(
             f"the model's own logit (difference) differs from the reading of its final residual "
             f"stream by {gap.reshape(-1)[at].item():.3g}, more than the {tol.reshape(-1)[at].item():.3g} "
             f"that {logits.dtype} rounding explains: the model does something after ln_final (an "
-            "extra head module or a logit transform) that direct logit attribution does not see."
+            "extra head module, or a logit transform its adapter does not declare) that direct logit "
+            "attribution does not see."
         )

@@ -69,7 +69,8 @@ def readout(
         reference: ``[*tail, d_model]`` vectors (``tail`` trailing dims of ``lead``) whose
             distribution the KL is measured from (e.g. the final residual stream); it is read
             exactly as ``vectors`` are, and supplies the scale for ``norm="cached"``.
-        next_tokens: integer ``[*tail]`` true next-token ids (``-1`` for none) for the loss.
+        next_tokens: integer ``[*tail]`` true next-token ids (``-1`` for none) for the loss: a
+            tensor or a list of ints; floats and ids below ``-1`` are refused.
         chunk_size: rows per matrix product; ``None``: the shape measured for this
             machine (:mod:`tl_logitlens.kernel.tuning`).
         return_logits: also return the full ``[*lead, d_vocab]`` logits (memory heavy).
@@ -101,6 +102,7 @@ def readout(
             f"vectors must be non-empty and end in d_model={v.d_model}, got shape {tuple(vectors.shape)}"
         )
     lead = tuple(vectors.shape[:-1])
+    next_tokens = _check_next_tokens(next_tokens, v.d_vocab)
     if reference is not None and (not isinstance(reference, torch.Tensor) or reference.shape[-1] != v.d_model):
         raise LensInputError(f"reference must be a tensor [..., {v.d_model}]")
     per_row_targets = isinstance(targets, torch.Tensor) and targets.ndim >= 1
@@ -131,8 +133,6 @@ def readout(
         target_ids = torch.tensor(token_list(v, targets, "target")).expand(rows, -1)
     if next_tokens is not None:
         next_tokens = next_tokens.reshape(rows).long()
-        if int(next_tokens.max()) >= v.d_vocab:
-            raise LensInputError(f"next_tokens ids must lie in [-1, {v.d_vocab})")
     require_finite(vectors, "vectors")
     if lens is not None:
         vectors = _lens_vectors(lens, labels, vectors)
@@ -150,6 +150,39 @@ def readout(
         return_logits=return_logits,
     )
     return reshape_readout(flat, lead)
+
+
+def _check_next_tokens(next_tokens: Any, d_vocab: int) -> Optional[torch.Tensor]:
+    """``next_tokens`` as an integer tensor of ids in ``[0, d_vocab)`` or ``-1`` (no next token), or a clear error.
+
+    Floats are refused, not truncated (``3.9`` is no token id), and so are negative ids other
+    than ``-1``: only ``-1`` means "no next token", so ``-5`` is a mistake, not a padding mark.
+    """
+    if next_tokens is None:
+        return None
+    if isinstance(next_tokens, (list, tuple)):
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in next_tokens):
+            bad = next(t for t in next_tokens if not isinstance(t, int) or isinstance(t, bool))
+            raise LensInputError(f"next_tokens must be integer token ids (-1 for none), got {bad!r} in the list")
+        next_tokens = torch.tensor(next_tokens, dtype=torch.long)
+    if not isinstance(next_tokens, torch.Tensor):
+        raise LensInputError(
+            f"next_tokens must be an integer tensor of token ids (-1 for none), got {type(next_tokens).__name__}"
+        )
+    if next_tokens.dtype.is_floating_point or next_tokens.dtype.is_complex or next_tokens.dtype == torch.bool:
+        raise LensInputError(
+            f"next_tokens must hold integer token ids (-1 for none), got dtype {next_tokens.dtype}; floats are not "
+            "truncated to ids. Pass e.g. torch.tensor([3, 5, 7]) (or .long() ids you know to be whole)."
+        )
+    if next_tokens.numel():
+        low, high = int(next_tokens.min()), int(next_tokens.max())
+        if low < -1:
+            raise LensInputError(
+                f"next_tokens holds {low}: ids must lie in [0, {d_vocab}), and only -1 means 'no next token'"
+            )
+        if high >= d_vocab:
+            raise LensInputError(f"next_tokens holds {high}: ids must lie in [-1, {d_vocab}) (the vocabulary size)")
+    return next_tokens
 
 
 def _lens_vectors(lens: Any, labels: Any, vectors: torch.Tensor) -> torch.Tensor:

@@ -5,13 +5,26 @@ to cut the stream (``by``):
 
 - ``"accumulated"``: the stream itself before each layer, ``0_pre .. final_post``
   (with ``L_mid`` entries between attention and MLP when ``incl_mid=True``).
-- ``"component"``: ``embed``, ``pos_embed`` (learned positions only), and every
-  ``L_attn_out`` and ``L_mlp_out``. They add up to the final stream.
+- ``"component"``: ``embed``, ``pos_embed`` (absolute positions only; read as
+  ``0_pre - embed`` where no hook holds them, as in XGLM), and every ``L_attn_out`` and
+  ``L_mlp_out``. They add up to the final stream.
 - ``"head"``: every head's write ``LxHy = z[..., y, :] @ W_O[y]`` from ``attn.hook_z``
   (never ``hook_result``, which is off by default and costs memory), each layer's
   attention bias ``L_attn_bias``, and the non-attention components.
 - ``"neuron"``: every neuron's write ``LxNy = post[..., y] * W_out[y]`` from
-  ``mlp.hook_post``, each ``L_mlp_bias``, and the non-MLP components.
+  ``mlp.hook_post``, each ``L_mlp_bias``, and the non-MLP components. An expert layer
+  gives ``LxEeNy`` (routed expert ``e``'s neuron ``y``, times the router's weight),
+  ``LxSNy`` (the shared expert's neuron ``y``, times its gate) and ``L_Ee_bias`` /
+  ``L_shared_bias`` (:mod:`tl_logitlens.model_access.experts`).
+
+Families. A block output that reaches the stream through a post-norm (Gemma 2/3/4, OLMo 2)
+or a multiplier (Granite) is read as the model wrote it
+(:class:`~tl_logitlens.model_access.SublayerWrite`): the multiplier and the norm's gain
+(and centring) are folded into the output weights, and the post-norm's scale at each
+position, taken from the forward pass, divides the activations. At that fixed scale the norm
+is linear, so the pieces add up exactly to the block's write; each piece is read as the model
+scaled it in this forward pass. A post-norm's own bias is the piece ``L_attn_norm_bias`` /
+``L_mlp_norm_bias``.
 
 Half precision. A bfloat16 or float16 model rounds its stream after every addition (and
 each layer's output after its matrix product), so the pieces, read in float32 from the
@@ -26,8 +39,9 @@ with ``eps = torch.finfo(dtype).eps`` (twice the unit roundoff), ``S_k`` the str
 each addition (the running sum of the pieces: each addition rounds once) and
 ``|acts_g| @ |W_g|`` the magnitude of each factored group's product (heads, neurons),
 which the model computes and rounds in half precision; the factors leave room for a
-half-precision accumulation. A larger gap means the decomposition misses a write (e.g. a
-scaled embedding), and the stack is refused.
+half-precision accumulation. A larger gap means the decomposition misses a write, and the
+stack is refused, naming what was read and any block part that was not (Gemma 4's per-layer
+inputs, say).
 
 Each cut is a list of :class:`PieceGroup` factored as activations times weights, so the
 same pieces can either be materialised (:func:`residual_stack`) or contracted with a
@@ -46,7 +60,15 @@ import torch
 from .errors import LensInputError, UnsupportedModelError
 from .inputs import PositionSpec, check_cache, gather_positions, position_index
 from .kernel import compute_dtype, is_half, require_finite
-from .model_access import ModelView, cache_tensor, compute_device, model_from_cache
+from .model_access import (
+    ExpertLayer,
+    ModelView,
+    SublayerWrite,
+    cache_tensor,
+    compute_device,
+    model_from_cache,
+    read_experts,
+)
 from .model_access import view as view_model
 
 STACK_KINDS = ("accumulated", "component", "head", "neuron")
@@ -168,70 +190,184 @@ def required_hooks(view: ModelView, by: str, incl_mid: bool = False) -> List[str
             if incl_mid:
                 names.append(view.resid_hook(layer, "mid"))
         return names + [final]
-    names = [view.embed_hook] + ([view.pos_embed_hook] if view.has_pos_embed else [])
+    names = [view.embed_hook] + _position_hooks(view)
     for layer in range(view.n_layers):
-        names.append(view.attn_z_hook(layer) if by == "head" else view.attn_out_hook(layer))
-        if view.has_mlp:
-            names.append(view.mlp_post_hook(layer) if by == "neuron" else view.mlp_out_hook(layer))
+        if by == "head":
+            names += [view.attn_z_hook(layer)] + view.write(layer, "attn").hooks
+        else:
+            names.append(view.attn_out_hook(layer))
+        if not view.has_mlp:
+            continue
+        if by == "neuron":
+            experts = view.expert_layer(layer)
+            names += [view.mlp_in_hook(layer) if experts else view.mlp_post_hook(layer)] + view.write(
+                layer, "mlp"
+            ).hooks
+        else:
+            names.append(view.mlp_out_hook(layer))
     return names + [final]
+
+
+def _position_hooks(view: ModelView) -> List[str]:
+    """The position embedding's hook; or, where positions are added without one, the first stream (read as
+    ``0_pre - embed``); nothing for models without absolute positions."""
+    if not view.has_pos_embed:
+        return []
+    return [view.pos_embed_hook or view.resid_hook(0, "pre")]
+
+
+class _Reader:
+    """Activations of a cache at the positions ``index [batch, n]``, in the compute dtype on the compute device.
+
+    Every activation is read at the positions on its own device (a split model keeps its layers'
+    caches apart) and only that slice moves to the compute device, the unembedding's, in float32
+    (float64 for a float64 model).
+    """
+
+    def __init__(self, view: ModelView, cache: Any, index: torch.Tensor):
+        self.cache, self.index = cache, index
+        self.dtype = compute_dtype(view.W_U.dtype)
+        self.device = compute_device(view)
+
+    def raw(self, name: str) -> torch.Tensor:
+        """``name`` at the positions, in its own dtype and on its own device."""
+        x = gather_positions(cache_tensor(self.cache, name), self.index)
+        require_finite(x, f"activation {name!r}")
+        return x
+
+    def __call__(self, name: str) -> torch.Tensor:
+        return self.raw(name).to(device=self.device, dtype=self.dtype)
+
+    def weight(self, w: torch.Tensor) -> torch.Tensor:
+        return w.to(device=self.device, dtype=self.dtype)
+
+    def written(self, write: SublayerWrite, acts: torch.Tensor) -> torch.Tensor:
+        """``acts [batch, n, ...]`` divided by the post-norm's scale at each position (as they are without one)."""
+        scale = write.scale(self)
+        if scale is None:
+            return acts
+        return acts / scale.reshape(*scale.shape, *([1] * (acts.ndim - 2)))
 
 
 def piece_groups(view: ModelView, cache: Any, by: str, index: torch.Tensor, incl_mid: bool = False) -> List[PieceGroup]:
     """The stack of kind ``by`` as factored groups, at positions ``index [batch, n]``.
 
-    Every activation is read at the positions on its own device (a split model keeps its
-    layers' caches apart) and only that slice moves to the compute device, the
-    unembedding's, in float32 (float64 for a float64 model). For a half-precision model a
-    ``rounding`` group comes last (see the module docstring).
+    Activations are read as :class:`_Reader` says. A block output that passes through a
+    post-norm or a multiplier before it is added (:class:`~tl_logitlens.model_access.SublayerWrite`)
+    has both folded into its pieces: the multiplier and the norm's gain (and centring) into the
+    output weights, the norm's scale at each position into the activations. For a
+    half-precision model a ``rounding`` group comes last (see the module docstring).
     """
-    dtype = compute_dtype(view.W_U.dtype)
-    device = compute_device(view)
-
-    def read(name: str) -> torch.Tensor:
-        x = gather_positions(cache_tensor(cache, name), index)
-        require_finite(x, f"activation {name!r}")
-        return x.to(device=device, dtype=dtype)
-
-    def weight(w: torch.Tensor) -> torch.Tensor:
-        return w.to(device=device, dtype=dtype)
-
-    batch, n_pos = index.shape
+    read = _Reader(view, cache, index)
     if by == "accumulated":
         names = required_hooks(view, by, incl_mid)
         return [PieceGroup(stack_labels(view.n_layers, incl_mid), torch.stack([read(n) for n in names], dim=2))]
-
-    groups = [PieceGroup(["embed"], read(view.embed_hook).unsqueeze(2))]
-    if view.has_pos_embed:
-        groups.append(PieceGroup(["pos_embed"], read(view.pos_embed_hook).unsqueeze(2)))
+    groups = _embedding_groups(view, read)
     for layer in range(view.n_layers):
-        if by == "head":
-            W_O, b_O = view.attn_output_weights(layer)
-            z = read(view.attn_z_hook(layer))
-            z = z.reshape(batch, n_pos, view.n_heads, -1)
-            groups.append(PieceGroup([f"L{layer}H{h}" for h in range(view.n_heads)], z, weight(W_O)))
-            if b_O is not None:
-                groups.append(_bias_group(f"{layer}_attn_bias", weight(b_O), batch, n_pos))
-        else:
-            groups.append(PieceGroup([f"{layer}_attn_out"], read(view.attn_out_hook(layer)).unsqueeze(2)))
-        if not view.has_mlp:
-            continue
-        if by == "neuron":
-            if view.has_experts:
-                raise UnsupportedModelError(
-                    "by='neuron' needs one MLP per layer, but this model mixes experts; "
-                    "use by='component' or by='head'."
-                )
-            W_out, b_out = view.mlp_output_weights(layer)
-            post = read(view.mlp_post_hook(layer))
-            labels = [f"L{layer}N{i}" for i in range(W_out.shape[0])]
-            groups.append(PieceGroup(labels, post.unsqueeze(-1), weight(W_out).unsqueeze(1)))
-            if b_out is not None:
-                groups.append(_bias_group(f"{layer}_mlp_bias", weight(b_out), batch, n_pos))
-        else:
-            groups.append(PieceGroup([f"{layer}_mlp_out"], read(view.mlp_out_hook(layer)).unsqueeze(2)))
+        groups += _attention_groups(view, read, layer, by)
+        if view.has_mlp:
+            groups += _mlp_groups(view, read, layer, by)
     stored = cache_tensor(cache, view.final_resid_hook)
-    rounding = _check_sum(groups, read(view.final_resid_hook), by, stored.dtype)
+    rounding = _check_sum(view, groups, read(view.final_resid_hook), by, stored.dtype)
     return groups + ([rounding] if rounding is not None else [])
+
+
+def _embedding_groups(view: ModelView, read: _Reader) -> List[PieceGroup]:
+    embed = read(view.embed_hook)
+    groups = [PieceGroup(["embed"], embed.unsqueeze(2))]
+    if view.has_pos_embed:
+        if view.pos_embed_hook is not None:
+            positions = read(view.pos_embed_hook)
+        else:  # added inside the embedding step without a hook of its own (XGLM): what the first stream adds
+            positions = read(view.resid_hook(0, "pre")) - embed
+        groups.append(PieceGroup(["pos_embed"], positions.unsqueeze(2)))
+    return groups
+
+
+def _attention_groups(view: ModelView, read: _Reader, layer: int, by: str) -> List[PieceGroup]:
+    """Layer ``layer``'s attention: its write (``by != "head"``), or each head's and the output bias."""
+    if by != "head":
+        return [PieceGroup([f"{layer}_attn_out"], read(view.attn_out_hook(layer)).unsqueeze(2))]
+    write = view.write(layer, "attn")
+    W_O, b_O = view.attn_output_weights(layer)
+    z = read(view.attn_z_hook(layer))
+    z = z.reshape(*z.shape[:2], view.n_heads, -1)
+    groups = [
+        PieceGroup([f"L{layer}H{h}" for h in range(view.n_heads)], read.written(write, z), write.fold(read.weight(W_O)))
+    ]
+    return groups + _bias_groups(read, write, f"{layer}_attn", b_O)
+
+
+def _bias_groups(read: _Reader, write: SublayerWrite, prefix: str, bias: Optional[torch.Tensor]) -> List[PieceGroup]:
+    """A sublayer's output bias (``{prefix}_bias``) and its post-norm's bias (``{prefix}_norm_bias``), as written."""
+    batch, n_pos = read.index.shape
+    groups = []
+    if bias is not None:
+        ones = torch.ones(batch, n_pos, 1, 1, device=read.device, dtype=read.dtype)
+        groups.append(
+            PieceGroup([f"{prefix}_bias"], read.written(write, ones), write.fold(read.weight(bias)).view(1, 1, -1))
+        )
+    norm_bias = write.bias()
+    if norm_bias is not None:
+        groups.append(_bias_group(f"{prefix}_norm_bias", read.weight(norm_bias), batch, n_pos))
+    return groups
+
+
+def _mlp_groups(view: ModelView, read: _Reader, layer: int, by: str) -> List[PieceGroup]:
+    """Layer ``layer``'s MLP: its write (``by != "neuron"``), or each neuron's (each expert's) and the biases."""
+    if by != "neuron":
+        return [PieceGroup([f"{layer}_mlp_out"], read(view.mlp_out_hook(layer)).unsqueeze(2))]
+    write = view.write(layer, "mlp")
+    experts = view.expert_layer(layer)
+    if experts is not None:
+        return _expert_groups(view, read, layer, experts, write)
+    W_out, b_out = view.mlp_output_weights(layer)
+    post = read.written(write, read(view.mlp_post_hook(layer)))
+    labels = [f"L{layer}N{i}" for i in range(W_out.shape[0])]
+    groups = [PieceGroup(labels, post.unsqueeze(-1), write.fold(read.weight(W_out)).unsqueeze(1))]
+    return groups + _bias_groups(read, write, f"{layer}_mlp", b_out)
+
+
+def _expert_groups(
+    view: ModelView, read: _Reader, layer: int, experts: ExpertLayer, write: SublayerWrite
+) -> List[PieceGroup]:
+    """An expert layer's pieces: ``L{l}E{e}N{n}`` (routed expert ``e``'s neuron ``n`` times the router's weight),
+    ``{l}_E{e}_bias``, ``L{l}SN{n}`` (the shared expert's neuron ``n`` times its gate), ``{l}_shared_bias``.
+
+    The expert block runs again on its own input at the read positions
+    (:func:`~tl_logitlens.model_access.read_experts`): the routing is the model's own.
+    """
+    x = read.raw(view.mlp_in_hook(layer))
+    batch, n_pos = read.index.shape
+    device = experts.experts.down_proj.device
+    reading = read_experts(experts, x.reshape(-1, x.shape[-1]).to(device))
+    E, d_expert = experts.n_experts, experts.d_expert
+    router = read.weight(reading.router_weights).view(batch, n_pos, E, 1)
+    acts = (router * read.weight(reading.acts).view(batch, n_pos, E, d_expert)).view(batch, n_pos, E * d_expert, 1)
+    down = write.fold(read.weight(experts.down_weights())).reshape(E * d_expert, 1, -1)
+    labels = [f"L{layer}E{e}N{n}" for e in range(E) for n in range(d_expert)]
+    groups = [PieceGroup(labels, read.written(write, acts), down)]
+    bias = experts.down_bias()
+    if bias is not None:
+        labels = [f"{layer}_E{e}_bias" for e in range(E)]
+        groups.append(PieceGroup(labels, read.written(write, router), write.fold(read.weight(bias)).unsqueeze(1)))
+    if reading.shared_acts is not None:
+        gate = read.weight(reading.shared_gate).view(batch, n_pos, 1)
+        shared = (gate * read.weight(reading.shared_acts).view(batch, n_pos, -1)).unsqueeze(-1)
+        weight = write.fold(read.weight(experts.shared_weights())).unsqueeze(1)
+        groups.append(
+            PieceGroup([f"L{layer}SN{n}" for n in range(weight.shape[0])], read.written(write, shared), weight)
+        )
+        shared_bias = experts.shared_bias()
+        if shared_bias is not None:
+            groups.append(
+                PieceGroup(
+                    [f"{layer}_shared_bias"],
+                    read.written(write, gate.unsqueeze(-1)),
+                    write.fold(read.weight(shared_bias)).view(1, 1, -1),
+                )
+            )
+    return groups
 
 
 def rounding_bound(groups: List[PieceGroup], final: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -255,7 +391,7 @@ def rounding_bound(groups: List[PieceGroup], final: torch.Tensor, dtype: torch.d
 
 
 def _check_sum(
-    groups: List[PieceGroup], final: torch.Tensor, by: str, stored_dtype: torch.dtype
+    view: ModelView, groups: List[PieceGroup], final: torch.Tensor, by: str, stored_dtype: torch.dtype
 ) -> Optional[PieceGroup]:
     """The pieces must add up to the final stream, or the decomposition is not the model's.
 
@@ -269,8 +405,7 @@ def _check_sum(
         if worst > _SUM_CHECK_RTOL * max(1.0, size):
             raise UnsupportedModelError(
                 f"the by={by!r} pieces do not add up to the final residual stream (max gap {worst:.3g} "
-                f"against values up to {size:.3g}): this model writes to its stream in a way the "
-                "decomposition does not capture (e.g. a scaled embedding), so attributions would be wrong."
+                f"against values up to {size:.3g}). {_what_was_read(view, by)}"
             )
         return None
     bound = rounding_bound(groups, final, stored_dtype)
@@ -281,11 +416,37 @@ def _check_sum(
             f"the by={by!r} pieces do not add up to the final residual stream: a gap of "
             f"{gap.abs().reshape(-1)[at].item():.3g} where {stored_dtype} rounding explains at most "
             f"{bound.reshape(-1)[at].item():.3g} (stream values up to {size:.3g}, largest gap "
-            f"{gap.abs().max().item():.3g}). The model's precision is not the cause: it writes to its "
-            "stream in a way the decomposition does not capture (e.g. a scaled embedding), so "
-            "attributions would be wrong."
+            f"{gap.abs().max().item():.3g}), so the model's precision is not the cause. {_what_was_read(view, by)}"
         )
     return PieceGroup(["rounding"], gap.unsqueeze(2))
+
+
+def _what_was_read(view: ModelView, by: str) -> str:
+    """What the decomposition assumed of this model, for a refusal: the pieces read, and how blocks write."""
+    pieces = {
+        "head": "each head and attention output bias, and each block's MLP write",
+        "neuron": "each block's attention write, and each MLP neuron (or expert neuron) and output bias",
+    }.get(by, "each block's attention and MLP writes")
+    writes = sorted(
+        {
+            f"{kind} outputs through {view.write(layer, kind).describe()}"
+            for layer in range(view.n_layers)
+            for kind in ("attn", "mlp")
+            if (kind == "attn" or view.has_mlp) and not view.write(layer, kind).is_identity
+        }
+    )
+    how = f" ({'; '.join(writes)})" if writes else ""
+    name = type(getattr(view.model, "original_model", view.model)).__name__
+    extra = sorted({part for layer in range(view.n_layers) for part in view.unread_block_parts(layer)})
+    other = (
+        f"its blocks also hold {', '.join(extra)}, which change the stream and are not read here"
+        if extra
+        else "also writes to its stream in some other way (a block output this package does not know of)"
+    )
+    return (
+        f"The pieces read were the embeddings, {pieces}{how}; {name}: "
+        f"{other}, so attributions would be wrong. Read the stream with tll.logit_lens instead."
+    )
 
 
 @dataclass
@@ -387,7 +548,9 @@ def head_source_values(
     pattern row sums to 1 the value bias is shared among the sources by their attention
     weights (no separate term). Grouped-query attention: head ``h`` reads key-value head
     ``h // (n_heads / n_kv_heads)``. ``scale [batch, n]``: the final norm's scale at each
-    destination (ones for ``norm="none"``).
+    destination (ones for ``norm="none"``). A head output that passes through a post-norm or a
+    multiplier on its way to the stream (:meth:`ModelView.write`) has the multiplier and the
+    norm's gain folded into ``W_O`` and is divided by the norm's scale at the destination.
 
     Returns ``(pieces [layer, head, src, batch, n], size [layer, head, batch, n])`` in the
     compute dtype on the compute device (``src`` runs over every input position; a source
@@ -398,15 +561,16 @@ def head_source_values(
     dtype = direction.dtype
     device = direction.device
     batch, n_pos = index.shape
+    read = _Reader(view, cache, index)
     out, sizes = [], []
     for layer in range(view.n_layers):
         pattern = cache_tensor(cache, view.attn_pattern_hook(layer))  # [batch, head, dest, src]
         at = index.to(pattern.device).view(batch, 1, n_pos, 1).expand(batch, pattern.shape[1], n_pos, pattern.shape[3])
         pattern = pattern.gather(2, at).to(device=device, dtype=dtype)  # [batch, head, n, src]
         require_finite(pattern, f"activation {view.attn_pattern_hook(layer)!r}")
-        v = cache_tensor(cache, view.attn_v_hook(layer)).to(device=device, dtype=dtype)
-        if v.ndim == 3:  # some models keep the heads flat: [batch, src, n_kv * d_head]
-            v = v.reshape(v.shape[0], v.shape[1], -1, view.d_head)
+        W_O, _ = view.attn_output_weights(layer)
+        v = _values(cache_tensor(cache, view.attn_v_hook(layer)), pattern.shape[-1], W_O.shape[1])
+        v = v.to(device=device, dtype=dtype)
         require_finite(v, f"activation {view.attn_v_hook(layer)!r}")
         n_kv = v.shape[2]
         if view.n_heads % n_kv:
@@ -414,13 +578,26 @@ def head_source_values(
                 f"layer {layer} has {view.n_heads} query heads but {n_kv} value heads, which does not divide: "
                 "the head-by-source split cannot tell which values each head reads; use by_source=False."
             )
-        W_O, _ = view.attn_output_weights(layer)
-        pulled = torch.einsum("hkd,bd->bhk", W_O.to(device=device, dtype=dtype), direction)  # [batch, head, d_head]
+        write = view.write(layer, "attn")  # a post-norm or multiplier on the way to the stream
+        W_O = write.fold(W_O.to(device=device, dtype=dtype))
+        pulled = torch.einsum("hkd,bd->bhk", W_O, direction)  # [batch, head, d_head]
         pulled = pulled.view(batch, n_kv, view.n_heads // n_kv, -1)
         along = torch.einsum("bsgk,bgrk->bgrs", v, pulled).reshape(batch, view.n_heads, -1)  # [batch, head, src]
-        pieces = pattern * along.unsqueeze(2) / scale.view(batch, 1, n_pos, 1)
+        post = write.scale(read)  # the post-norm's scale at each destination, or None
+        dest_scale = scale if post is None else scale * post  # [batch, n]
+        pieces = pattern * along.unsqueeze(2) / dest_scale.view(batch, 1, n_pos, 1)
         out.append(pieces.permute(1, 3, 0, 2))  # [head, src, batch, n]
         magnitude = torch.einsum("bsgk,bgrk->bgrs", v.abs(), pulled.abs()).reshape(batch, view.n_heads, -1)
-        size = torch.einsum("bhns,bhs->hbn", pattern.abs(), magnitude) / scale.abs().unsqueeze(0)
+        size = torch.einsum("bhns,bhs->hbn", pattern.abs(), magnitude) / dest_scale.abs().unsqueeze(0)
         sizes.append(size)
     return torch.stack(out), torch.stack(sizes)
+
+
+def _values(v: torch.Tensor, n_src: int, d_value: int) -> torch.Tensor:
+    """The values ``[batch, src, n_kv, d_value]`` whatever layout the bridge cached them in: flat heads
+    ``[batch, src, n_kv * d_value]``, or head-major ``[batch, n_kv, src, d_value]`` (DeepSeek's latent attention)."""
+    if v.ndim == 3:
+        return v.reshape(v.shape[0], v.shape[1], -1, d_value)
+    if v.shape[1] != n_src and v.shape[2] == n_src:
+        return v.transpose(1, 2)
+    return v

@@ -8,6 +8,10 @@ everything is computed from hooks and weights.
 
 - :mod:`.versions`: the installed transformer-lens and its model classes, ``prepare_model``
 - :mod:`.view`: :class:`ModelView` and :func:`view` (architecture, eval mode, final norm, unembedding)
+- :mod:`.norms`: norms read as parameters and checked against their modules (final norm, post-norms)
+- :mod:`.logits`: :class:`LogitTransform`, what a model does to its logits (linear scales, soft caps)
+- :mod:`.blocks`: :class:`SublayerWrite`, how block outputs reach the stream (post-norms, multipliers)
+- :mod:`.experts`: expert layers read per (expert, neuron)
 - :mod:`.runs`: every forward pass (caching, hooks-only capture, patched runs) and cache reading
 - :mod:`.identity`: the fingerprints a lens file records (``unembed_hash``, ``stream_change``)
 
@@ -21,7 +25,10 @@ Example::
 
 from __future__ import annotations
 
+from .blocks import SublayerWrite
+from .experts import ExpertLayer, ExpertReading, read_experts
 from .identity import ModelFacts, describe, stream_change, unembed_hash
+from .logits import LogitTransform
 from .runs import cache_has, cache_tensor, capture, model_from_cache, run_with_cache, run_with_patches
 from .versions import (
     TL_MAJOR,
@@ -56,6 +63,11 @@ __all__ = [
     "is_bridge",
     "is_supported_model",
     "prepare_model",
+    "ExpertLayer",
+    "ExpertReading",
+    "LogitTransform",
+    "SublayerWrite",
+    "read_experts",
     "UNEMBED_MODES",
     "ModelView",
     "compute_device",

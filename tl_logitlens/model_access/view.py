@@ -2,7 +2,9 @@
 
 A view holds the unembedding, the embedding, the final norm as parameters (checked against the
 model's own module on a probe vector), the per-layer output weights, hook names, the tokenizer
-(or its absence) and what the model does to its logits after the unembedding; :func:`view`
+(or its absence), what the model does to its logits after the unembedding (:mod:`.logits`), how
+each block's outputs reach the stream (post-norms and multipliers, :mod:`.blocks`) and its expert
+layers (:mod:`.experts`); it is the one place that knows these family quirks. :func:`view`
 refuses architectures that cannot be read exactly and models in training mode, before any
 forward pass. Version facts absorbed here: a folded ``HookedTransformer`` has a parameter-free
 ``LNPre``/``RMSPre`` final norm, while a folded bridge keeps ``LN``/``RMS`` with unit weight and
@@ -12,32 +14,25 @@ zero bias; the bridge keeps HF's norm module (``weight``/``bias``/``eps`` or
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
 from ..errors import LensInputError, ModelStateError, UnsupportedModelError
 from ..kernel import FinalNorm, Unembedding
 from ..tokentext import token_text
+from .blocks import SublayerWrite, sublayer_write, unread_block_parts
+from .experts import ExpertLayer, find_expert_layer
+from .logits import LogitTransform, read_logit_transform
+from .norms import final_norm, norm_check_rtol  # noqa: F401 - norm_check_rtol is part of this module's API
 from .versions import is_supported_model
-
-# Relative error allowed between our parametric final norm and the model's own module in
-# float32 and float64; in half precision the module's output is rounded to its dtype, so the
-# bound is norm_check_rtol(dtype) = max(1e-4, 4 * eps(dtype)) (eps: torch.finfo(dtype).eps,
-# twice the unit roundoff: 0.031 for bfloat16, 0.0039 for float16).
-_NORM_CHECK_RTOL = 1e-4
 
 #: How a stack entry is unembedded: the unembedding, or the transposed embedding (the tied reading).
 UNEMBED_MODES = ("W_U", "W_E")
 
 _ENCODER_CLASS_NAMES = ("HookedEncoder", "HookedEncoderDecoder", "HookedAudioEncoder")
 _NON_ATTENTION_BLOCK_WORDS = ("ssm", "mamba", "mixer", "conv", "delta")
-
-
-def norm_check_rtol(dtype: torch.dtype) -> float:
-    """Relative tolerance of the final-norm probe for a norm computed in ``dtype``."""
-    return max(_NORM_CHECK_RTOL, 4 * torch.finfo(dtype).eps)
 
 
 def compute_device(view: ModelView) -> torch.device:
@@ -57,17 +52,17 @@ class ModelView:
     Attributes:
         model: the wrapped ``HookedTransformer`` or ``TransformerBridge``.
         n_layers, n_heads, d_model, d_head, d_vocab: sizes from the config.
-        has_pos_embed: a learned absolute position embedding is added to the stream.
+        has_pos_embed: an absolute position embedding is added to the stream (learned or a
+            fixed table); :attr:`pos_embed_hook` is ``None`` when no hook holds it on its own.
         has_mlp: blocks have an MLP (False for attention-only models).
         parallel: attention and MLP read the same stream (no meaningful ``resid_mid``).
         final_norm: :class:`~tl_logitlens.kernel.FinalNorm` of ``ln_final``.
-        output_transform: what the model does to its logits after the unembedding
-            (a logit soft-cap), or ``None``. A transform with ``elementwise = True`` acts
-            on each logit alone; any other is given whole ``[rows, d_vocab]`` blocks.
+        logit_transform: what the model does to its logits after the unembedding
+            (:class:`~tl_logitlens.model_access.logits.LogitTransform`: a linear scale, a soft cap).
         tokenizer: the model's tokenizer, or ``None``.
         n_ctx: the context length, or ``None`` when the config does not say.
         model_name: the config's ``model_name`` (``""`` when unnamed).
-        has_experts: the MLPs mix experts (no single ``W_out`` per layer).
+        has_experts: the config declares experts (which layers have them: :meth:`expert_layer`).
     """
 
     model: Any
@@ -80,11 +75,18 @@ class ModelView:
     has_mlp: bool
     parallel: bool
     final_norm: FinalNorm
-    output_transform: Optional[Callable[[torch.Tensor], torch.Tensor]]
+    logit_transform: LogitTransform
     tokenizer: Any
     n_ctx: Optional[int] = None
     model_name: str = ""
     has_experts: bool = False
+    _read: Dict[Tuple[str, int, str], Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def output_transform(self) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        """The logit transform as the kernel applies it (``None`` for none; ``elementwise = True`` when it acts
+        on each logit alone, else it is given whole ``[rows, d_vocab]`` blocks)."""
+        return self.logit_transform.kernel_transform()
 
     # -- weights ------------------------------------------------------------------------
     @property
@@ -125,9 +127,15 @@ class ModelView:
     def attn_output_weights(self, layer: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``(W_O [n_heads, d_head, d_model], b_O [d_model] or None)`` of one layer."""
         attn = self.model.blocks[layer].attn
-        W_O = attn.W_O.detach()
-        if W_O.ndim == 2:  # some bridges expose [n_heads * d_head, d_model]
-            W_O = W_O.reshape(self.n_heads, self.d_head, self.d_model)
+        try:
+            W_O = attn.W_O.detach()
+        except Exception as err:  # noqa: BLE001 - a bridge that cannot give W_O raises its own kind of error
+            raise UnsupportedModelError(
+                f"layer {layer}'s attention ({type(attn).__name__}) gives no per-head output weights W_O "
+                f"({type(err).__name__}: {err}), so its heads cannot be read; use by='component'."
+            ) from err
+        if W_O.ndim == 2:  # some bridges expose [n_heads * d_head, d_model] (d_head: the value width)
+            W_O = W_O.reshape(self.n_heads, -1, self.d_model)
         b_O = _optional_param(attn, "b_O")
         return W_O, b_O
 
@@ -135,6 +143,35 @@ class ModelView:
         """``(W_out [d_mlp, d_model], b_out [d_model] or None)`` of one layer."""
         mlp = self.model.blocks[layer].mlp
         return mlp.W_out.detach(), _optional_param(mlp, "b_out")
+
+    # -- how blocks write (read on first use: an analysis that needs none of it pays nothing) -----------
+    def write(self, layer: int, kind: str) -> SublayerWrite:
+        """How block ``layer``'s ``kind`` (``"attn"`` or ``"mlp"``) output reaches the stream: post-norm, multiplier."""
+        key = ("write", layer, kind)
+        if key not in self._read:
+            self._read[key] = sublayer_write(self.model, layer, kind)
+        return self._read[key]
+
+    def unread_block_parts(self, layer: int) -> list:
+        """Parts of block ``layer`` that may change the stream and that no piece reads (for refusals)."""
+        return unread_block_parts(self.model, layer)
+
+    def expert_layer(self, layer: int) -> Optional[ExpertLayer]:
+        """Block ``layer``'s sparse expert block, or ``None`` for a dense MLP (raises for an unreadable one)."""
+        key = ("experts", layer, "")
+        if key not in self._read:
+            mlp = self.model.blocks[layer].mlp
+            if not self.has_experts and type(mlp).__name__ != "MoEBridge":
+                self._read[key] = None
+            elif not hasattr(mlp, "original_component"):
+                raise UnsupportedModelError(
+                    f"layer {layer} mixes experts ({type(mlp).__name__}); by='neuron' reads expert layers "
+                    "of TransformerBridge models only. Boot the model with TransformerBridge.boot_transformers, "
+                    "or use by='component' or by='head'."
+                )
+            else:
+                self._read[key] = find_expert_layer(mlp, self.d_model, layer)
+        return self._read[key]
 
     # -- hook names -----------------------------------------------------------------------
     def resid_hook(self, layer: int, where: str) -> str:
@@ -147,7 +184,19 @@ class ModelView:
         return self.resid_hook(self.n_layers - 1, "post")
 
     embed_hook = "hook_embed"
-    pos_embed_hook = "hook_pos_embed"
+
+    @property
+    def pos_embed_hook(self) -> Optional[str]:
+        """The hook holding the position embedding, or ``None`` (none added, or no hook holds it: XGLM
+        adds a sinusoidal table inside its embedding step, read as ``0_pre - embed``)."""
+        hooks = getattr(self.model, "hook_dict", None)
+        if not self.has_pos_embed or (hooks is not None and "hook_pos_embed" not in hooks):
+            return None
+        return "hook_pos_embed"
+
+    def mlp_in_hook(self, layer: int) -> str:
+        """What a layer's MLP (or expert block) reads ``[batch, pos, d_model]``."""
+        return f"blocks.{layer}.mlp.hook_in"
 
     def attn_z_hook(self, layer: int) -> str:
         """Each head's mixed values ``[batch, pos, n_heads, d_head]`` before ``W_O``."""
@@ -158,8 +207,12 @@ class ModelView:
         return f"blocks.{layer}.attn.hook_pattern"
 
     def attn_v_hook(self, layer: int) -> str:
-        """The values ``[batch, pos, n_kv_heads, d_head]`` (``b_V`` included; grouped-query
-        attention keeps one per key-value head)."""
+        """The values the pattern mixes, ``[batch, pos, n_kv_heads, d_head]`` (``b_V`` included; grouped-query
+        attention keeps one per key-value head): ``attn.hook_v``, or where the values are normalised
+        after it (Gemma 4's ``v_norm``), the norm's output."""
+        normed = f"blocks.{layer}.attn.v_norm.hook_out"
+        if normed in getattr(self.model, "hook_dict", {}):
+            return normed
         return f"blocks.{layer}.attn.hook_v"
 
     def attn_out_hook(self, layer: int) -> str:
@@ -239,105 +292,6 @@ def _check_architecture(model: Any) -> None:
             )
 
 
-def _norm_module_params(
-    ln_final: torch.nn.Module,
-) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[float]]:
-    """Weight, bias and eps of a TransformerLens norm or the HF module inside a bridge's."""
-    inner = getattr(ln_final, "original_component", None)
-    if not isinstance(inner, torch.nn.Module):
-        inner = getattr(ln_final, "_original_component", None)
-    module = inner if isinstance(inner, torch.nn.Module) else ln_final
-    weight = getattr(module, "weight", None)
-    if weight is None:
-        weight = getattr(module, "w", None)
-    bias = getattr(module, "bias", None)
-    if bias is None:
-        bias = getattr(module, "b", None)
-    eps = getattr(module, "eps", None)
-    if eps is None:
-        eps = getattr(module, "variance_epsilon", None)
-    weight = weight.detach() if isinstance(weight, torch.Tensor) else None
-    bias = bias.detach() if isinstance(bias, torch.Tensor) else None
-    return weight, bias, (float(eps) if eps is not None else None)
-
-
-def _final_norm(model: Any) -> FinalNorm:
-    cfg = model.cfg
-    ln_final = getattr(model, "ln_final", None)
-    norm_type = getattr(cfg, "normalization_type", None)
-    if not isinstance(ln_final, torch.nn.Module) or norm_type is None:
-        if norm_type is not None:
-            raise UnsupportedModelError(
-                f"the config declares normalization_type={norm_type!r} but the model exposes no "
-                "`ln_final`, so the final norm cannot be applied exactly."
-            )
-        return FinalNorm(None, None, None, 0.0)
-    weight, bias, eps = _norm_module_params(ln_final)
-    module_name = type(getattr(ln_final, "original_component", None) or ln_final).__name__
-    if module_name.startswith("Gemma") and weight is not None:
-        weight = weight + 1.0  # HF's Gemma RMSNorm multiplies by (1 + weight)
-    if "RMS" in module_name or str(norm_type).startswith("RMS") or getattr(cfg, "final_rms", False):
-        kind = "RMS"
-    elif "LayerNorm" in module_name or str(norm_type).startswith("LN"):
-        kind = "LN"
-    else:
-        raise UnsupportedModelError(
-            f"unknown final norm {module_name} (normalization_type={norm_type!r}); "
-            "only LayerNorm and RMSNorm variants are read exactly."
-        )
-    norm = FinalNorm(kind, weight, bias, eps if eps is not None else float(getattr(cfg, "eps", 1e-5)))
-    _check_norm_against_module(norm, ln_final, model)
-    return norm
-
-
-def _check_norm_against_module(norm: FinalNorm, ln_final: torch.nn.Module, model: Any) -> None:
-    """Our parametric norm must reproduce the model's own ``ln_final`` on a probe vector.
-
-    This catches norms with a twist (Gemma's ``1 + weight``, a different eps) that would
-    otherwise give a quietly wrong lens. The probe lives on ``ln_final``'s own parameters'
-    device and dtype (the model's if it has none, e.g. ``LNPre``), and the check runs in
-    every precision: a half-precision module's output is rounded to its dtype, so the
-    tolerance is :func:`norm_check_rtol` of that dtype.
-    """
-    params = list(ln_final.parameters()) or [model.W_U]
-    param = params[0]
-    gen = torch.Generator().manual_seed(0)
-    probe = torch.randn(1, 3, int(model.cfg.d_model), generator=gen).to(param.device, param.dtype) * 3 + 0.5
-    with torch.no_grad():
-        out = ln_final(probe)
-        theirs = out.float()
-        ours = norm.to(torch.float32, probe.device).apply(probe.float(), "recompute")
-    err = (theirs - ours).abs().max().item()
-    rtol = norm_check_rtol(out.dtype)
-    if not err <= rtol * max(1.0, theirs.abs().max().item()):
-        raise UnsupportedModelError(
-            f"the final norm ({type(ln_final).__name__}) does not behave as a {norm.kind} norm with "
-            f"its own weight, bias and eps (max difference {err:.3g} on a probe vector, more than "
-            f"the {rtol:.2g} relative rounding of {out.dtype} explains); this package will not "
-            "guess its formula."
-        )
-
-
-def _output_transform(model: Any) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
-    cap = float(getattr(model.cfg, "output_logits_soft_cap", 0.0) or 0.0)
-    if cap > 0:
-
-        def soft_cap(logits: torch.Tensor) -> torch.Tensor:
-            return cap * torch.tanh(logits / cap)
-
-        soft_cap.elementwise = True  # the kernel may apply it to a few vocabulary columns at a time
-        return soft_cap
-    adapter = getattr(model, "adapter", None)
-    transform = getattr(type(adapter), "apply_output_logits_transform", None) if adapter else None
-    if transform is not None:
-        base = None
-        for klass in type(adapter).__mro__[1:]:
-            base = klass.__dict__.get("apply_output_logits_transform", base)
-        if transform is not base and base is not None:
-            return adapter.apply_output_logits_transform
-    return None
-
-
 def view(model: Any) -> ModelView:
     """Inspect ``model`` once: architecture checks, eval mode, final norm, sizes.
 
@@ -370,8 +324,8 @@ def view(model: Any) -> ModelView:
         has_pos_embed=getattr(cfg, "positional_embedding_type", "standard") == "standard",
         has_mlp=has_mlp,
         parallel=bool(getattr(cfg, "parallel_attn_mlp", False)),
-        final_norm=_final_norm(model),
-        output_transform=_output_transform(model),
+        final_norm=final_norm(model),
+        logit_transform=read_logit_transform(model),
         tokenizer=getattr(model, "tokenizer", None),
         n_ctx=None if getattr(cfg, "n_ctx", None) is None else int(cfg.n_ctx),
         model_name=str(getattr(cfg, "model_name", "") or ""),

@@ -160,10 +160,10 @@ def train_tuned_lens(
         seed=seed,
         checkpoint_every=checkpoint_every,
     )
-    if view.output_transform is not None:
+    if not view.logit_transform.is_identity:
         raise UnsupportedModelError(
-            "this model transforms its logits after the unembedding (a logit soft-cap); the training "
-            "loss kernel reads plain logits, so train_tuned_lens cannot train a lens for it yet"
+            f"this model transforms its logits after the unembedding ({view.logit_transform.describe()}); the "
+            "training loss kernel reads plain logits, so train_tuned_lens cannot train a lens for it yet"
         )
     ranks = Ranks(resolve(distributed))
     if ranks.group is not None and distributed_sampler(data) is not None:
