@@ -393,3 +393,105 @@ def randomise_lens(lens: Any, seed: int = 0, scale: float = 0.3) -> Any:
             layer.weight.copy_(scale * torch.randn(d, d, generator=g) / d**0.5)
             layer.bias.copy_(scale * torch.randn(d, generator=g))
     return lens
+
+
+# -- a vision-language model (LLaVA) -----------------------------------------------------------
+#: The tiny LLaVA's image token, its images' side in pixels, and the tokens one image fills
+#: ((8 / 4) ** 2 patches; the "default" strategy drops the vision tower's class token).
+LLAVA_IMAGE_ID = 3
+LLAVA_IMAGE_SIZE = 8
+LLAVA_TOKENS_PER_IMAGE = 4
+
+# Booting a multimodal model whose processor fails to load makes transformer-lens 4.3 run
+# `pip install torchvision`, which would replace torch: every boot here runs with no index.
+OFFLINE_PIP = {"PIP_NO_INDEX": "1", "UV_OFFLINE": "1"}
+
+
+def llava_dir(seed: int = 0) -> str:
+    """A random tiny ``LlavaForConditionalGeneration`` (CLIP tower 2 layers, Llama text 2 layers, d_model 32)
+    saved with a word tokenizer that has ``<image>`` (id 3) and a ``LlavaProcessor`` that needs no torchvision.
+
+    Vocabulary: ``<unk>`` 0, ``<bos>`` 1, ``<pad>`` 2, ``<image>`` 3, ``w4 .. w60``.
+    """
+    import transformers as tf
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<bos>": 1, "<pad>": 2, "<image>": LLAVA_IMAGE_ID, **{f"w{i}": i for i in range(4, D_VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<bos>", eos_token="<bos>", pad_token="<pad>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    torch.manual_seed(seed)
+    config = tf.LlavaConfig(
+        text_config=tf.LlamaConfig(
+            num_hidden_layers=2,
+            hidden_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=48,
+            vocab_size=D_VOCAB,
+            max_position_embeddings=N_CTX,
+            bos_token_id=1,
+            eos_token_id=1,
+            pad_token_id=2,
+        ),
+        vision_config=tf.CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=LLAVA_IMAGE_SIZE,
+            patch_size=4,
+        ),
+        image_token_index=LLAVA_IMAGE_ID,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    model = tf.LlavaForConditionalGeneration(config)
+    perturb_(model, seed)
+    path = temp_dir("llava-")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    try:  # transformers 5 names the PIL-backed processor apart; older ones have only this one
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor as ImageProcessor
+    side = {"height": LLAVA_IMAGE_SIZE, "width": LLAVA_IMAGE_SIZE}
+    processor = tf.LlavaProcessor(
+        image_processor=ImageProcessor(size={"shortest_edge": LLAVA_IMAGE_SIZE}, crop_size=side),
+        tokenizer=tokenizer,
+        patch_size=4,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token="<image>",
+    )
+    processor.save_pretrained(path)
+    return path
+
+
+def llava_bridge(seed: int = 0, dtype=torch.float32) -> Any:
+    """The tiny LLaVA of :func:`llava_dir` booted through ``TransformerBridge`` (pip kept offline)."""
+    import os
+    from unittest import mock
+
+    path = llava_dir(seed)
+    with mock.patch.dict(os.environ, OFFLINE_PIP):
+        return TransformerBridge.boot_transformers(path, device="cpu", dtype=dtype).eval()
+
+
+def llava_prompt(batch: int = 2, seed: int = 1) -> torch.Tensor:
+    """``[batch, 10]`` ids: ``<bos> w w <image> x4 w w`` (the image in the middle), then random words."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, D_VOCAB, (batch, 10), generator=gen)
+    ids[:, 0] = 1
+    ids[:, 3 : 3 + LLAVA_TOKENS_PER_IMAGE] = LLAVA_IMAGE_ID
+    return ids
+
+
+def llava_images(n: int = 2, seed: int = 2) -> torch.Tensor:
+    """``[n, 3, 8, 8]`` random pixel values (what the processor would make of ``n`` images)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, LLAVA_IMAGE_SIZE, LLAVA_IMAGE_SIZE, generator=gen)

@@ -5,7 +5,8 @@ to cut the stream (``by``):
 
 - ``"accumulated"``: the stream itself before each layer, ``0_pre .. final_post``
   (with ``L_mid`` entries between attention and MLP when ``incl_mid=True``).
-- ``"component"``: ``embed``, ``pos_embed`` (learned positions only), and every
+- ``"component"``: ``embed``, ``pos_embed`` (learned positions only), ``image_embed``
+  (vision-language models: the image features at image positions), and every
   ``L_attn_out`` and ``L_mlp_out``. They add up to the final stream.
 - ``"head"``: every head's write ``LxHy = z[..., y, :] @ W_O[y]`` from ``attn.hook_z``
   (never ``hook_result``, which is off by default and costs memory), each layer's
@@ -169,6 +170,8 @@ def required_hooks(view: ModelView, by: str, incl_mid: bool = False) -> List[str
                 names.append(view.resid_hook(layer, "mid"))
         return names + [final]
     names = [view.embed_hook] + ([view.pos_embed_hook] if view.has_pos_embed else [])
+    if view.takes_images:  # the stream entering block 0 holds the image features (_embedding_groups)
+        names.append(view.resid_hook(0, "pre"))
     for layer in range(view.n_layers):
         names.append(view.attn_z_hook(layer) if by == "head" else view.attn_out_hook(layer))
         if view.has_mlp:
@@ -200,9 +203,7 @@ def piece_groups(view: ModelView, cache: Any, by: str, index: torch.Tensor, incl
         names = required_hooks(view, by, incl_mid)
         return [PieceGroup(stack_labels(view.n_layers, incl_mid), torch.stack([read(n) for n in names], dim=2))]
 
-    groups = [PieceGroup(["embed"], read(view.embed_hook).unsqueeze(2))]
-    if view.has_pos_embed:
-        groups.append(PieceGroup(["pos_embed"], read(view.pos_embed_hook).unsqueeze(2)))
+    groups = _embedding_groups(view, cache, index, read)
     for layer in range(view.n_layers):
         if by == "head":
             W_O, b_O = view.attn_output_weights(layer)
@@ -232,6 +233,34 @@ def piece_groups(view: ModelView, cache: Any, by: str, index: torch.Tensor, incl
     stored = cache_tensor(cache, view.final_resid_hook)
     rounding = _check_sum(groups, read(view.final_resid_hook), by, stored.dtype)
     return groups + ([rounding] if rounding is not None else [])
+
+
+def _embedding_groups(view: ModelView, cache: Any, index: torch.Tensor, read: Any) -> List[PieceGroup]:
+    """``embed`` and ``pos_embed`` (learned positions only); for a vision-language model also ``image_embed``.
+
+    A LLaVA-style model writes its projected image features into the stream at the image
+    tokens' positions *in place of* their token embeddings. So there ``embed`` is zero and
+    ``image_embed`` is the stream entering block 0 (less any position embedding), and at every
+    other position ``image_embed`` is zero. The image positions are where that stream differs
+    from the token (plus position) embedding, compared in the dtype the model stored: at a text
+    position the model passed the embedding on unchanged, so the two are identical.
+    """
+    embed = read(view.embed_hook)
+    pos = read(view.pos_embed_hook) if view.has_pos_embed else None
+    if not view.takes_images:
+        return [PieceGroup(["embed"], embed.unsqueeze(2))] + (
+            [] if pos is None else [PieceGroup(["pos_embed"], pos.unsqueeze(2))]
+        )
+    stored = gather_positions(cache_tensor(cache, view.resid_hook(0, "pre")), index)
+    written = gather_positions(cache_tensor(cache, view.embed_hook), index).to(stored.device)
+    if pos is not None:
+        written = written + gather_positions(cache_tensor(cache, view.pos_embed_hook), index).to(stored.device)
+    image = (stored != written).any(-1, keepdim=True).to(embed.device)  # [batch, n, 1]
+    stream = read(view.resid_hook(0, "pre"))
+    image_embed = (stream if pos is None else stream - pos).masked_fill(~image, 0)
+    groups = [PieceGroup(["embed"], embed.masked_fill(image, 0).unsqueeze(2))]
+    groups += [] if pos is None else [PieceGroup(["pos_embed"], pos.unsqueeze(2))]
+    return groups + [PieceGroup(["image_embed"], image_embed.unsqueeze(2))]
 
 
 def rounding_bound(groups: List[PieceGroup], final: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

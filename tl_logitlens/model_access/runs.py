@@ -8,7 +8,7 @@ Three runs: :func:`run_with_cache` (one pass caching only the named hooks),
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -52,11 +52,18 @@ def cache_has(cache: Any, name: str) -> bool:
 # Every forward pass the package makes goes through one of these three.
 
 
-def run_with_cache(model: Any, tokens: torch.Tensor, names: List[str]) -> Tuple[torch.Tensor, Any]:
-    """One forward pass caching only ``names``: ``(logits [batch, pos, d_vocab], cache)``."""
+def run_with_cache(
+    model: Any, tokens: torch.Tensor, names: List[str], pixel_values: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, Any]:
+    """One forward pass caching only ``names``: ``(logits [batch, pos, d_vocab], cache)``.
+
+    ``pixel_values`` (a vision-language model's images, as its processor makes them) go to the
+    model's forward pass beside the tokens, on the tokens' device; ``None`` runs text alone.
+    """
     wanted = set(names)
+    images = {} if pixel_values is None else {"pixel_values": pixel_values.to(tokens.device)}
     with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in wanted)
+        logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in wanted, **images)
     return logits, cache
 
 

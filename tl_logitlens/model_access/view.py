@@ -68,6 +68,12 @@ class ModelView:
         n_ctx: the context length, or ``None`` when the config does not say.
         model_name: the config's ``model_name`` (``""`` when unnamed).
         has_experts: the MLPs mix experts (no single ``W_out`` per layer).
+        takes_images: a vision-language model (``cfg.is_multimodal``): its forward pass takes
+            ``pixel_values`` and writes the projected image features into the language stream
+            at its image tokens' positions, in place of their embeddings.
+        image_token_id: the token that marks an image position (LLaVA's ``<image>``), or ``None``.
+        tokens_per_image: how many image tokens one image fills, where the config fixes it
+            (LLaVA, Gemma 3); else ``None``.
     """
 
     model: Any
@@ -85,6 +91,9 @@ class ModelView:
     n_ctx: Optional[int] = None
     model_name: str = ""
     has_experts: bool = False
+    takes_images: bool = False
+    image_token_id: Optional[int] = None
+    tokens_per_image: Optional[int] = None
 
     # -- weights ------------------------------------------------------------------------
     @property
@@ -338,6 +347,23 @@ def _output_transform(model: Any) -> Optional[Callable[[torch.Tensor], torch.Ten
     return None
 
 
+def _image_inputs(model: Any) -> Tuple[bool, Optional[int], Optional[int]]:
+    """``(takes_images, image_token_id, tokens_per_image)`` from a vision-language model's configs."""
+    if not getattr(model.cfg, "is_multimodal", False):
+        return False, None, None
+    config = getattr(getattr(model, "original_model", None), "config", None)
+    token = getattr(config, "image_token_id", None)
+    if token is None:
+        token = getattr(config, "image_token_index", None)
+    per_image = getattr(config, "mm_tokens_per_image", None)  # Gemma 3
+    vision = getattr(config, "vision_config", None)
+    if per_image is None and getattr(config, "model_type", None) == "llava" and vision is not None:
+        # One token per patch; the "full" strategy keeps the vision tower's class token as well.
+        patches = (int(vision.image_size) // int(vision.patch_size)) ** 2
+        per_image = patches + (getattr(config, "vision_feature_select_strategy", "default") == "full")
+    return True, None if token is None else int(token), None if per_image is None else int(per_image)
+
+
 def view(model: Any) -> ModelView:
     """Inspect ``model`` once: architecture checks, eval mode, final norm, sizes.
 
@@ -357,6 +383,7 @@ def view(model: Any) -> ModelView:
     n_heads = int(cfg.n_heads)
     d_model = int(cfg.d_model)
     d_head = int(getattr(cfg, "d_head", None) or d_model // n_heads)
+    takes_images, image_token_id, tokens_per_image = _image_inputs(model)
     has_mlp = not bool(getattr(cfg, "attn_only", False)) and all(
         getattr(block, "mlp", None) is not None for block in model.blocks
     )
@@ -376,4 +403,7 @@ def view(model: Any) -> ModelView:
         n_ctx=None if getattr(cfg, "n_ctx", None) is None else int(cfg.n_ctx),
         model_name=str(getattr(cfg, "model_name", "") or ""),
         has_experts=bool(getattr(cfg, "num_experts", None)),
+        takes_images=takes_images,
+        image_token_id=image_token_id,
+        tokens_per_image=tokens_per_image,
     )
