@@ -87,6 +87,7 @@ def test_image_embed_is_the_projected_image_features(llava, run):
     assert stack.labels[:2] == ["embed", "image_embed"]
     embed, image = stack.values[0], stack.values[1]  # [batch, pos, d_model]
     features = _image_features(llava)
+    assert features.abs().min() > 1e-4  # a real image feature in every coordinate (else this proves nothing)
     torch.testing.assert_close(image[:, IMAGE_POS], features, atol=1e-6, rtol=1e-5)
     text = [p for p in range(IDS.shape[1]) if p not in IMAGE_POS]
     assert torch.equal(image[:, text], torch.zeros_like(image[:, text]))  # exactly zero at text positions
@@ -205,6 +206,65 @@ def test_bfloat16_llava_adds_up_with_its_rounding():
     assert att.residual_error() <= 1e-4 * (1 + att.model_value.abs().max().item())
     result = tll.logit_lens(model, IDS, pixel_values=PIXELS)  # checks its final entry against the model's
     assert result.top_ids.shape[:3] == (3, 2, IDS.shape[1])
+
+
+# -- Gemma 3: post-norms, scaled text embeddings, and an image's tokens that see each other -----------------
+GEMMA_IDS = IDS.clone()
+GEMMA_IDS[:, 2], GEMMA_IDS[:, 3:7], GEMMA_IDS[:, 7] = (
+    builders.GEMMA3_BOI_ID,
+    builders.GEMMA3_IMAGE_ID,
+    builders.GEMMA3_EOI_ID,
+)
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    try:
+        model = builders.gemma3_vl_bridge()
+    except Exception as e:  # an older transformer-lens or transformers without Gemma 3's multimodal model
+        pytest.skip(f"cannot boot a multimodal Gemma 3 here: {type(e).__name__}: {e}")
+    # What its processor asks for: token_type_ids 1 at the image tokens (they attend to each other both ways).
+    types = (GEMMA_IDS == builders.GEMMA3_IMAGE_ID).long()
+    with torch.no_grad():
+        logits = model.original_model(input_ids=GEMMA_IDS, pixel_values=PIXELS, token_type_ids=types).logits
+        hf = model.original_model.model
+        features = hf.multi_modal_projector(hf.vision_tower(pixel_values=PIXELS).last_hidden_state)
+    return model, logits.double(), features
+
+
+def test_gemma3_lens_is_the_models_own_prediction_at_text_and_image_positions(gemma3):
+    model, logits, _ = gemma3
+    assert tll.model_access.view(model).image_token_types
+    result = tll.logit_lens(model, GEMMA_IDS, pixel_values=PIXELS, layers=[0, -1], top_k=3)
+    own = torch.softmax(logits, -1).gather(-1, result.top_ids[-1])
+    torch.testing.assert_close(result.top_probs[-1].double(), own, atol=1e-5, rtol=0)
+    assert torch.equal(result.top_ids[-1, :, :, 0], logits.argmax(-1))
+
+
+@pytest.mark.parametrize("by", ["component", "head", "neuron"])
+def test_gemma3_attribution_adds_up_at_every_position(gemma3, by):
+    model, logits, features = gemma3
+    att = tll.direct_logit_attribution(
+        model, GEMMA_IDS, pixel_values=PIXELS, answers=ANSWERS, wrong=WRONG, by=by, positions=None
+    )
+    assert att.residual_error() <= 1e-5
+    rows = torch.arange(2)
+    torch.testing.assert_close(
+        att.model_value.double(), logits[rows, :, ANSWERS] - logits[rows, :, WRONG], atol=1e-5, rtol=1e-5
+    )
+    image = att.values[att.labels.index("image_embed")]
+    assert (image[:, IMAGE_POS].abs() > 0).all() and (image[:, [0, 1, 2, 7, 8, 9]] == 0).all()
+
+
+def test_gemma3_image_embed_is_the_projected_image_features(gemma3):
+    model, _, features = gemma3
+    with torch.no_grad():
+        _, cache = model.run_with_cache(GEMMA_IDS, pixel_values=PIXELS)
+    stack = tll.residual_stack(cache, by="component")
+    image = stack.values[stack.labels.index("image_embed")]
+    assert features.abs().min() > 1e-3  # a real image feature in every coordinate (else this proves nothing)
+    torch.testing.assert_close(image[:, IMAGE_POS], features, atol=1e-6, rtol=1e-5)
+    assert (stack.values[stack.labels.index("embed")][:, IMAGE_POS] == 0).all()
 
 
 # -- refusals, all before any forward pass ---------------------------------------------------------

@@ -22,7 +22,7 @@ Example::
 from __future__ import annotations
 
 from .data import batches, split_long, trim, windows
-from .images import attach_images
+from .images import attach_images, image_inputs
 from .options import check_modes, check_norm, check_stream_args
 from .resolve import activation_shape, check_cache, check_cache_belongs, resolve_inputs, resolve_model, run_or_read
 from .tokens import (
@@ -41,6 +41,7 @@ from .tokens import (
 
 __all__ = [
     "attach_images",
+    "image_inputs",
     "batches",
     "split_long",
     "trim",

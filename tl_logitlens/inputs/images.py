@@ -23,7 +23,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -104,3 +104,15 @@ def attach_images(view: ModelView, tokens: Optional[Tokens], cache: Any, pixel_v
             "images=..., return_tensors='pt') and pass its input_ids and pixel_values."
         )
     return dataclasses.replace(tokens, pixel_values=pixel_values)
+
+
+def image_inputs(view: ModelView, tokens: Tokens) -> Dict[str, torch.Tensor]:
+    """The forward pass's inputs beside the token ids: ``{}`` for text, else ``pixel_values`` and, where
+    the model takes them (:attr:`~tl_logitlens.model_access.ModelView.image_token_types`: Gemma 3),
+    ``token_type_ids [batch, seq]``, 1 at the image tokens, as its processor writes them."""
+    if tokens.pixel_values is None:
+        return {}
+    extra = {"pixel_values": tokens.pixel_values}
+    if view.image_token_types:
+        extra["token_type_ids"] = (tokens.ids == view.image_token_id).long()
+    return extra

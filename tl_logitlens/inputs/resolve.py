@@ -26,7 +26,7 @@ from ..model_access import (
 from ..model_access import (
     view as view_model,
 )
-from .images import attach_images
+from .images import attach_images, image_inputs
 from .tokens import Tokens, tokenize
 
 
@@ -145,4 +145,4 @@ def run_or_read(
     """``(logits, cache)``: the model run once caching ``names``, or ``(None, cache)`` as given."""
     if cache is not None:
         return None, cache
-    return run_with_cache(view.model, tokens.ids.to(input_device(view)), names, tokens.pixel_values)
+    return run_with_cache(view.model, tokens.ids.to(input_device(view)), names, image_inputs(view, tokens))

@@ -53,17 +53,18 @@ def cache_has(cache: Any, name: str) -> bool:
 
 
 def run_with_cache(
-    model: Any, tokens: torch.Tensor, names: List[str], pixel_values: Optional[torch.Tensor] = None
+    model: Any, tokens: torch.Tensor, names: List[str], extra: Optional[Dict[str, torch.Tensor]] = None
 ) -> Tuple[torch.Tensor, Any]:
     """One forward pass caching only ``names``: ``(logits [batch, pos, d_vocab], cache)``.
 
-    ``pixel_values`` (a vision-language model's images, as its processor makes them) go to the
-    model's forward pass beside the tokens, on the tokens' device; ``None`` runs text alone.
+    ``extra``: more inputs of the forward pass beside the tokens, by name (a vision-language
+    model's ``pixel_values``, :func:`tl_logitlens.inputs.images.image_inputs`), moved to the
+    tokens' device.
     """
     wanted = set(names)
-    images = {} if pixel_values is None else {"pixel_values": pixel_values.to(tokens.device)}
+    extra = {name: value.to(tokens.device) for name, value in (extra or {}).items()}
     with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in wanted, **images)
+        logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in wanted, **extra)
     return logits, cache
 
 

@@ -12,6 +12,7 @@ zero bias; the bridge keeps HF's norm module (``weight``/``bias``/``eps`` or
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Tuple
 
@@ -74,6 +75,9 @@ class ModelView:
         image_token_id: the token that marks an image position (LLaVA's ``<image>``), or ``None``.
         tokens_per_image: how many image tokens one image fills, where the config fixes it
             (LLaVA, Gemma 3); else ``None``.
+        image_token_types: the forward pass takes ``token_type_ids`` marking the image tokens
+            with 1 (Gemma 3: an image's tokens attend to each other both ways, which its
+            processor asks for this way); the runs pass them, made from the image tokens.
     """
 
     model: Any
@@ -94,6 +98,7 @@ class ModelView:
     takes_images: bool = False
     image_token_id: Optional[int] = None
     tokens_per_image: Optional[int] = None
+    image_token_types: bool = False
 
     # -- weights ------------------------------------------------------------------------
     @property
@@ -347,11 +352,12 @@ def _output_transform(model: Any) -> Optional[Callable[[torch.Tensor], torch.Ten
     return None
 
 
-def _image_inputs(model: Any) -> Tuple[bool, Optional[int], Optional[int]]:
-    """``(takes_images, image_token_id, tokens_per_image)`` from a vision-language model's configs."""
+def _image_inputs(model: Any) -> Tuple[bool, Optional[int], Optional[int], bool]:
+    """``(takes_images, image_token_id, tokens_per_image, image_token_types)`` of a vision-language model."""
     if not getattr(model.cfg, "is_multimodal", False):
-        return False, None, None
-    config = getattr(getattr(model, "original_model", None), "config", None)
+        return False, None, None, False
+    original = getattr(model, "original_model", None)
+    config = getattr(original, "config", None)
     token = getattr(config, "image_token_id", None)
     if token is None:
         token = getattr(config, "image_token_index", None)
@@ -361,7 +367,9 @@ def _image_inputs(model: Any) -> Tuple[bool, Optional[int], Optional[int]]:
         # One token per patch; the "full" strategy keeps the vision tower's class token as well.
         patches = (int(vision.image_size) // int(vision.patch_size)) ** 2
         per_image = patches + (getattr(config, "vision_feature_select_strategy", "default") == "full")
-    return True, None if token is None else int(token), None if per_image is None else int(per_image)
+    forward = getattr(original, "forward", None)
+    token_types = forward is not None and "token_type_ids" in inspect.signature(forward).parameters
+    return True, None if token is None else int(token), None if per_image is None else int(per_image), token_types
 
 
 def view(model: Any) -> ModelView:
@@ -383,7 +391,7 @@ def view(model: Any) -> ModelView:
     n_heads = int(cfg.n_heads)
     d_model = int(cfg.d_model)
     d_head = int(getattr(cfg, "d_head", None) or d_model // n_heads)
-    takes_images, image_token_id, tokens_per_image = _image_inputs(model)
+    takes_images, image_token_id, tokens_per_image, image_token_types = _image_inputs(model)
     has_mlp = not bool(getattr(cfg, "attn_only", False)) and all(
         getattr(block, "mlp", None) is not None for block in model.blocks
     )
@@ -406,4 +414,5 @@ def view(model: Any) -> ModelView:
         takes_images=takes_images,
         image_token_id=image_token_id,
         tokens_per_image=tokens_per_image,
+        image_token_types=image_token_types,
     )
