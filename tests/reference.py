@@ -162,17 +162,17 @@ def neuron_pieces(model: Any, cache: Any, layer: int, pos: int = -1) -> torch.Te
 
 
 def project_cached(
-    model: Any, cache: Any, pieces: torch.Tensor, answers: torch.Tensor, wrong: torch.Tensor
+    model: Any, cache: Any, pieces: torch.Tensor, answers: torch.Tensor, wrong: torch.Tensor, pos: int = -1
 ) -> torch.Tensor:
-    """Pieces ``[n, batch, d_model]`` at the last position read along ``W_U[answer] - W_U[wrong]``
-    through the final norm with the forward pass's own scale (no bias): ``[n, batch]``."""
+    """Pieces ``[n, batch, d_model]`` at position ``pos`` read along ``W_U[answer] - W_U[wrong]``
+    through the final norm with the forward pass's own scale there (no bias): ``[n, batch]``."""
     u = (model.W_U[:, answers] - model.W_U[:, wrong]).T
     weight, _ = norm_affine(model)
     x = pieces
     if has_norm(model):
         if str(model.cfg.normalization_type).startswith("LN"):
             x = x - x.mean(-1, keepdim=True)
-        x = x / cache["ln_final.hook_scale"][:, -1]
+        x = x / cache["ln_final.hook_scale"][:, pos]
         if weight is not None:
             x = x * weight
     return (x * u).sum(-1)

@@ -3,12 +3,12 @@
 The expected tooltip lines are formatted here from the result's tensors (the display format
 is documented in tl_logitlens.interactive); the browser runs offline (network emulated off),
 so a page that fetched anything would not draw. Skips with the reason when Chromium,
-chromedriver, selenium or plotly is missing.
+chromedriver, selenium or plotly is missing (the ``driver`` fixture, in conftest.py: the
+real-model tier opens its pages with it too).
 """
 
 from __future__ import annotations
 
-import shutil
 import time
 
 import pytest
@@ -18,38 +18,6 @@ import tl_logitlens as tll
 from tl_logitlens.tokentext import display_token, token_text
 
 pytestmark = pytest.mark.browser
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-
-
-@pytest.fixture(scope="module")
-def driver():
-    pytest.importorskip("plotly", reason="plotly is not installed (pip install tl-logitlens[interactive])")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (dev extras)")
-    if not CHROMIUM or not CHROMEDRIVER:
-        pytest.skip("headless Chromium is not installed (apt-get install chromium chromium-driver)")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--window-size=1500,1100",
-    ):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    drv = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    drv.execute_cdp_cmd("Network.enable", {})
-    drv.execute_cdp_cmd(
-        "Network.emulateNetworkConditions",
-        {"offline": True, "latency": 0, "downloadThroughput": 0, "uploadThroughput": 0},
-    )
-    yield drv
-    drv.quit()
 
 
 def open_page(drv, path):

@@ -250,3 +250,24 @@ def test_kernel_strategies_against_direct_float64(strategy, cap, monkeypatch):
     want = _direct_stats(x, W, b, cap, g, nxt, tid)
     for name, value in want.items():
         torch.testing.assert_close(getattr(got, name).double(), value, atol=2e-4, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["own-buffer", "small-buffer"])
+def test_half_precision_unembedding_in_tiles_wider_than_the_default(given):
+    # A bfloat16 W read in float32 is cast a tile at a time into w_tile. The measurement of the tile
+    # shape (tuning.measure, at the first read of every real bfloat16 model with a vocabulary over
+    # 1024) asks for 4096-column tiles without a buffer: the one made here must be that wide, and a
+    # given one too small for the tile is replaced, not overrun.
+    gen = torch.Generator().manual_seed(7)
+    g, n, d, V = 2, 3, 16, 5000
+    x = torch.randn(g * n, d, generator=gen)
+    W = (torch.randn(d, V, generator=gen) * 0.5).to(torch.bfloat16)
+    nxt = torch.randint(0, V, (n,), generator=gen)
+    tid = torch.randint(0, V, (n, 1), generator=gen)
+    kw = dict(top_k=4, with_reference=True, next_tokens=nxt, target_ids=tid)
+    bufs = [torch.empty(g * n * 4096) for _ in range(3)]
+    w_tile = torch.empty(d * 1024) if given else None
+    got = tiles.read_product(x, g, W, None, None, bufs, width=4096, w_tile=w_tile, **kw)
+    want = _direct_stats(x, W.float(), torch.zeros(V), 0.0, g, nxt, tid)
+    for name, value in want.items():
+        torch.testing.assert_close(getattr(got, name).double(), value, atol=2e-4, rtol=1e-5, msg=name)

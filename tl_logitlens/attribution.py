@@ -309,6 +309,7 @@ def direct_logit_attribution(
     positions: PositionSpec = -1,
     norm: str = "cached",
     by_source: bool = False,
+    pixel_values: Optional[torch.Tensor] = None,
 ) -> Attribution:
     """Attribute a logit, or the logit difference ``answers - wrong``, to stack components.
 
@@ -336,6 +337,11 @@ def direct_logit_attribution(
         by_source: with ``by="head"``, also split each head's value over the source
             positions it attended to (:meth:`Attribution.by_source`); reads each layer's
             ``attn.hook_pattern`` and ``attn.hook_v`` as well.
+        pixel_values: a vision-language model's images, as its processor makes them (see
+            :func:`tl_logitlens.logit_lens`). The pieces then include ``image_embed``: the
+            projected image features the model wrote into the stream at image positions in
+            place of the image tokens' embeddings (``embed`` is zero there, ``image_embed``
+            zero at text positions), so every position, text or image, adds up exactly.
 
     Returns:
         :class:`Attribution` with ``values [component, batch]`` (``[component, batch, pos]``
@@ -354,7 +360,7 @@ def direct_logit_attribution(
         (['embed', '0_attn_out', '0_mlp_out', '1_attn_out'], (5, 1))
     """
     _check_options(by, by_source, norm)  # before any forward pass
-    view, tokens, cache = resolve_inputs(model, input, cache)
+    view, tokens, cache = resolve_inputs(model, input, cache, pixel_values)
     _check_linear_logits(view)
     names = required_hooks(view, by) + (source_hooks(view) if by_source else [])
     batch, seq = activation_shape(view, cache, tokens, names, f"direct_logit_attribution(by={by!r})")

@@ -388,6 +388,7 @@ def logit_lens(
     top_k: int = 5,
     targets: Any = None,
     chunk_size: Optional[int] = None,
+    pixel_values: Optional[torch.Tensor] = None,
 ) -> LensResult:
     """Read every layer's residual stream through the final norm and unembedding.
 
@@ -421,6 +422,12 @@ def logit_lens(
             kernel's tiles from the members' logits alone.
         chunk_size: rows per matrix product (``None``: the shape measured for this machine,
             :mod:`tl_logitlens.kernel.tuning`, within :func:`tl_logitlens.set_chunk_budget`'s budget).
+        pixel_values: a vision-language model's images (LLaVA, Gemma 3), as its processor makes
+            them: ``inputs = processor(text=..., images=..., return_tensors="pt")``, then
+            ``input=inputs["input_ids"], pixel_values=inputs["pixel_values"]``. The lens reads the
+            language stream at every position, image positions (where the projected image features
+            entered the stream) included; they show as the image token (``<image>``) in
+            :meth:`LensResult.input_tokens`, tables and figures.
 
     Returns:
         :class:`LensResult`, arrays ``[layer, batch, pos, ...]``.
@@ -433,7 +440,7 @@ def logit_lens(
         >>> result.top_tokens()[-1][0][0] == model.tokenizer.decode([int(result.top_ids[-1, 0, 0])])
         True
     """
-    view, tokens, cache = resolve_inputs(model, input, cache)
+    view, tokens, cache = resolve_inputs(model, input, cache, pixel_values)
     check_modes(norm, unembed, top_k, view.d_vocab)
     check_chunk_size(chunk_size)  # now, not after the forward pass
     top_k = int(top_k)

@@ -6,7 +6,8 @@ to cut the stream (``by``):
 - ``"accumulated"``: the stream itself before each layer, ``0_pre .. final_post``
   (with ``L_mid`` entries between attention and MLP when ``incl_mid=True``).
 - ``"component"``: ``embed``, ``pos_embed`` (absolute positions only; read as
-  ``0_pre - embed`` where no hook holds them, as in XGLM), and every ``L_attn_out`` and
+  ``0_pre - embed`` where no hook holds them, as in XGLM), ``image_embed``
+  (vision-language models: the image features at image positions), and every ``L_attn_out`` and
   ``L_mlp_out``. They add up to the final stream.
 - ``"head"``: every head's write ``LxHy = z[..., y, :] @ W_O[y]`` from ``attn.hook_z``
   (never ``hook_result``, which is off by default and costs memory), each layer's
@@ -191,6 +192,8 @@ def required_hooks(view: ModelView, by: str, incl_mid: bool = False) -> List[str
                 names.append(view.resid_hook(layer, "mid"))
         return names + [final]
     names = [view.embed_hook] + _position_hooks(view)
+    if view.takes_images:  # the stream entering block 0 holds the image features (_image_groups)
+        names.append(view.resid_hook(0, "pre"))
     for layer in range(view.n_layers):
         if by == "head":
             names += [view.attn_z_hook(layer)] + view.write(layer, "attn").hooks
@@ -281,7 +284,26 @@ def _embedding_groups(view: ModelView, read: _Reader) -> List[PieceGroup]:
         else:  # added inside the embedding step without a hook of its own (XGLM): what the first stream adds
             positions = read(view.resid_hook(0, "pre")) - embed
         groups.append(PieceGroup(["pos_embed"], positions.unsqueeze(2)))
+    if view.takes_images:
+        groups = _image_groups(view, read, embed, groups)
     return groups
+
+
+def _image_groups(view: ModelView, read: _Reader, embed: torch.Tensor, groups: List[PieceGroup]) -> List[PieceGroup]:
+    """``groups`` (``embed`` first, then ``pos_embed`` if any) with ``embed`` zero at image positions and an
+    ``image_embed`` piece: a vision-language model writes its projected image features into the stream at
+    the image tokens' positions *in place of* their embeddings. The image positions are where the stream
+    entering block 0 differs from the token (plus position) embedding, compared in the stored dtype: at a
+    text position the model passed the embedding on unchanged."""
+    stored = read.raw(view.resid_hook(0, "pre"))
+    written = read.raw(view.embed_hook).to(stored.device)
+    if view.has_pos_embed and view.pos_embed_hook is not None:
+        written = written + read.raw(view.pos_embed_hook).to(stored.device)
+    image = (stored != written).any(-1, keepdim=True).to(embed.device)  # [batch, n, 1]
+    positions = groups[1].acts[:, :, 0] if len(groups) > 1 else 0
+    image_embed = (read(view.resid_hook(0, "pre")) - positions).masked_fill(~image, 0)
+    groups[0] = PieceGroup(["embed"], embed.masked_fill(image, 0).unsqueeze(2))
+    return groups + [PieceGroup(["image_embed"], image_embed.unsqueeze(2))]
 
 
 def _attention_groups(view: ModelView, read: _Reader, layer: int, by: str) -> List[PieceGroup]:

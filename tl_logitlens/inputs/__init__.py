@@ -4,6 +4,8 @@
   vocabulary pieces or ids; positions (each prompt's own last token for ``-1``)
 - :mod:`.data`: a dataset (ids, strings, a ``DataLoader``) as a stream of batches, long
   sequences cut into windows; what evaluation, training and fitting read
+- :mod:`.images`: a vision-language model's ``pixel_values``, checked against the prompt's image
+  tokens and carried with them to the model's run
 - :mod:`.resolve`: the model, the tokens and the activations (a user's ``ActivationCache``, or
   the model run once caching only the hooks an analysis reads)
 - :mod:`.options`: the cheap checks of the options every entry point shares
@@ -20,6 +22,7 @@ Example::
 from __future__ import annotations
 
 from .data import batches, split_long, trim, windows
+from .images import attach_images, image_inputs
 from .options import check_modes, check_norm, check_stream_args
 from .resolve import activation_shape, check_cache, check_cache_belongs, resolve_inputs, resolve_model, run_or_read
 from .tokens import (
@@ -37,6 +40,8 @@ from .tokens import (
 )
 
 __all__ = [
+    "attach_images",
+    "image_inputs",
     "batches",
     "split_long",
     "trim",

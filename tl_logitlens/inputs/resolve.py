@@ -26,6 +26,7 @@ from ..model_access import (
 from ..model_access import (
     view as view_model,
 )
+from .images import attach_images, image_inputs
 from .tokens import Tokens, tokenize
 
 
@@ -38,8 +39,14 @@ def resolve_model(model: Any) -> ModelView:
     return view_model(model)
 
 
-def resolve_inputs(model: Any, input: Any, cache: Any) -> tuple[ModelView, Optional[Tokens], Any]:
-    """Work out the model, the tokens and the cache from what the caller passed."""
+def resolve_inputs(
+    model: Any, input: Any, cache: Any, pixel_values: Any = None
+) -> tuple[ModelView, Optional[Tokens], Any]:
+    """Work out the model, the tokens and the cache from what the caller passed.
+
+    ``pixel_values`` (a vision-language model's images) are checked against the tokens' image
+    tokens and ride with them (:func:`~tl_logitlens.inputs.images.attach_images`).
+    """
     if isinstance(model, ActivationCache):
         if cache is not None:
             raise LensInputError("pass the cache once: as cache=, or as the first argument")
@@ -53,7 +60,7 @@ def resolve_inputs(model: Any, input: Any, cache: Any) -> tuple[ModelView, Optio
         check_cache_belongs(view, cache)
     if cache is None and input is None:
         raise LensInputError("pass an input to run (text or token ids), or cache= to read")
-    tokens = None if input is None else tokenize(view, input)
+    tokens = attach_images(view, None if input is None else tokenize(view, input), cache, pixel_values)
     if cache is not None and tokens is not None:
         final = cache_tensor(cache, view.final_resid_hook) if view.final_resid_hook in cache.cache_dict else None
         if final is not None and tuple(final.shape[:2]) != tuple(tokens.ids.shape):
@@ -96,7 +103,9 @@ def check_cache_belongs(view: ModelView, cache: Any) -> None:
             "that made the cache."
         )
     for name in names:
-        if "hook_resid_" in name:
+        # The language stream's blocks only: a vision-language model's cache also holds its vision
+        # tower's streams (``vision_encoder.encoder_layers.0.hook_resid_pre``), of another width.
+        if _BLOCK.match(name) and "hook_resid_" in name:
             width = int(cache.cache_dict[name].shape[-1])
             if width != view.d_model:
                 raise LensInputError(
@@ -136,4 +145,4 @@ def run_or_read(
     """``(logits, cache)``: the model run once caching ``names``, or ``(None, cache)`` as given."""
     if cache is not None:
         return None, cache
-    return run_with_cache(view.model, tokens.ids.to(input_device(view)), names)
+    return run_with_cache(view.model, tokens.ids.to(input_device(view)), names, image_inputs(view, tokens))

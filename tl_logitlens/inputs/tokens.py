@@ -26,10 +26,12 @@ PositionSpec = Union[None, int, Sequence[int], slice, torch.Tensor]
 
 @dataclass
 class Tokens:
-    """Right-padded token ids ``[batch, seq]`` and each prompt's real length ``[batch]``."""
+    """Right-padded token ids ``[batch, seq]`` and each prompt's real length ``[batch]``; for a
+    vision-language model, the images its image tokens stand for (``pixel_values``, else ``None``)."""
 
     ids: torch.Tensor
     lengths: torch.Tensor
+    pixel_values: Optional[torch.Tensor] = None
 
     @property
     def padded(self) -> bool:

@@ -171,10 +171,11 @@ def read_product(
     """
     m, d_vocab = x.shape[0], W.shape[1]
     cast = W.dtype != x.dtype
-    if cast and (w_tile is None or w_tile.numel() < W.shape[0] * min(d_vocab, tile_width(d_vocab, transform))):
-        w_tile = torch.empty(W.shape[0] * tile_width(d_vocab, transform), dtype=x.dtype, device=x.device)
-    n = m // g
     width = tile_width(d_vocab, transform, width)
+    # Sized by the width actually read: the measurement (tuning.measure) asks for wider tiles than the default.
+    if cast and (w_tile is None or w_tile.numel() < W.shape[0] * width):
+        w_tile = torch.empty(W.shape[0] * width, dtype=x.dtype, device=x.device)
+    n = m // g
     single = width >= d_vocab
     sums = _OnlineSums(x, g, with_reference)
     top_values = x.new_full((m, top_k), float("-inf"))

@@ -8,7 +8,7 @@ Three runs: :func:`run_with_cache` (one pass caching only the named hooks),
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -52,11 +52,19 @@ def cache_has(cache: Any, name: str) -> bool:
 # Every forward pass the package makes goes through one of these three.
 
 
-def run_with_cache(model: Any, tokens: torch.Tensor, names: List[str]) -> Tuple[torch.Tensor, Any]:
-    """One forward pass caching only ``names``: ``(logits [batch, pos, d_vocab], cache)``."""
+def run_with_cache(
+    model: Any, tokens: torch.Tensor, names: List[str], extra: Optional[Dict[str, torch.Tensor]] = None
+) -> Tuple[torch.Tensor, Any]:
+    """One forward pass caching only ``names``: ``(logits [batch, pos, d_vocab], cache)``.
+
+    ``extra``: more inputs of the forward pass beside the tokens, by name (a vision-language
+    model's ``pixel_values``, :func:`tl_logitlens.inputs.images.image_inputs`), moved to the
+    tokens' device.
+    """
     wanted = set(names)
+    extra = {name: value.to(tokens.device) for name, value in (extra or {}).items()}
     with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in wanted)
+        logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in wanted, **extra)
     return logits, cache
 
 

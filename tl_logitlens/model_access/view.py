@@ -14,6 +14,7 @@ zero bias; the bridge keeps HF's norm module (``weight``/``bias``/``eps`` or
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -63,6 +64,15 @@ class ModelView:
         n_ctx: the context length, or ``None`` when the config does not say.
         model_name: the config's ``model_name`` (``""`` when unnamed).
         has_experts: the config declares experts (which layers have them: :meth:`expert_layer`).
+        takes_images: a vision-language model (``cfg.is_multimodal``): its forward pass takes
+            ``pixel_values`` and writes the projected image features into the language stream
+            at its image tokens' positions, in place of their embeddings.
+        image_token_id: the token that marks an image position (LLaVA's ``<image>``), or ``None``.
+        tokens_per_image: how many image tokens one image fills, where the config fixes it
+            (LLaVA, Gemma 3); else ``None``.
+        image_token_types: the forward pass takes ``token_type_ids`` marking the image tokens
+            with 1 (Gemma 3: an image's tokens attend to each other both ways, which its
+            processor asks for this way); the runs pass them, made from the image tokens.
     """
 
     model: Any
@@ -80,6 +90,10 @@ class ModelView:
     n_ctx: Optional[int] = None
     model_name: str = ""
     has_experts: bool = False
+    takes_images: bool = False
+    image_token_id: Optional[int] = None
+    tokens_per_image: Optional[int] = None
+    image_token_types: bool = False
     _read: Dict[Tuple[str, int, str], Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -292,6 +306,26 @@ def _check_architecture(model: Any) -> None:
             )
 
 
+def _image_inputs(model: Any) -> Tuple[bool, Optional[int], Optional[int], bool]:
+    """``(takes_images, image_token_id, tokens_per_image, image_token_types)`` of a vision-language model."""
+    if not getattr(model.cfg, "is_multimodal", False):
+        return False, None, None, False
+    original = getattr(model, "original_model", None)
+    config = getattr(original, "config", None)
+    token = getattr(config, "image_token_id", None)
+    if token is None:
+        token = getattr(config, "image_token_index", None)
+    per_image = getattr(config, "mm_tokens_per_image", None)  # Gemma 3
+    vision = getattr(config, "vision_config", None)
+    if per_image is None and getattr(config, "model_type", None) == "llava" and vision is not None:
+        # One token per patch; the "full" strategy keeps the vision tower's class token as well.
+        patches = (int(vision.image_size) // int(vision.patch_size)) ** 2
+        per_image = patches + (getattr(config, "vision_feature_select_strategy", "default") == "full")
+    forward = getattr(original, "forward", None)
+    token_types = forward is not None and "token_type_ids" in inspect.signature(forward).parameters
+    return True, None if token is None else int(token), None if per_image is None else int(per_image), token_types
+
+
 def view(model: Any) -> ModelView:
     """Inspect ``model`` once: architecture checks, eval mode, final norm, sizes.
 
@@ -311,6 +345,7 @@ def view(model: Any) -> ModelView:
     n_heads = int(cfg.n_heads)
     d_model = int(cfg.d_model)
     d_head = int(getattr(cfg, "d_head", None) or d_model // n_heads)
+    takes_images, image_token_id, tokens_per_image, image_token_types = _image_inputs(model)
     has_mlp = not bool(getattr(cfg, "attn_only", False)) and all(
         getattr(block, "mlp", None) is not None for block in model.blocks
     )
@@ -330,4 +365,8 @@ def view(model: Any) -> ModelView:
         n_ctx=None if getattr(cfg, "n_ctx", None) is None else int(cfg.n_ctx),
         model_name=str(getattr(cfg, "model_name", "") or ""),
         has_experts=bool(getattr(cfg, "num_experts", None)),
+        takes_images=takes_images,
+        image_token_id=image_token_id,
+        tokens_per_image=tokens_per_image,
+        image_token_types=image_token_types,
     )
