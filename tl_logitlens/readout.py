@@ -135,7 +135,7 @@ def readout(
             raise LensInputError(f"next_tokens ids must lie in [-1, {v.d_vocab})")
     require_finite(vectors, "vectors")
     if lens is not None:
-        vectors = _lens_vectors(lens, labels, vectors)
+        vectors = _lens_vectors(lens, labels, vectors, v)
     elif labels is not None:
         raise LensInputError("labels= names the entries a lens reads; it needs lens= as well")
     flat = read_rows(
@@ -152,9 +152,9 @@ def readout(
     return reshape_readout(flat, lead)
 
 
-def _lens_vectors(lens: Any, labels: Any, vectors: torch.Tensor) -> torch.Tensor:
+def _lens_vectors(lens: Any, labels: Any, vectors: torch.Tensor, view: ModelView) -> torch.Tensor:
     """``vectors`` through ``lens`` at ``labels`` (one label, or one per leading entry)."""
-    check_lens(lens)
+    check_lens(lens, view, [labels] if isinstance(labels, str) else None)
     if isinstance(labels, str):
         return vectors if is_identity(lens) else apply_lens(lens, vectors, labels)
     if (
@@ -167,6 +167,7 @@ def _lens_vectors(lens: Any, labels: Any, vectors: torch.Tensor) -> torch.Tensor
             "with lens=, labels= must be one stack entry label (e.g. '3_pre') or a list of labels, one per "
             f"leading entry of vectors (shape {tuple(vectors.shape)}); got {labels!r}"
         )
+    check_lens(lens, view, labels)
     if is_identity(lens):
         return vectors
     return torch.stack([apply_lens(lens, vectors[i], label) for i, label in enumerate(labels)])

@@ -9,7 +9,8 @@ everything is computed from hooks and weights.
 - :mod:`.versions`: the installed transformer-lens and its model classes, ``prepare_model``
 - :mod:`.view`: :class:`ModelView` and :func:`view` (architecture, eval mode, final norm, unembedding)
 - :mod:`.runs`: every forward pass (caching, hooks-only capture, patched runs) and cache reading
-- :mod:`.identity`: the fingerprints a lens file records (``unembed_hash``, ``stream_change``)
+- :mod:`.identity`: the fingerprints a lens file records (``unembed_hash``, ``unembed_sample``), compared with
+  ``unembed_matches``; ``stream_change``
 
 Example::
 
@@ -21,7 +22,7 @@ Example::
 
 from __future__ import annotations
 
-from .identity import ModelFacts, describe, stream_change, unembed_hash
+from .identity import ModelFacts, describe, stream_change, unembed_hash, unembed_matches, unembed_sample
 from .runs import cache_has, cache_tensor, capture, model_from_cache, run_with_cache, run_with_patches
 from .versions import (
     TL_MAJOR,
@@ -73,4 +74,6 @@ __all__ = [
     "describe",
     "stream_change",
     "unembed_hash",
+    "unembed_matches",
+    "unembed_sample",
 ]
