@@ -1,5 +1,6 @@
 """The command line, run as a user would: outputs written, numbers printed, usage errors in one line."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -415,6 +416,12 @@ def test_out_folders_are_the_commands_own(tmp_path, capsys, words):
     code, _, err = run(capsys, *argv, "--overwrite")
     assert code == 0, err
     assert (out / "notes.txt").read_text() == "mine" and (out / "lens.csv").is_file()
+    if importlib.util.find_spec("plotly") is not None:  # a page inside the folder is the command's own too
+        (tmp_path / "o2").mkdir()  # --html's folder must exist
+        again = ["lens", "--model", "demo", "--prompt", prompt, "--out", str(tmp_path / "o2"), "--dpi", "40"]
+        for _ in range(2):
+            code, _, err = run(capsys, *again, "--html", str(tmp_path / "o2" / "lens.html"))
+            assert code == 0, err
 
 
 def test_train_lens_with_nothing_to_train_on_exits_2_and_writes_nothing(tmp_path, capsys):

@@ -185,3 +185,12 @@ def test_check_folder_writes_nothing(tmp_path):
     assert not (tmp_path / "new").exists()
     with pytest.raises(LensInputError, match="the folder must be a path"):
         files.check_folder(3)
+
+
+def test_a_page_or_result_the_package_wrote_counts_as_its_own_in_a_folder(model, evaluation, tmp_path):
+    evaluation.save(tmp_path / "eval.json")  # single files, not recorded: their marks say whose they are
+    pytest.importorskip("plotly")
+    tll.logit_lens(model, tll.demo.induction_prompt(model)).to_html(tmp_path / "lens.html")
+    tll.TunedLens(model).save(tmp_path)
+    tll.TunedLens(model).save(tmp_path)
+    assert {"eval.json", "lens.html", "params.pt"} <= {p.name for p in tmp_path.iterdir()}

@@ -9,7 +9,8 @@ never half of one.
 
 - A folder writer (``TunedLens.save``, training checkpoints, the command line's ``--out``)
   claims its folder with :class:`OwnedFolder`: the folder may be new, empty, or hold only
-  files the package wrote there, which it records in the folder's ``.tl_logitlens_files.json``.
+  files the package wrote there, which it records in the folder's ``.tl_logitlens_files.json``
+  (a page or JSON result carrying the package's mark counts as its own too).
   Any other file (a model's ``config.json``, your notes) makes it refuse, naming the files,
   before anything is written.
 - A single-file writer (``LensEvaluation.save``, ``to_html``) replaces an existing file only
@@ -42,7 +43,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Set, Type, TypeVar, Union
+from typing import Any, Callable, List, Optional, Sequence, Set, Type, TypeVar, Union
 
 from .errors import LensInputError
 
@@ -70,6 +71,7 @@ _MANIFEST_FORMAT = "tl_logitlens.files/1"
 JSON_MARK = b'"format": "tl_logitlens.'
 #: The mark of an HTML page the package wrote (in its ``<head>``).
 HTML_MARK = b'<meta name="generator" content="tl_logitlens">'
+_MARKS = (JSON_MARK, HTML_MARK)
 _MARK_BYTES = 4096  # marks sit at the start of a file
 _MEND = "pass overwrite=True"
 # What file browsers leave in any folder: never a user's data.
@@ -137,7 +139,9 @@ def check_folder(path: Any, *, overwrite: bool = False, what: str = "writing", m
     _check_writable(_nearest_existing(path), what, path)
     if path.is_dir() and not overwrite:
         recorded = _recorded(path)
-        foreign = sorted(entry.name for entry in path.iterdir() if not _ours(entry.name, recorded))
+        foreign = sorted(
+            entry.name for entry in path.iterdir() if not _ours(entry.name, recorded) and not _marked(entry, _MARKS)
+        )
         if foreign:
             raise LensInputError(
                 f"{what}: the folder {str(path)!r} holds {'a file' if len(foreign) == 1 else 'files'} tl_logitlens "
@@ -207,15 +211,19 @@ def check_file(
 
 
 def _is_ours(path: Path, mark: Optional[bytes]) -> bool:
-    if path.name in _recorded(path.parent):
-        return True
-    if mark is None or not path.is_file():
+    return path.name in _recorded(path.parent) or (mark is not None and _marked(path, (mark,)))
+
+
+def _marked(path: Path, marks: Sequence[bytes]) -> bool:
+    """Whether the file ``path`` carries one of ``marks`` in its first bytes (a page or result the package wrote)."""
+    if not path.is_file():
         return False
     try:
         with open(path, "rb") as handle:
-            return mark in handle.read(_MARK_BYTES)
+            start = handle.read(_MARK_BYTES)
     except OSError:
         return False
+    return any(mark in start for mark in marks)
 
 
 def write_owned_file(
