@@ -1,5 +1,6 @@
 """The command line, run as a user would: outputs written, numbers printed, usage errors in one line."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -346,3 +347,86 @@ def test_real_model_tokens(models_dir, capsys):
     )
     assert code == 0, err
     assert [line.split()[0] for line in out.splitlines()[1:]][-1] == "final_post"
+
+
+# -- issue 20: every argument checked before torch; writers own their files ---------------------------
+_HEAVY = ("torch", "transformer_lens", "transformers", "matplotlib", "pandas")
+
+
+def _in_fresh_process(argv):
+    """``main(argv)`` in a new interpreter: ``(exit status, stderr, the heavy modules it imported)``."""
+    code = (
+        "import sys, json\n"
+        "from tl_logitlens.cli import main\n"
+        f"status = main({list(argv)!r})\n"
+        f"print(json.dumps([status, [m for m in {_HEAVY!r} if m in sys.modules]]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    status, heavy = json.loads(done.stdout.strip().splitlines()[-1])
+    return status, done.stderr, heavy
+
+
+def test_usage_errors_import_nothing_heavy_and_say_one_line(tmp_path):
+    data = tmp_path / "docs.txt"
+    data.write_text("w3 w4 w5\n")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text("{}")
+    page = tmp_path / "page.html"
+    page.write_text("<html>mine</html>")
+    cases = [
+        (["lens", "--model", "demo", "--tokens", "1,,5"], "--tokens '1,,5' has an empty entry"),
+        (["lens", "--model", "demo", "--tokens", "1,5,"], "has an empty entry"),
+        (["lens", "--model", "demo", "--tokens", "1," + "9" * 30], "is too large to be a token id"),
+        (["lens", "--model", "demo", "--prompt", "red", "--dpi", "nan"], "--dpi nan: give a resolution between"),
+        (["lens", "--model", "demo", "--prompt", "red", "--dpi", "100000"], "--dpi 100000: give a resolution"),
+        (["lens", "--model", "demo", "--prompt", "red", "--dpi", "inf"], "--dpi inf"),
+        (["lens", "--model", "demo", "--prompt", "red", "--top-k", "0"], "--top-k 0: give a positive number"),
+        (["lens", "--model", "demo", "--prompt", "red", "--layers", "0,foo"], "'foo' is neither an index nor"),
+        (["lens", "--model", "demo", "--prompt", "red", "--position", str(10**30)], "--position 1000000"),
+        (["lens", "--model", "demo", "--prompt", "red", "--out", str(foreign)], "holds a file tl_logitlens did not"),
+        (["lens", "--model", "demo", "--prompt", "red", "--html", str(page)], "--html: .*was not written|not written"),
+        (["eval", "--model", "demo", "--data", str(data), "--max-tokens", str(2**62)], "--max-tokens"),
+        (["eval", "--model", "demo", "--data", str(data), "--batch-size", "0"], "--batch-size 0"),
+        (["demo", "--seed", str(10**30)], "--seed 1000000"),
+        (["train-lens", "--model", "demo", "--data", str(data), "--steps", "0"], "--steps 0: give a positive number"),
+        (["train-lens", "--model", "demo", "--data", str(data), "--tokens-per-step", str(2**70)], "--tokens-per-step"),
+        (["train-lens", "--model", "demo", "--data", str(data), "--dpi", "-1"], "--dpi -1"),
+        (["train-lens", "--model", "demo", "--data", str(data), "--out", str(foreign)], "did not write"),
+    ]
+    for argv, message in cases:
+        status, err, heavy = _in_fresh_process(argv)
+        assert status == 2 and len(err.strip().splitlines()) == 1, (argv, err)
+        assert __import__("re").search(message, err), (argv, err)
+        assert heavy == [], (argv, heavy)
+    assert (foreign / "config.json").read_text() == "{}" and page.read_text() == "<html>mine</html>"
+
+
+def test_out_folders_are_the_commands_own(tmp_path, capsys, words):
+    prompt, _, _ = words
+    out = tmp_path / "out"
+    argv = ["lens", "--model", "demo", "--prompt", prompt, "--out", str(out), "--dpi", "40"]
+    code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    code, _, err = run(capsys, *argv)  # its own folder: written again
+    assert code == 0, err
+    (out / "notes.txt").write_text("mine")
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "holds a file tl_logitlens did not write (notes.txt)" in err and "--overwrite" in err
+    code, _, err = run(capsys, *argv, "--overwrite")
+    assert code == 0, err
+    assert (out / "notes.txt").read_text() == "mine" and (out / "lens.csv").is_file()
+    if importlib.util.find_spec("plotly") is not None:  # a page inside the folder is the command's own too
+        (tmp_path / "o2").mkdir()  # --html's folder must exist
+        again = ["lens", "--model", "demo", "--prompt", prompt, "--out", str(tmp_path / "o2"), "--dpi", "40"]
+        for _ in range(2):
+            code, _, err = run(capsys, *again, "--html", str(tmp_path / "o2" / "lens.html"))
+            assert code == 0, err
+
+
+def test_train_lens_with_nothing_to_train_on_exits_2_and_writes_nothing(tmp_path, capsys):
+    data = tmp_path / "ones.pt"
+    torch.save(torch.tensor([[1], [5], [7]]), data)
+    code, out, err = run(capsys, "train-lens", "--model", "demo", "--data", str(data), "--out", str(tmp_path / "lens"))
+    assert code == 2 and "no token was scored" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "lens").exists()

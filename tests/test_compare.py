@@ -144,7 +144,7 @@ def test_errors_come_before_any_forward_pass(model):
         ({"logit": None, "bad": 3}, "lens 'bad': lens must be a callable"),
         (
             {"logit": None, "foreign": foreign},
-            r"lens 'foreign' is a TunedLens for another model: it has d_model=64 .* the model has d_model=32",
+            r"lens 'foreign': lens is a TunedLens for another model: it has d_model=64 .* the model has d_model=32",
         ),
     ]
     for lenses, match in cases:

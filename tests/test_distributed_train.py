@@ -129,7 +129,8 @@ def test_fault_ends_the_job_then_three_ranks_resume_and_match_one_process(tmp_pa
     assert "did not end the job" not in output
     saved = torch.load(ckpt / CHECKPOINT, weights_only=True)
     assert (saved["step"], saved["world"]) == (FAIL_AT_STEP - 1, 2)
-    assert sorted(p.name for p in ckpt.iterdir()) == [CHECKPOINT]  # rank 0 wrote it atomically; no temp files
+    # rank 0 wrote it atomically (no temp files), and recorded it as the folder's own
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted([CHECKPOINT, tll.files.MANIFEST])
 
     proc, _ = launch.run(3, str(JOBS / "train_job.py"), "train", str(tmp_path), str(ckpt))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,5 +1,7 @@
 """Bad input gets a clear error that names the problem, before any forward pass."""
 
+import re
+
 import builders
 import pytest
 import torch
@@ -314,3 +316,35 @@ def test_soft_capped_hooked_transformer():
         logits = capped(builders.tokens())[:, -1, 3].double()
     torch.testing.assert_close(att.capped_value.double(), logits, atol=1e-5, rtol=1e-5)
     tll.logit_lens(capped, builders.tokens())  # the final-entry check passes with the cap applied
+
+
+# -- issue 20: inputs whose errors confused ----------------------------------------------------------
+def test_an_empty_list_input_says_it_is_empty(model):
+    raises_before_forward(model, tll.LensInputError, "the input is an empty list", lambda: tll.logit_lens(model, []))
+    raises_before_forward(model, tll.LensInputError, "the input is an empty tuple", lambda: tll.logit_lens(model, ()))
+
+
+def test_a_mixed_list_names_the_bad_item_and_its_position(model):
+    raises_before_forward(
+        model,
+        tll.LensInputError,
+        r"input item 1 is 5 \(int\), but item 0 is 'w3': a list input holds only prompts \(strings\)",
+        lambda: tll.logit_lens(model, ["w3", 5]),
+    )
+    raises_before_forward(
+        model,
+        tll.LensInputError,
+        r"input item 2 is 'w4' \(str\), but item 0 is 3: a list input holds only token ids \(ints\)",
+        lambda: tll.logit_lens(model, [3, 4, "w4"]),
+    )
+
+
+def test_an_attention_mask_of_the_wrong_shape_names_both_shapes(model):
+    ids = torch.tensor([[1, 3, 4, 5], [1, 6, 7, 2]])
+    for mask in (torch.ones(2, 3, dtype=torch.long), torch.ones(4, 2, dtype=torch.long)):  # the second: same size
+        raises_before_forward(
+            model,
+            tll.LensInputError,
+            re.escape(f"attention_mask has shape {tuple(mask.shape)} but its input_ids have shape (2, 4)"),
+            lambda mask=mask: tll.evaluate_lens(model, [{"input_ids": ids, "attention_mask": mask}], progress=False),
+        )

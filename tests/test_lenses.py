@@ -265,8 +265,15 @@ def test_load_refuses_damaged_or_missing_files(model, tmp_path):
 
 def test_load_warns_on_another_unembedding(model, tmp_path):
     config = _saved(model, tmp_path)
+    ours = json.loads((tmp_path / "tl_logitlens.json").read_text())
+    other = [v + 0.5 for v in ours["unembed_sample"]]  # another model's weights at the same places
+    (tmp_path / "tl_logitlens.json").write_text(json.dumps(dict(ours, unembed_sample=other)))
+    with pytest.warns(UserWarning, match=r"unembed_sample \(tl_logitlens.json\) differs from this model's"):
+        tll.TunedLens.load(tmp_path, model)
+    # A folder tuned-lens wrote has no tl_logitlens.json: its unembed_hash is compared.
+    (tmp_path / "tl_logitlens.json").unlink()
     (tmp_path / "config.json").write_text(json.dumps(dict(config, unembed_hash="0" * 64)))
-    with pytest.warns(UserWarning, match="unembed_hash .* differs from this model's"):
+    with pytest.warns(UserWarning, match=r"unembed_hash \(config.json\) differs from this model's"):
         tll.TunedLens.load(tmp_path, model)
 
 

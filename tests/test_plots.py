@@ -606,7 +606,12 @@ BAD_ARGUMENTS = [
         lambda f: plot_lens_comparison(f["comparison"], band=(0.9, 0.1)),
         "band must be None or",
     ),
-    ("save_figure", lambda f: save_figure(plt.figure(), io.BytesIO(), dpi=0), "dpi must be a positive number"),
+    ("save_figure", lambda f: save_figure(plt.figure(), io.BytesIO(), dpi=0), "dpi must be a positive finite number"),
+    (
+        "save_figure-nan",
+        lambda f: save_figure(plt.figure(), io.BytesIO(), dpi=float("nan")),
+        "dpi must be a positive finite number",
+    ),
 ]
 
 

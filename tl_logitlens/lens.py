@@ -444,12 +444,12 @@ def logit_lens(
     check_modes(norm, unembed, top_k, view.d_vocab)
     check_chunk_size(chunk_size)  # now, not after the forward pass
     top_k = int(top_k)
-    check_lens(lens)
+    labels = stack_labels(view.n_layers, incl_mid)
+    keep = resolve_layers(layers, labels)
+    check_lens(lens, view, [labels[k] for k in keep])  # a lens for another model: refused before the forward pass
     named = lens_name(lens)  # before a LogitLens becomes None below
     if is_identity(lens):
         lens = None  # the plain lens, read exactly as without one (and checked against the model)
-    labels = stack_labels(view.n_layers, incl_mid)
-    keep = resolve_layers(layers, labels)
     names = required_hooks(view, "accumulated", incl_mid)
     batch, seq = activation_shape(view, cache, tokens, names, "logit_lens")
     lengths = tokens.lengths if tokens is not None else torch.full((batch,), seq)

@@ -135,7 +135,7 @@ def readout(
         next_tokens = next_tokens.reshape(rows).long()
     require_finite(vectors, "vectors")
     if lens is not None:
-        vectors = _lens_vectors(lens, labels, vectors)
+        vectors = _lens_vectors(lens, labels, vectors, v)
     elif labels is not None:
         raise LensInputError("labels= names the entries a lens reads; it needs lens= as well")
     flat = read_rows(
@@ -185,9 +185,9 @@ def _check_next_tokens(next_tokens: Any, d_vocab: int) -> Optional[torch.Tensor]
     return next_tokens
 
 
-def _lens_vectors(lens: Any, labels: Any, vectors: torch.Tensor) -> torch.Tensor:
+def _lens_vectors(lens: Any, labels: Any, vectors: torch.Tensor, view: ModelView) -> torch.Tensor:
     """``vectors`` through ``lens`` at ``labels`` (one label, or one per leading entry)."""
-    check_lens(lens)
+    check_lens(lens, view, [labels] if isinstance(labels, str) else None)
     if isinstance(labels, str):
         return vectors if is_identity(lens) else apply_lens(lens, vectors, labels)
     if (
@@ -200,6 +200,7 @@ def _lens_vectors(lens: Any, labels: Any, vectors: torch.Tensor) -> torch.Tensor
             "with lens=, labels= must be one stack entry label (e.g. '3_pre') or a list of labels, one per "
             f"leading entry of vectors (shape {tuple(vectors.shape)}); got {labels!r}"
         )
+    check_lens(lens, view, labels)
     if is_identity(lens):
         return vectors
     return torch.stack([apply_lens(lens, vectors[i], label) for i, label in enumerate(labels)])

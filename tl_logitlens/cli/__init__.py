@@ -13,15 +13,20 @@ Commands (``tl-logitlens COMMAND --help`` documents every option with an example
 
 ``lens``, ``dla`` and ``eval`` also take ``--html PATH``: an interactive, self-contained page
 of the result (needs plotly). ``demo --out DIR`` writes ``DIR/index.html`` linking every file.
-Every command also takes ``--device``, ``--dtype``, ``--format png|pdf|svg``, ``--dpi`` and
-``--verbose``. ``MODEL`` is ``demo`` (the built-in model), a local Hugging Face model folder
-(booted through ``TransformerBridge``, transformer-lens 3.x/4.x), or a hub name (needs the hub).
+Every command also takes ``--device``, ``--dtype``, ``--format png|pdf|svg``, ``--dpi``,
+``--overwrite`` and ``--verbose``. Writers own their files (:mod:`tl_logitlens.files`): an ``--out``
+folder holding files tl-logitlens did not write there, or an ``--html`` file it did not write, is
+refused before any work unless ``--overwrite`` is given. ``MODEL`` is ``demo`` (the built-in
+model), a local Hugging Face model folder (booted through ``TransformerBridge``, transformer-lens
+3.x/4.x), or a hub name (needs the hub).
 A token (``--answer``, ``--wrong``, ``--target``) is its text or vocabulary piece, or ``id:N``
 for the id ``N`` (so that ``317`` stays the text "317").
 
 Usage errors exit with status 2 and one line on stderr, never a traceback. Building the parser
-imports neither torch nor transformer_lens, matplotlib or pandas, so ``--help`` and errors that
-need no model answer at once; the heavy imports happen inside the commands.
+imports neither torch nor transformer_lens, matplotlib or pandas, and every argument is checked
+(numbers for finiteness and range, files and folders for what they hold) before any of them is
+imported, so ``--help`` and usage errors answer at once; the heavy imports happen inside the
+commands. A file that cannot be written gives one line and status 1.
 """
 
 from __future__ import annotations
@@ -56,6 +61,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"tl-logitlens: error: {_rank_prefix()}{' '.join(str(err).split()) or type(err).__name__}", file=sys.stderr
         )
         return 2
+    except OSError as err:  # a file or folder that cannot be read or written, found while writing
+        print(f"tl-logitlens: error: {_rank_prefix()}{err}", file=sys.stderr)
+        return 1
     except RankFailedError as err:  # under torchrun: another rank failed; rank 0 says which, the rest stay silent
         if not _rank_prefix() or _rank_prefix() == "rank 0: ":
             print(f"tl-logitlens: error: {' '.join(str(err).split())}", file=sys.stderr)

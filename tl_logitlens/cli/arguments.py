@@ -6,10 +6,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import math
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+from ..errors import LensInputError
+from ..files import HTML_MARK, OwnedFolder, check_file, check_folder
 from .output import silence_loaded_libraries
 
 METRICS = ("prob", "logit", "rank", "entropy", "kl", "loss")
@@ -17,6 +20,15 @@ DTYPES = ("float32", "float64", "bfloat16", "float16")
 FORMATS = ("png", "pdf", "svg")
 _DEVICE_RE = re.compile(r"^(cpu|cuda|mps|xpu)(:\d+)?$")
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "demo" / "demo_config.json"
+#: The training checkpoint's file name (tl_logitlens.lenses.training.CHECKPOINT, which imports torch).
+CHECKPOINT = "checkpoint.pt"
+#: Resolution limits of --dpi: print quality is 300; beyond 1200 a page-wide figure needs gigabytes.
+DPI_RANGE = (10.0, 1200.0)
+#: The most any count option takes (a trillion tokens): larger values overflow torch's int64 arithmetic.
+_MOST = 2**40
+#: Positive integer options, checked before any import; the ones a command lacks are skipped.
+_COUNTS = ("top_k", "top", "max_tokens", "batch_size", "steps", "tokens_per_step", "checkpoint_every")
+_OVERWRITE = "pass --overwrite"
 
 
 class UsageError(Exception):
@@ -44,7 +56,10 @@ def parse_token(spec: Optional[str], option: str) -> Union[None, int, str]:
 
 
 def parse_tokens(values: Sequence[str]) -> List[List[int]]:
-    """``--tokens`` values as prompts of ids: ids split by commas or spaces, prompts by ``;``."""
+    """``--tokens`` values as prompts of ids: ids split by commas or spaces, prompts by ``;``.
+
+    An empty entry (``1,,5``, a trailing comma) is refused, as ``--layers`` refuses one.
+    """
     prompts = []
     for value in values:
         for part in value.split(";"):
@@ -52,12 +67,18 @@ def parse_tokens(values: Sequence[str]) -> List[List[int]]:
                 raise UsageError(
                     f"--tokens {value!r} holds an empty prompt; give ids like 49,12,7,50 (prompts split by ';')"
                 )
-            pieces = [p for p in re.split(r"[,\s]+", part.strip()) if p]
+            entries = [entry.strip() for entry in part.split(",")]
+            if not all(entries):
+                raise UsageError(f"--tokens {value!r} has an empty entry; give ids like 49,12,7,50 (no ',,')")
+            pieces = [p for entry in entries for p in entry.split()]
             bad = [p for p in pieces if not p.isdigit()]
             if bad:
                 raise UsageError(
                     f"--tokens {value!r}: {bad[0]!r} is not a token id; give non-negative integers like 49,12,7,50"
                 )
+            huge = [p for p in pieces if int(p) > _MOST]
+            if huge:
+                raise UsageError(f"--tokens {value!r}: {huge[0]} is too large to be a token id of any vocabulary")
             prompts.append([int(p) for p in pieces])
     return prompts
 
@@ -69,6 +90,12 @@ def parse_layers(spec: Optional[str]) -> Optional[List[Union[int, str]]]:
     items = [s.strip() for s in spec.split(",")]
     if not all(items):
         raise UsageError(f"--layers {spec!r} has an empty entry; give indices or labels like 0,2,final_post")
+    bad = [s for s in items if not re.fullmatch(r"-?\d+|\d+_(pre|mid)|final_post", s)]
+    if bad:
+        raise UsageError(
+            f"--layers {spec!r}: {bad[0]!r} is neither an index nor a stack entry label; give indices "
+            "(negative from the end) or labels such as 0_pre, 3_mid, final_post"
+        )
     return [int(s) if re.fullmatch(r"-?\d+", s) else s for s in items]
 
 
@@ -113,24 +140,28 @@ def prompt_spec(args: argparse.Namespace) -> Dict[str, Any]:
     return {"text": list(args.prompt)}
 
 
-def check_out(out: Optional[str]) -> Optional[Path]:
-    """The output folder, refused before any work if it names an existing file."""
+def check_out(out: Optional[str], overwrite: bool = False) -> Optional[Path]:
+    """The output folder, refused before any work if it names an existing file, cannot be written, or
+    holds files tl-logitlens did not write there (unless ``--overwrite``; see :mod:`tl_logitlens.files`)."""
     if out is None:
         return None
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise UsageError(f"--out {out!r} is an existing file, not a folder; name a folder (it is created if missing)")
-    return path
+    try:
+        return check_folder(path, overwrite=overwrite, what="--out", mend=_OVERWRITE)
+    except LensInputError as err:
+        raise UsageError(str(err)) from None
 
 
-def make_out(path: Optional[Path]) -> Optional[Path]:
+def make_out(path: Optional[Path], overwrite: bool = False) -> Optional[OwnedFolder]:
+    """The output folder claimed for writing (created at its first file), or ``None`` without ``--out``."""
     if path is None:
         return None
     try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"--out {str(path)!r}: cannot create the folder ({err.strerror})") from None
-    return path
+        return OwnedFolder(path, overwrite=overwrite, what="--out", mend=_OVERWRITE)
+    except LensInputError as err:
+        raise UsageError(str(err)) from None
 
 
 def _check_device_syntax(spec: str) -> None:
@@ -152,9 +183,20 @@ def check_common(args: argparse.Namespace) -> None:
     _check_device_syntax(args.device)
     if getattr(args, "model", None) is not None:
         _check_model_spec(args.model)
-    if args.dpi <= 0:
-        raise UsageError(f"--dpi must be a positive number, got {args.dpi}")
-    check_out(args.out)
+    low, high = DPI_RANGE
+    if not math.isfinite(args.dpi) or not low <= args.dpi <= high:
+        raise UsageError(
+            f"--dpi {args.dpi:g}: give a resolution between {low:g} and {high:g} dots per inch (300 is print quality)"
+        )
+    for name in _COUNTS:
+        value = getattr(args, name, None)
+        if value is not None and not 1 <= value <= _MOST:
+            raise UsageError(f"--{name.replace('_', '-')} {value}: give a positive number (at most {_MOST:,})")
+    for name in ("seed", "position"):
+        value = getattr(args, name, None)
+        if value is not None and abs(value) > _MOST:
+            raise UsageError(f"--{name} {value}: give a whole number between {-_MOST:,} and {_MOST:,}")
+    check_out(args.out, args.overwrite)
 
 
 # -- torch, devices, dtypes, models -------------------------------------------------------
@@ -279,7 +321,7 @@ def read_data(path: str) -> Any:
     return docs
 
 
-def check_html(html: Optional[str]) -> Optional[Path]:
+def check_html(html: Optional[str], overwrite: bool = False) -> Optional[Path]:
     """The ``--html`` page's path, refused before any work if it cannot be written or plotly is missing."""
     if html is None:
         return None
@@ -290,6 +332,10 @@ def check_html(html: Optional[str]) -> Optional[Path]:
         raise UsageError(f"--html {html!r} is a folder; name the page's file, e.g. {str(path / 'lens.html')!r}")
     if not path.parent.is_dir():
         raise UsageError(f"--html {html!r}: the folder {str(path.parent)!r} does not exist; create it first")
+    try:
+        check_file(path, overwrite=overwrite, what="--html", mark=HTML_MARK, mend=_OVERWRITE)
+    except LensInputError as err:
+        raise UsageError(str(err)) from None
     if importlib.util.find_spec("plotly") is None:
         raise UsageError("--html needs plotly for the interactive page: pip install tl-logitlens[interactive]")
     return path

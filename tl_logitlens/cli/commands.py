@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .arguments import (
+    CHECKPOINT,
     DEMO_CONFIG,
     UsageError,
     check_html,
@@ -80,7 +81,7 @@ def cmd_demo(args: argparse.Namespace) -> Dict[str, Any]:
             f"--n {args.n}: the prompt <bos> + n words + n words must fit the demo model's context of "
             f"{n_ctx} tokens and hold two different words; give 2 <= n <= {most}"
         )
-    out = check_out(args.out)
+    out = check_out(args.out, args.overwrite)
     _start_torch()
     import tl_logitlens as tll
 
@@ -123,7 +124,7 @@ def cmd_demo(args: argparse.Namespace) -> Dict[str, Any]:
         "residual_error": max(components.residual_error(), heads.residual_error(), neurons.residual_error()),
         "induction_head": f"L{INDUCTION_HEAD[0]}H{INDUCTION_HEAD[1]}",
     }
-    out = make_out(out)
+    out = make_out(out, args.overwrite)
     if out is not None:
         from .. import plots
 
@@ -146,25 +147,26 @@ def cmd_demo(args: argparse.Namespace) -> Dict[str, Any]:
     return summary
 
 
-def _demo_pages(out: Path, written: List[str], lens: Any, components: Any, heads: Any) -> None:
+def _demo_pages(out: Any, written: List[str], lens: Any, components: Any, heads: Any) -> None:
     """The interactive pages (when plotly is installed) and index.html, which shows or links every file."""
     import importlib.util
 
-    from ..demo.index import write_index
+    from ..demo.index import index_html
 
     notes = ["The built-in model on a repeated random word sequence: the logit lens and direct logit attribution."]
     if importlib.util.find_spec("plotly") is not None:
-        from ..plots.interactive import to_html
+        from ..plots.interactive import page_of
 
         for name, result in (
             ("lens.html", lens),
             ("attribution_heads.html", heads),
             ("attribution_components.html", components),
         ):
-            written.append(str(to_html(result, out / name)))
+            written.append(str(out.write_text(name, page_of(result))))
     else:
         notes.append("Interactive pages need plotly: pip install tl-logitlens[interactive]")
-    written.append(str(write_index(out, written + ["summary.json"], title="tl_logitlens demo", notes=notes)))
+    page = index_html(written + ["summary.json"], title="tl_logitlens demo", notes=notes)
+    written.append(str(out.write_text("index.html", page)))
 
 
 def cmd_lens(args: argparse.Namespace) -> Dict[str, Any]:
@@ -172,8 +174,8 @@ def cmd_lens(args: argparse.Namespace) -> Dict[str, Any]:
     prompts = prompt_spec(args)
     layers = parse_layers(args.layers)
     targets = None if not args.target else [parse_token(t, "--target") for t in args.target]
-    out = check_out(args.out)
-    html = check_html(args.html)
+    out = check_out(args.out, args.overwrite)
+    html = check_html(args.html, args.overwrite)
     lens_dir = _lens_dir(args.lens)
     _start_torch()
     import tl_logitlens as tll
@@ -207,7 +209,7 @@ def cmd_lens(args: argparse.Namespace) -> Dict[str, Any]:
     }
     if lens is not None:
         summary["lens"] = {"name": lens.name, "dir": str(lens_dir)}
-    out = make_out(out)
+    out = make_out(out, args.overwrite)
     if out is not None:
         from .. import plots
 
@@ -223,7 +225,7 @@ def cmd_lens(args: argparse.Namespace) -> Dict[str, Any]:
         write_table(frame, out, "lens.csv", written)
         write_summary(summary, out, written)
     if html is not None:  # every position, with the true next token's probability and rank in the hover
-        write_page(tll.logit_lens(model, prompt, targets="next", **common), html)
+        write_page(tll.logit_lens(model, prompt, targets="next", **common), html, args.overwrite)
     return summary
 
 
@@ -232,10 +234,8 @@ def cmd_dla(args: argparse.Namespace) -> Dict[str, Any]:
     prompts = prompt_spec(args)
     answers = tokens_arg(args.answer, "--answer")
     wrong = tokens_arg(args.wrong, "--wrong")
-    if args.top <= 0:
-        raise UsageError(f"--top must be a positive number of rows, got {args.top}")
-    out = check_out(args.out)
-    html = check_html(args.html)
+    out = check_out(args.out, args.overwrite)
+    html = check_html(args.html, args.overwrite)
     _start_torch()
     import tl_logitlens as tll
 
@@ -261,7 +261,7 @@ def cmd_dla(args: argparse.Namespace) -> Dict[str, Any]:
         "residual_error": att.residual_error(),
         "top": dict(attribution_rows(att, args.top)),
     }
-    out = make_out(out)
+    out = make_out(out, args.overwrite)
     if out is not None:
         from .. import plots
 
@@ -270,14 +270,14 @@ def cmd_dla(args: argparse.Namespace) -> Dict[str, Any]:
         write_table(att.to_dataframe(), out, f"attribution_{args.by}.csv", written)
         write_summary(summary, out, written)
     if html is not None:
-        write_page(att, html)
+        write_page(att, html, args.overwrite)
     return summary
 
 
 def cmd_eval(args: argparse.Namespace) -> Dict[str, Any]:
     """Streaming lens statistics over a dataset."""
-    out = check_out(args.out)
-    html = check_html(args.html)
+    out = check_out(args.out, args.overwrite)
+    html = check_html(args.html, args.overwrite)
     if not Path(args.data).is_file():
         raise UsageError(
             f"no data file at {args.data!r}; pass a UTF-8 text file (one document per line) "
@@ -319,27 +319,20 @@ def _report(
     frame = result.to_dataframe()
     print(header)
     print(frame[[c for c in keys + _SHOWN if c in frame]].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    out = make_out(out)
+    out = make_out(out, args.overwrite)
     if out is not None:
         written: List[str] = []
         write_table(frame, out, f"{stem}.csv", written)
-        result.save(out / f"{stem}.json")
-        written.append(str(out / f"{stem}.json"))
+        written.append(str(out.write_text(f"{stem}.json", json.dumps(result.to_dict()))))  # as result.save writes
         save_figure(result.plot(), out, stem, args, written)
         print("\nWrote:\n  " + "\n  ".join(written))
     if html is not None:
-        write_page(result, html)
+        write_page(result, html, args.overwrite)
 
 
 def cmd_train_lens(args: argparse.Namespace) -> Dict[str, Any]:
     """Train a tuned lens on a dataset and write it (tuned-lens format) with its checkpoint to --out."""
-    from ..lenses.training import CHECKPOINT
-
-    for name in ("steps", "tokens_per_step", "batch_size", "checkpoint_every"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {value}: give a positive number")
-    out = check_out(args.out)
+    out = check_out(args.out, args.overwrite)  # the numbers were checked with every command's (check_common)
     if (out / CHECKPOINT).is_file() and not args.resume:
         raise UsageError(
             f"--out {str(out)!r} holds a training checkpoint; pass --resume to continue it, or name another folder"
@@ -356,8 +349,8 @@ def cmd_train_lens(args: argparse.Namespace) -> Dict[str, Any]:
 
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     model = load_model(args.model, device, args.dtype)
-    if is_main_process():  # rank 0 alone writes (train_tuned_lens writes the checkpoints from rank 0 too)
-        out = make_out(out)
+    # train_tuned_lens claims --out itself (rank 0 alone writes) and creates it at the first checkpoint, so a run
+    # that fails before training (nothing to train on) leaves nothing behind.
     lens = tll.train_tuned_lens(
         model,
         data,
@@ -369,6 +362,7 @@ def cmd_train_lens(args: argparse.Namespace) -> Dict[str, Any]:
         checkpoint_dir=out,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
+        overwrite=args.overwrite,
         progress=not args.quiet,
     )
     if not is_main_process():

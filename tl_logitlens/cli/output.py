@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import warnings
-from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
 # -- quiet output -------------------------------------------------------------------------
@@ -85,26 +83,24 @@ def output_policy(verbose: bool) -> Iterator[None]:
                 (disable_progress_bars if saved_hub else enable_progress_bars)()
 
 
-# -- files ----------------------------------------------------------------------------------
-def save_figure(fig: Any, out: Path, stem: str, args: argparse.Namespace, written: List[str]) -> None:
+# -- files (every one through the command's claimed --out folder: tl_logitlens.files.OwnedFolder) -----------
+def save_figure(fig: Any, out: Any, stem: str, args: argparse.Namespace, written: List[str]) -> None:
     from ..plots import save_figure as save_at_print_size  # the figures' own margins and resolution rules
 
     name = f"{stem}.{args.format}"
-    save_at_print_size(fig, out / name, dpi=args.dpi)
-    written.append(str(out / name))
+    # The temporary file has no suffix to tell matplotlib the format: name it.
+    written.append(str(out.write(name, lambda tmp: save_at_print_size(fig, tmp, dpi=args.dpi, format=args.format))))
     import matplotlib.pyplot as plt
 
     plt.close(fig)
 
 
-def write_table(frame: Any, out: Path, name: str, written: List[str]) -> None:
-    frame.to_csv(out / name, index=False)
-    written.append(str(out / name))
+def write_table(frame: Any, out: Any, name: str, written: List[str]) -> None:
+    written.append(str(out.write(name, lambda tmp: frame.to_csv(tmp, index=False))))
 
 
-def write_summary(summary: Dict[str, Any], out: Path, written: List[str]) -> None:
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    written.append(str(out / "summary.json"))
+def write_summary(summary: Dict[str, Any], out: Any, written: List[str]) -> None:
+    written.append(str(out.write_json("summary.json", summary, indent=2)))
     print("\nWrote:\n  " + "\n  ".join(written))
 
 
@@ -159,9 +155,9 @@ def print_attribution(att: Any, k: int) -> None:
         print(f"  {label:>14}  {v:+.3f}")
 
 
-def write_page(result: Any, path: Any) -> None:
+def write_page(result: Any, path: Any, overwrite: bool = False) -> None:
     """The ``--html`` interactive page of ``result`` (self-contained, written atomically)."""
     from ..plots.interactive import to_html
 
-    to_html(result, path)
+    to_html(result, path, overwrite=overwrite)
     print(f"\nWrote the interactive page {path}")

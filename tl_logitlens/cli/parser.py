@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .arguments import DTYPES, FORMATS, METRICS, Parser
+from .arguments import DPI_RANGE, DTYPES, FORMATS, METRICS, Parser
 from .commands import cmd_demo, cmd_dla, cmd_eval, cmd_lens, cmd_train_lens
 
 # -- parser -----------------------------------------------------------------------------------
@@ -28,7 +28,16 @@ def _common(sub: argparse.ArgumentParser, model: bool = True) -> None:
     )
     sub.add_argument("--format", choices=FORMATS, default="png", help="figure file format (default png)")
     sub.add_argument(
-        "--dpi", type=float, default=200, help="figure resolution in dots per inch (default 200: print quality)"
+        "--dpi",
+        type=float,
+        default=200,
+        help=f"figure resolution in dots per inch, {DPI_RANGE[0]:g} to {DPI_RANGE[1]:g} (default 200: print quality)",
+    )
+    sub.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an --out folder (or onto an --html file) that holds files tl-logitlens did not write: "
+        "files of the same names are replaced, no other file is touched (without it such a folder is refused)",
     )
     sub.add_argument(
         "--verbose",

@@ -20,9 +20,9 @@ import html
 from pathlib import Path
 from typing import Dict, Sequence, Union
 
-from ..files import write_text
+from ..files import HTML_MARK, write_owned_file
 
-__all__ = ["write_index"]
+__all__ = ["index_html", "write_index"]
 
 _SHOWN = (".png", ".svg")
 _KINDS = {".html": "interactive pages (open in a browser; hover for values)", ".csv": "tables", ".json": "summary"}
@@ -33,9 +33,23 @@ def write_index(
     files: Sequence[Union[str, Path]],
     title: str = "tl_logitlens demo",
     notes: Sequence[str] = (),
+    overwrite: bool = False,
 ) -> Path:
-    """Write ``out/index.html`` listing ``files`` (paths inside ``out``); returns its path."""
-    out = Path(out)
+    """Write ``out/index.html`` listing ``files`` (paths inside ``out``); returns its path. An existing
+    ``index.html`` is replaced only if this package wrote it (or with ``overwrite=True``)."""
+    text = index_html(files, title, notes)
+    path = Path(out) / "index.html"
+    return write_owned_file(
+        path,
+        lambda tmp: Path(tmp).write_text(text, encoding="utf-8"),
+        overwrite=overwrite,
+        what="write_index",
+        mark=HTML_MARK,
+    )
+
+
+def index_html(files: Sequence[Union[str, Path]], title: str = "tl_logitlens demo", notes: Sequence[str] = ()) -> str:
+    """The text of the index page listing ``files``: figures shown, everything else linked."""
     names = [Path(f).name for f in files if Path(f).name != "index.html"]
     groups: Dict[str, list] = {}
     for name in names:
@@ -43,7 +57,7 @@ def write_index(
         kind = "figures" if suffix in _SHOWN or suffix == ".pdf" else _KINDS.get(suffix, "other files")
         groups.setdefault(kind, []).append(name)
     parts = [
-        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>',
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8">{HTML_MARK.decode()}<title>{html.escape(title)}</title>',
         "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}img{max-width:100%;"
         "border:1px solid #ddd}figure{margin:1.5em 0}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
@@ -67,6 +81,4 @@ def write_index(
             )
             parts.append(f"<ul>{items}</ul>")
     parts.append("</body></html>\n")
-    path = out / "index.html"
-    write_text(path, "\n".join(parts))
-    return path
+    return "\n".join(parts)

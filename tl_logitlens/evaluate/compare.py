@@ -18,8 +18,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from ..errors import LensInputError
 from ..files import SavedAsJson
-from ..inputs import check_stream_args, resolve_model
-from ..lenses import TunedLens, check_lens, is_identity
+from ..inputs import check_stream_args, resolve_model, warn_file_names
+from ..lenses import check_lens, is_identity
+from ..stacks import stack_labels
 from .evaluation import LensEvaluation, evaluation_of, finish_pass
 from .running import STATISTICS
 from .stream import stream_lenses
@@ -210,15 +211,9 @@ def _check_lenses(view: Any, lenses: Any) -> Dict[str, Any]:
         if not isinstance(name, str) or not name:
             raise LensInputError(f"lens names must be non-empty strings (they label the results); got {name!r}")
         try:
-            check_lens(lens)
+            check_lens(lens, view, stack_labels(view.n_layers, False))
         except LensInputError as err:
             raise LensInputError(f"lens {name!r}: {err}") from None
-        if isinstance(lens, TunedLens) and (lens.d_model, lens.n_layers) != (view.d_model, view.n_layers):
-            raise LensInputError(
-                f"lens {name!r} is a TunedLens for another model: it has d_model={lens.d_model} and "
-                f"n_layers={lens.n_layers}, the model has d_model={view.d_model} and n_layers={view.n_layers}; "
-                "load or train a lens for this model"
-            )
         out[name] = None if is_identity(lens) else lens
     return out
 
@@ -275,6 +270,7 @@ def compare_lenses(
     view = resolve_model(model)
     batch_size, max_tokens = check_stream_args(norm, batch_size, max_tokens)
     named = _check_lenses(view, {"logit": None} if lenses is None else lenses)
+    warn_file_names(data, "compare_lenses")
     run = stream_lenses(
         view,
         data,

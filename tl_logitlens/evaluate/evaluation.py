@@ -35,8 +35,9 @@ import torch
 
 from ..errors import LensInputError
 from ..files import SavedAsJson
-from ..inputs import check_stream_args, resolve_model
+from ..inputs import check_stream_args, resolve_model, warn_file_names
 from ..lenses import check_lens, is_identity, lens_name
+from ..stacks import stack_labels
 from .running import STATISTICS, FieldError, RunningStats, reading_field
 from .stream import Run, stream_lenses
 
@@ -256,7 +257,9 @@ def evaluate_lens(
             list of strings. Padding is never scored. A sequence longer than the model's
             context is split into windows of ``n_ctx`` tokens overlapping by one (every
             token still scored once), with a warning; ``meta`` then holds
-            ``split_sequences``, ``windows`` and ``n_ctx``.
+            ``split_sequences``, ``windows`` and ``n_ctx``. Strings are always the text
+            itself: a string that names an existing file is read as text, with a warning
+            naming it (pass the file's text, or use the command line's ``--data``).
         lens: a :class:`~tl_logitlens.lenses.Lens` (e.g. a
             :class:`~tl_logitlens.lenses.TunedLens`) or any callable
             ``f(vectors [batch, pos, d_model], label) -> vectors`` applied to each entry
@@ -293,7 +296,8 @@ def evaluate_lens(
     """
     view = resolve_model(model)
     batch_size, max_tokens = check_stream_args(norm, batch_size, max_tokens)
-    check_lens(lens)
+    check_lens(lens, view, stack_labels(view.n_layers, False))
+    warn_file_names(data, "evaluate_lens")
     named = lens_name(lens)  # before a LogitLens becomes None below
     if is_identity(lens):
         lens = None

@@ -21,7 +21,7 @@ Example::
 
 from __future__ import annotations
 
-from .data import batches, split_long, trim, windows
+from .data import batches, split_long, trim, warn_file_names, windows
 from .images import attach_images, image_inputs
 from .options import check_modes, check_norm, check_stream_args
 from .resolve import activation_shape, check_cache, check_cache_belongs, resolve_inputs, resolve_model, run_or_read
@@ -45,6 +45,7 @@ __all__ = [
     "batches",
     "split_long",
     "trim",
+    "warn_file_names",
     "windows",
     "check_modes",
     "check_norm",

@@ -12,6 +12,8 @@ longer than the model's context are cut into windows that overlap by one token
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Mapping
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -57,7 +59,13 @@ def batch_from_item(view: ModelView, item: Any) -> Tokens:
     ids = check_ids(view, item, "a batch")
     tokens = tokenize(view, ids, check_context=False)
     if mask is not None:
-        mask = torch.as_tensor(mask).reshape(ids.shape).bool().cpu()
+        mask = torch.as_tensor(mask)
+        if tuple(mask.shape) != tuple(ids.shape) and not (mask.ndim == 1 and item.ndim == 1 and ids.shape[0] == 1):
+            raise LensInputError(
+                f"the attention_mask has shape {tuple(mask.shape)} but its input_ids have shape {tuple(item.shape)}; "
+                "give one mask value per token id (the same [batch, seq] shape)"
+            )
+        mask = mask.reshape(ids.shape).bool().cpu()
         lengths = mask.sum(1)
         right_padded = torch.arange(ids.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
         if not torch.equal(mask, right_padded):
@@ -67,6 +75,35 @@ def batch_from_item(view: ModelView, item: Any) -> Tokens:
             )
         tokens = Tokens(tokens.ids, lengths)
     return tokens
+
+
+def warn_file_names(data: Any, who: str) -> None:
+    """Warn when text data names existing files: the text is read, never the files (the command line reads files).
+
+    ``data`` is a string, or a list or tuple of strings, every one of which names an existing file.
+    """
+    texts = [data] if isinstance(data, str) else data
+    if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
+        return
+    if not all(_names_a_file(t) for t in texts):
+        return
+    shown = ", ".join(repr(t) for t in texts[:3]) + (f" and {len(texts) - 3} more" if len(texts) > 3 else "")
+    warnings.warn(
+        f"{who}: the text data {shown} {'names an existing file' if len(texts) == 1 else 'name existing files'}; "
+        "strings are read as the text itself, not as the files' contents. To read a file, pass its text: "
+        f"open({texts[0]!r}).read().splitlines() (one document per line), or use the command line's --data.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _names_a_file(text: str) -> bool:
+    if not text or len(text) > 4096 or "\n" in text:
+        return False
+    try:
+        return os.path.isfile(os.path.expanduser(text))
+    except (OSError, ValueError):
+        return False
 
 
 def batches(view: ModelView, data: Any, batch_size: int) -> Tuple[Iterator[Tokens], Optional[int]]:

@@ -116,6 +116,8 @@ def tokenize(view: ModelView, input: Any, check_context: bool = True) -> Tokens:
         input = [input]
     if type(input).__module__ == "numpy":
         input = torch.as_tensor(input)
+    if isinstance(input, (list, tuple)):
+        _check_items(input)
     if isinstance(input, (list, tuple)) and input and all(isinstance(s, str) for s in input):
         _require_tokenizer(view, "the input")
         rows = [view.model.to_tokens(s, truncate=False)[0].cpu() for s in input]
@@ -152,6 +154,27 @@ def tokenize(view: ModelView, input: Any, check_context: bool = True) -> Tokens:
         "input must be a string, a list of strings, or token ids [batch, pos] (a tensor or a list "
         f"of ints); got {type(input).__name__}"
     )
+
+
+def _check_items(items: Sequence[Any]) -> None:
+    """A list input holds prompts (strings) or token ids (ints), all of one kind: name the first item that is not."""
+    if not items:
+        raise LensInputError(
+            f"the input is an empty {type(items).__name__}; pass a prompt (a string), a list of prompts, or token ids"
+        )
+    first = items[0]
+    if isinstance(first, str):
+        kind, ok = "prompts (strings)", lambda x: isinstance(x, str)
+    elif isinstance(first, Integral) and not isinstance(first, bool):
+        kind, ok = "token ids (ints)", lambda x: isinstance(x, Integral) and not isinstance(x, bool)
+    else:
+        return  # neither: the caller's message names the type
+    for i, item in enumerate(items):
+        if not ok(item):
+            raise LensInputError(
+                f"input item {i} is {item!r} ({type(item).__name__}), but item 0 is {first!r}: a list input holds "
+                f"only {kind}; pass every item as {'a string' if isinstance(first, str) else 'an int'}"
+            )
 
 
 def _piece_id(view: ModelView, text: str) -> Optional[int]:

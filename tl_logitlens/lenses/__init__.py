@@ -1,7 +1,8 @@
 """Lenses: how a stack entry's vectors are transformed before the final norm and unembedding.
 
-- :mod:`.base`: the :class:`Lens` protocol (``transform(h, label) -> h``), the identity
-  :class:`LogitLens`, and what every entry point does with a ``lens=`` argument
+- :mod:`.base`: the :class:`Lens` protocol (``transform(h, label) -> h``, and ``built_for()``:
+  the :class:`ModelSignature` of the model a lens was made for), the identity :class:`LogitLens`,
+  and what every entry point does with a ``lens=`` argument (:func:`check_lens`, one check for all)
 - :mod:`.tuned`: :class:`TunedLens` (one affine translator per entry) and its file format,
   EleutherAI tuned-lens 0.2.0's
 - :mod:`.training`: :func:`train_tuned_lens`
@@ -24,13 +25,14 @@ Example::
 from __future__ import annotations
 
 from ..model_access import stream_change, unembed_hash
-from .base import Lens, LogitLens, apply_lens, check_lens, is_identity, lens_name, reads_final_untouched
+from .base import Lens, LogitLens, ModelSignature, apply_lens, check_lens, is_identity, lens_name, reads_final_untouched
 from .training import train_tuned_lens
 from .tuned import TunedLens
 
 __all__ = [
     "Lens",
     "LogitLens",
+    "ModelSignature",
     "TunedLens",
     "apply_lens",
     "check_lens",

@@ -3,17 +3,55 @@
 A lens is a small interface, ``transform(h, label) -> h`` for vectors ``h [..., d_model]``
 at a stack entry named by its TransformerLens label (``"0_pre"``, ``"3_mid"``,
 ``"final_post"``). :class:`LogitLens` is the identity (the plain logit lens). Any callable
-``(h, label) -> h`` is accepted wherever ``lens=`` is; :func:`check_lens` refuses anything
-else before any work, :func:`apply_lens` applies one and checks what it returns.
+``(h, label) -> h`` is accepted wherever ``lens=`` is.
+
+A lens made for one model says so through ``built_for()``, which returns a
+:class:`ModelSignature` (layers, width, the unembedding's identity, the entries it reads);
+a lens that fits any model (the logit lens, a plain function) has none. :func:`check_lens`
+is the one check every entry point runs on ``lens=`` before any forward pass: it refuses a
+class, a callable that cannot be called as ``lens(vectors, label)``, and a lens built for
+another model. :func:`apply_lens` applies one and checks what it returns.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ..errors import LensInputError, NonFiniteActivationError
+from ..model_access import ModelView, unembed_matches
+
+
+@dataclass(frozen=True)
+class ModelSignature:
+    """What a lens was built for, as :func:`check_lens` compares it with a model.
+
+    Attributes:
+        n_layers, d_model: the model's sizes.
+        unembed: the identity of its unembedding: an
+            :func:`~tl_logitlens.model_access.unembed_sample` (or tuned-lens's
+            :func:`~tl_logitlens.model_access.unembed_hash`), compared with
+            :func:`~tl_logitlens.model_access.unembed_matches` so that the same weights in
+            another dtype or on another device match; ``None``: not recorded.
+        labels: the stack entries the lens reads (``None``: any).
+        model_name: for messages.
+
+    Example::
+
+        >>> import tl_logitlens as tll
+        >>> model = tll.demo_model()
+        >>> tll.TunedLens(model).built_for().labels
+        ('0_pre', '1_pre', 'final_post')
+    """
+
+    n_layers: int
+    d_model: int
+    unembed: Union[None, str, Sequence[float]] = None
+    labels: Optional[Tuple[str, ...]] = None
+    model_name: str = ""
 
 
 class Lens:
@@ -43,6 +81,11 @@ class Lens:
 
     def transform(self, h: torch.Tensor, label: str) -> torch.Tensor:
         raise NotImplementedError
+
+    def built_for(self) -> Optional[ModelSignature]:
+        """The model this lens was built for (``None``: it fits any model). A lens with parameters
+        sized for one model (a tuned lens, a Jacobian lens) returns its :class:`ModelSignature`."""
+        return None
 
     def __call__(self, h: torch.Tensor, label: str) -> torch.Tensor:
         return self.transform(h, label)
@@ -78,13 +121,98 @@ def lens_name(lens: Any) -> str:
     return "custom"
 
 
-def check_lens(lens: Any) -> None:
-    """Refuse a ``lens=`` that is neither ``None``, a :class:`Lens` nor a callable."""
-    if lens is not None and not callable(lens):
+_WHAT_A_LENS_IS = (
+    "a lens is a tl_logitlens.Lens (e.g. a TunedLens from tll.TunedLens.load(folder, model) or "
+    "tll.train_tuned_lens(model, data)) or a callable lens(vectors [..., d_model], label) -> vectors; "
+    "None reads the plain logit lens"
+)
+
+
+def check_lens(lens: Any, view: Optional[ModelView] = None, labels: Optional[Sequence[str]] = None) -> None:
+    """The one check of a ``lens=`` argument, before any forward pass.
+
+    Refused, with one message naming what a lens must be: a class (``lens=TunedLens`` rather
+    than a lens object); anything not callable; a callable that cannot be called as
+    ``lens(vectors, label)`` (such as a ``torch.nn.Linear``); a :class:`Lens` subclass without
+    ``transform``. With ``view``, a lens whose ``built_for()`` names another model is refused
+    naming both (layers, width, unembedding); with ``labels``, one that cannot read those
+    entries.
+
+    Example::
+
+        >>> import torch, tl_logitlens as tll
+        >>> check_lens(torch.nn.Linear(4, 4))
+        Traceback (most recent call last):
+        ...
+        tl_logitlens.errors.LensInputError: lens=Linear(...) cannot be called as lens(vectors, label): ...
+    """
+    if lens is None:
+        return
+    if isinstance(lens, type):
+        raise LensInputError(f"lens={lens.__name__} is a class, not a lens object: pass an instance; {_WHAT_A_LENS_IS}")
+    if not callable(lens):
         raise LensInputError(
             f"lens must be a callable (vectors, label) -> vectors, such as a tl_logitlens.Lens; got "
-            f"{type(lens).__name__}"
+            f"{type(lens).__name__}; {_WHAT_A_LENS_IS}"
         )
+    _check_call_shape(lens)
+    built_for = getattr(lens, "built_for", None)
+    signature = built_for() if callable(built_for) else None
+    if signature is not None and view is not None:
+        _check_signature(signature, view, labels, type(lens).__name__)
+
+
+def _check_call_shape(lens: Any) -> None:
+    """Refuse a callable whose signature cannot take ``(vectors, label)``."""
+    if isinstance(lens, Lens) and type(lens).transform is Lens.transform:
+        raise LensInputError(f"lens: {type(lens).__name__} subclasses Lens without a transform(h, label) method")
+    target = getattr(lens, "transform", None)
+    if not callable(target):
+        target = lens.forward if isinstance(lens, torch.nn.Module) else lens
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):  # a builtin without a signature: its call will tell
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        shown = type(lens).__name__ + ("(...)" if isinstance(lens, torch.nn.Module) else "")
+        raise LensInputError(
+            f"lens={shown} cannot be called as lens(vectors, label): it takes {signature}; {_WHAT_A_LENS_IS}. "
+            "Wrap a module that maps vectors to vectors: lens=lambda h, label: module(h)"
+        ) from None
+
+
+def _check_signature(signature: ModelSignature, view: ModelView, labels: Optional[Sequence[str]], kind: str) -> None:
+    """Refuse a lens (a ``kind``) built for another model, or one that cannot read ``labels``."""
+    other = "another model" + (
+        f" ({signature.model_name!r})" if signature.model_name and signature.model_name != view.model_name else ""
+    )
+    if (signature.d_model, signature.n_layers) != (view.d_model, view.n_layers):
+        raise LensInputError(
+            f"lens is a {kind} for {other}: it has d_model={signature.d_model} and n_layers={signature.n_layers}, "
+            f"the model has d_model={view.d_model} and n_layers={view.n_layers}; load or train a lens for this model"
+        )
+    if signature.unembed is not None and not unembed_matches(view.model, signature.unembed):
+        raise LensInputError(
+            f"lens is a {kind} for {other}: its unembedding differs from this model's (same sizes, other weights: "
+            "another model, or this one with W_U processed, e.g. folded or centred), so its readings would be "
+            "meaningless. "
+            "Pass the model the lens was trained on; if the unembedding changed on purpose, save the lens and load "
+            "it for this model with TunedLens.load(folder, model), which warns instead"
+        )
+    if labels is not None and signature.labels is not None:
+        missing = [label for label in labels if label not in signature.labels]
+        if missing:
+            hint = (
+                " (build or train the lens with incl_mid=True for _mid entries)"
+                if any(m.endswith("_mid") for m in missing)
+                else ""
+            )
+            more = f" (nor {missing[1:]})" if len(missing) > 1 else ""
+            raise LensInputError(
+                f"lens has no translator for stack entry {missing[0]!r}{more}{hint}; it reads {list(signature.labels)}"
+            )
 
 
 def is_identity(lens: Any) -> bool:

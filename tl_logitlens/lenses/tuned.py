@@ -10,17 +10,18 @@ Training is :func:`tl_logitlens.lenses.training.train_tuned_lens`.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
 from ..errors import LensInputError, ModelStateError
-from ..files import atomic_write, write_json
-from ..model_access import describe, stream_change, unembed_hash
+from ..files import OwnedFolder
+from ..model_access import describe, stream_change, unembed_hash, unembed_matches, unembed_sample
 from ..stacks import stack_labels
-from .base import Lens
+from .base import Lens, ModelSignature
 
 _CONFIG = "config.json"
 _PARAMS = "params.pt"
@@ -58,7 +59,9 @@ class TunedLens(torch.nn.Module, Lens):
         labels: the entries with a translator (``0_pre, [0_mid,] 1_pre, ...``).
         translators: ``torch.nn.ModuleDict`` label -> ``torch.nn.Linear`` holding ``A``
             (``weight``) and ``b`` (``bias``).
-        d_model, n_layers, incl_mid, model_name, unembed_hash: what the lens was built for.
+        d_model, n_layers, incl_mid, model_name, unembed_hash, unembed_sample: what the lens was
+            built for (:meth:`built_for`; the unembedding's tuned-lens hash and our
+            dtype-proof :func:`~tl_logitlens.model_access.unembed_sample`).
 
     Example::
 
@@ -82,6 +85,7 @@ class TunedLens(torch.nn.Module, Lens):
         self.d_model, self.n_layers, self.model_name = facts.d_model, facts.n_layers, facts.model_name
         self.incl_mid = bool(incl_mid)
         self.unembed_hash = unembed_hash(model)
+        self.unembed_sample = unembed_sample(model)
         self.stream_change = stream_change(model)
         device = facts.device
         self.labels: List[str] = stack_labels(self.n_layers, self.incl_mid)[:-1]
@@ -111,6 +115,12 @@ class TunedLens(torch.nn.Module, Lens):
     def forward(self, h: torch.Tensor, label: str) -> torch.Tensor:
         return self.transform(h, label)
 
+    def built_for(self) -> ModelSignature:
+        """The model this lens was built (or loaded) for: its sizes, unembedding and the entries it reads."""
+        return ModelSignature(
+            self.n_layers, self.d_model, list(self.unembed_sample), (*self.labels, "final_post"), self.model_name
+        )
+
     def __repr__(self) -> str:
         return (
             f"TunedLens({len(self.labels)} translators, d_model={self.d_model}, n_layers={self.n_layers}, "
@@ -118,13 +128,19 @@ class TunedLens(torch.nn.Module, Lens):
         )
 
     # -- files ------------------------------------------------------------------------------
-    def save(self, directory: Union[str, Path]) -> None:
+    def save(self, directory: Union[str, Path], *, overwrite: bool = False) -> None:
         """Write the lens to ``directory`` in tuned-lens 0.2.0's format (plus our extras).
 
         ``config.json`` and ``params.pt`` (keys ``"{i}.weight"`` ``[d_model, d_model]`` and
         ``"{i}.bias"`` ``[d_model]``, translator ``i`` reading ``i_pre``) load in tuned-lens;
         ``tl_logitlens.json`` and ``tl_logitlens_extra.pt`` (the ``_mid`` translators) are
         ours. Each file is written atomically.
+
+        The folder is the lens's own (:class:`~tl_logitlens.files.OwnedFolder`): it is created
+        if missing, and a folder holding any file tl_logitlens did not write there (a Hugging
+        Face model, anything else) is refused before anything is written, unless
+        ``overwrite=True`` (then the lens's files replace files of the same names, and no other
+        file is touched). Saving again into the lens's own folder replaces the lens.
 
         Example::
 
@@ -133,7 +149,7 @@ class TunedLens(torch.nn.Module, Lens):
             >>> folder = tempfile.mkdtemp()
             >>> tll.TunedLens(model).save(folder)
             >>> sorted(p.name for p in __import__("pathlib").Path(folder).iterdir())
-            ['config.json', 'params.pt', 'tl_logitlens.json', 'tl_logitlens_extra.pt']
+            ['.tl_logitlens_files.json', 'config.json', 'params.pt', 'tl_logitlens.json', 'tl_logitlens_extra.pt']
         """
         if self.stream_change is not None:
             raise ModelStateError(
@@ -143,8 +159,7 @@ class TunedLens(torch.nn.Module, Lens):
                 "without that processing (a bridge without enable_compatibility_mode(), or "
                 "HookedTransformer.from_pretrained_no_processing)."
             )
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        folder = OwnedFolder(directory, overwrite=overwrite, what="TunedLens.save")
         params: Dict[str, torch.Tensor] = {}
         extra: Dict[str, torch.Tensor] = {}
         for label, layer in self.translators.items():
@@ -164,11 +179,17 @@ class TunedLens(torch.nn.Module, Lens):
             "unembed_hash": self.unembed_hash,
             "lens_type": _LENS_TYPE,
         }
-        ours = {"format": _EXTRA_FORMAT, "incl_mid": self.incl_mid, "labels": list(self.labels), "name": self.name}
-        atomic_write(directory / _PARAMS, lambda tmp: torch.save(params, tmp))
-        atomic_write(directory / _EXTRA_PARAMS, lambda tmp: torch.save(extra, tmp))
-        write_json(directory / _EXTRA_JSON, ours, indent=2)
-        write_json(directory / _CONFIG, config, indent=2)
+        ours = {
+            "format": _EXTRA_FORMAT,
+            "incl_mid": self.incl_mid,
+            "labels": list(self.labels),
+            "name": self.name,
+            "unembed_sample": list(self.unembed_sample),
+        }
+        folder.write(_PARAMS, lambda tmp: torch.save(params, tmp))
+        folder.write(_EXTRA_PARAMS, lambda tmp: torch.save(extra, tmp))
+        folder.write_json(_EXTRA_JSON, ours, indent=2)
+        folder.write_json(_CONFIG, config, indent=2)
 
     @classmethod
     def load(cls, directory: Union[str, Path], model: Any) -> TunedLens:
@@ -179,8 +200,12 @@ class TunedLens(torch.nn.Module, Lens):
         (the error names both); the model's residual stream is the Hugging Face one (see
         :func:`stream_change`; otherwise refused with how to load the model instead). Then
         ``params.pt`` is read with ``weights_only=True``; a missing, truncated or corrupted
-        file, a missing key or a wrong shape is refused naming the file. An unembedding
-        hash that differs from the model's is reported with a ``UserWarning``.
+        file, a missing key or a wrong shape is refused naming the file. An unembedding that
+        differs from the model's is reported with a ``UserWarning``: our files record
+        :func:`~tl_logitlens.model_access.unembed_sample`, tuned-lens's its ``unembed_hash``,
+        both compared by :func:`~tl_logitlens.model_access.unembed_matches`, so the same
+        model in another dtype or on another device does not warn. The arguments are
+        ``(folder, model)``; swapped, they are refused saying so.
 
         Example::
 
@@ -194,28 +219,49 @@ class TunedLens(torch.nn.Module, Lens):
             >>> float(tll.TunedLens.load(folder, model).translators["1_pre"].bias.detach()[0])
             0.5
         """
-        directory = Path(directory)
+        directory = _load_arguments(directory, model)
         config_path = directory / _CONFIG
         config, d_model, n_layers, has_bias = _read_config(config_path, model)
         _refuse_changed_stream(model, f"load the tuned lens {directory}")
-        incl_mid = _read_extras(directory / _EXTRA_JSON)
+        incl_mid, sample = _read_extras(directory / _EXTRA_JSON)
         lens = cls(model, incl_mid=incl_mid)
         state = _translator_state(directory, lens.labels, n_layers, d_model, has_bias, incl_mid)
         with torch.no_grad():
             for label, layer in lens.translators.items():
                 layer.weight.copy_(state[f"{label}.weight"].float())
                 layer.bias.copy_(state[f"{label}.bias"].float())
-
-        saved_hash = config.get("unembed_hash")
-        if saved_hash and saved_hash != lens.unembed_hash:
+        recorded = sample if sample is not None else config.get("unembed_hash")
+        if recorded and not unembed_matches(model, recorded):
+            kind = "unembed_sample (tl_logitlens.json)" if sample is not None else "unembed_hash (config.json)"
             warnings.warn(
-                f"{config_path}: the lens's unembed_hash {str(saved_hash)[:12]}... differs from this model's "
-                f"{lens.unembed_hash[:12]}...: the lens was trained with a different unembedding (another "
-                "model, or a processed W_U such as a folded or centred one); its readings may be meaningless",
+                f"{directory}: the lens's {kind} differs from this model's unembedding: the lens was trained "
+                "with a different unembedding (another model, or a processed W_U such as a folded or centred "
+                "one); its readings may be meaningless",
                 UserWarning,
                 stacklevel=2,
             )
         return lens
+
+
+def _load_arguments(directory: Any, model: Any) -> Path:
+    """``TunedLens.load``'s folder as a ``Path``, its arguments checked (and named when swapped)."""
+    paths = (str, os.PathLike)
+    if isinstance(model, paths) and not isinstance(directory, paths):
+        raise LensInputError(
+            f"TunedLens.load takes the folder first, then the model: TunedLens.load({str(model)!r}, model); "
+            f"got a {type(directory).__name__} and then a path"
+        )
+    if not isinstance(directory, paths):
+        raise LensInputError(
+            f"TunedLens.load(folder, model): folder must be a path (a str or pathlib.Path), got "
+            f"{type(directory).__name__}"
+        )
+    if not (hasattr(model, "cfg") and hasattr(model, "W_U")):
+        raise LensInputError(
+            "TunedLens.load(folder, model): model must be the HookedTransformer or TransformerBridge to read "
+            f"the lens with, got {type(model).__name__}"
+        )
+    return Path(directory).expanduser()
 
 
 def _read_config(config_path: Path, model: Any) -> Tuple[Dict[str, Any], int, int, bool]:
@@ -246,10 +292,11 @@ def _read_config(config_path: Path, model: Any) -> Tuple[Dict[str, Any], int, in
     return config, d_model, n_layers, has_bias
 
 
-def _read_extras(path: Path) -> bool:
-    """Whether the lens has ``_mid`` translators, from our ``tl_logitlens.json`` (absent: a tuned-lens folder)."""
+def _read_extras(path: Path) -> Tuple[bool, Optional[List[float]]]:
+    """``(whether the lens has _mid translators, its unembed_sample or None)``, from our ``tl_logitlens.json``
+    (absent: a tuned-lens folder)."""
     if not path.is_file():
-        return False
+        return False, None
     try:
         ours = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(ours, dict) or ours.get("format") != _EXTRA_FORMAT:
@@ -257,7 +304,9 @@ def _read_extras(path: Path) -> bool:
             raise ValueError(f"format {got!r}, expected {_EXTRA_FORMAT!r}")
     except (UnicodeDecodeError, ValueError) as err:
         raise LensInputError(f"{path}: not a tl_logitlens lens description ({err})") from None
-    return bool(ours.get("incl_mid", False))
+    sample = ours.get("unembed_sample")  # absent in files from before it was recorded
+    valid = isinstance(sample, list) and all(isinstance(v, (int, float)) for v in sample)
+    return bool(ours.get("incl_mid", False)), sample if valid else None
 
 
 def _translator_state(

@@ -13,7 +13,8 @@ everything is computed from hooks and weights.
 - :mod:`.blocks`: :class:`SublayerWrite`, how block outputs reach the stream (post-norms, multipliers)
 - :mod:`.experts`: expert layers read per (expert, neuron)
 - :mod:`.runs`: every forward pass (caching, hooks-only capture, patched runs) and cache reading
-- :mod:`.identity`: the fingerprints a lens file records (``unembed_hash``, ``stream_change``)
+- :mod:`.identity`: the fingerprints a lens file records (``unembed_hash``, ``unembed_sample``), compared with
+  ``unembed_matches``; ``stream_change``
 
 Example::
 
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 from .blocks import SublayerWrite
 from .experts import ExpertLayer, ExpertReading, read_experts
-from .identity import ModelFacts, describe, stream_change, unembed_hash
+from .identity import ModelFacts, describe, stream_change, unembed_hash, unembed_matches, unembed_sample
 from .logits import LogitTransform
 from .runs import cache_has, cache_tensor, capture, model_from_cache, run_with_cache, run_with_patches
 from .versions import (
@@ -85,4 +86,6 @@ __all__ = [
     "describe",
     "stream_change",
     "unembed_hash",
+    "unembed_matches",
+    "unembed_sample",
 ]

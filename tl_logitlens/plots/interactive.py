@@ -58,7 +58,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from ..errors import LensInputError
-from ..files import write_text
+from ..files import HTML_MARK, check_file, write_owned_file
 from ..tokentext import display_token, token_text
 from .style import (
     LENS_METRIC_STYLE,
@@ -81,6 +81,7 @@ __all__ = [
     "comparison_figure",
     "figure",
     "page_html",
+    "page_of",
     "to_html",
     "show",
 ]
@@ -739,7 +740,8 @@ def page_html(fig: Any, title: str = "tl_logitlens") -> str:
 
     body = pio.to_json(fig, validate=False, pretty=False)
     return (
-        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title></head>\n'
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8">{HTML_MARK.decode()}<title>{html.escape(title)}</title>'
+        "</head>\n"
         f'<body style="margin:0;font-family:sans-serif">\n<div id="tll-plot">loading...</div>\n'
         f'<script id="tll-plotlyjs" type="application/octet-stream">{_packed_plotlyjs()}</script>\n'
         f'<script id="tll-figure" type="application/octet-stream">{_pack(body.encode("utf-8"))}</script>\n'
@@ -747,15 +749,31 @@ def page_html(fig: Any, title: str = "tl_logitlens") -> str:
     )
 
 
-def to_html(result: Any, path: Union[str, Path], *, title: Optional[str] = None, **kwargs: Any) -> Path:
-    """Write the interactive view of ``result`` (or a plotly Figure) to ``path`` as a
-    self-contained page (no network needed to open it), atomically; returns the path."""
-    _go()
+def page_of(result: Any, *, title: Optional[str] = None, **kwargs: Any) -> str:
+    """The self-contained page :func:`to_html` writes for ``result`` (or a plotly Figure), as text."""
     fig = figure(result, **kwargs)
-    path = Path(path)
-    text = page_html(fig, title or f"tl_logitlens: {fig.layout.meta['view'] if fig.layout.meta else 'figure'}")
-    write_text(path, text)
-    return path
+    return page_html(fig, title or f"tl_logitlens: {fig.layout.meta['view'] if fig.layout.meta else 'figure'}")
+
+
+def to_html(
+    result: Any, path: Union[str, Path], *, title: Optional[str] = None, overwrite: bool = False, **kwargs: Any
+) -> Path:
+    """Write the interactive view of ``result`` (or a plotly Figure) to ``path`` as a
+    self-contained page (no network needed to open it), atomically; returns the path.
+
+    The path's folder must exist; an existing file is replaced only if it is a page this
+    package wrote (or with ``overwrite=True``); a folder or a missing folder is refused
+    before the page is built (:func:`tl_logitlens.files.check_file`)."""
+    _go()
+    check_file(path, overwrite=overwrite, what="to_html", mark=HTML_MARK)
+    text = page_of(result, title=title, **kwargs)
+    return write_owned_file(
+        path,
+        lambda tmp: Path(tmp).write_text(text, encoding="utf-8"),
+        overwrite=overwrite,
+        what="to_html",
+        mark=HTML_MARK,
+    )
 
 
 def show(result: Any, **kwargs: Any) -> Any:

@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import textwrap
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -298,6 +299,6 @@ def save_figure(fig: Any, path: Any, *, dpi: float = 300, format: Optional[str] 
         >>> os.path.getsize(path) > 0
         True
     """
-    if isinstance(dpi, bool) or not isinstance(dpi, (int, float)) or dpi <= 0:
-        raise LensInputError(f"dpi must be a positive number, got {dpi!r}")
+    if isinstance(dpi, bool) or not isinstance(dpi, (int, float)) or not math.isfinite(dpi) or dpi <= 0:
+        raise LensInputError(f"dpi must be a positive finite number, got {dpi!r}")
     fig.savefig(path, dpi=dpi, format=format, bbox_inches="tight", pad_inches=0.03)

@@ -16,6 +16,13 @@ import torch
 from ...errors import LensInputError
 from ...inputs import Tokens, batches, split_long
 
+#: Data with no scored token: nothing to train on (as evaluate_lens refuses it).
+NOTHING_TO_TRAIN_ON = (
+    "train_tuned_lens: no token was scored: every sequence is shorter than two tokens (a token is scored where a "
+    "next token follows it), so there is nothing to train on; nothing was trained or written. Pass sequences of at "
+    "least two tokens."
+)
+
 
 class MicroBatch:
     """Right-padded ids ``[b, seq]`` with ``lengths [b]``, scoring positions ``first[r] <= p < lengths[r] - 1``.
@@ -62,7 +69,9 @@ class MicroBatches:
     saved and restored: ``(batches drawn, scored tokens of the last one already used)``."""
 
     def __init__(self, view: Any, data: Any, batch_size: int, n_ctx: Optional[int]) -> None:
-        stream, _ = batches(view, data, batch_size)
+        stream, total = batches(view, data, batch_size)
+        if total == 0:  # known up front for token ids: refuse before any forward pass
+            raise LensInputError(NOTHING_TO_TRAIN_ON)
         self.counts = {"split": 0, "windows": 0}
         self.source: Iterator[Tokens] = split_long(stream, n_ctx, batch_size, self.counts)
         self.drawn = 0  # batches taken from the source

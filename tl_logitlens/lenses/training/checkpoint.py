@@ -14,7 +14,8 @@ from typing import Any, Dict
 import torch
 
 from ...errors import LensInputError
-from ...files import atomic_write
+from ...files import OwnedFolder
+from ...model_access import unembed_matches
 from .settings import RESUME_KEYS
 
 #: The checkpoint's file name inside ``checkpoint_dir``.
@@ -36,8 +37,8 @@ def read_checkpoint(path: Path) -> Dict[str, Any]:
     return state
 
 
-def check_resumable(saved: Dict[str, Any], settings: Dict[str, Any], path: Path) -> None:
-    """Refuse a checkpoint made with other settings, naming each difference."""
+def check_resumable(saved: Dict[str, Any], settings: Dict[str, Any], path: Path, model: Any) -> None:
+    """Refuse a checkpoint made with other settings, naming each difference, or on another model."""
     differ = [
         f"{k}: checkpoint {saved['settings'].get(k)!r}, now {settings[k]!r}"
         for k in RESUME_KEYS
@@ -48,9 +49,14 @@ def check_resumable(saved: Dict[str, Any], settings: Dict[str, Any], path: Path)
             f"{path} was made with other settings ({'; '.join(differ)}); resume with "
             "the same settings, or pass resume=False (or another checkpoint_dir) to start afresh"
         )
+    sample = saved.get("unembed_sample")  # absent in checkpoints from before it was recorded
+    if sample is not None and not unembed_matches(model, sample):
+        raise LensInputError(
+            f"{path} was made on another model: its unembedding differs from this model's (same sizes, other "
+            "weights); resume with the model that made it, or pass resume=False (or another checkpoint_dir)"
+        )
 
 
-def write_checkpoint(folder: Path, state: Dict[str, Any]) -> None:
+def write_checkpoint(folder: OwnedFolder, state: Dict[str, Any]) -> None:
     """Write ``state`` (without its format tag, added here) to ``folder/checkpoint.pt`` atomically."""
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / CHECKPOINT, lambda tmp: torch.save({"format": _FORMAT, **state}, tmp))
+    folder.write(CHECKPOINT, lambda tmp: torch.save({"format": _FORMAT, **state}, tmp))

@@ -98,6 +98,23 @@ def _nonneg_float(value: Any, name: str, positive: bool = False) -> float:
     return float(value)
 
 
+def _check_fits_float32(lr: float, weight_decay: float, optimizer: str) -> None:
+    """Refuse an ``lr`` or ``weight_decay`` the optimiser cannot apply to float32 translators (it would overflow)."""
+    biggest = torch.finfo(torch.float32).max
+    applied = lr * (1 - MOMENTUM) if optimizer == "sgd" else lr * 1e-3  # what make_optimizer hands PyTorch
+    if applied > biggest:
+        raise LensInputError(
+            f"lr={lr!r} cannot train: the {optimizer} step multiplies the gradients by {applied:.3g}, beyond "
+            f"float32's largest number ({biggest:.3g}), so the first step would overflow; tuned-lens's default "
+            "is lr=1.0"
+        )
+    if weight_decay > biggest:
+        raise LensInputError(
+            f"weight_decay={weight_decay!r} cannot train: it is beyond float32's largest number ({biggest:.3g}); "
+            "tuned-lens's default is 1e-3"
+        )
+
+
 def check_settings(
     *,
     steps: Any,
@@ -119,10 +136,11 @@ def check_settings(
     weight_decay = _nonneg_float(weight_decay, "weight_decay")
     if optimizer not in ("sgd", "adam"):
         raise LensInputError(f'optimizer must be "sgd" or "adam", got {optimizer!r}')
+    _check_fits_float32(lr, weight_decay, optimizer)
     if loss not in ("kl", "ce"):
         raise LensInputError(f'loss must be "kl" (to the final distribution) or "ce" (next token), got {loss!r}')
-    if isinstance(seed, bool) or not isinstance(seed, Integral):
-        raise LensInputError(f"seed must be an int, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or not -(2**63) <= seed < 2**64:
+        raise LensInputError(f"seed must be an int in [-2**63, 2**64) (torch's generator seeds), got {seed!r}")
     every = (
         min(50, max(1, steps // 5)) if checkpoint_every is None else _positive_int(checkpoint_every, "checkpoint_every")
     )
