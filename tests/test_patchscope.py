@@ -176,7 +176,8 @@ def _assert_self_patch(model, prompt, position=-1, atol=2e-5):
     result = tll.patchscope(model, prompt, target=prompt, positions=position, target_position=position, progress=False)
     ids = prompt if isinstance(prompt, torch.Tensor) else model.to_tokens(prompt)
     with torch.no_grad():
-        own = torch.log_softmax(model(ids.view(1, -1))[0, position].double(), -1)
+        logits = model(ids.view(1, -1).to(model.W_E.device))
+        own = torch.log_softmax(logits[0, position].double(), -1).cpu()
     n = len(result.labels)
     _assert_reads(result, own.expand(n, 1, -1), own.expand(1, -1), atol=atol)
     assert float(result.kl_to_final.abs().max()) <= 1e-5
@@ -213,6 +214,22 @@ def test_self_patch_in_half_precision_reads_the_models_own_prediction():
         assert torch.equal(result.top_ids[k, 0], own.top_ids[0, 0])
         # The same bfloat16 stream; only the kernel's float32 summation order may differ.
         torch.testing.assert_close(result.top_probs[k, 0], own.top_probs[0, 0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_self_patch_and_generation_on_cuda(dtype):
+    if TransformerBridge is not None:
+        model = builders.hf_bridge("llama", dtype=dtype, device="cuda")
+    else:
+        model = builders.hooked("RMS", gated=True, rotary=True, n_kv=2, tokenizer=True, dtype=dtype, device="cuda")
+    result = tll.patchscope(model, TOKENS[0], target=TOKENS[0], progress=False)
+    own = tll.logit_lens(model, TOKENS[:1], positions=-1, layers=["final_post"])  # checked against the model
+    assert torch.equal(result.top_ids[:, 0], own.top_ids[0, 0].expand(len(result.labels), -1))
+    assert result.top_probs.device.type == "cpu"
+    text = tll.LogitLens().generate(model, TOKENS[0], layer="final_post", max_new_tokens=4)
+    assert text == model.tokenizer.decode(_greedy(model, TOKENS[:1].cuda(), 4))
 
 
 # -- mapping a state into another model ----------------------------------------------------------
@@ -359,7 +376,7 @@ def _greedy(model, ids, n):
             if token == eos:
                 break
             out.append(token)
-            ids = torch.cat([ids, torch.tensor([[token]])], 1)
+            ids = torch.cat([ids, torch.tensor([[token]], device=ids.device)], 1)
     return out
 
 

@@ -98,14 +98,9 @@ def _source(view: ModelView, source: Any) -> Tuple[ModelView, Optional[Tokens], 
 
 def _target(view: ModelView, target: Any, target_position: Any) -> Tuple[torch.Tensor, int]:
     """The target prompt's ids ``[1, seq]`` and the absolute position patched in it."""
-    prompt = IDENTITY_PROMPT if target is None else target
-    if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], str) and len(prompt) > 1:
-        raise LensInputError(f"target must be one prompt (a string or ids [pos]), got {len(prompt)} prompts")
-    tokens = tokenize(view, prompt)
+    tokens = tokenize(view, IDENTITY_PROMPT if target is None else target)
     if tokens.ids.shape[0] != 1:
-        raise LensInputError(
-            f"target must be one prompt (a string or ids [pos]), got ids of shape {tuple(tokens.ids.shape)}"
-        )
+        raise LensInputError(f"target must be one prompt (a string or ids [pos]), got {tokens.ids.shape[0]} prompts")
     if isinstance(target_position, bool) or not isinstance(target_position, Integral):
         raise LensInputError(f"target_position must be an int (negative counts from the end), got {target_position!r}")
     index, _ = position_index(int(target_position), tokens.lengths, tokens.ids.shape[1])
@@ -433,8 +428,8 @@ def patchscope_generate(
         True
     """
     many = isinstance(layer, (list, tuple))
-    if not many:
-        one_entry(resolve_model(source.model if isinstance(source, ActivationCache) else model), layer)
+    if layer is None:
+        raise LensInputError("layer must be a stack entry (an int or a label) or a list of them, got None")
     if isinstance(position, bool) or not isinstance(position, Integral):
         raise LensInputError(f"position must be an int (one source position), got {position!r}")
     check_generation(max_new_tokens, do_sample, seed)
