@@ -2,24 +2,26 @@
 """How often each reading decodes the source's token, per layer: the logit lens against a Patchscope.
 
 On SmolLM2-135M (30 layers, vocabulary 49,152), for every position but BOS of a few short
-sentences, two readings of the source's stream at every entry ``0_pre .. final_post``:
+sentences, three readings of the source's stream at every entry ``0_pre .. final_post``:
 
 - ``logit``: the logit lens (the final norm and the unembedding);
-- ``patchscope``: the token-identity Patchscope (:data:`tl_logitlens.IDENTITY_PROMPT`, patched
-  and read at its last token ``?``, at the same entry).
+- ``patchscope``: the token-identity Patchscope as Patchscopes uses it (:data:`tl_logitlens.IDENTITY_PROMPT`,
+  patched and read at its last token ``?``, at the same entry);
+- ``arrow``: the same prompt with ``" ->"`` appended, patched at ``?`` and read after the arrow
+  (``read_position=-1``), where the model writes the token it saw.
 
 For each, :func:`tl_logitlens.source_token_rate` per entry, in two senses: ``input`` (the top-1
 is the input token at that position) and ``prediction`` (the top-1 is the model's own
-next-token prediction there: Patchscopes' next-token measure). A third column per Patchscope
-entry, ``pattern``, is the share of cells whose top-1 is one of the identity prompt's own tokens
+next-token prediction there: Patchscopes' next-token measure). The ``pattern`` columns
+are the shares of cells whose top-1 is one of the identity prompt's own tokens
 (``cat``, ``1135``, ``hello``, ``->``, the newline...): the few-shot prompt's known pull on early
 layers. Rates are means over all cells of all sentences (each cell counts once).
 
 Usage: ``python bench/patchscope_identity.py [--model DIR] [--sentences N] [--out results.json]``
 (the model folder defaults to ``~/.cache/tl-logitlens-models/smollm2-135m``, where the shared
 models' ``fetch.py`` puts it). Prints the processor and the time taken.
-About 2 minutes per sentence on 2 CPU cores (every cell x entry is a forward pass of the
-21-token target prompt).
+About 4 minutes per sentence on 2 quiet CPU cores (every cell x entry x Patchscope is a forward
+pass of the 21- or 22-token target prompt).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ SENTENCES = [
     "The train to London leaves from platform nine every hour.",
     "He forgot his umbrella, so he got wet in the rain.",
 ]
+ARROW = tll.IDENTITY_PROMPT + " ->"
 DEFAULT_MODEL = Path.home() / ".cache" / "tl-logitlens-models" / "smollm2-135m"
 
 
@@ -62,25 +65,30 @@ def measure(model, sentences: List[str]) -> Dict[str, Dict[str, float]]:
     """Cell-weighted mean rates over ``sentences``: ``{column: {label: rate}}``."""
     pattern = model.to_tokens(tll.IDENTITY_PROMPT, prepend_bos=False)[0].unique()
     sums: Dict[str, Dict[str, float]] = {}
-    cells = 0
+    total = 0
     for text in sentences:
         n = model.to_tokens(text).shape[1] - 1  # every position but BOS
+        cells = dict(positions=slice(1, None), top_k=1)
         readings = {
-            "logit": tll.logit_lens(model, text, positions=slice(1, None), top_k=1),
-            "patchscope": tll.patchscope(model, text, positions=slice(1, None), top_k=1, progress=False),
+            "logit": tll.logit_lens(model, text, **cells),
+            "patchscope": tll.patchscope(model, text, progress=False, **cells),
+            "arrow": tll.patchscope(
+                model, text, target=ARROW, target_position=-2, read_position=-1, progress=False, **cells
+            ),
         }
         columns = {}
         for name, result in readings.items():
             columns[f"{name} input"] = tll.source_token_rate(result, of="input")
             columns[f"{name} prediction"] = tll.source_token_rate(result, of="prediction")
         columns["patchscope pattern"] = _pattern_rate(readings["patchscope"], pattern)
+        columns["arrow pattern"] = _pattern_rate(readings["arrow"], pattern)
         for column, rates in columns.items():
-            total = sums.setdefault(column, {})
+            summed = sums.setdefault(column, {})
             for label, rate in rates.items():
-                total[label] = total.get(label, 0.0) + rate * n
-        cells += n
+                summed[label] = summed.get(label, 0.0) + rate * n
+        total += n
         print(f"  {text!r}: {n} cells", flush=True)
-    return {column: {label: v / cells for label, v in rates.items()} for column, rates in sums.items()}
+    return {column: {label: v / total for label, v in rates.items()} for column, rates in sums.items()}
 
 
 def main() -> None:
@@ -103,9 +111,9 @@ def main() -> None:
     took = time.perf_counter() - start
     columns = list(rates)
     print(f"\nrate of top-1 = the token, per entry ({took:.0f} s):")
-    print(f"{'entry':>11}  " + "  ".join(f"{c:>20}" for c in columns))
+    print(f"{'entry':>11}  " + "  ".join(f"{c:>21}" for c in columns))
     for label in rates[columns[0]]:
-        print(f"{label:>11}  " + "  ".join(f"{rates[c][label]:>20.3f}" for c in columns))
+        print(f"{label:>11}  " + "  ".join(f"{rates[c][label]:>21.3f}" for c in columns))
     if args.out:
         record = {"model": Path(args.model).name, "processor": processor_name(), "seconds": took, "rates": rates}
         Path(args.out).write_text(json.dumps(record, indent=1))

@@ -38,9 +38,12 @@ def _hook(layer_label: str, n_layers: int) -> str:
     return f"blocks.{layer}.hook_resid_{where}"
 
 
-def _reference(model, source_ids, target_ids, labels, positions, at, target_label=None, carry=None, source=None):
+def _reference(
+    model, source_ids, target_ids, labels, positions, at, target_label=None, carry=None, source=None, read_at=None
+):
     """``(logp [entry, batch, n, vocab], source_logp [batch, n, vocab])`` in float64: one hooked target
-    run per (entry, prompt, position), each with the source's cached stream written at ``at``."""
+    run per (entry, prompt, position), each with the source's cached stream written at ``at`` and the
+    model's logits read at ``read_at`` (default ``at``)."""
     source = source or model
     n = model.cfg.n_layers
     with torch.no_grad():
@@ -60,7 +63,7 @@ def _reference(model, source_ids, target_ids, labels, positions, at, target_labe
                 where = _hook(target_label or label, n)
                 with torch.no_grad():
                     logits = model.run_with_hooks(target_ids.view(1, -1), fwd_hooks=[(where, write)])
-                out[e, b, j] = torch.log_softmax(logits[0, at].double(), -1)
+                out[e, b, j] = torch.log_softmax(logits[0, at if read_at is None else read_at].double(), -1)
     source_logp = torch.log_softmax(source_logits[:, positions].double(), -1)
     return out, source_logp
 
@@ -133,6 +136,11 @@ def test_patchscope_matches_hooked_target_runs(model):
     assert result.labels == labels and result.lens_name == "patchscope"
     logp, source_logp = _reference(model, TOKENS, TARGET, labels, [2, 5], 3)
     _assert_reads(result, logp, source_logp)
+    later = tll.patchscope(
+        model, TOKENS, target=TARGET, positions=[2], target_position=1, read_position=-1, progress=False
+    )
+    logp, source_logp = _reference(model, TOKENS, TARGET, labels, [2], 1, read_at=4)
+    _assert_reads(later, logp, source_logp)
 
 
 def test_patchscope_at_a_fixed_target_layer_with_mids_and_targets(demo):
@@ -319,6 +327,13 @@ def test_bad_arguments_are_refused_before_any_forward_pass(demo):
     refuse("batch_size must be a positive int", target=PROMPT, batch_size=0)
     refuse("top_k must be an int", target=PROMPT, top_k=0)
     refuse("progress must be True or False", target=PROMPT, progress="yes")
+    refuse(
+        "read_position -3 is target position 4, before the patched position 5",
+        target=PROMPT,
+        target_position=5,
+        read_position=-3,
+    )
+    refuse("read_position must be an int", target=PROMPT, read_position="last")
     refuse("position 12 is out of range", target=PROMPT, positions=12)
     with torch.no_grad():
         _, cache = demo.run_with_cache(demo.to_tokens(PROMPT))

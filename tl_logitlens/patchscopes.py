@@ -2,9 +2,13 @@
 
 The logit and tuned lenses read a state through the unembedding. A Patchscope (Ghandeharioun et
 al., ICML 2024) pastes it into another forward pass, the *target*, and reads what that pass
-predicts next. With the token-identity target :data:`IDENTITY_PROMPT` (``"cat -> cat\\n1135 ->
-1135\\nhello -> hello\\n?"``, patched at ``?``) the model, having seen three words repeated, says
-which token the pasted state stands for.
+predicts. The default target is their token-identity prompt :data:`IDENTITY_PROMPT`
+(``"cat -> cat\\n1135 -> 1135\\nhello -> hello\\n?"``), patched and read at ``?``: what the model,
+primed to repeat, predicts from the pasted state there. Read there it is a next-token reading
+(Patchscopes' own use of it): on SmolLM2-135M it agrees with the model's final prediction from far
+earlier layers than the logit lens does, and never names the input token itself. To read the token
+a state stands for, patch ``?`` and read after an arrow: ``target=IDENTITY_PROMPT + " ->",
+target_position=-2, read_position=-1`` (``bench/patchscope_identity.py`` measures both).
 
 :func:`patchscope` returns a :class:`~tl_logitlens.lens.LensResult`: entry ``l`` at source cell
 ``(b, p)`` is the target run's next-token distribution at ``target_position`` after the source's
@@ -97,14 +101,19 @@ def _source(view: ModelView, source: Any) -> Tuple[ModelView, Optional[Tokens], 
 
 
 def _target(view: ModelView, target: Any, target_position: Any) -> Tuple[torch.Tensor, int]:
-    """The target prompt's ids ``[1, seq]`` and the absolute position patched in it."""
+    """The target prompt's ids ``[1, seq]`` and the absolute position ``target_position`` names in it."""
     tokens = tokenize(view, IDENTITY_PROMPT if target is None else target)
     if tokens.ids.shape[0] != 1:
         raise LensInputError(f"target must be one prompt (a string or ids [pos]), got {tokens.ids.shape[0]} prompts")
-    if isinstance(target_position, bool) or not isinstance(target_position, Integral):
-        raise LensInputError(f"target_position must be an int (negative counts from the end), got {target_position!r}")
-    index, _ = position_index(int(target_position), tokens.lengths, tokens.ids.shape[1])
-    return tokens.ids, int(index[0, 0])
+    return tokens.ids, _target_index(tokens, target_position, "target_position")
+
+
+def _target_index(tokens: Tokens, position: Any, name: str) -> int:
+    """The absolute position an int ``position`` names in the one-prompt ``tokens``."""
+    if isinstance(position, bool) or not isinstance(position, Integral):
+        raise LensInputError(f"{name} must be an int (negative counts from the end), got {position!r}")
+    index, _ = position_index(int(position), tokens.lengths, tokens.ids.shape[1])
+    return int(index[0, 0])
 
 
 def _target_hooks(view: ModelView, labels: List[str], target_layer: Any, other_model: bool) -> List[str]:
@@ -196,15 +205,16 @@ def _patched_reads(
     view: ModelView,
     target_ids: torch.Tensor,
     at: int,
+    read_at: int,
     hooks: List[str],
     states: torch.Tensor,
     batch_size: Optional[int],
     progress: bool,
 ) -> torch.Tensor:
-    """The target's final stream at ``at`` after row ``r`` of ``states [rows, d_model]`` was written at
-    ``hooks[r]``, position ``at``: ``[rows, d_model]`` in the compute dtype. Rows run ``batch_size``
+    """The target's final stream at ``read_at`` after row ``r`` of ``states [rows, d_model]`` was written
+    at ``hooks[r]``, position ``at``: ``[rows, d_model]`` in the compute dtype. Rows run ``batch_size``
     at a time (``None``: :func:`~tl_logitlens.model_access.patched_rows_per_pass`)."""
-    ids = target_ids[:, : at + 1].to(input_device(view))  # later tokens cannot reach `at` (causal attention)
+    ids = target_ids[:, : read_at + 1].to(input_device(view))  # later tokens cannot reach it (causal attention)
     n_rows, seq = states.shape[0], ids.shape[1]
     per_pass = batch_size or patched_rows_per_pass(view.model, seq)
     dtype, device = compute_dtype(view.W_U.dtype), compute_device(view)
@@ -217,7 +227,9 @@ def _patched_reads(
         for hook in dict.fromkeys(hooks[start:stop]):  # each hook once, in order
             local = torch.tensor([r - start for r in range(start, stop) if hooks[r] == hook])
             patches.append(StreamPatch(hook, local, torch.full_like(local, at), states[start + local]))
-        read = run_patched(view.model, ids.expand(rows, seq), patches, view.final_resid_hook, torch.full((rows,), at))
+        read = run_patched(
+            view.model, ids.expand(rows, seq), patches, view.final_resid_hook, torch.full((rows,), read_at)
+        )
         reads.append(read.to(device=device, dtype=dtype))
         bar.update(rows * seq)
     bar.close()
@@ -233,7 +245,7 @@ class _Plan:
     tokens: Optional[Tokens]  # the source's tokens (None for a cache)
     cache: Any  # the source's cache, or None: the target model runs the source
     target_ids: torch.Tensor  # [1, seq]
-    at: int  # the target position patched and read
+    at: int  # the target position patched
     labels: List[str]  # the source entries read
     hooks: List[str]  # the target's hook patched for each entry
     carry: Callable[[torch.Tensor], torch.Tensor]  # the mapping into the target's stream
@@ -253,6 +265,18 @@ def _plan(
     hooks = _target_hooks(view, labels, target_layer, source_view.model is not view.model)
     carry = _mapping(mapping, source_view.d_model, view.d_model)
     return _Plan(view, source_view, tokens, cache, target_ids, at, labels, hooks, carry)
+
+
+def _read_index(plan: _Plan, read_position: Any) -> int:
+    """The absolute target position read: at or after the patched one, which could not reach it otherwise."""
+    lengths = torch.tensor([plan.target_ids.shape[1]])
+    read_at = _target_index(Tokens(plan.target_ids, lengths), read_position, "read_position")
+    if read_at < plan.at:
+        raise LensInputError(
+            f"read_position {read_position} is target position {read_at}, before the patched position {plan.at}: "
+            "causal attention keeps the patch from reaching it; read at or after target_position"
+        )
+    return read_at
 
 
 def _source_cells(plan: _Plan, positions: PositionSpec) -> Tuple[torch.Tensor, torch.Tensor, bool, List[str]]:
@@ -303,6 +327,7 @@ def patchscope(
     positions: PositionSpec = -1,
     target_layer: Union[None, int, str] = None,
     target_position: int = -1,
+    read_position: Optional[int] = None,
     top_k: int = 5,
     targets: Any = None,
     mapping: Mapping = None,
@@ -314,7 +339,8 @@ def patchscope(
     For each source entry ``l``, prompt ``b`` and position ``p``, the target prompt runs with its
     stream at ``target_layer`` (default: entry ``l`` itself), position ``target_position``,
     replaced by the source's; the result holds that run's next-token distribution at
-    ``target_position``. The module docstring says what each statistic means here.
+    ``target_position`` (or ``read_position``). The module docstring says what each statistic
+    means here.
 
     Args:
         model: the target model (``HookedTransformer`` or ``TransformerBridge``, eval mode), which
@@ -330,6 +356,9 @@ def patchscope(
         target_layer: the target's entry patched for every source entry (an int or a label), or
             ``None``: the same entry as the source's.
         target_position: the target position patched and read (negative from its end).
+        read_position: read the patched run at this later target position instead (negative from
+            the end): e.g. ``target=tll.IDENTITY_PROMPT + " ->", target_position=-2, read_position=-1``
+            reads what the model writes after the arrow, the token the state stands for.
         top_k, targets: as for :func:`~tl_logitlens.logit_lens` (token groups included).
         mapping: what carries a source state into the target's stream: ``(A, b)`` (``h @ A.T + b``,
             ``A [d_target, d_source]``), a ``torch.nn.Module`` or a callable ``h [n, d_source] ->
@@ -355,6 +384,7 @@ def patchscope(
     """
     plan = _plan(model, source, layers, target, target_layer, target_position, mapping)
     view = plan.view
+    read_at = plan.at if read_position is None else _read_index(plan, read_position)
     check_modes("recompute", "W_U", top_k, view.d_vocab)
     _check_batch_size(batch_size)
     if not isinstance(progress, bool):
@@ -366,7 +396,7 @@ def patchscope(
     n_entries, batch, n_pos = states.shape[:3]
     row_hooks = [hook for hook in plan.hooks for _ in range(batch * n_pos)]
     reads = _patched_reads(
-        view, plan.target_ids, plan.at, row_hooks, states.reshape(-1, view.d_model), batch_size, progress
+        view, plan.target_ids, plan.at, read_at, row_hooks, states.reshape(-1, view.d_model), batch_size, progress
     )
     return lens_result(
         view,
