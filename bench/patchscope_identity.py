@@ -10,9 +10,10 @@ sentences, three readings of the source's stream at every entry ``0_pre .. final
 - ``arrow``: the same prompt with ``" ->"`` appended, patched at ``?`` and read after the arrow
   (``read_position=-1``), where the model writes the token it saw.
 
-For each, :func:`tl_logitlens.source_token_rate` per entry, in two senses: ``input`` (the top-1
-is the input token at that position) and ``prediction`` (the top-1 is the model's own
-next-token prediction there: Patchscopes' next-token measure). The ``pattern`` columns
+For each, :func:`tl_logitlens.source_token_rate` per entry: ``input`` (the top-1 is the input
+token at that position) and, for the logit lens and the Patchscope read where it patches,
+``prediction`` (the top-1 is the model's own next-token prediction there, the logit lens's final
+entry: Patchscopes' next-token measure; the arrow reading is not a next-token reading). The ``pattern`` columns
 are the shares of cells whose top-1 is one of the identity prompt's own tokens
 (``cat``, ``1135``, ``hello``, ``->``, the newline...): the few-shot prompt's known pull on early
 layers. Rates are means over all cells of all sentences (each cell counts once).
@@ -76,10 +77,12 @@ def measure(model, sentences: List[str]) -> Dict[str, Dict[str, float]]:
                 model, text, target=ARROW, target_position=-2, read_position=-1, progress=False, **cells
             ),
         }
+        own = readings["logit"].top_ids[-1, ..., 0]  # the model's own next-token prediction at each cell
         columns = {}
         for name, result in readings.items():
             columns[f"{name} input"] = tll.source_token_rate(result, of="input")
-            columns[f"{name} prediction"] = tll.source_token_rate(result, of="prediction")
+            if name != "arrow":
+                columns[f"{name} prediction"] = tll.source_token_rate(result, of=own)
         columns["patchscope pattern"] = _pattern_rate(readings["patchscope"], pattern)
         columns["arrow pattern"] = _pattern_rate(readings["arrow"], pattern)
         for column, rates in columns.items():

@@ -374,8 +374,12 @@ def test_source_token_rate_counts_real_cells(demo):
     assert all(top3[label] >= rate for label, rate in zip(result.labels, by_hand))
     with pytest.raises(LensInputError, match="k must be an int in \\[1, 3\\]"):
         tll.source_token_rate(result, k=4)
-    with pytest.raises(LensInputError, match='of must be "input" or "prediction"'):
+    with pytest.raises(LensInputError, match='of must be "input", "prediction" or a tensor of token ids'):
         tll.source_token_rate(result, of="output")
+    given = result.input_ids[:, : result.positions.shape[1]]  # the input ids, passed as ids: the same rates
+    assert tll.source_token_rate(result, of=given) == tll.source_token_rate(result, of="input")
+    with pytest.raises(LensInputError, match="shaped like the result's cells \\(2, 7\\), got \\(2, 3\\)"):
+        tll.source_token_rate(result, of=given[:, :3])
     with pytest.raises(LensInputError, match="compares with the final_post entry"):
         tll.source_token_rate(tll.logit_lens(demo, PROMPT, layers=[0]), of="prediction")
 

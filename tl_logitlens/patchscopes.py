@@ -83,7 +83,8 @@ __all__ = ["IDENTITY_PROMPT", "patchscope", "patchscope_generate", "source_token
 #: that the source state is pasted over (``target_position=-1``).
 IDENTITY_PROMPT = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
 
-Mapping = Union[
+#: What carries a source state into the target's stream (``mapping=``): ``(A, b)``, a Module, a callable, or None.
+StateMapping = Union[
     None, Tuple[torch.Tensor, Optional[torch.Tensor]], torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]
 ]
 
@@ -139,7 +140,7 @@ def _check_batch_size(batch_size: Any) -> None:
 
 
 # -- mapping a state from one model into another ------------------------------------------------
-def _mapping(mapping: Mapping, d_source: int, d_target: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def _mapping(mapping: StateMapping, d_source: int, d_target: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """``mapping`` as a checked ``h [n, d_source] -> [n, d_target]``, probed before any forward pass."""
     if mapping is None:
         if d_source != d_target:
@@ -330,7 +331,7 @@ def patchscope(
     read_position: Optional[int] = None,
     top_k: int = 5,
     targets: Any = None,
-    mapping: Mapping = None,
+    mapping: StateMapping = None,
     batch_size: Optional[int] = None,
     progress: bool = True,
 ) -> LensResult:
@@ -424,7 +425,7 @@ def patchscope_generate(
     target: Any = None,
     target_layer: Union[None, int, str] = None,
     target_position: int = -1,
-    mapping: Mapping = None,
+    mapping: StateMapping = None,
     max_new_tokens: int = 20,
     do_sample: bool = False,
     seed: int = 0,
@@ -488,19 +489,23 @@ def patchscope_generate(
     return texts if many else texts[plan.labels[0]]
 
 
-def source_token_rate(result: LensResult, *, of: str = "input", k: int = 1) -> Dict[str, float]:
-    """How often each entry's reading names the source's token: ``{label: rate}``.
+def source_token_rate(result: LensResult, *, of: Any = "input", k: int = 1) -> Dict[str, float]:
+    """How often each entry's reading names a token of the source: ``{label: rate}``.
 
     The share of the result's cells (padding left out) whose top ``k`` tokens hold
 
     - ``of="input"``: the input token at that cell's position (what the state stands for at the
       bottom of the stack; the logit lens of a tied-embedding model reads it back at ``0_pre``);
-    - ``of="prediction"``: the top token of the result's own ``final_post`` entry, the model's
-      next-token prediction there (Patchscopes' "next-token" measure, Ghandeharioun et al. §4.1:
-      how early a reading already says what the model will say).
+    - ``of="prediction"``: the top token of the result's own ``final_post`` entry. That is the
+      model's next-token prediction for the logit lens (and any lens that leaves ``final_post``
+      untouched) and for a Patchscope read where it patches, at the same entries (Patchscopes'
+      next-token measure, Ghandeharioun et al. section 4.1); a reading whose ``final_post`` is not the
+      model's own (another ``read_position`` or ``target_layer``) passes the prediction's ids instead;
+    - ``of=ids``: given token ids per cell, ``[batch, pos]`` like the result's ``positions`` (or
+      ``[batch]`` after an int ``positions=``), e.g. ``logit.top_ids[-1, ..., 0]`` of a logit lens of
+      the same input.
 
-    Works on any :class:`~tl_logitlens.lens.LensResult` (logit, tuned, any lens, a Patchscope);
-    ``"input"`` needs its input tokens, ``"prediction"`` its ``final_post`` entry.
+    Works on any :class:`~tl_logitlens.lens.LensResult` (logit, tuned, any lens, a Patchscope).
 
     Example::
 
@@ -508,24 +513,35 @@ def source_token_rate(result: LensResult, *, of: str = "input", k: int = 1) -> D
         >>> model = tll.demo_model()
         >>> lens = tll.logit_lens(model, "red cat sun moon red cat sun moon")
         >>> rates = source_token_rate(lens, of="prediction")
-        >>> sorted(rates), rates["final_post"]
-        (['0_pre', '1_pre', 'final_post'], 1.0)
+        >>> sorted(rates), rates["final_post"], source_token_rate(lens, of=lens.top_ids[-1, ..., 0]) == rates
+        (['0_pre', '1_pre', 'final_post'], 1.0, True)
     """
     top_k = result.top_ids.shape[-1]
     if isinstance(k, bool) or not isinstance(k, Integral) or not 1 <= k <= top_k:
         raise LensInputError(f"k must be an int in [1, {top_k}] (the result's top_k), got {k!r}")
     top = result.top_ids if result.has_pos_axis else result.top_ids.unsqueeze(2)  # [entry, batch, n, top_k]
-    if of == "input":
-        if result.input_ids is None:
-            raise LensInputError('of="input" needs the input tokens: read the model with text or ids, not a cache')
-        wanted = gather_positions(result.input_ids, result.positions)  # [batch, n]
-    elif of == "prediction":
-        if "final_post" not in result.labels:
-            raise LensInputError('of="prediction" compares with the final_post entry; read it too (layers=None)')
-        wanted = top[result.labels.index("final_post"), ..., 0]
-    else:
-        raise LensInputError(f'of must be "input" or "prediction", got {of!r}')
+    wanted = _wanted_tokens(result, of, top)
     real = result.positions < result.lengths.unsqueeze(1)
     hits = (top[..., :k] == wanted.unsqueeze(0).unsqueeze(-1)).any(-1)  # [entry, batch, n]
     rates = hits[:, real].float().mean(-1)
     return {label: float(rate) for label, rate in zip(result.labels, rates)}
+
+
+def _wanted_tokens(result: LensResult, of: Any, top: torch.Tensor) -> torch.Tensor:
+    """The token ``[batch, n]`` each cell of ``result`` is checked for (see :func:`source_token_rate`)."""
+    if isinstance(of, torch.Tensor):
+        if of.dtype.is_floating_point or of.dtype == torch.bool:
+            raise LensInputError(f"of= token ids must be integers, got dtype {of.dtype}")
+        shape = tuple(result.positions.shape) if result.has_pos_axis else (result.positions.shape[0],)
+        if tuple(of.shape) != shape:
+            raise LensInputError(f"of= token ids must be shaped like the result's cells {shape}, got {tuple(of.shape)}")
+        return of.long().cpu().reshape(result.positions.shape)
+    if isinstance(of, str) and of == "input":
+        if result.input_ids is None:
+            raise LensInputError('of="input" needs the input tokens: read the model with text or ids, not a cache')
+        return gather_positions(result.input_ids, result.positions)
+    if isinstance(of, str) and of == "prediction":
+        if "final_post" not in result.labels:
+            raise LensInputError('of="prediction" compares with the final_post entry; read it too (layers=None)')
+        return top[result.labels.index("final_post"), ..., 0]
+    raise LensInputError(f'of must be "input", "prediction" or a tensor of token ids, got {of!r}')
