@@ -21,8 +21,8 @@ layers. Rates are means over all cells of all sentences (each cell counts once).
 Usage: ``python bench/patchscope_identity.py [--model DIR] [--sentences N] [--out results.json]``
 (the model folder defaults to ``~/.cache/tl-logitlens-models/smollm2-135m``, where the shared
 models' ``fetch.py`` puts it). Prints the processor and the time taken.
-About 4 minutes per sentence on 2 quiet CPU cores (every cell x entry x Patchscope is a forward
-pass of the 21- or 22-token target prompt).
+About 12 minutes on 2 CPU cores (708 s on an Intel Xeon): every cell x entry x Patchscope is a
+row of a forward pass of the 21- or 22-token target prompt. ``make bench-patchscope`` runs it.
 """
 
 from __future__ import annotations
