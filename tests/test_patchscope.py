@@ -6,6 +6,8 @@ stream, and the model's own logits at the patched position, reduced in float64. 
 (source = target, same entry and position) must read the model's own distribution at every entry.
 """
 
+import dataclasses
+
 import builders
 import pytest
 import torch
@@ -352,7 +354,12 @@ def test_a_model_the_package_cannot_reproduce_is_refused(demo, monkeypatch):
 
     def shifted(model):
         v = real(model)
-        v.output_transform = lambda logits: logits * 3  # a logit transform the model does not apply
+        own = v.unembedding
+
+        def unembedding(unembed="W_U"):  # a logit transform the model does not apply
+            return dataclasses.replace(own(unembed), transform=lambda logits: logits * 3)
+
+        v.unembedding = unembedding
         return v
 
     monkeypatch.setattr("tl_logitlens.inputs.resolve.view_model", shifted)

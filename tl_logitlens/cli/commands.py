@@ -235,8 +235,8 @@ def cmd_patchscope(args: argparse.Namespace) -> Dict[str, Any]:
     layers = parse_layers(args.layers)
     if args.target is not None and not args.target.strip():
         raise UsageError("--target is empty; give the target prompt's text (or leave it out for the identity prompt)")
-    out = check_out(args.out)
-    html = check_html(args.html)
+    out = check_out(args.out, args.overwrite)
+    html = check_html(args.html, args.overwrite)
     _start_torch()
     import tl_logitlens as tll
 
@@ -262,14 +262,14 @@ def cmd_patchscope(args: argparse.Namespace) -> Dict[str, Any]:
         "patchscope_at_position": tables,
     }
     full = tll.patchscope(model, prompt, positions=None, **common) if out is not None or html is not None else None
-    out = make_out(out)
+    out = make_out(out, args.overwrite)
     if out is not None:
         written: List[str] = []
         save_figure(full.plot(metric="prob"), out, "patchscope_heatmap", args, written)
         write_table(full.to_dataframe(), out, "patchscope.csv", written)
         write_summary(summary, out, written)
     if html is not None:
-        write_page(full, html)
+        write_page(full, html, args.overwrite)
     return summary
 
 
