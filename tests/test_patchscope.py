@@ -9,6 +9,7 @@ stream, and the model's own logits at the patched position, reduced in float64. 
 import dataclasses
 
 import builders
+import pretrained
 import pytest
 import torch
 
@@ -499,16 +500,14 @@ def test_patchscope_generate_matches_a_hooked_decoding(demo):
         tll.patchscope_generate(demo, [PROMPT, "sun"], layer=0, target=PROMPT)
 
 
-@pytest.mark.skipif(TransformerBridge is None, reason="SmolLM2 boots through TransformerBridge (3.x/4.x)")
-def test_smollm2_self_patch_and_generation():
-    from pathlib import Path
-
-    folder = Path.home() / ".cache" / "tl-logitlens-models" / "smollm2-135m"
-    if not folder.is_dir():
-        pytest.skip("SmolLM2-135M is not fetched (see the shared models' fetch.py)")
-    model = TransformerBridge.boot_transformers(str(folder), device="cpu").eval()
-    result = _assert_self_patch(model, "The Eiffel Tower is in the city of")
-    assert len(result.labels) == 31
-    ids = model.to_tokens("The capital of France is")
+@pytest.mark.real
+@pytest.mark.skipif(TransformerBridge is None, reason="the real models boot through TransformerBridge (3.x/4.x)")
+@pytest.mark.parametrize("name", pretrained.NAMES)
+def test_real_pretrained_self_patch_and_generation(name):
+    """SmolLM2-135M and Gemma-3-270m (the ``real`` tier, ``make test-real``; skipped when not fetched)."""
+    model = TransformerBridge.boot_transformers(str(pretrained.folder(name)), device="cpu").eval()
+    result = _assert_self_patch(model, pretrained.PROMPTS[1])
+    assert len(result.labels) == model.cfg.n_layers + 1
+    ids = model.to_tokens(pretrained.PROMPTS[0])
     text = tll.LogitLens().generate(model, ids[0], layer="final_post", max_new_tokens=5)
     assert text == model.tokenizer.decode(_greedy(model, ids, 5))
