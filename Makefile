@@ -8,7 +8,7 @@ PIP_QUIET ?= -q
 TL3 ?= transformer-lens==3.9.0
 TL2 ?= transformer-lens==2.18.0 pyarrow<22
 
-.PHONY: setup lint test test-real test-compat test-zoo test-notebooks test-interop test-distributed demo readme-figures bench bench-tables bench-training clean
+.PHONY: setup lint test test-real test-compat test-zoo test-notebooks test-interop test-distributed demo readme-figures bench bench-tables bench-training bench-patchscope clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -105,6 +105,11 @@ bench: setup
 # to_dataframe at ~443k rows: the column-built tables against the old row loop (a ratio).
 bench-tables: setup
 	$(PY) bench/bench_tables.py
+
+# How often the logit lens and two Patchscopes name the source's token per layer, on SmolLM2-135M
+# (its folder from the shared models' fetch.py; about 12 minutes on 2 CPU cores).
+bench-patchscope: setup
+	$(PY) bench/patchscope_identity.py $(ARGS)
 
 # Our tuned lens against tuned-lens's own training loop (slow; needs TL_LOGITLENS_MODELS).
 bench-training: setup .venv-tuned-lens/.installed

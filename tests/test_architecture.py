@@ -9,7 +9,7 @@ The layers, bottom to top (docs/architecture.md draws them):
 3. inputs/: tokens, data, caches and options, resolved
 4. stacks: the residual stream cut into pieces, and entry labels
 5. lenses/: the Lens protocol and every lens (training and fitting included)
-6. analyses: lens, readout, attribution, evaluate/
+6. analyses: lens, readout, attribution, patchscopes, evaluate/
 7. demo/, cli/
 """
 
@@ -34,6 +34,7 @@ LAYERS = {
     "lens": 6,
     "readout": 6,
     "attribution": 6,
+    "patchscopes": 6,
     "evaluate": 6,
     "demo": 7,
     "cli": 7,

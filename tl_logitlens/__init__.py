@@ -49,8 +49,11 @@ _LAZY = {
     "TunedLens": "lenses",
     "compare_lenses": "evaluate",
     "evaluate_lens": "evaluate",
+    "IDENTITY_PROMPT": "patchscopes",
     "LensResult": "lens",
     "logit_lens": "lens",
+    "patchscope": "patchscopes",
+    "patchscope_generate": "patchscopes",
     "plot_attribution": "plots",
     "plot_attribution_positions": "plots",
     "plot_layer_curves": "plots",
@@ -62,6 +65,7 @@ _LAZY = {
     "ResidualStack": "stacks",
     "residual_stack": "stacks",
     "set_chunk_budget": "kernel.tuning",
+    "source_token_rate": "patchscopes",
     "train_tuned_lens": "lenses",
 }
 _SUBMODULES = ("demo",)
@@ -84,6 +88,7 @@ _MOVED = {
 __all__ = [
     "Attribution",
     "DEFAULT_CHUNK_BUDGET_BYTES",
+    "IDENTITY_PROMPT",
     "Lens",
     "LensComparison",
     "LensEvaluation",
@@ -104,6 +109,8 @@ __all__ = [
     "display_token",
     "evaluate_lens",
     "logit_lens",
+    "patchscope",
+    "patchscope_generate",
     "plot_attribution",
     "plot_attribution_positions",
     "plot_layer_curves",
@@ -113,6 +120,7 @@ __all__ = [
     "readout",
     "residual_stack",
     "set_chunk_budget",
+    "source_token_rate",
     "train_tuned_lens",
 ]
 

@@ -454,12 +454,7 @@ def logit_lens(
     batch, seq = activation_shape(view, cache, tokens, names, "logit_lens")
     lengths = tokens.lengths if tokens is not None else torch.full((batch,), seq)
     index, drop = position_index(positions, lengths, seq)
-    target_ids = _row_targets(view, targets, tokens, index)
-    group_names, groups = _token_groups(view, targets)
-    next_ids = next_token_ids(tokens, index) if tokens is not None else torch.full_like(index, -1)
-    next_target = isinstance(targets, str) and targets == "next"
-    if next_target:
-        target_ids = next_ids.clamp_min(0).unsqueeze(-1)  # read as 0, blanked below where there is none
+    cells = cell_targets(view, targets, tokens, index)
 
     logits, cache = run_or_read(view, tokens, cache, names)
 
@@ -469,50 +464,132 @@ def logit_lens(
     vectors = vectors[keep]
     if lens is not None:
         vectors = torch.stack([apply_lens(lens, vectors[i], labels[k]) for i, k in enumerate(keep)])
-    n_rows = batch * index.shape[1]
+    result = lens_result(
+        view,
+        cells,
+        vectors,
+        reference,
+        [labels[k] for k in keep],
+        tokens=tokens,
+        lengths=lengths,
+        drop=drop,
+        norm=norm,
+        unembed=unembed,
+        top_k=int(top_k),
+        chunk_size=chunk_size,
+        lens_name=named,
+        # The final stream, read untransformed, is its own KL reference: unembedded once.
+        reference_entry=keep.index(len(labels) - 1) if lens is None and len(labels) - 1 in keep else None,
+    )
+    if logits is not None and norm == "recompute" and unembed == "W_U" and lens is None and keep[-1] == len(labels) - 1:
+        k = result.top_ids.shape[-1]
+        final_ids, final_probs = result.top_ids[-1].reshape(-1, k), result.top_probs[-1].reshape(-1, k)
+        check_reproduces_model(logits, index, final_ids, final_probs, view, reference)
+    return result
+
+
+@dataclass
+class CellTargets:
+    """What every cell ``[batch, pos]`` is read for besides its top tokens, checked before any forward pass.
+
+    Attributes:
+        index: ``[batch, n]`` the positions read.
+        target_ids: ``[batch, n, t]`` target ids, or ``None`` (no targets, or token groups).
+        group_names, groups: the token groups' names and member ids, or ``None``.
+        next_ids: ``[batch, n]`` the true next input token, ``-1`` where there is none.
+        next_target: the targets are ``"next"`` (cells without a next token are blanked).
+    """
+
+    index: torch.Tensor
+    target_ids: Optional[torch.Tensor]
+    group_names: Optional[List[str]]
+    groups: Optional[List[List[int]]]
+    next_ids: torch.Tensor
+    next_target: bool
+
+
+def cell_targets(view: ModelView, targets: Any, tokens: Optional[Tokens], index: torch.Tensor) -> CellTargets:
+    """Resolve ``targets=`` (tokens, ids, ``"next"`` or token groups) for the cells at ``index [batch, n]``.
+
+    Every analysis that returns a :class:`LensResult` calls this before its forward passes, so
+    a bad target fails at once.
+    """
+    target_ids = _row_targets(view, targets, tokens, index)
+    group_names, groups = _token_groups(view, targets)
+    next_ids = next_token_ids(tokens, index) if tokens is not None else torch.full_like(index, -1)
+    next_target = isinstance(targets, str) and targets == "next"
+    if next_target:
+        target_ids = next_ids.clamp_min(0).unsqueeze(-1)  # read as 0, blanked after where there is none
+    return CellTargets(index, target_ids, group_names, groups, next_ids, next_target)
+
+
+def lens_result(
+    view: ModelView,
+    cells: CellTargets,
+    vectors: torch.Tensor,
+    reference: Optional[torch.Tensor],
+    labels: List[str],
+    *,
+    tokens: Optional[Tokens],
+    lengths: torch.Tensor,
+    drop: bool,
+    norm: str,
+    unembed: str,
+    top_k: int,
+    chunk_size: Optional[int],
+    lens_name: str,
+    reference_entry: Optional[int] = None,
+) -> LensResult:
+    """Read ``vectors [entry, batch, n, d_model]`` (one entry per label) with the kernel into a :class:`LensResult`.
+
+    ``reference [batch, n, d_model]`` is the distribution ``kl_to_final`` is measured from
+    (``None``: no reference, and ``kl_to_final`` is NaN); ``reference_entry`` the index of the
+    entry that is the reference itself (then read once). ``drop`` removes the position axis
+    (an int ``positions=``).
+    """
+    batch, n_pos = cells.index.shape
+    n_rows, n_entries = batch * n_pos, vectors.shape[0]
+    target_ids = cells.target_ids
     flat = read_rows(
         view.unembedding(unembed),
-        vectors.reshape(len(keep), n_rows, view.d_model),
+        vectors.reshape(n_entries, n_rows, view.d_model),
         norm=norm,
         top_k=top_k,
         target_ids=None if target_ids is None else target_ids.reshape(n_rows, -1),
-        reference=reference.reshape(n_rows, view.d_model),
-        # The final stream, read untransformed, is its own KL reference: unembedded once.
-        reference_entry=keep.index(len(labels) - 1) if lens is None and len(labels) - 1 in keep else None,
-        next_tokens=next_ids.reshape(n_rows),
+        reference=None if reference is None else reference.reshape(n_rows, view.d_model),
+        reference_entry=reference_entry,
+        next_tokens=cells.next_ids.reshape(n_rows),
         chunk_size=chunk_size,
-        token_groups=groups,
+        token_groups=cells.groups,
     )
-
-    if next_target:
+    if reference is None:
+        flat.kl_to_reference = torch.full(flat.entropy.shape, float("nan"), dtype=flat.entropy.dtype)
+    if cells.next_target:
         # No next token (last token, padding): no target, so no logit, probability or rank.
-        none = (next_ids.reshape(1, n_rows, 1) < 0).expand_as(flat.target_ids)
+        none = (cells.next_ids.reshape(1, n_rows, 1) < 0).expand_as(flat.target_ids)
         flat.target_ids = flat.target_ids.masked_fill(none, -1)
         flat.target_logits = flat.target_logits.masked_fill(none, float("nan"))
         flat.target_probs = flat.target_probs.masked_fill(none, float("nan"))
         flat.target_ranks = flat.target_ranks.masked_fill(none, -1)
 
-    shaped = reshape_readout(flat, (len(keep), batch, index.shape[1]))
+    shaped = reshape_readout(flat, (n_entries, batch, n_pos))
     if drop:
         shaped = dataclasses.replace(
             shaped, **{name: None if value is None else value[:, :, 0] for name, value in vars(shaped).items()}
         )
-    result = LensResult(
-        labels=[labels[k] for k in keep],
+    return LensResult(
+        labels=list(labels),
         input_ids=None if tokens is None else tokens.ids,
         lengths=lengths,
-        positions=index,
+        positions=cells.index,
         readout=shaped,
-        next_ids=next_ids[:, 0] if drop else next_ids,
+        next_ids=cells.next_ids[:, 0] if drop else cells.next_ids,
         norm=norm,
         unembed=unembed,
         tokenizer=view.tokenizer,
-        lens_name=named,
-        group_names=group_names,
+        lens_name=lens_name,
+        group_names=cells.group_names,
     )
-    if logits is not None and norm == "recompute" and unembed == "W_U" and lens is None and keep[-1] == len(labels) - 1:
-        _check_reproduces_model(logits, index, flat.top_ids[-1], flat.top_probs[-1], view, reference)
-    return result
 
 
 def reproduce_tolerance(
@@ -552,7 +629,7 @@ def reproduce_tolerance(
     return out
 
 
-def _check_reproduces_model(
+def check_reproduces_model(
     logits: torch.Tensor,
     index: torch.Tensor,
     top_ids: torch.Tensor,

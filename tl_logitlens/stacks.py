@@ -124,6 +124,45 @@ def resolve_layers(layers: Any, labels: List[str]) -> List[int]:
     return picked
 
 
+def entry_hooks(view: ModelView, layers: Any) -> List[Tuple[str, str]]:
+    """Stack entries to patch or read in a forward pass, with the hook holding each: ``[(label, hook)]``.
+
+    Integers index the entries ``0_pre .. final_post`` (negative from the end); labels may
+    also name the ``L_mid`` entries (the stream between attention and MLP). ``None``: every
+    entry ``0_pre .. final_post``.
+
+    Example::
+
+        >>> from tl_logitlens.demo import demo_model
+        >>> from tl_logitlens.model_access import view
+        >>> for label, hook in entry_hooks(view(demo_model()), [0, "1_mid", -1]):
+        ...     print(label, hook)
+        0_pre blocks.0.hook_resid_pre
+        1_mid blocks.1.hook_resid_mid
+        final_post blocks.1.hook_resid_post
+    """
+    plain = stack_labels(view.n_layers, False)
+    everything = stack_labels(view.n_layers, True)
+    if layers is None:
+        picked = plain
+    else:
+        if type(layers).__module__ == "numpy" or isinstance(layers, torch.Tensor):
+            layers = layers.tolist()
+        items = list(layers) if isinstance(layers, (list, tuple, range)) else [layers]
+        if not items:
+            resolve_layers(items, plain)  # refuses an empty list with its own message
+        picked = [
+            everything[resolve_layers([item], everything)[0]]
+            if isinstance(item, str)
+            else plain[resolve_layers([item], plain)[0]]
+            for item in items
+        ]
+    incl_mid = any(label.endswith("_mid") for label in picked)
+    labels = stack_labels(view.n_layers, incl_mid)
+    hooks = required_hooks(view, "accumulated", incl_mid)  # refuses mids of parallel or attention-only models
+    return [(label, hooks[labels.index(label)]) for label in picked]
+
+
 @dataclass
 class PieceGroup:
     """Pieces of the residual stream that share one factorisation.

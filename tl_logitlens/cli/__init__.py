@@ -5,13 +5,15 @@ Commands (``tl-logitlens COMMAND --help`` documents every option with an example
     tl-logitlens demo [--n N] [--out DIR]
     tl-logitlens lens --model MODEL (--prompt TEXT ... | --prompts FILE | --tokens IDS ...) [--position P]
                       [--layers L,..] [--metric M] [--top-k K] [--target TOKEN ...] [--norm N] [--out DIR]
+    tl-logitlens patchscope --model MODEL (--prompt TEXT ... | --prompts FILE | --tokens IDS ...) [--position P]
+                      [--target TEXT] [--layers L,..] [--top-k K] [--quiet] [--out DIR]
     tl-logitlens dla  --model MODEL (--prompt ... | --prompts ... | --tokens ...) --answer TOKEN [--wrong TOKEN]
                       [--by KIND] [--norm cached|none] [--position P] [--top K] [--out DIR]
     tl-logitlens eval --model MODEL --data FILE [--max-tokens N] [--out DIR]
     tl-logitlens train-lens --model MODEL --data FILE [--steps N] [--tokens-per-step N] [--batch-size N]
                       [--loss kl|ce] [--incl-mid] [--checkpoint-every N] [--out DIR] [--resume]
 
-``lens``, ``dla`` and ``eval`` also take ``--html PATH``: an interactive, self-contained page
+``lens``, ``patchscope``, ``dla`` and ``eval`` also take ``--html PATH``: an interactive, self-contained page
 of the result (needs plotly). ``demo --out DIR`` writes ``DIR/index.html`` linking every file.
 Every command also takes ``--device``, ``--dtype``, ``--format png|pdf|svg``, ``--dpi``,
 ``--overwrite`` and ``--verbose``. Writers own their files (:mod:`tl_logitlens.files`): an ``--out``

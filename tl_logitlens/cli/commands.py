@@ -229,6 +229,54 @@ def cmd_lens(args: argparse.Namespace) -> Dict[str, Any]:
     return summary
 
 
+def cmd_patchscope(args: argparse.Namespace) -> Dict[str, Any]:
+    """A Patchscope on one or more prompts: what the target prompt says of each layer's state, and optional files."""
+    prompts = prompt_spec(args)
+    layers = parse_layers(args.layers)
+    if args.target is not None and not args.target.strip():
+        raise UsageError("--target is empty; give the target prompt's text (or leave it out for the identity prompt)")
+    out = check_out(args.out, args.overwrite)
+    html = check_html(args.html, args.overwrite)
+    _start_torch()
+    import tl_logitlens as tll
+
+    model = load_model(args.model, args.device, args.dtype)
+    prompt = prompt_input(model, prompts)
+    common = dict(target=args.target, layers=layers, top_k=args.top_k, progress=not args.quiet)
+    scope = tll.patchscope(model, prompt, positions=args.position, **common)
+    tables = []
+    for b in range(int(scope.lengths.shape[0])):
+        rows = lens_summary(scope, prompt=b)
+        token = scope.input_tokens()[b][0]
+        if b:
+            print()
+        print_lens(rows, token, f" (prompt {b}, position {int(scope.positions[b, 0])})", heading=_SCOPE_HEADING)
+        tables.append(rows)
+    summary = {
+        "model": args.model,
+        "prompts": prompts.get("text", prompts.get("tokens")),
+        "target": args.target if args.target is not None else tll.IDENTITY_PROMPT,
+        "position": args.position,
+        "dtype": args.dtype,
+        "device": args.device,
+        "patchscope_at_position": tables,
+    }
+    full = tll.patchscope(model, prompt, positions=None, **common) if out is not None or html is not None else None
+    out = make_out(out, args.overwrite)
+    if out is not None:
+        written: List[str] = []
+        save_figure(full.plot(metric="prob"), out, "patchscope_heatmap", args, written)
+        write_table(full.to_dataframe(), out, "patchscope.csv", written)
+        write_summary(summary, out, written)
+    if html is not None:
+        write_page(full, html, args.overwrite)
+    return summary
+
+
+#: What ``patchscope`` prints above each prompt's table.
+_SCOPE_HEADING = "What the target prompt reads from each layer's state of"
+
+
 def cmd_dla(args: argparse.Namespace) -> Dict[str, Any]:
     """Direct logit attribution of an answer (or answer - wrong) on one or more prompts."""
     prompts = prompt_spec(args)

@@ -128,8 +128,10 @@ def lens_summary(result: Any, position: int = -1, prompt: int = 0) -> List[Dict[
     return rows
 
 
-def print_lens(rows: List[Dict[str, Any]], token: str, where: str = "") -> None:
-    print(f"What each layer predicts after {token!r}{where}:")
+def print_lens(
+    rows: List[Dict[str, Any]], token: str, where: str = "", heading: str = "What each layer predicts after"
+) -> None:
+    print(f"{heading} {token!r}{where}:")
     for row in rows:
         extra = "".join(f"   {t['token']!r}: p={t['prob']:.3f} rank={t['rank']}" for t in row.get("targets", []))
         print(f"  {row['layer']:>11}  {row['top1']!r:<16} p={row['top1_prob']:.3f}{extra}")

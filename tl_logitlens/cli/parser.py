@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from .arguments import DPI_RANGE, DTYPES, FORMATS, METRICS, Parser
-from .commands import cmd_demo, cmd_dla, cmd_eval, cmd_lens, cmd_train_lens
+from .commands import cmd_demo, cmd_dla, cmd_eval, cmd_lens, cmd_patchscope, cmd_train_lens
 
 # -- parser -----------------------------------------------------------------------------------
 MODEL_HELP = "'demo' (built in), a local Hugging Face model folder, or a hub name (needs the hub)"
@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  tl-logitlens dla --model ./my-hf-model --prompt 'The capital of France is' --answer ' Paris' "
         "--wrong ' Rome' --by head\n"
         "  tl-logitlens lens --model ./capp-gpt2 --tokens 49,12,7,50 --target id:14\n"
+        "  tl-logitlens patchscope --model ./my-hf-model --prompt 'The Eiffel Tower is in Paris'\n"
         "  tl-logitlens eval --model ./stories260k --data stories.txt --out eval-out\n"
         "  tl-logitlens train-lens --model ./stories260k --data stories.txt --steps 50 --out stories-lens",
     )
@@ -109,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Sub-commands are added in the order --help lists them.
     _add_demo(sub)
     _add_lens(sub)
+    _add_patchscope(sub)
     _add_dla(sub)
     _add_eval(sub)
     _add_train_lens(sub)
@@ -184,6 +186,41 @@ def _add_lens(sub: Any) -> None:
     _html(lens)
     _common(lens)
     lens.set_defaults(func=cmd_lens)
+
+
+def _add_patchscope(sub: Any) -> None:
+    """Add the ``patchscope`` sub-command (read each layer by patching it into a target prompt) to ``sub``."""
+    scope = sub.add_parser(
+        "patchscope",
+        formatter_class=FORMATTER,
+        help="what each layer holds, said by the model itself (a Patchscope)",
+        description="Patch every layer's residual stream at --position into a target prompt (by default the "
+        "token-identity prompt 'cat -> cat / 1135 -> 1135 / hello -> hello / ?', at its last token) and "
+        "print what each patched run predicts there.",
+        epilog="example:\n  tl-logitlens patchscope --model demo --prompt 'red cat sun moon red cat' --layers 0,-1\n"
+        "  tl-logitlens patchscope --model ./my-hf-model --prompt 'Alexander the Great' "
+        "--target 'Syria: country in the Middle East; Leonardo DiCaprio: American actor; x' --html scope.html",
+    )
+    _prompts(scope)
+    scope.add_argument(
+        "--target",
+        metavar="TEXT",
+        help="the target prompt, patched and read at its last token (default: the token-identity prompt)",
+    )
+    scope.add_argument(
+        "--layers",
+        metavar="L,..",
+        help="source entries to read, by index (negative from the end) or label, comma-separated, "
+        "e.g. 0,5,final_post or 3_mid (default all)",
+    )
+    scope.add_argument("--top-k", type=int, default=5, help="top tokens kept per cell (default 5)")
+    scope.add_argument(
+        "--out", metavar="DIR", help="folder for the heatmap over every position, patchscope.csv and summary.json"
+    )
+    scope.add_argument("--quiet", action="store_true", help="no progress bar over the patched runs")
+    _html(scope)
+    _common(scope)
+    scope.set_defaults(func=cmd_patchscope)
 
 
 def _add_dla(sub: Any) -> None:

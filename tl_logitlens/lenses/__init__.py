@@ -6,6 +6,8 @@
 - :mod:`.tuned`: :class:`TunedLens` (one affine translator per entry) and its file format,
   EleutherAI tuned-lens 0.2.0's
 - :mod:`.training`: :func:`train_tuned_lens`
+- :mod:`.generation`: decoding from a stack entry (:meth:`Lens.generate` for every lens, and the
+  loop :func:`tl_logitlens.patchscope_generate` shares)
 
 A new lens is a module here that implements ``transform(h, label)`` (and its own fit, ``save``
 and ``load`` if it is trained); every analysis, figure and the command line take it as ``lens=``

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -89,6 +89,53 @@ class Lens:
 
     def __call__(self, h: torch.Tensor, label: str) -> torch.Tensor:
         return self.transform(h, label)
+
+    def generate(
+        self,
+        model: Any,
+        prompt: Any,
+        *,
+        layer: Union[int, str],
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        seed: int = 0,
+    ) -> Union[str, List[str]]:
+        """Decode from one layer through this lens: each new token is chosen from the lens's reading
+        of the stream at ``layer`` (its transform, the final norm, the unembedding), the way
+        tuned-lens's ``TunedLens.generate`` does.
+
+        From ``"final_post"`` through the logit lens this is the model's own greedy continuation;
+        from an earlier entry it shows what that layer, read by this lens, would say next.
+
+        Args:
+            model: the model the lens reads (in eval mode).
+            prompt: a string, a list of strings (right-padded; each continues from its own end),
+                or token ids ``[pos]`` or ``[batch, pos]``.
+            layer: the stack entry read, by index into ``0_pre .. final_post`` (negative from the
+                end) or by label (``"3_pre"``, ``"3_mid"``, ``"final_post"``).
+            max_new_tokens: the most tokens added; a row stops earlier at the tokenizer's
+                end-of-text token, which is left out of the text.
+            do_sample: ``False``: the reading's top token (greedy); ``True``: a draw from its
+                probabilities with a generator seeded by ``seed``.
+
+        Returns:
+            The continuation (new text only) for one prompt, a list of them for several.
+
+        Example::
+
+            >>> import tl_logitlens as tll
+            >>> model = tll.demo_model()
+            >>> prompt = "red cat sun moon red cat"
+            >>> own = model.generate(prompt, max_new_tokens=3, do_sample=False, use_past_kv_cache=False, verbose=False)
+            >>> ours = tll.LogitLens().generate(model, prompt, layer="final_post", max_new_tokens=3)
+            >>> ours, own == f"{prompt} {ours}"
+            ('sun moon red', True)
+        """
+        from .generation import generate_through_lens
+
+        return generate_through_lens(
+            self, model, prompt, layer=layer, max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed
+        )
 
 
 class LogitLens(Lens):

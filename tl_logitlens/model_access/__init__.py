@@ -12,7 +12,8 @@ everything is computed from hooks and weights.
 - :mod:`.logits`: :class:`LogitTransform`, what a model does to its logits (linear scales, soft caps)
 - :mod:`.blocks`: :class:`SublayerWrite`, how block outputs reach the stream (post-norms, multipliers)
 - :mod:`.experts`: expert layers read per (expert, neuron)
-- :mod:`.runs`: every forward pass (caching, hooks-only capture, patched runs) and cache reading
+- :mod:`.runs`: every forward pass (caching, hooks-only capture, patched runs, batched stream patches
+  with one captured read per row) and cache reading
 - :mod:`.identity`: the fingerprints a lens file records (``unembed_hash``, ``unembed_sample``), compared with
   ``unembed_matches``; ``stream_change``
 
@@ -30,7 +31,18 @@ from .blocks import SublayerWrite
 from .experts import ExpertLayer, ExpertReading, read_experts
 from .identity import ModelFacts, describe, stream_change, unembed_hash, unembed_matches, unembed_sample
 from .logits import LogitTransform
-from .runs import cache_has, cache_tensor, capture, model_from_cache, run_with_cache, run_with_patches
+from .runs import (
+    PATCH_BUDGET_BYTES,
+    StreamPatch,
+    cache_has,
+    cache_tensor,
+    capture,
+    model_from_cache,
+    patched_rows_per_pass,
+    run_patched,
+    run_with_cache,
+    run_with_patches,
+)
 from .versions import (
     TL_MAJOR,
     TL_VERSION,
@@ -82,6 +94,10 @@ __all__ = [
     "model_from_cache",
     "run_with_cache",
     "run_with_patches",
+    "PATCH_BUDGET_BYTES",
+    "StreamPatch",
+    "patched_rows_per_pass",
+    "run_patched",
     "ModelFacts",
     "describe",
     "stream_change",
