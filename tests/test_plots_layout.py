@@ -122,8 +122,9 @@ def check_labels_do_not_overlap(labels, renderer):
 
 # -- a long sequence ------------------------------------------------------------------------------
 def test_4_by_128_heatmap_is_readable():
+    """One strip (windows=1): the cells narrow, and the figure says what it left out."""
     result = long_lens()
-    fig = plot_lens(result)
+    fig = plot_lens(result, windows=1)
     renderer = drawn(fig)
     ax = fig.axes[0]
     assert fig.get_figwidth() <= PAGE + 1e-9
@@ -148,16 +149,17 @@ def test_window_of_a_long_sequence_shows_text():
     result = long_lens()
     fig = plot_lens(result, positions=slice(0, 16))
     renderer = drawn(fig)
-    ax = fig.axes[0]
-    cells = cell_texts(ax)
+    windows = [ax for ax in fig.axes if ax.images]  # the window's 16 positions, in strips as wide as the page
+    cells = [t for ax in windows for t in cell_texts(ax)]
     assert len(cells) == 4 * 16 and all(t.get_fontsize() >= 6.0 for t in cells)
-    check_cells_fit(ax, renderer, 16)
+    for ax in windows:
+        check_cells_fit(ax, renderer, ax.images[0].get_array().shape[1])
     check_inside(fig, renderer)
 
 
 def test_elided_text_keeps_the_full_text_in_the_data():
     result = long_lens(n_pos=12)
-    fig = plot_lens(result)
+    fig = plot_lens(result, windows=1)
     renderer = drawn(fig)
     ax = fig.axes[0]
     (data,) = fig.tll_data
@@ -209,7 +211,7 @@ def test_demo_heatmap_fits_a_page_at_print_resolution(tmp_path):
 # -- small multiples -------------------------------------------------------------------------------
 def test_several_prompts_as_small_multiples():
     result = long_lens(n_pos=10, n_batch=3)
-    fig = plot_lens(result, batch=[0, 2])
+    fig = plot_lens(result, prompt=[0, 2], windows=1)
     renderer = drawn(fig)
     panels = [ax for ax in fig.axes if ax.images]
     assert len(panels) == 2 and len(fig.tll_data) == 2
@@ -218,10 +220,10 @@ def test_several_prompts_as_small_multiples():
         assert f"prompt {b}" in ax.get_title(loc="left")
     assert panels[0].images[0].norm is panels[1].images[0].norm  # one colour scale
     assert [d["prompt"] for d in fig.tll_data] == [0, 2]
-    assert len(plot_lens(result, batch=None).tll_data) == 3
+    assert len(plot_lens(result, prompt=None).tll_data) == 3
     check_inside(fig, renderer)
     with pytest.raises(ValueError, match="new figure"):
-        plot_lens(result, batch=[0, 1], ax=plt.subplots()[1])
+        plot_lens(result, prompt=[0, 1], ax=plt.subplots()[1])
 
 
 # -- one style ------------------------------------------------------------------------------------
@@ -272,9 +274,11 @@ def test_capp_gpt2_long_process_names(models_dir):
     result = tll.logit_lens(capp, tokens, targets="next")
     fig = plot_lens(result, metric="rank")
     renderer = drawn(fig)
-    ax = fig.axes[0]
+    windows = [ax for ax in fig.axes if ax.images]  # 48 positions in windows as wide as the page
     assert fig.get_figwidth() <= PAGE + 1e-9 and min(t.get_fontsize() for t in every_text(fig)) >= 6.0
-    check_cells_fit(ax, renderer, tokens.shape[1])
-    check_labels_do_not_overlap(visible_ticklabels(ax.xaxis), renderer)
+    assert sum(ax.images[0].get_array().shape[1] for ax in windows) == tokens.shape[1]
+    for ax in windows:
+        check_cells_fit(ax, renderer, ax.images[0].get_array().shape[1])
+        check_labels_do_not_overlap(visible_ticklabels(ax.xaxis), renderer)
     check_inside(fig, renderer)
     assert any(len(t) > 15 for row in fig.tll_data[0]["cell_text"] for t in row)  # long names were there

@@ -241,17 +241,39 @@ def write_owned_file(
 
 
 def atomic_write(path: Union[str, Path], write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` on a temporary path beside ``path``, then move it into place."""
+    """Call ``write(tmp)`` on a temporary path beside ``path``, then move it into place.
+
+    The file gets the permissions a plain ``open(path, "w")`` would: ``0o666`` less the
+    process's umask (``0o644`` under the usual ``022``), so a lens or page shared with
+    colleagues, or copied into a container running as another user, can be read.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp makes the file 0o600 whatever the umask; writers that replace the path (torch.save,
+        # savefig) keep that mode, so it is set here, once the content is in place.
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux), else set and restored."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # the only portable way to read it: set it, then put it back at once
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: Union[str, Path], text: str) -> None:

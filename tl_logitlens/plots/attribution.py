@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import LensInputError
+from ..renamed import renamed_keywords
 from ..tokentext import LITERAL_TEXT, display_token
 from .layout import (
     _axes_inches,
@@ -293,11 +294,12 @@ def _bars(att: Any, ax: Any, kind: str, m: np.ndarray, s: Any, value_label: str,
     return fig
 
 
+@renamed_keywords(batch="prompt")
 def plot_attribution_positions(
     att: Any,
     *,
     ax: Any = None,
-    batch: Optional[int] = 0,
+    prompt: Optional[int] = 0,
     top_k: Optional[int] = None,
     tokens: Optional[Sequence[str]] = None,
     width: Any = "page",
@@ -311,7 +313,7 @@ def plot_attribution_positions(
 
     Args:
         att: an :class:`~tl_logitlens.Attribution` with 3-D ``values``.
-        batch: the prompt to show, or ``None`` for the mean over prompts.
+        prompt: the prompt to show, or ``None`` for the mean over prompts (``batch=`` is the old spelling).
         ax: a matplotlib ``Axes`` to draw into.
         top_k: keep only the ``top_k`` components with the largest ``|value|`` at any
             position (useful with ``by="neuron"``), in their original order.
@@ -342,16 +344,16 @@ def plot_attribution_positions(
             "attribute at every position, or use plot_attribution"
         )
     n_comp, n_batch, n_pos = att.values.shape
-    if batch is None:
+    if prompt is None:
         data = att.values.mean(1)
         which = f"mean of {n_batch} prompts"
         pos_row = att.positions[0] if bool((att.positions == att.positions[0]).all()) else None
     else:
-        _check_batch(batch, n_batch, "attribution")
-        batch = int(batch) % n_batch
-        data = att.values[:, batch]
-        which = f"prompt {batch}" if n_batch > 1 else ""
-        pos_row = att.positions[batch]
+        _check_batch(prompt, n_batch, "attribution")
+        prompt = int(prompt) % n_batch
+        data = att.values[:, prompt]
+        which = f"prompt {prompt}" if n_batch > 1 else ""
+        pos_row = att.positions[prompt]
     labels = list(att.labels)
     rows = list(range(n_comp))
     if top_k is not None:
@@ -414,18 +416,19 @@ def _position_labels(ax: Any, x_labels: List[str], y_labels: List[str]) -> None:
     ax.set_yticklabels([y_labels[i] for i in y_ticks], fontsize=y_font, **LITERAL_TEXT)
 
 
+@renamed_keywords(top="top_k", batch="prompt")
 def plot_source_attribution(
     att: Any,
     *,
     ax: Any = None,
-    top: int = 6,
-    batch: Optional[int] = 0,
+    top_k: int = 6,
+    prompt: Optional[int] = 0,
     position: int = -1,
     annotate: Optional[bool] = None,
 ) -> Any:
     """Which source tokens the top heads' direct effect came from: a source x head heatmap.
 
-    Columns are the ``top`` heads with the largest ``|value|`` (for the prompt and position
+    Columns are the ``top_k`` heads with the largest ``|value|`` (for the prompt and position
     shown), strongest first; rows are the source positions from the first to the
     destination (later sources get no attention), labelled with their tokens; each cell is
     ``att.by_source()[layer, head, src]``, the part of the head's effect on the answer's
@@ -435,9 +438,11 @@ def plot_source_attribution(
 
     Args:
         att: an :class:`~tl_logitlens.Attribution` made with ``by="head", by_source=True``.
-        top: how many heads to show (a positive int; fewer when the model has fewer).
-        batch: the prompt to show, or ``None`` for the mean over prompts (rows are then
-            labelled by position only, since prompts hold different tokens).
+        top_k: how many heads to show (a positive int; fewer when the model has fewer; ``top=``
+            is the old spelling).
+        prompt: the prompt to show, or ``None`` for the mean over prompts (rows are then
+            labelled by position only, since prompts hold different tokens; ``batch=`` is the
+            old spelling).
         position: for an attribution taken at several positions, which column of
             ``att.positions`` (negative from the end).
         ax: a matplotlib ``Axes`` to draw into.
@@ -453,13 +458,13 @@ def plot_source_attribution(
         >>> model = tll.demo_model()
         >>> ids = tll.demo.induction_prompt(model)
         >>> att = tll.direct_logit_attribution(model, ids[:, :-1], answers=int(ids[0, -1]), by="head", by_source=True)
-        >>> fig = plot_source_attribution(att, top=3)
+        >>> fig = plot_source_attribution(att, top_k=3)
         >>> fig.axes[0].images[0].get_array().shape      # 24 sources up to the last token, 3 heads
         (24, 3)
     """
     data = att.by_source()  # [layer, head, src, batch(, pos)]
-    if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
-        raise LensInputError(f"top must be a positive int (how many heads to show), got {top!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise LensInputError(f"top_k must be a positive int (how many heads to show), got {top_k!r}")
     n_layers, n_heads, n_src, n_batch = data.shape[:4]
     positions = att.positions  # [batch, n]
     if data.ndim == 5:
@@ -472,22 +477,22 @@ def plot_source_attribution(
         data = data[..., col]
     else:
         col = 0
-    if batch is None:
+    if prompt is None:
         grid = torch.nanmean(data, dim=3)  # [layer, head, src]
         dests = {int(p) for p in positions[:, col]}
         dest = max(dests)
         which = f"mean of {n_batch} prompts"
         words = None
     else:
-        _check_batch(batch, n_batch, "attribution")
-        b = int(batch) % n_batch
+        _check_batch(prompt, n_batch, "attribution")
+        b = int(prompt) % n_batch
         grid = data[:, :, :, b]
         dest = int(positions[b, col])
         which = f"prompt {b}" if n_batch > 1 else ""
         texts = att.source_tokens()
         words = None if texts is None else texts[b]
     totals = grid.sum(2).reshape(-1)  # [layer * head]
-    order = totals.abs().nan_to_num(-1.0).argsort(descending=True)[: int(top)].tolist()
+    order = totals.abs().nan_to_num(-1.0).argsort(descending=True)[: int(top_k)].tolist()
     heads = [divmod(i, n_heads) for i in order]
     rows = list(range(min(dest + 1, n_src)))
     image_data = _np(torch.stack([grid[layer, head, : len(rows)] for layer, head in heads], dim=1))  # [src, head]
