@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -268,8 +269,45 @@ def test_accumulated_prints_in_layer_order_and_head_lists_heads(capsys, words):
         capsys, "dla", "--model", "demo", "--prompt", prompt, "--answer", answer, "--by", "head", "--top", "20"
     )
     assert code == 0, err
-    printed = [line.split()[0] for line in out.splitlines()[1:] if line.strip()]
+    rows, (total,) = out.splitlines()[1:-1], out.splitlines()[-1:]  # the last line says where the rest came from
+    printed = [line.split()[0] for line in rows if line.strip()]
     assert printed and all(label.startswith("L") and "H" in label for label in printed)
+    assert total.strip().startswith("sum:") and "the constant" in total
+
+
+def test_dla_by_head_says_where_the_rest_of_the_value_came_from(capsys, words):
+    """The heads printed, the heads not printed, the other components and the constant add up to the model's value,
+    computed here from the attribution itself (not from the line)."""
+    prompt, answer, first = words
+    code, out, err = run(
+        capsys,
+        "dla",
+        "--model",
+        "demo",
+        "--prompt",
+        prompt,
+        "--answer",
+        answer,
+        "--wrong",
+        first,
+        "--by",
+        "head",
+        "--top-k",
+        "3",
+    )
+    assert code == 0, err
+    last = out.splitlines()[-1]
+    numbers = [float(x) for x in re.findall(r"[+-]\d+\.\d+", last)]
+    shown, heads, others, constant, value = numbers
+    att = tll.direct_logit_attribution(tll.demo_model(), prompt, answers=answer, wrong=first, by="head")
+    is_head = [bool(re.fullmatch(r"L\d+H\d+", label)) for label in att.labels]
+    mean = att.values[:, 0]
+    assert shown + heads == pytest.approx(float(mean[torch.tensor(is_head)].sum()), abs=2e-3)
+    assert others == pytest.approx(float(mean[~torch.tensor(is_head)].sum()), abs=2e-3)
+    assert constant == pytest.approx(float(att.constant[0]), abs=1e-3)
+    assert value == pytest.approx(float(att.model_value[0]), abs=1e-3)
+    assert shown + heads + others + constant == pytest.approx(value, abs=5e-3)
+    assert "the other 5 heads" in last and "the other components (embeddings, MLPs, biases)" in last
 
 
 def test_eval_on_a_token_file(tmp_path, capsys, demo_tokens):

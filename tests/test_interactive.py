@@ -75,7 +75,9 @@ def test_page_carries_plotlyjs_and_the_figure(demo, tmp_path):
     want.append(
         f"entropy {float(result.entropy[layer, b, j]):.4g} · KL {float(result.kl_to_final[layer, b, j]):.4g} nats"
     )
-    assert fig["data"][b]["text"][layer][j].split("<br>") == want
+    assert fig["data"][b]["customdata"][layer][j].split("<br>") == want  # the hover; the cell shows its top-1 token
+    top1 = tok(result.top_ids[layer, b, j, 0])
+    assert fig["data"][b]["text"][layer][j] in (top1, f"<b>{top1}</b>")
     assert tok(tokens[0, 0]) == "&lt;bos&gt;" and fig["layout"]["xaxis"]["ticktext"][0] == "&lt;bos&gt;"
     # Colours: 4 significant digits of the metric; the last position has no next token.
     assert fig["data"][0]["z"][2][3] == float(f"{float(result.top_probs[2, 0, 3, 0]):.4g}")
@@ -95,7 +97,7 @@ def test_lens_without_targets_or_position_axis(demo):
         "entropy",
         "KL to final",
     ]
-    assert len(fig.data[0].z[0]) == 1 and "next" not in fig.data[0].text[0][0]
+    assert len(fig.data[0].z[0]) == 1 and "next" not in fig.data[0].customdata[0][0]
     with pytest.raises(LensInputError, match="target metrics need logit_lens"):
         interactive.lens_figure(result, metric="rank")
     with pytest.raises(LensInputError, match="prompt must index the batch of 2"):
@@ -110,7 +112,8 @@ def test_padding_cells_are_gaps():
     fig = interactive.lens_figure(result)
     short = int(result.lengths[1])
     assert short < result.positions.shape[1]
-    assert all(row[short] is None for row in fig.data[1].z) and fig.data[1].text[0][short] == "padding"
+    assert all(row[short] is None for row in fig.data[1].z) and fig.data[1].customdata[0][short] == "padding"
+    assert fig.data[1].text[0][short] == ""  # no token shown in a padding cell
     assert all(row[short] is not None for row in fig.data[0].z)
 
 
@@ -120,7 +123,7 @@ def test_attribution_views(demo):
     fig = interactive.attribution_figure(heads)
     by_head = heads.by_head().double()  # [layer, head, batch]
     assert fig.data[0].z[1][2] == float(f"{float(by_head[1, 2].mean()):.4g}")
-    assert fig.data[2].text[1][2].split("<br>")[0] == f"L1H2: {float(by_head[1, 2, 1]):+.4g}"
+    assert fig.data[2].customdata[1][2].split("<br>")[0] == f"L1H2: {float(by_head[1, 2, 1]):+.4g}"
     assert [b.label for b in fig.layout.updatemenus[0].buttons] == [
         "mean over prompts",
         "prompt 0 pos 23",
@@ -199,10 +202,10 @@ def test_names_and_colours_are_the_static_figures(demo):
         interactive.evaluation_figure(ev, statistics=("top1_accuracy",))
 
     neurons = tll.direct_logit_attribution(model, tokens[:, :-1], answers=tokens[:, -1].tolist(), by="neuron")
-    bars = interactive.attribution_figure(neurons, top=7).data[0]
+    bars = interactive.attribution_figure(neurons, top_k=7).data[0]
     assert list(bars.marker.color) == [NEG_COLOR if x < 0 else POS_COLOR for x in bars.x]
-    with pytest.raises(LensInputError, match="top must be a positive int"):
-        interactive.attribution_figure(neurons, top=0)
+    with pytest.raises(LensInputError, match="top_k must be a positive int"):
+        interactive.attribution_figure(neurons, top_k=0)
     heads = tll.direct_logit_attribution(model, tokens[:, :-1], answers=tokens[:, -1].tolist(), by="head")
     scale = interactive.attribution_figure(heads).data[0].colorscale
     assert [colour for _, colour in scale] == [to_hex(colormaps["RdBu"](float(position))) for position, _ in scale]
@@ -300,10 +303,10 @@ def test_cli_html_pages(demo, tmp_path, capsys):
     assert code == 0, err
     fig = figure_json((tmp_path / "lens.html").read_text(encoding="utf-8"))
     direct = tll.logit_lens(model, prompt, targets="next")
-    assert fig["data"][0]["text"][-1][3].split("<br>")[-1] == (
+    assert fig["data"][0]["customdata"][-1][3].split("<br>")[-1] == (
         f"entropy {float(direct.entropy[-1, 0, 3]):.4g} · KL {float(direct.kl_to_final[-1, 0, 3]):.4g} nats"
     )
-    assert f"rank {int(direct.target_ranks[0, 0, 3, 0])}" in fig["data"][0]["text"][0][3]
+    assert f"rank {int(direct.target_ranks[0, 0, 3, 0])}" in fig["data"][0]["customdata"][0][3]
     code, out, err = _cli(
         capsys,
         "dla",
@@ -333,12 +336,13 @@ def test_cli_html_pages(demo, tmp_path, capsys):
     "where, message",
     [
         ("", "is a folder; name the page's file"),
-        ("missing/page.html", "does not exist; create it first"),
+        ("a_file/page.html", "is a file, not a folder"),
     ],
 )
 def test_cli_html_refused_before_any_work(tmp_path, capsys, monkeypatch, where, message):
     import tl_logitlens.cli.commands as commands
 
+    (tmp_path / "a_file").write_text("not a folder")
     monkeypatch.setattr(commands, "load_model", lambda *a: pytest.fail("loaded the model before checking --html"))
     code, out, err = _cli(capsys, "lens", "--model", "demo", "--prompt", "red", "--html", str(tmp_path / where))
     assert code == 2 and message in err
@@ -365,7 +369,7 @@ def test_lens_from_a_cache_names_positions(demo):
     result = tll.logit_lens(model, cache=cache)
     assert result.input_ids is None
     fig = interactive.lens_figure(result)
-    assert fig.data[0].text[1][3].split("<br>")[0] == f"{result.labels[1]} · pos 3"
+    assert fig.data[0].customdata[1][3].split("<br>")[0] == f"{result.labels[1]} · pos 3"
     assert list(fig.layout.xaxis.ticktext[:3]) == ["0", "1", "2"]
 
 

@@ -472,6 +472,7 @@ def test_attribution_head_heatmap(atts):
     ax = fig.axes[0]
     (image,) = ax.images
     np.testing.assert_allclose(filled(image), att.by_head().mean(-1).numpy(), rtol=1e-6)
+    assert image.origin == "lower"  # layers go up, as in the lens heatmap and the interactive page
     assert image.norm.vmin == -image.norm.vmax > -np.inf and image.norm.vmax > 0
     assert image.cmap.name.startswith("RdBu") and image.colorbar is not None and len(fig.axes) == 2
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("Head", "Layer")

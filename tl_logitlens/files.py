@@ -10,7 +10,7 @@ never half of one.
 - A folder writer (``TunedLens.save``, training checkpoints, the command line's ``--out``)
   claims its folder with :class:`OwnedFolder`: the folder may be new, empty, or hold only
   files the package wrote there, which it records in the folder's ``.tl_logitlens_files.json``
-  (a page or JSON result carrying the package's mark counts as its own too).
+  (a page, JSON result or plotly.js carrying the package's mark counts as its own too).
   Any other file (a model's ``config.json``, your notes) makes it refuse, naming the files,
   before anything is written.
 - A single-file writer (``LensEvaluation.save``, ``to_html``) replaces an existing file only
@@ -51,6 +51,7 @@ __all__ = [
     "MANIFEST",
     "JSON_MARK",
     "HTML_MARK",
+    "JS_MARK",
     "OwnedFolder",
     "check_folder",
     "check_file",
@@ -71,7 +72,9 @@ _MANIFEST_FORMAT = "tl_logitlens.files/1"
 JSON_MARK = b'"format": "tl_logitlens.'
 #: The mark of an HTML page the package wrote (in its ``<head>``).
 HTML_MARK = b'<meta name="generator" content="tl_logitlens">'
-_MARKS = (JSON_MARK, HTML_MARK)
+#: The mark of the plotly.js the package writes beside its pages (its first line).
+JS_MARK = b"/* tl_logitlens: plotly.js"
+_MARKS = (JSON_MARK, HTML_MARK, JS_MARK)
 _MARK_BYTES = 4096  # marks sit at the start of a file
 _MEND = "pass overwrite=True"
 # What file browsers leave in any folder: never a user's data.

@@ -18,10 +18,10 @@ from ..errors import LensInputError
 from ..renamed import renamed_keywords
 from ..tokentext import LITERAL_TEXT, display_token
 from .layout import (
+    _answer_words,
     _axes_inches,
     _check_batch,
     _clamp,
-    _decoder,
     _new_axes,
     _np,
     _set_ticklabels,
@@ -61,22 +61,6 @@ def _pick_position(att: Any, position: int) -> Tuple[torch.Tensor, str]:
     return att.values[:, :, col], f" at {where} (of {n_pos}; plot_attribution_positions shows all)"
 
 
-def _answer_words(att: Any) -> str:
-    """``logit(␣Paris) − logit(␣Rome)`` when all prompts share the tokens, else generic."""
-    decode = _decoder(att.tokenizer)
-
-    def one(ids: Optional[torch.Tensor], generic: str) -> str:
-        if ids is None:
-            return ""
-        ids = ids.reshape(-1)
-        return decode(int(ids[0])) if bool((ids == ids[0]).all()) else generic
-
-    text = f"logit({one(att.answer_ids, 'answer')})"
-    if att.wrong_ids is not None:
-        text += f" \u2212 logit({one(att.wrong_ids, 'wrong')})"
-    return text
-
-
 def _model_value_words(att: Any, position: int) -> str:
     mv, const = att.model_value, att.constant
     if mv.ndim == 2:
@@ -110,8 +94,9 @@ def plot_attribution(
     - ``"accumulated"`` -> ``"line"``: the accumulated stream's reading of the answer after
       each layer (the logit lens on the logit difference; not a direct effect).
     - ``"head"`` -> ``"heatmap"``: ``att.by_head()`` averaged over prompts, ``[layer,
-      head]`` (layer 0 at the top), diverging ``RdBu`` map with limits symmetric about
-      zero and a colour bar. The non-head terms (embeddings, MLPs, biases) are not shown;
+      head]`` (layer 0 at the bottom, as in the lens heatmap and the interactive page), diverging
+      ``RdBu`` map with limits symmetric about zero and a colour bar. The non-head terms
+      (embeddings, MLPs, biases) are not shown;
       ``kind="bar"`` shows every term.
     - ``"neuron"`` -> ``"barh"``: the ``top_k`` neurons with the largest ``|mean|``,
       strongest at the top, labelled ``L1N37``.
@@ -192,7 +177,8 @@ def _spread(std: Any) -> str:
 
 
 def _head_heatmap(att: Any, ax: Any, position: int, title: str, annotate: Optional[bool], width: Any) -> Any:
-    """``att.by_head()`` averaged over prompts, ``[layer, head]``, layer 0 at the top."""
+    """``att.by_head()`` averaged over prompts, ``[layer, head]``, layer 0 at the bottom (layers go up, as in
+    the lens heatmap and every interactive page)."""
     grid = att.by_head()  # [layer, head, batch(, pos)]
     if grid.ndim == 4:
         grid = grid[..., position % grid.shape[3]]
@@ -203,7 +189,12 @@ def _head_heatmap(att: Any, ax: Any, position: int, title: str, annotate: Option
     fig, ax = _new_axes(ax, size, width)
     limit = float(np.abs(data).max()) or 1.0
     image = ax.imshow(
-        data, cmap=SIGNED_CMAP, norm=mcolors.Normalize(-limit, limit), aspect="auto", interpolation="nearest"
+        data,
+        cmap=SIGNED_CMAP,
+        norm=mcolors.Normalize(-limit, limit),
+        aspect="auto",
+        interpolation="nearest",
+        origin="lower",
     )
     bar = fig.colorbar(image, ax=ax, pad=0.02)
     bar.set_label("direct effect (on the title's logit)", fontsize=BASE_FONT - 1)  # the target is in the title

@@ -101,6 +101,29 @@ def _decoder(tokenizer: Any) -> Any:
     return decode
 
 
+def _answer_words(att: Any, prompt: Optional[int] = None) -> str:
+    """``logit(␣Paris) − logit(␣Rome)``: the tokens all prompts share (or those of ``prompt``), else generic."""
+    decode = _decoder(att.tokenizer)
+
+    def one(ids: Optional[torch.Tensor], generic: str) -> str:
+        if ids is None:
+            return ""
+        ids = ids.reshape(-1) if prompt is None else ids.reshape(-1)[prompt : prompt + 1]
+        return decode(int(ids[0])) if bool((ids == ids[0]).all()) else generic
+
+    text = f"logit({one(att.answer_ids, 'answer')})"
+    if att.wrong_ids is not None:
+        text += f" \u2212 logit({one(att.wrong_ids, 'wrong')})"
+    return text
+
+
+def _shared_answers(att: Any) -> bool:
+    """Whether every prompt attributes the same answer (and wrong) token."""
+    return all(
+        ids is None or bool((ids.reshape(-1) == ids.reshape(-1)[0]).all()) for ids in (att.answer_ids, att.wrong_ids)
+    )
+
+
 def _np(t: Any) -> np.ndarray:
     if isinstance(t, torch.Tensor):
         return t.detach().float().cpu().numpy()
