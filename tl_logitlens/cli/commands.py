@@ -442,7 +442,7 @@ def _resume_refusal(err: Any, out: Path) -> str:
     checkpoint = out / CHECKPOINT
     afresh = f"name another --out, or delete {str(checkpoint)!r}, to start afresh"
     if not err.resume_differences:
-        return f"{err.resume_problem}; {afresh}"
+        return f"{' '.join(err.resume_problem.split())}; {afresh}"
 
     def word(key: str, value: Any) -> str:
         return ("given" if value else "not given") if key == "incl_mid" else repr(value)

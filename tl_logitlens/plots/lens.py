@@ -53,7 +53,7 @@ _SIDE = 1.55  # inches beside the grid: y tick labels and title, the colour bar
 _HEAD = 0.8  # inches above and below the panels: the title and the caption
 #: Inches: the tallest a heatmap split into windows grows (two page heights); past it the cells narrow.
 MAX_TALL = 2 * MAX_HEIGHT
-_WAY_OUT = "pass positions=slice(a, b) for fewer positions, or a larger width= (inches) for wider cells"
+_WAY_OUT = "for readable cells pass positions=slice(a, b) (fewer positions) or a larger width= (inches)"
 
 
 @renamed_keywords(batch="prompt")
@@ -183,7 +183,10 @@ def plot_lens(
         notes += _column_labels(ax_, window, fontsize, axis_titles=(a == 0, z == len(p["positions"])))
     drawn = list(dict.fromkeys(id(p) for _, p, _ in plan))
     panels = [p for p in panels if id(p) in drawn]
-    _titles(fig, plan, result, mark_next, list(dict.fromkeys(notes)), owned)
+    notes = list(dict.fromkeys(notes))
+    if any(n.startswith(("cells too narrow", "labels thinned")) for n in notes):
+        notes.append(_WAY_OUT)
+    _titles(fig, plan, result, mark_next, notes, owned)
     add_caption(fig, [STACK_CAPTION], owned)
     keys = ("prompt", "positions", "values", "cell_text", "input_tokens", "next_tokens")
     fig.tll_data = list(getattr(fig, "tll_data", [])) + [
@@ -321,33 +324,37 @@ def _window_figure(
     fig = _new_figure((max_w, 2.0))  # measured in first, sized below
     cell = _cell_width(fig, panels)
     n_cols = max(len(p["positions"]) for p in panels)
-    flat_h = 2 * 0.3 + 0.35  # two rows of flat labels and the panel's title
     notes: List[str] = []
-    shortest = n_rows * _MIN_ROW_H + flat_h
+    shortest = n_rows * _MIN_ROW_H + 2 * 0.3 + 0.35  # the lowest rows, flat labels, the panel's title
     if every_prompt and len(panels) * shortest + _HEAD > MAX_TALL:  # prompt=None on many prompts: what fits
         keep = max(1, int((MAX_TALL - _HEAD) // shortest))
         notes.append(f"prompts {keep}..{len(panels) - 1} not drawn (too tall): pass prompt=[...] to choose")
         panels = panels[:keep]
-    if windows is None:
-        fit = max(1, int((MAX_TALL - _HEAD) // (len(panels) * (n_rows * _ROW_H + flat_h))))
-        windows = min(math.ceil(n_cols / max(1, int((max_w - _SIDE) // cell))), fit)
-    per = math.ceil(n_cols / min(windows, n_cols))
-    n_win = math.ceil(n_cols / per)  # balanced: every window holds per or fewer, none is empty
-    grid_w = max_w - _SIDE if n_win > 1 else max(min(cell * n_cols, max_w - _SIDE), min(1.0, max_w / 2))
     longest = max(len(s) for p in panels for s in [*p["input_tokens"], *p["next_tokens"]])
     rotated = min(_ROTATED, 0.6 * BASE_FONT / 72 * longest)  # a rotated label is as tall as it is long
-    label_h = 0.3 if grid_w / per >= _flat_room(fig) else rotated + 0.3
-    row_h, plan_rows = _ROW_H, len(panels) * n_win
-    height = plan_rows * (n_rows * row_h + 2 * label_h + 0.35) + _HEAD
+    flat = _flat_room(fig)
+
+    def shape(n_win: int, row_h: float) -> Tuple[int, int, float, float]:
+        """``(positions per window, windows, grid width, figure height)`` for ``n_win`` windows per panel."""
+        per = math.ceil(n_cols / min(n_win, n_cols))
+        n_win = math.ceil(n_cols / per)  # balanced: every window holds per or fewer, none is empty
+        grid_w = max_w - _SIDE if n_win > 1 else max(min(cell * n_cols, max_w - _SIDE), min(1.0, max_w / 2))
+        label_h = 0.3 if grid_w / per >= flat else rotated + 0.3  # narrow cells: rotated labels
+        return per, n_win, grid_w, len(panels) * n_win * (n_rows * row_h + 2 * label_h + 0.35) + _HEAD
+
+    if windows is None:  # as many as the cells' text needs, fewer when the figure would pass MAX_TALL
+        need = math.ceil(n_cols / max(1, int((max_w - _SIDE) // cell)))
+        windows = next((w for w in range(need, 1, -1) if shape(w, _ROW_H)[3] <= MAX_TALL), 1)
+    per, n_win, grid_w, height = shape(windows, _ROW_H)
     if height > MAX_TALL:  # shrink the rows, down to one small line of text each
-        row_h = max(_MIN_ROW_H, _ROW_H - (height - MAX_TALL) / (plan_rows * n_rows))
-        height = plan_rows * (n_rows * row_h + 2 * label_h + 0.35) + _HEAD
+        over = (height - MAX_TALL) / (len(panels) * n_win * n_rows)
+        per, n_win, grid_w, height = shape(windows, max(_MIN_ROW_H, _ROW_H - over))
     fig.set_size_inches(grid_w + _SIDE, max(2.0, height))
     plan = []
     for p in panels:
         n = len(p["positions"])
         for a in range(0, n, per):
-            plan.append((fig.add_subplot(plan_rows, 1, len(plan) + 1), p, (a, min(a + per, n))))
+            plan.append((fig.add_subplot(len(panels) * n_win, 1, len(plan) + 1), p, (a, min(a + per, n))))
     return fig, plan, notes
 
 
@@ -404,7 +411,7 @@ def _annotate_panel(
         # Text only where it says something: hide it all when most cells could show no more than "x…".
         if sum(s == t or len(s) >= 3 for s, t in full) < len(full) / 2:
             annotate = False
-            notes.append(f"cells too narrow for text: {_WAY_OUT}")
+            notes.append("cells too narrow for text")
         elif any(s != t for s, t in full):
             notes.append("long tokens elided (\u2026)")
     for i in range(n_rows):
@@ -484,7 +491,7 @@ def _column_labels(
     elided = any(elide(texts[j], room, font, fig) != texts[j] for j in range(len(texts)) if j % n_cols in ticks)
     notes = ["long tokens elided (\u2026)"] if elided else []
     if step > 1:
-        notes.append(f"labels thinned: one per {step} positions ({_WAY_OUT})")
+        notes.append(f"labels thinned: one per {step} positions")
     return notes
 
 

@@ -39,7 +39,7 @@ def read_checkpoint(path: Path) -> Dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated or foreign file: name it, not torch's internals
         raise refused(
-            f"{path}: not a readable training checkpoint ({type(err).__name__}: {err})",
+            f"{path}: not a readable training checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:200]})",
             "delete it to start afresh, or pass resume=False",
         ) from None
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
