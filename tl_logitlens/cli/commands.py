@@ -232,7 +232,7 @@ def cmd_patchscope(args: argparse.Namespace) -> Dict[str, Any]:
     if args.target is not None and not args.target.strip():
         raise UsageError("--target is empty; give the target prompt's text (or leave it out for the identity prompt)")
     out = check_out(args.out, args.overwrite)
-    html = check_html(args.html, args.overwrite)
+    html = check_html(args.html, args.overwrite, args.plotly)
     _start_torch()
     import tl_logitlens as tll
 
@@ -265,7 +265,7 @@ def cmd_patchscope(args: argparse.Namespace) -> Dict[str, Any]:
         write_table(full.to_dataframe(), out, "patchscope.csv", written)
         write_summary(summary, out, written)
     if html is not None:
-        write_page(full, html, args.overwrite)
+        write_page(full, html, args.overwrite, args.plotly, out)
     return summary
 
 

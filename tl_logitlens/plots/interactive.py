@@ -415,7 +415,8 @@ def lens_figure(result: Any, *, top_k: Optional[int] = None, metric: str = "prob
         xaxis["range"] = [-0.5, shown - 0.5]
         title += f" (positions 0\u2013{shown - 1} of {n_pos}: drag sideways for the rest)"
     fig.update_layout(
-        title={"text": title, "y": 0.98},
+        # below the mode bar, which covers a long title's end on a narrow page
+        title={"text": title, "y": 1, "yanchor": "top", "pad": {"t": 32}},
         updatemenus=_lens_menus(cells, metrics, metric, prompt, 1),
         margin={"t": 110},
         height=max(320, 130 + 26 * n_layer),
