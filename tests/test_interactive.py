@@ -421,6 +421,28 @@ def test_lens_page_cells_show_the_top_token_and_pan_when_wide():
     assert fig.layout.dragmode == "pan"
 
 
+def _px_above_plot(fig, menu):
+    """How many px a menu's bottom sits above the plot area (its paper y is relative to the plot area)."""
+    plot = fig.layout.height - fig.layout.margin.t - fig.layout.margin.b
+    return (menu.y - 1) * plot
+
+
+def test_menus_sit_just_above_the_plot_on_short_and_tall_pages(demo):
+    # A fixed paper y (1.1) put a 40-neuron page's menu over its title, and a 25-entry lens page's off the top.
+    demo, tokens = demo
+    tall = tll.logit_lens(_twelve_layers(n_ctx=16, d_vocab=50), torch.arange(16)[None], incl_mid=True)
+    figures = [
+        interactive.lens_figure(tll.logit_lens(demo, tokens)),
+        interactive.lens_figure(tall),
+        interactive.attribution_figure(tll.direct_logit_attribution(demo, tokens, answers=3, by="neuron"), top_k=40),
+        interactive.attribution_figure(tll.direct_logit_attribution(demo, tokens, answers=3, by="head")),
+    ]
+    assert len(tall.labels) == 25 and figures[1].layout.height > 700 and figures[2].layout.height > 900
+    for fig in figures:
+        for menu in fig.layout.updatemenus:
+            assert 8 <= _px_above_plot(fig, menu) <= 20, (fig.layout.meta, fig.layout.height)
+
+
 def test_plotly_directory_pages_share_one_plotly_js(demo, tmp_path):
     model, tokens = demo
     lens = tll.logit_lens(model, tokens, targets="next")

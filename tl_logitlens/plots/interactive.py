@@ -113,6 +113,13 @@ _CELL_FONT = 11  # px: the text in a lens cell
 _CHAR_PX = 6.6  # px: an average character at that size, to size cells before the browser draws them
 _PAGE_PX = (640, 2600)  # the narrowest and widest a lens page is drawn (px, two laptop windows); wider grids pan
 _SIDE_PX = 190  # px beside the grid: the stack-entry labels and the colour bar
+_TOP_PX, _BOTTOM_PX = 110, 80  # a page's margins above and below the plot area (plotly's default below)
+
+
+def _menu_y(height: int) -> float:
+    """The paper ``y`` that puts a menu's bottom 14 px above the plot area of a page ``height`` px tall
+    (a fixed paper ``y`` such as 1.1 lands in the title on a tall page, and off the page on a taller one)."""
+    return 1 + 14 / max(height - _TOP_PX - _BOTTOM_PX, 1)
 
 
 def _go() -> Any:
@@ -336,8 +343,11 @@ def _lens_traces(go: Any, cells: _LensCells, metric: str, prompt: int) -> List[A
     ]
 
 
-def _lens_menus(cells: _LensCells, metrics: List[str], metric: str, prompt: int, step: int) -> List[Dict[str, Any]]:
-    """The metric menu (recolours every prompt's heatmap) and, for several prompts, the prompt menu."""
+def _lens_menus(
+    cells: _LensCells, metrics: List[str], metric: str, prompt: int, step: int, height: int
+) -> List[Dict[str, Any]]:
+    """The metric menu (recolours every prompt's heatmap) and, for several prompts, the prompt menu, above the
+    plot area of a page ``height`` px tall."""
     _, batch, n_pos = cells.shape
     metric_buttons = []
     for m in metrics:
@@ -350,7 +360,7 @@ def _lens_menus(cells: _LensCells, metrics: List[str], metric: str, prompt: int,
             "colorbar.title.text": scale["bar"],
         }
         metric_buttons.append({"label": scale["label"], "method": "restyle", "args": [restyle]})
-    place = {"y": 1.12, "xanchor": "left", "yanchor": "bottom", "showactive": True}
+    place = {"y": _menu_y(height), "xanchor": "left", "yanchor": "bottom", "showactive": True}
     menus = [{"buttons": metric_buttons, "active": metrics.index(metric), "x": 0.0, **place, "name": "metric"}]
     if batch > 1:
         prompt_buttons = [
@@ -404,6 +414,7 @@ def lens_figure(result: Any, *, top_k: Optional[int] = None, metric: str = "prob
         raise LensInputError(f"prompt must index the batch of {batch} prompts, got {prompt!r}")
     fig = go.Figure(_lens_traces(go, cells, metric, prompt))
     cell, shown = _lens_cells_px(cells)
+    height = max(320, 130 + 26 * n_layer)
     title = f"{cells.lens_name} lens: each cell's top-1 token; hover a cell for its top tokens"
     xaxis: Dict[str, Any] = {
         "title": {"text": "position (input token)"},
@@ -417,9 +428,9 @@ def lens_figure(result: Any, *, top_k: Optional[int] = None, metric: str = "prob
     fig.update_layout(
         # below the mode bar, which covers a long title's end on a narrow page
         title={"text": title, "y": 1, "yanchor": "top", "pad": {"t": 32}},
-        updatemenus=_lens_menus(cells, metrics, metric, prompt, 1),
-        margin={"t": 110},
-        height=max(320, 130 + 26 * n_layer),
+        updatemenus=_lens_menus(cells, metrics, metric, prompt, 1, height),
+        margin={"t": _TOP_PX, "b": _BOTTOM_PX},
+        height=height,
         width=max(_PAGE_PX[0], _SIDE_PX + round(cell * shown)),
         xaxis=xaxis,
         yaxis={
@@ -582,11 +593,13 @@ def attribution_figure(att: Any, *, top_k: int = 40) -> Any:
         for n, (name, _, _) in enumerate(options)
     ]
     fig = go.Figure(traces)
+    height = max(360, 140 + 22 * (att.n_layers if att.by == "head" else len(traces[0].y)))
+    menu = {"buttons": buttons, "x": 0.0, "y": _menu_y(height), "xanchor": "left", "yanchor": "bottom", "name": "cell"}
     fig.update_layout(
         title={"text": title, "y": 1, "yanchor": "top", "pad": {"t": 14}},
-        updatemenus=[{"buttons": buttons, "x": 0.0, "y": 1.1, "xanchor": "left", "yanchor": "bottom", "name": "cell"}],
-        margin={"t": 110},
-        height=max(360, 140 + 22 * (att.n_layers if att.by == "head" else len(traces[0].y))),
+        updatemenus=[menu],
+        margin={"t": _TOP_PX, "b": _BOTTOM_PX},
+        height=height,
         meta={"view": "attribution", "by": att.by},
         **axes,
     )
