@@ -495,6 +495,12 @@ def test_cli_html_inside_out_and_in_a_new_folder(demo, tmp_path, capsys):
     assert {"lens.html", "plotly.min.js", "lens_heatmap.png"} <= {p.name for p in out.iterdir()}
     recorded = json.loads((out / files.MANIFEST).read_text())["files"]
     assert {"lens.html", "plotly.min.js"} <= set(recorded)
+    scope = tmp_path / "scope"  # patchscope writes its page the same way
+    argv = ["patchscope", "--model", "demo", "--prompt", "red cat sun", "--layers", "0", "--quiet"]
+    for _ in range(2):
+        code, _, err = _cli(capsys, *argv, "--out", str(scope), "--html", str(scope / "scope.html"))
+        assert code == 0, err
+    assert {"scope.html", "plotly.min.js"} <= set(json.loads((scope / files.MANIFEST).read_text())["files"])
     code, _, err = _cli(
         capsys,
         "dla",
