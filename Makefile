@@ -8,7 +8,7 @@ PIP_QUIET ?= -q
 TL3 ?= transformer-lens==3.9.0
 TL2 ?= transformer-lens==2.18.0 pyarrow<22
 
-.PHONY: setup lint test test-real test-compat test-zoo test-notebooks test-interop test-distributed demo readme-figures bench bench-tables bench-training bench-patchscope clean
+.PHONY: setup lint test test-real test-compat test-zoo tutorials test-notebooks test-interop test-distributed demo readme-figures bench bench-tables bench-training bench-patchscope clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,9 +62,17 @@ test-compat: .venv-tl3/.installed .venv-tl2/.installed
 test-zoo: setup
 	$(PY) -m pytest -q -m zoo_bf16
 
-# Executes the tutorial notebooks (slow; CI runs it).
+# The tutorials (every tutorials/*.ipynb; NAMES="01_logit_lens ..." for some) executed in a fresh kernel and
+# written back with their outputs, refused if one prints a path, a warning or anything on stderr
+# (tests/notebooks.py). Their real-model cells read TL_LOGITLENS_MODELS. Commit what it writes.
+MODELS ?= $(abspath ../shared/models)
+tutorials: setup
+	TL_LOGITLENS_MODELS="$${TL_LOGITLENS_MODELS:-$(MODELS)}" $(PY) tests/notebooks.py $(NAMES)
+
+# Executes the tutorials again and fails when what they print differs from the committed outputs (the rule:
+# tests/notebooks.py; slow; CI runs it).
 test-notebooks: setup
-	$(PY) -m pytest -q -m notebooks
+	TL_LOGITLENS_MODELS="$${TL_LOGITLENS_MODELS:-$(MODELS)}" $(PY) -m pytest -q -m notebooks tests/test_notebooks.py
 
 # Real torchrun jobs (2-3 CPU processes with gloo) compared with one process (slow; CI runs it).
 test-distributed: setup

@@ -2,7 +2,7 @@
 
 The layers, bottom to top (docs/architecture.md draws them):
 
-0. base: errors, files, tokentext, progress, distributed; and plots/, which draws result objects
+0. base: errors, files, tokentext, progress, distributed, renamed; and plots/, which draws result objects
    it is handed and never imports an analysis
 1. kernel/: knows no model, no lens, no analysis
 2. model_access/: the one reader of the model
@@ -25,6 +25,7 @@ LAYERS = {
     "tokentext": 0,
     "progress": 0,
     "distributed": 0,
+    "renamed": 0,
     "plots": 0,
     "kernel": 1,
     "model_access": 2,

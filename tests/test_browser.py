@@ -175,6 +175,7 @@ def test_attribution_heads_and_evaluation_curves(driver, tmp_path):
     assert hover(driver, 1, 1) == [
         f"L1H1: {float(heads[1, 1, b]):+.4g}",
         f"model {float(att.model_value[b]):+.4g} · constant {float(att.constant[b]):+.4g}",
+        f"logit({display_token(token_text(model.tokenizer, int(tokens[b, -1])))})",  # prompts differ: its own answer
     ]
 
     from tl_logitlens.evaluate import evaluate_lens

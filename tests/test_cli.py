@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -10,7 +11,8 @@ import pytest
 import torch
 
 import tl_logitlens as tll
-from tl_logitlens.cli import build_parser, main
+from tl_logitlens.cli import UsageError, build_parser, main
+from tl_logitlens.cli.arguments import check_common
 from tl_logitlens.model_access import TransformerBridge
 
 
@@ -268,8 +270,45 @@ def test_accumulated_prints_in_layer_order_and_head_lists_heads(capsys, words):
         capsys, "dla", "--model", "demo", "--prompt", prompt, "--answer", answer, "--by", "head", "--top", "20"
     )
     assert code == 0, err
-    printed = [line.split()[0] for line in out.splitlines()[1:] if line.strip()]
+    rows, (total,) = out.splitlines()[1:-1], out.splitlines()[-1:]  # the last line says where the rest came from
+    printed = [line.split()[0] for line in rows if line.strip()]
     assert printed and all(label.startswith("L") and "H" in label for label in printed)
+    assert total.strip().startswith("sum:") and "the constant" in total
+
+
+def test_dla_by_head_says_where_the_rest_of_the_value_came_from(capsys, words):
+    """The heads printed, the heads not printed, the other components and the constant add up to the model's value,
+    computed here from the attribution itself (not from the line)."""
+    prompt, answer, first = words
+    code, out, err = run(
+        capsys,
+        "dla",
+        "--model",
+        "demo",
+        "--prompt",
+        prompt,
+        "--answer",
+        answer,
+        "--wrong",
+        first,
+        "--by",
+        "head",
+        "--top-k",
+        "3",
+    )
+    assert code == 0, err
+    last = out.splitlines()[-1]
+    numbers = [float(x) for x in re.findall(r"[+-]\d+\.\d+", last)]
+    shown, heads, others, constant, value = numbers
+    att = tll.direct_logit_attribution(tll.demo_model(), prompt, answers=answer, wrong=first, by="head")
+    is_head = [bool(re.fullmatch(r"L\d+H\d+", label)) for label in att.labels]
+    mean = att.values[:, 0]
+    assert shown + heads == pytest.approx(float(mean[torch.tensor(is_head)].sum()), abs=2e-3)
+    assert others == pytest.approx(float(mean[~torch.tensor(is_head)].sum()), abs=2e-3)
+    assert constant == pytest.approx(float(att.constant[0]), abs=1e-3)
+    assert value == pytest.approx(float(att.model_value[0]), abs=1e-3)
+    assert shown + heads + others + constant == pytest.approx(value, abs=5e-3)
+    assert "the other 5 heads" in last and "the other components (embeddings, MLPs, biases)" in last
 
 
 def test_eval_on_a_token_file(tmp_path, capsys, demo_tokens):
@@ -430,3 +469,41 @@ def test_train_lens_with_nothing_to_train_on_exits_2_and_writes_nothing(tmp_path
     code, out, err = run(capsys, "train-lens", "--model", "demo", "--data", str(data), "--out", str(tmp_path / "lens"))
     assert code == 2 and "no token was scored" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "lens").exists()
+
+
+# -- a model name that is neither a folder nor reachable -------------------------------------------
+def test_a_model_name_that_cannot_be_had_fails_at_once_in_one_line(tmp_path, monkeypatch):
+    """``--model stories260k`` (meant: ./stories260k) with the hub out of reach: one line naming the way out, at
+    once (the loader would retry for about 30 s, printing log lines), before torch is imported."""
+    import time
+
+    env = {
+        **__import__("os").environ,
+        "HF_ENDPOINT": "http://127.0.0.1:9",  # nothing listens there: the connection is refused at once
+        "HF_HUB_CACHE": str(tmp_path / "empty-cache"),
+        "HF_HUB_OFFLINE": "0",
+    }
+    script = (
+        "import sys\nfrom tl_logitlens.cli import main\ncode = main(sys.argv[1:])\n"
+        "print('torch imported' if 'torch' in sys.modules else 'no torch', file=sys.stderr)\nsys.exit(code)"
+    )
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", script, "lens", "--model", "stories260k", "--prompt", "Once upon"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    elapsed = time.perf_counter() - start
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 2 and lines[1] == "no torch", done.stderr
+    assert "'stories260k'" in lines[0] and "./stories260k" in lines[0] and "cannot be reached" in lines[0]
+    assert elapsed < 10, f"took {elapsed:.1f} s"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(UsageError, match="set offline"):
+        check_common(build_parser().parse_args(["lens", "--model", "org/some-model", "--prompt", "x"]))
+    (tmp_path / "empty-cache" / "models--org--some-model").mkdir(parents=True)  # cached: it loads offline
+    check_common(build_parser().parse_args(["lens", "--model", "org/some-model", "--prompt", "x"]))

@@ -108,6 +108,28 @@ def test_train_lens_writes_the_lens_the_api_trains(tmp_path, capsys, token_file)
     )
     assert code == 2 and "other settings" in err and "steps: checkpoint 4, now 5" in err
     assert len(err.strip().splitlines()) == 1
+    # In the command line's words: flags, not Python keywords.
+    assert "--steps: checkpoint 4, now 5" in err and "--resume" in err and "another --out" in err
+    assert "resume=False" not in err and "checkpoint_dir" not in err
+    (out_dir / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    code, out, err = run(
+        capsys,
+        "train-lens",
+        "--model",
+        "demo",
+        "--data",
+        str(path),
+        "--steps",
+        "4",
+        "--tokens-per-step",
+        "24",
+        "--out",
+        str(out_dir),
+        "--quiet",
+        "--resume",
+    )
+    assert code == 2 and "not a readable training checkpoint" in err and "another --out, or delete" in err
+    assert "resume=False" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_train_lens_shows_a_progress_bar_with_tokens_per_second_and_loss(tmp_path, capsys, token_file):

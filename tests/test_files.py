@@ -194,3 +194,77 @@ def test_a_page_or_result_the_package_wrote_counts_as_its_own_in_a_folder(model,
     tll.TunedLens(model).save(tmp_path)
     tll.TunedLens(model).save(tmp_path)
     assert {"eval.json", "lens.html", "params.pt"} <= {p.name for p in tmp_path.iterdir()}
+
+
+# -- permissions: what the umask gives, for every writer -------------------------------------------
+@pytest.fixture
+def umask():
+    """Set the process's umask for one test (``umask(0o022)``), and put the old one back."""
+    old = os.umask(0o022)
+    os.umask(old)
+
+    def set_mask(mask):
+        os.umask(mask)
+
+    yield set_mask
+    os.umask(old)
+
+
+def _modes(folder: Path):
+    """``{relative path: permission bits}`` of every file under ``folder``."""
+    return {str(p.relative_to(folder)): p.stat().st_mode & 0o777 for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _write_everything(model, evaluation, out: Path, capsys) -> None:
+    """Every writer of the package, each into its own place under ``out``."""
+    from tl_logitlens.cli import main
+    from tl_logitlens.demo.index import write_index
+    from tl_logitlens.plots import save_figure
+
+    tokens = torch.cat([tll.demo.induction_prompt(model, n=4, seed=s) for s in range(2)])
+    tll.TunedLens(model).save(out / "lens")  # a folder writer: config.json, params.pt, ... and its record
+    tll.train_tuned_lens(model, tokens, steps=1, tokens_per_step=8, checkpoint_dir=out / "trained", progress=False)
+    evaluation.save(out / "evaluation.json")  # single-file writers
+    tll.compare_lenses(model, tokens, {"logit": None}, progress=False).save(out / "comparison.json")
+    files.OwnedFolder(out / "owned").write_json("x.json", {"a": 1})
+    files.write_owned_file(out / "single.txt", lambda tmp: Path(tmp).write_text("x"))
+    write_index(out, ["evaluation.json"])
+    lens = tll.logit_lens(model, tokens[:1])
+    save_figure(lens.plot(), out / "figure.png", dpi=50)
+    if __import__("importlib").util.find_spec("plotly") is not None:
+        lens.to_html(out / "inline.html")
+        (out / "pages").mkdir()
+        lens.to_html(out / "pages" / "lens.html", plotly="directory")  # and plotly.min.js beside it
+    assert main(["demo", "--out", str(out / "demo"), "--dpi", "50"]) == 0  # the command line's --out, pages included
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_every_writer_gives_files_the_permissions_of_the_umask(model, evaluation, tmp_path, capsys, umask, mask, mode):
+    """Under umask 022 every file is 0644 (a lens shared with colleagues, or copied into a container running as
+    another user, can be read); the mode follows the umask, as a plain open() would give it."""
+    umask(mask)
+    _write_everything(model, evaluation, tmp_path, capsys)
+    modes = _modes(tmp_path)
+    expected = {
+        "lens/config.json",
+        "lens/params.pt",
+        f"lens/{files.MANIFEST}",
+        "trained/checkpoint.pt",
+        "trained/params.pt",
+        "evaluation.json",
+        "comparison.json",
+        "owned/x.json",
+        "single.txt",
+        "index.html",
+        "figure.png",
+        "demo/lens_heatmap.png",
+        "demo/summary.json",
+        "demo/lens.csv",
+        "demo/index.html",
+    }
+    assert expected <= set(modes), sorted(expected - set(modes))
+    if __import__("importlib").util.find_spec("plotly") is not None:
+        assert {"inline.html", "pages/lens.html", "pages/plotly.min.js", "demo/plotly.min.js"} <= set(modes)
+    wrong = {name: oct(m) for name, m in modes.items() if m != mode}
+    assert not wrong, f"expected {oct(mode)} under umask {oct(mask)}: {wrong}"

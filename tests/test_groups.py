@@ -119,16 +119,16 @@ def test_group_trajectory_draws_one_line_per_group():
     model = builders.word_model()
     prompts = ["w5 w6 w7 w8 w9", "w10 w11"]
     result = tll.logit_lens(model, prompts, targets={"evens": ["w6", "w8"], "odds": ["w7", "w9"], "w5": ["w5"]})
-    fig = plot_group_trajectory(result, batch=1, position=1, groups=["odds", "evens"])
+    fig = plot_group_trajectory(result, prompt=1, position=1, groups=["odds", "evens"])
     lines = fig.axes[0].lines
     assert [line.get_label() for line in lines] == ["odds", "evens"]
     assert list(lines[0].get_ydata()) == pytest.approx(result.group_probs[:, 1, 1, 1].tolist())
-    mean = plot_group_trajectory(result, batch=None, position=0, metric="logit")
+    mean = plot_group_trajectory(result, prompt=None, position=0, metric="logit")
     assert list(mean.axes[0].lines[2].get_ydata()) == pytest.approx(
         result.group_logits[:, :, 0, 2].mean(1).tolist(), rel=1e-6
     )
     with pytest.raises(ValueError, match="padding"):
-        plot_group_trajectory(result, batch=1, position=4)
+        plot_group_trajectory(result, prompt=1, position=4)
     with pytest.raises(ValueError, match="unknown group"):
         plot_group_trajectory(result, groups="primes")
     with pytest.raises(ValueError, match="needs token groups"):

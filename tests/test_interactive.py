@@ -75,7 +75,9 @@ def test_page_carries_plotlyjs_and_the_figure(demo, tmp_path):
     want.append(
         f"entropy {float(result.entropy[layer, b, j]):.4g} · KL {float(result.kl_to_final[layer, b, j]):.4g} nats"
     )
-    assert fig["data"][b]["text"][layer][j].split("<br>") == want
+    assert fig["data"][b]["customdata"][layer][j].split("<br>") == want  # the hover; the cell shows its top-1 token
+    top1 = tok(result.top_ids[layer, b, j, 0])
+    assert fig["data"][b]["text"][layer][j] in (top1, f"<b>{top1}</b>")
     assert tok(tokens[0, 0]) == "&lt;bos&gt;" and fig["layout"]["xaxis"]["ticktext"][0] == "&lt;bos&gt;"
     # Colours: 4 significant digits of the metric; the last position has no next token.
     assert fig["data"][0]["z"][2][3] == float(f"{float(result.top_probs[2, 0, 3, 0]):.4g}")
@@ -95,7 +97,7 @@ def test_lens_without_targets_or_position_axis(demo):
         "entropy",
         "KL to final",
     ]
-    assert len(fig.data[0].z[0]) == 1 and "next" not in fig.data[0].text[0][0]
+    assert len(fig.data[0].z[0]) == 1 and "next" not in fig.data[0].customdata[0][0]
     with pytest.raises(LensInputError, match="target metrics need logit_lens"):
         interactive.lens_figure(result, metric="rank")
     with pytest.raises(LensInputError, match="prompt must index the batch of 2"):
@@ -110,7 +112,8 @@ def test_padding_cells_are_gaps():
     fig = interactive.lens_figure(result)
     short = int(result.lengths[1])
     assert short < result.positions.shape[1]
-    assert all(row[short] is None for row in fig.data[1].z) and fig.data[1].text[0][short] == "padding"
+    assert all(row[short] is None for row in fig.data[1].z) and fig.data[1].customdata[0][short] == "padding"
+    assert fig.data[1].text[0][short] == ""  # no token shown in a padding cell
     assert all(row[short] is not None for row in fig.data[0].z)
 
 
@@ -120,7 +123,7 @@ def test_attribution_views(demo):
     fig = interactive.attribution_figure(heads)
     by_head = heads.by_head().double()  # [layer, head, batch]
     assert fig.data[0].z[1][2] == float(f"{float(by_head[1, 2].mean()):.4g}")
-    assert fig.data[2].text[1][2].split("<br>")[0] == f"L1H2: {float(by_head[1, 2, 1]):+.4g}"
+    assert fig.data[2].customdata[1][2].split("<br>")[0] == f"L1H2: {float(by_head[1, 2, 1]):+.4g}"
     assert [b.label for b in fig.layout.updatemenus[0].buttons] == [
         "mean over prompts",
         "prompt 0 pos 23",
@@ -199,10 +202,10 @@ def test_names_and_colours_are_the_static_figures(demo):
         interactive.evaluation_figure(ev, statistics=("top1_accuracy",))
 
     neurons = tll.direct_logit_attribution(model, tokens[:, :-1], answers=tokens[:, -1].tolist(), by="neuron")
-    bars = interactive.attribution_figure(neurons, top=7).data[0]
+    bars = interactive.attribution_figure(neurons, top_k=7).data[0]
     assert list(bars.marker.color) == [NEG_COLOR if x < 0 else POS_COLOR for x in bars.x]
-    with pytest.raises(LensInputError, match="top must be a positive int"):
-        interactive.attribution_figure(neurons, top=0)
+    with pytest.raises(LensInputError, match="top_k must be a positive int"):
+        interactive.attribution_figure(neurons, top_k=0)
     heads = tll.direct_logit_attribution(model, tokens[:, :-1], answers=tokens[:, -1].tolist(), by="head")
     scale = interactive.attribution_figure(heads).data[0].colorscale
     assert [colour for _, colour in scale] == [to_hex(colormaps["RdBu"](float(position))) for position, _ in scale]
@@ -300,10 +303,10 @@ def test_cli_html_pages(demo, tmp_path, capsys):
     assert code == 0, err
     fig = figure_json((tmp_path / "lens.html").read_text(encoding="utf-8"))
     direct = tll.logit_lens(model, prompt, targets="next")
-    assert fig["data"][0]["text"][-1][3].split("<br>")[-1] == (
+    assert fig["data"][0]["customdata"][-1][3].split("<br>")[-1] == (
         f"entropy {float(direct.entropy[-1, 0, 3]):.4g} · KL {float(direct.kl_to_final[-1, 0, 3]):.4g} nats"
     )
-    assert f"rank {int(direct.target_ranks[0, 0, 3, 0])}" in fig["data"][0]["text"][0][3]
+    assert f"rank {int(direct.target_ranks[0, 0, 3, 0])}" in fig["data"][0]["customdata"][0][3]
     code, out, err = _cli(
         capsys,
         "dla",
@@ -333,12 +336,13 @@ def test_cli_html_pages(demo, tmp_path, capsys):
     "where, message",
     [
         ("", "is a folder; name the page's file"),
-        ("missing/page.html", "does not exist; create it first"),
+        ("a_file/page.html", "is a file, not a folder"),
     ],
 )
 def test_cli_html_refused_before_any_work(tmp_path, capsys, monkeypatch, where, message):
     import tl_logitlens.cli.commands as commands
 
+    (tmp_path / "a_file").write_text("not a folder")
     monkeypatch.setattr(commands, "load_model", lambda *a: pytest.fail("loaded the model before checking --html"))
     code, out, err = _cli(capsys, "lens", "--model", "demo", "--prompt", "red", "--html", str(tmp_path / where))
     assert code == 2 and message in err
@@ -365,7 +369,7 @@ def test_lens_from_a_cache_names_positions(demo):
     result = tll.logit_lens(model, cache=cache)
     assert result.input_ids is None
     fig = interactive.lens_figure(result)
-    assert fig.data[0].text[1][3].split("<br>")[0] == f"{result.labels[1]} · pos 3"
+    assert fig.data[0].customdata[1][3].split("<br>")[0] == f"{result.labels[1]} · pos 3"
     assert list(fig.layout.xaxis.ticktext[:3]) == ["0", "1", "2"]
 
 
@@ -381,3 +385,155 @@ def test_lens_comparison_page(demo, tmp_path):
         expected = [float(f"{v:.4g}") for v in comparison[name].mean("kl_to_final").tolist()]
         assert line["y"] == expected
     assert comparison["logit"].mean("kl_to_final")[0] != comparison["tuned"].mean("kl_to_final")[0]
+
+
+# -- pages that read well: cell text, colour scales, names, one plotly.js ----------------------------
+def test_head_page_colour_scale_spans_the_heads_and_names_the_tokens(demo):
+    """The head page draws heads only, so its colour scale spans them (not the MLPs), and it names what it
+    attributes: logit(answer) − logit(wrong), as the static figure does."""
+    model, _ = demo
+    tokens = tll.demo.induction_prompt(model, seed=1)  # a prompt whose MLP writes far more than any head
+    answer, wrong = int(tokens[0, -1]), int(tokens[0, 1])
+    att = tll.direct_logit_attribution(model, tokens[:, :-1], answers=answer, wrong=wrong, by="head")
+    fig = interactive.attribution_figure(att)
+    heads = att.by_head()  # [layer, head, batch]: the cells of every menu option (mean and each prompt)
+    largest = max(float(heads.double().mean(-1).abs().max()), float(heads.abs().max()))
+    everything = float(att.values.abs().max())
+    assert everything > 1.5 * largest  # a scale over every component would wash the heads out
+    assert fig.data[0].zmax == pytest.approx(largest, rel=1e-6) and fig.data[0].zmin == -fig.data[0].zmax
+    name = lambda i: display_token(token_text(model.tokenizer, i))  # noqa: E731
+    assert f"logit({name(answer)}) \u2212 logit({name(wrong)})" in fig.layout.title.text
+    assert fig.data[0].text[1][2] == format(float(heads[1, 2].double().mean()), ".2f")  # each cell shows its value
+    rest = fig.layout.title.text.split("<br>")[1]
+    is_head = torch.tensor([bool(re.fullmatch(r"L\d+H\d+", label)) for label in att.labels])
+    assert f"other components (embeddings, MLPs, biases) {float(att.values[~is_head].mean(-1).sum()):+.3g}" in rest
+
+
+def test_lens_page_cells_show_the_top_token_and_pan_when_wide():
+    model = _twelve_layers(n_ctx=128, d_vocab=5000)
+    tokens = torch.randint(0, 5000, (1, 128), generator=torch.Generator().manual_seed(0))
+    result = tll.logit_lens(model, tokens, targets="next", top_k=2)
+    fig = interactive.lens_figure(result)
+    assert fig.data[0].text[3][7] == f"#{int(result.top_ids[3, 0, 7, 0])}"  # no tokenizer: #id, as everywhere
+    shown = fig.layout.xaxis.range
+    assert shown is not None and shown[0] == -0.5 and shown[1] < 127  # the first positions; the page pans
+    assert fig.layout.width <= 2600 and "drag sideways" in fig.layout.title.text
+    assert fig.layout.dragmode == "pan"
+
+
+def _px_above_plot(fig, menu):
+    """How many px a menu's bottom sits above the plot area (its paper y is relative to the plot area)."""
+    plot = fig.layout.height - fig.layout.margin.t - fig.layout.margin.b
+    return (menu.y - 1) * plot
+
+
+def test_menus_sit_just_above_the_plot_on_short_and_tall_pages(demo):
+    # A fixed paper y (1.1) put a 40-neuron page's menu over its title, and a 25-entry lens page's off the top.
+    demo, tokens = demo
+    tall = tll.logit_lens(_twelve_layers(n_ctx=16, d_vocab=50), torch.arange(16)[None], incl_mid=True)
+    figures = [
+        interactive.lens_figure(tll.logit_lens(demo, tokens)),
+        interactive.lens_figure(tall),
+        interactive.attribution_figure(tll.direct_logit_attribution(demo, tokens, answers=3, by="neuron"), top_k=40),
+        interactive.attribution_figure(tll.direct_logit_attribution(demo, tokens, answers=3, by="head")),
+    ]
+    assert len(tall.labels) == 25 and figures[1].layout.height > 700 and figures[2].layout.height > 900
+    for fig in figures:
+        for menu in fig.layout.updatemenus:
+            assert 8 <= _px_above_plot(fig, menu) <= 20, (fig.layout.meta, fig.layout.height)
+
+
+def test_plotly_directory_pages_share_one_plotly_js(demo, tmp_path):
+    model, tokens = demo
+    lens = tll.logit_lens(model, tokens, targets="next")
+    heads = tll.direct_logit_attribution(model, tokens[:, :-1], answers=tokens[:, -1].tolist(), by="head")
+    lens.to_html(tmp_path / "lens.html", plotly="directory")
+    library = tmp_path / "plotly.min.js"
+    first = library.stat().st_mtime_ns
+    heads.to_html(tmp_path / "heads.html", plotly="directory")
+    assert library.stat().st_mtime_ns == first  # the same text is not written again
+    from plotly.offline import get_plotlyjs
+
+    text = library.read_text(encoding="utf-8")
+    assert text.startswith(files.JS_MARK.decode()) and text.endswith(get_plotlyjs())
+    for page in ("lens.html", "heads.html"):
+        html = (tmp_path / page).read_text(encoding="utf-8")
+        assert '<script src="plotly.min.js"' in html and 'id="tll-plotlyjs"' not in html
+        assert len(html) < 200_000  # the figure only
+    assert figure_json((tmp_path / "lens.html").read_text())["data"][0]["z"] == lens_json(lens)
+    inline = lens.to_html(tmp_path / "inline.html").stat().st_size
+    assert inline > 10 * (tmp_path / "lens.html").stat().st_size
+    cdn = lens.to_html(tmp_path / "cdn.html", plotly="cdn").read_text()
+    assert re.search(r'<script src="https://cdn\.plot\.ly/plotly-[\d.]+\.min\.js"', cdn)
+    with pytest.raises(LensInputError, match="plotly must be 'inline'"):
+        lens.to_html(tmp_path / "x.html", plotly="local")
+
+
+def lens_json(lens):
+    return interactive.lens_figure(lens).to_plotly_json()["data"][0]["z"]
+
+
+def test_a_plotly_js_the_package_did_not_write_is_kept(demo, tmp_path):
+    model, tokens = demo
+    lens = tll.logit_lens(model, tokens[:1])
+    (tmp_path / "plotly.min.js").write_text("/* my own build */")
+    with pytest.raises(LensInputError, match="plotly.min.js.*not written by tl_logitlens"):
+        lens.to_html(tmp_path / "lens.html", plotly="directory")
+    assert (tmp_path / "plotly.min.js").read_text() == "/* my own build */" and not (tmp_path / "lens.html").exists()
+    lens.to_html(tmp_path / "lens.html", plotly="directory", overwrite=True)
+    assert (tmp_path / "plotly.min.js").read_text().startswith(files.JS_MARK.decode())
+
+
+def test_cli_html_inside_out_and_in_a_new_folder(demo, tmp_path, capsys):
+    """--out DIR --html DIR/lens.html works (the folder is made, the page and its plotly.min.js are recorded as the
+    folder's own, so a rerun is not refused); --html into a folder that does not exist yet creates it."""
+    out = tmp_path / "run"
+    argv = ["lens", "--model", "demo", "--prompt", "red cat sun", "--out", str(out), "--html", str(out / "lens.html")]
+    for _ in range(2):
+        code, _, err = _cli(capsys, *argv)
+        assert code == 0, err
+    assert {"lens.html", "plotly.min.js", "lens_heatmap.png"} <= {p.name for p in out.iterdir()}
+    recorded = json.loads((out / files.MANIFEST).read_text())["files"]
+    assert {"lens.html", "plotly.min.js"} <= set(recorded)
+    scope = tmp_path / "scope"  # patchscope writes its page the same way
+    argv = ["patchscope", "--model", "demo", "--prompt", "red cat sun", "--layers", "0", "--quiet"]
+    for _ in range(2):
+        code, _, err = _cli(capsys, *argv, "--out", str(scope), "--html", str(scope / "scope.html"))
+        assert code == 0, err
+    assert {"scope.html", "plotly.min.js"} <= set(json.loads((scope / files.MANIFEST).read_text())["files"])
+    code, _, err = _cli(
+        capsys,
+        "dla",
+        "--model",
+        "demo",
+        "--prompt",
+        "red cat sun",
+        "--answer",
+        "sun",
+        "--html",
+        str(tmp_path / "new" / "deeper" / "dla.html"),
+        "--plotly",
+        "inline",
+    )
+    assert code == 0, err
+    page = (tmp_path / "new" / "deeper" / "dla.html").read_text()
+    assert 'id="tll-plotlyjs"' in page and not (tmp_path / "new" / "deeper" / "plotly.min.js").exists()
+
+
+def test_demo_pages_share_one_plotly_js_and_include_neurons(tmp_path, capsys):
+    code, out, err = _cli(capsys, "demo", "--out", str(tmp_path), "--dpi", "50")
+    assert code == 0, err
+    pages = sorted(p.name for p in tmp_path.glob("*.html") if p.name != "index.html")
+    assert pages == [
+        "attribution_components.html",
+        "attribution_heads.html",
+        "attribution_neurons.html",
+        "lens.html",
+    ]
+    assert [p.name for p in tmp_path.glob("*.js")] == ["plotly.min.js"]
+    for name in pages:
+        assert '<script src="plotly.min.js"' in (tmp_path / name).read_text()
+    total = sum((tmp_path / name).stat().st_size for name in pages) + (tmp_path / "plotly.min.js").stat().st_size
+    assert total < 5_000_000 and sum((tmp_path / name).stat().st_size for name in pages) < 500_000
+    assert (tmp_path / "attribution_heads.png").is_file()  # the CLI's dla --by head writes this name too
+    assert 'href="attribution_neurons.html"' in (tmp_path / "index.html").read_text()

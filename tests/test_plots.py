@@ -165,7 +165,7 @@ def test_display_token_is_one_line_and_rejects_non_strings():
 # -- plot_lens --------------------------------------------------------------------------------
 def test_lens_heatmap_shows_the_result(lens, model, ids):
     b = 1
-    fig = render(plot_lens(lens, metric="prob", batch=b))
+    fig = render(plot_lens(lens, metric="prob", prompt=b))
     ax = fig.axes[0]
     (image,) = ax.images
     n_layer, _, n_pos, _ = lens.top_ids.shape
@@ -217,7 +217,7 @@ def test_lens_markers_where_top1_is_next(lens):
     ],
 )
 def test_lens_metric_values(lens, metric, field):
-    fig = render(plot_lens(lens, metric=metric, batch=0, annotate=False))
+    fig = render(plot_lens(lens, metric=metric, prompt=0, annotate=False))
     (image,) = fig.axes[0].images
     np.testing.assert_allclose(filled(image), field(lens)[:, 0].numpy(), rtol=1e-6, equal_nan=True)
     assert image.colorbar.ax.get_ylabel() == LENS_METRICS[metric][0]
@@ -243,8 +243,8 @@ def test_lens_rank_is_0_based_log_scaled_and_needs_next_targets(lens, lens_targe
 def test_lens_bad_arguments(lens):
     with pytest.raises(ValueError, match="'prob'.*'logit'.*'rank'.*'entropy'.*'kl'.*'loss'"):
         plot_lens(lens, metric="probability")
-    with pytest.raises(ValueError, match="batch=5 is out of range"):
-        plot_lens(lens, batch=5)
+    with pytest.raises(ValueError, match="prompt=5 is out of range"):
+        plot_lens(lens, prompt=5)
     with pytest.raises(ValueError, match="out of range"):
         plot_lens(lens, positions=[0, 40])
 
@@ -257,18 +257,18 @@ def test_lens_window_and_padding(lens, padded, model, ids):
     ax = render(plot_lens(lens, positions=[0, 2])).axes[0]
     assert tick_texts(ax.xaxis) == [decode(model.tokenizer, ids[0, j]) for j in (0, 2)]
     # the short prompt's padding columns are left out
-    ax = render(plot_lens(padded, batch=1, metric="loss")).axes[0]
+    ax = render(plot_lens(padded, prompt=1, metric="loss")).axes[0]
     assert tick_texts(ax.xaxis) == ["<bos>", "w3", "w4"]
     assert filled(ax.images[0]).shape == (len(padded.labels), 3)
     assert np.isnan(filled(ax.images[0])[:, -1]).all()
     with pytest.raises(ValueError, match="padding"):
-        plot_lens(padded, batch=1, positions=slice(4, None))
+        plot_lens(padded, prompt=1, positions=slice(4, None))
 
 
 def test_lens_single_position_result(model, ids):
     result = tll.logit_lens(model, ids, positions=-1)
     assert not result.has_pos_axis
-    ax = render(plot_lens(result, batch=1)).axes[0]
+    ax = render(plot_lens(result, prompt=1)).axes[0]
     assert tick_texts(ax.xaxis) == [decode(model.tokenizer, ids[1, -1])]
     np.testing.assert_allclose(filled(ax.images[0])[:, 0], result.top_probs[:, 1, 0].numpy())
     assert len(cell_texts(ax)) == len(result.labels)
@@ -373,7 +373,7 @@ def test_trajectory_mean_band_and_labels(lens_targets):
 
 def test_trajectory_target_selection(lens_targets):
     for n, target in enumerate(("w7", 1, -1, 7, [7])):
-        fig = plot_trajectory(lens_targets, target=target, batch=0)
+        fig = plot_trajectory(lens_targets, target=target, prompt=0)
         ax = (render(fig) if n == 0 else fig).axes[0]  # rendering once is enough here
         assert [line.get_label() for line in ax.lines] == ["w7"], target
         np.testing.assert_allclose(ax.lines[0].get_ydata(), lens_targets.target_probs[:, 0, -1, 1].numpy())
@@ -472,6 +472,7 @@ def test_attribution_head_heatmap(atts):
     ax = fig.axes[0]
     (image,) = ax.images
     np.testing.assert_allclose(filled(image), att.by_head().mean(-1).numpy(), rtol=1e-6)
+    assert image.origin == "lower"  # layers go up, as in the lens heatmap and the interactive page
     assert image.norm.vmin == -image.norm.vmax > -np.inf and image.norm.vmax > 0
     assert image.cmap.name.startswith("RdBu") and image.colorbar is not None and len(fig.axes) == 2
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("Head", "Layer")
@@ -517,7 +518,7 @@ def test_attribution_at_several_positions(att_positions, atts):
     np.testing.assert_allclose(bar_heights(ax), att.values[:, :, -1].mean(1).numpy(), rtol=1e-6)
     assert f"position {int(att.positions[0, -1])}" in ax.get_title()
 
-    fig = render(plot_attribution_positions(att, batch=1))
+    fig = render(plot_attribution_positions(att, prompt=1))
     ax = fig.axes[0]
     (image,) = ax.images
     np.testing.assert_allclose(filled(image), att.values[:, 1].numpy(), rtol=1e-6)
@@ -526,7 +527,7 @@ def test_attribution_at_several_positions(att_positions, atts):
     assert tick_texts(ax.yaxis) == att.labels
 
     words = [" a", "$b$", "\n"] + ["c"] * (att.values.shape[2] - 3)
-    ax = render(plot_attribution_positions(att, batch=None, top_k=3, tokens=words)).axes[0]
+    ax = render(plot_attribution_positions(att, prompt=None, top_k=3, tokens=words)).axes[0]
     assert tick_texts(ax.xaxis) == [display_token(w) for w in words]
     assert len(tick_texts(ax.yaxis)) == 3
     np.testing.assert_allclose(filled(ax.images[0]).shape, (3, att.values.shape[2]))
@@ -546,8 +547,9 @@ def test_demo_model_figures():
     model = tll.demo_model()
     tokens = tll.demo.induction_prompt(model)
     result = tll.logit_lens(model, tokens, targets="next")
-    ax = render(plot_lens(result, metric="rank")).axes[0]
-    assert tick_texts(ax.xaxis) == [decode(model.tokenizer, t) for t in tokens[0]]
+    windows = [ax for ax in render(plot_lens(result, metric="rank")).axes if ax.images]  # 25 positions: 3 windows
+    assert len(windows) == 3
+    assert sum((tick_texts(ax.xaxis) for ax in windows), []) == [decode(model.tokenizer, t) for t in tokens[0]]
     att = tll.direct_logit_attribution(model, tokens, answers=int(tokens[0, -11]), by="head")
     render(plot_attribution(att))
 
@@ -583,7 +585,7 @@ def sources(model, ids):
 #: (which drawer, a call with one bad argument, what the error says)
 BAD_ARGUMENTS = [
     ("plot_lens-metric", lambda f: plot_lens(f["lens"], metric="nope"), "unknown metric 'nope'"),
-    ("plot_lens-batch", lambda f: plot_lens(f["lens"], batch=5), "batch=5 is out of range"),
+    ("plot_lens-prompt", lambda f: plot_lens(f["lens"], prompt=5), "prompt=5 is out of range"),
     ("plot_lens-width", lambda f: plot_lens(f["lens"], width=0), "width must be 'page'"),
     ("plot_trajectory", lambda f: plot_trajectory(f["lens_targets"], metric="nope"), "unknown metric 'nope'"),
     ("plot_layer_curves", lambda f: plot_layer_curves(["a"], {}), "curves is empty"),
@@ -593,8 +595,8 @@ BAD_ARGUMENTS = [
     ("plot_attribution_positions", lambda f: plot_attribution_positions(f["atts"]["component"]), "positions=None"),
     (
         "plot_source_attribution",
-        lambda f: plot_source_attribution(f["sources"], top=0),
-        "top must be a positive int",
+        lambda f: plot_source_attribution(f["sources"], top_k=0),
+        "top_k must be a positive int",
     ),
     (
         "plot_lens_comparison-statistics",

@@ -122,8 +122,9 @@ def check_labels_do_not_overlap(labels, renderer):
 
 # -- a long sequence ------------------------------------------------------------------------------
 def test_4_by_128_heatmap_is_readable():
+    """One strip (windows=1): the cells narrow, and the figure says what it left out."""
     result = long_lens()
-    fig = plot_lens(result)
+    fig = plot_lens(result, windows=1)
     renderer = drawn(fig)
     ax = fig.axes[0]
     assert fig.get_figwidth() <= PAGE + 1e-9
@@ -148,16 +149,17 @@ def test_window_of_a_long_sequence_shows_text():
     result = long_lens()
     fig = plot_lens(result, positions=slice(0, 16))
     renderer = drawn(fig)
-    ax = fig.axes[0]
-    cells = cell_texts(ax)
+    windows = [ax for ax in fig.axes if ax.images]  # the window's 16 positions, in strips as wide as the page
+    cells = [t for ax in windows for t in cell_texts(ax)]
     assert len(cells) == 4 * 16 and all(t.get_fontsize() >= 6.0 for t in cells)
-    check_cells_fit(ax, renderer, 16)
+    for ax in windows:
+        check_cells_fit(ax, renderer, ax.images[0].get_array().shape[1])
     check_inside(fig, renderer)
 
 
 def test_elided_text_keeps_the_full_text_in_the_data():
     result = long_lens(n_pos=12)
-    fig = plot_lens(result)
+    fig = plot_lens(result, windows=1)
     renderer = drawn(fig)
     ax = fig.axes[0]
     (data,) = fig.tll_data
@@ -209,7 +211,7 @@ def test_demo_heatmap_fits_a_page_at_print_resolution(tmp_path):
 # -- small multiples -------------------------------------------------------------------------------
 def test_several_prompts_as_small_multiples():
     result = long_lens(n_pos=10, n_batch=3)
-    fig = plot_lens(result, batch=[0, 2])
+    fig = plot_lens(result, prompt=[0, 2], windows=1)
     renderer = drawn(fig)
     panels = [ax for ax in fig.axes if ax.images]
     assert len(panels) == 2 and len(fig.tll_data) == 2
@@ -218,10 +220,10 @@ def test_several_prompts_as_small_multiples():
         assert f"prompt {b}" in ax.get_title(loc="left")
     assert panels[0].images[0].norm is panels[1].images[0].norm  # one colour scale
     assert [d["prompt"] for d in fig.tll_data] == [0, 2]
-    assert len(plot_lens(result, batch=None).tll_data) == 3
+    assert len(plot_lens(result, prompt=None).tll_data) == 3
     check_inside(fig, renderer)
     with pytest.raises(ValueError, match="new figure"):
-        plot_lens(result, batch=[0, 1], ax=plt.subplots()[1])
+        plot_lens(result, prompt=[0, 1], ax=plt.subplots()[1])
 
 
 # -- one style ------------------------------------------------------------------------------------
@@ -272,9 +274,127 @@ def test_capp_gpt2_long_process_names(models_dir):
     result = tll.logit_lens(capp, tokens, targets="next")
     fig = plot_lens(result, metric="rank")
     renderer = drawn(fig)
-    ax = fig.axes[0]
+    windows = [ax for ax in fig.axes if ax.images]  # 48 positions in windows as wide as the page
     assert fig.get_figwidth() <= PAGE + 1e-9 and min(t.get_fontsize() for t in every_text(fig)) >= 6.0
-    check_cells_fit(ax, renderer, tokens.shape[1])
-    check_labels_do_not_overlap(visible_ticklabels(ax.xaxis), renderer)
+    assert sum(ax.images[0].get_array().shape[1] for ax in windows) == tokens.shape[1]
+    for ax in windows:
+        check_cells_fit(ax, renderer, ax.images[0].get_array().shape[1])
+        check_labels_do_not_overlap(visible_ticklabels(ax.xaxis), renderer)
     check_inside(fig, renderer)
     assert any(len(t) > 15 for row in fig.tll_data[0]["cell_text"] for t in row)  # long names were there
+
+
+# -- the size rule: cells sized for their text, windows, then narrower cells ------------------------
+def _windows(fig):
+    return [ax for ax in fig.axes if ax.images]
+
+
+def _shown_enough(fig):
+    """Every cell shows its whole top-1 token, or at least its first 4 characters and ``…``."""
+    (data,) = fig.tll_data
+    for ax, (a, _) in zip(_windows(fig), data["windows"]):
+        for t in cell_texts(ax):
+            j, i = (int(round(v)) for v in t.get_position())
+            full, shown = data["cell_text"][i][a + j], t.get_text()
+            assert shown == full or (shown.endswith("\u2026") and len(shown) >= 5 and full.startswith(shown[:-1])), (
+                shown,
+                full,
+            )
+
+
+def test_a_long_prompt_is_split_into_windows_of_readable_cells():
+    """40 positions of long process names at page width: windows of consecutive positions, every cell carrying
+    at least 4 characters of its token, every window as wide as the page, within two page heights."""
+    from tl_logitlens.plots.lens import MAX_TALL
+
+    result = long_lens(n_pos=40)
+    fig = plot_lens(result)
+    renderer = drawn(fig)
+    windows = _windows(fig)
+    (data,) = fig.tll_data
+    assert len(windows) == len(data["windows"]) > 1
+    assert [a for a, _ in data["windows"]] == list(range(0, 40, data["windows"][0][1]))  # consecutive, no gaps
+    assert data["windows"][-1][1] == 40
+    assert fig.get_figwidth() == pytest.approx(PAGE) and fig.get_figheight() <= MAX_TALL + 1e-9
+    for ax, (a, z) in zip(windows, data["windows"]):
+        np.testing.assert_allclose(np.ma.filled(ax.images[0].get_array(), np.nan), result.top_probs[:, 0, a:z, 0])
+        check_cells_fit(ax, renderer, data["windows"][0][1])  # every window's cells as wide as the first's
+        check_labels_do_not_overlap(visible_ticklabels(ax.xaxis), renderer)
+        assert ax.get_title(loc="left") == f"positions {a}\u2013{z - 1}"
+    _shown_enough(fig)
+    assert "too narrow" not in fig._suptitle.get_text() and "thinned" not in fig._suptitle.get_text()
+    check_inside(fig, renderer)
+
+
+def test_a_wider_figure_takes_longer_strips_and_a_short_prompt_one():
+    many = len(plot_lens(long_lens(n_pos=40)).tll_data[0]["windows"])
+    wide = plot_lens(long_lens(n_pos=40), width=14.0)
+    assert len(wide.tll_data[0]["windows"]) < many and wide.get_figwidth() == pytest.approx(14.0)
+    assert plot_lens(long_lens(n_pos=5)).tll_data[0]["windows"] == [(0, 5)]
+    assert len(_windows(plot_lens(long_lens(n_pos=40), windows=2))) == 2
+    with pytest.raises(ValueError, match="windows must be None"):
+        plot_lens(long_lens(n_pos=4), windows=0)
+
+
+def test_past_two_pages_the_cells_narrow_and_the_title_names_the_way_out():
+    """512 positions cannot all be readable within two page heights: the figure stops growing, and says what to
+    pass (positions= for fewer positions, width= for wider cells)."""
+    from tl_logitlens.plots.lens import MAX_TALL
+
+    fig = plot_lens(long_lens(n_pos=512))
+    drawn(fig)
+    assert fig.get_figheight() <= MAX_TALL + 1e-9
+    title = fig._suptitle.get_text().replace("\n", " ")
+    assert "positions=slice(a, b)" in title and "width=" in title
+    assert sum(ax.images[0].get_array().shape[1] for ax in _windows(fig)) == 512  # nothing left out
+
+
+def test_stories260k_story_reads_in_windows(models_dir):
+    """A 45-token story on a real model (the issue's case): every cell shows at least 4 characters of its token."""
+    from tl_logitlens.model_access import TransformerBridge
+
+    if TransformerBridge is None:
+        pytest.skip("local HF models boot through TransformerBridge (3.x/4.x)")
+    model = TransformerBridge.boot_transformers(str(models_dir / "stories260k"), device="cpu").eval()
+    story = (
+        "Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her "
+        "friends. One day, she saw a big dog"
+    )
+    result = tll.logit_lens(model, story, targets="next")
+    fig = plot_lens(result)
+    renderer = drawn(fig)
+    assert len(_windows(fig)) > 1 and fig.get_figwidth() <= PAGE + 1e-9
+    for ax in _windows(fig):
+        check_cells_fit(ax, renderer, fig.tll_data[0]["windows"][0][1])
+        assert len(cell_texts(ax)) == len(result.labels) * ax.images[0].get_array().shape[1]
+    _shown_enough(fig)
+    check_inside(fig, renderer)
+
+
+def test_one_position_per_prompt_draws_every_prompt_side_by_side():
+    """positions=-1 over three prompts: one column per prompt (not prompt 0 alone)."""
+    model = tll.demo_model()
+    tokens = torch.cat([tll.demo.induction_prompt(model, seed=s) for s in range(3)])
+    result = tll.logit_lens(model, tokens, positions=-1, targets="next")
+    fig = plot_lens(result)
+    (ax,) = _windows(fig)
+    np.testing.assert_allclose(ax.images[0].get_array(), result.top_probs[:, :, 0].numpy())
+    last = [model.tokenizer.decode([int(t)]) for t in tokens[:, -1]]
+    assert [t.get_text() for t in ax.get_xticklabels()] == last
+    assert fig.tll_data[0]["prompt"] == [0, 1, 2] and "prompts 0\u20132" in ax.get_xlabel()
+    (one,) = _windows(plot_lens(result, prompt=[2, 0]))
+    np.testing.assert_allclose(one.images[0].get_array(), result.top_probs[:, [2, 0], 0].numpy())
+
+
+def test_every_prompt_by_default_and_the_old_spelling():
+    import warnings
+
+    result = long_lens(n_pos=6, n_batch=3)
+    assert [d["prompt"] for d in plot_lens(result).tll_data] == [0, 1, 2]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = plot_lens(result, batch=1)
+    assert [d["prompt"] for d in old.tll_data] == [1]
+    assert any(issubclass(w.category, DeprecationWarning) and "prompt=" in str(w.message) for w in caught)
+    with pytest.raises(ValueError, match="both batch= and prompt="):
+        plot_lens(result, batch=1, prompt=1)

@@ -164,7 +164,7 @@ def test_source_figure_shows_the_top_heads_by_source():
     att = tll.direct_logit_attribution(
         model, ["w5 w6 w7 w8 w9", "w10 w11 w12"], answers="w11", by="head", by_source=True, positions=None
     )
-    fig = plot_source_attribution(att, top=3, batch=1, position=2)
+    fig = plot_source_attribution(att, top_k=3, prompt=1, position=2)
     grid = fig.axes[0].images[0].get_array()
     dest = int(att.positions[1, 2])
     assert grid.shape == (dest + 1, 3)
@@ -176,8 +176,8 @@ def test_source_figure_shows_the_top_heads_by_source():
     assert labels == [f"L{i // model.cfg.n_heads}H{i % model.cfg.n_heads}" for i in order]
     torch.testing.assert_close(torch.tensor(grid.sum(0)), heads[order], atol=1e-5, rtol=0)
     assert "w11" in fig.axes[0].get_title() or "logit" in fig.axes[0].get_title()
-    with pytest.raises(ValueError, match="top must be a positive int"):
-        plot_source_attribution(att, top=0)
+    with pytest.raises(ValueError, match="top_k must be a positive int"):
+        plot_source_attribution(att, top_k=0)
     plain = tll.direct_logit_attribution(model, ["w5 w6"], answers="w11", by="head")
     with pytest.raises(LensInputError, match="by_source=True"):
         plot_source_attribution(plain)

@@ -161,7 +161,8 @@ def test_image_positions_are_labelled_in_results_tables_and_figures(llava, tmp_p
     page = interactive.lens_figure(result)  # what to_html writes (compressed there)
     ticks = list(page.layout.xaxis.ticktext)
     assert [t == "&lt;image&gt;" for t in ticks] == [p in IMAGE_POS for p in range(IDS.shape[1])], ticks
-    assert page.data[0].text[0][IMAGE_POS[0]].startswith(f"0_pre · pos {IMAGE_POS[0]} · &lt;image&gt;")
+    # each cell's text is its top-1 token now; the hover (customdata) names the position and its input token
+    assert page.data[0].customdata[0][IMAGE_POS[0]].startswith(f"0_pre · pos {IMAGE_POS[0]} · &lt;image&gt;")
     assert result.to_html(tmp_path / "lens.html").stat().st_size > 0
 
 

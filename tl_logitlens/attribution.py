@@ -61,6 +61,7 @@ from .inputs import (
 )
 from .kernel import is_half
 from .model_access import cache_tensor, compute_device
+from .renamed import renamed_keywords
 from .stacks import STACK_KINDS, head_source_values, piece_groups, required_hooks, source_hooks
 from .tokentext import token_text
 
@@ -158,17 +159,18 @@ class Attribution:
         """
         return torch.nanmean(self.values.masked_fill(~self.real(), float("nan")), dim=1)
 
-    def top(self, k: int = 10, include_other: bool = False) -> List[Tuple[str, float]]:
-        """The ``k`` components with the largest mean absolute effect, as ``(label, mean value)``.
+    @renamed_keywords(k="top_k")
+    def top(self, top_k: int = 10, include_other: bool = False) -> List[Tuple[str, float]]:
+        """The ``top_k`` components with the largest mean absolute effect, as ``(label, mean value)``.
 
-        The mean runs over every real (batch, position) cell; padding is left out. ``k``
-        must be a positive int; fewer are returned when there are fewer components. After
+        The mean runs over every real (batch, position) cell; padding is left out. ``top_k``
+        (``k=`` is its old spelling) must be a positive int; fewer are returned when there are fewer components. After
         ``by="head"`` (``by="neuron"``) only heads ``L{l}H{h}`` (neurons ``L{l}N{i}``) are
         ranked, since those are what was asked for; ``include_other=True`` ranks the
         embeddings, MLP or attention layers and bias terms of the same stack among them.
         """
-        if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
-            raise LensInputError(f"k must be a positive int (how many components to list), got {k!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, Integral) or top_k < 1:
+            raise LensInputError(f"top_k must be a positive int (how many components to list), got {top_k!r}")
         real = self.real().reshape(-1)
         mean = self.values.reshape(self.values.shape[0], -1)[:, real].mean(1)
         pattern = _KIND_LABEL.get(self.by)
@@ -176,7 +178,7 @@ class Attribution:
             i for i, label in enumerate(self.labels) if include_other or pattern is None or pattern.fullmatch(label)
         ]
         picked = torch.tensor(keep, dtype=torch.long)
-        order = picked[mean[picked].abs().argsort(descending=True)[: int(k)]]
+        order = picked[mean[picked].abs().argsort(descending=True)[: int(top_k)]]
         return [(self.labels[i], float(mean[i])) for i in order.tolist()]
 
     def by_head(self) -> torch.Tensor:

@@ -10,7 +10,7 @@ never half of one.
 - A folder writer (``TunedLens.save``, training checkpoints, the command line's ``--out``)
   claims its folder with :class:`OwnedFolder`: the folder may be new, empty, or hold only
   files the package wrote there, which it records in the folder's ``.tl_logitlens_files.json``
-  (a page or JSON result carrying the package's mark counts as its own too).
+  (a page, JSON result or plotly.js carrying the package's mark counts as its own too).
   Any other file (a model's ``config.json``, your notes) makes it refuse, naming the files,
   before anything is written.
 - A single-file writer (``LensEvaluation.save``, ``to_html``) replaces an existing file only
@@ -51,6 +51,7 @@ __all__ = [
     "MANIFEST",
     "JSON_MARK",
     "HTML_MARK",
+    "JS_MARK",
     "OwnedFolder",
     "check_folder",
     "check_file",
@@ -71,7 +72,9 @@ _MANIFEST_FORMAT = "tl_logitlens.files/1"
 JSON_MARK = b'"format": "tl_logitlens.'
 #: The mark of an HTML page the package wrote (in its ``<head>``).
 HTML_MARK = b'<meta name="generator" content="tl_logitlens">'
-_MARKS = (JSON_MARK, HTML_MARK)
+#: The mark of the plotly.js the package writes beside its pages (its first line).
+JS_MARK = b"/* tl_logitlens: plotly.js"
+_MARKS = (JSON_MARK, HTML_MARK, JS_MARK)
 _MARK_BYTES = 4096  # marks sit at the start of a file
 _MEND = "pass overwrite=True"
 # What file browsers leave in any folder: never a user's data.
@@ -241,17 +244,39 @@ def write_owned_file(
 
 
 def atomic_write(path: Union[str, Path], write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` on a temporary path beside ``path``, then move it into place."""
+    """Call ``write(tmp)`` on a temporary path beside ``path``, then move it into place.
+
+    The file gets the permissions a plain ``open(path, "w")`` would: ``0o666`` less the
+    process's umask (``0o644`` under the usual ``022``), so a lens or page shared with
+    colleagues, or copied into a container running as another user, can be read.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp makes the file 0o600 whatever the umask; writers that replace the path (torch.save,
+        # savefig) keep that mode, so it is set here, once the content is in place.
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux), else set and restored."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # the only portable way to read it: set it, then put it back at once
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: Union[str, Path], text: str) -> None:

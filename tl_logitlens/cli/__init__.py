@@ -8,13 +8,15 @@ Commands (``tl-logitlens COMMAND --help`` documents every option with an example
     tl-logitlens patchscope --model MODEL (--prompt TEXT ... | --prompts FILE | --tokens IDS ...) [--position P]
                       [--target TEXT] [--layers L,..] [--top-k K] [--quiet] [--out DIR]
     tl-logitlens dla  --model MODEL (--prompt ... | --prompts ... | --tokens ...) --answer TOKEN [--wrong TOKEN]
-                      [--by KIND] [--norm cached|none] [--position P] [--top K] [--out DIR]
+                      [--by KIND] [--norm cached|none] [--position P] [--top-k K] [--out DIR]
     tl-logitlens eval --model MODEL --data FILE [--max-tokens N] [--out DIR]
     tl-logitlens train-lens --model MODEL --data FILE [--steps N] [--tokens-per-step N] [--batch-size N]
                       [--loss kl|ce] [--incl-mid] [--checkpoint-every N] [--out DIR] [--resume]
 
-``lens``, ``patchscope``, ``dla`` and ``eval`` also take ``--html PATH``: an interactive, self-contained page
-of the result (needs plotly). ``demo --out DIR`` writes ``DIR/index.html`` linking every file.
+``lens``, ``patchscope``, ``dla`` and ``eval`` also take ``--html PATH``: an interactive page of the result (needs
+plotly; its folder is created if missing), which loads one ``plotly.min.js`` written beside it
+(``--plotly directory``, the default; ``inline`` puts plotly.js inside the page, ``cdn`` loads it
+from the network). ``demo --out DIR`` writes ``DIR/index.html`` linking every file.
 Every command also takes ``--device``, ``--dtype``, ``--format png|pdf|svg``, ``--dpi``,
 ``--overwrite`` and ``--verbose``. Writers own their files (:mod:`tl_logitlens.files`): an ``--out``
 folder holding files tl-logitlens did not write there, or an ``--html`` file it did not write, is

@@ -7,12 +7,13 @@ import argparse
 import contextlib
 import io
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ..errors import LensInputError
-from ..files import HTML_MARK, OwnedFolder, check_file, check_folder
+from ..files import HTML_MARK, JS_MARK, OwnedFolder, check_file, check_folder
 from .output import silence_loaded_libraries
 
 METRICS = ("prob", "logit", "rank", "entropy", "kl", "loss")
@@ -22,12 +23,16 @@ _DEVICE_RE = re.compile(r"^(cpu|cuda|mps|xpu)(:\d+)?$")
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "demo" / "demo_config.json"
 #: The training checkpoint's file name (tl_logitlens.lenses.training.CHECKPOINT, which imports torch).
 CHECKPOINT = "checkpoint.pt"
+#: Where ``--plotly`` takes plotly.js from (tl_logitlens.plots.interactive.PLOTLY_MODES, which imports torch).
+PLOTLY_MODES = ("directory", "inline", "cdn")
+#: The plotly.js a ``--plotly directory`` page loads from its folder (tl_logitlens.plots.interactive.PLOTLY_FILE).
+_PLOTLY_FILE = "plotly.min.js"
 #: Resolution limits of --dpi: print quality is 300; beyond 1200 a page-wide figure needs gigabytes.
 DPI_RANGE = (10.0, 1200.0)
 #: The most any count option takes (a trillion tokens): larger values overflow torch's int64 arithmetic.
 _MOST = 2**40
 #: Positive integer options, checked before any import; the ones a command lacks are skipped.
-_COUNTS = ("top_k", "top", "max_tokens", "batch_size", "steps", "tokens_per_step", "checkpoint_every")
+_COUNTS = ("top_k", "max_tokens", "batch_size", "steps", "tokens_per_step", "checkpoint_every")
 _OVERWRITE = "pass --overwrite"
 
 
@@ -170,12 +175,62 @@ def _check_device_syntax(spec: str) -> None:
 
 
 def _check_model_spec(spec: str) -> None:
+    """``demo``, a folder, or a hub name that can be had: in the Hugging Face cache, or with the hub reachable.
+
+    A name that is neither a folder nor cached is refused at once when the hub cannot be reached (or the
+    hub is set offline), instead of after the loader's retries (about 30 s) and its log lines.
+    """
     path = Path(spec).expanduser()
     looks_local = spec.startswith((".", "/", "~")) or path.exists()
     if spec != "demo" and looks_local and not path.is_dir():
         raise UsageError(
             f"no model directory at {spec!r}; pass 'demo', a local Hugging Face model folder, or a hub name"
         )
+    if spec == "demo" or looks_local or _in_hub_cache(spec):
+        return
+    offline = any(
+        os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    if offline or not _reachable(endpoint):
+        why = "the hub is set offline (HF_HUB_OFFLINE)" if offline else f"the hub ({endpoint}) cannot be reached"
+        raise UsageError(
+            f"--model {spec!r}: no folder of that name here and not in the Hugging Face cache, and {why}; pass "
+            f"'demo', a local model folder (e.g. ./{spec} or its full path), or a hub name with the hub reachable"
+        )
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Whether the Hugging Face cache holds a model of this hub name (then it loads without the network)."""
+    root = os.environ.get("HF_HUB_CACHE") or os.path.join(os.environ.get("HF_HOME") or "~/.cache/huggingface", "hub")
+    return (Path(root).expanduser() / f"models--{name.replace('/', '--')}").is_dir()
+
+
+def _reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Whether a connection to ``endpoint``'s host opens within ``timeout`` seconds (name lookup included).
+
+    Behind a proxy (``HTTPS_PROXY`` and the like) the host is not contacted directly: the loader is left to try.
+    """
+    import concurrent.futures
+    import socket
+    import urllib.parse
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urllib.parse.urlparse(endpoint)
+    host, port = url.hostname or "", url.port or (80 if url.scheme == "http" else 443)
+
+    def connect() -> bool:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        return pool.submit(connect).result(timeout=timeout)
+    except (OSError, concurrent.futures.TimeoutError):
+        return False
+    finally:
+        pool.shutdown(wait=False)  # a name lookup that hangs is left behind, not waited for
 
 
 def check_common(args: argparse.Namespace) -> None:
@@ -321,8 +376,10 @@ def read_data(path: str) -> Any:
     return docs
 
 
-def check_html(html: Optional[str], overwrite: bool = False) -> Optional[Path]:
-    """The ``--html`` page's path, refused before any work if it cannot be written or plotly is missing."""
+def check_html(html: Optional[str], overwrite: bool = False, plotly: str = "directory") -> Optional[Path]:
+    """The ``--html`` page's path, refused before any work if it (or, with ``--plotly directory``, the
+    ``plotly.min.js`` beside it) cannot be written, or plotly is missing. A missing folder is created when the
+    page is written (like ``--out``), so ``--out DIR --html DIR/lens.html`` works."""
     if html is None:
         return None
     import importlib.util
@@ -330,10 +387,15 @@ def check_html(html: Optional[str], overwrite: bool = False) -> Optional[Path]:
     path = Path(html)
     if path.is_dir():
         raise UsageError(f"--html {html!r} is a folder; name the page's file, e.g. {str(path / 'lens.html')!r}")
-    if not path.parent.is_dir():
-        raise UsageError(f"--html {html!r}: the folder {str(path.parent)!r} does not exist; create it first")
     try:
-        check_file(path, overwrite=overwrite, what="--html", mark=HTML_MARK, mend=_OVERWRITE)
+        if not path.parent.is_dir():
+            check_folder(path.parent, overwrite=True, what="--html", mend=_OVERWRITE)  # writable; made at write time
+        else:
+            check_file(path, overwrite=overwrite, what="--html", mark=HTML_MARK, mend=_OVERWRITE)
+            if plotly == "directory":
+                check_file(
+                    path.parent / _PLOTLY_FILE, overwrite=overwrite, what="--html", mark=JS_MARK, mend=_OVERWRITE
+                )
     except LensInputError as err:
         raise UsageError(str(err)) from None
     if importlib.util.find_spec("plotly") is None:

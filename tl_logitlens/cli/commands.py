@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ..errors import LensInputError
 from .arguments import (
     CHECKPOINT,
     DEMO_CONFIG,
@@ -24,6 +25,7 @@ from .arguments import (
 )
 from .output import (
     attribution_rows,
+    attribution_stem,
     lens_summary,
     print_attribution,
     print_lens,
@@ -132,37 +134,30 @@ def cmd_demo(args: argparse.Namespace) -> Dict[str, Any]:
         save_figure(plots.plot_lens(lens), out, "lens_heatmap", args, written)
         save_figure(plots.plot_trajectory(at_end), out, "trajectory", args, written)
         save_figure(plots.plot_lens_metrics(lens), out, "lens_metrics", args, written)
-        save_figure(plots.plot_attribution(components), out, "attribution_components", args, written)
-        save_figure(plots.plot_attribution(heads), out, "attribution_heads", args, written)
-        save_figure(plots.plot_attribution(neurons), out, "attribution_neurons", args, written)
-        for name, result in (
-            ("lens.csv", lens),
-            ("attribution_components.csv", components),
-            ("attribution_heads.csv", heads),
-            ("attribution_neurons.csv", neurons),
-        ):
-            write_table(result.to_dataframe(), out, name, written)
-        _demo_pages(out, written, lens, components, heads)
+        attributions = {attribution_stem(a.by): a for a in (components, heads, neurons)}
+        for stem, result in attributions.items():
+            save_figure(plots.plot_attribution(result), out, stem, args, written)
+        for stem, result in {"lens": lens, **attributions}.items():
+            write_table(result.to_dataframe(), out, f"{stem}.csv", written)
+        _demo_pages(out, written, {"lens": lens, **attributions})
         write_summary(summary, out, written)
     return summary
 
 
-def _demo_pages(out: Any, written: List[str], lens: Any, components: Any, heads: Any) -> None:
-    """The interactive pages (when plotly is installed) and index.html, which shows or links every file."""
+def _demo_pages(out: Any, written: List[str], pages: Dict[str, Any]) -> None:
+    """The interactive pages (when plotly is installed), sharing one plotly.min.js, and index.html, which
+    shows or links every file."""
     import importlib.util
 
     from ..demo.index import index_html
 
     notes = ["The built-in model on a repeated random word sequence: the logit lens and direct logit attribution."]
     if importlib.util.find_spec("plotly") is not None:
-        from ..plots.interactive import page_of
+        from ..plots.interactive import page_of, write_plotlyjs
 
-        for name, result in (
-            ("lens.html", lens),
-            ("attribution_heads.html", heads),
-            ("attribution_components.html", components),
-        ):
-            written.append(str(out.write_text(name, page_of(result))))
+        written.append(str(write_plotlyjs(None, folder=out)))
+        for stem, result in pages.items():
+            written.append(str(out.write_text(f"{stem}.html", page_of(result, plotly="directory"))))
     else:
         notes.append("Interactive pages need plotly: pip install tl-logitlens[interactive]")
     page = index_html(written + ["summary.json"], title="tl_logitlens demo", notes=notes)
@@ -175,7 +170,7 @@ def cmd_lens(args: argparse.Namespace) -> Dict[str, Any]:
     layers = parse_layers(args.layers)
     targets = None if not args.target else [parse_token(t, "--target") for t in args.target]
     out = check_out(args.out, args.overwrite)
-    html = check_html(args.html, args.overwrite)
+    html = check_html(args.html, args.overwrite, args.plotly)
     lens_dir = _lens_dir(args.lens)
     _start_torch()
     import tl_logitlens as tll
@@ -225,7 +220,8 @@ def cmd_lens(args: argparse.Namespace) -> Dict[str, Any]:
         write_table(frame, out, "lens.csv", written)
         write_summary(summary, out, written)
     if html is not None:  # every position, with the true next token's probability and rank in the hover
-        write_page(tll.logit_lens(model, prompt, targets="next", **common), html, args.overwrite)
+        page = tll.logit_lens(model, prompt, targets="next", **common)
+        write_page(page, html, args.overwrite, args.plotly, out)
     return summary
 
 
@@ -236,7 +232,7 @@ def cmd_patchscope(args: argparse.Namespace) -> Dict[str, Any]:
     if args.target is not None and not args.target.strip():
         raise UsageError("--target is empty; give the target prompt's text (or leave it out for the identity prompt)")
     out = check_out(args.out, args.overwrite)
-    html = check_html(args.html, args.overwrite)
+    html = check_html(args.html, args.overwrite, args.plotly)
     _start_torch()
     import tl_logitlens as tll
 
@@ -269,7 +265,7 @@ def cmd_patchscope(args: argparse.Namespace) -> Dict[str, Any]:
         write_table(full.to_dataframe(), out, "patchscope.csv", written)
         write_summary(summary, out, written)
     if html is not None:
-        write_page(full, html, args.overwrite)
+        write_page(full, html, args.overwrite, args.plotly, out)
     return summary
 
 
@@ -283,7 +279,7 @@ def cmd_dla(args: argparse.Namespace) -> Dict[str, Any]:
     answers = tokens_arg(args.answer, "--answer")
     wrong = tokens_arg(args.wrong, "--wrong")
     out = check_out(args.out, args.overwrite)
-    html = check_html(args.html, args.overwrite)
+    html = check_html(args.html, args.overwrite, args.plotly)
     _start_torch()
     import tl_logitlens as tll
 
@@ -292,7 +288,7 @@ def cmd_dla(args: argparse.Namespace) -> Dict[str, Any]:
     att = tll.direct_logit_attribution(
         model, prompt, answers=answers, wrong=wrong, by=args.by, positions=args.position, norm=args.norm
     )
-    print_attribution(att, args.top)
+    print_attribution(att, args.top_k)
     summary = {
         "model": args.model,
         "prompts": prompts.get("text", prompts.get("tokens")),
@@ -307,25 +303,25 @@ def cmd_dla(args: argparse.Namespace) -> Dict[str, Any]:
         "constant": float(att.constant.mean()),
         "model_values": att.model_value.reshape(-1).tolist(),
         "residual_error": att.residual_error(),
-        "top": dict(attribution_rows(att, args.top)),
+        "top": dict(attribution_rows(att, args.top_k)),
     }
     out = make_out(out, args.overwrite)
     if out is not None:
         from .. import plots
 
         written: List[str] = []
-        save_figure(plots.plot_attribution(att), out, f"attribution_{args.by}", args, written)
-        write_table(att.to_dataframe(), out, f"attribution_{args.by}.csv", written)
+        save_figure(plots.plot_attribution(att), out, attribution_stem(args.by), args, written)
+        write_table(att.to_dataframe(), out, f"{attribution_stem(args.by)}.csv", written)
         write_summary(summary, out, written)
     if html is not None:
-        write_page(att, html, args.overwrite)
+        write_page(att, html, args.overwrite, args.plotly, out)
     return summary
 
 
 def cmd_eval(args: argparse.Namespace) -> Dict[str, Any]:
     """Streaming lens statistics over a dataset."""
     out = check_out(args.out, args.overwrite)
-    html = check_html(args.html, args.overwrite)
+    html = check_html(args.html, args.overwrite, args.plotly)
     if not Path(args.data).is_file():
         raise UsageError(
             f"no data file at {args.data!r}; pass a UTF-8 text file (one document per line) "
@@ -375,7 +371,7 @@ def _report(
         save_figure(result.plot(), out, stem, args, written)
         print("\nWrote:\n  " + "\n  ".join(written))
     if html is not None:
-        write_page(result, html, args.overwrite)
+        write_page(result, html, args.overwrite, args.plotly, out)
 
 
 def cmd_train_lens(args: argparse.Namespace) -> Dict[str, Any]:
@@ -399,20 +395,25 @@ def cmd_train_lens(args: argparse.Namespace) -> Dict[str, Any]:
     model = load_model(args.model, device, args.dtype)
     # train_tuned_lens claims --out itself (rank 0 alone writes) and creates it at the first checkpoint, so a run
     # that fails before training (nothing to train on) leaves nothing behind.
-    lens = tll.train_tuned_lens(
-        model,
-        data,
-        steps=args.steps,
-        tokens_per_step=args.tokens_per_step,
-        batch_size=args.batch_size,
-        loss=args.loss,
-        incl_mid=args.incl_mid,
-        checkpoint_dir=out,
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-    )
+    try:
+        lens = tll.train_tuned_lens(
+            model,
+            data,
+            steps=args.steps,
+            tokens_per_step=args.tokens_per_step,
+            batch_size=args.batch_size,
+            loss=args.loss,
+            incl_mid=args.incl_mid,
+            checkpoint_dir=out,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+    except LensInputError as err:
+        if getattr(err, "resume_problem", None) is None:
+            raise
+        raise UsageError(_resume_refusal(err, out)) from None
     if not is_main_process():
         return {"translators": len(lens.labels)}
     import torch
@@ -424,6 +425,41 @@ def cmd_train_lens(args: argparse.Namespace) -> Dict[str, Any]:
     )
     print(f"Wrote the lens (tuned-lens format) and its checkpoint to {out}")
     return {"steps": int(saved["step"]), "tokens": int(saved["tokens_seen"]), "out": str(out)}
+
+
+#: The training settings a checkpoint records, as the command line names them (the rest are Python-only or the model's).
+_RESUME_FLAGS = {
+    "steps": "--steps",
+    "tokens_per_step": "--tokens-per-step",
+    "batch_size": "--batch-size",
+    "loss": "--loss",
+    "incl_mid": "--incl-mid",
+}
+
+
+def _resume_refusal(err: Any, out: Path) -> str:
+    """A refusal to resume the checkpoint in ``--out``, in the command line's words (flags, not Python keywords)."""
+    checkpoint = out / CHECKPOINT
+    afresh = f"name another --out, or delete {str(checkpoint)!r}, to start afresh"
+    if not err.resume_differences:
+        return f"{' '.join(err.resume_problem.split())}; {afresh}"
+
+    def word(key: str, value: Any) -> str:
+        return ("given" if value else "not given") if key == "incl_mid" else repr(value)
+
+    parts = []
+    for key, saved, now in err.resume_differences:
+        if key in _RESUME_FLAGS:
+            name = _RESUME_FLAGS[key]
+        elif key in ("d_model", "n_layers", "d_vocab"):
+            name = f"the model's {key} (another --model)"
+        else:  # optimizer, lr, weight_decay: set from Python only
+            name = f"{key} (set from Python, not a command-line option)"
+        parts.append(f"{name}: checkpoint {word(key, saved)}, now {word(key, now)}")
+    return (
+        f"--out {str(out)!r} holds a checkpoint made with other settings ({'; '.join(parts)}); rerun with the "
+        f"checkpoint's settings and --resume to continue it, or {afresh}"
+    )
 
 
 def _compare(args: argparse.Namespace, model: Any, data: Any, lens: Any, out: Any, html: Any) -> Dict[str, Any]:

@@ -95,6 +95,12 @@ def save_figure(fig: Any, out: Any, stem: str, args: argparse.Namespace, written
     plt.close(fig)
 
 
+def attribution_stem(by: str) -> str:
+    """The file name (without suffix) of an attribution's figure, table and page, the demo's and ``dla``'s alike:
+    ``attribution_components``, ``attribution_heads``, ``attribution_neurons``, ``attribution_accumulated``."""
+    return f"attribution_{by}s" if by in ("component", "head", "neuron") else f"attribution_{by}"
+
+
 def write_table(frame: Any, out: Any, name: str, written: List[str]) -> None:
     written.append(str(out.write(name, lambda tmp: frame.to_csv(tmp, index=False))))
 
@@ -147,19 +153,59 @@ def attribution_rows(att: Any, k: int) -> List[Any]:
 
 
 def print_attribution(att: Any, k: int) -> None:
-    value = float(att.model_value.mean())
+    value = float(att.model_value[att.real()].mean())
     what = "logit difference" if att.wrong_ids is not None else "logit"
     print(
         f"Direct logit attribution (by={att.by}) of the {what} {value:.3f}; "
-        f"constant terms {float(att.constant.mean()):.3f}; residual error {att.residual_error():.2e}"
+        f"constant terms {float(att.constant[att.real()].mean()):.3f}; residual error {att.residual_error():.2e}"
     )
-    for label, v in attribution_rows(att, k):
+    rows = attribution_rows(att, k)
+    for label, v in rows:
         print(f"  {label:>14}  {v:+.3f}")
+    if att.by != "accumulated":
+        print(rest_of_attribution(att, [label for label, _ in rows]))
 
 
-def write_page(result: Any, path: Any, overwrite: bool = False) -> None:
-    """The ``--html`` interactive page of ``result`` (self-contained, written atomically)."""
-    from ..plots.interactive import to_html
+def rest_of_attribution(att: Any, shown: List[str]) -> str:
+    """The line under the ``dla`` table: where the rest of the value came from (the components not shown,
+    heads or neurons apart from the others, and the constant), adding up to the model's value."""
+    import re
 
-    to_html(result, path, overwrite=overwrite)
-    print(f"\nWrote the interactive page {path}")
+    real = att.real().reshape(-1)
+    mean = att.values.reshape(att.values.shape[0], -1)[:, real].mean(1)  # [component], as Attribution.top ranks
+    kind = {"head": r"L\d+H\d+", "neuron": r"L\d+(E\d+|S)?N\d+"}.get(att.by)
+    picked = set(shown)
+    rest = [i for i, label in enumerate(att.labels) if label not in picked]
+    same = [i for i in rest if kind is None or re.fullmatch(kind, att.labels[i])]  # of the kind asked for
+    other = [i for i in rest if i not in same]  # by head/neuron: embeddings, MLPs or attention, biases
+    constant = float(att.constant.reshape(-1)[real].mean())
+    value = float(att.model_value.reshape(-1)[real].mean())
+    parts = [f"the rows above {sum(float(mean[att.labels.index(label)]) for label in shown):+.3f}"]
+    if same:
+        parts.append(f"the other {len(same)} {att.by}s {float(mean[same].sum()):+.3f}")
+    if other:
+        names = "embeddings, MLPs, biases" if att.by == "head" else "embeddings, attention, biases"
+        parts.append(f"the other components ({names}) {float(mean[other].sum()):+.3f}")
+    parts.append(f"the constant {constant:+.3f}")
+    what = "logit difference" if att.wrong_ids is not None else "logit"
+    return f"  sum: {', '.join(parts)} = the model's {what} {value:+.3f}"
+
+
+def write_page(result: Any, path: Any, overwrite: bool = False, plotly: str = "directory", out: Any = None) -> None:
+    """The ``--html`` interactive page of ``result``, written atomically; with ``--plotly directory`` (the
+    default) it shares one ``plotly.min.js`` with the other pages of its folder. A page inside the ``--out``
+    folder is written through it (recorded there like every other file); a missing folder is created."""
+    from pathlib import Path
+
+    from ..plots.interactive import page_of, to_html, write_plotlyjs
+
+    path = Path(path)
+    if out is not None and path.parent.resolve() == Path(out.path).resolve():
+        if plotly == "directory":
+            write_plotlyjs(None, folder=out)
+        out.write_text(path.name, page_of(result, plotly=plotly))
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)  # created like --out (checked writable before any work)
+        to_html(result, path, overwrite=overwrite, plotly=plotly)
+    beside = " (with plotly.min.js beside it)" if plotly == "directory" else ""
+    print(f"\nWrote the interactive page {path}{beside}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .arguments import DPI_RANGE, DTYPES, FORMATS, METRICS, Parser
+from .arguments import DPI_RANGE, DTYPES, FORMATS, METRICS, PLOTLY_MODES, Parser
 from .commands import cmd_demo, cmd_dla, cmd_eval, cmd_lens, cmd_patchscope, cmd_train_lens
 
 # -- parser -----------------------------------------------------------------------------------
@@ -47,12 +47,20 @@ def _common(sub: argparse.ArgumentParser, model: bool = True) -> None:
 
 
 def _html(sub: argparse.ArgumentParser) -> None:
-    """Add the ``--html`` option (an interactive page beside the figure)."""
+    """Add the ``--html`` option (an interactive page beside the figure) and ``--plotly``."""
     sub.add_argument(
         "--html",
         metavar="PATH",
-        help="also write an interactive page (self-contained HTML: hover for "
-        "values; needs plotly, pip install tl-logitlens[interactive])",
+        help="also write an interactive page (hover for values; needs plotly, pip install "
+        "tl-logitlens[interactive]); its folder is created if missing",
+    )
+    sub.add_argument(
+        "--plotly",
+        choices=PLOTLY_MODES,
+        default="directory",
+        help="where the page gets plotly.js: directory (default: one plotly.min.js beside the page, shared by "
+        "the pages of its folder), inline (inside the page, ~1.8 MB, opens anywhere offline) or cdn "
+        "(cdn.plot.ly, needs the network)",
     )
 
 
@@ -264,11 +272,13 @@ def _add_dla(sub: Any) -> None:
         "logit), or none (raw stream @ W_U, the pieces add up to the unnormalised value)",
     )
     dla.add_argument(
-        "--top",
+        "--top-k",
         type=int,
         default=10,
-        help="how many pieces to print, largest first; by head or neuron only heads or neurons (default 10)",
+        help="how many pieces to print, largest first; by head or neuron only heads or neurons (default 10); "
+        "a last line says what the rest adds",
     )
+    dla.add_argument("--top", type=int, dest="top_k", help=argparse.SUPPRESS)  # the old spelling of --top-k
     dla.add_argument("--out", metavar="DIR", help="folder for the figure, CSV and summary.json")
     _html(dla)
     _common(dla)

@@ -15,12 +15,13 @@ import numpy as np
 import torch
 
 from ..errors import LensInputError
+from ..renamed import renamed_keywords
 from ..tokentext import LITERAL_TEXT, display_token
 from .layout import (
+    _answer_words,
     _axes_inches,
     _check_batch,
     _clamp,
-    _decoder,
     _new_axes,
     _np,
     _set_ticklabels,
@@ -60,22 +61,6 @@ def _pick_position(att: Any, position: int) -> Tuple[torch.Tensor, str]:
     return att.values[:, :, col], f" at {where} (of {n_pos}; plot_attribution_positions shows all)"
 
 
-def _answer_words(att: Any) -> str:
-    """``logit(␣Paris) − logit(␣Rome)`` when all prompts share the tokens, else generic."""
-    decode = _decoder(att.tokenizer)
-
-    def one(ids: Optional[torch.Tensor], generic: str) -> str:
-        if ids is None:
-            return ""
-        ids = ids.reshape(-1)
-        return decode(int(ids[0])) if bool((ids == ids[0]).all()) else generic
-
-    text = f"logit({one(att.answer_ids, 'answer')})"
-    if att.wrong_ids is not None:
-        text += f" \u2212 logit({one(att.wrong_ids, 'wrong')})"
-    return text
-
-
 def _model_value_words(att: Any, position: int) -> str:
     mv, const = att.model_value, att.constant
     if mv.ndim == 2:
@@ -109,8 +94,9 @@ def plot_attribution(
     - ``"accumulated"`` -> ``"line"``: the accumulated stream's reading of the answer after
       each layer (the logit lens on the logit difference; not a direct effect).
     - ``"head"`` -> ``"heatmap"``: ``att.by_head()`` averaged over prompts, ``[layer,
-      head]`` (layer 0 at the top), diverging ``RdBu`` map with limits symmetric about
-      zero and a colour bar. The non-head terms (embeddings, MLPs, biases) are not shown;
+      head]`` (layer 0 at the bottom, as in the lens heatmap and the interactive page), diverging
+      ``RdBu`` map with limits symmetric about zero and a colour bar. The non-head terms
+      (embeddings, MLPs, biases) are not shown;
       ``kind="bar"`` shows every term.
     - ``"neuron"`` -> ``"barh"``: the ``top_k`` neurons with the largest ``|mean|``,
       strongest at the top, labelled ``L1N37``.
@@ -191,7 +177,8 @@ def _spread(std: Any) -> str:
 
 
 def _head_heatmap(att: Any, ax: Any, position: int, title: str, annotate: Optional[bool], width: Any) -> Any:
-    """``att.by_head()`` averaged over prompts, ``[layer, head]``, layer 0 at the top."""
+    """``att.by_head()`` averaged over prompts, ``[layer, head]``, layer 0 at the bottom (layers go up, as in
+    the lens heatmap and every interactive page)."""
     grid = att.by_head()  # [layer, head, batch(, pos)]
     if grid.ndim == 4:
         grid = grid[..., position % grid.shape[3]]
@@ -202,7 +189,12 @@ def _head_heatmap(att: Any, ax: Any, position: int, title: str, annotate: Option
     fig, ax = _new_axes(ax, size, width)
     limit = float(np.abs(data).max()) or 1.0
     image = ax.imshow(
-        data, cmap=SIGNED_CMAP, norm=mcolors.Normalize(-limit, limit), aspect="auto", interpolation="nearest"
+        data,
+        cmap=SIGNED_CMAP,
+        norm=mcolors.Normalize(-limit, limit),
+        aspect="auto",
+        interpolation="nearest",
+        origin="lower",
     )
     bar = fig.colorbar(image, ax=ax, pad=0.02)
     bar.set_label("direct effect (on the title's logit)", fontsize=BASE_FONT - 1)  # the target is in the title
@@ -293,11 +285,12 @@ def _bars(att: Any, ax: Any, kind: str, m: np.ndarray, s: Any, value_label: str,
     return fig
 
 
+@renamed_keywords(batch="prompt")
 def plot_attribution_positions(
     att: Any,
     *,
     ax: Any = None,
-    batch: Optional[int] = 0,
+    prompt: Optional[int] = 0,
     top_k: Optional[int] = None,
     tokens: Optional[Sequence[str]] = None,
     width: Any = "page",
@@ -311,7 +304,7 @@ def plot_attribution_positions(
 
     Args:
         att: an :class:`~tl_logitlens.Attribution` with 3-D ``values``.
-        batch: the prompt to show, or ``None`` for the mean over prompts.
+        prompt: the prompt to show, or ``None`` for the mean over prompts (``batch=`` is the old spelling).
         ax: a matplotlib ``Axes`` to draw into.
         top_k: keep only the ``top_k`` components with the largest ``|value|`` at any
             position (useful with ``by="neuron"``), in their original order.
@@ -342,16 +335,16 @@ def plot_attribution_positions(
             "attribute at every position, or use plot_attribution"
         )
     n_comp, n_batch, n_pos = att.values.shape
-    if batch is None:
+    if prompt is None:
         data = att.values.mean(1)
         which = f"mean of {n_batch} prompts"
         pos_row = att.positions[0] if bool((att.positions == att.positions[0]).all()) else None
     else:
-        _check_batch(batch, n_batch, "attribution")
-        batch = int(batch) % n_batch
-        data = att.values[:, batch]
-        which = f"prompt {batch}" if n_batch > 1 else ""
-        pos_row = att.positions[batch]
+        _check_batch(prompt, n_batch, "attribution")
+        prompt = int(prompt) % n_batch
+        data = att.values[:, prompt]
+        which = f"prompt {prompt}" if n_batch > 1 else ""
+        pos_row = att.positions[prompt]
     labels = list(att.labels)
     rows = list(range(n_comp))
     if top_k is not None:
@@ -414,18 +407,19 @@ def _position_labels(ax: Any, x_labels: List[str], y_labels: List[str]) -> None:
     ax.set_yticklabels([y_labels[i] for i in y_ticks], fontsize=y_font, **LITERAL_TEXT)
 
 
+@renamed_keywords(top="top_k", batch="prompt")
 def plot_source_attribution(
     att: Any,
     *,
     ax: Any = None,
-    top: int = 6,
-    batch: Optional[int] = 0,
+    top_k: int = 6,
+    prompt: Optional[int] = 0,
     position: int = -1,
     annotate: Optional[bool] = None,
 ) -> Any:
     """Which source tokens the top heads' direct effect came from: a source x head heatmap.
 
-    Columns are the ``top`` heads with the largest ``|value|`` (for the prompt and position
+    Columns are the ``top_k`` heads with the largest ``|value|`` (for the prompt and position
     shown), strongest first; rows are the source positions from the first to the
     destination (later sources get no attention), labelled with their tokens; each cell is
     ``att.by_source()[layer, head, src]``, the part of the head's effect on the answer's
@@ -435,9 +429,11 @@ def plot_source_attribution(
 
     Args:
         att: an :class:`~tl_logitlens.Attribution` made with ``by="head", by_source=True``.
-        top: how many heads to show (a positive int; fewer when the model has fewer).
-        batch: the prompt to show, or ``None`` for the mean over prompts (rows are then
-            labelled by position only, since prompts hold different tokens).
+        top_k: how many heads to show (a positive int; fewer when the model has fewer; ``top=``
+            is the old spelling).
+        prompt: the prompt to show, or ``None`` for the mean over prompts (rows are then
+            labelled by position only, since prompts hold different tokens; ``batch=`` is the
+            old spelling).
         position: for an attribution taken at several positions, which column of
             ``att.positions`` (negative from the end).
         ax: a matplotlib ``Axes`` to draw into.
@@ -453,13 +449,13 @@ def plot_source_attribution(
         >>> model = tll.demo_model()
         >>> ids = tll.demo.induction_prompt(model)
         >>> att = tll.direct_logit_attribution(model, ids[:, :-1], answers=int(ids[0, -1]), by="head", by_source=True)
-        >>> fig = plot_source_attribution(att, top=3)
+        >>> fig = plot_source_attribution(att, top_k=3)
         >>> fig.axes[0].images[0].get_array().shape      # 24 sources up to the last token, 3 heads
         (24, 3)
     """
     data = att.by_source()  # [layer, head, src, batch(, pos)]
-    if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
-        raise LensInputError(f"top must be a positive int (how many heads to show), got {top!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise LensInputError(f"top_k must be a positive int (how many heads to show), got {top_k!r}")
     n_layers, n_heads, n_src, n_batch = data.shape[:4]
     positions = att.positions  # [batch, n]
     if data.ndim == 5:
@@ -472,22 +468,22 @@ def plot_source_attribution(
         data = data[..., col]
     else:
         col = 0
-    if batch is None:
+    if prompt is None:
         grid = torch.nanmean(data, dim=3)  # [layer, head, src]
         dests = {int(p) for p in positions[:, col]}
         dest = max(dests)
         which = f"mean of {n_batch} prompts"
         words = None
     else:
-        _check_batch(batch, n_batch, "attribution")
-        b = int(batch) % n_batch
+        _check_batch(prompt, n_batch, "attribution")
+        b = int(prompt) % n_batch
         grid = data[:, :, :, b]
         dest = int(positions[b, col])
         which = f"prompt {b}" if n_batch > 1 else ""
         texts = att.source_tokens()
         words = None if texts is None else texts[b]
     totals = grid.sum(2).reshape(-1)  # [layer * head]
-    order = totals.abs().nan_to_num(-1.0).argsort(descending=True)[: int(top)].tolist()
+    order = totals.abs().nan_to_num(-1.0).argsort(descending=True)[: int(top_k)].tolist()
     heads = [divmod(i, n_heads) for i in order]
     rows = list(range(min(dest + 1, n_src)))
     image_data = _np(torch.stack([grid[layer, head, : len(rows)] for layer, head in heads], dim=1))  # [src, head]

@@ -1,21 +1,27 @@
-"""Interactive views: plotly figures of the results, and self-contained pages of them.
+"""Interactive views: plotly figures of the results, and pages of them.
 
-A logit-lens heatmap is read by hovering: each cell's tooltip lists its top-k tokens with
-their probabilities, the target (the true next token with ``targets="next"``) with its
-probability and rank, the entropy and the KL to the final layer. Menus switch the
-coloured metric and the prompt. The head-attribution heatmap, attribution bars and
-per-layer evaluation curves hover their values the same way. Nothing here runs a model:
-every number is read from the result object.
+A logit-lens heatmap reads like the static one (:func:`~tl_logitlens.plots.plot_lens`): layers
+go up (``0_pre`` at the bottom, ``final_post`` at the top), each cell shows its top-1 token (bold
+where it is the true next token), and cells are wide enough for that text (up to 8 characters);
+the page is as wide as its cells (the browser scrolls), and a grid wider than two laptop
+windows (2600 px) shows its first positions and pans sideways.
+Hovering a cell lists its top-k tokens with their probabilities, the target (the true next token
+with ``targets="next"``) with its probability and rank, the entropy and the KL to the final
+layer. Menus switch the coloured metric and the prompt. The head-attribution heatmap (layer 0 at
+the bottom, each cell its value, a colour scale that spans the heads), attribution bars and
+per-layer evaluation curves hover their values the same way; attribution pages name the answer
+and the wrong token. Nothing here runs a model: every number is read from the result object.
 
-Pages are self-contained (no network needed to open them) and small: plotly.js (4.8 MB
-minified) and the figure's JSON are gzip-compressed and inlined as base-85 text (RFC 1924
-alphabet with ``.`` in place of ``<``, so no ``<`` can end the script early); a
-twenty-line loader inflates them with the browser's native ``DecompressionStream``
-(Chromium 80+, Firefox 113+, Safari 16.4+). plotly.js 3 (plotly 7.1) then takes 1.84 MB
-instead of 4.8 MB; a 12-layer x 128-position lens page of a random 5000-token model (the hard
-case for compression) is 1.96 MB. Plain base 64 (native ``atob``) would not fit under 2 MB.
-Hover texts are formatted here, in Python, so the page shows exactly the strings documented
-below; colours use values rounded to 4 significant digits.
+Pages are small. The figure's JSON is gzip-compressed and inlined as base-85 text (RFC 1924
+alphabet with ``.`` in place of ``<``, so no ``<`` can end the script early), which a
+twenty-line loader inflates with the browser's native ``DecompressionStream`` (Chromium 80+,
+Firefox 113+, Safari 16.4+). plotly.js comes as ``to_html(..., plotly=)`` says
+(:data:`PLOTLY_MODES`): ``"inline"`` (the default) packs it the same way into the page, 1.84 MB
+instead of 4.8 MB (plotly.js 3, plotly 7.1), so the page opens anywhere without a network;
+``"directory"`` writes one ``plotly.min.js`` beside the pages, which every page of the folder
+shares (the demo and the command line write their pages so); ``"cdn"`` loads it from
+cdn.plot.ly. Hover texts are formatted here, in Python, so the page shows exactly the strings
+documented below; colours use values rounded to 4 significant digits.
 
 Tooltip of a lens cell (one line each; tokens spelled by
 :func:`~tl_logitlens.tokentext.display_token`, numbers with ``:.4g``)::
@@ -51,6 +57,7 @@ import functools
 import gzip
 import html
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -58,8 +65,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from ..errors import LensInputError
-from ..files import HTML_MARK, check_file, write_owned_file
+from ..files import HTML_MARK, JS_MARK, check_file, write_owned_file
+from ..renamed import renamed_keywords
 from ..tokentext import display_token, token_text
+from .layout import _answer_words, _shared_answers
 from .style import (
     LENS_METRIC_STYLE,
     LINE_STYLES,
@@ -84,6 +93,10 @@ __all__ = [
     "page_of",
     "to_html",
     "show",
+    "PLOTLY_MODES",
+    "PLOTLY_FILE",
+    "plotlyjs_text",
+    "write_plotlyjs",
 ]
 
 INSTALL_HINT = "interactive views need plotly: pip install tl-logitlens[interactive]"
@@ -95,6 +108,18 @@ LENS_METRICS: Dict[str, LensMetric] = {
 }
 _MAX_OPTIONS = 64  # attribution cells offered in the menu (beyond: the mean and the first ones)
 _TICK_CHARS = 12  # axis tick labels are elided past this; the hover keeps the full text
+_CELL_CHARS = 8  # a lens cell shows its top-1 token up to this many characters (the hover has it whole)
+_CELL_FONT = 11  # px: the text in a lens cell
+_CHAR_PX = 6.6  # px: an average character at that size, to size cells before the browser draws them
+_PAGE_PX = (640, 2600)  # the narrowest and widest a lens page is drawn (px, two laptop windows); wider grids pan
+_SIDE_PX = 190  # px beside the grid: the stack-entry labels and the colour bar
+_TOP_PX, _BOTTOM_PX = 110, 80  # a page's margins above and below the plot area (plotly's default below)
+
+
+def _menu_y(height: int) -> float:
+    """The paper ``y`` that puts a menu's bottom 14 px above the plot area of a page ``height`` px tall
+    (a fixed paper ``y`` such as 1.1 lands in the title on a tall page, and off the page on a taller one)."""
+    return 1 + 14 / max(height - _TOP_PX - _BOTTOM_PX, 1)
 
 
 def _go() -> Any:
@@ -146,6 +171,7 @@ class _LensCells:
     positions: torch.Tensor  # [batch, pos] absolute positions
     real: torch.Tensor  # [batch, pos] not padding
     inputs: Optional[torch.Tensor]  # [batch, pos] input ids at those positions
+    next_ids: torch.Tensor  # [batch, pos] the true next token, -1 where there is none
     labels: List[str]
     tokenizer: Any
     k: int  # tokens listed per cell
@@ -191,6 +217,7 @@ def _read_lens(result: Any, top_k: Optional[int]) -> _LensCells:
         positions=positions,
         real=positions < result.lengths.reshape(batch, 1),
         inputs=inputs,
+        next_ids=result.next_ids.reshape(batch, -1)[:, :n_pos],
         labels=list(result.labels),
         tokenizer=result.tokenizer,
         k=k,
@@ -244,6 +271,23 @@ def _hover_texts(cells: _LensCells, b: int) -> List[List[str]]:
     return rows
 
 
+def _top1_texts(cells: _LensCells, b: int) -> List[List[str]]:
+    """``[layer][pos]`` what each cell of prompt ``b`` shows: its top-1 token, elided past :data:`_CELL_CHARS`."""
+    ids = cells.top_ids[:, b, :, 0].tolist()
+    names: Dict[int, str] = {}
+    for row in ids:
+        for i in row:
+            if i not in names:
+                text = display_token(token_text(cells.tokenizer, int(i)))
+                names[i] = _esc(text if len(text) <= _CELL_CHARS else text[: _CELL_CHARS - 1] + "…")
+    real = cells.real[b].tolist()
+    nxt = cells.next_ids[b].tolist()  # bold where the top-1 token is the true next one, as the static figure
+    return [
+        [(f"<b>{names[i]}</b>" if i == nxt[j] else names[i]) if real[j] else "" for j, i in enumerate(row)]
+        for row in ids
+    ]
+
+
 def _tick_texts(cells: _LensCells, b: int) -> List[str]:
     """Prompt ``b``'s x tick labels: its input tokens, elided, or the positions without input ids."""
     if cells.inputs is None:
@@ -281,8 +325,11 @@ def _lens_traces(go: Any, cells: _LensCells, metric: str, prompt: int) -> List[A
             z=_colour_grid(cells, metric, b),
             x=list(range(n_pos)),
             y=list(range(n_layer)),
-            text=_hover_texts(cells, b),
-            hovertemplate="%{text}<extra></extra>",
+            text=_top1_texts(cells, b),
+            texttemplate="%{text}",
+            textfont={"size": _CELL_FONT},
+            customdata=_hover_texts(cells, b),
+            hovertemplate="%{customdata}<extra></extra>",
             visible=(b == prompt),
             name=f"prompt {b}",
             colorscale=scale["scale"],
@@ -296,8 +343,11 @@ def _lens_traces(go: Any, cells: _LensCells, metric: str, prompt: int) -> List[A
     ]
 
 
-def _lens_menus(cells: _LensCells, metrics: List[str], metric: str, prompt: int, step: int) -> List[Dict[str, Any]]:
-    """The metric menu (recolours every prompt's heatmap) and, for several prompts, the prompt menu."""
+def _lens_menus(
+    cells: _LensCells, metrics: List[str], metric: str, prompt: int, step: int, height: int
+) -> List[Dict[str, Any]]:
+    """The metric menu (recolours every prompt's heatmap) and, for several prompts, the prompt menu, above the
+    plot area of a page ``height`` px tall."""
     _, batch, n_pos = cells.shape
     metric_buttons = []
     for m in metrics:
@@ -310,7 +360,7 @@ def _lens_menus(cells: _LensCells, metrics: List[str], metric: str, prompt: int,
             "colorbar.title.text": scale["bar"],
         }
         metric_buttons.append({"label": scale["label"], "method": "restyle", "args": [restyle]})
-    place = {"y": 1.12, "xanchor": "left", "yanchor": "bottom", "showactive": True}
+    place = {"y": _menu_y(height), "xanchor": "left", "yanchor": "bottom", "showactive": True}
     menus = [{"buttons": metric_buttons, "active": metrics.index(metric), "x": 0.0, **place, "name": "metric"}]
     if batch > 1:
         prompt_buttons = [
@@ -362,37 +412,61 @@ def lens_figure(result: Any, *, top_k: Optional[int] = None, metric: str = "prob
         )
     if not 0 <= prompt < batch:
         raise LensInputError(f"prompt must index the batch of {batch} prompts, got {prompt!r}")
-    step = max(1, math.ceil(n_pos / 64))  # thin crowded tick labels; the hover names every cell
     fig = go.Figure(_lens_traces(go, cells, metric, prompt))
+    cell, shown = _lens_cells_px(cells)
+    height = max(320, 130 + 26 * n_layer)
+    title = f"{cells.lens_name} lens: each cell's top-1 token; hover a cell for its top tokens"
+    xaxis: Dict[str, Any] = {
+        "title": {"text": "position (input token)"},
+        "tickmode": "array",
+        "tickvals": list(range(n_pos)),
+        "ticktext": _tick_texts(cells, prompt),
+    }
+    if shown < n_pos:  # cells keep their width: the page shows the first positions and pans to the rest
+        xaxis["range"] = [-0.5, shown - 0.5]
+        title += f" (positions 0\u2013{shown - 1} of {n_pos}: drag sideways for the rest)"
     fig.update_layout(
-        title={"text": f"{cells.lens_name} lens: hover a cell for its top tokens", "y": 0.98},
-        updatemenus=_lens_menus(cells, metrics, metric, prompt, step),
-        margin={"t": 110},
-        height=max(320, 120 + 22 * n_layer),
-        width=max(640, min(1600, 160 + 14 * n_pos)),
-        xaxis={
-            "title": {"text": "position (input token)"},
-            "tickmode": "array",
-            "tickangle": -60,
-            "tickvals": list(range(0, n_pos, step)),
-            "ticktext": _tick_texts(cells, prompt)[::step],
-        },
+        # below the mode bar, which covers a long title's end on a narrow page
+        title={"text": title, "y": 1, "yanchor": "top", "pad": {"t": 32}},
+        updatemenus=_lens_menus(cells, metrics, metric, prompt, 1, height),
+        margin={"t": _TOP_PX, "b": _BOTTOM_PX},
+        height=height,
+        width=max(_PAGE_PX[0], _SIDE_PX + round(cell * shown)),
+        xaxis=xaxis,
         yaxis={
             "title": {"text": "stack entry"},
             "tickmode": "array",
             "tickvals": list(range(n_layer)),
             "ticktext": [_esc(x) for x in cells.labels],
         },
+        dragmode="pan",
         plot_bgcolor="white",
         meta={"view": "lens", "metrics": metrics, "target": cells.target},
     )
     return fig
 
 
+def _lens_cells_px(cells: _LensCells) -> Tuple[float, int]:
+    """``(cell width in px, positions shown at once)``: cells wide enough for their top-1 token (up to
+    :data:`_CELL_CHARS` characters), as many as the widest page holds."""
+    longest = max(
+        (
+            len(html.unescape(t.replace("<b>", "").replace("</b>", "")))
+            for b in range(cells.shape[1])
+            for row in _top1_texts(cells, b)
+            for t in row
+        ),
+        default=1,
+    )
+    cell = _CHAR_PX * min(max(longest, 3), _CELL_CHARS) + 14
+    return cell, min(cells.shape[2], max(1, int((_PAGE_PX[1] - _SIDE_PX) // cell)))
+
+
 # -- attribution -------------------------------------------------------------------------------
 def _attribution_options(att: Any) -> List[Tuple[str, torch.Tensor, str]]:
     """What the cell menu offers: ``(menu label, [component] values, hover note)``, the mean over
-    every real (prompt, position) cell first, then each cell (the first 64)."""
+    every real (prompt, position) cell first, then each cell (the first 64). When prompts attribute
+    different tokens, each cell's note names its own."""
     values = att.values if att.values.ndim == 3 else att.values.unsqueeze(-1)  # [comp, batch, pos]
     _, batch, n_pos = values.shape
     model_value, constant = att.model_value.reshape(batch, n_pos), att.constant.reshape(batch, n_pos)
@@ -400,27 +474,28 @@ def _attribution_options(att: Any) -> List[Tuple[str, torch.Tensor, str]]:
     real = att.real().reshape(batch, n_pos)
     cells = [(b, j) for b in range(batch) for j in range(n_pos) if bool(real[b, j])]
     mean = values[:, real].double().mean(1)  # [comp]
+    shared = _shared_answers(att)  # then the title names the tokens
     options: List[Tuple[str, torch.Tensor, str]] = [("mean over prompts", mean, f"mean over {len(cells)} cells")]
     for b, j in cells[:_MAX_OPTIONS]:
-        options.append(
-            (
-                f"prompt {b} pos {int(positions[b, j])}",
-                values[:, b, j].double(),
-                f"model {float(model_value[b, j]):+.4g} · constant {float(constant[b, j]):+.4g}",
-            )
-        )
+        note = f"model {float(model_value[b, j]):+.4g} · constant {float(constant[b, j]):+.4g}"
+        if not shared:
+            note += f"<br>{_esc(_answer_words(att, prompt=b))}"
+        options.append((f"prompt {b} pos {int(positions[b, j])}", values[:, b, j].double(), note))
     return options
 
 
 def _head_traces(go: Any, att: Any, options: List[Tuple[str, torch.Tensor, str]], what: str) -> List[Any]:
-    """One ``[layer][head]`` heatmap per menu option, on one colour scale symmetric about zero."""
+    """One ``[layer][head]`` heatmap per menu option (each cell shows its value, the hover says more), on one
+    colour scale symmetric about zero that spans the heads alone: the embeddings, MLPs and biases are not drawn."""
     index = {label: i for i, label in enumerate(att.labels)}
     rows = [[index[f"L{layer}H{head}"] for head in range(att.n_heads)] for layer in range(att.n_layers)]
-    limit = max(max(float(v.abs().max()) for _, v, _ in options), 1e-9)
+    heads = torch.tensor([i for row in rows for i in row])
+    limit = max(max(float(v[heads].abs().max()) for _, v, _ in options), 1e-9)
     scale = plotly_colorscale(SIGNED_CMAP)
+    fmt = ".2f" if limit >= 0.05 else ".2g"
     traces = []
     for n, (name, v, note) in enumerate(options):
-        text = [
+        hover = [
             [f"L{layer}H{head}: {float(v[i]):+.4g}<br>{note}" for head, i in enumerate(row)]
             for layer, row in enumerate(rows)
         ]
@@ -429,8 +504,10 @@ def _head_traces(go: Any, att: Any, options: List[Tuple[str, torch.Tensor, str]]
                 z=[[_r4(v[i]) for i in row] for row in rows],
                 x=list(range(att.n_heads)),
                 y=list(range(att.n_layers)),
-                text=text,
-                hovertemplate="%{text}<extra></extra>",
+                text=[[format(float(v[i]), fmt) for i in row] for row in rows],
+                texttemplate="%{text}" if att.n_layers * att.n_heads <= 256 else "",
+                customdata=hover,
+                hovertemplate="%{customdata}<extra></extra>",
                 visible=(n == 0),
                 name=name,
                 colorscale=scale,
@@ -439,17 +516,17 @@ def _head_traces(go: Any, att: Any, options: List[Tuple[str, torch.Tensor, str]]
                 zmax=limit,
                 xgap=1,
                 ygap=1,
-                colorbar={"title": {"text": f"direct effect on {what}"}},
+                colorbar={"title": {"text": f"direct effect on<br>{what}"}},
             )
         )
     return traces
 
 
-def _bar_traces(go: Any, att: Any, options: List[Tuple[str, torch.Tensor, str]], top: int) -> List[Any]:
-    """One set of horizontal bars per menu option; neurons: the ``top`` largest by mean |value|."""
+def _bar_traces(go: Any, att: Any, options: List[Tuple[str, torch.Tensor, str]], top_k: int) -> List[Any]:
+    """One set of horizontal bars per menu option; neurons: the ``top_k`` largest by mean |value|."""
     order = list(range(len(att.labels)))
     if att.by == "neuron":
-        order = options[0][1].abs().argsort(descending=True)[:top].tolist()
+        order = options[0][1].abs().argsort(descending=True)[:top_k].tolist()
     names = [_esc(att.labels[i]) for i in order]
     return [
         go.Bar(
@@ -467,14 +544,20 @@ def _bar_traces(go: Any, att: Any, options: List[Tuple[str, torch.Tensor, str]],
     ]
 
 
-def attribution_figure(att: Any, *, top: int = 40) -> Any:
+@renamed_keywords(top="top_k")
+def attribution_figure(att: Any, *, top_k: int = 40) -> Any:
     """An :class:`~tl_logitlens.Attribution` as a plotly Figure: a layer x head heatmap for
-    ``by="head"``, horizontal bars (the ``top`` largest by mean |value| for ``by="neuron"``) otherwise.
+    ``by="head"`` (layer 0 at the bottom, as in the static figure), horizontal bars (the ``top_k``
+    largest by mean |value| for ``by="neuron"``) otherwise.
 
-    A menu switches between the mean over every real (prompt, position) cell and each cell
-    (the first 64). Hover: the component, its value (``:+.4g``), and for one cell the
-    model's value and the constant term. Colours as the static figures: the diverging
+    The title names what is attributed (``logit(␣Paris) − logit(␣Rome)``; when prompts differ,
+    each cell's hover names its own tokens). A menu switches between the mean over every real
+    (prompt, position) cell and each cell (the first 64). Each head cell shows its value; hover:
+    the component, its value (``:+.4g``), and for one cell the model's value and the constant
+    term. The head heatmap's colour scale spans the heads alone (the other components, which it
+    does not draw, are in the subtitle's sum). Colours as the static figures: the diverging
     :data:`~tl_logitlens.plots.style.SIGNED_CMAP` symmetric about zero, bars in its two ends.
+    (``top=`` is the old spelling of ``top_k=``.)
 
     Example::
 
@@ -486,17 +569,21 @@ def attribution_figure(att: Any, *, top: int = 40) -> Any:
         >>> fig = attribution_figure(att)
         >>> len(fig.data[0].z), len(fig.data[0].z[0])  # [layer][head]
         (2, 4)
+        >>> fig.layout.title.text.split("<br>")[0]
+        'direct logit attribution by head of logit(goat)'
     """
-    if isinstance(top, bool) or not hasattr(top, "__index__") or int(top) < 1:
-        raise LensInputError(f"top must be a positive int (how many neurons to show), got {top!r}")
+    if isinstance(top_k, bool) or not hasattr(top_k, "__index__") or int(top_k) < 1:
+        raise LensInputError(f"top_k must be a positive int (how many neurons to show), got {top_k!r}")
     go = _go()
     options = _attribution_options(att)
-    what = "logit difference" if att.wrong_ids is not None else "logit"
+    what = _esc(_answer_words(att))
+    title = f"direct logit attribution by {att.by} of {what}"
     if att.by == "head":
         traces = _head_traces(go, att, options, what)
         axes = {"xaxis": {"title": {"text": "head"}, "dtick": 1}, "yaxis": {"title": {"text": "layer"}, "dtick": 1}}
+        title += f"<br><sup>{_rest_of_heads(att, options[0][1])}</sup>"
     else:
-        traces = _bar_traces(go, att, options, int(top))
+        traces = _bar_traces(go, att, options, int(top_k))
         axes = {
             "xaxis": {"title": {"text": f"direct effect on {what}"}},
             "yaxis": {"autorange": "reversed", "type": "category"},
@@ -506,15 +593,28 @@ def attribution_figure(att: Any, *, top: int = 40) -> Any:
         for n, (name, _, _) in enumerate(options)
     ]
     fig = go.Figure(traces)
+    height = max(360, 140 + 22 * (att.n_layers if att.by == "head" else len(traces[0].y)))
+    menu = {"buttons": buttons, "x": 0.0, "y": _menu_y(height), "xanchor": "left", "yanchor": "bottom", "name": "cell"}
     fig.update_layout(
-        title={"text": f"direct logit attribution by {att.by}", "y": 0.98},
-        updatemenus=[{"buttons": buttons, "x": 0.0, "y": 1.1, "xanchor": "left", "yanchor": "bottom", "name": "cell"}],
-        margin={"t": 100},
-        height=max(360, 140 + 22 * (att.n_layers if att.by == "head" else len(traces[0].y))),
+        title={"text": title, "y": 1, "yanchor": "top", "pad": {"t": 14}},
+        updatemenus=[menu],
+        margin={"t": _TOP_PX, "b": _BOTTOM_PX},
+        height=height,
         meta={"view": "attribution", "by": att.by},
         **axes,
     )
     return fig
+
+
+def _rest_of_heads(att: Any, mean: torch.Tensor) -> str:
+    """The subtitle of a head page: what the heads add up to, and what the rest (not drawn) adds."""
+    is_head = torch.tensor([bool(re.fullmatch(r"L\d+H\d+", label)) for label in att.labels])
+    heads, others = float(mean[is_head].sum()), float(mean[~is_head].sum())
+    constant, model = float(att.constant[att.real()].mean()), float(att.model_value[att.real()].mean())
+    return (
+        f"mean over prompts: heads {heads:+.3g}, the other components (embeddings, MLPs, biases) {others:+.3g}, "
+        f"constant {constant:+.3g}; sum = model value {model:+.3g}"
+    )
 
 
 # -- per-layer curves --------------------------------------------------------------------------
@@ -719,60 +819,152 @@ _LOADER = """
     const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("gzip"));
     return await new Response(stream).text();
   }
-  const lib = document.createElement("script");
-  lib.textContent = await inflate("tll-plotlyjs");
-  document.head.appendChild(lib);
+  if (!window.Plotly) {
+    if (!document.getElementById("tll-plotlyjs")) throw new Error("plotly.js did not load from " + "@SOURCE@");
+    const lib = document.createElement("script");
+    lib.textContent = await inflate("tll-plotlyjs");
+    document.head.appendChild(lib);
+  }
   const fig = JSON.parse(await inflate("tll-figure"));
   const gd = document.getElementById("tll-plot");
   gd.textContent = "";
   await Plotly.newPlot(gd, fig.data, fig.layout, {displaylogo: false});
   gd.dataset.ready = "1";
 })().catch((e) => {
-  document.getElementById("tll-plot").textContent = "This page needs a browser with DecompressionStream: " + e;
+  document.getElementById("tll-plot").textContent = "This page could not draw (it needs a browser with " +
+    "DecompressionStream, and plotly.js: inlined, beside the page, or from the CDN): " + e;
   console.error(e);
 });
 """.replace("@ALPHABET@", _ALPHABET)
 
 
-def page_html(fig: Any, title: str = "tl_logitlens") -> str:
-    """A self-contained HTML page drawing ``fig``: plotly.js and the figure inlined, compressed."""
+#: Where a page gets plotly.js (``plotly=`` of :func:`to_html`): inside the page, from :data:`PLOTLY_FILE` beside
+#: it (pages of one folder share it), or from plotly's CDN (needs the network when the page opens).
+PLOTLY_MODES = ("inline", "directory", "cdn")
+#: The file a ``plotly="directory"`` page loads from its own folder.
+PLOTLY_FILE = "plotly.min.js"
+
+
+def _check_plotly_mode(plotly: Any) -> str:
+    if not isinstance(plotly, str) or plotly not in PLOTLY_MODES:
+        raise LensInputError(
+            f"plotly must be 'inline' (plotly.js inside the page, ~1.8 MB), 'directory' ({PLOTLY_FILE} beside the "
+            f"page, shared by every page of the folder) or 'cdn' (loaded from cdn.plot.ly when the page opens), "
+            f"got {plotly!r}"
+        )
+    return plotly
+
+
+def plotlyjs_text() -> str:
+    """The text of :data:`PLOTLY_FILE`: plotly's own minified plotly.js, under the package's mark (so that a
+    writer recognises it as its own, :data:`tl_logitlens.files.JS_MARK`)."""
+    from plotly.offline import get_plotlyjs, get_plotlyjs_version
+
+    return f"{JS_MARK.decode()} {get_plotlyjs_version()}, shared by the pages beside it */\n{get_plotlyjs()}"
+
+
+def page_html(fig: Any, title: str = "tl_logitlens", plotly: str = "inline") -> str:
+    """An HTML page drawing ``fig``, the figure inlined and compressed; plotly.js as ``plotly`` says
+    (:data:`PLOTLY_MODES`): inlined and compressed (the page is self-contained), ``<script src=plotly.min.js>``
+    (``"directory"``) or plotly's CDN (``"cdn"``)."""
     import plotly.io as pio
 
+    _check_plotly_mode(plotly)
     body = pio.to_json(fig, validate=False, pretty=False)
+    if plotly == "inline":
+        library = f'<script id="tll-plotlyjs" type="application/octet-stream">{_packed_plotlyjs()}</script>\n'
+        source = "the page"
+    else:
+        from plotly.io._utils import plotly_cdn_url
+
+        source = PLOTLY_FILE if plotly == "directory" else plotly_cdn_url()
+        library = f'<script src="{html.escape(source, quote=True)}" charset="utf-8"></script>\n'
     return (
         f'<!DOCTYPE html>\n<html><head><meta charset="utf-8">{HTML_MARK.decode()}<title>{html.escape(title)}</title>'
         "</head>\n"
         f'<body style="margin:0;font-family:sans-serif">\n<div id="tll-plot">loading...</div>\n'
-        f'<script id="tll-plotlyjs" type="application/octet-stream">{_packed_plotlyjs()}</script>\n'
+        f"{library}"
         f'<script id="tll-figure" type="application/octet-stream">{_pack(body.encode("utf-8"))}</script>\n'
-        f"<script>{_LOADER}</script>\n</body></html>\n"
+        f"<script>{_LOADER.replace('@SOURCE@', source)}</script>\n</body></html>\n"
     )
 
 
-def page_of(result: Any, *, title: Optional[str] = None, **kwargs: Any) -> str:
-    """The self-contained page :func:`to_html` writes for ``result`` (or a plotly Figure), as text."""
+def page_of(result: Any, *, title: Optional[str] = None, plotly: str = "inline", **kwargs: Any) -> str:
+    """The page :func:`to_html` writes for ``result`` (or a plotly Figure), as text."""
     fig = figure(result, **kwargs)
-    return page_html(fig, title or f"tl_logitlens: {fig.layout.meta['view'] if fig.layout.meta else 'figure'}")
+    name = fig.layout.meta["view"] if fig.layout.meta else "figure"
+    return page_html(fig, title or f"tl_logitlens: {name}", plotly=plotly)
 
 
 def to_html(
-    result: Any, path: Union[str, Path], *, title: Optional[str] = None, overwrite: bool = False, **kwargs: Any
+    result: Any,
+    path: Union[str, Path],
+    *,
+    title: Optional[str] = None,
+    overwrite: bool = False,
+    plotly: str = "inline",
+    **kwargs: Any,
 ) -> Path:
-    """Write the interactive view of ``result`` (or a plotly Figure) to ``path`` as a
-    self-contained page (no network needed to open it), atomically; returns the path.
+    """Write the interactive view of ``result`` (or a plotly Figure) to ``path`` as a page, atomically;
+    returns the path.
 
-    The path's folder must exist; an existing file is replaced only if it is a page this
-    package wrote (or with ``overwrite=True``); a folder or a missing folder is refused
-    before the page is built (:func:`tl_logitlens.files.check_file`)."""
+    ``plotly`` says where the page gets plotly.js (:data:`PLOTLY_MODES`): ``"inline"`` (default:
+    inside the page, compressed, ~1.8 MB; the page opens anywhere without a network),
+    ``"directory"`` (:data:`PLOTLY_FILE` written beside the page, once, and shared by every page of
+    that folder: move the folder as a whole) or ``"cdn"`` (plotly's CDN; the page needs the network).
+
+    The path's folder must exist; an existing file (the page, or ``plotly.min.js`` beside it) is
+    replaced only if this package wrote it (or with ``overwrite=True``); a folder or a missing
+    folder is refused before the page is built (:func:`tl_logitlens.files.check_file`).
+
+    Example::
+
+        >>> import os, tempfile
+        >>> import tl_logitlens as tll
+        >>> from tl_logitlens.plots.interactive import to_html
+        >>> model = tll.demo_model()
+        >>> folder = tempfile.mkdtemp()
+        >>> lens = tll.logit_lens(model, tll.demo.induction_prompt(model))
+        >>> _ = to_html(lens, os.path.join(folder, "lens.html"), plotly="directory")
+        >>> sorted(os.listdir(folder))
+        ['lens.html', 'plotly.min.js']
+    """
     _go()
+    _check_plotly_mode(plotly)
     check_file(path, overwrite=overwrite, what="to_html", mark=HTML_MARK)
-    text = page_of(result, title=title, **kwargs)
+    library = Path(path).expanduser().parent / PLOTLY_FILE
+    if plotly == "directory":
+        check_file(library, overwrite=overwrite, what="to_html", mark=JS_MARK)
+    text = page_of(result, title=title, plotly=plotly, **kwargs)
+    if plotly == "directory":
+        write_plotlyjs(library, overwrite=overwrite)
     return write_owned_file(
         path,
         lambda tmp: Path(tmp).write_text(text, encoding="utf-8"),
         overwrite=overwrite,
         what="to_html",
         mark=HTML_MARK,
+    )
+
+
+def write_plotlyjs(path: Union[str, Path], *, overwrite: bool = False, folder: Any = None) -> Path:
+    """Write :func:`plotlyjs_text` to ``path`` (or as :data:`PLOTLY_FILE` into an
+    :class:`~tl_logitlens.files.OwnedFolder` ``folder``), unless the same text is already there."""
+    text = plotlyjs_text()
+    target = Path(path) if folder is None else Path(folder.path) / PLOTLY_FILE
+    try:
+        if target.is_file() and target.read_text(encoding="utf-8") == text:
+            return target  # the pages of this folder already share this very file
+    except (OSError, UnicodeDecodeError):
+        pass
+    if folder is not None:
+        return folder.write_text(PLOTLY_FILE, text)
+    return write_owned_file(
+        target,
+        lambda tmp: Path(tmp).write_text(text, encoding="utf-8"),
+        overwrite=overwrite,
+        what="to_html",
+        mark=JS_MARK,
     )
 
 

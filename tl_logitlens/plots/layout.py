@@ -101,6 +101,29 @@ def _decoder(tokenizer: Any) -> Any:
     return decode
 
 
+def _answer_words(att: Any, prompt: Optional[int] = None) -> str:
+    """``logit(␣Paris) − logit(␣Rome)``: the tokens all prompts share (or those of ``prompt``), else generic."""
+    decode = _decoder(att.tokenizer)
+
+    def one(ids: Optional[torch.Tensor], generic: str) -> str:
+        if ids is None:
+            return ""
+        ids = ids.reshape(-1) if prompt is None else ids.reshape(-1)[prompt : prompt + 1]
+        return decode(int(ids[0])) if bool((ids == ids[0]).all()) else generic
+
+    text = f"logit({one(att.answer_ids, 'answer')})"
+    if att.wrong_ids is not None:
+        text += f" \u2212 logit({one(att.wrong_ids, 'wrong')})"
+    return text
+
+
+def _shared_answers(att: Any) -> bool:
+    """Whether every prompt attributes the same answer (and wrong) token."""
+    return all(
+        ids is None or bool((ids.reshape(-1) == ids.reshape(-1)[0]).all()) for ids in (att.answer_ids, att.wrong_ids)
+    )
+
+
 def _np(t: Any) -> np.ndarray:
     if isinstance(t, torch.Tensor):
         return t.detach().float().cpu().numpy()
@@ -114,18 +137,23 @@ def _with_pos(t: Optional[torch.Tensor], has_pos: bool, dim: int) -> Optional[to
     return t.unsqueeze(dim)
 
 
-def _check_batch(batch: Any, n_batch: int, what: str) -> None:
-    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)):
-        raise LensInputError(f"batch must be an int prompt index, got {batch!r}")
-    if not -n_batch <= int(batch) < n_batch:
-        raise LensInputError(f"batch={batch} is out of range: the {what} holds {n_batch} prompt(s) (0..{n_batch - 1})")
+def _check_batch(prompt: Any, n_batch: int, what: str) -> None:
+    """Refuse anything but an int index of one of the ``n_batch`` prompts (negative from the end)."""
+    if isinstance(prompt, bool) or not isinstance(prompt, (int, np.integer)):
+        raise LensInputError(f"prompt must be an int prompt index (or a list of them), got {prompt!r}")
+    if not -n_batch <= int(prompt) < n_batch:
+        raise LensInputError(
+            f"prompt={prompt} is out of range: the {what} holds {n_batch} prompt(s) (0..{n_batch - 1})"
+        )
 
 
-def _batch_rows(batch: Any, n_batch: int) -> List[int]:
+def _batch_rows(prompt: Any, n_batch: int) -> List[int]:
     """Prompts to draw: every one for ``None``, else an index or a list of them (negative allowed)."""
-    if batch is None:
+    if prompt is None:
         return list(range(n_batch))
-    rows = [batch] if isinstance(batch, (int, np.integer)) else list(batch)
+    if isinstance(prompt, (str, bytes)) or not isinstance(prompt, (int, np.integer, list, tuple, range)):
+        raise LensInputError(f"prompt must be None, an int prompt index or a list of them, got {prompt!r}")
+    rows = [prompt] if isinstance(prompt, (int, np.integer)) else list(prompt)
     for b in rows:
         _check_batch(b, n_batch, "result")
     return [int(b) % n_batch for b in rows]

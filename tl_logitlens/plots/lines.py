@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import LensInputError
+from ..renamed import renamed_keywords
 from ..tokentext import LITERAL_TEXT, display_token
 from .layout import (
     _batch_rows,
@@ -97,6 +98,7 @@ def _pick_targets(target: Any, ids: torch.Tensor, decode_raw: Any) -> List[int]:
     return picked
 
 
+@renamed_keywords(batch="prompt")
 def plot_trajectory(
     result: Any,
     *,
@@ -104,7 +106,7 @@ def plot_trajectory(
     target: Any = None,
     metric: str = "prob",
     position: Optional[int] = None,
-    batch: Optional[Union[int, Sequence[int]]] = None,
+    prompt: Optional[Union[int, Sequence[int]]] = None,
     width: Any = "page",
 ) -> Any:
     """How one or more target tokens fare across layers: probability, rank or logit.
@@ -125,7 +127,7 @@ def plot_trajectory(
         position: which position column, per prompt: negative counts back from each
             prompt's own last real (non-padding) column. Default: the last column that has
             a target: ``-1``, or ``-2`` for ``targets="next"`` (the last token has no next).
-        batch: ``None`` (all prompts), one prompt index, or a list of them.
+        prompt: ``None`` (all prompts), one prompt index, or a list of them (``batch=`` is the old spelling).
         width: the widest a new figure may be: ``"page"``, ``"column"`` or inches.
 
     Returns:
@@ -150,7 +152,7 @@ def plot_trajectory(
             "this result has no targets; run tll.logit_lens(model, input, targets=...) with the "
             "tokens to follow (a token, a list of tokens, or 'next')"
         )
-    rows = _batch_rows(batch, int(result.lengths.shape[0]))
+    rows = _batch_rows(prompt, int(result.lengths.shape[0]))
     has_pos = result.has_pos_axis
     is_next = _targets_are_next(result)
     if position is None:
@@ -356,11 +358,12 @@ def _curve_parts(name: str, curve: Any, n: int) -> Tuple[str, np.ndarray, Any, A
     return (style.name if style else name), mean, low, high, (style.color if style else None)
 
 
+@renamed_keywords(batch="prompt")
 def plot_lens_metrics(
     result: Any,
     *,
     ax: Any = None,
-    batch: Optional[Union[int, Sequence[int]]] = None,
+    prompt: Optional[Union[int, Sequence[int]]] = None,
     quantiles: Tuple[float, float] = (0.1, 0.9),
     width: Any = "page",
 ) -> Any:
@@ -376,7 +379,7 @@ def plot_lens_metrics(
         result: a :class:`~tl_logitlens.LensResult`; ``entropy``, ``kl_to_final`` and
             ``next_token_loss`` are ``[layer, batch, pos]`` (or ``[layer, batch]``).
         ax: a matplotlib ``Axes`` to draw into.
-        batch: ``None`` (all prompts), one prompt index, or a list of them.
+        prompt: ``None`` (all prompts), one prompt index, or a list of them (``batch=`` is the old spelling).
         quantiles: the band's ``(low, high)`` quantiles.
         width: the widest a new figure may be: ``"page"``, ``"column"`` or inches.
 
@@ -395,7 +398,7 @@ def plot_lens_metrics(
     lo_q, hi_q = quantiles
     if not 0 <= lo_q <= hi_q <= 1:
         raise LensInputError(f"quantiles must satisfy 0 <= low <= high <= 1, got {quantiles}")
-    rows = _batch_rows(batch, int(result.lengths.shape[0]))
+    rows = _batch_rows(prompt, int(result.lengths.shape[0]))
     has_pos = result.has_pos_axis
     real = result.positions < result.lengths.unsqueeze(1)  # [batch, pos]
     real = real[torch.tensor(rows)]
@@ -423,12 +426,13 @@ def plot_lens_metrics(
     return plot_layer_curves(result.labels, curves, ax=ax, title=title, ylabel="nats", width=width)
 
 
+@renamed_keywords(batch="prompt")
 def plot_group_trajectory(
     result: Any,
     *,
     ax: Any = None,
     groups: Any = None,
-    batch: Optional[int] = 0,
+    prompt: Optional[int] = 0,
     position: int = -1,
     metric: str = "prob",
 ) -> Any:
@@ -442,7 +446,7 @@ def plot_group_trajectory(
     Args:
         result: a :class:`~tl_logitlens.LensResult` made with ``targets={"name": [tokens...], ...}``.
         groups: ``None`` (all), a group name, or a list of names.
-        batch: a prompt index, or ``None`` for the mean over prompts.
+        prompt: a prompt index, or ``None`` for the mean over prompts (``batch=`` is the old spelling).
         position: which column of ``result.positions`` (negative from the end). For one
             prompt, the column must be a real (non-padding) token.
         metric: ``"prob"`` (summed probability, 0..1) or ``"logit"`` (log-sum-exp logit).
@@ -484,14 +488,14 @@ def plot_group_trajectory(
     if isinstance(position, bool) or not isinstance(position, (int, np.integer)) or not -n_pos <= position < n_pos:
         raise LensInputError(f"position={position!r} is out of range: the result has {n_pos} position column(s)")
     col = int(position) % n_pos
-    if batch is None:
+    if prompt is None:
         real = result.positions[:, col] < result.lengths  # prompts with a token in this column
         curves = values[:, real, col].mean(1)
         which = f"mean of {int(real.sum())} prompts"
         where = f"column {col}"
     else:
-        _check_batch(batch, n_batch, "result")
-        b = int(batch) % n_batch
+        _check_batch(prompt, n_batch, "result")
+        b = int(prompt) % n_batch
         pos = int(result.positions[b, col])
         if pos >= int(result.lengths[b]):
             raise LensInputError(

@@ -9,7 +9,7 @@ data position and the random state, with the run's settings; a run that resumes 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Sequence, Tuple
 
 import torch
 
@@ -23,37 +23,47 @@ CHECKPOINT = "checkpoint.pt"
 _FORMAT = "tl_logitlens.train_tuned_lens/1"
 
 
+def refused(problem: str, mend: str, differences: Sequence[Tuple[str, Any, Any]] = ()) -> LensInputError:
+    """A refusal to resume: ``problem; mend`` in Python's words, with ``problem`` and the setting
+    ``differences`` ``(name, checkpoint's, now)`` kept on the error (``resume_problem``,
+    ``resume_differences``) so that the command line can say it in its own (flags, not keywords)."""
+    err = LensInputError(f"{problem}; {mend}")
+    err.resume_problem = problem  # type: ignore[attr-defined]
+    err.resume_differences = list(differences)  # type: ignore[attr-defined]
+    return err
+
+
 def read_checkpoint(path: Path) -> Dict[str, Any]:
     """The checkpoint at ``path``; a truncated or foreign file is refused naming it."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated or foreign file: name it, not torch's internals
-        raise LensInputError(
-            f"{path}: not a readable training checkpoint ({type(err).__name__}: {err}); "
-            "delete it to start afresh, or pass resume=False"
+        raise refused(
+            f"{path}: not a readable training checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:200]})",
+            "delete it to start afresh, or pass resume=False",
         ) from None
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
-        raise LensInputError(f"{path}: not a train_tuned_lens checkpoint; delete it or pass resume=False")
+        raise refused(f"{path}: not a train_tuned_lens checkpoint", "delete it or pass resume=False")
     return state
 
 
 def check_resumable(saved: Dict[str, Any], settings: Dict[str, Any], path: Path, model: Any) -> None:
     """Refuse a checkpoint made with other settings, naming each difference, or on another model."""
     differ = [
-        f"{k}: checkpoint {saved['settings'].get(k)!r}, now {settings[k]!r}"
-        for k in RESUME_KEYS
-        if saved["settings"].get(k) != settings[k]
+        (k, saved["settings"].get(k), settings[k]) for k in RESUME_KEYS if saved["settings"].get(k) != settings[k]
     ]
     if differ:
-        raise LensInputError(
-            f"{path} was made with other settings ({'; '.join(differ)}); resume with "
-            "the same settings, or pass resume=False (or another checkpoint_dir) to start afresh"
+        words = "; ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, old, new in differ)
+        raise refused(
+            f"{path} was made with other settings ({words})",
+            "resume with the same settings, or pass resume=False (or another checkpoint_dir) to start afresh",
+            differ,
         )
     sample = saved.get("unembed_sample")  # absent in checkpoints from before it was recorded
     if sample is not None and not unembed_matches(model, sample):
-        raise LensInputError(
-            f"{path} was made on another model: its unembedding differs from this model's (same sizes, other "
-            "weights); resume with the model that made it, or pass resume=False (or another checkpoint_dir)"
+        raise refused(
+            f"{path} was made on another model: its unembedding differs from this model's (same sizes, other weights)",
+            "resume with the model that made it, or pass resume=False (or another checkpoint_dir)",
         )
 
 

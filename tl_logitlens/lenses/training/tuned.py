@@ -38,7 +38,7 @@ from ...stacks import required_hooks
 from ..base import check_lens
 from ..tuned import TunedLens
 from .batches import NOTHING_TO_TRAIN_ON, MicroBatches
-from .checkpoint import CHECKPOINT, check_resumable, read_checkpoint, write_checkpoint
+from .checkpoint import CHECKPOINT, check_resumable, read_checkpoint, refused, write_checkpoint
 from .ranks import Ranks
 from .settings import Settings, check_settings, make_optimizer, make_schedule
 from .step import LossStep
@@ -307,9 +307,10 @@ class _Run:
     def restore(self, saved: Dict[str, Any]) -> None:
         """Continue from a checkpoint: lens, optimiser, schedule, counters, random state and data position."""
         if not all(bool(torch.isfinite(v).all()) for v in saved["lens"].values()):
-            raise LensInputError(
+            raise refused(
                 f"{self.folder / CHECKPOINT} holds a lens with NaN or inf values (an overflowed run of an older "
-                "version wrote it); delete it, or pass resume=False, to start afresh"
+                "version wrote it)",
+                "delete it, or pass resume=False, to start afresh",
             )
         self.lens.load_state_dict(saved["lens"])
         self.opt.load_state_dict(saved["optimizer"])
