@@ -13,6 +13,7 @@ import builders
 import pytest
 import reference
 import torch
+from conftest import FUSED_AVAILABLE
 
 import tl_logitlens as tll
 from tl_logitlens.kernel import tiles, tuning
@@ -49,14 +50,17 @@ def _check_against_reference(model, result, ref, k):
     assert torch.equal(result.target_ranks[:, :, :-1, 0], ref["next_ranks"])
 
 
-# (strategy, width, rows, top-k block): measured; ragged 7-column tiles of 5 rows (each
-# searched whole for top-k); 16-column tiles whose top-k comes from blocks of 8; whole.
+# (strategy, width, rows, top-k block, statistics path): measured; ragged 7-column tiles of 5
+# rows (each searched whole for top-k); 16-column tiles whose top-k comes from blocks of 8; the
+# tiled shapes on both statistics paths (fused C kernel, eager tensor operations); whole.
 SHAPES = {
-    "measured": ("tiled", None, None, None),
-    "ragged-7x5": ("tiled", 7, 5, None),
-    "blocked-16": ("tiled", 16, 12, 8),
-    "whole": ("whole", None, None, None),
-    "whole-5-rows": ("whole", None, 5, None),
+    "measured": ("tiled", None, None, None, None),
+    "ragged-7x5": ("tiled", 7, 5, None, True),
+    "blocked-16": ("tiled", 16, 12, 8, True),
+    "ragged-7x5-eager": ("tiled", 7, 5, None, False),
+    "blocked-16-eager": ("tiled", 16, 12, 8, False),
+    "whole": ("whole", None, None, None, None),
+    "whole-5-rows": ("whole", None, 5, None, None),
 }
 
 
@@ -64,11 +68,13 @@ SHAPES = {
 @pytest.mark.parametrize("case", PICK, ids=[c.name for c in PICK])
 def test_every_shape_and_strategy_matches_reference(case, shape, monkeypatch):
     model = builders.build(case)
-    strategy, width, rows, block = SHAPES[shape]
+    strategy, width, rows, block, fused = SHAPES[shape]
+    if fused and not FUSED_AVAILABLE:
+        pytest.skip("no fused kernel here")
     if block is not None:
         monkeypatch.setattr(tiles, "_TOPK_BLOCK", block)
     ref = reference.lens_reference(model, TOKENS)
-    with tuning.force(strategy=strategy, width=width, rows=rows):
+    with tuning.force(strategy=strategy, width=width, rows=rows, fused=fused):
         result = tll.logit_lens(model, TOKENS, targets="next", top_k=4)
     _check_against_reference(model, result, ref, 4)
 
@@ -223,17 +229,25 @@ def _direct_stats(x, W, b, cap, g, next_tokens, target_ids):
     }
 
 
+@pytest.mark.parametrize("n_targets", [1, 2])
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "fp16"])
 @pytest.mark.parametrize("cap", [0.0, 3.0], ids=["plain", "soft-capped"])
 @pytest.mark.parametrize("strategy", ["tiled-ragged", "tiled-blocked", "whole"])
-def test_kernel_strategies_against_direct_float64(strategy, cap, monkeypatch):
+def test_kernel_strategies_against_direct_float64(strategy, cap, w_dtype, n_targets, stats_path, monkeypatch):
+    """Every statistic of every reader, on both statistics paths, against float64 logits: ragged and
+    blocked tiles, the whole vocabulary, a soft cap, a half-precision W_U (cast a tile at a time, so
+    the reference reads the same half-precision values upcast), one target (counted in the fused
+    kernel's sums pass) and two (counted in passes of their own)."""
+    if strategy == "whole" and not stats_path:
+        pytest.skip("the whole strategy has no eager/fused choice of its own on the CPU")
     gen = torch.Generator().manual_seed(5)
     g, n, d, V = 3, 7, 24, 1000
     x = torch.randn(g * n, d, generator=gen)
-    W = torch.randn(d, V, generator=gen) * 0.5
+    W = (torch.randn(d, V, generator=gen) * 0.5).to(w_dtype)
     b = torch.randn(V, generator=gen) * 0.1
     nxt = torch.randint(0, V, (n,), generator=gen)
     nxt[::3] = -1  # rows with no next token
-    tid = torch.randint(0, V, (n, 2), generator=gen)
+    tid = torch.randint(0, V, (n, n_targets), generator=gen)
 
     def transform(t):
         return cap * torch.tanh(t / cap)
@@ -250,10 +264,14 @@ def test_kernel_strategies_against_direct_float64(strategy, cap, monkeypatch):
     want = _direct_stats(x, W, b, cap, g, nxt, tid)
     for name, value in want.items():
         torch.testing.assert_close(getattr(got, name).double(), value, atol=2e-4, rtol=1e-5, msg=name)
+    top = (x.double() @ W.double() + b.double()).view(g, n, V)
+    top = (cap * torch.tanh(top / cap) if cap else top).topk(4, dim=-1)
+    clear = (top.values[..., :-1] - top.values[..., 1:]).min(-1).values > 1e-4  # rows with no near-tie
+    assert clear.sum() > g * n // 2 and torch.equal(got.top_ids[clear], top.indices[clear])
 
 
 @pytest.mark.parametrize("given", [False, True], ids=["own-buffer", "small-buffer"])
-def test_half_precision_unembedding_in_tiles_wider_than_the_default(given):
+def test_half_precision_unembedding_in_tiles_wider_than_the_default(given, stats_path):
     # A bfloat16 W read in float32 is cast a tile at a time into w_tile. The measurement of the tile
     # shape (tuning.measure, at the first read of every real bfloat16 model with a vocabulary over
     # 1024) asks for 4096-column tiles without a buffer: the one made here must be that wide, and a

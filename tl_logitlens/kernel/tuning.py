@@ -63,6 +63,7 @@ import torch
 
 from ..errors import LensInputError
 from ..files import write_json
+from . import native
 from .precision import HALF_DTYPES
 from .tiles import BUFFERS, read_product
 
@@ -135,9 +136,12 @@ def force(
     width: Optional[int] = None,
     strategy: Optional[str] = None,
     half_products: Optional[bool] = None,
+    fused: Optional[bool] = None,
 ) -> Iterator[None]:
     """Use this shape (any part left ``None`` is chosen as usual) inside the block;
-    ``half_products``: read a half-precision unembedding in its own dtype (see :func:`half_products`)."""
+    ``half_products``: read a half-precision unembedding in its own dtype (see :func:`half_products`);
+    ``fused``: read the tiles' statistics with the fused C kernel (``True``; ``RuntimeError`` where it
+    cannot be built) or as tensor operations (``False``), see :mod:`tl_logitlens.kernel.native`."""
     if strategy is not None and strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if half_products is not None and not isinstance(half_products, bool):
@@ -151,7 +155,8 @@ def force(
         }
     )
     try:
-        yield
+        with native.force(fused):
+            yield
     finally:
         _forced.clear()
         _forced.update(saved)
@@ -211,6 +216,11 @@ def _layout(W: torch.Tensor) -> str:
     return "vocab-major" if W.stride(0) == 1 and W.shape[0] > 1 else "d_model-major"
 
 
+def _path(device: torch.device, dtype: torch.dtype) -> str:
+    """``"fused"`` where tiles of ``dtype`` on ``device`` take the fused C kernel (:mod:`.native`), else ``"eager"``."""
+    return "fused" if native.fused(torch.empty(0, dtype=dtype, device=device)) else "eager"
+
+
 def _key(W: torch.Tensor, dtype: torch.dtype, whole_rows: bool) -> str:
     d_model, d_vocab = W.shape
     return "|".join(
@@ -226,6 +236,7 @@ def _key(W: torch.Tensor, dtype: torch.dtype, whole_rows: bool) -> str:
                 d_vocab,
                 _layout(W),
                 "whole-rows" if whole_rows else "tiles",
+                _path(W.device, dtype),
                 torch.__version__,
             ),
         )
