@@ -36,13 +36,13 @@ import torch
 from ..errors import LensInputError
 from . import native, tuning
 from .precision import compute_dtype
-from .tiles import tile_width
+from .tiles import BUFFERS, tile_width
 
 __all__ = ["FinalStats", "final_stats", "lens_loss"]
 
-# Rows per chunk are chosen so that one [rows, width] tile stays below this many bytes (the
-# forward kernel's CPU budget, or tuning.set_chunk_budget's).
-_TILE_BYTES = tuning.CPU_BUDGET_BYTES
+# Rows per chunk are chosen so that one [rows, width] tile stays below this many bytes (what the
+# forward kernel's CPU budget gives one of its tiles, or tuning.set_chunk_budget's).
+_TILE_BYTES = tuning.CPU_BUDGET_BYTES // BUFFERS
 
 
 @dataclass

@@ -154,7 +154,9 @@ typedef struct {
 } State;
 
 /* Threads worth waking for `logits` values: a thread per 32768 (about 10 us of work), so that a
- * small tile never waits at a barrier for a thread that a busy machine has descheduled. */
+ * small tile never waits at a barrier for a thread that a busy machine has descheduled. Rows are
+ * handed out 16 at a time (dynamic schedule) for the same reason: a thread that loses its core
+ * for a while leaves its rows to the others instead of holding up the tile. */
 static int team(int threads, int64_t logits) {
     int64_t useful = logits / 32768;
     return useful < 1 ? 1 : (useful < threads ? (int)useful : threads);
@@ -218,10 +220,10 @@ int fold_tile(const float *tile, int64_t m, int64_t w, int64_t n, int64_t col0, 
     int64_t first = cross ? n : 0;
     threads = team(threads, m * w);
     if (cross) {
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
         for (int64_t r = 0; r < n; r++) fold_row(tile + r * w, w, r, r, col0, 1, &s);
     }
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
     for (int64_t r = first; r < m; r++) fold_row(tile + r * w, w, r, r % n, col0, 0, &s);
     return 0;
 }
@@ -233,7 +235,7 @@ int fold_tile(const float *tile, int64_t m, int64_t w, int64_t n, int64_t col0, 
 int shift_exp(float *tile, int64_t m, int64_t w, float *peak, float *acc, int64_t cols, int64_t acc_ld, int first,
               int threads) {
     threads = team(threads, m * w);
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
     for (int64_t r = 0; r < m; r++) {
         float *row = tile + r * w;
         float row_peak = -INFINITY;

@@ -265,7 +265,9 @@ class _FusedTiles:
         if target_ids is not None:
             t = target_ids.shape[1]
             # The thresholds: targets' logits computed alone (as _Targets does), or in one tile its own.
-            guess = None if single else _Targets(x, g, W, b, transform, target_ids, False).guess.reshape(m, t)
+            guess = (
+                None if single else _Targets(x, g, W, b, transform, target_ids, False).guess.reshape(m, t).contiguous()
+            )
             self.targets = [guess, x.new_zeros(m, t), target_ids.to(torch.long).contiguous(), x.new_zeros(m, t)]
 
     def fold(self, tile: torch.Tensor, a: int, z: int) -> None:
