@@ -229,17 +229,27 @@ def _direct_stats(x, W, b, cap, g, next_tokens, target_ids):
     }
 
 
+# Every reader: the tiled one with ragged tiles and with blocked top-k, each on both statistics
+# paths (the fused C kernel where it builds, eager tensor operations), and the whole vocabulary.
+_FUSED = pytest.mark.skipif(not FUSED_AVAILABLE, reason="no fused kernel here")
+READERS = [
+    pytest.param("tiled-ragged", True, id="ragged-fused", marks=_FUSED),
+    pytest.param("tiled-ragged", False, id="ragged-eager"),
+    pytest.param("tiled-blocked", True, id="blocked-fused", marks=_FUSED),
+    pytest.param("tiled-blocked", False, id="blocked-eager"),
+    pytest.param("whole", None, id="whole"),
+]
+
+
 @pytest.mark.parametrize("n_targets", [1, 2])
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "fp16"])
 @pytest.mark.parametrize("cap", [0.0, 3.0], ids=["plain", "soft-capped"])
-@pytest.mark.parametrize("strategy", ["tiled-ragged", "tiled-blocked", "whole"])
-def test_kernel_strategies_against_direct_float64(strategy, cap, w_dtype, n_targets, stats_path, monkeypatch):
+@pytest.mark.parametrize("strategy,fused", READERS)
+def test_kernel_strategies_against_direct_float64(strategy, fused, cap, w_dtype, n_targets, monkeypatch):
     """Every statistic of every reader, on both statistics paths, against float64 logits: ragged and
     blocked tiles, the whole vocabulary, a soft cap, a half-precision W_U (cast a tile at a time, so
     the reference reads the same half-precision values upcast), one target (counted in the fused
     kernel's sums pass) and two (counted in passes of their own)."""
-    if strategy == "whole" and not stats_path:
-        pytest.skip("the whole strategy has no eager/fused choice of its own on the CPU")
     gen = torch.Generator().manual_seed(5)
     g, n, d, V = 3, 7, 24, 1000
     x = torch.randn(g * n, d, generator=gen)
@@ -260,7 +270,7 @@ def test_kernel_strategies_against_direct_float64(strategy, cap, w_dtype, n_targ
     else:
         width = 97 if strategy == "tiled-ragged" else 256  # 97: ragged tiles, searched whole; 256: blocks of 64
         monkeypatch.setattr(tiles, "_TOPK_BLOCK", 64)
-        got = tiles.read_product(x, g, W, b, transform if cap else None, bufs, width=width, **kw)
+        got = tiles.read_product(x, g, W, b, transform if cap else None, bufs, width=width, fused=fused, **kw)
     want = _direct_stats(x, W, b, cap, g, nxt, tid)
     for name, value in want.items():
         torch.testing.assert_close(getattr(got, name).double(), value, atol=2e-4, rtol=1e-5, msg=name)
