@@ -299,3 +299,36 @@ def test_half_precision_unembedding_in_tiles_wider_than_the_default(given, stats
     want = _direct_stats(x, W.float(), torch.zeros(V), 0.0, g, nxt, tid)
     for name, value in want.items():
         torch.testing.assert_close(getattr(got, name).double(), value, atol=2e-4, rtol=1e-5, msg=name)
+
+
+def test_working_buffers_are_kept_for_the_next_call_within_the_budget(monkeypatch):
+    """A second read finds the first one's buffers (no fresh pages to fault in), a call never
+    shares them with one running at the same time, and what is kept stays within the budget."""
+    W = torch.randn(16, 500)
+    u = readout_module.Unembedding(W, None, tll.kernel.FinalNorm("LN", None, None, 1e-5))
+    vectors = torch.randn(2, 30, 16)
+    made = []
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        if len(args) == 1 and isinstance(args[0], int) and args[0] >= 60 * 64:  # a flat working buffer
+            made.append(args[0])
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(readout_module.torch, "empty", empty)
+    readout_module._workspace.clear()
+    with tuning.force(width=64, rows=60):
+        first = readout_module.read_rows(u, vectors, norm="recompute", top_k=3)
+        assert len(made) == tiles.BUFFERS
+        kept = readout_module._workspace.take(1, torch.float32, torch.device("cpu"))
+        assert len(made) == tiles.BUFFERS  # the kept set, not new ones
+        second = readout_module.read_rows(u, vectors, norm="recompute", top_k=3)  # while `kept` is out
+        assert len(made) == 2 * tiles.BUFFERS
+        readout_module._workspace.give_back(kept)
+        readout_module.read_rows(u, vectors, norm="recompute", top_k=3)
+        assert len(made) == 2 * tiles.BUFFERS
+    assert torch.equal(first.top_ids, second.top_ids) and torch.equal(first.entropy, second.entropy)
+    tuning.set_chunk_budget(1000)  # smaller than the kept set: let go of it, keep nothing bigger
+    with tuning.force(width=64, rows=60):
+        readout_module.read_rows(u, vectors, norm="recompute", top_k=3)
+    assert len(made) == 3 * tiles.BUFFERS and not readout_module._workspace._kept
