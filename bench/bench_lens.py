@@ -284,7 +284,7 @@ def lens_section(
     out["tile_shapes"] = [dict(s._asdict(), key=k) for k, s in tuning.measured_shapes().items()]
     if not big:
         out["agreement"] = agreement(model, cache, tokens)
-        if not args.no_breakdown:
+        if not args.no_breakdown and timing.DEVICE.type == "cpu":  # on CUDA one product spans the vocabulary
             print("  where the time goes ...", flush=True)
             unembed = resolve_model(model).unembedding("W_U")
             entries = torch.stack([cache[name] for name in lens_hooks(cfg.n_layers)]).reshape(

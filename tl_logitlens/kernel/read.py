@@ -412,7 +412,7 @@ class _Reader:
 class _Workspace:
     """The CPU kernel's working buffers, kept from one :func:`read_rows` call for the next.
 
-    A fresh 64 MiB tile costs tens of milliseconds of page faults on its first touch (more in a
+    A fresh 32 MiB tile costs tens of milliseconds of page faults on its first touch (more in a
     virtual machine), about 4 % of a GPT-2-sized lens; kept, the next call finds it in memory.
     At most one set per dtype is kept, and only within :data:`DEFAULT_CHUNK_BUDGET_BYTES` (or the
     budget set by :func:`~tl_logitlens.kernel.tuning.set_chunk_budget`), so what stays resident

@@ -5,15 +5,21 @@ The kernel reads ``[rows, d_model] @ W_U`` a tile of vocabulary columns at a tim
 its vector width, its caches), the dtype, ``d_model`` and the layout of ``W_U``: a shape
 tuned on one processor cost another three quarters of the product. So the shape is not a
 constant: the first read with a new ``(device, processor, threads, dtype, d_model, d_vocab,
-layout)`` times the kernel itself on a few candidate shapes over a slice of the real
-unembedding (min of repeats, a fraction of a second even for a 7B-shaped model, since the
-slice shrinks as ``d_model`` grows), and the fastest is kept for the process, and on disk
-when ``TL_LOGITLENS_TILE_CACHE`` names a file (or is ``1``, for the user cache directory).
+layout, statistics path)`` times the kernel itself on a few candidate shapes over a slice of
+the real unembedding (min of repeats, about a second at most, since the trial rows shrink as
+``d_model`` grows), and the fastest is kept for the process, and on disk when
+``TL_LOGITLENS_TILE_CACHE`` names a file (or is ``1``, for the user cache directory). With the
+fused statistics (:mod:`tl_logitlens.kernel.native`) each tile is read once while in cache
+whatever its size, so only widths are timed, the widest within 5 % of the fastest is kept, and
+the rows fill the budget: fewer, larger products, which a busy machine slows least. On the
+eager path, whose dozen passes want the tile in cache, rows are timed too. A vocabulary of
+262,144 tokens and a tied ``W_U`` that is a transposed view of ``W_E`` (``stride(0) == 1``:
+Gemma, SmolLM2) are measured on their own slice, in their own layout.
 
 Strategies:
 
 - ``"tiled"`` (CPU default): tiles of ``width`` columns, each overwritten by the next, so the
-  statistics' passes read what the product just wrote while it is still in cache.
+  statistics read what the product just wrote while it is still in cache.
 - ``"whole"`` (CUDA default): one product over the whole vocabulary for as many rows as the
   memory budget allows, the statistics as vectorised reductions over it
   (:func:`tl_logitlens.kernel.tiles.read_whole`). It runs on any device, so the tests run it on CPU.
@@ -68,13 +74,14 @@ from .precision import HALF_DTYPES
 from .tiles import BUFFERS, read_product
 
 #: The working-buffer memory a measured CPU shape may use: :data:`~.tiles.BUFFERS` tiles, of which
-#: the fused path touches only the first and a slice of the second (64 MiB at most by default).
+#: the fused path touches only the first and a slice of the second (32 MiB at most by default).
 #: Rows beyond what BLAS needs for full speed push tiles out of cache on the eager path, so it
 #: measures its rows; the fused path reads each tile once and takes as many rows as fit: fewer,
 #: larger products, so fewer passes over ``W_U`` and fewer waits at the threads' barriers when
 #: other processes share the cores (on a loaded 2-core Xeon, 1365-row products cost 1.17 x one
-#: whole product, 3328-row ones 1.08 x).
-CPU_BUDGET_BYTES = 192 * 2**20
+#: whole product, 3328-row ones 1.08 x), while a 32 MiB tile still comes back from the cache
+#: (a 64 MiB one cost 3 % more on the same Xeon).
+CPU_BUDGET_BYTES = 96 * 2**20
 #: Default working memory of the ``"whole"`` strategy on CUDA (capped at an eighth of the free memory).
 CUDA_BUDGET_BYTES = 2 * 2**30
 #: Shape used when measurement is switched off (``TL_LOGITLENS_AUTOTUNE=0``).
@@ -87,10 +94,9 @@ STRATEGIES = ("tiled", "whole")
 _WIDTHS = (1024, 4096, 2048, 512)
 _ROWS = (384, 96)
 _SLICE_COLUMNS = 8192
-# The fused path: wider tiles (fewer calls), one trial row count, a slice of two of the widest tiles;
-# the widest width within this fraction of the fastest wins (the steadiest under load).
-_FUSED_WIDTHS = (8192, 4096, 2048, 1024)
-_FUSED_SLICE_COLUMNS = 16384
+# The fused path: one trial row count; the widest width within this fraction of the fastest
+# wins (the fewest calls: the steadiest under load).
+_FUSED_WIDTHS = (4096, 2048, 1024)
 _FUSED_TOLERANCE = 0.05
 _REPEATS = 2
 # Stop measuring after this many seconds (a loaded machine): the fastest so far wins.
@@ -340,7 +346,7 @@ def measure(W: torch.Tensor, dtype: torch.dtype) -> TileShape:
     started = time.perf_counter()
     d_model, d_vocab = W.shape
     fused = _path(W.device, dtype) == "fused"
-    columns = min(d_vocab, _FUSED_SLICE_COLUMNS if fused else _SLICE_COLUMNS)
+    columns = min(d_vocab, _SLICE_COLUMNS)
     Ws = W[:, :columns]
     gen = torch.Generator(device="cpu").manual_seed(0)
     timings: List[Tuple[int, int, float]] = []
