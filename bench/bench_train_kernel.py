@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -56,6 +57,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=None, help="kernel columns per tile (default: the kernel's)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds after a warm-up")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="wall time or this process's CPU time")
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument(
         "--full-step", action="store_true", help="time one whole train_tuned_lens step on the benchmark model"
@@ -63,6 +66,8 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     timing.DEVICE = device
+    timing.CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
+    torch.set_num_threads(args.threads)
     meta = timing.machine()
     print(timing.header(meta), flush=True)
     if args.full_step:
