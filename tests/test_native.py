@@ -16,6 +16,13 @@ from tl_logitlens.kernel import native, tiles, tuning
 needs_compiler = pytest.mark.skipif(not FUSED_AVAILABLE, reason="no fused kernel here (no working C compiler)")
 
 
+@pytest.fixture(autouse=True)
+def default_switch(monkeypatch):
+    """These tests are about the default and what the switch changes: a user's TL_LOGITLENS_COMPILE
+    (e.g. a whole suite run with 0, to test the eager path everywhere) must not decide them."""
+    monkeypatch.delenv("TL_LOGITLENS_COMPILE", raising=False)
+
+
 @pytest.fixture
 def fresh_build(monkeypatch, tmp_path):
     """A process that has not built the kernel yet, with an empty cache directory of its own."""
