@@ -102,10 +102,15 @@ readme-figures: setup
 	cp .readme-figures/attribution_heads.png docs/demo_attribution_heads.png
 	rm -rf .readme-figures
 
-# The lens kernel (ARGS, e.g. --device cuda, --quick), one tuned-lens training step on the same
-# model shape (its --device taken from ARGS) and 2 processes x 1 thread against 1 x 2 (CPU).
+# The lens kernel (ARGS, e.g. --device cuda, --quick) on the GPT-2-small shape and on every real
+# model folder in BENCH_MODELS (by default those ../shared/models/fetch.py fetched: Gemma-3-270m,
+# SmolLM2-135M), one tuned-lens training step on the GPT-2 shape (its --device taken from ARGS)
+# and 2 processes x 1 thread against 1 x 2 (CPU).
+MODEL_CACHE ?= $(or $(TL_LOGITLENS_MODEL_CACHE),$(HOME)/.cache/tl-logitlens-models)
+BENCH_MODELS ?= $(patsubst %/config.json,%,$(wildcard $(MODEL_CACHE)/gemma-3-270m/config.json $(MODEL_CACHE)/smollm2-135m/config.json))
 bench: setup
 	$(PY) bench/bench_lens.py $(ARGS)
+	$(foreach m,$(BENCH_MODELS),$(PY) bench/bench_lens.py --model $(m) $(ARGS) &&) true
 	$(PY) bench/bench_train_kernel.py --full-step $(if $(findstring cuda,$(ARGS)),--device cuda,)
 	$(PY) bench/bench_train_kernel.py $(if $(findstring cuda,$(ARGS)),--device cuda,)
 	$(PY) bench/bench_distributed.py

@@ -10,9 +10,29 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import builders  # noqa: E402
 
+from tl_logitlens.kernel import native, tuning  # noqa: E402
+
 torch.set_num_threads(2)
 
 CASES = builders.cases()
+
+# The kernel's two statistics paths (tl_logitlens.kernel.native): the fused C kernel, built here
+# at collection where a C compiler answers, and eager tensor operations. Tests of exactness take
+# the `stats_path` fixture (or these params) to run on both.
+FUSED_AVAILABLE = native.library() is not None
+STATS_PATHS = [
+    pytest.param(
+        True, id="fused", marks=pytest.mark.skipif(not FUSED_AVAILABLE, reason=f"no fused kernel: {native.status()}")
+    ),
+    pytest.param(False, id="eager"),
+]
+
+
+@pytest.fixture(params=STATS_PATHS)
+def stats_path(request):
+    """Run the test with the kernel's statistics on one path: ``True`` fused, ``False`` eager."""
+    with tuning.force(fused=request.param):
+        yield request.param
 
 
 @pytest.fixture(params=CASES, ids=[c.name for c in CASES])

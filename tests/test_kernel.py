@@ -13,6 +13,7 @@ import builders
 import pytest
 import reference
 import torch
+from conftest import FUSED_AVAILABLE
 
 import tl_logitlens as tll
 from tl_logitlens.kernel import tiles, tuning
@@ -49,14 +50,17 @@ def _check_against_reference(model, result, ref, k):
     assert torch.equal(result.target_ranks[:, :, :-1, 0], ref["next_ranks"])
 
 
-# (strategy, width, rows, top-k block): measured; ragged 7-column tiles of 5 rows (each
-# searched whole for top-k); 16-column tiles whose top-k comes from blocks of 8; whole.
+# (strategy, width, rows, top-k block, statistics path): measured; ragged 7-column tiles of 5
+# rows (each searched whole for top-k); 16-column tiles whose top-k comes from blocks of 8; the
+# tiled shapes on both statistics paths (fused C kernel, eager tensor operations); whole.
 SHAPES = {
-    "measured": ("tiled", None, None, None),
-    "ragged-7x5": ("tiled", 7, 5, None),
-    "blocked-16": ("tiled", 16, 12, 8),
-    "whole": ("whole", None, None, None),
-    "whole-5-rows": ("whole", None, 5, None),
+    "measured": ("tiled", None, None, None, None),
+    "ragged-7x5": ("tiled", 7, 5, None, True),
+    "blocked-16": ("tiled", 16, 12, 8, True),
+    "ragged-7x5-eager": ("tiled", 7, 5, None, False),
+    "blocked-16-eager": ("tiled", 16, 12, 8, False),
+    "whole": ("whole", None, None, None, None),
+    "whole-5-rows": ("whole", None, 5, None, None),
 }
 
 
@@ -64,11 +68,13 @@ SHAPES = {
 @pytest.mark.parametrize("case", PICK, ids=[c.name for c in PICK])
 def test_every_shape_and_strategy_matches_reference(case, shape, monkeypatch):
     model = builders.build(case)
-    strategy, width, rows, block = SHAPES[shape]
+    strategy, width, rows, block, fused = SHAPES[shape]
+    if fused and not FUSED_AVAILABLE:
+        pytest.skip("no fused kernel here")
     if block is not None:
         monkeypatch.setattr(tiles, "_TOPK_BLOCK", block)
     ref = reference.lens_reference(model, TOKENS)
-    with tuning.force(strategy=strategy, width=width, rows=rows):
+    with tuning.force(strategy=strategy, width=width, rows=rows, fused=fused):
         result = tll.logit_lens(model, TOKENS, targets="next", top_k=4)
     _check_against_reference(model, result, ref, 4)
 
@@ -223,17 +229,35 @@ def _direct_stats(x, W, b, cap, g, next_tokens, target_ids):
     }
 
 
+# Every reader: the tiled one with ragged tiles and with blocked top-k, each on both statistics
+# paths (the fused C kernel where it builds, eager tensor operations), and the whole vocabulary.
+_FUSED = pytest.mark.skipif(not FUSED_AVAILABLE, reason="no fused kernel here")
+READERS = [
+    pytest.param("tiled-ragged", True, id="ragged-fused", marks=_FUSED),
+    pytest.param("tiled-ragged", False, id="ragged-eager"),
+    pytest.param("tiled-blocked", True, id="blocked-fused", marks=_FUSED),
+    pytest.param("tiled-blocked", False, id="blocked-eager"),
+    pytest.param("whole", None, id="whole"),
+]
+
+
+@pytest.mark.parametrize("n_targets", [1, 2])
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "fp16"])
 @pytest.mark.parametrize("cap", [0.0, 3.0], ids=["plain", "soft-capped"])
-@pytest.mark.parametrize("strategy", ["tiled-ragged", "tiled-blocked", "whole"])
-def test_kernel_strategies_against_direct_float64(strategy, cap, monkeypatch):
+@pytest.mark.parametrize("strategy,fused", READERS)
+def test_kernel_strategies_against_direct_float64(strategy, fused, cap, w_dtype, n_targets, monkeypatch):
+    """Every statistic of every reader, on both statistics paths, against float64 logits: ragged and
+    blocked tiles, the whole vocabulary, a soft cap, a half-precision W_U (cast a tile at a time, so
+    the reference reads the same half-precision values upcast), one target (counted in the fused
+    kernel's sums pass) and two (counted in passes of their own)."""
     gen = torch.Generator().manual_seed(5)
     g, n, d, V = 3, 7, 24, 1000
     x = torch.randn(g * n, d, generator=gen)
-    W = torch.randn(d, V, generator=gen) * 0.5
+    W = (torch.randn(d, V, generator=gen) * 0.5).to(w_dtype)
     b = torch.randn(V, generator=gen) * 0.1
     nxt = torch.randint(0, V, (n,), generator=gen)
     nxt[::3] = -1  # rows with no next token
-    tid = torch.randint(0, V, (n, 2), generator=gen)
+    tid = torch.randint(0, V, (n, n_targets), generator=gen)
 
     def transform(t):
         return cap * torch.tanh(t / cap)
@@ -246,14 +270,18 @@ def test_kernel_strategies_against_direct_float64(strategy, cap, monkeypatch):
     else:
         width = 97 if strategy == "tiled-ragged" else 256  # 97: ragged tiles, searched whole; 256: blocks of 64
         monkeypatch.setattr(tiles, "_TOPK_BLOCK", 64)
-        got = tiles.read_product(x, g, W, b, transform if cap else None, bufs, width=width, **kw)
+        got = tiles.read_product(x, g, W, b, transform if cap else None, bufs, width=width, fused=fused, **kw)
     want = _direct_stats(x, W, b, cap, g, nxt, tid)
     for name, value in want.items():
         torch.testing.assert_close(getattr(got, name).double(), value, atol=2e-4, rtol=1e-5, msg=name)
+    top = (x.double() @ W.double() + b.double()).view(g, n, V)
+    top = (cap * torch.tanh(top / cap) if cap else top).topk(4, dim=-1)
+    clear = (top.values[..., :-1] - top.values[..., 1:]).min(-1).values > 1e-4  # rows with no near-tie
+    assert clear.sum() > g * n // 2 and torch.equal(got.top_ids[clear], top.indices[clear])
 
 
 @pytest.mark.parametrize("given", [False, True], ids=["own-buffer", "small-buffer"])
-def test_half_precision_unembedding_in_tiles_wider_than_the_default(given):
+def test_half_precision_unembedding_in_tiles_wider_than_the_default(given, stats_path):
     # A bfloat16 W read in float32 is cast a tile at a time into w_tile. The measurement of the tile
     # shape (tuning.measure, at the first read of every real bfloat16 model with a vocabulary over
     # 1024) asks for 4096-column tiles without a buffer: the one made here must be that wide, and a
@@ -271,3 +299,36 @@ def test_half_precision_unembedding_in_tiles_wider_than_the_default(given):
     want = _direct_stats(x, W.float(), torch.zeros(V), 0.0, g, nxt, tid)
     for name, value in want.items():
         torch.testing.assert_close(getattr(got, name).double(), value, atol=2e-4, rtol=1e-5, msg=name)
+
+
+def test_working_buffers_are_kept_for_the_next_call_within_the_budget(monkeypatch):
+    """A second read finds the first one's buffers (no fresh pages to fault in), a call never
+    shares them with one running at the same time, and what is kept stays within the budget."""
+    W = torch.randn(16, 500)
+    u = readout_module.Unembedding(W, None, tll.kernel.FinalNorm("LN", None, None, 1e-5))
+    vectors = torch.randn(2, 30, 16)
+    made = []
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        if len(args) == 1 and isinstance(args[0], int) and args[0] >= 60 * 64:  # a flat working buffer
+            made.append(args[0])
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(readout_module.torch, "empty", empty)
+    readout_module._workspace.clear()
+    with tuning.force(width=64, rows=60):
+        first = readout_module.read_rows(u, vectors, norm="recompute", top_k=3)
+        assert len(made) == tiles.BUFFERS
+        kept = readout_module._workspace.take(1, torch.float32, torch.device("cpu"))
+        assert len(made) == tiles.BUFFERS  # the kept set, not new ones
+        second = readout_module.read_rows(u, vectors, norm="recompute", top_k=3)  # while `kept` is out
+        assert len(made) == 2 * tiles.BUFFERS
+        readout_module._workspace.give_back(kept)
+        readout_module.read_rows(u, vectors, norm="recompute", top_k=3)
+        assert len(made) == 2 * tiles.BUFFERS
+    assert torch.equal(first.top_ids, second.top_ids) and torch.equal(first.entropy, second.entropy)
+    tuning.set_chunk_budget(1000)  # smaller than the kept set: let go of it, keep nothing bigger
+    with tuning.force(width=64, rows=60):
+        readout_module.read_rows(u, vectors, norm="recompute", top_k=3)
+    assert len(made) == 3 * tiles.BUFFERS and not readout_module._workspace._kept

@@ -12,15 +12,22 @@ from tl_logitlens.model_access import TL_MAJOR
 TOKENS = builders.tokens(batch=2, seq=9)
 
 
-@pytest.fixture(params=[None, (7, 128), (16, 8)], ids=["one-tile", "tiles-of-7", "top-k-blocks"])
+@pytest.fixture(
+    params=[None, (7, 128, None), (16, 8, None), (7, 128, False)],
+    ids=["one-tile", "tiles-of-7", "top-k-blocks", "tiles-of-7-eager"],
+)
 def tiling(request, monkeypatch):
     """The vocabulary (61 tokens) read whole, in ragged tiles of 7 columns (each searched whole
-    for top-k), or in tiles of 16 whose top-k candidates come from blocks of 8 columns."""
-    if request.param is not None:
-        columns, block = request.param
-        monkeypatch.setattr(tiles, "TILE_COLUMNS", columns)
-        monkeypatch.setattr(tiles, "_TOPK_BLOCK", block)
-    return request.param
+    for top-k), or in tiles of 16 whose top-k candidates come from blocks of 8 columns; the
+    statistics on the kernel's default path (fused where a compiler works), and once eager."""
+    if request.param is None:
+        yield request.param
+        return
+    columns, block, fused = request.param
+    monkeypatch.setattr(tiles, "TILE_COLUMNS", columns)
+    monkeypatch.setattr(tiles, "_TOPK_BLOCK", block)
+    with tuning.force(fused=fused):
+        yield request.param
 
 
 def _assert_top_matches(ours_ids, ours_logits, ref_logits, k):

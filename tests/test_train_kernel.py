@@ -93,14 +93,24 @@ def test_rows_in_several_chunks_give_the_same_numbers(monkeypatch):
     assert _rel(chunked, whole) <= 1e-12
 
 
-def test_float32_vectors_agree_with_float64_at_float32_tolerance():
-    W, b, x_final, x = _problem(61, dtype=torch.float32)
-    weights = torch.ones(x.shape[:-1])
-    ours, g_ours = _loss_and_grad(lambda v: tk.lens_loss(v, W, b, final=x_final.float(), width=7), x.float(), weights)
+@pytest.mark.parametrize("d_vocab,width", TILINGS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_float32_vectors_agree_with_float64_at_float32_tolerance(d_vocab, width, bias, stats_path):
+    """Float32 KL and CE (the tile made ``exp(l - max)`` by the fused kernel or by tensor operations)
+    against float64 autograd; scale 4 makes the running maxima rise across tiles, so the rescaling runs."""
+    W, b, x_final, x = _problem(d_vocab, dtype=torch.float32, bias=bias, scale=4.0)
+    t = torch.randint(-1, d_vocab, (10,), generator=torch.Generator().manual_seed(3))
+    weights = torch.rand(x.shape[:-1], generator=torch.Generator().manual_seed(4))
+    kl, g_kl = _loss_and_grad(lambda v: tk.lens_loss(v, W, b, final=x_final.float(), width=width), x.float(), weights)
+    ce, g_ce = _loss_and_grad(
+        lambda v: tk.lens_loss(v, W, b, next_tokens=t, loss="ce", width=width), x.float(), weights
+    )
     ref, g_ref = _loss_and_grad(lambda v: _reference_kl(v, W, b, x_final), x, weights.double())
-    assert ours.dtype == torch.float32 and g_ours.dtype == torch.float32
+    ref_ce, g_ref_ce = _loss_and_grad(lambda v: _reference_ce(v, W, b, t), x, weights.double())
     tol = 50 * torch.finfo(torch.float32).eps  # a few ulps of log Z, which is about log d_vocab + |logits|
-    assert _rel(ours, ref) <= tol and _rel(g_ours, g_ref) <= tol
+    assert kl.dtype == torch.float32 and g_kl.dtype == torch.float32
+    assert _rel(kl, ref) <= tol and _rel(g_kl, g_ref) <= tol
+    assert _rel(ce, ref_ce) <= tol and _rel(g_ce, g_ref_ce) <= tol
 
 
 def test_no_gradient_reaches_the_unembedding_or_the_final_layer():
@@ -129,7 +139,7 @@ def _spy_whole_casts(monkeypatch, whole):
 
 
 @pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
-def test_half_unembedding_matches_its_float64_upcast_and_is_never_cast_whole(monkeypatch, half):
+def test_half_unembedding_matches_its_float64_upcast_and_is_never_cast_whole(monkeypatch, half, stats_path):
     W, b, x_final, x = _problem(61, dtype=half, scale=1.0)
     x, x_final = x.float(), x_final.float()
     t = torch.tensor([3, -1, 60, 0, 5, -1, 17, 8, 59, 1])

@@ -34,15 +34,15 @@ from typing import Optional, Tuple, Union
 import torch
 
 from ..errors import LensInputError
-from . import tuning
+from . import native, tuning
 from .precision import compute_dtype
-from .tiles import tile_width
+from .tiles import BUFFERS, tile_width
 
 __all__ = ["FinalStats", "final_stats", "lens_loss"]
 
-# Rows per chunk are chosen so that one [rows, width] tile stays below this many bytes (the
-# forward kernel's CPU budget, or tuning.set_chunk_budget's).
-_TILE_BYTES = tuning.CPU_BUDGET_BYTES
+# Rows per chunk are chosen so that one [rows, width] tile stays below this many bytes (what the
+# forward kernel's CPU budget gives one of its tiles, or tuning.set_chunk_budget's).
+_TILE_BYTES = tuning.CPU_BUDGET_BYTES // BUFFERS
 
 
 @dataclass
@@ -99,9 +99,9 @@ def _online_pass(
     without a bias), with ``e = exp(l - m)`` for the final ``m``.
 
     Each tile of ``W`` is copied (and cast) once into ``ext = [W_tile^T | 1 | b_tile]``, so a
-    single product ``e @ ext`` accumulates ``S``, ``Z`` and ``B`` together; the logits are
-    shifted by the maximum so far while they are made (``addmm``), and only rows whose
-    maximum rises are shifted again, so a tile costs its two products, one max, one exp.
+    single product ``e @ ext`` accumulates ``S``, ``Z`` and ``B`` together. Between the two
+    products the tile becomes ``e``: with the fused kernel (:func:`tl_logitlens.kernel.native.shift_exp`)
+    in one pass per row while it is in cache, else as tensor operations (:func:`_shift_exp_eager`).
     """
     rows, d = x.shape
     d_vocab = W.shape[1]
@@ -111,6 +111,7 @@ def _online_pass(
     chunk = _chunk_rows(rows, width, x.element_size())
     tile_buf = x.new_empty(chunk * width)
     ext_buf = x.new_empty(width * n_ext)
+    fused = native.fused(x)
     for a in range(0, d_vocab, width):
         z = min(d_vocab, a + width)
         w = z - a
@@ -125,26 +126,14 @@ def _online_pass(
         for r0 in range(0, rows, chunk):
             r1 = min(rows, r0 + chunk)
             tile = tile_buf[: (r1 - r0) * w].view(r1 - r0, w)
-            m = peak[r0:r1]
-            if a == 0:
-                torch.mm(x[r0:r1], cols, out=tile)
-                if b_c is not None:
-                    tile += b_c
-                m.copy_(tile.amax(1))
-                tile -= m[:, None]
-            else:
+            if fused:
                 if b_c is None:
-                    torch.addmm(-m[:, None], x[r0:r1], cols, out=tile)
+                    torch.mm(x[r0:r1], cols, out=tile)
                 else:
                     torch.addmm(b_c, x[r0:r1], cols, out=tile)
-                    tile -= m[:, None]
-                rise = tile.amax(1)
-                if bool((rise > 0).any()):  # the maximum rose: shift, and rescale the sums so far
-                    rise.clamp_(min=0)
-                    tile -= rise[:, None]
-                    acc[r0:r1] *= torch.exp(-rise)[:, None]
-                    m += rise
-            tile.exp_()
+                native.shift_exp(tile, peak[r0:r1], acc[r0:r1], first=a == 0)
+            else:
+                _shift_exp_eager(tile, x[r0:r1], cols, b_c, peak[r0:r1], acc[r0:r1], first=a == 0)
             if with_s:
                 acc[r0:r1].addmm_(tile, ext)
             else:
@@ -152,6 +141,39 @@ def _online_pass(
     if not with_s:
         return peak, acc[:, 0], None, None
     return peak, acc[:, d], acc[:, :d], (acc[:, d + 1] if b is not None else None)
+
+
+def _shift_exp_eager(
+    tile: torch.Tensor,
+    x: torch.Tensor,
+    cols: torch.Tensor,
+    b_c: Optional[torch.Tensor],
+    m: torch.Tensor,
+    acc: torch.Tensor,
+    first: bool,
+) -> None:
+    """``tile = exp(x @ cols + b_c - m')`` with ``m'`` the new running row maximum (``m`` updated in
+    place, ``acc`` rescaled where it rose), as tensor operations: the logits are shifted by the maximum
+    so far while they are made (``addmm``), and only rows whose maximum rises are shifted again."""
+    if first:
+        torch.mm(x, cols, out=tile)
+        if b_c is not None:
+            tile += b_c
+        m.copy_(tile.amax(1))
+        tile -= m[:, None]
+    else:
+        if b_c is None:
+            torch.addmm(-m[:, None], x, cols, out=tile)
+        else:
+            torch.addmm(b_c, x, cols, out=tile)
+            tile -= m[:, None]
+        rise = tile.amax(1)
+        if bool((rise > 0).any()):  # the maximum rose: shift, and rescale the sums so far
+            rise.clamp_(min=0)
+            tile -= rise[:, None]
+            acc *= torch.exp(-rise)[:, None]
+            m += rise
+    tile.exp_()
 
 
 def final_stats(

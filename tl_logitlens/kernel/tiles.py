@@ -26,11 +26,12 @@ over the members' columns it holds, so ``[rows, members]`` numbers are kept, nev
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch
+
+from . import native
 
 #: Vocabulary columns per tile when set (a forced width, as the tests do); ``None``: the
 #: width measured for the machine at hand (:mod:`tl_logitlens.kernel.tuning`).
@@ -153,6 +154,7 @@ def read_product(
     w_tile: Optional[torch.Tensor] = None,
     width: Optional[int] = None,
     member_ids: Optional[torch.Tensor] = None,
+    fused: Optional[bool] = None,
 ) -> ProductStats:
     """Read ``x [g * n, d_model]`` (``g`` entries of the same ``n`` rows) through ``W [d_model, d_vocab]``.
 
@@ -168,21 +170,20 @@ def read_product(
     ``width``: columns per tile (see :func:`tile_width`).
     ``member_ids [members]``: token ids sorted ascending (repeats allowed) whose logits are
     picked from the tile that holds them into ``member_logits [g, n, members]``.
+    ``fused``: read each tile's statistics with the fused C kernel (:mod:`~.native`, one pass
+    over each row while the tile is in cache) or as tensor operations; ``None``: the fused
+    kernel wherever :func:`tl_logitlens.kernel.native.fused` says it runs.
     """
     m, d_vocab = x.shape[0], W.shape[1]
-    cast = W.dtype != x.dtype
     width = tile_width(d_vocab, transform, width)
+    cast = W.dtype != x.dtype
     # Sized by the width actually read: the measurement (tuning.measure) asks for wider tiles than the default.
-    if cast and (w_tile is None or w_tile.numel() < W.shape[0] * width):
+    if cast and (w_tile is None or w_tile.numel() < W.shape[0] * min(d_vocab, width)):
         w_tile = torch.empty(W.shape[0] * width, dtype=x.dtype, device=x.device)
-    n = m // g
-    single = width >= d_vocab
-    sums = _OnlineSums(x, g, with_reference)
-    top_values = x.new_full((m, top_k), float("-inf"))
-    top_ids = torch.zeros(m, top_k, dtype=torch.long, device=x.device)
-    next_logit = x.new_zeros(g, n) if next_tokens is not None else None
+    fused = native.fused(x) if fused is None else fused
+    reader = _FusedTiles if fused else _EagerTiles
+    stats = reader(x, g, W, b, transform, buffers, top_k, with_reference, next_tokens, target_ids, width >= d_vocab)
     members = None if member_ids is None else _Members(member_ids, x, g, d_vocab, width)
-    targets = None if target_ids is None else _Targets(x, g, W, b, transform, target_ids, single)
 
     for a in range(0, d_vocab, width):
         z = min(d_vocab, a + width)
@@ -196,32 +197,121 @@ def read_product(
             tile.add_(b[a:z])
         if transform is not None:
             tile.copy_(transform(tile))
-        tile3 = tile.view(g, n, w)
         if keep_logits is not None:
-            keep_logits(a, z, tile3)
-
-        # Raw logits: top-k, true next tokens, group members, targets and their ranks.
-        row_max = _update_top_k(tile, top_k, top_values, top_ids, a, first=a == 0)
-        if next_tokens is not None:
-            _pick(next_logit, tile3, next_tokens, a, z)
+            keep_logits(a, z, tile.view(g, m // g, w))
         if members is not None:
-            members.pick(tile3, a, width)
-        if targets is not None:
-            targets.count(tile3, a, z, buffers[2][: m * w].view(g, n, w))
-        sums.fold(tile, row_max, buffers[1][: m * w].view(m, w), buffers[2][: m * w].view(m, w), first=a == 0)
+            members.pick(tile.view(g, m // g, w), a, width)
+        stats.fold(tile, a, z)
+    return stats.finish(None if members is None else members.logits)
 
-    log_z, entropy, kl = sums.finish()
-    return ProductStats(
-        log_z=log_z,
-        entropy=entropy,
-        top_logits=top_values.view(g, n, top_k),
-        top_ids=top_ids.view(g, n, top_k),
-        kl_to_reference=kl,
-        next_logit=next_logit,
-        target_logits=None if targets is None else targets.logits,
-        target_ranks=None if targets is None else targets.ranks(),
-        member_logits=None if members is None else members.logits,
-    )
+
+class _EagerTiles:
+    """:func:`read_product`'s statistics as tensor operations: top-k from the blocks that can still
+    enter it, the picked tokens, the targets' counts and the online sums, each its own pass over the tile."""
+
+    def __init__(self, x, g, W, b, transform, buffers, top_k, with_reference, next_tokens, target_ids, single):
+        m = x.shape[0]
+        self.g, self.n, self.top_k, self.buffers, self.next_tokens = g, m // g, top_k, buffers, next_tokens
+        self.sums = _OnlineSums(x, g, with_reference)
+        self.top_values = x.new_full((m, top_k), float("-inf"))
+        self.top_ids = torch.zeros(m, top_k, dtype=torch.long, device=x.device)
+        self.next_logit = x.new_zeros(g, self.n) if next_tokens is not None else None
+        self.targets = None if target_ids is None else _Targets(x, g, W, b, transform, target_ids, single)
+
+    def fold(self, tile: torch.Tensor, a: int, z: int) -> None:
+        """Fold one tile of raw logits ``[m, w]`` (columns ``a:z``) in; the tile is overwritten."""
+        m, w = tile.shape
+        tile3 = tile.view(self.g, self.n, w)
+        row_max = _update_top_k(tile, self.top_k, self.top_values, self.top_ids, a, first=a == 0)
+        if self.next_tokens is not None:
+            _pick(self.next_logit, tile3, self.next_tokens, a, z)
+        if self.targets is not None:
+            self.targets.count(tile3, a, z, self.buffers[2][: m * w].view(self.g, self.n, w))
+        scratch = [self.buffers[1][: m * w].view(m, w), self.buffers[2][: m * w].view(m, w)]
+        self.sums.fold(tile, row_max, *scratch, first=a == 0)
+
+    def finish(self, member_logits: Optional[torch.Tensor]) -> ProductStats:
+        log_z, entropy, kl = self.sums.finish()
+        shape = (self.g, self.n, self.top_k)
+        return ProductStats(
+            log_z=log_z,
+            entropy=entropy,
+            top_logits=self.top_values.view(shape),
+            top_ids=self.top_ids.view(shape),
+            kl_to_reference=kl,
+            next_logit=self.next_logit,
+            target_logits=None if self.targets is None else self.targets.logits,
+            target_ranks=None if self.targets is None else self.targets.ranks(),
+            member_logits=member_logits,
+        )
+
+
+class _FusedTiles:
+    """:func:`read_product`'s statistics from the fused C kernel (:func:`tl_logitlens.kernel.native.fold_tile`):
+    every row of a tile read twice while in cache; the same sums, top-k, picks and counts as :class:`_EagerTiles`."""
+
+    def __init__(self, x, g, W, b, transform, buffers, top_k, with_reference, next_tokens, target_ids, single):
+        m = x.shape[0]
+        n = m // g
+        self.g, self.n, self.top_k, self.buffers = g, n, top_k, buffers
+        self.sums = [x.new_full((m,), float("-inf")), x.new_zeros(m), x.new_zeros(m)]
+        self.sums.append(x.new_zeros(m) if with_reference else None)
+        self.ref_prev = x.new_empty(n, 2) if with_reference else None
+        self.top = [x.new_full((m, top_k), float("-inf")), torch.zeros(m, top_k, dtype=torch.long)]
+        self.next_pick = None
+        if next_tokens is not None:
+            self.next_pick = [next_tokens.to(torch.long).contiguous(), x.new_zeros(m)]
+        self.targets, self.single = None, single
+        if target_ids is not None:
+            t = target_ids.shape[1]
+            # The thresholds: targets' logits computed alone (as _Targets does), or in one tile its own.
+            guess = (
+                None if single else _Targets(x, g, W, b, transform, target_ids, False).guess.reshape(m, t).contiguous()
+            )
+            self.targets = [guess, x.new_zeros(m, t), target_ids.to(torch.long).contiguous(), x.new_zeros(m, t)]
+
+    def fold(self, tile: torch.Tensor, a: int, z: int) -> None:
+        """Fold one contiguous tile of raw logits ``[m, w]`` (columns ``a:z``) in."""
+        targets = self.targets
+        if targets is not None and self.single:  # one tile: the targets' own logits are the thresholds
+            ids = targets[2].repeat(self.g, 1)
+            targets[0] = tile.gather(1, ids).contiguous()
+        ref_exps = None if self.sums[3] is None else self.buffers[1]
+        native.fold_tile(tile, self.n, a, self.sums, ref_exps, self.ref_prev, self.top, targets, self.next_pick)
+
+    def finish(self, member_logits: Optional[torch.Tensor]) -> ProductStats:
+        g, n, k = self.g, self.n, self.top_k
+        peak, total, spread, cross = self.sums
+        log_z, entropy, kl = _finish_sums(peak, total, spread, cross, g, n)
+        t = self.targets
+        return ProductStats(
+            log_z=log_z,
+            entropy=entropy,
+            top_logits=self.top[0].view(g, n, k),
+            top_ids=self.top[1].view(g, n, k),
+            kl_to_reference=kl,
+            next_logit=None if self.next_pick is None else self.next_pick[1].view(g, n),
+            target_logits=None if t is None else t[3].view(g, n, -1),
+            # columns above the threshold, less the target itself where it was computed a hair lower
+            target_ranks=None if t is None else (t[1] - (t[3] > t[0]).to(t[1].dtype)).view(g, n, -1),
+            member_logits=member_logits,
+        )
+
+
+def _finish_sums(
+    peak: torch.Tensor, total: torch.Tensor, spread: torch.Tensor, cross: Optional[torch.Tensor], g: int, n: int
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """``(log Z, entropy, KL to entry 0 or None)``, each ``[g, n]``, from the online sums ``[g * n]``
+    (module docstring): ``entropy = log Z - A / Z``, ``KL = A_ref / Z_ref - log Z_ref - D / Z_ref + log Z``."""
+    shape = (g, n)
+    log_total = total.log()
+    entropy = log_total - spread / total
+    kl = None
+    if cross is not None:
+        ref_total, ref_log_total = total[:n], log_total[:n]
+        neg_h_ref = spread[:n] / ref_total - ref_log_total
+        kl = (neg_h_ref - cross.view(shape) / ref_total + log_total.view(shape)).clamp_min(0.0)
+    return (peak + log_total).view(shape), entropy.view(shape), kl
 
 
 class _OnlineSums:
@@ -266,16 +356,8 @@ class _OnlineSums:
 
     def finish(self) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """``(log Z, entropy, KL to entry 0 or None)``, each ``[g, n]``."""
-        shape = (self.g, self.n)
-        n = self.n
-        log_total = self.total.log()
-        entropy = log_total - self.spread / self.total
-        kl = None
-        if self.cross is not None:
-            ref_total, ref_log_total = self.total[:n], log_total[:n]
-            neg_h_ref = self.spread[:n] / ref_total - ref_log_total
-            kl = (neg_h_ref - self.cross / ref_total + log_total.view(shape)).clamp_min(0.0)
-        return (self.peak + log_total).view(shape), entropy.view(shape), kl
+        cross = None if self.cross is None else self.cross.reshape(-1)
+        return _finish_sums(self.peak, self.total, self.spread, cross, self.g, self.n)
 
 
 class _Members:
@@ -393,9 +475,9 @@ def _fused_sums(
 ) -> Tuple[Optional[torch.Tensor], ...]:
     """:func:`whole_sums` fused by ``torch.compile`` on CUDA where it works (one pass over the
     logits, no ``[g, n, V]`` intermediates), else eager in the buffers.
-    ``TL_LOGITLENS_COMPILE=0`` keeps it eager."""
+    ``TL_LOGITLENS_COMPILE=0`` keeps it eager (:func:`tl_logitlens.kernel.native.compile_allowed`)."""
     global _compiled_sums
-    if logits.device.type != "cuda" or os.environ.get("TL_LOGITLENS_COMPILE", "1") == "0":
+    if logits.device.type != "cuda" or not native.compile_allowed():
         return _eager_sums(logits, peak, with_reference, thresholds, buffers)
     if _compiled_sums is None:
         try:

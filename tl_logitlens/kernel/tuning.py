@@ -5,15 +5,21 @@ The kernel reads ``[rows, d_model] @ W_U`` a tile of vocabulary columns at a tim
 its vector width, its caches), the dtype, ``d_model`` and the layout of ``W_U``: a shape
 tuned on one processor cost another three quarters of the product. So the shape is not a
 constant: the first read with a new ``(device, processor, threads, dtype, d_model, d_vocab,
-layout)`` times the kernel itself on a few candidate shapes over a slice of the real
-unembedding (min of repeats, a fraction of a second even for a 7B-shaped model, since the
-slice shrinks as ``d_model`` grows), and the fastest is kept for the process, and on disk
-when ``TL_LOGITLENS_TILE_CACHE`` names a file (or is ``1``, for the user cache directory).
+layout, statistics path)`` times the kernel itself on a few candidate shapes over a slice of
+the real unembedding (min of repeats, about a second at most, since the trial rows shrink as
+``d_model`` grows), and the fastest is kept for the process, and on disk when
+``TL_LOGITLENS_TILE_CACHE`` names a file (or is ``1``, for the user cache directory). With the
+fused statistics (:mod:`tl_logitlens.kernel.native`) each tile is read once while in cache
+whatever its size, so only widths are timed, the widest within 5 % of the fastest is kept, and
+the rows fill the budget: fewer, larger products, which a busy machine slows least. On the
+eager path, whose dozen passes want the tile in cache, rows are timed too. A vocabulary of
+262,144 tokens and a tied ``W_U`` that is a transposed view of ``W_E`` (``stride(0) == 1``:
+Gemma, SmolLM2) are measured on their own slice, in their own layout.
 
 Strategies:
 
 - ``"tiled"`` (CPU default): tiles of ``width`` columns, each overwritten by the next, so the
-  statistics' passes read what the product just wrote while it is still in cache.
+  statistics read what the product just wrote while it is still in cache.
 - ``"whole"`` (CUDA default): one product over the whole vocabulary for as many rows as the
   memory budget allows, the statistics as vectorised reductions over it
   (:func:`tl_logitlens.kernel.tiles.read_whole`). It runs on any device, so the tests run it on CPU.
@@ -63,12 +69,19 @@ import torch
 
 from ..errors import LensInputError
 from ..files import write_json
+from . import native
 from .precision import HALF_DTYPES
 from .tiles import BUFFERS, read_product
 
-#: The working-buffer memory a measured CPU shape may use (3 tiles). Rows beyond what BLAS
-#: needs for full speed only push tiles out of cache; this caps them.
-CPU_BUDGET_BYTES = 64 * 2**20
+#: The working-buffer memory a measured CPU shape may use: :data:`~.tiles.BUFFERS` tiles, of which
+#: the fused path touches only the first and a slice of the second (32 MiB at most by default).
+#: Rows beyond what BLAS needs for full speed push tiles out of cache on the eager path, so it
+#: measures its rows; the fused path reads each tile once and takes as many rows as fit: fewer,
+#: larger products, so fewer passes over ``W_U`` and fewer waits at the threads' barriers when
+#: other processes share the cores (on a loaded 2-core Xeon, 1365-row products cost 1.17 x one
+#: whole product, 3328-row ones 1.08 x), while a 32 MiB tile still comes back from the cache
+#: (a 64 MiB one cost 3 % more on the same Xeon).
+CPU_BUDGET_BYTES = 96 * 2**20
 #: Default working memory of the ``"whole"`` strategy on CUDA (capped at an eighth of the free memory).
 CUDA_BUDGET_BYTES = 2 * 2**30
 #: Shape used when measurement is switched off (``TL_LOGITLENS_AUTOTUNE=0``).
@@ -81,6 +94,10 @@ STRATEGIES = ("tiled", "whole")
 _WIDTHS = (1024, 4096, 2048, 512)
 _ROWS = (384, 96)
 _SLICE_COLUMNS = 8192
+# The fused path: one trial row count; the widest width within this fraction of the fastest
+# wins (the fewest calls: the steadiest under load).
+_FUSED_WIDTHS = (4096, 2048, 1024)
+_FUSED_TOLERANCE = 0.05
 _REPEATS = 2
 # Stop measuring after this many seconds (a loaded machine): the fastest so far wins.
 _DEADLINE_SECONDS = 1.0
@@ -135,9 +152,12 @@ def force(
     width: Optional[int] = None,
     strategy: Optional[str] = None,
     half_products: Optional[bool] = None,
+    fused: Optional[bool] = None,
 ) -> Iterator[None]:
     """Use this shape (any part left ``None`` is chosen as usual) inside the block;
-    ``half_products``: read a half-precision unembedding in its own dtype (see :func:`half_products`)."""
+    ``half_products``: read a half-precision unembedding in its own dtype (see :func:`half_products`);
+    ``fused``: read the tiles' statistics with the fused C kernel (``True``; ``RuntimeError`` where it
+    cannot be built) or as tensor operations (``False``), see :mod:`tl_logitlens.kernel.native`."""
     if strategy is not None and strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if half_products is not None and not isinstance(half_products, bool):
@@ -151,7 +171,8 @@ def force(
         }
     )
     try:
-        yield
+        with native.force(fused):
+            yield
     finally:
         _forced.clear()
         _forced.update(saved)
@@ -211,6 +232,11 @@ def _layout(W: torch.Tensor) -> str:
     return "vocab-major" if W.stride(0) == 1 and W.shape[0] > 1 else "d_model-major"
 
 
+def _path(device: torch.device, dtype: torch.dtype) -> str:
+    """``"fused"`` where tiles of ``dtype`` on ``device`` take the fused C kernel (:mod:`.native`), else ``"eager"``."""
+    return "fused" if native.fused(torch.empty(0, dtype=dtype, device=device)) else "eager"
+
+
 def _key(W: torch.Tensor, dtype: torch.dtype, whole_rows: bool) -> str:
     d_model, d_vocab = W.shape
     return "|".join(
@@ -226,6 +252,7 @@ def _key(W: torch.Tensor, dtype: torch.dtype, whole_rows: bool) -> str:
                 d_vocab,
                 _layout(W),
                 "whole-rows" if whole_rows else "tiles",
+                _path(W.device, dtype),
                 torch.__version__,
             ),
         )
@@ -313,29 +340,38 @@ def measure(W: torch.Tensor, dtype: torch.dtype) -> TileShape:
 
     The slice keeps ``W``'s layout and dtype; the vectors are unit-variance random ones in
     ``dtype`` (the statistics' cost does not depend on their values beyond top-k's pruning).
+    On the fused path (:mod:`.native`) only widths are timed, the widest within 5 % of the
+    fastest is kept, and rows fill the budget; on the eager path rows are timed too.
     """
     started = time.perf_counter()
     d_model, d_vocab = W.shape
+    fused = _path(W.device, dtype) == "fused"
     columns = min(d_vocab, _SLICE_COLUMNS)
     Ws = W[:, :columns]
     gen = torch.Generator(device="cpu").manual_seed(0)
     timings: List[Tuple[int, int, float]] = []
+    # Rows scaled so each trial does the same work whatever d_model (a 7B model's 4096
+    # gives 72 and 18 rows), at most doubled for small models.
+    trial_rows = sorted({min(2 * r, max(16, r * 768 // max(d_model, 1))) for r in _ROWS}, reverse=True)
     with torch.no_grad():
-        # Rows scaled so each trial does the same work whatever d_model (a 7B model's 4096
-        # gives 72 and 18 rows), at most doubled for small models.
-        for rows in sorted({min(2 * r, max(16, r * 768 // max(d_model, 1))) for r in _ROWS}, reverse=True):
+        for rows in trial_rows[:1] if fused else trial_rows:
             x = torch.randn(rows, d_model, generator=gen, dtype=torch.float32).to(device=W.device, dtype=dtype)
             torch.mm(x, Ws[:, :512].to(dtype))  # warm-up: BLAS threads, first-touch pages
-            for width in dict.fromkeys(min(w, columns) for w in _WIDTHS):
+            for width in dict.fromkeys(min(w, columns) for w in (_FUSED_WIDTHS if fused else _WIDTHS)):
                 if timings and time.perf_counter() - started > _DEADLINE_SECONDS:
                     break
                 seconds = _time_kernel(x, Ws, width)
                 timings.append((rows, width, seconds / (rows * columns) * 1e9))
-    rows, width, _ = min(timings, key=lambda t: t[2])
-    if rows == max(t[0] for t in timings):
-        # More rows were no slower: let them grow to the CPU budget (fewer passes over W_U).
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        rows = max(rows, CPU_BUDGET_BYTES // (BUFFERS * itemsize * width))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    best = min(t[2] for t in timings)
+    if fused:  # the widest of the near-fastest; as many rows as the budget holds
+        width = max(w for _, w, ns in timings if ns <= best * (1 + _FUSED_TOLERANCE))
+        rows = max(trial_rows[0], CPU_BUDGET_BYTES // (BUFFERS * itemsize * width))
+    else:
+        rows, width, _ = min(timings, key=lambda t: t[2])
+        if rows == max(t[0] for t in timings):
+            # More rows were no slower: let them grow to the CPU budget (fewer passes over W_U).
+            rows = max(rows, CPU_BUDGET_BYTES // (BUFFERS * itemsize * width))
     return TileShape(rows, width, "tiled", "measured", time.perf_counter() - started, tuple(timings))
 
 
