@@ -67,6 +67,8 @@ _LAZY = {
     "set_chunk_budget": "kernel.tuning",
     "source_token_rate": "patchscopes",
     "train_tuned_lens": "lenses",
+    "RunComparison": "divergence",
+    "compare_runs": "divergence",
 }
 _SUBMODULES = ("demo",)
 
@@ -103,6 +105,8 @@ __all__ = [
     "TunedLens",
     "UnsupportedModelError",
     "compare_lenses",
+    "compare_runs",
+    "RunComparison",
     "demo",
     "demo_model",
     "direct_logit_attribution",
