@@ -69,6 +69,9 @@ _LAZY = {
     "train_tuned_lens": "lenses",
     "RunComparison": "divergence",
     "compare_runs": "divergence",
+    "LatentLanguage": "latent",
+    "latent_language": "latent",
+    "word_tokens": "latent",
 }
 _SUBMODULES = ("demo",)
 
@@ -107,6 +110,9 @@ __all__ = [
     "compare_lenses",
     "compare_runs",
     "RunComparison",
+    "LatentLanguage",
+    "latent_language",
+    "word_tokens",
     "demo",
     "demo_model",
     "direct_logit_attribution",
