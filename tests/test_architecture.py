@@ -37,7 +37,7 @@ LAYERS = {
     "patchscopes": 6,
     "divergence": 6,
     "latent": 6,
-    "report": 6,
+    "audit": 6,
     "evaluate": 6,
     "demo": 7,
     "cli": 7,

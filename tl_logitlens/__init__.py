@@ -72,6 +72,7 @@ _LAZY = {
     "LatentLanguage": "latent",
     "latent_language": "latent",
     "word_tokens": "latent",
+    "report": "audit",
 }
 _SUBMODULES = ("demo",)
 
@@ -113,6 +114,7 @@ __all__ = [
     "LatentLanguage",
     "latent_language",
     "word_tokens",
+    "report",
     "demo",
     "demo_model",
     "direct_logit_attribution",
