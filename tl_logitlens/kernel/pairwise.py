@@ -46,8 +46,9 @@ from .read import Unembedding
 PAIR_COLUMNS = 2048
 #: The most memory the working tiles of one :func:`read_pairs` chunk take (bytes).
 PAIR_BUDGET_BYTES = 64 * 2**20
-# Tiles alive at once per row: two logits tiles and about four elementwise temporaries.
-_TILES_PER_ROW = 6
+# Tiles alive at once per row of a side: its two logits rows (both sides in one tile) and three buffers.
+_TILES_PER_ROW = 5
+_LN2 = math.log(2.0)
 
 
 @dataclass
@@ -74,7 +75,7 @@ def _tiles(unembed: Unembedding, x: torch.Tensor, width: int, dtype: torch.dtype
     W, b, transform = unembed.W, unembed.b, unembed.transform
     for a in range(0, W.shape[1], width):
         z = min(W.shape[1], a + width)
-        tile = x @ W[:, a:z].to(dtype)
+        tile = x @ W[:, a:z].to(dtype=dtype, memory_format=torch.contiguous_format)
         if b is not None:
             tile += b[a:z].to(dtype)
         yield transform(tile) if transform is not None else tile
@@ -94,18 +95,29 @@ def _log_z(unembed: Unembedding, x: torch.Tensor, width: int, dtype: torch.dtype
 def _chunk_sums(
     unembed: Unembedding, xp: torch.Tensor, xq: torch.Tensor, width: int, dtype: torch.dtype
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(KL, JS, TV)`` ``[rows]`` of one chunk of normalised rows: log Z of both, then the sums (second pass)."""
-    log_zp, log_zq = _log_z(unembed, xp, width, dtype), _log_z(unembed, xq, width, dtype)
-    kl, js, tv = (xp.new_zeros(xp.shape[0]) for _ in range(3))
-    for tile_p, tile_q in zip(_tiles(unembed, xp, width, dtype), _tiles(unembed, xq, width, dtype)):
-        log_p = tile_p - log_zp.unsqueeze(1)
-        log_q = tile_q - log_zq.unsqueeze(1)
-        p, q = log_p.exp(), log_q.exp()
-        log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
-        kl += (p * (log_p - log_q)).sum(-1)
-        js += (p * (log_p - log_m) + q * (log_q - log_m)).sum(-1)
-        tv += (p - q).abs().sum(-1)
-    return kl.clamp_min(0.0), (js / 2).clamp(0.0, math.log(2.0)), (tv / 2).clamp(0.0, 1.0)
+    """``(KL, JS, TV)`` ``[rows]`` of one chunk of normalised rows: log Z of both, then the sums (second pass).
+
+    Per column, with ``s = p + q`` and ``log m = log s - log 2``: ``p (log p - log q)`` for KL,
+    ``|p - q|`` for TV, and ``p log p + q log q - s log m`` (twice JS's term, which cancels where
+    ``p`` and ``q`` agree, column by column) for JS; in place in three reused tile buffers.
+    """
+    n = xp.shape[0]
+    both = torch.cat([xp, xq])  # one product per tile reads both sides
+    log_z = _log_z(unembed, both, width, dtype)
+    kl, js, tv = (xp.new_zeros(n) for _ in range(3))
+    scratch = [xp.new_empty(n * width) for _ in range(3)]
+    for tile in _tiles(unembed, both, width, dtype):
+        tile.sub_(log_z.unsqueeze(1))
+        log_p, log_q = tile[:n], tile[n:]
+        p, q, work = (buffer[: log_p.numel()].view_as(log_p) for buffer in scratch)
+        torch.exp(log_p, out=p)
+        torch.exp(log_q, out=q)
+        kl += torch.sub(log_p, log_q, out=work).mul_(p).sum(-1)
+        tv += torch.sub(p, q, out=work).abs_().sum(-1)
+        log_p.mul_(p).addcmul_(q, log_q)  # p log p + q log q
+        log_m = torch.add(p, q, out=work).log_().clamp_min_(-1e4).sub_(_LN2)  # -inf where p = q = 0: s log m = 0
+        js += log_p.addcmul_(p.add_(q), log_m, value=-1.0).sum(-1)
+    return kl.clamp_min(0.0), (js / 2).clamp(0.0, _LN2), (tv / 2).clamp(0.0, 1.0)
 
 
 def read_pairs(
