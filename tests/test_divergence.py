@@ -151,3 +151,18 @@ def test_stories260k_final_entry_matches_the_models_own_logits(models_dir):
         torch.testing.assert_close(got.double(), w, atol=5e-4, rtol=1e-3)
     changed = int((tc != tq).nonzero()[0, 1])
     assert float(runs.tv[:, :, :changed].max()) < 1e-5 and float(runs.tv[-1, :, changed:].max()) > 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_read_pairs_on_cuda_matches_the_cpu(dtype):
+    gen = torch.Generator().manual_seed(1)
+    W = torch.randn(64, 5000, generator=gen).to(dtype)
+    x, y = torch.randn(40, 64, generator=gen), torch.randn(40, 64, generator=gen)
+    norm = FinalNorm("RMS", torch.rand(64, generator=gen) + 0.5, None, 1e-6)
+    cpu = pairwise.read_pairs(Unembedding(W, None, norm), x, y)
+    gpu = pairwise.read_pairs(Unembedding(W.cuda(), None, norm), x.cuda(), y.cuda())
+    for a, b in zip((cpu.kl, cpu.js, cpu.tv), (gpu.kl, gpu.js, gpu.tv)):
+        assert b.device.type == "cpu"
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)

@@ -123,6 +123,15 @@ def test_page_draws_offline_in_chromium(driver, page):
         driver.set_window_size(1500, 1100)
 
 
+def test_a_bfloat16_model_passes_its_identity_checks(tmp_path):
+    cases = {c.name: c for c in builders.precision_cases((torch.bfloat16,))}
+    model = builders.build(cases[next(n for n in cases if n.startswith("llama") or n.startswith("ht-rms"))])
+    tokens = builders.tokens(batch=1, seq=8, seed=3)
+    text = tll.report(model, tokens, answer=int(tokens[0, 3]), wrong=int(tokens[0, 2]), path=tmp_path / "r.html")
+    page = text.read_text()
+    assert "bfloat16" in page and "every identity check passed" in page
+
+
 # -- the command line ----------------------------------------------------------------------------------
 def test_cli_writes_the_page(tmp_path, capsys):
     from tl_logitlens.cli import main
