@@ -166,3 +166,21 @@ def test_read_pairs_on_cuda_matches_the_cpu(dtype):
     for a, b in zip((cpu.kl, cpu.js, cpu.tv), (gpu.kl, gpu.js, gpu.tv)):
         assert b.device.type == "cpu"
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.real
+def test_gemma_final_entry_matches_the_hugging_face_logits():
+    import pretrained
+
+    from tl_logitlens.model_access import TransformerBridge
+
+    model = TransformerBridge.boot_transformers(str(pretrained.folder("gemma-3-270m")), device="cpu").eval()
+    clean, corrupted = "The capital of France is", "The capital of Italy is"
+    tc, tq = model.to_tokens(clean), model.to_tokens(corrupted)
+    assert tc.shape == tq.shape
+    runs = tll.compare_runs(model, clean, corrupted, positions=-1)
+    with torch.no_grad():  # the Hugging Face model's own logits, in float64: no tl_logitlens on this side
+        want = divergences64(model.original_model(tc).logits[:, -1:], model.original_model(tq).logits[:, -1:])
+    for got, w in zip((runs.kl[-1], runs.js[-1], runs.tv[-1]), want):
+        torch.testing.assert_close(got.double(), w, atol=2e-4, rtol=2e-3)
+    assert float(runs.js[-1, 0, 0]) > 0.1  # France and Italy have different capitals
