@@ -71,6 +71,12 @@ _LAZY = {
     "set_chunk_budget": "kernel.tuning",
     "source_token_rate": "patchscopes",
     "train_tuned_lens": "lenses",
+    "RunComparison": "divergence",
+    "compare_runs": "divergence",
+    "LatentLanguage": "latent",
+    "latent_language": "latent",
+    "word_tokens": "latent",
+    "report": "audit",
 }
 _SUBMODULES = ("demo",)
 
@@ -107,6 +113,12 @@ __all__ = [
     "TunedLens",
     "UnsupportedModelError",
     "compare_lenses",
+    "compare_runs",
+    "RunComparison",
+    "LatentLanguage",
+    "latent_language",
+    "word_tokens",
+    "report",
     "demo",
     "demo_model",
     "direct_logit_attribution",

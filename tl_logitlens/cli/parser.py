@@ -7,6 +7,7 @@ from typing import Any
 
 from .arguments import DPI_RANGE, DTYPES, FORMATS, METRICS, PLOTLY_MODES, Parser
 from .commands import cmd_demo, cmd_dla, cmd_eval, cmd_lens, cmd_patchscope, cmd_train_lens
+from .report_command import add_report
 
 # -- parser -----------------------------------------------------------------------------------
 MODEL_HELP = "'demo' (built in), a local Hugging Face model folder, or a hub name (needs the hub)"
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dla(sub)
     _add_eval(sub)
     _add_train_lens(sub)
+    add_report(sub, _prompts, _common)
     return parser
 
 
