@@ -307,3 +307,30 @@ def test_a_killed_fit_resumes_to_the_uninterrupted_lens(tmp_path):
         tll.fit_jacobian_lens(
             model, kill_data(), skip_first_positions=2, checkpoint_dir=folder, checkpoint_every=2, progress=False
         )
+
+
+def test_one_rank_group_fits_like_one_process(one_rank_group):
+    model = tll.demo_model()
+    rows = [tll.demo.induction_prompt(model, n=5, seed=s)[0] for s in range(2)]
+    grouped = tll.fit_jacobian_lens(model, rows, skip_first_positions=3, progress=False, distributed=True)
+    alone = tll.fit_jacobian_lens(model, rows, skip_first_positions=3, progress=False, distributed=False)
+    for label in alone.labels:
+        assert torch.equal(grouped.matrices[label], alone.matrices[label])
+
+
+@pytest.mark.distributed
+def test_two_ranks_fit_the_one_process_lens(tmp_path):
+    sys.path.insert(0, str(ROOT / "tests" / "torchrun"))
+    import launch
+
+    out = tmp_path / "lens.pt"
+    proc, _ = launch.run(2, str(ROOT / "tests" / "torchrun" / "jacobian_job.py"), str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(out, weights_only=True)
+    model = tll.demo_model()
+    prompts = [tll.demo.induction_prompt(model, n=5, seed=s)[0] for s in range(5)] + [torch.tensor([1, 5, 6])]
+    with pytest.warns(UserWarning, match="skipped 1 prompt"):
+        alone = tll.fit_jacobian_lens(model, prompts, skip_first_positions=3, incl_mid=True, progress=False)
+    assert got["world"] == 2 and got["n_prompts"] == alone.n_prompts == 5
+    for label in alone.labels:
+        torch.testing.assert_close(got["matrices"][label], alone.matrices[label], atol=1e-6, rtol=0)
