@@ -334,3 +334,39 @@ def test_two_ranks_fit_the_one_process_lens(tmp_path):
     assert got["world"] == 2 and got["n_prompts"] == alone.n_prompts == 5
     for label in alone.labels:
         torch.testing.assert_close(got["matrices"][label], alone.matrices[label], atol=1e-6, rtol=0)
+
+
+def test_cli_fit_lens_then_read_through_it(tmp_path, capsys):
+    from tl_logitlens.cli import main
+
+    data = tmp_path / "data.txt"
+    data.write_text("red cat sun moon red cat sun moon red cat sun moon\nsun moon red cat sun moon red cat sun\n")
+    out = tmp_path / "j.pt"
+    code = main(
+        [
+            "fit-lens",
+            "--kind",
+            "jacobian",
+            "--model",
+            "demo",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--skip-first-positions",
+            "3",
+            "--quiet",
+        ]
+    )
+    assert code == 0 and "on 2 prompts" in capsys.readouterr().out
+    lens = tll.JacobianLens.load(out, tll.demo_model())
+    reference = tll.fit_jacobian_lens(
+        tll.demo_model(), data.read_text().splitlines(), skip_first_positions=3, progress=False
+    )
+    torch.testing.assert_close(lens.matrices["1_pre"], reference.matrices["1_pre"].half().float())
+    assert main(["lens", "--model", "demo", "--prompt", "red cat sun", "--lens", str(out)]) == 0
+    assert "jacobian lens" in capsys.readouterr().out
+    junk = tmp_path / "junk.pt"
+    torch.save({"x": 1}, junk)
+    assert main(["lens", "--model", "demo", "--prompt", "red cat sun", "--lens", str(junk)]) != 0
+    assert "not a Jacobian lens" in capsys.readouterr().err
