@@ -204,11 +204,16 @@ def _prompts(v: Any, data: Any) -> List[torch.Tensor]:
 
 
 def _dims_per_pass(v: Any, plan: Dict[str, Any], seq: int) -> int:
+    """Output coordinates per backward pass: ``dims_per_pass``, else as many as the memory budget allows (at most
+    64), fewer when the graph's root is high: every copy also runs the blocks below the root forward, which
+    should cost at most a tenth of the ``d_model`` backward passes through the blocks above it."""
     if plan["dims"] is not None:
         return min(plan["dims"], v.d_model)
-    # the graph holds a block's activations per copy for every block above the root: budget for them all
-    depth = max(1, v.n_layers - int(plan["labels"][0].split("_")[0]))
-    return max(1, min(64, v.d_model, patched_rows_per_pass(v.model, seq) // depth))
+    below = int(plan["labels"][0].split("_")[0])  # blocks run forward below the root
+    above = max(1, v.n_layers - below)  # blocks the backward passes go through
+    by_memory = patched_rows_per_pass(v.model, seq) // above
+    by_forward = v.d_model * above // (10 * below) if below else v.d_model
+    return max(1, min(64, v.d_model, by_memory, max(8, by_forward)))
 
 
 def _prompt_jacobians(v: Any, ids: torch.Tensor, plan: Dict[str, Any]) -> Dict[str, torch.Tensor]:
