@@ -8,7 +8,7 @@ PIP_QUIET ?= -q
 TL3 ?= transformer-lens==3.9.0
 TL2 ?= transformer-lens==2.18.0 pyarrow<22
 
-.PHONY: setup lint test test-real test-compat test-zoo tutorials test-notebooks test-interop test-distributed demo readme-figures bench bench-tables bench-training bench-patchscope clean
+.PHONY: setup lint test test-real test-compat test-zoo tutorials test-notebooks test-interop test-distributed demo readme-figures bench bench-tables bench-training bench-patchscope bench-jacobian clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -114,6 +114,12 @@ bench: setup
 	$(PY) bench/bench_train_kernel.py --full-step $(if $(findstring cuda,$(ARGS)),--device cuda,)
 	$(PY) bench/bench_train_kernel.py $(if $(findstring cuda,$(ARGS)),--device cuda,)
 	$(PY) bench/bench_distributed.py
+	$(PY) bench/bench_jacobian.py --model small
+
+# Fitting a Jacobian lens, ours against TransformerLens 4.3's fit on the same prompts, on SmolLM2-135M
+# (its folder from the shared models' fetch.py; the top 4 layers of one 40-token prompt, a few minutes).
+bench-jacobian: setup
+	$(PY) bench/bench_jacobian.py --model smollm2 --prompts 1 --seq 40 --depth 4 $(ARGS)
 
 # to_dataframe at ~443k rows: the column-built tables against the old row loop (a ratio).
 bench-tables: setup

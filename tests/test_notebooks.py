@@ -14,7 +14,7 @@ import pytest
 TUTORIALS = notebooks.TUTORIALS
 IDS = [p.stem for p in TUTORIALS]
 #: Tutorials that read a real pretrained model (tests/pretrained.py): skipped when its folder is absent.
-NEEDS_MODEL = {"06_latent_language.ipynb": "gemma-3-270m"}
+NEEDS_MODEL = {"05_three_lenses.ipynb": "smollm2-135m", "06_latent_language.ipynb": "gemma-3-270m"}
 
 
 def test_the_tutorials_are_committed_with_outputs():

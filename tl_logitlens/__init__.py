@@ -44,6 +44,7 @@ _LAZY = {
     "demo_model": "demo",
     "LensComparison": "evaluate",
     "LensEvaluation": "evaluate",
+    "JacobianLens": "lenses",
     "Lens": "lenses",
     "LogitLens": "lenses",
     "TunedLens": "lenses",
@@ -77,6 +78,7 @@ _LAZY = {
     "latent_language": "latent",
     "word_tokens": "latent",
     "report": "audit",
+    "fit_jacobian_lens": "lenses",
 }
 _SUBMODULES = ("demo",)
 
@@ -99,6 +101,7 @@ __all__ = [
     "Attribution",
     "DEFAULT_CHUNK_BUDGET_BYTES",
     "IDENTITY_PROMPT",
+    "JacobianLens",
     "Lens",
     "LensComparison",
     "LensEvaluation",
@@ -124,6 +127,7 @@ __all__ = [
     "direct_logit_attribution",
     "display_token",
     "evaluate_lens",
+    "fit_jacobian_lens",
     "logit_lens",
     "patchscope",
     "patchscope_generate",

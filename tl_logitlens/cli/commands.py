@@ -48,29 +48,34 @@ def _start_torch() -> None:
 
 
 def _lens_dir(spec: Optional[str]) -> Optional[Path]:
-    """``--lens DIR`` checked before any import: a folder holding a tuned lens's config.json."""
+    """``--lens PATH`` checked before any import: a tuned lens's folder (config.json) or a Jacobian lens's file."""
     if spec is None:
         return None
     path = Path(spec).expanduser()
+    if path.is_file():
+        return path  # a Jacobian lens (.pt): JacobianLens.load names what it holds if it is not one
     if not path.is_dir():
         raise UsageError(
-            f"--lens {spec!r}: no such folder; pass a folder written by TunedLens.save or tuned-lens "
-            "(config.json and params.pt)"
+            f"--lens {spec!r}: no such folder or file; pass a tuned lens's folder (TunedLens.save or tuned-lens: "
+            "config.json and params.pt) or a Jacobian lens's .pt file (JacobianLens.save or TransformerLens)"
         )
     if not (path / "config.json").is_file():
         raise UsageError(
             f"--lens {spec!r} holds no config.json; pass a folder written by TunedLens.save or "
-            "tuned-lens (config.json and params.pt)"
+            "tuned-lens (config.json and params.pt), or a Jacobian lens's .pt file"
         )
     return path
 
 
 def _load_lens(path: Optional[Path], model: Any) -> Any:
-    """The tuned lens in ``path`` for ``model`` (its checks name what does not match), or ``None``."""
+    """The lens at ``path`` for ``model``: a folder is a tuned lens, a file a Jacobian lens (their loaders check
+    what does not match), or ``None``."""
     if path is None:
         return None
     import tl_logitlens as tll
 
+    if path.is_file():
+        return tll.JacobianLens.load(path, model)
     return tll.TunedLens.load(path, model)
 
 
@@ -489,3 +494,44 @@ def _compare(args: argparse.Namespace, model: Any, data: Any, lens: Any, out: An
         html,
     )
     return {"tokens": comparison.n_tokens, "lenses": comparison.lenses}
+
+
+def cmd_fit_lens(args: argparse.Namespace) -> Dict[str, Any]:
+    """Fit a Jacobian lens on a dataset and write it (TransformerLens's artifact format) to --out."""
+    from ..files import check_file
+
+    out = check_file(args.out, overwrite=args.overwrite, what="fit-lens --out", mend="pass --overwrite")
+    checkpoints = out.parent / f"{out.name}.checkpoints" if args.checkpoint_every else None
+    data = read_data(args.data)
+    layers = parse_layers(args.source_layers)
+    _start_torch()
+    import tl_logitlens as tll
+
+    from ..distributed import init_from_env, is_main_process, timeout_from_env
+
+    device = args.device
+    if init_from_env(timeout=timeout_from_env()) and device == "cuda":  # under torchrun: one device per local rank
+        import os
+
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    model = load_model(args.model, device, args.dtype)
+    lens = tll.fit_jacobian_lens(
+        model,
+        data,
+        source_layers=layers,
+        incl_mid=args.incl_mid,
+        max_seq_len=args.max_seq_len,
+        skip_first_positions=args.skip_first_positions,
+        checkpoint_dir=checkpoints,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        progress=not args.quiet,
+    )
+    if not is_main_process():
+        return {"matrices": len(lens.labels)}
+    lens.save(out, overwrite=args.overwrite)
+    print(
+        f"Fitted a Jacobian lens ({len(lens.labels)} matrices: {', '.join(lens.labels)}) on {lens.n_prompts} prompts."
+    )
+    print(f"Wrote it (TransformerLens's artifact format) to {out}")
+    return {"matrices": len(lens.labels), "prompts": lens.n_prompts, "out": str(out)}

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from .arguments import DPI_RANGE, DTYPES, FORMATS, METRICS, PLOTLY_MODES, Parser
-from .commands import cmd_demo, cmd_dla, cmd_eval, cmd_lens, cmd_patchscope, cmd_train_lens
+from .commands import cmd_demo, cmd_dla, cmd_eval, cmd_fit_lens, cmd_lens, cmd_patchscope, cmd_train_lens
 from .report_command import add_report
 
 # -- parser -----------------------------------------------------------------------------------
@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_train_lens(sub)
     add_report(sub, _prompts, _common)
+    _add_fit_lens(sub)
     return parser
 
 
@@ -189,9 +190,9 @@ def _add_lens(sub: Any) -> None:
     lens.add_argument("--out", metavar="DIR", help="folder for the heatmap, curves, lens.csv and summary.json")
     lens.add_argument(
         "--lens",
-        metavar="DIR",
-        help="read through a tuned lens: a folder written by TunedLens.save or "
-        "tuned-lens (config.json, params.pt) for this model",
+        metavar="PATH",
+        help="read through a trained lens for this model: a tuned lens's folder (TunedLens.save or tuned-lens: "
+        "config.json, params.pt) or a Jacobian lens's .pt file (JacobianLens.save, fit-lens or TransformerLens)",
     )
     _html(lens)
     _common(lens)
@@ -311,8 +312,8 @@ def _add_eval(sub: Any) -> None:
     )
     ev.add_argument(
         "--lens",
-        metavar="DIR",
-        help="also evaluate this tuned lens (a TunedLens.save or tuned-lens folder) "
+        metavar="PATH",
+        help="also evaluate this lens (a tuned lens's folder, or a Jacobian lens's .pt file) "
         "and compare it with the logit lens, in the same pass",
     )
     _html(ev)
@@ -363,3 +364,37 @@ def _add_train_lens(sub: Any) -> None:
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     _common(tr)
     tr.set_defaults(func=cmd_train_lens)
+
+
+def _add_fit_lens(sub: Any) -> None:
+    """Add the ``fit-lens`` sub-command (fit a Jacobian lens) and its options to ``sub``."""
+    fit = sub.add_parser(
+        "fit-lens",
+        formatter_class=FORMATTER,
+        help="fit a Jacobian lens on a dataset",
+        description="Fit one linear map per layer (the Jacobian lens: the average derivative of the final "
+        "stream with respect to the layer's stream, TransformerLens 4.3's estimator) and write it in "
+        "TransformerLens's artifact format. Under torchrun the prompts are shared among the ranks.",
+        epilog="example:\n  tl-logitlens fit-lens --kind jacobian --model ./stories260k --data stories.txt "
+        "--out stories-jlens.pt\n"
+        "  tl-logitlens lens --model ./stories260k --prompt 'Once upon a time' --lens stories-jlens.pt "
+        "--layers 1_pre,2_pre,final_post",
+    )
+    fit.add_argument(
+        "--kind", choices=("jacobian",), default="jacobian", help="the lens to fit (train-lens fits the tuned lens)"
+    )
+    _data(fit)
+    fit.add_argument("--out", metavar="FILE", default="jacobian-lens.pt", help="the lens's .pt file")
+    fit.add_argument("--source-layers", metavar="L,..", help="stack entries to fit (default every L_pre)")
+    fit.add_argument("--incl-mid", action="store_true", help="also fit the L_mid entries")
+    fit.add_argument("--max-seq-len", type=int, default=128, help="prompts are cut to this many tokens (default 128)")
+    fit.add_argument(
+        "--skip-first-positions", type=int, default=16, help="leading positions left out of the average (default 16)"
+    )
+    fit.add_argument(
+        "--checkpoint-every", type=int, help="prompts between checkpoints (in OUT.checkpoints/; default none)"
+    )
+    fit.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT.checkpoints/")
+    fit.add_argument("--quiet", action="store_true", help="no progress bar")
+    _common(fit)
+    fit.set_defaults(func=cmd_fit_lens)

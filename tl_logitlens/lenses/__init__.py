@@ -5,7 +5,9 @@
   and what every entry point does with a ``lens=`` argument (:func:`check_lens`, one check for all)
 - :mod:`.tuned`: :class:`TunedLens` (one affine translator per entry) and its file format,
   EleutherAI tuned-lens 0.2.0's
-- :mod:`.training`: :func:`train_tuned_lens`
+- :mod:`.jacobian`: :class:`JacobianLens` (one fitted linear map per entry) and its file format,
+  TransformerLens 4.3's
+- :mod:`.training`: :func:`train_tuned_lens`, :func:`fit_jacobian_lens`
 - :mod:`.generation`: decoding from a stack entry (:meth:`Lens.generate` for every lens, and the
   loop :func:`tl_logitlens.patchscope_generate` shares)
 
@@ -28,16 +30,19 @@ from __future__ import annotations
 
 from ..model_access import stream_change, unembed_hash
 from .base import Lens, LogitLens, ModelSignature, apply_lens, check_lens, is_identity, lens_name, reads_final_untouched
-from .training import train_tuned_lens
+from .jacobian import JacobianLens
+from .training import fit_jacobian_lens, train_tuned_lens
 from .tuned import TunedLens
 
 __all__ = [
+    "JacobianLens",
     "Lens",
     "LogitLens",
     "ModelSignature",
     "TunedLens",
     "apply_lens",
     "check_lens",
+    "fit_jacobian_lens",
     "is_identity",
     "lens_name",
     "reads_final_untouched",

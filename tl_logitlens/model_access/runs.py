@@ -268,3 +268,58 @@ def run_patched(
             "patch the stream at or before the hook that is read"
         )
     return store["read"]
+
+
+def capture_differentiable(model: Any, tokens: torch.Tensor, names: List[str], root: str) -> Dict[str, torch.Tensor]:
+    """The activations at hooks ``names`` with their autograd graph, rooted at hook ``root``.
+
+    One forward pass of ``tokens [batch, pos]`` with gradients on and every parameter frozen
+    (restored afterwards): the activation at ``root`` is made to require grad, so the graph
+    holds only the blocks between ``root`` and the last of ``names``, and
+    ``torch.autograd.grad(a later activation, earlier ones, ...)`` is the derivative of the
+    model's own computation. The pass stops after the last of ``names`` (no final norm, no
+    logits). ``root`` must be one of ``names`` and fire first.
+
+    Example::
+
+        >>> import torch
+        >>> from tl_logitlens.demo import demo_model, induction_prompt
+        >>> model = demo_model()
+        >>> names = ["blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"]
+        >>> acts = capture_differentiable(model, induction_prompt(model), names, names[0])
+        >>> acts[names[1]].requires_grad, any(p.requires_grad is False for p in model.parameters())
+        (True, False)
+    """
+    store: Dict[str, torch.Tensor] = {}
+
+    def make_hook(name: str) -> Callable:
+        def hook(tensor: torch.Tensor, hook: Any = None) -> None:
+            if name == root:
+                # In place, not a returned copy: a bridge's residual connection reads the tensor its
+                # hook saw. With every parameter frozen it is a leaf, so this roots the graph here.
+                if tensor.grad_fn is not None:
+                    raise LensInputError(f"the activation at {root} already has a graph; cannot root a derivative")
+                tensor.requires_grad_(True)
+            elif root not in store:
+                raise LensInputError(f"hook {name} fired before the root {root} of the derivative")
+            store[name] = tensor
+            if len(store) == len(names):
+                raise _Captured
+
+        return hook
+
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in saved:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            model.run_with_hooks(tokens, fwd_hooks=[(n, make_hook(n)) for n in dict.fromkeys(names)])
+    except _Captured:
+        pass
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+    missing = [n for n in names if n not in store]
+    if missing:
+        raise LensInputError(f"the forward pass did not reach hooks {missing[:3]}; cannot read them")
+    return store

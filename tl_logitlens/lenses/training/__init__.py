@@ -6,11 +6,13 @@
 - :mod:`.ranks`: the multi-process step (who runs which micro-batch, one all-reduce a step)
 - :mod:`.checkpoint`: the atomic checkpoint a killed run resumes from
 - :mod:`.tuned`: :func:`train_tuned_lens`, the loop over steps
+- :mod:`.jacobian`: :func:`fit_jacobian_lens` (TransformerLens's Jacobian-lens estimator, checkpointed, sharded)
 """
 
 from __future__ import annotations
 
 from .checkpoint import CHECKPOINT
+from .jacobian import JACOBIAN_CHECKPOINT, fit_jacobian_lens
 from .tuned import train_tuned_lens
 
-__all__ = ["CHECKPOINT", "train_tuned_lens"]
+__all__ = ["CHECKPOINT", "JACOBIAN_CHECKPOINT", "fit_jacobian_lens", "train_tuned_lens"]
