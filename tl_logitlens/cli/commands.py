@@ -379,6 +379,20 @@ def _report(
         write_page(result, html, args.overwrite, args.plotly, out)
 
 
+def _load_model_for_fitting(args: argparse.Namespace) -> Any:
+    """The model a fitting command (train-lens, fit-lens) runs on: under ``torchrun`` the process group is joined
+    first and each rank takes the CUDA device of its local rank."""
+    _start_torch()
+    from ..distributed import init_from_env, timeout_from_env
+
+    device = args.device
+    if init_from_env(timeout=timeout_from_env()) and device == "cuda":  # under torchrun: one device per local rank
+        import os
+
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return load_model(args.model, device, args.dtype)
+
+
 def cmd_train_lens(args: argparse.Namespace) -> Dict[str, Any]:
     """Train a tuned lens on a dataset and write it (tuned-lens format) with its checkpoint to --out."""
     out = check_out(args.out, args.overwrite)  # the numbers were checked with every command's (check_common)
@@ -387,17 +401,11 @@ def cmd_train_lens(args: argparse.Namespace) -> Dict[str, Any]:
             f"--out {str(out)!r} holds a training checkpoint; pass --resume to continue it, or name another folder"
         )
     data = read_data(args.data)
-    _start_torch()
+    model = _load_model_for_fitting(args)
     import tl_logitlens as tll
 
-    from ..distributed import init_from_env, is_main_process, timeout_from_env
+    from ..distributed import is_main_process
 
-    device = args.device
-    if init_from_env(timeout=timeout_from_env()) and device == "cuda":  # under torchrun: one device per local rank
-        import os
-
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    model = load_model(args.model, device, args.dtype)
     # train_tuned_lens claims --out itself (rank 0 alone writes) and creates it at the first checkpoint, so a run
     # that fails before training (nothing to train on) leaves nothing behind.
     try:
@@ -504,17 +512,11 @@ def cmd_fit_lens(args: argparse.Namespace) -> Dict[str, Any]:
     checkpoints = out.parent / f"{out.name}.checkpoints" if args.checkpoint_every else None
     data = read_data(args.data)
     layers = parse_layers(args.source_layers)
-    _start_torch()
+    model = _load_model_for_fitting(args)
     import tl_logitlens as tll
 
-    from ..distributed import init_from_env, is_main_process, timeout_from_env
+    from ..distributed import is_main_process
 
-    device = args.device
-    if init_from_env(timeout=timeout_from_env()) and device == "cuda":  # under torchrun: one device per local rank
-        import os
-
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    model = load_model(args.model, device, args.dtype)
     lens = tll.fit_jacobian_lens(
         model,
         data,

@@ -801,9 +801,9 @@ def _packed_plotlyjs() -> str:
     return _pack(get_plotlyjs().encode("utf-8"))
 
 
-_LOADER = """
-(async () => {
-  const A = "@ALPHABET@", m = new Uint8Array(128);
+#: The page script's first lines (shared with the report page): ``inflate(element)`` is the text that
+#: :func:`_pack` packed into the element (base85, then gzip, undone by the browser's DecompressionStream).
+_INFLATE_JS = """  const A = "@ALPHABET@", m = new Uint8Array(128);
   for (let i = 0; i < 85; i++) m[A.charCodeAt(i)] = i;
   function b85(s) {
     const n = s.length, rem = n % 5, out = new Uint8Array(Math.floor(n / 5) * 4 + (rem ? rem - 1 : 0));
@@ -814,18 +814,22 @@ _LOADER = """
     }
     return out;
   }
-  async function inflate(id) {
-    const bytes = b85(document.getElementById(id).textContent.trim());
-    const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("gzip"));
+  async function inflate(el) {
+    const stream = new Blob([b85(el.textContent.trim())]).stream().pipeThrough(new DecompressionStream("gzip"));
     return await new Response(stream).text();
   }
-  if (!window.Plotly) {
+""".replace("@ALPHABET@", _ALPHABET)
+
+_LOADER = (
+    "\n(async () => {\n"
+    + _INFLATE_JS
+    + """  if (!window.Plotly) {
     if (!document.getElementById("tll-plotlyjs")) throw new Error("plotly.js did not load from " + "@SOURCE@");
     const lib = document.createElement("script");
-    lib.textContent = await inflate("tll-plotlyjs");
+    lib.textContent = await inflate(document.getElementById("tll-plotlyjs"));
     document.head.appendChild(lib);
   }
-  const fig = JSON.parse(await inflate("tll-figure"));
+  const fig = JSON.parse(await inflate(document.getElementById("tll-figure")));
   const gd = document.getElementById("tll-plot");
   gd.textContent = "";
   await Plotly.newPlot(gd, fig.data, fig.layout, {displaylogo: false});
@@ -835,7 +839,8 @@ _LOADER = """
     "DecompressionStream, and plotly.js: inlined, beside the page, or from the CDN): " + e;
   console.error(e);
 });
-""".replace("@ALPHABET@", _ALPHABET)
+"""
+)
 
 
 #: Where a page gets plotly.js (``plotly=`` of :func:`to_html`): inside the page, from :data:`PLOTLY_FILE` beside

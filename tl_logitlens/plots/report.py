@@ -19,7 +19,7 @@ from typing import Any, Dict, List
 
 from ..files import HTML_MARK
 from ..tokentext import display_token
-from .interactive import _ALPHABET, _pack, _packed_plotlyjs, lens_figure
+from .interactive import _INFLATE_JS, _pack, _packed_plotlyjs, lens_figure
 
 #: What the page says a lens reading is, and is not (shown near its top).
 CAVEATS = (
@@ -44,24 +44,10 @@ PAPERS = [
     ),
 ]
 
-_LOADER = """
-(async () => {
-  const A = "@ALPHABET@", m = new Uint8Array(128);
-  for (let i = 0; i < 85; i++) m[A.charCodeAt(i)] = i;
-  function b85(s) {
-    const n = s.length, rem = n % 5, out = new Uint8Array(Math.floor(n / 5) * 4 + (rem ? rem - 1 : 0));
-    for (let i = 0, o = 0; i < n; i += 5) {
-      let v = 0;
-      for (let j = 0; j < 5; j++) v = v * 85 + (i + j < n ? m[s.charCodeAt(i + j)] : 84);
-      for (let k = 24; k >= 0 && o < out.length; k -= 8) out[o++] = (v >>> k) & 255;
-    }
-    return out;
-  }
-  async function inflate(el) {
-    const stream = new Blob([b85(el.textContent.trim())]).stream().pipeThrough(new DecompressionStream("gzip"));
-    return await new Response(stream).text();
-  }
-  const lib = document.createElement("script");
+_LOADER = (
+    "\n(async () => {\n"
+    + _INFLATE_JS
+    + """  const lib = document.createElement("script");
   lib.textContent = await inflate(document.getElementById("tll-plotlyjs"));
   document.head.appendChild(lib);
   for (const el of document.querySelectorAll("script.tll-figure")) {
@@ -74,7 +60,8 @@ _LOADER = """
   document.body.dataset.ready = "error";
   document.body.prepend("This page needs a browser with DecompressionStream: " + e);
 });
-""".replace("@ALPHABET@", _ALPHABET)
+"""
+)
 
 _STYLE = (
     "body{font-family:sans-serif;max-width:1200px;margin:1em auto;padding:0 1em;color:#222}"
