@@ -22,7 +22,10 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 import torch
 
 from ..errors import LensInputError, NonFiniteActivationError
-from ..model_access import ModelView, unembed_matches
+from ..inputs import resolve_model, tokenize
+from ..kernel import compute_dtype
+from ..model_access import ModelView, compute_device, input_device, run_patched, unembed_matches
+from .generation import check_generation, check_room, decode_loop, decode_text, one_entry
 
 
 @dataclass(frozen=True)
@@ -131,9 +134,7 @@ class Lens:
             >>> ours, own == f"{prompt} {ours}"
             ('sun moon red', True)
         """
-        from .generation import generate_through_lens
-
-        return generate_through_lens(
+        return _generate_through_lens(
             self, model, prompt, layer=layer, max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed
         )
 
@@ -294,3 +295,42 @@ def reads_final_untouched(lens: Any) -> bool:
         return True
     owner = next((k for k in type(lens).__mro__ if "transform" in vars(k)), None)
     return owner is not None and bool(vars(owner).get("identity_at_final", False))
+
+
+def _generate_through_lens(
+    lens: Any,
+    model: Any,
+    prompt: Any,
+    *,
+    layer: Union[int, str],
+    max_new_tokens: int,
+    do_sample: bool,
+    seed: int,
+) -> Union[str, List[str]]:
+    """:meth:`Lens.generate <tl_logitlens.lenses.Lens.generate>`: decode through ``lens`` at ``layer``."""
+    view = resolve_model(model)
+    label, hook = one_entry(view, layer)
+    check_lens(lens, view, [label])  # a lens for another model, or one that cannot read `label`: refused now
+    check_generation(max_new_tokens, do_sample, seed)
+    tokens = tokenize(view, prompt)
+    check_room(view, tokens, max_new_tokens)
+    dtype, device = compute_dtype(view.W_U.dtype), compute_device(view)
+    plain = is_identity(lens)
+
+    def step(ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        stream = run_patched(view.model, ids.to(input_device(view)), [], hook, last)
+        stream = stream.to(device=device, dtype=dtype)
+        return stream if plain else apply_lens(lens, stream, label)
+
+    new = decode_loop(view, tokens, step, max_new_tokens=int(max_new_tokens), do_sample=do_sample, seed=seed)
+    texts = [decode_text(view, ids) for ids in new]
+    return texts[0] if _one_prompt(prompt) else texts
+
+
+def _one_prompt(prompt: Any) -> bool:
+    """Whether ``prompt`` is one prompt (a string or 1-D ids), answered with one string."""
+    if isinstance(prompt, str):
+        return True
+    if isinstance(prompt, torch.Tensor) or type(prompt).__module__ == "numpy":
+        return prompt.ndim == 1
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and not isinstance(prompt[0], (str, list, tuple))

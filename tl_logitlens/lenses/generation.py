@@ -19,17 +19,16 @@ sequence (no key-value cache): ``max_new_tokens`` forward passes, each stopped a
 from __future__ import annotations
 
 from numbers import Integral
-from typing import Any, Callable, List, Union
+from typing import Any, Callable, List
 
 import torch
 
 from ..errors import LensInputError
-from ..inputs import Tokens, context_length, resolve_model, tokenize
-from ..kernel import Unembedding, compute_dtype, read_rows
-from ..model_access import ModelView, compute_device, input_device, run_patched
+from ..inputs import Tokens, context_length
+from ..kernel import Unembedding, read_rows
+from ..model_access import ModelView
 from ..stacks import entry_hooks
 from ..tokentext import token_text
-from .base import apply_lens, check_lens, is_identity
 
 #: ``step(ids [rows, seq], last [rows]) -> vectors [rows, d_model]``: the stream a reading
 #: turns into the next token's distribution, at position ``last[r]`` of each row.
@@ -124,45 +123,6 @@ def one_entry(view: ModelView, layer: Any) -> tuple:
     return entry_hooks(view, layer)[0]
 
 
-def generate_through_lens(
-    lens: Any,
-    model: Any,
-    prompt: Any,
-    *,
-    layer: Union[int, str],
-    max_new_tokens: int,
-    do_sample: bool,
-    seed: int,
-) -> Union[str, List[str]]:
-    """:meth:`Lens.generate <tl_logitlens.lenses.Lens.generate>`: decode through ``lens`` at ``layer``."""
-    view = resolve_model(model)
-    label, hook = one_entry(view, layer)
-    check_lens(lens, view, [label])  # a lens for another model, or one that cannot read `label`: refused now
-    check_generation(max_new_tokens, do_sample, seed)
-    tokens = tokenize(view, prompt)
-    check_room(view, tokens, max_new_tokens)
-    dtype, device = compute_dtype(view.W_U.dtype), compute_device(view)
-    plain = is_identity(lens)
-
-    def step(ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        stream = run_patched(view.model, ids.to(input_device(view)), [], hook, last)
-        stream = stream.to(device=device, dtype=dtype)
-        return stream if plain else apply_lens(lens, stream, label)
-
-    new = decode_loop(view, tokens, step, max_new_tokens=int(max_new_tokens), do_sample=do_sample, seed=seed)
-    texts = [decode_text(view, ids) for ids in new]
-    return texts[0] if _one_prompt(prompt) else texts
-
-
-def _one_prompt(prompt: Any) -> bool:
-    """Whether ``prompt`` is one prompt (a string or 1-D ids), answered with one string."""
-    if isinstance(prompt, str):
-        return True
-    if isinstance(prompt, torch.Tensor) or type(prompt).__module__ == "numpy":
-        return prompt.ndim == 1
-    return isinstance(prompt, (list, tuple)) and bool(prompt) and not isinstance(prompt[0], (str, list, tuple))
-
-
 __all__ = [
     "Step",
     "check_generation",
@@ -170,6 +130,5 @@ __all__ = [
     "choose_tokens",
     "decode_loop",
     "decode_text",
-    "generate_through_lens",
     "one_entry",
 ]
