@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 import torch
 
 from .errors import LensInputError
-from .files import HTML_MARK, check_file, write_owned_file
+from .files import HTML_MARK, check_file, write_owned_text
 from .inputs import resolve_inputs, run_or_read, single_token_id
 from .lenses import check_lens, lens_name
 from .model_access.provenance import package_versions, weights_sha256
@@ -204,9 +204,9 @@ def report(
         provenance=_provenance(view, settings),
         top_heads=top_heads,
     )
-    return write_owned_file(
+    return write_owned_text(
         path,
-        lambda tmp: Path(tmp).write_text(page, encoding="utf-8"),
+        page,
         overwrite=overwrite,
         what="report",
         mark=HTML_MARK,

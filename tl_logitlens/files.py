@@ -243,6 +243,15 @@ def write_owned_file(
     return path
 
 
+def write_owned_text(
+    path: Any, text: str, *, overwrite: bool = False, what: str = "writing", mark: Optional[bytes] = None
+) -> Path:
+    """:func:`write_owned_file` of ``text`` (UTF-8): a page, a JSON result, a script."""
+    return write_owned_file(
+        path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), overwrite=overwrite, what=what, mark=mark
+    )
+
+
 def atomic_write(path: Union[str, Path], write: Callable[[str], None]) -> None:
     """Call ``write(tmp)`` on a temporary path beside ``path``, then move it into place.
 
@@ -316,9 +325,9 @@ class SavedAsJson:
         """
         text = json.dumps(self.to_dict())  # type: ignore[attr-defined]
         what = f"{type(self).__name__}.save"
-        write_owned_file(
+        write_owned_text(
             path,
-            lambda tmp: Path(tmp).write_text(text, encoding="utf-8"),
+            text,
             overwrite=overwrite,
             what=what,
             mark=JSON_MARK,

@@ -20,7 +20,7 @@ import html
 from pathlib import Path
 from typing import Dict, Sequence, Union
 
-from ..files import HTML_MARK, write_owned_file
+from ..files import HTML_MARK, write_owned_text
 
 __all__ = ["index_html", "write_index"]
 
@@ -39,9 +39,9 @@ def write_index(
     ``index.html`` is replaced only if this package wrote it (or with ``overwrite=True``)."""
     text = index_html(files, title, notes)
     path = Path(out) / "index.html"
-    return write_owned_file(
+    return write_owned_text(
         path,
-        lambda tmp: Path(tmp).write_text(text, encoding="utf-8"),
+        text,
         overwrite=overwrite,
         what="write_index",
         mark=HTML_MARK,

@@ -65,7 +65,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from ..errors import LensInputError
-from ..files import HTML_MARK, JS_MARK, check_file, write_owned_file
+from ..files import HTML_MARK, JS_MARK, check_file, write_owned_text
 from ..renamed import renamed_keywords
 from ..tokentext import display_token, token_text
 from .layout import _answer_words, _shared_answers
@@ -943,9 +943,9 @@ def to_html(
     text = page_of(result, title=title, plotly=plotly, **kwargs)
     if plotly == "directory":
         write_plotlyjs(library, overwrite=overwrite)
-    return write_owned_file(
+    return write_owned_text(
         path,
-        lambda tmp: Path(tmp).write_text(text, encoding="utf-8"),
+        text,
         overwrite=overwrite,
         what="to_html",
         mark=HTML_MARK,
@@ -964,9 +964,9 @@ def write_plotlyjs(path: Union[str, Path], *, overwrite: bool = False, folder: A
         pass
     if folder is not None:
         return folder.write_text(PLOTLY_FILE, text)
-    return write_owned_file(
+    return write_owned_text(
         target,
-        lambda tmp: Path(tmp).write_text(text, encoding="utf-8"),
+        text,
         overwrite=overwrite,
         what="to_html",
         mark=JS_MARK,
