@@ -13,8 +13,11 @@ and are masked before comparing (:data:`RUN_TO_RUN`), nothing else:
 - a time or a rate: a number followed by ``s``, ``ms``, ``µs``, ``sec``, ``seconds``, ``it/s`` or
   ``tok/s``, becomes ``<time>``; a memory address (``0x7f...``) becomes ``<address>``;
 - a rounding residual: a number written with an exponent of -5 or below (``4.76837158203125e-07``; floating
-  point's noise, which changes with the CPU's vector width and thread count) becomes ``<~0>``. A statistic
-  printed as a plain decimal (``0.0082``) is compared digit for digit.
+  point's noise, which changes with the CPU's vector width and thread count) becomes ``<~0>``.
+
+A statistic printed as a decimal (``0.0082``, ``3.952257``) must agree within float32's rounding, a relative
+1e-5 (:data:`FLOAT32_NOISE`: its 7th significant digit changes with the processor's vector width and the
+kernel's tiling; ``3.418`` against ``3.417`` is a changed result); integers and all other text exactly.
 
 Images are not compared pixel by pixel (their size is, through the figure's text).
 
@@ -120,6 +123,27 @@ def printed(notebook: Any) -> List[Tuple[int, List[str]]]:
     return cells
 
 
+_NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?\d+[eE][-+]?\d+")
+#: How far two printed decimals may differ, relative to the larger: float32's rounding of a statistic, which
+#: changes in the 7th significant digit with the processor's vector width and the kernel's tiling.
+FLOAT32_NOISE = 1e-5
+
+
+def _same_lines(old: List[str], new: List[str]) -> bool:
+    """Lines equal, or differing only in decimals that agree within :data:`FLOAT32_NOISE` (integers exactly)."""
+    if len(old) != len(new):
+        return False
+    for a, b in zip(old, new):
+        if a == b:
+            continue
+        if _NUMBER.sub("#", a) != _NUMBER.sub("#", b):
+            return False
+        for x, y in zip(map(float, _NUMBER.findall(a)), map(float, _NUMBER.findall(b))):
+            if abs(x - y) > FLOAT32_NOISE * max(abs(x), abs(y)):
+                return False
+    return True
+
+
 def differences(committed: Any, fresh: Any) -> List[str]:
     """Where ``fresh`` prints other lines than ``committed`` (cell by cell, after masking), as readable lines."""
     import difflib
@@ -129,7 +153,7 @@ def differences(committed: Any, fresh: Any) -> List[str]:
     if sorted(old) != sorted(new):
         return [f"the code cells differ: committed {sorted(old)}, fresh {sorted(new)}"]
     for number in sorted(old):
-        if old[number] != new[number]:
+        if not _same_lines(old[number], new[number]):
             diff = difflib.unified_diff(old[number], new[number], "committed", "fresh", lineterm="", n=0)
             found.append(f"cell {number}:\n    " + "\n    ".join(list(diff)[2:]))
     return found

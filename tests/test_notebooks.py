@@ -84,6 +84,8 @@ _SHOWN = "KL 3.418\nloss 2.5e-01\n"
         [_stdout("KL 3.418\nKL 3.418\nloss 2.5e-01\n"), _figure("552x464.8")],  # a line more
         [_stdout(_SHOWN), _figure("552x400")],  # a figure's size
         [_stdout("KL 3.418\nloss 2.6e-01\n"), _figure("552x464.8")],  # an exponent above -5 is a result
+        [_stdout("KL 3.41806\nloss 2.5e-01\n"), _figure("552x464.8")],  # more than float32's noise (1e-5)
+        [_stdout("KL 3.418\nloss 2.5e-01\n180 of 60\n"), _figure("552x464.8")],  # a line more, with numbers
     ],
 )
 def test_the_comparison_catches_a_changed_result(changed):
@@ -91,6 +93,16 @@ def test_the_comparison_catches_a_changed_result(changed):
     assert notebooks.differences(committed, _notebook([_stdout(_SHOWN), _figure("552x464.8")])) == []
     found = notebooks.differences(committed, _notebook(changed))
     assert len(found) == 1 and found[0].startswith("cell 0:")
+
+
+def test_float32_noise_in_a_printed_statistic_is_not_a_changed_result():
+    committed = _notebook([_stdout("180  1_pre  clock  0.069058  3.952257  6.020124\n")])
+    fresh = _notebook([_stdout("180  1_pre  clock  0.069058  3.952258  6.020124\n")])  # 2.5e-7 relative
+    assert notebooks.differences(committed, fresh) == []
+    an_integer = "181  1_pre  clock  0.069058  3.952257  6.020124\n"
+    a_token = "180  1_pre  chair  0.069058  3.95226  6.02012\n"
+    for changed in [an_integer, a_token]:
+        assert len(notebooks.differences(committed, _notebook([_stdout(changed)]))) == 1
 
 
 def test_a_forbidden_output_is_named():
