@@ -11,6 +11,7 @@ import torch
 
 import tl_logitlens as tll
 from tl_logitlens.kernel import FinalNorm, Unembedding, pairwise
+from tl_logitlens.model_access import TransformerBridge
 
 CLEAN = builders.tokens(batch=2, seq=9, seed=4)
 CORRUPTED = CLEAN.clone()
@@ -136,9 +137,15 @@ def test_different_lengths_are_refused_before_any_forward_pass():
     )
 
 
-def test_stories260k_final_entry_matches_the_models_own_logits(models_dir):
-    from tl_logitlens.model_access import TransformerBridge
+#: Hugging Face folders boot through TransformerBridge (transformer-lens 3.x/4.x); 2.x has none.
+_NEEDS_BRIDGE = pytest.mark.skipif(
+    TransformerBridge is None,
+    reason="local HF models boot through TransformerBridge (3.x/4.x)",
+)
 
+
+@_NEEDS_BRIDGE
+def test_stories260k_final_entry_matches_the_models_own_logits(models_dir):
     model = TransformerBridge.boot_transformers(str(models_dir / "stories260k"), device="cpu").eval()
     clean, corrupted = "Once upon a time, Lily had a red ball.", "Once upon a time, Tim had a red ball."
     tc, tq = model.to_tokens(clean), model.to_tokens(corrupted)
@@ -169,10 +176,9 @@ def test_read_pairs_on_cuda_matches_the_cpu(dtype):
 
 
 @pytest.mark.real
+@_NEEDS_BRIDGE
 def test_gemma_final_entry_matches_the_hugging_face_logits():
     import pretrained
-
-    from tl_logitlens.model_access import TransformerBridge
 
     model = TransformerBridge.boot_transformers(str(pretrained.folder("gemma-3-270m")), device="cpu").eval()
     clean, corrupted = "The capital of France is", "The capital of Italy is"

@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -185,25 +186,29 @@ def _warn_shared(sets: Dict[str, List[int]], vocab: Mapping[str, int]) -> None:
         )
 
 
+@functools.cache
 def t_quantile_975(dof: int) -> float:
-    """The 97.5% quantile of Student's t with ``dof`` degrees of freedom (Cornish-Fisher, 4 terms;
-    within 0.004 of the exact value for ``dof >= 5``, exact as ``dof`` grows; ``dof < 5``: a table).
+    """The 97.5% quantile of Student's t with ``dof`` degrees of freedom, to about 1e-9: the density
+    integrated by Simpson's rule and the quantile found by bisection (no statistics library needed).
 
     Example::
 
-        >>> round(t_quantile_975(39), 3), round(t_quantile_975(2), 3)
-        (2.023, 4.303)
+        >>> round(t_quantile_975(39), 4), round(t_quantile_975(5), 4), round(t_quantile_975(2), 3)
+        (2.0227, 2.5706, 4.303)
     """
-    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}
-    if dof in table:
-        return table[dof]
-    z, v = 1.959963984540054, float(dof)
-    return (
-        z
-        + (z**3 + z) / (4 * v)
-        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
-        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3)
-    )
+    v = float(dof)
+    log_norm = math.lgamma((v + 1) / 2) - math.lgamma(v / 2) - 0.5 * math.log(v * math.pi)
+
+    def mass(x: float, steps: int = 2000) -> float:  # P(0 < T < x), Simpson's rule
+        h = x / steps
+        f = [math.exp(log_norm - (v + 1) / 2 * math.log1p((i * h) ** 2 / v)) for i in range(steps + 1)]
+        return h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+    low, high = 1.9, 13.0  # the quantile lies between the normal's 1.96 and t(1)'s 12.706
+    for _ in range(50):
+        mid = (low + high) / 2
+        low, high = (mid, high) if mass(mid) < 0.475 else (low, mid)
+    return (low + high) / 2
 
 
 @dataclass
