@@ -230,6 +230,9 @@ def machine() -> Dict[str, Any]:
         "busy_other": busy_fraction(),
         "statistics_path": native.status() if DEVICE.type == "cpu" else "CUDA: torch.compile'd reductions",
         "torch": torch.__version__,
+        # libgomp's idle threads spin 300,000 times by default: a busy neighbour then slows every
+        # parallel region (README, "Under a noisy neighbour"); the setting is read once, at torch's import
+        "openmp_waits": {k: os.environ.get(k, "unset") for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")},
     }
 
 
@@ -258,5 +261,6 @@ def header(meta: Dict[str, Any]) -> str:
         f"torch {meta['torch']}\n"
         f"load before: 1/5/15-min {meta['load_before']}, other work kept {100 * meta['busy_other']:.0f} % of "
         f"the CPUs busy in the second before the run\n"
-        f"statistics: {meta['statistics_path']}"
+        f"statistics: {meta['statistics_path']}; OpenMP waits: "
+        + ", ".join(f"{k}={v}" for k, v in meta.get("openmp_waits", {}).items())
     )

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -507,3 +508,34 @@ def test_a_model_name_that_cannot_be_had_fails_at_once_in_one_line(tmp_path, mon
         check_common(build_parser().parse_args(["lens", "--model", "org/some-model", "--prompt", "x"]))
     (tmp_path / "empty-cache" / "models--org--some-model").mkdir(parents=True)  # cached: it loads offline
     check_common(build_parser().parse_args(["lens", "--model", "org/some-model", "--prompt", "x"]))
+
+
+@pytest.mark.parametrize(
+    "preset, expected",
+    [({}, "10000"), ({"GOMP_SPINCOUNT": "5"}, "5"), ({"OMP_WAIT_POLICY": "ACTIVE"}, None)],
+)
+def test_the_command_shortens_openmp_spinning_unless_the_user_chose(monkeypatch, preset, expected):
+    # libgomp reads GOMP_SPINCOUNT once, when torch loads it: the command must set it first, and
+    # never over the user's own setting.
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    code = (
+        "import os, sys, json\n"
+        "from tl_logitlens.cli import main\n"
+        "main(['demo', '--n', '0'])\n"
+        "print(json.dumps([os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**env, **preset}
+    )
+    spins, torch_loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    # a usage error: main returned before importing torch, the setting already made
+    assert (spins, torch_loaded) == (expected, False), done.stderr[-2000:]
+
+
+def test_the_spin_setting_is_left_alone_once_torch_is_loaded(monkeypatch):
+    from tl_logitlens import cli
+
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    cli._short_openmp_spins()  # torch is loaded in this process: setting it now would only mislead
+    assert "GOMP_SPINCOUNT" not in os.environ
