@@ -105,6 +105,32 @@ def test_measured_shape_is_used_and_equals_a_forced_small_shape(monkeypatch):
     assert torch.equal(measured.target_ranks, small.target_ranks)
 
 
+@pytest.mark.parametrize(
+    "per_width, expected",
+    [
+        # steady rounds (the first also faults buffers in): the widest within 5 % of the fastest
+        ({8192: [9.0, 6.0, 6.1], 4096: [8.0, 5.0, 5.05], 2048: [8.0, 5.1, 5.0], 1024: [7.0, 5.6, 5.5]}, 4096),
+        ({8192: [9.0, 5.2, 5.2], 4096: [8.0, 5.0, 5.0], 2048: [8.0, 5.1, 5.0], 1024: [7.0, 5.6, 5.5]}, 8192),
+        # another process blurred them (a spread of 2 after the first round): the widest, however they rank
+        ({8192: [9.0, 9.0, 9.0], 4096: [8.0, 8.0, 8.0], 2048: [8.0, 4.0, 8.0], 1024: [7.0, 3.0, 6.0]}, 8192),
+    ],
+)
+def test_the_fused_tuner_takes_the_widest_tiles_when_other_work_blurs_its_timings(monkeypatch, per_width, expected):
+    if tuning._path(torch.device("cpu"), torch.float32) != "fused":
+        pytest.skip("no fused kernel in this process (no C compiler)")
+    calls = {w: iter(v) for w, v in per_width.items()}
+    monkeypatch.setattr(tuning, "_time_kernel", lambda x, W, width: next(calls[width]) * 1e-3)
+    shape = tuning.measure(torch.randn(64, 20000), torch.float32)
+    assert shape.width == expected
+    assert {w for _, w, _ in shape.timings} == set(per_width)
+
+
+def test_too_few_rounds_count_as_blurred():
+    assert tuning._noisy([[2.0, 1.0], [2.0, 1.0]])  # the deadline left one round after the first
+    assert not tuning._noisy([[2.0, 1.0, 1.1], [3.0, 1.2, 1.25]])
+    assert tuning._noisy([[2.0, 1.0, 1.1], [3.0, 1.2, 1.7]])
+
+
 def test_measurement_is_cached_bounded_and_reads_a_slice():
     W = torch.randn(64, 20000)
     first = tuning.tile_shape(W, torch.float32)
