@@ -248,6 +248,7 @@ def _path(device: torch.device, dtype: torch.dtype) -> str:
 
 def _key(W: torch.Tensor, dtype: torch.dtype, whole_rows: bool) -> str:
     d_model, d_vocab = W.shape
+    path = _path(W.device, dtype)
     return "|".join(
         map(
             str,
@@ -261,8 +262,8 @@ def _key(W: torch.Tensor, dtype: torch.dtype, whole_rows: bool) -> str:
                 d_vocab,
                 _layout(W),
                 "whole-rows" if whole_rows else "tiles",
-                _path(W.device, dtype),
-                "w" + "-".join(map(str, _FUSED_WIDTHS if _path(W.device, dtype) == "fused" else _WIDTHS)),
+                path,
+                "w" + "-".join(map(str, _FUSED_WIDTHS if path == "fused" else _WIDTHS)),
                 torch.__version__,
             ),
         )
@@ -378,8 +379,8 @@ def measure(W: torch.Tensor, dtype: torch.dtype) -> TileShape:
     timings = [(rows, width, min(ns)) for (rows, width), ns in rounds.items()]
     itemsize = torch.empty((), dtype=dtype).element_size()
     best = min(t[2] for t in timings)
-    noisy = _noisy(list(rounds.values()))
     if fused:  # the widest of the near-fastest (of all, when other work blurred the timings); rows fill the budget
+        noisy = _noisy(list(rounds.values()))
         width = max(w for _, w, ns in timings if noisy or ns <= best * (1 + _FUSED_TOLERANCE))
         rows = max(trial_rows[0], CPU_BUDGET_BYTES // (BUFFERS * itemsize * width))
     else:
