@@ -14,6 +14,12 @@ C kernel or eager tensor operations), and does everything the rung above did plu
 7. ``read_rows``: the kernel's entry point (the final norm, gathering rows, results to the host);
 8. ``tll.logit_lens``: the whole call over the cache (checks, reading the cache, the result).
 
+Rungs 1-6 run one stream of products on all threads (the one-stream shape, ``workers.force(1)``):
+a profile by addition needs one sequence of steps. Rungs 7-8 run the kernel as it runs by
+default; where single-threaded workers take the pieces in turn (:mod:`tl_logitlens.kernel.workers`,
+the fused CPU path with more than one thread), rung 7's increment is what the workers gain or
+lose against the one-stream rung 6, and the header says how many there are.
+
 All rungs and the floor run interleaved (:func:`timing.interleaved`); each rung's *increment* over
 the rung above is its cost, printed in seconds and as a share of the floor.
 """
@@ -25,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional
 import timing
 import torch
 
-from tl_logitlens.kernel import native, tiles, tuning
+from tl_logitlens.kernel import native, tiles, tuning, workers
 from tl_logitlens.kernel.read import read_rows
 
 RUNGS = (
@@ -116,7 +122,9 @@ def ladder(
         b = None  # as the kernel does: a zero bias is skipped
     if b is not None:
         b = b.to(dtype)
-    shape = tuning.tile_shape(W, dtype, whole_rows=tiles.needs_whole_rows(transform))
+    lanes = tuning.tile_shape(W, dtype, whole_rows=tiles.needs_whole_rows(transform)).lanes
+    with workers.force(1):  # rungs 1-6: one stream of products (module docstring)
+        shape = tuning.tile_shape(W, dtype, whole_rows=tiles.needs_whole_rows(transform))
     width = tiles.tile_width(W.shape[1], transform, shape.width)
     fused = native.fused(torch.empty(0, dtype=dtype))
     step = max(1, min(rows, shape.rows // entries))  # rows per product, every entry at once (read_rows's plan)
@@ -130,7 +138,13 @@ def ladder(
 
     def rung_fn(rung: int) -> Callable[[], None]:
         loops = [_tile_loop(x, entries, W, b, transform, width, rung, fused) for x in chunks]
-        return lambda: [loop() for loop in loops]
+
+        def run() -> None:
+            with workers.force(1):
+                for loop in loops:
+                    loop()
+
+        return run
 
     methods: Dict[str, Callable[[], Any]] = {"floor": floor}
     for rung, name in enumerate(RUNGS[:6]):
@@ -145,7 +159,7 @@ def ladder(
     timings = timing.interleaved(methods, rounds, memory=False, progress=progress)
     out: Dict[str, Any] = {
         "shape": {"rows_per_product": step * entries, "width": width, "strategy": shape.strategy,
-                  "source": shape.source, "path": "fused" if fused else "eager"},
+                  "source": shape.source, "path": "fused" if fused else "eager", "workers": lanes},
         "rungs": {},
     }  # fmt: skip
     floor_runs = timings["floor"]["runs"]
@@ -171,6 +185,11 @@ def print_ladder(title: str, result: Dict[str, Any], processor: str) -> None:
         f"  tiles: {s['rows_per_product']} rows x {s['width']} columns ({s['strategy']}, {s['source']}); "
         f"statistics: {s['path']}; floor median {result['floor']['median']:.3f} s"
     )
+    if s.get("workers", 1) > 1:
+        print(
+            f"  rungs 1-6: one stream of products on all threads; read_rows and tll.logit_lens: "
+            f"{s['workers']} single-threaded workers taking pieces in turn (the kernel's default here)"
+        )
     print(f"  {'rung':<22}{'cumulative x floor':>24}{'increment s':>14}{'increment x floor':>24}")
     for name, r in result["rungs"].items():
         inc = r["increment_of_floor"]

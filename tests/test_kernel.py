@@ -16,7 +16,7 @@ import torch
 from conftest import FUSED_AVAILABLE
 
 import tl_logitlens as tll
-from tl_logitlens.kernel import tiles, tuning
+from tl_logitlens.kernel import tiles, tuning, workers
 
 readout_module = importlib.import_module("tl_logitlens.kernel.read")
 
@@ -85,7 +85,8 @@ def test_measured_shape_is_used_and_equals_a_forced_small_shape(monkeypatch):
     real = readout_module.read_product
 
     def spy(*args, **kwargs):
-        seen.append((args[0].shape[0], kwargs["width"]))
+        # rows per product: a call's rows, or with workers taking pieces in turn, each piece's
+        seen.append((kwargs.get("piece_rows") or args[0].shape[0], kwargs["width"]))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(readout_module, "read_product", spy)
@@ -120,7 +121,8 @@ def test_the_fused_tuner_takes_the_widest_tiles_when_other_work_blurs_its_timing
         pytest.skip("no fused kernel in this process (no C compiler)")
     calls = {w: iter(v) for w, v in per_width.items()}
     monkeypatch.setattr(tuning, "_time_kernel", lambda x, W, width: next(calls[width]) * 1e-3)
-    shape = tuning.measure(torch.randn(64, 20000), torch.float32)
+    with workers.force(1):  # one stream of products (workers: tests/test_workers.py)
+        shape = tuning.measure(torch.randn(64, 20000), torch.float32)
     assert shape.width == expected
     assert {w for _, w, _ in shape.timings} == set(per_width)
 
@@ -146,8 +148,11 @@ def test_overrides(monkeypatch):
     W = torch.randn(32, 5000)
     assert tuning.tile_shape(W, torch.float32, chunk_size=9).rows == 9
     tuning.set_chunk_budget(3 * 4 * 1000 * 20)  # 20 rows of 1000-column float32 tiles
-    with tuning.force(width=1000):
+    with tuning.force(width=1000), workers.force(1):
         assert tuning.tile_shape(W, torch.float32)[:2] == (20, 1000)
+    if tuning._path(torch.device("cpu"), torch.float32) == "fused":
+        with tuning.force(width=1000), workers.force(2):  # two pieces and their reference rows each
+            assert tuning.tile_shape(W, torch.float32)[:2] == (15, 1000)
     tuning.set_chunk_budget(None)
     with pytest.raises(tll.LensInputError, match="chunk budget"):
         tuning.set_chunk_budget(0)
@@ -223,7 +228,7 @@ def test_cuda_whole_strategy_matches_cpu_tiles(dtype):
         assert not tiles._mm_out_dtype  # the tensor-core product ran, not the float32 fallback
 
 
-@pytest.mark.parametrize("name", ["tl_logitlens.kernel.tuning", "tl_logitlens.kernel.tiles"])
+@pytest.mark.parametrize("name", ["tl_logitlens.kernel.tuning", "tl_logitlens.kernel.tiles", "tl_logitlens.kernel.workers"])
 def test_kernel_docstring_examples(name):
     import doctest
 
@@ -327,7 +332,8 @@ def test_half_precision_unembedding_in_tiles_wider_than_the_default(given, stats
         torch.testing.assert_close(getattr(got, name).double(), value, atol=2e-4, rtol=1e-5, msg=name)
 
 
-def test_working_buffers_are_kept_for_the_next_call_within_the_budget(monkeypatch):
+@pytest.mark.parametrize("lanes", [1, 2], ids=["one-stream", "two-workers"])
+def test_working_buffers_are_kept_for_the_next_call_within_the_budget(lanes, monkeypatch):
     """A second read finds the first one's buffers (no fresh pages to fault in), a call never
     shares them with one running at the same time, and what is kept stays within the budget."""
     W = torch.randn(16, 500)
@@ -343,18 +349,21 @@ def test_working_buffers_are_kept_for_the_next_call_within_the_budget(monkeypatc
 
     monkeypatch.setattr(readout_module.torch, "empty", empty)
     readout_module._workspace.clear()
+    # with workers, each holds a piece and its reference rows: two buffers a worker
+    count = 2 * lanes if lanes > 1 and FUSED_AVAILABLE else tiles.BUFFERS
+    monkeypatch.setattr(workers, "_forced", [lanes])
     with tuning.force(width=64, rows=60):
         first = readout_module.read_rows(u, vectors, norm="recompute", top_k=3)
-        assert len(made) == tiles.BUFFERS
+        assert len(made) == count
         kept = readout_module._workspace.take(1, torch.float32, torch.device("cpu"))
-        assert len(made) == tiles.BUFFERS  # the kept set, not new ones
+        assert len(made) == count  # the kept set, not new ones
         second = readout_module.read_rows(u, vectors, norm="recompute", top_k=3)  # while `kept` is out
-        assert len(made) == 2 * tiles.BUFFERS
+        assert len(made) == 2 * count
         readout_module._workspace.give_back(kept)
         readout_module.read_rows(u, vectors, norm="recompute", top_k=3)
-        assert len(made) == 2 * tiles.BUFFERS
+        assert len(made) == 2 * count
     assert torch.equal(first.top_ids, second.top_ids) and torch.equal(first.entropy, second.entropy)
     tuning.set_chunk_budget(1000)  # smaller than the kept set: let go of it, keep nothing bigger
     with tuning.force(width=64, rows=60):
         readout_module.read_rows(u, vectors, norm="recompute", top_k=3)
-    assert len(made) == 3 * tiles.BUFFERS and not readout_module._workspace._kept
+    assert len(made) == 3 * count and not readout_module._workspace._kept

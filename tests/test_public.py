@@ -7,6 +7,7 @@ import builders
 import pytest
 import reference
 import torch
+from conftest import FUSED_AVAILABLE
 
 import tl_logitlens as tll
 
@@ -103,13 +104,13 @@ def test_the_chunk_budget_knob_sets_the_rows_per_product(monkeypatch):
     real = tiles.read_product
 
     def spy(x, g, *args, **kwargs):
-        rows_seen.append(x.shape[0])
+        rows_seen.append(kwargs.get("piece_rows") or x.shape[0])  # with workers: rows per piece
         return real(x, g, *args, **kwargs)
 
     monkeypatch.setattr(readout_module, "read_product", spy)
     tokens = builders.tokens(batch=4, seq=20, seed=5)
     per_row = tiles.BUFFERS * 4 * 16  # bytes of working buffers per row of 16 float32 columns
-    with tuning.force(strategy="tiled", width=16):
+    with tuning.force(strategy="tiled", width=16, workers=1):
         try:
             tll.set_chunk_budget(per_row * 240)  # room for every entry of all 80 positions at once
             plain = tll.logit_lens(model, tokens, targets="next")
@@ -120,8 +121,20 @@ def test_the_chunk_budget_knob_sets_the_rows_per_product(monkeypatch):
         finally:
             tll.set_chunk_budget(None)
     assert rows_seen == [30] * 8  # 30 rows: 10 prompt positions x 3 entries, 8 products for 80 positions
-    for name in ("top_ids", "entropy", "kl_to_final", "next_token_loss", "target_ranks"):
-        torch.testing.assert_close(getattr(small, name), getattr(plain, name), rtol=1e-5, atol=1e-5, equal_nan=True)
+    rows_seen.clear()
+    with tuning.force(strategy="tiled", width=16, workers=2):
+        try:  # two workers: each holds a piece and its reference rows, so pieces of 30 * 3 / 4 rows
+            tll.set_chunk_budget(per_row * 30)
+            pieces = tll.logit_lens(model, tokens, targets="next")
+        finally:
+            tll.set_chunk_budget(None)
+    if FUSED_AVAILABLE:
+        assert set(rows_seen) == {30 * 3 // 4}
+    for result in (small, pieces):
+        for name in ("top_ids", "entropy", "kl_to_final", "next_token_loss", "target_ranks"):
+            torch.testing.assert_close(
+                getattr(result, name), getattr(plain, name), rtol=1e-5, atol=1e-5, equal_nan=True
+            )
     with pytest.raises(AttributeError, match=r"set_chunk_budget"):
         tll.DEFAULT_CHUNK_BUDGET_BYTES = 1
     with pytest.raises(tll.LensInputError, match="positive number of bytes"):

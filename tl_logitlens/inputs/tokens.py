@@ -425,7 +425,10 @@ def position_index(positions: PositionSpec, lengths: torch.Tensor, seq_len: int)
 
 
 def gather_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x [batch, seq, ...]`` at ``index [batch, n]`` -> ``[batch, n, ...]``."""
+    """``x [batch, seq, ...]`` at ``index [batch, n]`` -> ``[batch, n, ...]`` (``x`` itself where
+    ``index`` is every position in order: no copy of a whole cache entry)."""
+    if index.shape[1] == x.shape[1] and bool((index == torch.arange(x.shape[1], device=index.device)).all()):
+        return x
     rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
     return x[rows, index.to(x.device)]
 

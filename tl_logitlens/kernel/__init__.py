@@ -13,6 +13,7 @@ through any lens. Two directions over the same tile rules and tuning:
 - :mod:`.norm`: the final norm as parameters, in its three modes
 - :mod:`.tuning`: tile shapes measured for the processor at hand
 - :mod:`.tiles`: one product's worth of rows, a tile of vocabulary columns at a time
+- :mod:`.workers`: single-threaded workers that take a product's pieces in turn on the CPU
 - :mod:`.read`: :func:`read_rows` and its :class:`Readout`
 - :mod:`.loss`: :func:`lens_loss` and :func:`final_stats`
 

@@ -80,7 +80,8 @@ def _width(width: Optional[int], W: torch.Tensor, dtype: torch.dtype) -> int:
     """Columns per tile: ``width`` if given, else the forward kernel's rule (:func:`~.tiles.tile_width`
     over the width :mod:`~.tuning` measured for this machine and matrix, always tiled)."""
     if width is None:
-        return tile_width(W.shape[1], None, tuning.tile_shape(W, dtype, strategy="tiled").width)
+        with tuning.force(workers=1):  # the loss reads one stream of products: its tiles, not the workers' pieces
+            return tile_width(W.shape[1], None, tuning.tile_shape(W, dtype, strategy="tiled").width)
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
         raise LensInputError(f"width must be a positive int (vocabulary columns per tile); got {width!r}.")
     return min(W.shape[1], width)

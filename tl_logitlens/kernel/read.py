@@ -41,7 +41,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from ..errors import LensInputError
-from . import tuning
+from . import tuning, workers
 from .norm import FinalNorm
 from .precision import compute_dtype
 from .tiles import BUFFERS, needs_whole_rows, read_product, read_whole, tile_width
@@ -215,7 +215,9 @@ def read_rows(
     )
     reader = _Reader(unembed, plan, norm, top_k, dtype, results, token_groups)
     try:
-        with torch.no_grad():
+        # With workers, this thread only prepares products and waits: on one thread it leaves the cores
+        # to them (beside a busy neighbour the GPT-2 shape's lens 1.15-1.30 x the product -> 1.03).
+        with torch.no_grad(), workers.caller_single_threaded(plan.lanes > 1):
             for start in range(0, rows, plan.step):
                 reader.chunk(start, min(rows, start + plan.step), reference, target_ids, next_tokens)
     finally:
@@ -235,7 +237,8 @@ class _Plan:
     reference last when it is not one of the entries); ``groups``: the sources read by each
     product, the reference leading every one (each entry's KL needs its exponentials, tile by
     tile); ``step`` rows per chunk; ``read`` the tile reader and ``width`` its columns per tile;
-    ``half``: products in the unembedding's own half precision.
+    ``half``: products in the unembedding's own half precision; ``piece_rows``: with ``lanes``
+    workers taking tiles in turn (:mod:`tl_logitlens.kernel.workers`), the rows of each one's piece.
     """
 
     sources: List[Tuple[torch.Tensor, Optional[int]]]
@@ -245,6 +248,8 @@ class _Plan:
     read: Callable[..., Any]
     width: int
     half: bool
+    lanes: int = 1
+    piece_rows: Optional[int] = None
 
 
 def _plan(
@@ -270,12 +275,19 @@ def _plan(
     shape = tuning.tile_shape(unembed.W, dtype, whole_rows=needs_whole_rows(unembed.transform), chunk_size=chunk_size)
     whole = shape.strategy == "whole"
     width = unembed.d_vocab if whole else tile_width(unembed.d_vocab, unembed.transform, shape.width)
-    step = max(1, min(rows, shape.rows // len(sources)))
-    per_group = max(1, shape.rows // step - len(lead))
+    lanes = 1 if whole or width >= unembed.d_vocab else shape.lanes
+    product_rows = shape.rows
+    if lanes > 1:
+        # Workers read pieces of shape.rows rows; a product spans what the budget allows the vectors'
+        # copies (stacked, normalised, cut into pieces): fewer products, fewer waits for the last piece.
+        budget = tuning.chunk_budget() or DEFAULT_CHUNK_BUDGET_BYTES
+        product_rows = max(shape.rows, budget // (3 * unembed.d_model * torch.empty((), dtype=dtype).element_size()))
+    step = max(1, min(rows, product_rows // len(sources)))
+    per_group = max(1, product_rows // step - len(lead))
     groups = [lead + others[i : i + per_group] for i in range(0, len(others), per_group)] or [lead]
-    return _Plan(
-        sources, ref_source, groups, step, read_whole if whole else read_product, width, tuning.half_products(unembed.W)
-    )
+    read = read_whole if whole else read_product
+    pieces = shape.rows if lanes > 1 else None
+    return _Plan(sources, ref_source, groups, step, read, width, tuning.half_products(unembed.W), lanes, pieces)
 
 
 def _allocate(
@@ -334,11 +346,14 @@ class _Reader:
         self.b = None if b is None or not bool(b.any()) else b.to(device=W.device, dtype=dtype)
         self.transform = unembed.transform
         self.fnorm = unembed.final_norm.to(dtype, W.device)
-        rows_per_product = max(map(len, plan.groups)) * plan.step
-        self.buffers = _workspace.take(rows_per_product * plan.width, dtype, W.device)
-        # The tiled kernel casts a half-precision W a tile at a time into this one buffer.
+        entries = max(map(len, plan.groups))
+        if plan.lanes > 1:  # each worker: a piece of the evened blocks of positions, its reference rows
+            self.buffers = _workspace.take((plan.piece_rows + entries) * plan.width, dtype, W.device, 2 * plan.lanes)
+        else:
+            self.buffers = _workspace.take(entries * plan.step * plan.width, dtype, W.device)
+        # The tiled kernel casts a half-precision W a tile at a time into this buffer (a slice per worker).
         self.w_tile = (
-            torch.empty(unembed.d_model * plan.width, dtype=dtype, device=W.device)
+            torch.empty(unembed.d_model * plan.width * plan.lanes, dtype=dtype, device=W.device)
             if W.dtype != dtype and plan.read is read_product
             else None
         )
@@ -376,10 +391,11 @@ class _Reader:
     ) -> None:
         plan, all_logits = self.plan, self.results["logits"]
 
-        def keep(a: int, z: int, logits: torch.Tensor) -> None:
+        def keep(a: int, z: int, logits: torch.Tensor, first: int) -> None:
+            rows = slice(start + first, start + first + logits.shape[1])
             for j, o in enumerate(outs):
                 if o is not None:
-                    all_logits[o, start:stop, a:z] = logits[j].float().cpu()
+                    all_logits[o, rows, a:z] = logits[j].float().cpu()
 
         # Each slice moves to W's device alone: the reference may live elsewhere.
         x = torch.stack([plan.sources[i][0][start:stop].to(device=self.device, dtype=self.dtype) for i in group])
@@ -400,6 +416,7 @@ class _Reader:
             keep_logits=keep if all_logits is not None else None,
             member_ids=self.member_ids,
             **({} if plan.read is read_whole else {"width": plan.width, "w_tile": self.w_tile}),
+            **({"piece_rows": plan.piece_rows} if plan.lanes > 1 else {}),
         )
         kept = [j for j, o in enumerate(outs) if o is not None]
         if not kept:
@@ -425,14 +442,15 @@ class _Workspace:
         self._lock = threading.Lock()
         self._kept: Dict[torch.dtype, List[torch.Tensor]] = {}
 
-    def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> List[torch.Tensor]:
-        """:data:`~tl_logitlens.kernel.tiles.BUFFERS` flat buffers of at least ``numel`` elements."""
+    def take(self, numel: int, dtype: torch.dtype, device: torch.device, count: int = BUFFERS) -> List[torch.Tensor]:
+        """``count`` (at least :data:`~.tiles.BUFFERS`) flat buffers of at least ``numel`` elements."""
+        count = max(count, BUFFERS)
         if device.type == "cpu":
             with self._lock:
                 kept = self._kept.pop(dtype, None)
-            if kept is not None and kept[0].numel() >= numel and self._within_budget(kept):
+            if kept is not None and len(kept) >= count and kept[0].numel() >= numel and self._within_budget(kept):
                 return kept
-        return [torch.empty(numel, dtype=dtype, device=device) for _ in range(BUFFERS)]
+        return [torch.empty(numel, dtype=dtype, device=device) for _ in range(count)]
 
     def give_back(self, buffers: List[torch.Tensor]) -> None:
         if buffers[0].device.type == "cpu" and self._within_budget(buffers):

@@ -22,6 +22,14 @@ value. True next tokens' and targets' logits are picked from the tile that holds
 and so are the logits of token groups' members (``member_ids``, sorted): each tile hands
 over the members' columns it holds, so ``[rows, members]`` numbers are kept, never a
 ``[rows, d_vocab]`` block (:func:`tl_logitlens.readout.group_statistics` reduces them).
+
+On the fused CPU path the product is not one stream of multi-threaded products: single-threaded
+workers (:mod:`tl_logitlens.kernel.workers`, one per torch thread) take pieces in turn, a block of
+positions (every entry of them, the reference's rows with them) by a tile of columns, each worker
+with its own buffers and its own running statistics per block. At the end the workers' statistics
+are merged exactly (:meth:`_FusedTiles.merge`: the sums moved to the common maximum, as a tile that
+raises it moves them; counts added; the best ``k`` of all candidates), so a worker that loses its
+core to another process only takes fewer pieces, and nothing waits at a barrier inside a product.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
-from . import native
+from . import native, workers
 
 #: Vocabulary columns per tile when set (a forced width, as the tests do); ``None``: the
 #: width measured for the machine at hand (:mod:`tl_logitlens.kernel.tuning`).
@@ -155,13 +163,15 @@ def read_product(
     width: Optional[int] = None,
     member_ids: Optional[torch.Tensor] = None,
     fused: Optional[bool] = None,
+    piece_rows: Optional[int] = None,
 ) -> ProductStats:
     """Read ``x [g * n, d_model]`` (``g`` entries of the same ``n`` rows) through ``W [d_model, d_vocab]``.
 
     ``with_reference``: entry 0 is the reference distribution for every entry's KL.
     ``next_tokens [n]`` (``-1`` for none) and ``target_ids [n, t]`` are per row.
     ``buffers``: :data:`BUFFERS` flat tensors of at least ``g * n * width`` elements.
-    ``keep_logits(a, z, logits [g, n, z - a])`` receives each tile's raw logits.
+    ``keep_logits(a, z, logits [g, p, z - a], i0)`` receives each tile's raw logits of positions
+    ``i0 : i0 + p`` (all ``n`` of them without workers), possibly from a worker's thread.
     ``W`` may be stored in another dtype than ``x`` (a bfloat16 or float16 model read in
     float32): each tile of columns is then cast into ``w_tile`` (a flat buffer of at least
     ``d_model * width`` elements of ``x``'s dtype, made here when not given), so no full
@@ -173,36 +183,134 @@ def read_product(
     ``fused``: read each tile's statistics with the fused C kernel (:mod:`~.native`, one pass
     over each row while the tile is in cache) or as tensor operations; ``None``: the fused
     kernel wherever :func:`tl_logitlens.kernel.native.fused` says it runs.
+    ``piece_rows``: on the fused path with more than one worker (:func:`tl_logitlens.kernel.workers.count`),
+    the rows of a piece (blocks of positions of at most ``piece_rows + g - 1`` rows); ``None``: every
+    row in each piece. The workers' buffers are carved out of ``buffers`` (a piece and its
+    reference rows each); as many workers as fit take part.
     """
     m, d_vocab = x.shape[0], W.shape[1]
     width = tile_width(d_vocab, transform, width)
-    cast = W.dtype != x.dtype
-    # Sized by the width actually read: the measurement (tuning.measure) asks for wider tiles than the default.
-    if cast and (w_tile is None or w_tile.numel() < W.shape[0] * min(d_vocab, width)):
-        w_tile = torch.empty(W.shape[0] * width, dtype=x.dtype, device=x.device)
+    n_tiles = -(-d_vocab // width)
     fused = native.fused(x) if fused is None else fused
+    single = width >= d_vocab
+    n = m // g
+    # One stream (every tile in turn, each product and pass on all threads) unless workers take
+    # pieces in turn: blocks of positions x tiles, each worker with its own buffers ("lane").
+    wanted = workers.count(x.device) if fused and n_tiles > 1 else 1
+    blocks, lanes = [(0, n)], [[buffers[0], buffers[1]]]
+    if wanted > 1:
+        blocks = _position_blocks(n, g, piece_rows)
+        lanes = _lanes(buffers, _lane_sizes(blocks, g, width, with_reference), wanted)
     reader = _FusedTiles if fused else _EagerTiles
-    stats = reader(x, g, W, b, transform, buffers, top_k, with_reference, next_tokens, target_ids, width >= d_vocab)
-    members = None if member_ids is None else _Members(member_ids, x, g, d_vocab, width)
+    parts = []  # per block of positions: (its first position, x rows, statistics, one per lane, members)
+    for i0, i1 in blocks:
+        xq = x if len(blocks) == 1 else x.view(g, n, -1)[:, i0:i1].reshape(g * (i1 - i0), -1)
+        nt = None if next_tokens is None else next_tokens[i0:i1]
+        tid = None if target_ids is None else target_ids[i0:i1]
+        stats = reader(xq, g, W, b, transform, buffers, top_k, with_reference, nt, tid, single)
+        members = None if member_ids is None else _Members(member_ids, xq, g, d_vocab, width)
+        parts.append((i0, xq, stats, [stats] if wanted == 1 else [None] * len(lanes), members))
+    read_tile = _TileReader(W, b, transform, width, lanes, w_tile, x.dtype, keep_logits)
 
-    for a in range(0, d_vocab, width):
-        z = min(d_vocab, a + width)
+    def piece(lane: int, item: int) -> None:  # tile-major: the lanes share a tile of W_U while it is warm
+        number, q = divmod(item, len(blocks))
+        i0, xq, stats, per_lane, members = parts[q]
+        if per_lane[lane] is None:
+            per_lane[lane] = stats.lane(lanes[lane][1])
+        read_tile(lane, number * width, xq, g, i0, per_lane[lane], members)
+
+    workers.run_in_turn(n_tiles * len(blocks), len(lanes), piece)
+    results = []
+    for _, _, stats, per_lane, members in parts:
+        if wanted > 1:
+            stats.merge([s for s in per_lane if s is not None])
+        results.append(stats.finish(None if members is None else members.logits))
+    return results[0] if len(results) == 1 else _concat_positions(results)
+
+
+class _TileReader:
+    """One tile's logits: the product of a block of rows and a tile of columns into a lane's buffer,
+    the bias, the transform, then handed to the kept logits, the group members and the statistics."""
+
+    def __init__(self, W, b, transform, width, lanes, w_tile, dtype, keep_logits) -> None:
+        self.W, self.b, self.transform, self.width, self.lanes, self.keep_logits = (
+            W,
+            b,
+            transform,
+            width,
+            lanes,
+            keep_logits,
+        )
+        self.cast = W.dtype != dtype
+        # Sized by the width actually read: the measurement (tuning.measure) asks for wider tiles than the default.
+        self.per_lane = W.shape[0] * min(W.shape[1], width)
+        if self.cast and (w_tile is None or w_tile.numel() < self.per_lane * len(lanes)):
+            w_tile = torch.empty(self.per_lane * len(lanes), dtype=dtype, device=W.device)
+        self.w_tile = w_tile
+
+    def __call__(
+        self, lane: int, a: int, x: torch.Tensor, g: int, i0: int, stats: Any, members: Optional[_Members]
+    ) -> None:
+        W, m = self.W, x.shape[0]
+        z = min(W.shape[1], a + self.width)
         w = z - a
-        tile = buffers[0][: m * w].view(m, w)
+        tile = self.lanes[lane][0][: m * w].view(m, w)
         columns = W[:, a:z]
-        if cast:  # this tile of the unembedding in the compute dtype, in a reused buffer
-            columns = w_tile[: W.shape[0] * w].view(W.shape[0], w).copy_(columns)
+        if self.cast:  # this tile of the unembedding in the compute dtype, in the lane's reused buffer
+            at = lane * self.per_lane
+            columns = self.w_tile[at : at + W.shape[0] * w].view(W.shape[0], w).copy_(columns)
         torch.mm(x, columns, out=tile)
-        if b is not None:
-            tile.add_(b[a:z])
-        if transform is not None:
-            tile.copy_(transform(tile))
-        if keep_logits is not None:
-            keep_logits(a, z, tile.view(g, m // g, w))
+        if self.b is not None:
+            tile.add_(self.b[a:z])
+        if self.transform is not None:
+            tile.copy_(self.transform(tile))
+        if self.keep_logits is not None:
+            self.keep_logits(a, z, tile.view(g, m // g, w), i0)
         if members is not None:
-            members.pick(tile.view(g, m // g, w), a, width)
+            members.pick(tile.view(g, m // g, w), a, self.width)
         stats.fold(tile, a, z)
-    return stats.finish(None if members is None else members.logits)
+
+
+def _position_blocks(n: int, g: int, piece_rows: Optional[int]) -> List[Tuple[int, int]]:
+    """Blocks of positions ``(i0, i1)`` of at most ``piece_rows + g - 1`` rows each (``g`` rows per
+    position), as even as they can be; one block when ``piece_rows`` is ``None``."""
+    count = 1 if piece_rows is None else max(1, min(n, -(-g * n // max(piece_rows, 1))))
+    edges = [round(i * n / count) for i in range(count + 1)]
+    return [(edges[i], edges[i + 1]) for i in range(count)]
+
+
+def _lane_sizes(blocks: List[Tuple[int, int]], g: int, width: int, with_reference: bool) -> List[int]:
+    """Elements of a lane's buffers: a tile of the largest block's rows, and its reference rows' exponentials."""
+    positions = max(i1 - i0 for i0, i1 in blocks)
+    return [g * positions * width] + ([positions * width] if with_reference else [])
+
+
+def _concat_positions(parts: List[ProductStats]) -> ProductStats:
+    """Blocks of positions' statistics, each ``[g, positions, ...]``, joined along the positions."""
+    fields = {}
+    for name in ProductStats.__dataclass_fields__:
+        values = [getattr(p, name) for p in parts]
+        fields[name] = None if values[0] is None else torch.cat(values, 1)
+    return ProductStats(**fields)
+
+
+def _lanes(buffers: List[torch.Tensor], sizes: List[int], wanted: int) -> List[List[torch.Tensor]]:
+    """Up to ``wanted`` lanes, each a list of flat views of ``sizes`` elements, carved out of ``buffers``
+    without overlap (first fit); as many as fit, at least one."""
+    offsets = [0] * len(buffers)
+    lanes: List[List[torch.Tensor]] = []
+    for _ in range(wanted):
+        lane = []
+        for size in sizes:
+            slot = next((i for i, buf in enumerate(buffers) if buf.numel() - offsets[i] >= size), None)
+            if slot is None:
+                if not lanes:
+                    raise ValueError(f"buffers of {buffers[0].numel()} elements cannot hold a piece of {size}")
+                return lanes
+            lane.append(buffers[slot][offsets[slot] : offsets[slot] + size])
+            offsets[slot] += size
+        lanes.append(lane + [None] * (2 - len(lane)))
+    return lanes
 
 
 class _EagerTiles:
@@ -253,11 +361,9 @@ class _FusedTiles:
     def __init__(self, x, g, W, b, transform, buffers, top_k, with_reference, next_tokens, target_ids, single):
         m = x.shape[0]
         n = m // g
-        self.g, self.n, self.top_k, self.buffers = g, n, top_k, buffers
-        self.sums = [x.new_full((m,), float("-inf")), x.new_zeros(m), x.new_zeros(m)]
-        self.sums.append(x.new_zeros(m) if with_reference else None)
-        self.ref_prev = x.new_empty(n, 2) if with_reference else None
-        self.top = [x.new_full((m, top_k), float("-inf")), torch.zeros(m, top_k, dtype=torch.long)]
+        self.g, self.n, self.top_k = g, n, top_k
+        self.ref_exps = buffers[1] if with_reference else None  # the reference rows' exponentials, per tile
+        self._fresh(x, m, with_reference)
         self.next_pick = None
         if next_tokens is not None:
             self.next_pick = [next_tokens.to(torch.long).contiguous(), x.new_zeros(m)]
@@ -270,14 +376,74 @@ class _FusedTiles:
             )
             self.targets = [guess, x.new_zeros(m, t), target_ids.to(torch.long).contiguous(), x.new_zeros(m, t)]
 
+    def _fresh(self, x: torch.Tensor, m: int, with_reference: bool) -> None:
+        """Running statistics that start empty: sums, top-k, the reference's scratch."""
+        self.tiles = 0
+        self.sums = [x.new_full((m,), float("-inf")), x.new_zeros(m), x.new_zeros(m)]
+        self.sums.append(x.new_zeros(m) if with_reference else None)
+        self.ref_prev = x.new_empty(self.n, 2) if with_reference else None
+        self.top = [x.new_full((m, self.top_k), float("-inf")), torch.zeros(m, self.top_k, dtype=torch.long)]
+
+    def lane(self, ref_exps: Optional[torch.Tensor]) -> _FusedTiles:
+        """Statistics for another worker over the same rows: its own sums, top-k and counts
+        (``ref_exps`` its scratch), the picked logits shared (each column is in one tile only)."""
+        other = object.__new__(_FusedTiles)
+        other.__dict__.update(self.__dict__)
+        peak = self.sums[0]
+        other._fresh(peak, peak.shape[0], self.sums[3] is not None)
+        other.ref_exps = ref_exps
+        if self.targets is not None:
+            thresholds, above, target_ids, target_logits = self.targets
+            other.targets = [thresholds, torch.zeros_like(above), target_ids, target_logits]
+        return other
+
     def fold(self, tile: torch.Tensor, a: int, z: int) -> None:
         """Fold one contiguous tile of raw logits ``[m, w]`` (columns ``a:z``) in."""
         targets = self.targets
         if targets is not None and self.single:  # one tile: the targets' own logits are the thresholds
             ids = targets[2].repeat(self.g, 1)
             targets[0] = tile.gather(1, ids).contiguous()
-        ref_exps = None if self.sums[3] is None else self.buffers[1]
-        native.fold_tile(tile, self.n, a, self.sums, ref_exps, self.ref_prev, self.top, targets, self.next_pick)
+        native.fold_tile(tile, self.n, a, self.sums, self.ref_exps, self.ref_prev, self.top, targets, self.next_pick)
+        self.tiles += 1
+
+    def merge(self, lanes: List[_FusedTiles]) -> None:
+        """Make these statistics those of every tile that ``lanes`` (this one among them) read.
+
+        Exact: each lane's sums are moved to the common maximum ``P`` of each row, as a tile that
+        raises the maximum moves them (module docstring), in float64: with ``c = exp(p - P)``,
+        ``Z = sum c Z_j``, ``A = sum c (A_j + (p_j - P) Z_j)`` and, against the reference row's
+        ``c_ref`` and ``Z_ref``, ``D = sum c_ref (D_j + (p_j - P) Z_ref_j)``; counts add up; the
+        top-k is the best ``k`` of all lanes' (among equal logits the lower token id first).
+        """
+        used = [lane for lane in lanes if lane.tiles]
+        g, n, k = self.g, self.n, self.top_k
+        peaks = torch.stack([lane.sums[0] for lane in used]).double()  # [lanes, m]
+        peak = peaks.amax(0)
+        shift = peaks - peak
+        scale = shift.exp()
+        totals = torch.stack([lane.sums[1] for lane in used]).double()
+        spreads = torch.stack([lane.sums[2] for lane in used]).double()
+        merged = [peak, (scale * totals).sum(0), (scale * (spreads + shift * totals)).sum(0), None]
+        if self.sums[3] is not None:
+            crosses = torch.stack([lane.sums[3] for lane in used]).double()
+
+            def ref(t: torch.Tensor) -> torch.Tensor:  # each row's reference row: row r % n
+                return t[:, :n].repeat(1, g)
+
+            merged[3] = (ref(scale) * (crosses + shift * ref(totals))).sum(0)
+        for i, value in enumerate(merged):
+            if value is not None:
+                self.sums[i].copy_(value)
+        values = torch.cat([lane.top[0] for lane in used], 1)
+        ids = torch.cat([lane.top[1] for lane in used], 1)
+        by_id = ids.argsort(1)  # then a stable sort by value: ties keep the lower id first
+        values, ids = values.gather(1, by_id), ids.gather(1, by_id)
+        order = values.sort(dim=1, descending=True, stable=True).indices[:, :k]
+        self.top[0].copy_(values.gather(1, order))
+        self.top[1].copy_(ids.gather(1, order))
+        if self.targets is not None:
+            self.targets[1].copy_(torch.stack([lane.targets[1] for lane in used]).sum(0))
+        self.tiles = sum(lane.tiles for lane in used)
 
     def finish(self, member_logits: Optional[torch.Tensor]) -> ProductStats:
         g, n, k = self.g, self.n, self.top_k
@@ -626,7 +792,7 @@ def read_whole(
         logits.copy_(transform(logits))
     logits3 = logits.view(g, n, d_vocab)
     if keep_logits is not None:
-        keep_logits(0, d_vocab, logits3)
+        keep_logits(0, d_vocab, logits3, 0)
 
     # Raw logits first: top-k and the picked tokens' logits.
     top_values, top_ids = block_top_k(logits, top_k)

@@ -70,6 +70,7 @@ import torch
 from ..errors import LensInputError
 from ..files import write_json
 from . import native
+from . import workers as _workers
 from .precision import HALF_DTYPES
 from .tiles import BUFFERS, read_product
 
@@ -110,6 +111,9 @@ _NOISY_SPREAD = 1.3
 _REPEATS = 3
 # Stop starting rounds after this many seconds (a loaded machine): the fastest so far wins.
 _DEADLINE_SECONDS = 1.0
+# Rows of a worker's piece at d_model 768 (piece_rows), and its width when other work blurs the timings.
+_PIECE_ROWS = 1024
+_PIECE_WIDTH_NOISY = 2048
 
 
 class TileShape(NamedTuple):
@@ -125,6 +129,9 @@ class TileShape(NamedTuple):
     source: str
     seconds: float = 0.0
     timings: Tuple[Tuple[int, int, float], ...] = ()  # (rows, width, ns per logit) per candidate
+    #: Single-threaded workers that take ``[rows, width]`` pieces in turn (:mod:`.workers`); 1: one
+    #: stream of products on all threads.
+    lanes: int = 1
 
 
 _lock = threading.Lock()
@@ -162,11 +169,14 @@ def force(
     strategy: Optional[str] = None,
     half_products: Optional[bool] = None,
     fused: Optional[bool] = None,
+    workers: Optional[int] = None,
 ) -> Iterator[None]:
     """Use this shape (any part left ``None`` is chosen as usual) inside the block;
     ``half_products``: read a half-precision unembedding in its own dtype (see :func:`half_products`);
     ``fused``: read the tiles' statistics with the fused C kernel (``True``; ``RuntimeError`` where it
-    cannot be built) or as tensor operations (``False``), see :mod:`tl_logitlens.kernel.native`."""
+    cannot be built) or as tensor operations (``False``), see :mod:`tl_logitlens.kernel.native`;
+    ``workers``: single-threaded workers taking pieces in turn on the fused path (``1``: one stream
+    of products on all threads), see :mod:`tl_logitlens.kernel.workers`."""
     if strategy is not None and strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if half_products is not None and not isinstance(half_products, bool):
@@ -180,7 +190,7 @@ def force(
         }
     )
     try:
-        with native.force(fused):
+        with native.force(fused), _workers.force(workers):
             yield
     finally:
         _forced.clear()
@@ -246,9 +256,31 @@ def _path(device: torch.device, dtype: torch.dtype) -> str:
     return "fused" if native.fused(torch.empty(0, dtype=dtype, device=device)) else "eager"
 
 
+def lanes(device: torch.device, dtype: torch.dtype) -> int:
+    """Workers that take tiles in turn (:mod:`.workers`): on the fused path, one per thread; else 1."""
+    return _workers.count(device) if _path(torch.device(device), dtype) == "fused" else 1
+
+
+def piece_rows(d_model: int) -> int:
+    """Rows per worker's piece: the product's work held about constant across ``d_model`` (1024 rows
+    at 768), 256 to 2048. On the 2-core Xeon the GPT-2-small shape's kernel with [1024, 2048] pieces
+    cost 1.11 x the plain product quietly and 1.05 x beside a busy neighbour; 512-row pieces slowed
+    the products themselves by 5 %."""
+    return max(256, min(2048, _PIECE_ROWS * 768 // max(d_model, 1)))
+
+
+def _lane_rows(rows: int, n_lanes: int, itemsize: int, width: int, budget: int) -> int:
+    """``rows`` per piece, fewer where the workers' buffers (two pieces' worth each: a piece and its
+    reference rows, as read_rows allocates them) would pass ``budget`` bytes."""
+    return max(1, min(rows, budget // (2 * n_lanes * itemsize * width)))
+
+
 def _key(W: torch.Tensor, dtype: torch.dtype, whole_rows: bool) -> str:
     d_model, d_vocab = W.shape
     path = _path(W.device, dtype)
+    candidates = "w" + "-".join(map(str, _FUSED_WIDTHS if path == "fused" else _WIDTHS))
+    if path == "fused":
+        path += f"-lanes{lanes(W.device, dtype)}"
     return "|".join(
         map(
             str,
@@ -263,7 +295,7 @@ def _key(W: torch.Tensor, dtype: torch.dtype, whole_rows: bool) -> str:
                 _layout(W),
                 "whole-rows" if whole_rows else "tiles",
                 path,
-                "w" + "-".join(map(str, _FUSED_WIDTHS if path == "fused" else _WIDTHS)),
+                candidates,
                 torch.__version__,
             ),
         )
@@ -332,9 +364,11 @@ def _sync(device: torch.device) -> None:
 
 
 def _time_kernel(x: torch.Tensor, W: torch.Tensor, width: int) -> float:
-    """Seconds for one call of the tiled kernel (top-k, entropy, KL, a target) over ``x @ W``."""
+    """Seconds for one call of the tiled kernel (top-k, entropy, KL, a target) over ``x @ W``
+    (with workers, each reads whole tiles of ``x``'s rows: a piece and its reference rows)."""
     m = x.shape[0]
-    buffers = [torch.empty(m * width, dtype=x.dtype, device=x.device) for _ in range(BUFFERS)]
+    count = max(BUFFERS, 2 * lanes(x.device, x.dtype))
+    buffers = [torch.empty(m * width, dtype=x.dtype, device=x.device) for _ in range(count)]
     targets = torch.zeros(m, 1, dtype=torch.long, device=x.device)
     _sync(x.device)
     start = time.perf_counter()
@@ -348,20 +382,26 @@ def measure(W: torch.Tensor, dtype: torch.dtype) -> TileShape:
 
     The slice keeps ``W``'s layout and dtype; the vectors are unit-variance random ones in
     ``dtype`` (the statistics' cost does not depend on their values beyond top-k's pruning).
-    On the fused path (:mod:`.native`) only widths are timed, the widest within 5 % of the
-    fastest is kept (the widest of all when other work blurred the rounds, see :func:`_noisy`),
-    and rows fill the budget; on the eager path rows are timed too.
+    On the fused path (:mod:`.native`) only widths are timed. With one stream of products the
+    widest within 5 % of the fastest is kept (the widest of all when other work blurred the rounds,
+    see :func:`_noisy`) and rows fill the budget; with workers taking pieces in turn
+    (:mod:`.workers`) the narrowest within 5 % (2048 columns when blurred) and :func:`piece_rows`
+    rows, fewer where the workers' buffers would pass the budget. On the eager path rows are timed too.
     """
     started = time.perf_counter()
     d_model, d_vocab = W.shape
     fused = _path(W.device, dtype) == "fused"
+    n_lanes = lanes(W.device, dtype)
     columns = min(d_vocab, _SLICE_COLUMNS)
     Ws = W[:, :columns]
     gen = torch.Generator(device="cpu").manual_seed(0)
     # Rows scaled so each trial does the same work whatever d_model (a 7B model's 4096
-    # gives 72 and 18 rows), at most doubled for small models.
+    # gives 72 and 18 rows), at most doubled for small models; workers' pieces have their own rule.
     trial_rows = sorted({min(2 * r, max(16, r * 768 // max(d_model, 1))) for r in _ROWS}, reverse=True)
     widths = list(dict.fromkeys(min(w, columns) for w in (_FUSED_WIDTHS if fused else _WIDTHS)))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if n_lanes > 1:  # pieces that fit the budget at the widest candidate
+        trial_rows = [_lane_rows(piece_rows(d_model), n_lanes, itemsize, max(widths), CPU_BUDGET_BYTES)]
     rounds: Dict[Tuple[int, int], List[float]] = {}  # (rows, width) -> ns per logit, one per round
     with torch.no_grad():
         inputs = {
@@ -377,18 +417,23 @@ def measure(W: torch.Tensor, dtype: torch.dtype) -> TileShape:
                     ns = _time_kernel(x, Ws, width) / (rows * columns) * 1e9
                     rounds.setdefault((rows, width), []).append(ns)
     timings = [(rows, width, min(ns)) for (rows, width), ns in rounds.items()]
-    itemsize = torch.empty((), dtype=dtype).element_size()
     best = min(t[2] for t in timings)
     if fused:  # the widest of the near-fastest (of all, when other work blurred the timings); rows fill the budget
         noisy = _noisy(list(rounds.values()))
-        width = max(w for _, w, ns in timings if noisy or ns <= best * (1 + _FUSED_TOLERANCE))
-        rows = max(trial_rows[0], CPU_BUDGET_BYTES // (BUFFERS * itemsize * width))
+        near = [w for _, w, ns in timings if ns <= best * (1 + _FUSED_TOLERANCE)]
+        if n_lanes > 1:  # workers: the narrowest of the near-fastest, so the last pieces end together
+            width = min(_PIECE_WIDTH_NOISY, columns) if noisy else min(near)
+            rows = _lane_rows(piece_rows(d_model), n_lanes, itemsize, width, CPU_BUDGET_BYTES)
+        else:
+            width = max(w for _, w, _ in timings) if noisy else max(near)
+            rows = max(trial_rows[0], CPU_BUDGET_BYTES // (BUFFERS * itemsize * width))
     else:
         rows, width, _ = min(timings, key=lambda t: t[2])
         if rows == max(t[0] for t in timings):
             # More rows were no slower: let them grow to the CPU budget (fewer passes over W_U).
             rows = max(rows, CPU_BUDGET_BYTES // (BUFFERS * itemsize * width))
-    return TileShape(rows, width, "tiled", "measured", time.perf_counter() - started, tuple(timings))
+    shape = TileShape(rows, width, "tiled", "measured", time.perf_counter() - started, tuple(timings))
+    return shape._replace(lanes=n_lanes)
 
 
 def _noisy(rounds: List[List[float]]) -> bool:
@@ -481,15 +526,19 @@ def tile_shape(
         base = _measured(W, dtype)
         source = "forced" if _forced.keys() & {"rows", "width", "strategy"} else base.source
     width = min(d_vocab, width or base.width)
+    n_lanes = lanes(W.device, dtype)
     if chunk_size is not None:
         rows, source = chunk_size, "forced"
     elif rows is None and _budget is not None:
         rows, source = max(1, _budget // (BUFFERS * itemsize * width)), "budget"
+        if n_lanes > 1:
+            rows = _lane_rows(piece_rows(W.shape[0]), n_lanes, itemsize, width, _budget)
     elif rows is None:
         rows = base.rows
-    return TileShape(
-        int(rows), int(width), "tiled", source, base.seconds if base else 0.0, base.timings if base else ()
-    )
+        if n_lanes > 1:  # measured for another width, perhaps: the pieces still fit the budget
+            rows = _lane_rows(rows, n_lanes, itemsize, width, CPU_BUDGET_BYTES)
+    seconds, timings = (base.seconds, base.timings) if base else (0.0, ())
+    return TileShape(int(rows), int(width), "tiled", source, seconds, timings, n_lanes)
 
 
 def _measured(W: torch.Tensor, dtype: torch.dtype) -> TileShape:
@@ -502,7 +551,10 @@ def _measured(W: torch.Tensor, dtype: torch.dtype) -> TileShape:
         if os.environ.get("TL_LOGITLENS_AUTOTUNE", "1").strip() == "0":
             itemsize = torch.empty((), dtype=dtype).element_size()
             width = min(W.shape[1], FALLBACK_WIDTH)
-            shape = TileShape(max(1, CPU_BUDGET_BYTES // (BUFFERS * itemsize * width)), width, "tiled", "fallback")
+            rows = max(1, CPU_BUDGET_BYTES // (BUFFERS * itemsize * width))
+            if lanes(W.device, dtype) > 1:
+                rows = piece_rows(W.shape[0])
+            shape = TileShape(rows, width, "tiled", "fallback")
         else:
             path = cache_file()
             shape = _from_disk(path, key) if path is not None else None
