@@ -228,7 +228,9 @@ def test_cuda_whole_strategy_matches_cpu_tiles(dtype):
         assert not tiles._mm_out_dtype  # the tensor-core product ran, not the float32 fallback
 
 
-@pytest.mark.parametrize("name", ["tl_logitlens.kernel.tuning", "tl_logitlens.kernel.tiles", "tl_logitlens.kernel.workers"])
+@pytest.mark.parametrize(
+    "name", ["tl_logitlens.kernel.tuning", "tl_logitlens.kernel.tiles", "tl_logitlens.kernel.workers"]
+)
 def test_kernel_docstring_examples(name):
     import doctest
 
