@@ -120,7 +120,7 @@ def test_the_fused_tuner_takes_the_widest_tiles_when_other_work_blurs_its_timing
     if tuning._path(torch.device("cpu"), torch.float32) != "fused":
         pytest.skip("no fused kernel in this process (no C compiler)")
     calls = {w: iter(v) for w, v in per_width.items()}
-    monkeypatch.setattr(tuning, "_time_kernel", lambda x, W, width: next(calls[width]) * 1e-3)
+    monkeypatch.setattr(tuning, "_time_kernel", lambda x, W, width, buffers: next(calls[width]) * 1e-3)
     with workers.force(1):  # one stream of products (workers: tests/test_workers.py)
         shape = tuning.measure(torch.randn(64, 20000), torch.float32)
     assert shape.width == expected

@@ -157,7 +157,7 @@ def test_the_tuner_gives_workers_narrow_pieces(monkeypatch):
     # With workers the near-fastest width that is narrowest wins (pieces end together), rows are the
     # piece rule's; when other work blurs the rounds, 2048 columns.
     def timer(per_width):
-        def fake(x, W, width):
+        def fake(x, W, width, buffers):
             return per_width[width] * x.shape[0] * W.shape[1] * 1e-9
 
         return fake
@@ -168,7 +168,7 @@ def test_the_tuner_gives_workers_narrow_pieces(monkeypatch):
         shape = tuning.measure(W, torch.float32)
         assert (shape.width, shape.rows, shape.lanes) == (2048, tuning.piece_rows(768), 2)
         rounds = iter([1.0, 2.0, 1.0] * 10)
-        monkeypatch.setattr(tuning, "_time_kernel", lambda x, W, width: next(rounds))
+        monkeypatch.setattr(tuning, "_time_kernel", lambda x, W, width, buffers: next(rounds))
         assert tuning.measure(W, torch.float32).width == 2048
     with workers.force(1):
         monkeypatch.setattr(tuning, "_time_kernel", timer({8192: 1.0, 4096: 1.02, 2048: 1.04, 1024: 1.2}))
@@ -193,3 +193,35 @@ def test_gathering_every_position_in_order_is_the_tensor_itself():
     assert gather_positions(x, every) is x
     some = torch.tensor([[4, 0], [1, 1]])
     assert torch.equal(gather_positions(x, some), torch.stack([x[0, [4, 0]], x[1, [1, 1]]]))
+
+
+def test_an_interrupted_caller_returns_only_when_no_worker_is_running(monkeypatch):
+    # Ctrl-C while waiting: the caller's buffers go back to the workspace as it unwinds, so every
+    # worker must have stopped first (after its current piece), and no further piece may start.
+    started, running = [], []
+    lock = threading.Lock()
+    real_queue = workers.queue.Queue
+
+    class InterruptedOnce(real_queue):
+        armed = True
+
+        def get(self, *args, **kwargs):
+            if InterruptedOnce.armed and threading.current_thread() is threading.main_thread():
+                InterruptedOnce.armed = False
+                while len(started) < 2:  # both workers inside a piece
+                    threading.Event().wait(0.001)
+                raise KeyboardInterrupt
+            return super().get(*args, **kwargs)
+
+    def work(worker, item):
+        with lock:
+            started.append(item)
+            running.append(item)
+        threading.Event().wait(0.05)
+        with lock:
+            running.remove(item)
+
+    monkeypatch.setattr(workers.queue, "Queue", InterruptedOnce)
+    with pytest.raises(KeyboardInterrupt):
+        workers.run_in_turn(40, 2, work)
+    assert running == [] and 2 <= len(started) < 40

@@ -363,12 +363,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_kernel(x: torch.Tensor, W: torch.Tensor, width: int) -> float:
+def _time_kernel(x: torch.Tensor, W: torch.Tensor, width: int, buffers: List[torch.Tensor]) -> float:
     """Seconds for one call of the tiled kernel (top-k, entropy, KL, a target) over ``x @ W``
     (with workers, each reads whole tiles of ``x``'s rows: a piece and its reference rows)."""
     m = x.shape[0]
-    count = max(BUFFERS, 2 * lanes(x.device, x.dtype))
-    buffers = [torch.empty(m * width, dtype=x.dtype, device=x.device) for _ in range(count)]
     targets = torch.zeros(m, 1, dtype=torch.long, device=x.device)
     _sync(x.device)
     start = time.perf_counter()
@@ -400,8 +398,12 @@ def measure(W: torch.Tensor, dtype: torch.dtype) -> TileShape:
     trial_rows = sorted({min(2 * r, max(16, r * 768 // max(d_model, 1))) for r in _ROWS}, reverse=True)
     widths = list(dict.fromkeys(min(w, columns) for w in (_FUSED_WIDTHS if fused else _WIDTHS)))
     itemsize = torch.empty((), dtype=dtype).element_size()
-    if n_lanes > 1:  # pieces that fit the budget at the widest candidate
-        trial_rows = [_lane_rows(piece_rows(d_model), n_lanes, itemsize, max(widths), CPU_BUDGET_BYTES)]
+    if n_lanes > 1:  # pieces that fit half the budget at the widest candidate (a piece's rate hardly depends on it)
+        trial_rows = [_lane_rows(piece_rows(d_model), n_lanes, itemsize, max(widths), CPU_BUDGET_BYTES // 2)]
+    # One set of buffers for every trial, as wide as the widest: allocations of changing sizes grow the
+    # process (a set per candidate took 200 MiB of resident memory where one set is 50).
+    count = max(BUFFERS, 2 * n_lanes)
+    buffers = [torch.empty(max(trial_rows) * max(widths), dtype=dtype, device=W.device) for _ in range(count)]
     rounds: Dict[Tuple[int, int], List[float]] = {}  # (rows, width) -> ns per logit, one per round
     with torch.no_grad():
         inputs = {
@@ -414,7 +416,7 @@ def measure(W: torch.Tensor, dtype: torch.dtype) -> TileShape:
                 break
             for rows, x in inputs.items():
                 for width in widths:
-                    ns = _time_kernel(x, Ws, width) / (rows * columns) * 1e9
+                    ns = _time_kernel(x, Ws, width, buffers) / (rows * columns) * 1e9
                     rounds.setdefault((rows, width), []).append(ns)
     timings = [(rows, width, min(ns)) for (rows, width), ns in rounds.items()]
     best = min(t[2] for t in timings)

@@ -90,7 +90,9 @@ def run_in_turn(items: int, workers: int, work: Callable[[int, int], None]) -> N
     ``workers`` single-threaded pool threads that take the next item when they are done.
 
     Returns when every item is done; the first exception raised by ``work`` is raised here
-    (after the other workers stopped taking items).
+    (after the other workers stopped taking items). An interrupt of the caller (``Ctrl-C``) stops
+    the workers after their current item and is raised once none is running, so no worker writes
+    into buffers the caller goes on to free or reuse.
     """
     if workers <= 1 or items <= 1:
         for item in range(items):
@@ -115,8 +117,20 @@ def run_in_turn(items: int, workers: int, work: Callable[[int, int], None]) -> N
 
     for worker in range(workers):
         pool.jobs.put((drain, worker))
-    for _ in range(workers):
-        done.get()
+    finished = 0
+    try:
+        while finished < workers:
+            done.get()
+            finished += 1
+    except BaseException as err:  # an interrupt: no worker may still write into buffers the caller frees
+        failed.append(err)
+        while finished < workers:
+            try:
+                done.get()
+                finished += 1
+            except BaseException:  # noqa: BLE001 - a second interrupt: keep waiting, the pieces are short
+                pass
+        raise
     if failed:
         raise failed[0]
 
