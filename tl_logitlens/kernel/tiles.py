@@ -233,14 +233,8 @@ class _TileReader:
     the bias, the transform, then handed to the kept logits, the group members and the statistics."""
 
     def __init__(self, W, b, transform, width, lanes, w_tile, dtype, keep_logits) -> None:
-        self.W, self.b, self.transform, self.width, self.lanes, self.keep_logits = (
-            W,
-            b,
-            transform,
-            width,
-            lanes,
-            keep_logits,
-        )
+        self.W, self.b, self.transform, self.width = W, b, transform, width
+        self.lanes, self.keep_logits = lanes, keep_logits
         self.cast = W.dtype != dtype
         # Sized by the width actually read: the measurement (tuning.measure) asks for wider tiles than the default.
         self.per_lane = W.shape[0] * min(W.shape[1], width)
