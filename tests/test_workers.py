@@ -4,6 +4,7 @@ from the test's own arithmetic, whichever worker read which piece, in blocks of 
 """
 
 import threading
+import warnings
 
 import pytest
 import torch
@@ -185,6 +186,9 @@ def test_the_finite_check_reads_a_sum_first_and_still_finds_every_bad_value():
         with pytest.raises(precision.NonFiniteActivationError, match="1 NaN or inf"):
             precision.require_finite(x, "x")
     precision.require_finite(torch.arange(5), "integers")
+    with warnings.catch_warnings():  # a tensor in a graph: read without touching autograd
+        warnings.simplefilter("error")
+        precision.require_finite(torch.randn(5, requires_grad=True) * 2, "in a graph")
 
 
 def test_gathering_every_position_in_order_is_the_tensor_itself():

@@ -39,7 +39,8 @@ def is_half(dtype: torch.dtype) -> bool:
 def require_finite(x: torch.Tensor, name: str) -> None:
     """Raise :class:`~tl_logitlens.errors.NonFiniteActivationError` naming ``name`` if ``x`` holds NaN or inf."""
     # One summed read first (inf and NaN survive a sum): five elementwise passes only where it is not finite.
-    total = x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32) if x.is_floating_point() else 0
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    total = x.detach().sum(dtype=wide) if x.is_floating_point() else 0
     if not math.isfinite(float(total)) and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise NonFiniteActivationError(
