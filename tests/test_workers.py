@@ -174,7 +174,7 @@ def test_the_tuner_gives_workers_narrow_pieces(monkeypatch):
     with workers.force(1):
         monkeypatch.setattr(tuning, "_time_kernel", timer({8192: 1.0, 4096: 1.02, 2048: 1.04, 1024: 1.2}))
         assert tuning.measure(W, torch.float32).lanes == 1
-    assert tuning.piece_rows(768) == 1024 and tuning.piece_rows(640) == 1228 and tuning.piece_rows(8192) == 256
+    assert tuning.piece_rows(768) == 2048 and tuning.piece_rows(640) == 2457 and tuning.piece_rows(8192) == 256
 
 
 def test_the_finite_check_reads_a_sum_first_and_still_finds_every_bad_value():
@@ -229,3 +229,23 @@ def test_an_interrupted_caller_returns_only_when_no_worker_is_running(monkeypatc
     with pytest.raises(KeyboardInterrupt):
         workers.run_in_turn(40, 2, work)
     assert running == [] and 2 <= len(started) < 40
+
+
+@needs_fused
+def test_the_same_call_gives_the_same_bits_whichever_worker_reads_which_piece(monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    g, n, d, V = 4, 9, 32, 3000
+    x, W = torch.randn(g * n, d, generator=gen), torch.randn(d, V, generator=gen)
+    tid = torch.randint(0, V, (n, 2), generator=gen)
+    results = []
+    for order in ("round-robin", "reversed", "last-worker"):
+        monkeypatch.setattr(workers, "run_in_turn", _scheduled(order))
+        bufs = [torch.empty(g * n * 200) for _ in range(6)]
+        with workers.force(3):
+            results.append(
+                tiles.read_product(
+                    x, g, W, None, None, bufs, top_k=5, with_reference=True, target_ids=tid, width=200, piece_rows=12
+                )
+            )
+    for name in ("log_z", "entropy", "kl_to_reference", "top_logits", "top_ids", "target_ranks"):
+        assert all(torch.equal(getattr(r, name), getattr(results[0], name)) for r in results[1:]), name

@@ -26,10 +26,11 @@ over the members' columns it holds, so ``[rows, members]`` numbers are kept, nev
 On the fused CPU path the product is not one stream of multi-threaded products: single-threaded
 workers (:mod:`tl_logitlens.kernel.workers`, one per torch thread) take pieces in turn, a block of
 positions (every entry of them, the reference's rows with them) by a tile of columns, each worker
-with its own buffers and its own running statistics per block. At the end the workers' statistics
-are merged exactly (:meth:`_FusedTiles.merge`: the sums moved to the common maximum, as a tile that
+with its own buffers, each piece with its own statistics. At the end they are merged exactly, in
+the tiles' order (:meth:`_FusedTiles.merge`: the sums moved to the common maximum, as a tile that
 raises it moves them; counts added; the best ``k`` of all candidates), so a worker that loses its
-core to another process only takes fewer pieces, and nothing waits at a barrier inside a product.
+core to another process only takes fewer pieces, nothing waits at a barrier inside a product, and
+the numbers do not depend on which worker took which piece.
 """
 
 from __future__ import annotations
@@ -202,28 +203,33 @@ def read_product(
         blocks = _position_blocks(n, g, piece_rows)
         lanes = _lanes(buffers, _lane_sizes(blocks, g, width, with_reference), wanted)
     reader = _FusedTiles if fused else _EagerTiles
-    parts = []  # per block of positions: (its first position, x rows, statistics, one per lane, members)
+    # Per block of positions: (its first position, x rows, statistics, members, and with workers each
+    # worker's top-k and counts and each piece's own sums: the sums merged in the tiles' order are the
+    # same numbers whichever worker read which piece, so a call is reproducible to the bit).
+    parts = []
     for i0, i1 in blocks:
         xq = x if len(blocks) == 1 else x.view(g, n, -1)[:, i0:i1].reshape(g * (i1 - i0), -1)
         nt = None if next_tokens is None else next_tokens[i0:i1]
         tid = None if target_ids is None else target_ids[i0:i1]
         stats = reader(xq, g, W, b, transform, buffers, top_k, with_reference, nt, tid, single)
         members = None if member_ids is None else _Members(member_ids, xq, g, d_vocab, width)
-        parts.append((i0, xq, stats, [stats] if wanted == 1 else [None] * len(lanes), members))
+        parts.append((i0, xq, stats, members, [None] * len(lanes), [None] * n_tiles))
     read_tile = _TileReader(W, b, transform, width, lanes, w_tile, x.dtype, keep_logits)
 
     def piece(lane: int, item: int) -> None:  # tile-major: the lanes share a tile of W_U while it is warm
         number, q = divmod(item, len(blocks))
-        i0, xq, stats, per_lane, members = parts[q]
-        if per_lane[lane] is None:
-            per_lane[lane] = stats.lane(lanes[lane][1])
-        read_tile(lane, number * width, xq, g, i0, per_lane[lane], members)
+        i0, xq, stats, members, per_lane, per_piece = parts[q]
+        if wanted > 1:
+            if per_lane[lane] is None:
+                per_lane[lane] = stats.lane(lanes[lane][1])
+            per_piece[number] = stats = per_lane[lane].piece()
+        read_tile(lane, number * width, xq, g, i0, stats, members)
 
     workers.run_in_turn(n_tiles * len(blocks), len(lanes), piece)
     results = []
-    for _, _, stats, per_lane, members in parts:
+    for _, _, stats, members, per_lane, per_piece in parts:
         if wanted > 1:
-            stats.merge([s for s in per_lane if s is not None])
+            stats.merge(per_piece, [s for s in per_lane if s is not None])
         results.append(stats.finish(None if members is None else members.logits))
     return results[0] if len(results) == 1 else _concat_positions(results)
 
@@ -391,6 +397,17 @@ class _FusedTiles:
             other.targets = [thresholds, torch.zeros_like(above), target_ids, target_logits]
         return other
 
+    def piece(self) -> _FusedTiles:
+        """Statistics for one piece read by this worker: its own sums, this worker's top-k and counts."""
+        other = object.__new__(_FusedTiles)
+        other.__dict__.update(self.__dict__)
+        peak = self.sums[0]
+        other.sums = [peak.new_full(peak.shape, float("-inf"))] + [
+            None if t is None else torch.zeros_like(t) for t in self.sums[1:]
+        ]
+        other.tiles = 0
+        return other
+
     def fold(self, tile: torch.Tensor, a: int, z: int) -> None:
         """Fold one contiguous tile of raw logits ``[m, w]`` (columns ``a:z``) in."""
         targets = self.targets
@@ -400,16 +417,17 @@ class _FusedTiles:
         native.fold_tile(tile, self.n, a, self.sums, self.ref_exps, self.ref_prev, self.top, targets, self.next_pick)
         self.tiles += 1
 
-    def merge(self, lanes: List[_FusedTiles]) -> None:
-        """Make these statistics those of every tile that ``lanes`` (this one among them) read.
+    def merge(self, pieces: List[_FusedTiles], lanes: List[_FusedTiles]) -> None:
+        """Make these statistics those of every tile read: the sums of ``pieces`` (in the same order,
+        the same numbers to the bit), the top-k and counts of the workers' ``lanes``.
 
-        Exact: each lane's sums are moved to the common maximum ``P`` of each row, as a tile that
+        Exact: each piece's sums are moved to the common maximum ``P`` of each row, as a tile that
         raises the maximum moves them (module docstring), in float64: with ``c = exp(p - P)``,
         ``Z = sum c Z_j``, ``A = sum c (A_j + (p_j - P) Z_j)`` and, against the reference row's
         ``c_ref`` and ``Z_ref``, ``D = sum c_ref (D_j + (p_j - P) Z_ref_j)``; counts add up; the
         top-k is the best ``k`` of all lanes' (among equal logits the lower token id first).
         """
-        used = [lane for lane in lanes if lane.tiles]
+        used = [piece for piece in pieces if piece is not None and piece.tiles]
         g, n, k = self.g, self.n, self.top_k
         peaks = torch.stack([lane.sums[0] for lane in used]).double()  # [lanes, m]
         peak = peaks.amax(0)
@@ -428,15 +446,15 @@ class _FusedTiles:
         for i, value in enumerate(merged):
             if value is not None:
                 self.sums[i].copy_(value)
-        values = torch.cat([lane.top[0] for lane in used], 1)
-        ids = torch.cat([lane.top[1] for lane in used], 1)
+        values = torch.cat([lane.top[0] for lane in lanes], 1)
+        ids = torch.cat([lane.top[1] for lane in lanes], 1)
         by_id = ids.argsort(1)  # then a stable sort by value: ties keep the lower id first
         values, ids = values.gather(1, by_id), ids.gather(1, by_id)
         order = values.sort(dim=1, descending=True, stable=True).indices[:, :k]
         self.top[0].copy_(values.gather(1, order))
         self.top[1].copy_(ids.gather(1, order))
         if self.targets is not None:
-            self.targets[1].copy_(torch.stack([lane.targets[1] for lane in used]).sum(0))
+            self.targets[1].copy_(torch.stack([lane.targets[1] for lane in lanes]).sum(0))  # whole numbers
         self.tiles = sum(lane.tiles for lane in used)
 
     def finish(self, member_logits: Optional[torch.Tensor]) -> ProductStats:

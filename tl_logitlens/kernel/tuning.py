@@ -112,7 +112,7 @@ _REPEATS = 3
 # Stop starting rounds after this many seconds (a loaded machine): the fastest so far wins.
 _DEADLINE_SECONDS = 1.0
 # Rows of a worker's piece at d_model 768 (piece_rows), and its width when other work blurs the timings.
-_PIECE_ROWS = 1024
+_PIECE_ROWS = 2048
 _PIECE_WIDTH_NOISY = 2048
 
 
@@ -262,11 +262,12 @@ def lanes(device: torch.device, dtype: torch.dtype) -> int:
 
 
 def piece_rows(d_model: int) -> int:
-    """Rows per worker's piece: the product's work held about constant across ``d_model`` (1024 rows
-    at 768), 256 to 2048. On the 2-core Xeon the GPT-2-small shape's kernel with [1024, 2048] pieces
-    cost 1.11 x the plain product quietly and 1.05 x beside a busy neighbour; 512-row pieces slowed
-    the products themselves by 5 %."""
-    return max(256, min(2048, _PIECE_ROWS * 768 // max(d_model, 1)))
+    """Rows per worker's piece: the product's work held about constant across ``d_model`` (2048 rows
+    at 768), 256 to 4096. On the 2-core Xeon the GPT-2-small shape's kernel with [2048, 2048] pieces
+    cost 1.11 x the plain product quietly and 1.01 x beside a busy neighbour ([1024, 2048]: 1.11 and
+    1.05); 512-row pieces slowed the products themselves by 5 %, and each piece's own sums (what makes
+    a call reproducible to the bit) cost less in fewer pieces."""
+    return max(256, min(4096, _PIECE_ROWS * 768 // max(d_model, 1)))
 
 
 def _lane_rows(rows: int, n_lanes: int, itemsize: int, width: int, budget: int) -> int:
