@@ -378,17 +378,26 @@ class _FusedTiles:
 
     def _fresh(self, x: torch.Tensor, m: int, with_reference: bool) -> None:
         """Running statistics that start empty: sums, top-k, the reference's scratch."""
-        self.tiles = 0
-        self.sums = [x.new_full((m,), float("-inf")), x.new_zeros(m), x.new_zeros(m)]
-        self.sums.append(x.new_zeros(m) if with_reference else None)
+        self._fresh_sums(x, m, with_reference)
         self.ref_prev = x.new_empty(self.n, 2) if with_reference else None
         self.top = [x.new_full((m, self.top_k), float("-inf")), torch.zeros(m, self.top_k, dtype=torch.long)]
 
-    def lane(self, ref_exps: Optional[torch.Tensor]) -> _FusedTiles:
-        """Statistics for another worker over the same rows: its own sums, top-k and counts
-        (``ref_exps`` its scratch), the picked logits shared (each column is in one tile only)."""
+    def _fresh_sums(self, x: torch.Tensor, m: int, with_reference: bool) -> None:
+        self.tiles = 0
+        self.sums = [x.new_full((m,), float("-inf")), x.new_zeros(m), x.new_zeros(m)]
+        self.sums.append(x.new_zeros(m) if with_reference else None)
+
+    def _copy(self) -> _FusedTiles:
+        """These statistics' rows, inputs and shared picks, in a new object (every array shared)."""
         other = object.__new__(_FusedTiles)
         other.__dict__.update(self.__dict__)
+        return other
+
+    def lane(self, ref_exps: Optional[torch.Tensor]) -> _FusedTiles:
+        """Statistics for another worker over the same rows: its own top-k and counts (``ref_exps``
+        its scratch), the picked logits shared (each column is in one tile only); the sums are
+        each piece's own (:meth:`piece`)."""
+        other = self._copy()
         peak = self.sums[0]
         other._fresh(peak, peak.shape[0], self.sums[3] is not None)
         other.ref_exps = ref_exps
@@ -399,13 +408,9 @@ class _FusedTiles:
 
     def piece(self) -> _FusedTiles:
         """Statistics for one piece read by this worker: its own sums, this worker's top-k and counts."""
-        other = object.__new__(_FusedTiles)
-        other.__dict__.update(self.__dict__)
+        other = self._copy()
         peak = self.sums[0]
-        other.sums = [peak.new_full(peak.shape, float("-inf"))] + [
-            None if t is None else torch.zeros_like(t) for t in self.sums[1:]
-        ]
-        other.tiles = 0
+        other._fresh_sums(peak, peak.shape[0], self.sums[3] is not None)
         return other
 
     def fold(self, tile: torch.Tensor, a: int, z: int) -> None:
